@@ -1,0 +1,38 @@
+"""The visdet detection losses, each a pure function plus a thin ``nn.Module``."""
+
+from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
+from .cross_entropy_loss import CrossEntropyLoss, binary_cross_entropy, mask_cross_entropy, softmax_cross_entropy
+from .focal_loss import FocalLoss, sigmoid_focal_loss
+from .gfocal_loss import DistributionFocalLoss, QualityFocalLoss, distribution_focal_loss, quality_focal_loss
+from .iou_loss import GIoULoss, IoULoss, giou_loss, iou_loss
+from .mse_loss import MSELoss, mse_loss
+from .smooth_l1_loss import L1Loss, SmoothL1Loss, l1_loss, smooth_l1_loss
+
+LOSS_CLASSES = (
+    CrossEntropyLoss,
+    FocalLoss,
+    QualityFocalLoss,
+    DistributionFocalLoss,
+    L1Loss,
+    SmoothL1Loss,
+    MSELoss,
+    BalancedL1Loss,
+    IoULoss,
+    GIoULoss,
+)
+
+__all__ = [cls.__name__ for cls in LOSS_CLASSES] + [
+    "LOSS_CLASSES",
+    "balanced_l1_loss",
+    "binary_cross_entropy",
+    "distribution_focal_loss",
+    "giou_loss",
+    "iou_loss",
+    "l1_loss",
+    "mask_cross_entropy",
+    "mse_loss",
+    "quality_focal_loss",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "softmax_cross_entropy",
+]

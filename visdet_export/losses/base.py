@@ -1,0 +1,22 @@
+"""The configuration every loss module shares: ``reduction`` and ``loss_weight``."""
+
+
+from torch import nn
+
+from ..reduction import REDUCTIONS
+from ..validation import check_choice, check_float
+
+
+class WeightedLoss(nn.Module):
+    """Holds and validates ``reduction`` ("none" | "mean" | "sum") and ``loss_weight`` (a finite number)."""
+
+    reduction: str
+    loss_weight: float
+
+    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__()
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.loss_weight = check_float("loss_weight", loss_weight)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"

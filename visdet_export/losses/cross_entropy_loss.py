@@ -1,0 +1,261 @@
+"""Cross-entropy in its three visdet forms: softmax, sigmoid (binary) and mask (Mask R-CNN).
+
+Semantics follow visdet / MMDetection 3.x ``cross_entropy_loss.py`` (``cross_entropy``,
+``binary_cross_entropy``, ``mask_cross_entropy``), rewritten without ``nonzero``, ``.item()`` or
+``F.cross_entropy`` (whose export onnxruntime rejects at N = 0).
+"""
+
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..numerics import bce_with_logits, compute_dtype, sigmoid_pair, zero_where_unweighted
+from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from ..validation import ConfigError, check_bool, check_class_weight, check_int
+from .base import WeightedLoss
+
+
+def _check_class_count(class_weight: Optional[Tensor], num_classes: int) -> None:
+    if class_weight is not None and class_weight.size(0) != num_classes:
+        raise ValueError(
+            "class_weight has " + str(class_weight.size(0)) + " entries but pred has " + str(num_classes) + " classes"
+        )
+
+
+def _labels_to_int(label: Tensor) -> Tensor:
+    if label.is_floating_point():
+        raise ValueError("class labels must be an integer tensor, got a floating-point one")
+    return label.long()
+
+
+def softmax_cross_entropy(
+    pred: Tensor,
+    label: Tensor,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    avg_non_ignore: bool = False,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Softmax cross-entropy :math:`-w_{y} \log \mathrm{softmax}(x)_y` per sample.
+
+    Samples labelled ``ignore_index``, and labels outside [0, C) (visdet fails on those), contribute 0. The mean
+    divides by all samples, or with ``avg_non_ignore`` by the samples not labelled ``ignore_index``.
+
+    Args:
+        pred (Tensor[N, C, *]): logits.
+        label (Tensor[N, *] int): class indices.
+        weight (Tensor[N, *], optional): sample weights; weight 0 masks the sample (NaN/inf included).
+        class_weight (Tensor[C], optional): per-class weights.
+
+    Returns:
+        Tensor[N, *] for "none", else Tensor[].
+    """
+    if pred.dim() < 2 or label.dim() != pred.dim() - 1 or label.size(0) != pred.size(0):
+        raise ValueError(
+            "expected pred (N, C, ...) and label (N, ...), got " + str(pred.shape) + " and " + str(label.shape)
+        )
+    label = _labels_to_int(label)
+    _check_class_count(class_weight, pred.size(1))
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    valid = (label != ignore_index) & (label >= 0) & (label < pred.size(1))
+    if weight is not None:
+        weight = weight.to(dtype)
+        valid = valid & (weight != 0)
+    pred = zero_where_unweighted(pred, valid.unsqueeze(1))
+    safe_label = torch.where(valid, label, 0).unsqueeze(1)
+    loss = -torch.log_softmax(pred, dim=1).gather(1, safe_label).squeeze(1)
+    if class_weight is not None:
+        loss = loss * class_weight.to(dtype)[safe_label.squeeze(1)]
+    loss = torch.where(valid, loss, 0.0)
+    if avg_factor is None and avg_non_ignore and reduction == "mean":
+        avg_factor = (label != ignore_index).sum().to(dtype)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def binary_cross_entropy(
+    pred: Tensor,
+    label: Tensor,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    avg_non_ignore: bool = False,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Sigmoid (binary) cross-entropy, ``class_weight`` acting as ``pos_weight``.
+
+    ``label`` is either integer class indices (N,) for ``pred`` (N, C), expanded to one-hot targets with label C
+    (or any index outside [0, C)) as background, or targets of ``pred``'s shape (binary or soft, as FCOS
+    centerness). Elements whose label is negative or ``ignore_index`` are masked out; with ``avg_non_ignore``
+    the mean divides by the number of elements that are not.
+
+    Args:
+        pred (Tensor[N, C] or Tensor[*]): logits.
+        label (Tensor[N] int, or Tensor of ``pred``'s shape).
+        weight (Tensor[N] for index labels, else Tensor broadcastable to ``pred``, optional).
+        class_weight (Tensor[C], optional): positive weights.
+
+    Returns:
+        Tensor of ``pred``'s shape for "none", else Tensor[].
+    """
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    if pred.dim() == label.dim():
+        if pred.shape != label.shape:
+            raise ValueError("pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape))
+        valid = (label >= 0) & (label != ignore_index)
+        targets = torch.where(valid, label.to(dtype), 0.0)
+        if weight is not None and weight.dim() == pred.dim() - 1 and pred.dim() > 1:
+            weight = weight.unsqueeze(-1)
+    else:
+        if pred.dim() != 2 or label.dim() != 1 or label.size(0) != pred.size(0):
+            raise ValueError(
+                "expected pred (N, C) with labels (N,) or targets of pred's shape, got "
+                + str(pred.shape) + " and " + str(label.shape)
+            )
+        label = _labels_to_int(label)
+        valid_rows = (label >= 0) & (label != ignore_index)
+        classes = torch.arange(pred.size(1), device=pred.device)
+        targets = (label.unsqueeze(1) == classes).to(dtype)
+        valid = valid_rows.unsqueeze(1).expand(pred.shape)
+        if weight is not None:
+            if weight.dim() != 1 or weight.size(0) != pred.size(0):
+                raise ValueError("weight must have shape (N,) with index labels, got " + str(weight.shape))
+            weight = weight.unsqueeze(1)
+    if class_weight is not None:
+        _check_class_count(class_weight, pred.size(-1))
+    element_weight = valid.to(dtype)
+    if weight is not None:
+        element_weight = element_weight * weight.to(dtype)
+    keep = element_weight != 0
+    pred = zero_where_unweighted(pred, keep)
+    targets = zero_where_unweighted(targets, keep)
+    _, _, log1p_decay = sigmoid_pair(pred)
+    pos_weight = None if class_weight is None else class_weight.to(dtype)
+    loss = bce_with_logits(pred, targets, log1p_decay, pos_weight)
+    if avg_factor is None and avg_non_ignore and reduction == "mean":
+        avg_factor = valid.sum().to(dtype)
+    return weight_reduce_loss(loss, element_weight, reduction, avg_factor)
+
+
+def mask_cross_entropy(
+    pred: Tensor,
+    target: Tensor,
+    label: Tensor,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+) -> Tensor:
+    """Binary cross-entropy of each RoI's mask logits at its class (Mask R-CNN).
+
+    Args:
+        pred (Tensor[R, C, H, W]): mask logits, one map per class.
+        target (Tensor[R, H, W]): binary mask targets.
+        label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``.
+        class_weight (Tensor[C], optional): weight of each RoI by its class (visdet passes it to
+            ``F.binary_cross_entropy_with_logits`` as an element weight, which only broadcasts when C == W).
+
+    Returns:
+        Tensor[R, H, W] for "none", else Tensor[] (visdet returns shape (1,), mean only).
+    """
+    if pred.dim() != 4 or target.dim() != 3 or label.dim() != 1:
+        raise ValueError(
+            "expected pred (R, C, H, W), target (R, H, W) and label (R,), got "
+            + str(pred.shape) + ", " + str(target.shape) + " and " + str(label.shape)
+        )
+    if target.shape != (pred.size(0), pred.size(2), pred.size(3)) or label.size(0) != pred.size(0):
+        raise ValueError(
+            "mask target must be (R, H, W) and label (R,) for pred " + str(pred.shape) + ", got "
+            + str(target.shape) + " and " + str(label.shape)
+        )
+    label = _labels_to_int(label)
+    _check_class_count(class_weight, pred.size(1))
+    dtype = compute_dtype(pred)
+    safe_label = label.clamp(0, pred.size(1) - 1)
+    index = safe_label.view(-1, 1, 1, 1).expand(pred.size(0), 1, pred.size(2), pred.size(3))
+    logits = pred.gather(1, index).squeeze(1).to(dtype)
+    _, _, log1p_decay = sigmoid_pair(logits)
+    loss = bce_with_logits(logits, target.to(dtype), log1p_decay)
+    weight: Optional[Tensor] = None
+    if class_weight is not None:
+        weight = class_weight.to(dtype)[safe_label].view(-1, 1, 1)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+class CrossEntropyLoss(WeightedLoss):
+    """Cross-entropy module: softmax (default), sigmoid (``use_sigmoid``) or mask (``use_mask``).
+
+    ``forward(pred, label, weight, avg_factor, reduction_override, ignore_index)``; in mask mode the third
+    positional argument is the RoIs' class labels, as visdet's mask heads call it.
+
+    Args:
+        use_sigmoid: binary cross-entropy on logits; see :func:`binary_cross_entropy`.
+        use_mask: Mask R-CNN mask loss; see :func:`mask_cross_entropy`.
+        class_weight: per-class weights (list of C non-negative numbers).
+        ignore_index: label to ignore (default -100); ``None`` means -100, as in visdet.
+        avg_non_ignore: average over non-ignored elements only.
+    """
+
+    use_sigmoid: bool
+    use_mask: bool
+    ignore_index: int
+    avg_non_ignore: bool
+    class_weight: Optional[Tensor]
+
+    def __init__(
+        self,
+        use_sigmoid: bool = False,
+        use_mask: bool = False,
+        reduction: str = "mean",
+        class_weight: Optional[list[float]] = None,
+        ignore_index: Optional[int] = -100,
+        loss_weight: float = 1.0,
+        avg_non_ignore: bool = False,
+    ) -> None:
+        super().__init__(reduction, loss_weight)
+        self.use_sigmoid = check_bool("use_sigmoid", use_sigmoid)
+        self.use_mask = check_bool("use_mask", use_mask)
+        if self.use_sigmoid and self.use_mask:
+            raise ConfigError("use_sigmoid and use_mask can not both be True; choose at most one")
+        self.ignore_index = -100 if ignore_index is None else check_int("ignore_index", ignore_index)
+        self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
+        weights = check_class_weight(class_weight)
+        self.register_buffer("class_weight", None if weights is None else torch.tensor(weights), persistent=False)
+
+    def forward(
+        self,
+        pred: Tensor,
+        label: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+        ignore_index: Optional[int] = None,
+    ) -> Tensor:
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        factor = as_avg_factor(avg_factor, pred)
+        if self.use_mask:
+            if weight is None:
+                raise ValueError("mask cross-entropy needs the RoI class labels as the third argument")
+            loss = mask_cross_entropy(pred, label, weight, self.class_weight, reduction, factor)
+        else:
+            index = self.ignore_index if ignore_index is None else ignore_index
+            if self.use_sigmoid:
+                loss = binary_cross_entropy(
+                    pred, label, weight, self.class_weight, index, self.avg_non_ignore, reduction, factor
+                )
+            else:
+                loss = softmax_cross_entropy(
+                    pred, label, weight, self.class_weight, index, self.avg_non_ignore, reduction, factor
+                )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"use_sigmoid={self.use_sigmoid}, use_mask={self.use_mask}, ignore_index={self.ignore_index}, "
+            f"avg_non_ignore={self.avg_non_ignore}, " + super().extra_repr()
+        )

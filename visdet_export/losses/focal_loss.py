@@ -1,0 +1,166 @@
+"""Sigmoid focal loss (RetinaNet, FCOS, ATSS).
+
+Reference: Lin et al., "Focal Loss for Dense Object Detection", https://arxiv.org/abs/1708.02002.
+Semantics follow visdet / MMDetection 3.x ``FocalLoss`` (``py_sigmoid_focal_loss`` and
+``py_focal_loss_with_prob``).
+"""
+
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..numerics import (
+    bce_with_logits,
+    bce_with_probabilities,
+    compute_dtype,
+    pow_nonnegative,
+    sigmoid_pair,
+    weight_keep_mask,
+    zero_where_unweighted,
+)
+from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from ..validation import ConfigError, check_bool, check_float
+from .base import WeightedLoss
+
+
+def class_targets(pred: Tensor, target: Tensor) -> Tensor:
+    """Dense (N, C) targets in ``pred``'s dtype from integer labels or from targets of ``pred``'s shape.
+
+    Labels are in [0, C]; C (and any label outside [0, C)) is background: an all-zero row. Built by comparing
+    with ``arange(C)``, a static shape, where visdet calls ``one_hot`` (which fails on negative labels).
+
+    Args:
+        pred (Tensor[N, C]), target (Tensor[N] int or Tensor[N, C]).
+    """
+    if target.dim() == pred.dim():
+        if target.shape != pred.shape:
+            raise ValueError(
+                "one-hot target must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
+            )
+        return target.to(pred.dtype)
+    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
+        raise ValueError(
+            "expected pred (N, C) with labels (N,) or one-hot targets (N, C), got "
+            + str(pred.shape) + " and " + str(target.shape)
+        )
+    if target.is_floating_point():
+        raise ValueError("integer class labels are expected, got a floating-point tensor of shape (N,)")
+    classes = torch.arange(pred.size(1), device=pred.device)
+    return (target.unsqueeze(1) == classes).to(pred.dtype)
+
+
+def per_class_weight(weight: Tensor, pred: Tensor) -> Tensor:
+    """A weight of shape (N,), (N, C) or flattened (N * C,) as a tensor broadcastable to ``pred`` (N, C)."""
+    if weight.dim() == pred.dim():
+        return weight
+    if weight.dim() == 1 and weight.size(0) == pred.size(0):
+        return weight.unsqueeze(1)
+    if weight.numel() != pred.numel():
+        raise ValueError(
+            "weight must have shape (N,), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got " + str(weight.shape)
+        )
+    return weight.reshape(pred.shape)
+
+
+def sigmoid_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+    activated: bool = False,
+) -> Tensor:
+    r"""Focal loss of sigmoid classifiers.
+
+    .. math::
+        \mathrm{FL} = -\alpha_t (1 - p_t)^\gamma \log p_t
+
+    with :math:`p_t = p` for positives and :math:`1 - p` for negatives, :math:`\alpha_t = \alpha` for positives and
+    :math:`1 - \alpha` for negatives (``alpha = -1`` disables the balancing, as in torchvision).
+
+    Args:
+        pred (Tensor[N, C]): logits, or probabilities when ``activated``.
+        target (Tensor[N] int in [0, C], C = background, or Tensor[N, C] one-hot).
+        weight (Tensor[N], Tensor[N, C] or Tensor[N * C], optional): elements with weight 0 are masked out,
+            NaN/inf inputs there included.
+        avg_factor (Tensor[], optional): denominator of the mean.
+
+    Returns:
+        Tensor[N, C] for "none", else Tensor[].
+    """
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    targets = class_targets(pred, target)
+    weights: Optional[Tensor] = None
+    if weight is not None:
+        weights = per_class_weight(weight.to(dtype), pred)
+        keep = weight_keep_mask(weights)
+        pred = zero_where_unweighted(pred, keep)
+        targets = zero_where_unweighted(targets, keep)
+    if activated:
+        positive_prob = pred
+        negative_prob = 1.0 - pred
+        cross_entropy = bce_with_probabilities(pred, targets)
+    else:
+        positive_prob, negative_prob, log1p_decay = sigmoid_pair(pred)
+        cross_entropy = bce_with_logits(pred, targets, log1p_decay)
+    # 1 - p_t, from whichever of sigmoid(x) / sigmoid(-x) keeps its precision.
+    one_minus_pt = negative_prob * targets + positive_prob * (1.0 - targets)
+    loss = cross_entropy * pow_nonnegative(one_minus_pt, gamma)
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    return weight_reduce_loss(loss, weights, reduction, avg_factor)
+
+
+class FocalLoss(WeightedLoss):
+    """Sigmoid focal loss module; see :func:`sigmoid_focal_loss`.
+
+    Args:
+        use_sigmoid: must be True (visdet supports only the sigmoid form).
+        gamma: focusing parameter, >= 0.
+        alpha: positive/negative balance in [0, 1], or -1 to disable it.
+        reduction, loss_weight: see :mod:`visdet_export.reduction`.
+        activated: ``pred`` holds probabilities instead of logits (MMDetection 3.x behaviour).
+    """
+
+    gamma: float
+    alpha: float
+    activated: bool
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        gamma: float = 2.0,
+        alpha: float = 0.25,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+    ) -> None:
+        super().__init__(reduction, loss_weight)
+        if check_bool("use_sigmoid", use_sigmoid) is not True:
+            raise ConfigError("FocalLoss supports only use_sigmoid=True")
+        self.use_sigmoid = True
+        self.gamma = check_float("gamma", gamma, minimum=0.0)
+        self.alpha = check_float("alpha", alpha, minimum=0.0, maximum=1.0, allowed=(-1.0,))
+        self.activated = check_bool("activated", activated)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        loss = sigmoid_focal_loss(
+            pred, target, weight, self.gamma, self.alpha, reduction, as_avg_factor(avg_factor, pred), self.activated
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, alpha={self.alpha}, activated={self.activated}, " + super().extra_repr()

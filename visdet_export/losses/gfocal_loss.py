@@ -1,0 +1,227 @@
+"""Generalized Focal Loss: quality focal loss and distribution focal loss (GFL).
+
+Reference: Li et al., "Generalized Focal Loss: Learning Qualified and Distributed Bounding Boxes for Dense Object
+Detection", https://arxiv.org/abs/2006.04388. Semantics follow visdet / MMDetection 3.x ``gfocal_loss.py``.
+"""
+
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..numerics import (
+    bce_with_logits,
+    bce_with_probabilities,
+    compute_dtype,
+    pow_nonnegative,
+    sigmoid_pair,
+    weight_keep_mask,
+    zero_where_unweighted,
+)
+from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from ..validation import ConfigError, check_bool, check_float, check_int
+from .base import WeightedLoss
+
+
+def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
+    """Dense (N, C) soft targets: ``score`` at each sample's label, 0 elsewhere (label C is background).
+
+    Args:
+        pred (Tensor[N, C]), labels (Tensor[N] int in [0, C]), scores (Tensor[N] in [0, 1]).
+    """
+    if labels.dim() != 1 or scores.shape != labels.shape or pred.dim() != 2 or pred.size(0) != labels.size(0):
+        raise ValueError(
+            "expected pred (N, C), labels (N,) and scores (N,), got "
+            + str(pred.shape) + ", " + str(labels.shape) + " and " + str(scores.shape)
+        )
+    if labels.is_floating_point():
+        raise ValueError("QualityFocalLoss labels must be integers, got a floating-point tensor")
+    classes = torch.arange(pred.size(1), device=pred.device)
+    return torch.where(labels.unsqueeze(1) == classes, scores.to(pred.dtype).unsqueeze(1), 0.0)
+
+
+def quality_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    beta: float = 2.0,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+    activated: bool = False,
+) -> Tensor:
+    r"""Quality focal loss on dense soft targets.
+
+    .. math::
+        \mathrm{QFL} = \sum_c \mathrm{BCE}(x_c, t_c)\,|t_c - \sigma(x_c)|^\beta
+
+    where :math:`t` is the IoU score at the sample's class and 0 elsewhere. One formula covers visdet's positive
+    and negative branches (for :math:`t = 0` it is :math:`\mathrm{BCE}(x, 0)\,\sigma(x)^\beta`), so no
+    ``nonzero`` or index writes are needed.
+
+    Args:
+        pred (Tensor[N, C]): logits, or probabilities when ``activated``.
+        target (Tensor[N, C]): soft targets in [0, 1] (see :func:`quality_targets`).
+        weight (Tensor[N], optional): per-sample weight; weight 0 masks the sample (NaN/inf included).
+
+    Returns:
+        Tensor[N] for "none" (summed over classes), else Tensor[].
+    """
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
+    if weight is not None:
+        weight = weight.to(dtype)
+        if weight.dim() != 1 or weight.size(0) != pred.size(0):
+            raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
+        keep = weight_keep_mask(weight.unsqueeze(1))
+        pred = zero_where_unweighted(pred, keep)
+        target = zero_where_unweighted(target, keep)
+    if activated:
+        prob = pred
+        cross_entropy = bce_with_probabilities(pred, target)
+    else:
+        prob, _, log1p_decay = sigmoid_pair(pred)
+        cross_entropy = bce_with_logits(pred, target, log1p_decay)
+    loss = (cross_entropy * pow_nonnegative((target - prob).abs(), beta)).sum(dim=1)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+class QualityFocalLoss(WeightedLoss):
+    """Quality focal loss module; see :func:`quality_focal_loss`.
+
+    ``forward(pred, target, ...)`` takes ``target`` as a ``(labels, scores)`` pair (labels (N,) in [0, C] with C
+    the background, IoU scores (N,)) or as dense (N, C) soft targets.
+
+    Args:
+        use_sigmoid: must be True.
+        beta: modulating exponent, >= 0.
+        activated: ``pred`` holds probabilities instead of logits.
+    """
+
+    beta: float
+    activated: bool
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        beta: float = 2.0,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+    ) -> None:
+        super().__init__(reduction, loss_weight)
+        if check_bool("use_sigmoid", use_sigmoid) is not True:
+            raise ConfigError("QualityFocalLoss supports only use_sigmoid=True")
+        self.use_sigmoid = True
+        self.beta = check_float("beta", beta, minimum=0.0)
+        self.activated = check_bool("activated", activated)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Union[tuple[Tensor, Tensor], Tensor],
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        if isinstance(target, Tensor):
+            if target.shape != pred.shape:
+                raise ValueError(
+                    "dense targets must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
+                )
+            dense = target
+        else:
+            dense = quality_targets(pred, target[0], target[1])
+        loss = quality_focal_loss(
+            pred, dense, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, activated={self.activated}, " + super().extra_repr()
+
+
+def distribution_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Distribution focal loss: cross-entropy towards the two bins around a continuous target.
+
+    .. math::
+        \mathrm{DFL} = -\big((y_{i+1} - y)\log S_i + (y - y_i)\log S_{i+1}\big), \quad y_i = \lfloor y \rfloor
+
+    A target exactly at ``reg_max`` puts all its mass on the last bin (visdet indexes bin ``reg_max + 1`` there
+    and fails). Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
+    node that onnxruntime rejects at N = 0.
+
+    Args:
+        pred (Tensor[N, reg_max + 1]): bin logits.
+        target (Tensor[N]): distances in [0, reg_max].
+        weight (Tensor[N], optional): weight 0 masks the sample (NaN/inf included).
+
+    Returns:
+        Tensor[N] for "none", else Tensor[].
+    """
+    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
+        raise ValueError(
+            "expected pred (N, reg_max + 1) and target (N,), got " + str(pred.shape) + " and " + str(target.shape)
+        )
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
+    if weight is not None:
+        weight = weight.to(dtype)
+        keep = weight_keep_mask(weight)
+        pred = zero_where_unweighted(pred, None if keep is None else keep.unsqueeze(1))
+        target = zero_where_unweighted(target, keep)
+    reg_max = pred.size(1) - 1
+    left_bin = target.floor().clamp(0, reg_max)
+    left_weight = left_bin + 1.0 - target
+    right_weight = target - left_bin
+    left_index = left_bin.long().unsqueeze(1)
+    right_index = (left_index + 1).clamp(max=reg_max)
+    log_probs = torch.log_softmax(pred, dim=1)
+    loss = -(
+        log_probs.gather(1, left_index).squeeze(1) * left_weight
+        + log_probs.gather(1, right_index).squeeze(1) * right_weight
+    )
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+class DistributionFocalLoss(WeightedLoss):
+    """Distribution focal loss module; see :func:`distribution_focal_loss`.
+
+    Args:
+        reg_max: if given, ``pred`` must have ``reg_max + 1`` bins (checked on every call); visdet infers it.
+    """
+
+    reg_max: Optional[int]
+
+    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0, reg_max: Optional[int] = None) -> None:
+        super().__init__(reduction, loss_weight)
+        self.reg_max = None if reg_max is None else check_int("reg_max", reg_max, minimum=1)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        reg_max = self.reg_max
+        if reg_max is not None and pred.size(-1) != reg_max + 1:
+            raise ValueError(
+                "pred has " + str(pred.size(-1)) + " bins but reg_max=" + str(reg_max) + " needs " + str(reg_max + 1)
+            )
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        loss = distribution_focal_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred))
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"reg_max={self.reg_max}, " + super().extra_repr()

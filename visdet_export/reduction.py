@@ -1,0 +1,93 @@
+"""The weight / reduction / avg_factor contract shared by every loss (visdet / MMDetection semantics).
+
+``weight_reduce_loss`` multiplies the element-wise loss by ``weight`` and then
+
+* without ``avg_factor``: ``"none"`` keeps the shape, ``"sum"`` sums, ``"mean"`` divides the sum by the element
+  count (0 elements give 0, not NaN);
+* with ``avg_factor``: ``"mean"`` gives ``sum / (avg_factor + eps)`` with ``eps`` the float32 machine epsilon,
+  ``"none"`` keeps the shape and ``"sum"`` raises, as in visdet.
+
+Counts are tensors (``scalar_tensor(numel)``) rather than Python numbers, so an exported graph divides by the
+count of the inputs it is given rather than by the one it was traced with.
+"""
+
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .numerics import compute_dtype
+
+REDUCTIONS = ("none", "mean", "sum")
+# torch.finfo(torch.float32).eps, written out because TorchScript has no torch.finfo (nor float globals, hence
+# the literal default of weight_reduce_loss's ``eps``).
+FLOAT32_EPS = 1.1920928955078125e-07
+
+AvgFactor = Optional[Union[float, int, Tensor]]
+
+
+def resolve_reduction(reduction: str, reduction_override: Optional[str]) -> str:
+    """The reduction for one call: the override if given (validated), else the configured one."""
+    if reduction_override is None:
+        return reduction
+    if reduction_override not in ("none", "mean", "sum"):
+        raise ValueError(
+            "reduction_override=" + reduction_override + " is not valid; choose one of 'none', 'mean', 'sum'"
+        )
+    return reduction_override
+
+
+def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor) -> Optional[Tensor]:
+    """A Python number or tensor ``avg_factor`` as a 0-d tensor in the dtype ``like`` is computed in."""
+    if avg_factor is None:
+        return None
+    dtype = compute_dtype(like)
+    if isinstance(avg_factor, Tensor):
+        return avg_factor.to(dtype=dtype, device=like.device).reshape(())
+    return torch.scalar_tensor(float(avg_factor), dtype=dtype, device=like.device)
+
+
+def element_count(loss: Tensor) -> Tensor:
+    """The number of elements of ``loss`` as a tensor, at least 1 (the mean of nothing is 0)."""
+    return torch.scalar_tensor(loss.numel(), dtype=loss.dtype, device=loss.device).clamp(min=1.0)
+
+
+def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.sum() / element_count(loss)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError("reduction=" + reduction + " is not valid; choose one of 'none', 'mean', 'sum'")
+
+
+def weight_reduce_loss(
+    loss: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+    eps: float = 1.1920928955078125e-07,
+) -> Tensor:
+    """Apply ``weight`` (broadcast to ``loss``) and reduce as visdet does.
+
+    Args:
+        loss (Tensor[*]): element-wise loss.
+        weight (Tensor broadcastable to ``loss``, optional): element weights.
+        reduction: "none" | "mean" | "sum".
+        avg_factor (Tensor[], optional): the mean's denominator instead of the element count.
+        eps: added to ``avg_factor`` (visdet's float32 machine epsilon, :data:`FLOAT32_EPS`).
+
+    Returns:
+        Tensor: ``loss``'s shape for "none", else a 0-d tensor.
+    """
+    if weight is not None:
+        loss = loss * weight
+    if avg_factor is None:
+        return reduce_loss(loss, reduction)
+    if reduction == "mean":
+        return loss.sum() / (avg_factor + eps)
+    if reduction == "none":
+        return loss
+    raise ValueError('avg_factor can not be used with reduction="sum"; use "mean" or "none"')

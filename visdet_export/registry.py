@@ -1,0 +1,113 @@
+"""A closed registry of loss classes, built from visdet-style configs: ``dict(type="FocalLoss", gamma=2.0)``.
+
+Only classes registered here can be built; a config's ``type`` is looked up, never imported or evaluated.
+The seed's listing snippet works unchanged::
+
+    from visdet_export.registry import MODELS
+    losses = [name for name in sorted(MODELS.module_dict.keys()) if "Loss" in name]
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Callable, Optional, TypeVar
+
+from torch import nn
+
+from .validation import ConfigError
+
+ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
+
+
+class Registry:
+    """Name -> ``nn.Module`` class, with config building and helpful errors."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._modules: dict[str, type[nn.Module]] = {}
+
+    @property
+    def module_dict(self) -> Mapping[str, type[nn.Module]]:
+        """A read-only view of the registered classes by name."""
+        return MappingProxyType(self._modules)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.name!r}, {sorted(self._modules)})"
+
+    def register_module(
+        self, module: Optional[ModuleT] = None, name: Optional[str] = None, force: bool = False
+    ) -> ModuleT | Callable[[ModuleT], ModuleT]:
+        """Register ``module`` (or, used as ``@register_module()``, the decorated class) under its class name."""
+
+        def register(cls: ModuleT) -> ModuleT:
+            if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+                raise TypeError(f"only nn.Module subclasses can be registered, got {cls!r}")
+            key = name or cls.__name__
+            if key in self._modules and not force:
+                raise KeyError(f"{key} is already registered in {self.name}; pass force=True to replace it")
+            self._modules[key] = cls
+            return cls
+
+        return register if module is None else register(module)
+
+    def get(self, name: str) -> type[nn.Module]:
+        """The class registered as ``name``; unknown names raise :class:`ConfigError` with close matches."""
+        if not isinstance(name, str):
+            raise ConfigError(f"type must be a registered name (a string), got {name!r}")
+        try:
+            return self._modules[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._modules), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown {self.name} type {name!r}.{hint} Registered: {', '.join(sorted(self._modules))}"
+            ) from None
+
+    def build(self, cfg: Mapping[str, object]) -> nn.Module:
+        """Build ``cfg["type"]`` with the remaining keys as constructor arguments.
+
+        Raises:
+            ConfigError: missing or unknown ``type``, unknown keys (the valid ones are listed), or invalid values.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"a loss config must be a mapping with a 'type' key, got {type(cfg).__name__}")
+        if "type" not in cfg:
+            raise ConfigError(f"loss config {dict(cfg)!r} has no 'type'")
+        kwargs = dict(cfg)
+        cls = self.get(kwargs.pop("type"))  # type: ignore[arg-type]
+        accepted = config_parameters(cls)
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; valid arguments: {', '.join(accepted)}"
+            )
+        return cls(**kwargs)
+
+
+def config_parameters(cls: type[nn.Module]) -> dict[str, object]:
+    """The constructor arguments of ``cls`` with their defaults (``inspect.Parameter.empty`` if required)."""
+    signature = inspect.signature(cls.__init__)
+    return {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+
+
+MODELS = Registry("loss")
+
+
+def build_loss(cfg: Mapping[str, object] | str) -> nn.Module:
+    """Build a registered loss from a config mapping, or from a bare type name with default arguments."""
+    if isinstance(cfg, str):
+        cfg = {"type": cfg}
+    return MODELS.build(cfg)

@@ -1,0 +1,72 @@
+"""Build-time checks of loss hyper-parameters.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) naming the parameter, the offending value and what is
+allowed, so a bad config fails once, when the loss is built, and never inside a compiled or exported graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A loss configuration that cannot be built (unknown type or key, or an invalid value)."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    min_inclusive: bool = True,
+    allowed: Sequence[float] = (),
+) -> float:
+    """A finite real number within bounds; ``allowed`` lists sentinel values accepted outside them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    if number in allowed:
+        return number
+    low_ok = minimum is None or (number >= minimum if min_inclusive else number > minimum)
+    high_ok = maximum is None or number <= maximum
+    if not (low_ok and high_ok):
+        low = "" if minimum is None else (f">= {minimum}" if min_inclusive else f"> {minimum}")
+        high = "" if maximum is None else f"<= {maximum}"
+        bounds = " and ".join(part for part in (low, high) if part)
+        extra = f" (or exactly {', '.join(map(str, allowed))})" if allowed else ""
+        raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}{extra}")
+    return number
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} is out of range; it must be >= {minimum}")
+    return value
+
+
+def check_class_weight(value: object) -> Optional[list[float]]:
+    """``None`` or a non-empty list of finite, non-negative numbers (one per class)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ConfigError(f"class_weight must be None or a non-empty list of numbers, got {value!r}")
+    return [check_float(f"class_weight[{i}]", item, minimum=0.0) for i, item in enumerate(value)]
