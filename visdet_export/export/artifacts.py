@@ -1,0 +1,129 @@
+"""Writing artifacts safely, and the JSON manifest that describes each one.
+
+Every exporter writes through :func:`atomic_output`: the artifact goes to a temporary file in the target
+directory and is renamed into place only when the writer (and its verification) succeeded, so an interrupted
+export leaves the old file intact and no temporary files. An existing target is replaced only when asked to;
+symlinks and directories are refused.
+
+The manifest (``<artifact>.json``) records what the artifact computes and how it was checked: the loss config,
+input names / dtypes / symbolic shapes, format details (opset, ...), library versions, the artifact's SHA-256
+and the parity reached when it was verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..specs import LossSpec
+
+MANIFEST_SUFFIX = ".json"
+MANIFEST_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """An artifact could not be written, read or verified (the message says which and why)."""
+
+
+def check_output_path(path: Path, overwrite: bool) -> Path:
+    """Refuse a directory, a symlink, or an existing file unless ``overwrite``; the parent must exist."""
+    if path.is_symlink():
+        raise ArtifactError(f"refusing to write through the symlink {path}")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"the directory {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed."""
+    target = check_output_path(Path(path), overwrite)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        check_output_path(target, overwrite)  # nothing appeared there meanwhile
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            continue
+    from .. import __version__
+
+    versions["visdet_export"] = __version__
+    return versions
+
+
+def describe_inputs(spec: LossSpec, names: list[str], float_dtype: torch.dtype) -> list[dict[str, Any]]:
+    by_name = {t.name: t for t in spec.inputs}
+    return [
+        {
+            "name": name,
+            "dtype": str(by_name[name].dtype(float_dtype)).replace("torch.", ""),
+            "shape": list(by_name[name].shape),
+            "optional": by_name[name].optional,
+            "doc": by_name[name].doc,
+        }
+        for name in names
+    ]
+
+
+def manifest_path(artifact: str | os.PathLike[str]) -> Path:
+    return Path(f"{artifact}{MANIFEST_SUFFIX}")
+
+
+def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Write ``<artifact>.json`` atomically with ``fields`` plus the checksum, versions and format version."""
+    record = {
+        "manifest_version": MANIFEST_VERSION,
+        "artifact": Path(artifact).name,
+        "sha256": sha256(artifact),
+        "versions": library_versions(),
+        **fields,
+    }
+    target = manifest_path(artifact)
+    with atomic_output(target, overwrite) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of ``artifact``; raises :class:`ArtifactError` if it is missing or its checksum differs."""
+    path = manifest_path(artifact)
+    if not path.is_file():
+        raise ArtifactError(f"{artifact} has no manifest ({path.name} is missing)")
+    record = json.loads(path.read_text())
+    if record.get("sha256") != sha256(artifact):
+        raise ArtifactError(f"{artifact} does not match the checksum in {path.name}; it changed after export")
+    return record

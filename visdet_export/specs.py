@@ -1,0 +1,464 @@
+"""Input specs: for every registered loss, one source of truth for its inputs.
+
+A :class:`LossSpec` names each input, gives its dtype and its shape with the symbolic sample count ``"N"`` (and
+fixed class, bin or mask sizes taken from the configuration), says how the inputs map onto the loss's
+``forward``, and draws valid random inputs. Tests, export, verification and benchmarks all use it, so a loss
+registered later with a spec is covered by all of them.
+
+>>> from visdet_export import build_loss
+>>> loss = build_loss(dict(type="FocalLoss"))
+>>> spec = spec_for(loss)
+>>> [t.name for t in spec.inputs]
+['pred', 'target', 'weight', 'avg_factor']
+>>> inputs = spec.sample(loss, 8, seed=0)
+>>> float(spec.call(loss, inputs)) > 0
+True
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+Dim = Union[str, int]
+
+FLOAT = "float"  # the dtype chosen for the sample (float32 by default)
+INT64 = "int64"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input: ``kind`` is "float" (the sample's floating dtype) or "int64"; ``shape`` uses "N"."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    kind: str = FLOAT
+    optional: bool = False
+    doc: str = ""
+
+    def dtype(self, float_dtype: torch.dtype) -> torch.dtype:
+        return torch.int64 if self.kind == INT64 else float_dtype
+
+    def concrete_shape(self, n: int) -> tuple[int, ...]:
+        return tuple(n if dim == "N" else int(dim) for dim in self.shape)
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How random inputs are drawn.
+
+    Attributes:
+        dtype: floating dtype of predictions, targets and weights.
+        logit_range: logits uniform in [-r, r] instead of 2 x standard normal (extreme-logit tests).
+        zero_weight_fraction: share of weights set to exactly 0 (masked elements).
+    """
+
+    dtype: torch.dtype = torch.float32
+    logit_range: Optional[float] = None
+    zero_weight_fraction: float = 0.2
+
+
+Sampler = Callable[[int, torch.Generator, SampleOptions], dict[str, Tensor]]
+Caller = Callable[[nn.Module, Mapping[str, Tensor], Optional[str]], Tensor]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The inputs of one configured loss, how to call it, and how to draw valid random inputs."""
+
+    loss_type: str
+    variant: str
+    inputs: tuple[TensorSpec, ...]
+    sampler: Sampler = field(repr=False, compare=False)
+    caller: Caller = field(repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def pred(self) -> str:
+        return self.inputs[0].name
+
+    def sample(
+        self,
+        loss: nn.Module,
+        n: int,
+        *,
+        seed: int = 0,
+        options: SampleOptions = SampleOptions(),
+        include: Optional[Sequence[str]] = None,
+    ) -> dict[str, Tensor]:
+        """Valid random inputs for ``n`` samples, in spec order; ``include`` keeps only the named inputs
+        (required inputs are always kept)."""
+        del loss  # the spec already holds what the configuration fixes
+        generator = torch.Generator().manual_seed(seed)
+        drawn = self.sampler(n, generator, options)
+        keep = {t.name for t in self.inputs if not t.optional or include is None or t.name in include}
+        return {t.name: drawn[t.name] for t in self.inputs if t.name in keep}
+
+    def call(self, loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str] = None) -> Tensor:
+        """Call ``loss`` with named inputs; absent optional inputs are passed as None."""
+        return self.caller(loss, inputs, reduction_override)
+
+    def bind(self, loss: nn.Module, names: Sequence[str]) -> nn.Module:
+        """A module whose ``forward`` takes the named inputs positionally (what exporters need)."""
+        return PositionalLoss(loss, self, tuple(names))
+
+
+class PositionalLoss(nn.Module):
+    """``forward(*tensors)`` in a fixed input order, for torch.export / ONNX / AOTInductor."""
+
+    def __init__(self, loss: nn.Module, spec: LossSpec, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.loss = loss
+        self.spec = spec
+        self.names = names
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.spec.call(self.loss, dict(zip(self.names, tensors)), None)
+
+
+# --- drawing helpers -------------------------------------------------------------------------------------------
+
+
+def _logits(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+    if options.logit_range is not None:
+        r = options.logit_range
+        return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(r).to(options.dtype)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * 2).to(options.dtype)
+
+
+def _weights(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+    weight = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.1
+    zero = torch.rand(shape, generator=generator, dtype=torch.float64) < options.zero_weight_fraction
+    return torch.where(zero, 0.0, weight).to(options.dtype)
+
+
+def _avg_factor(n: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
+    return (torch.rand((), generator=generator, dtype=torch.float64) * n + 1).to(options.dtype)
+
+
+def _boxes(n: int, generator: torch.Generator, dtype: torch.dtype, scale: float = 100.0) -> Tensor:
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale * 0.5 + 1.0
+    return torch.cat([xy, xy + wh], dim=1).to(dtype)
+
+
+def _jitter_boxes(boxes: Tensor, generator: torch.Generator) -> Tensor:
+    """Predictions near the targets, so IoUs spread over (0, 1]."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2).double()
+    noise = torch.randn(boxes.shape, generator=generator, dtype=torch.float64) * 0.2 * wh
+    return (boxes.double() + noise).to(boxes.dtype)
+
+
+def _optional(name: str, shape: tuple[Dim, ...], doc: str) -> TensorSpec:
+    return TensorSpec(name, shape, FLOAT, True, doc)
+
+
+AVG_FACTOR = _optional("avg_factor", (), "denominator of the mean (0-d)")
+
+
+def _standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+    return loss(
+        inputs["pred"], inputs["target"], inputs.get("weight"), inputs.get("avg_factor"), reduction_override
+    )
+
+
+# --- per-loss specs --------------------------------------------------------------------------------------------
+
+NUM_CLASSES = 80
+MASK_SIZE = 28
+DEFAULT_REG_MAX = 16
+
+SpecBuilder = Callable[[nn.Module, Optional[str]], LossSpec]
+SPEC_BUILDERS: dict[str, SpecBuilder] = {}
+
+
+def register_spec(loss_type: str) -> Callable[[SpecBuilder], SpecBuilder]:
+    """Register the spec builder of a loss type (``builder(loss, variant) -> LossSpec``)."""
+
+    def register(builder: SpecBuilder) -> SpecBuilder:
+        SPEC_BUILDERS[loss_type] = builder
+        return builder
+
+    return register
+
+
+def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
+    """The input spec of a built loss (``variant`` picks another target layout where a loss has several)."""
+    loss_type = type(loss).__name__
+    if loss_type not in SPEC_BUILDERS:
+        raise KeyError(f"no input spec is registered for {loss_type}; add one with visdet_export.specs.register_spec")
+    return SPEC_BUILDERS[loss_type](loss, variant)
+
+
+def _check_variant(loss_type: str, variant: Optional[str], choices: tuple[str, ...]) -> str:
+    if variant is None:
+        return choices[0]
+    if variant not in choices:
+        raise ValueError(f"{loss_type} has no input variant {variant!r}; choose one of {', '.join(choices)}")
+    return variant
+
+
+@register_spec("FocalLoss")
+def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    variant = _check_variant("FocalLoss", variant, ("labels", "onehot"))
+    activated = bool(getattr(loss, "activated", False))
+    c = NUM_CLASSES
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        logits = _logits((n, c), generator, options)
+        labels = torch.randint(0, c + 1, (n,), generator=generator)
+        target = labels if variant == "labels" else (labels.unsqueeze(1) == torch.arange(c)).to(options.dtype)
+        return {
+            "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
+            "target": target,
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+
+    target = (
+        TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {c}], {c} = background")
+        if variant == "labels"
+        else TensorSpec("target", ("N", c), doc="one-hot targets")
+    )
+    pred_doc = "probabilities" if activated else "logits"
+    inputs = (TensorSpec("pred", ("N", c), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    return LossSpec("FocalLoss", variant, inputs, sample, _standard_caller)
+
+
+@register_spec("QualityFocalLoss")
+def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    variant = _check_variant("QualityFocalLoss", variant, ("pair", "dense"))
+    activated = bool(getattr(loss, "activated", False))
+    c = NUM_CLASSES
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        logits = _logits((n, c), generator, options)
+        labels = torch.randint(0, c + 1, (n,), generator=generator)
+        scores = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
+        drawn = {
+            "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+        if variant == "pair":
+            drawn.update(labels=labels, scores=scores)
+        else:
+            drawn["target"] = torch.where(labels.unsqueeze(1) == torch.arange(c), scores.unsqueeze(1), 0.0)
+        return drawn
+
+    def call(module: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+        target = (inputs["labels"], inputs["scores"]) if variant == "pair" else inputs["target"]
+        return module(inputs["pred"], target, inputs.get("weight"), inputs.get("avg_factor"), reduction_override)
+
+    targets = (
+        (
+            TensorSpec("labels", ("N",), INT64, doc=f"labels in [0, {c}], {c} = background"),
+            TensorSpec("scores", ("N",), doc="IoU quality scores in [0, 1]"),
+        )
+        if variant == "pair"
+        else (TensorSpec("target", ("N", c), doc="dense soft targets"),)
+    )
+    inputs = (TensorSpec("pred", ("N", c)), *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    return LossSpec("QualityFocalLoss", variant, inputs, sample, call)
+
+
+@register_spec("DistributionFocalLoss")
+def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    variant = _check_variant("DistributionFocalLoss", variant, ("distances",))
+    reg_max = getattr(loss, "reg_max", None) or DEFAULT_REG_MAX
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        return {
+            "pred": _logits((n, reg_max + 1), generator, options),
+            "target": (torch.rand(n, generator=generator, dtype=torch.float64) * reg_max).to(options.dtype),
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+
+    inputs = (
+        TensorSpec("pred", ("N", reg_max + 1), doc="bin logits"),
+        TensorSpec("target", ("N",), doc=f"distances in [0, {reg_max}]"),
+        _optional("weight", ("N",), "per-sample"),
+        AVG_FACTOR,
+    )
+    return LossSpec("DistributionFocalLoss", variant, inputs, sample, _standard_caller)
+
+
+@register_spec("CrossEntropyLoss")
+def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    use_sigmoid = bool(getattr(loss, "use_sigmoid", False))
+    use_mask = bool(getattr(loss, "use_mask", False))
+    class_weight = getattr(loss, "class_weight", None)
+    c = NUM_CLASSES if class_weight is None else int(class_weight.numel())
+    ignore_index = int(getattr(loss, "ignore_index", -100))
+    if use_mask:
+        variant = _check_variant("CrossEntropyLoss", variant, ("mask",))
+        h = w = MASK_SIZE
+
+        def sample_mask(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+            return {
+                "pred": _logits((n, c, h, w), generator, options),
+                "target": (torch.rand(n, h, w, generator=generator) > 0.5).to(options.dtype),
+                "label": torch.randint(0, c, (n,), generator=generator),
+                "avg_factor": _avg_factor(n * h * w, generator, options),
+            }
+
+        def call_mask(module: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+            return module(
+                inputs["pred"], inputs["target"], inputs["label"], inputs.get("avg_factor"), reduction_override
+            )
+
+        inputs = (
+            TensorSpec("pred", ("N", c, h, w), doc="mask logits per class"),
+            TensorSpec("target", ("N", h, w), doc="binary masks"),
+            TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {c})"),
+            AVG_FACTOR,
+        )
+        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask)
+
+    if use_sigmoid:
+        variant = _check_variant("CrossEntropyLoss", variant, ("binary", "labels"))
+    else:
+        variant = _check_variant("CrossEntropyLoss", variant, ("labels",))
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        if variant == "binary":
+            pred = _logits((n,), generator, options)
+            target = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
+        else:
+            pred = _logits((n, c), generator, options)
+            high = c + 1 if use_sigmoid else c
+            target = torch.randint(0, high, (n,), generator=generator)
+            ignored = torch.rand(n, generator=generator) < 0.1
+            target = torch.where(ignored, ignore_index, target)
+        return {
+            "pred": pred,
+            "target": target,
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+
+    if variant == "binary":
+        head = (TensorSpec("pred", ("N",), doc="logits"), TensorSpec("target", ("N",), doc="soft targets in [0, 1]"))
+    else:
+        bg = f", {c} = background" if use_sigmoid else ""
+        head = (
+            TensorSpec("pred", ("N", c), doc="logits"),
+            TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {c}){bg}; {ignore_index} = ignored"),
+        )
+    inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    return LossSpec("CrossEntropyLoss", variant, inputs, sample, _standard_caller)
+
+
+def _regression_spec(loss_type: str) -> SpecBuilder:
+    def build(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+        variant = _check_variant(loss_type, variant, ("deltas",))
+
+        def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+            target = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+            pred = target + torch.randn(n, 4, generator=generator, dtype=torch.float64) * 1.5
+            return {
+                "pred": pred.to(options.dtype),
+                "target": target.to(options.dtype),
+                "weight": _weights((n, 4), generator, options),
+                "avg_factor": _avg_factor(n, generator, options),
+            }
+
+        inputs = (
+            TensorSpec("pred", ("N", 4), doc="box deltas"),
+            TensorSpec("target", ("N", 4), doc="target deltas"),
+            _optional("weight", ("N", 4), "per-coordinate"),
+            AVG_FACTOR,
+        )
+        return LossSpec(loss_type, variant, inputs, sample, _standard_caller)
+
+    return build
+
+
+for _name in ("L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"):
+    register_spec(_name)(_regression_spec(_name))
+
+
+def _box_spec(loss_type: str) -> SpecBuilder:
+    def build(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+        variant = _check_variant(loss_type, variant, ("boxes",))
+
+        def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+            target = _boxes(n, generator, torch.float64)
+            return {
+                "pred": _jitter_boxes(target, generator).to(options.dtype),
+                "target": target.to(options.dtype),
+                "weight": _weights((n,), generator, options),
+                "avg_factor": _avg_factor(n, generator, options),
+            }
+
+        inputs = (
+            TensorSpec("pred", ("N", 4), doc="boxes (x1, y1, x2, y2)"),
+            TensorSpec("target", ("N", 4), doc="boxes (x1, y1, x2, y2)"),
+            _optional("weight", ("N",), "per-box"),
+            AVG_FACTOR,
+        )
+        return LossSpec(loss_type, variant, inputs, sample, _standard_caller)
+
+    return build
+
+
+for _name in ("IoULoss", "GIoULoss"):
+    register_spec(_name)(_box_spec(_name))
+
+
+# --- representative configurations ----------------------------------------------------------------------------
+
+SEED_CONFIGS: dict[str, dict[str, object]] = {
+    # Every loss block of the seed page (visdet's losses page), by where it appears.
+    "ce_softmax": dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    "focal": dict(type="FocalLoss", gamma=2.0, alpha=0.25, loss_weight=1.0),
+    "qfl": dict(type="QualityFocalLoss", beta=2.0, loss_weight=1.0),
+    "l1": dict(type="L1Loss", loss_weight=1.0),
+    "smooth_l1": dict(type="SmoothL1Loss", beta=1.0, loss_weight=1.0),
+    "mse": dict(type="MSELoss", loss_weight=1.0),
+    "balanced_l1": dict(type="BalancedL1Loss", alpha=0.5, gamma=1.5, beta=1.0, loss_weight=1.0),
+    "iou_log": dict(type="IoULoss", mode="log", loss_weight=1.0),
+    "giou": dict(type="GIoULoss", loss_weight=2.0),
+    "dfl": dict(type="DistributionFocalLoss", loss_weight=0.25),
+    "ce_sigmoid_centerness": dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+    "qfl_gfl": dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
+}
+
+OPTION_CONFIGS: dict[str, dict[str, object]] = {
+    # The options the seed names beyond its snippets.
+    "focal_activated": dict(type="FocalLoss", activated=True),
+    "qfl_activated": dict(type="QualityFocalLoss", activated=True),
+    "ce_sigmoid_labels": dict(type="CrossEntropyLoss", use_sigmoid=True, avg_non_ignore=True),
+    "ce_class_weight": dict(type="CrossEntropyLoss", class_weight=[1.0] * 40 + [2.0] * 40, avg_non_ignore=True),
+    "ce_mask": dict(type="CrossEntropyLoss", use_mask=True),
+    "iou_linear": dict(type="IoULoss", mode="linear"),
+    "iou_square": dict(type="IoULoss", mode="square"),
+}
+
+# The input variant each named configuration is exercised with (default variant otherwise).
+CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels"}
+
+
+def representative_configs() -> dict[str, dict[str, object]]:
+    """Named configurations covering every registered seed loss and option: the runtime matrix's rows."""
+    return {**SEED_CONFIGS, **OPTION_CONFIGS}
+
+
+__all__ = [
+    "CONFIG_VARIANTS",
+    "LossSpec",
+    "OPTION_CONFIGS",
+    "PositionalLoss",
+    "SEED_CONFIGS",
+    "SampleOptions",
+    "TensorSpec",
+    "register_spec",
+    "representative_configs",
+    "spec_for",
+]
