@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Callable, Optional, TypeVar
 
+import torch
 from torch import nn
 
 from .validation import ConfigError
@@ -101,6 +102,19 @@ def config_parameters(cls: type[nn.Module]) -> dict[str, object]:
         for name, parameter in signature.parameters.items()
         if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
     }
+
+
+def loss_config(loss: nn.Module) -> dict[str, object]:
+    """The config that rebuilds ``loss``: its type and every constructor argument it stores under the same name.
+
+    Arguments a loss folds into another (``IoULoss(linear=True)`` into ``mode``) are left to their defaults.
+    """
+    cfg: dict[str, object] = {"type": type(loss).__name__}
+    for name in config_parameters(type(loss)):
+        if hasattr(loss, name):
+            value = getattr(loss, name)
+            cfg[name] = value.tolist() if isinstance(value, torch.Tensor) else value
+    return cfg
 
 
 MODELS = Registry("loss")
