@@ -1,0 +1,29 @@
+"""The README is part of the product: its commands are the ones CI runs, its tables match the registry."""
+
+import re
+from pathlib import Path
+
+from visdet_export.registry import MODELS, config_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    test_commands = [line for block in _bash_blocks() for line in block.splitlines() if "pytest" in line]
+    assert len(test_commands) == 1, test_commands
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_commands[0] in ci_lines
+
+
+def test_loss_table_lists_every_registered_loss_with_its_parameters() -> None:
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+Loss)` \| (.*?) \|", README, flags=re.M)}
+    assert set(rows) == set(MODELS.module_dict)
+    for name, cls in MODELS.module_dict.items():
+        own = [p for p in config_parameters(cls) if p not in ("reduction", "loss_weight")]
+        for parameter in own:
+            assert f"`{parameter}=" in rows[name], f"README row of {name} does not document {parameter}"
