@@ -26,9 +26,11 @@ def sigmoid_pair(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``sigmoid(-x)`` is computed directly rather than as ``1 - sigmoid(x)``, so the focal modulating factor of a
     confident prediction keeps its precision instead of cancelling to 0.
     """
-    decay = torch.exp(-logits.abs())
-    inverse = 1.0 / (1.0 + decay)
     nonnegative = logits >= 0
+    # |x| written as a where so that x = 0 differentiates on the x >= 0 side, consistently with
+    # bce_with_logits (``logits.abs()`` has slope 0 at 0, which made sigmoid'(0) = 0 and BCE'(0) = -t).
+    decay = torch.exp(-torch.where(nonnegative, logits, -logits))
+    inverse = 1.0 / (1.0 + decay)
     small = decay * inverse
     return torch.where(nonnegative, inverse, small), torch.where(nonnegative, small, inverse), torch.log1p(decay)
 
@@ -44,7 +46,8 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
         pos_weight (Tensor broadcastable to ``logits``, optional): weight of the positive term.
     """
     if pos_weight is None:
-        return torch.relu(logits) - logits * target + log1p_decay
+        # clamp (slope 1 at 0) pairs with sigmoid_pair's x >= 0 side of |x|: the slope at 0 is 1 - 1/2 - t.
+        return logits.clamp(min=0) - logits * target + log1p_decay
     softplus_neg = torch.relu(-logits) + log1p_decay
     return (1.0 - target) * logits + (1.0 + (pos_weight - 1.0) * target) * softplus_neg
 
