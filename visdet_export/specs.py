@@ -412,6 +412,56 @@ for _name in ("IoULoss", "GIoULoss"):
     register_spec(_name)(_box_spec(_name))
 
 
+def _distillation_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+    return loss(
+        inputs["pred"], inputs["soft_label"], inputs.get("weight"), inputs.get("avg_factor"), reduction_override
+    )
+
+
+@register_spec("KnowledgeDistillationKLDivLoss")
+def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    variant = _check_variant("KnowledgeDistillationKLDivLoss", variant, ("logits",))
+    c = NUM_CLASSES
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        return {
+            "pred": _logits((n, c), generator, options),
+            "soft_label": _logits((n, c), generator, options),
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+
+    inputs = (
+        TensorSpec("pred", ("N", c), doc="student logits"),
+        TensorSpec("soft_label", ("N", c), doc="teacher logits"),
+        _optional("weight", ("N",), "per-sample"),
+        AVG_FACTOR,
+    )
+    return LossSpec("KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller)
+
+
+@register_spec("LocalizationDistillationLoss")
+def _ld_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    variant = _check_variant("LocalizationDistillationLoss", variant, ("distributions",))
+    width = 4 * (int(getattr(loss, "reg_max", DEFAULT_REG_MAX)) + 1)
+
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        return {
+            "pred": _logits((n, width), generator, options),
+            "soft_label": _logits((n, width), generator, options),
+            "weight": _weights((n,), generator, options),
+            "avg_factor": _avg_factor(n, generator, options),
+        }
+
+    inputs = (
+        TensorSpec("pred", ("N", width), doc="student DFL bin logits, 4 sides x (reg_max + 1)"),
+        TensorSpec("soft_label", ("N", width), doc="teacher DFL bin logits, 4 sides x (reg_max + 1)"),
+        _optional("weight", ("N",), "per-box"),
+        AVG_FACTOR,
+    )
+    return LossSpec("LocalizationDistillationLoss", variant, inputs, sample, _distillation_caller)
+
+
 # --- representative configurations ----------------------------------------------------------------------------
 
 SEED_CONFIGS: dict[str, dict[str, object]] = {
@@ -439,6 +489,9 @@ OPTION_CONFIGS: dict[str, dict[str, object]] = {
     "ce_mask": dict(type="CrossEntropyLoss", use_mask=True),
     "iou_linear": dict(type="IoULoss", mode="linear"),
     "iou_square": dict(type="IoULoss", mode="square"),
+    "kd_kl_div": dict(type="KnowledgeDistillationKLDivLoss", loss_weight=1.0, T=10),
+    "kd_kl_div_t1": dict(type="KnowledgeDistillationKLDivLoss", T=1.0),
+    "ld": dict(type="LocalizationDistillationLoss", loss_weight=0.25, T=10, reg_max=16),
 }
 
 # The input variant each named configuration is exercised with (default variant otherwise).

@@ -5,6 +5,12 @@ from .cross_entropy_loss import CrossEntropyLoss, binary_cross_entropy, mask_cro
 from .focal_loss import FocalLoss, sigmoid_focal_loss
 from .gfocal_loss import DistributionFocalLoss, QualityFocalLoss, distribution_focal_loss, quality_focal_loss
 from .iou_loss import GIoULoss, IoULoss, giou_loss, iou_loss
+from .kd_loss import (
+    KnowledgeDistillationKLDivLoss,
+    LocalizationDistillationLoss,
+    knowledge_distillation_kl_div_loss,
+    localization_distillation_loss,
+)
 from .mse_loss import MSELoss, mse_loss
 from .smooth_l1_loss import L1Loss, SmoothL1Loss, l1_loss, smooth_l1_loss
 
@@ -19,6 +25,8 @@ LOSS_CLASSES = (
     BalancedL1Loss,
     IoULoss,
     GIoULoss,
+    KnowledgeDistillationKLDivLoss,
+    LocalizationDistillationLoss,
 )
 
 __all__ = [cls.__name__ for cls in LOSS_CLASSES] + [
@@ -28,7 +36,9 @@ __all__ = [cls.__name__ for cls in LOSS_CLASSES] + [
     "distribution_focal_loss",
     "giou_loss",
     "iou_loss",
+    "knowledge_distillation_kl_div_loss",
     "l1_loss",
+    "localization_distillation_loss",
     "mask_cross_entropy",
     "mse_loss",
     "quality_focal_loss",
