@@ -392,3 +392,32 @@ def test_symlinked_config_uses_its_real_directory_as_the_tree(tmp_path):
     write(real / "det.py", "_base_ = 'base.py'\n")
     (tmp_path / "alias.py").symlink_to(real / "det.py")
     assert collect_losses(load_config(tmp_path / "alias.py")) == {"loss_cls": {"type": "FocalLoss"}}
+
+
+def test_wheel_ships_the_recipes_and_the_console_script(tmp_path):
+    """`--recipe retinanet` after a non-editable install: the built wheel holds losses/ as package data."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "visdet_export", src / "visdet_export", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "losses", src / "losses", ignore=ignore)
+    assert (src / "visdet_export" / "recipes").is_symlink()  # built from the repository's layout
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert sorted(n.split("/")[-1][:-3] for n in names if n.startswith("visdet_export/recipes/")) == recipe_names()
+    assert "visdet-export = visdet_export.cli:main" in entry_points

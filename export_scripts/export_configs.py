@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Export the losses of many detector configs: OUT/<config name>/<loss path>.<suffix>.
+
+    python export_scripts/export_configs.py configs/*.py --out OUT [--format onnx] [--only loss_cls]
+
+Configs (.py in MMDetection syntax, .json, .toml) are parsed, never executed: a config containing code is refused.
+``_base_`` files are followed inside each config's own directory. Every config is read, every loss built and every
+target checked before the first file is written. Exit status: 0 all good, 1 an artifact failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", type=Path, help="detector config files")
+    parser.add_argument("--out", type=Path, required=True, help="output directory; one sub-directory per config")
+    parser.add_argument("--format", default="onnx,torchscript", help="comma-separated formats (default: onnx,torchscript)")
+    parser.add_argument("--only", help="comma-separated loss paths to export from each config (default: all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from visdet_export.cli import (
+        ConfigError,
+        UsageError,
+        build_checked,
+        export_losses,
+        parse_formats,
+        plan_exports,
+        summary_table,
+    )
+    from visdet_export.config import losses_from_file
+    from visdet_export.export.artifacts import ArtifactError
+
+    try:
+        formats = parse_formats(args.format)
+        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+        plan: dict[str, dict] = {}
+        for config in args.configs:
+            name = config.stem.replace(".", "_")
+            if name in plan:
+                raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
+            losses = losses_from_file(config)
+            if only:
+                missing = [p for p in only if p not in losses]
+                if missing:
+                    raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
+                losses = {p: losses[p] for p in only}
+            plan[name] = losses
+        for name, losses in plan.items():  # check everything before writing anything
+            build_checked(losses)
+            plan_exports(losses, args.out / name, formats, args.overwrite)
+    except (ConfigError, UsageError, ArtifactError) as error:
+        print(f"export_configs: error: {error}", file=sys.stderr)
+        return 2
+
+    failed = total = 0
+    for name, losses in plan.items():
+        results = export_losses(
+            losses, args.out / name, formats, verify=args.verify, overwrite=args.overwrite, progress=not args.quiet
+        )
+        print(f"\n{name}\n{summary_table(results)}")
+        failed += sum(not r.ok for r in results)
+        total += len(results)
+    print(f"\n{total - failed} of {total} artifact(s) written to {args.out}" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
