@@ -1,0 +1,134 @@
+"""A real C++ consumer: the libtorch program in export_scripts/cpp loads every registered loss (TorchScript, and
+.pt2 packages once the exporter exists) and matches eager PyTorch in loss and d loss / d pred.
+
+The program is built once per session (cached across sessions in ``visdet_export.cpp.default_build_dir()``, or
+``$VISDET_EXPORT_CPP_BUILD_DIR``). Without cmake or a C++ compiler the tests skip with the reason; set
+``VISDET_EXPORT_REQUIRE_CPP=1`` (CI) to make that a failure instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+from visdet_export import build_loss, cpp
+from visdet_export.registry import MODELS
+from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
+
+CONFIGS = representative_configs()
+# Input layouts beyond each configuration's default variant.
+EXTRA_CASES = {
+    "focal_onehot": ("focal", "onehot"),
+    "qfl_dense": ("qfl", "dense"),
+}
+MATRIX = [(name, cfg, CONFIG_VARIANTS.get(name)) for name, cfg in CONFIGS.items()] + [
+    (name, CONFIGS[base], variant) for name, (base, variant) in EXTRA_CASES.items()
+]
+# AOTInductor packaging takes about a minute per loss on a small CPU: a representative few.
+PT2_CONFIGS = ["focal", "qfl", "giou"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def cpp_program() -> cpp.BuiltRunner:
+    problem = cpp.toolchain_problem()
+    if problem:
+        if os.environ.get("VISDET_EXPORT_REQUIRE_CPP") == "1":
+            pytest.fail(f"VISDET_EXPORT_REQUIRE_CPP=1 but the C++ program cannot be built: {problem}")
+        pytest.skip(f"C++ consumer not built: {problem}")
+    return cpp.build_runner()
+
+
+def test_program_is_built_against_this_torch(cpp_program: cpp.BuiltRunner) -> None:
+    info = cpp.program_info(cpp_program.path)
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert info["cxx11_abi"] == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert info["cplusplus"] >= 202002  # libtorch's headers need C++20
+
+
+def test_build_is_cached(cpp_program: cpp.BuiltRunner) -> None:
+    start = time.perf_counter()
+    again = cpp.build_runner(cpp_program.build_dir)
+    assert not again.rebuilt and again.path == cpp_program.path
+    assert time.perf_counter() - start < 5
+
+
+def test_every_registered_loss_is_in_the_matrix() -> None:
+    tested = {type(build_loss(cfg)).__name__ for _, cfg, _ in MATRIX}
+    assert set(MODELS.module_dict) <= tested
+
+
+@pytest.mark.parametrize(("name", "cfg", "variant"), MATRIX, ids=[row[0] for row in MATRIX])
+def test_torchscript_in_cpp_matches_eager(cpp_program: cpp.BuiltRunner, name: str, cfg: dict, variant: str) -> None:
+    report = cpp.check_torchscript(cfg, cpp_program.path, variant=variant)
+    assert report.ok, f"{name}: " + "\n".join(report.failures())
+    names = {case.name.split("/", 1)[1] for case in report.cases}
+    assert {"required_only", "all_inputs", "override_none", "override_sum", "override_mean"} <= names
+    spec = spec_for(build_loss(cfg), variant)
+    if "avg_factor" in spec.names:
+        assert {"avg_factor_float", "avg_factor_mean"} <= names
+    if "weight" in spec.names:
+        assert "weight" in names
+
+
+@pytest.mark.parametrize("name", ["focal", "giou", "dfl", "ce_mask"])
+def test_torchscript_in_cpp_float64(cpp_program: cpp.BuiltRunner, name: str) -> None:
+    report = cpp.check_torchscript(CONFIGS[name], cpp_program.path, dtype=torch.float64)
+    assert report.ok, "\n".join(report.failures())
+
+
+def test_cross_entropy_ignore_index_argument(cpp_program: cpp.BuiltRunner, tmp_path) -> None:
+    """CrossEntropyLoss's extra ``ignore_index: Optional[int]`` crosses into libtorch as a plain int."""
+    loss = build_loss(CONFIGS["ce_softmax"])
+    spec = spec_for(loss)
+    inputs = spec.sample(loss, 16, seed=3)
+    inputs["target"] = torch.where(torch.arange(16) % 4 == 0, 7, inputs["target"].clamp(min=0))
+    args = cpp.forward_args(spec, inputs)
+    cases = [cpp.Case("ignore_7", [*args, 7]), cpp.Case("ignore_default", list(args))]
+    expected = [cpp.eager_outputs(loss, case) for case in cases]
+    assert not torch.equal(expected[0][0], expected[1][0])
+    torch.jit.script(loss).save(str(tmp_path / "ce.pt"))
+    run = cpp.run_program(cpp_program.path, "torchscript", tmp_path / "ce.pt", cpp.write_cases(tmp_path / "c.pt", cases))
+    for want, got in zip(expected, run["cases"]):
+        assert got["error"] is None
+        for w, g in zip(want, got["outputs"]):
+            assert cpp.compare(w, g).ok
+
+
+def test_errors_are_reported_per_case(cpp_program: cpp.BuiltRunner, tmp_path) -> None:
+    loss = build_loss(CONFIGS["l1"])
+    spec = spec_for(loss)
+    good = cpp.forward_args(spec, spec.sample(loss, 4, seed=0))
+    cases = [cpp.Case("bad_override", [*good[:4], "average"]), cpp.Case("good", good)]
+    torch.jit.script(loss).save(str(tmp_path / "l1.pt"))
+    run = cpp.run_program(cpp_program.path, "torchscript", tmp_path / "l1.pt", cpp.write_cases(tmp_path / "c.pt", cases))
+    assert run["returncode"] == 1
+    assert "average" in run["cases"][0]["error"]
+    assert run["cases"][1]["error"] is None
+    with pytest.raises(cpp.CppRunError, match="could not run"):
+        cpp.run_program(cpp_program.path, "torchscript", tmp_path / "missing.pt", tmp_path / "c.pt")
+
+
+def test_toolchain_problem_names_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setattr(cpp.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "cmake" in cpp.toolchain_problem()
+    with pytest.raises(cpp.ToolchainUnavailable, match="cmake"):
+        cpp.build_runner()
+
+
+PT2_MISSING = importlib.util.find_spec("visdet_export.export.pt2") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PT2_MISSING, reason="the .pt2 exporter (visdet_export.export.pt2) is not in this tree yet")
+@pytest.mark.parametrize("name", PT2_CONFIGS)
+def test_pt2_joint_in_cpp_matches_eager(cpp_program: cpp.BuiltRunner, name: str) -> None:
+    report = cpp.check_pt2(CONFIGS[name], cpp_program.path, variant=CONFIG_VARIANTS.get(name), joint=True)
+    assert report.ok, f"{name}: " + "\n".join(report.failures())
+    assert all(case.backward is not None for case in report.cases)

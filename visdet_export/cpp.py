@@ -1,0 +1,655 @@
+"""Build and run the C++ consumer (``export_scripts/cpp``) and compare it with eager PyTorch.
+
+The C++ program ``visdet_loss_runner`` links the libtorch that ships inside the torch wheel, loads a TorchScript
+loss (``torch::jit::load``) or an AOTInductor ``.pt2`` package (``torch::inductor::AOTIModelPackageLoader``),
+runs it on inputs written here and prints JSON. This module builds it once (cached; rebuilt only when its
+sources, torch or the compiler change), exports a loss, writes the inputs, runs the program and compares the
+loss and d loss / d pred with eager PyTorch. It doubles as a smoke test of a user's C++ toolchain::
+
+    python -m visdet_export.cpp                      # every representative configuration, TorchScript
+    python -m visdet_export.cpp --config focal --pt2 # one configuration, TorchScript and .pt2
+
+Inputs file (``torch.save``, read in C++ with ``torch::pickle_load``)::
+
+    {"format": "visdet-cases/1",
+     "cases": [{"name": str, "args": [arg, ...], "grad": bool}, ...]}
+
+``args`` are the positional arguments of the loss's ``forward`` (tensors, None, a reduction string, a Python
+number, or a tuple of tensors) for TorchScript, and the package's positional tensors for ``.pt2``. With
+``grad`` the program reports d loss.sum() / d args[0] from libtorch's autograd.
+
+If ``cmake`` or a C++ compiler is missing, :func:`toolchain_problem` says which, and :func:`build_runner`
+raises :class:`ToolchainUnavailable` (tests skip on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .registry import build_loss
+from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
+
+CASES_FORMAT = "visdet-cases/1"
+PROGRAM = "visdet_loss_runner"
+RTOL = 1e-6
+STAMP = "visdet-build.json"
+SOURCE_FILES = ("CMakeLists.txt", "main.cpp")
+
+LossLike = Union[nn.Module, Mapping[str, object], str]
+
+
+class ToolchainUnavailable(RuntimeError):
+    """cmake, a C++ compiler or the wheel's libtorch CMake files are missing (the message says which)."""
+
+
+class CppBuildError(RuntimeError):
+    """Configuring or compiling the C++ program failed; the message ends with the build log's tail."""
+
+
+class CppRunError(RuntimeError):
+    """The C++ program could not load the artifact or the inputs, or printed something that is not JSON."""
+
+
+# --- toolchain and build ---------------------------------------------------------------------------------------
+
+
+def source_dir() -> Path:
+    """The CMake project: ``$VISDET_EXPORT_CPP_SOURCE`` or ``export_scripts/cpp`` beside the package."""
+    env = os.environ.get("VISDET_EXPORT_CPP_SOURCE")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "export_scripts" / "cpp"
+
+
+def default_build_dir() -> Path:
+    """``$VISDET_EXPORT_CPP_BUILD_DIR``, else ``$XDG_CACHE_HOME/visdet-export/cpp`` (``~/.cache/...``)."""
+    env = os.environ.get("VISDET_EXPORT_CPP_BUILD_DIR")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "visdet-export" / "cpp"
+
+
+def _compiler() -> Optional[str]:
+    env = os.environ.get("CXX")
+    if env:
+        return shutil.which(env)
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def torch_cmake_prefix() -> Path:
+    return Path(torch.utils.cmake_prefix_path)
+
+
+def cxx11_abi() -> int:
+    """The libstdc++ ABI libtorch was built with; the C++ program must be compiled with the same."""
+    return int(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+
+def toolchain_problem(sources: Optional[Path] = None) -> Optional[str]:
+    """Why the C++ program cannot be built here, or None when cmake, a compiler and libtorch are present."""
+    if shutil.which("cmake") is None:
+        return "cmake is not installed (it is needed to build the C++ consumer; e.g. apt-get install cmake)"
+    if _compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++ or clang++)"
+    if not (torch_cmake_prefix() / "Torch" / "TorchConfig.cmake").is_file():
+        return f"this torch ({torch.__version__}) ships no libtorch CMake files under {torch_cmake_prefix()}"
+    sources = sources or source_dir()
+    missing = [name for name in SOURCE_FILES if not (sources / name).is_file()]
+    if missing:
+        return f"the C++ sources are missing from {sources} ({', '.join(missing)}); set VISDET_EXPORT_CPP_SOURCE"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltRunner:
+    """The built program; ``seconds`` is the time this call spent building (0 when the cache was current)."""
+
+    path: Path
+    build_dir: Path
+    rebuilt: bool
+    seconds: float
+
+
+def _build_key(sources: Path) -> dict[str, str]:
+    digest = hashlib.sha256()
+    for name in SOURCE_FILES:
+        digest.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
+    return {
+        "sources": digest.hexdigest(),
+        "source_dir": str(sources.resolve()),
+        "torch": torch.__version__,
+        "torch_prefix": str(torch_cmake_prefix()),
+        "compiler": str(_compiler()),
+        "cxx11_abi": str(cxx11_abi()),
+    }
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` so parallel test workers build once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_logged(command: list[str], log: list[str], cwd: Optional[Path] = None) -> None:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    log.append("$ " + " ".join(command) + "\n" + result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = "\n".join("".join(log).splitlines()[-40:])
+        raise CppBuildError(f"{command[0]} failed (exit {result.returncode}):\n{tail}")
+
+
+def build_runner(
+    build_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    *,
+    sources: Optional[Union[str, os.PathLike[str]]] = None,
+    jobs: int = 2,
+    force: bool = False,
+) -> BuiltRunner:
+    """Configure and build ``visdet_loss_runner`` in ``build_dir`` unless an up-to-date build is there.
+
+    The build is keyed on the sources' contents, the torch version and location, the compiler and the
+    libstdc++ ABI; a stale or foreign CMake cache in ``build_dir`` is replaced.
+    """
+    source_path = Path(sources) if sources is not None else source_dir()
+    problem = toolchain_problem(source_path)
+    if problem:
+        raise ToolchainUnavailable(problem)
+    directory = Path(build_dir) if build_dir is not None else default_build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    program = directory / PROGRAM
+    key = _build_key(source_path)
+    with _locked(directory):
+        stamp = directory / STAMP
+        if not force and program.is_file() and stamp.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(stamp.read_text()) == key:
+                    return BuiltRunner(program, directory, False, 0.0)
+        stamp.unlink(missing_ok=True)
+        cache = directory / "CMakeCache.txt"
+        if cache.is_file() and f"CMAKE_HOME_DIRECTORY:INTERNAL={source_path.resolve()}" not in cache.read_text():
+            cache.unlink()  # configured for another source tree: cmake would refuse to reuse it
+            shutil.rmtree(directory / "CMakeFiles", ignore_errors=True)
+        start = time.perf_counter()
+        log: list[str] = []
+        _run_logged(
+            [
+                "cmake",
+                "-S",
+                str(source_path.resolve()),
+                "-B",
+                str(directory.resolve()),
+                "-DCMAKE_BUILD_TYPE=Release",
+                f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix()}",
+                f"-DVISDET_CXX11_ABI={cxx11_abi()}",
+                f"-DCMAKE_CXX_COMPILER={_compiler()}",
+            ],
+            log,
+        )
+        _run_logged(["cmake", "--build", str(directory.resolve()), "-j", str(max(1, jobs))], log)
+        if not program.is_file():
+            raise CppBuildError(f"the build finished but {program} is missing")
+        seconds = time.perf_counter() - start
+        stamp.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+        return BuiltRunner(program, directory, True, seconds)
+
+
+# --- inputs and running ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    """One call: the positional ``args`` of forward (TorchScript) or of the package (.pt2)."""
+
+    name: str
+    args: list[Any]
+    grad: bool = True
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().contiguous().clone()  # own storage: no views into a larger buffer
+    if isinstance(value, tuple):
+        return tuple(_portable(v) for v in value)
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
+def write_cases(path: Union[str, os.PathLike[str]], cases: Sequence[Case]) -> Path:
+    """Write the inputs file the C++ program reads (see the module docstring for the format)."""
+    payload = {
+        "format": CASES_FORMAT,
+        "cases": [{"name": c.name, "args": _portable(list(c.args)), "grad": bool(c.grad)} for c in cases],
+    }
+    torch.save(payload, path)
+    return Path(path)
+
+
+def _tensor_from_json(record: Mapping[str, Any]) -> Tensor:
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+              "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+    values = torch.tensor(record["values"], dtype=torch.float64)
+    return values.reshape(record["shape"]).to(dtypes.get(record["dtype"], torch.float64))
+
+
+def run_program(
+    program: Union[str, os.PathLike[str]],
+    runtime: str,
+    artifact: Union[str, os.PathLike[str]],
+    cases_path: Union[str, os.PathLike[str]],
+    *,
+    threads: Optional[int] = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Run the C++ program; returns its JSON with every case's ``outputs`` turned into tensors."""
+    command = [str(program), runtime, str(artifact), str(cases_path)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError as error:
+        raise CppRunError(
+            f"{PROGRAM} exited {result.returncode} without JSON output: {error}\n"
+            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
+        ) from None
+    if report.get("error"):
+        raise CppRunError(f"{PROGRAM} could not run {artifact}: {report['error']}")
+    for case in report["cases"]:
+        case["outputs"] = [_tensor_from_json(t) for t in case["outputs"]]
+    report["returncode"] = result.returncode
+    report["stderr"] = result.stderr
+    return report
+
+
+# --- cases from a loss's input spec ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for the loss in :meth:`LossSpec.call` to learn the positional arguments it passes."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs:
+            raise TypeError(f"the spec passes keyword arguments {sorted(kwargs)}; the C++ runner takes positional")
+        self.args = list(args)
+
+
+def forward_args(spec: LossSpec, inputs: Mapping[str, Any], reduction_override: Optional[str] = None) -> list[Any]:
+    """The positional arguments ``spec.call`` passes to the loss for ``inputs``."""
+    recorder = _Recorder()
+    spec.call(recorder, inputs, reduction_override)  # type: ignore[arg-type]
+    return recorder.args
+
+
+def default_sizes(spec: LossSpec, budget: int = 20_000) -> tuple[int, ...]:
+    """N values to test: one "large" N (at most ``budget`` prediction elements, so the JSON stays small), 1, 0."""
+    per_sample = 1
+    for dim in spec.inputs[0].concrete_shape(1):
+        per_sample *= dim
+    return (max(2, min(37, budget // max(1, per_sample))), 1, 0)
+
+
+def torchscript_cases(
+    loss: nn.Module,
+    spec: LossSpec,
+    *,
+    sizes: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[Case]:
+    """Calls with and without each optional input, a float and a tensor avg_factor, every reduction override,
+    at several N (N = 0 included)."""
+    optional = [t.name for t in spec.inputs if t.optional]
+    has_weight = "weight" in optional
+    cases: list[Case] = []
+    for index, n in enumerate(sizes or default_sizes(spec)):
+        full = spec.sample(loss, n, seed=seed + index, options=SampleOptions(dtype=dtype))
+        plain = {k: v for k, v in full.items() if k not in optional}
+        variants: list[tuple[str, dict[str, Any], Optional[str]]] = [
+            ("required_only", plain, None),
+            ("all_inputs", full, None),
+        ]
+        if has_weight:
+            variants.append(("weight", {**plain, "weight": full["weight"]}, None))
+        if "avg_factor" in optional:
+            avg = {**full, "avg_factor": float(full["avg_factor"])}
+            variants += [("avg_factor_float", avg, None), ("avg_factor_mean", full, "mean")]
+        variants += [
+            ("override_none", full, "none"),
+            ("override_sum", {k: v for k, v in full.items() if k != "avg_factor"}, "sum"),
+            ("override_mean", plain, "mean"),
+        ]
+        for label, inputs, override in variants:
+            cases.append(Case(f"N={n}/{label}", forward_args(spec, inputs, override)))
+    return cases
+
+
+def eager_outputs(loss: nn.Module, case: Case) -> list[Tensor]:
+    """[loss] or [loss, d loss.sum() / d args[0]] in eager PyTorch, as the C++ program computes them."""
+    args = list(case.args)
+    if not case.grad:
+        with torch.no_grad():
+            return [loss(*args).detach()]
+    pred = args[0].detach().clone().requires_grad_(True)
+    args[0] = pred
+    value = loss(*args)
+    if not value.requires_grad:
+        return [value.detach(), torch.zeros_like(pred)]
+    (grad,) = torch.autograd.grad(value.sum(), pred, allow_unused=True)
+    return [value.detach(), torch.zeros_like(pred) if grad is None else grad]
+
+
+@dataclasses.dataclass
+class Difference:
+    """How far a C++ output is from eager: max |c - e| and that divided by max |e| (0 when both are 0)."""
+
+    max_abs: float
+    max_rel: float
+    ok: bool
+    note: str = ""
+
+
+def compare(expected: Tensor, got: Tensor, rtol: float = RTOL) -> Difference:
+    """Element-wise ``|got - expected| <= rtol * (|expected| + max|expected|)``, shapes and dtypes equal."""
+    if tuple(expected.shape) != tuple(got.shape):
+        return Difference(float("inf"), float("inf"), False, f"shape {tuple(got.shape)} != {tuple(expected.shape)}")
+    if expected.dtype != got.dtype:
+        return Difference(float("inf"), float("inf"), False, f"dtype {got.dtype} != {expected.dtype}")
+    if expected.numel() == 0:
+        return Difference(0.0, 0.0, True)
+    e, g = expected.double(), got.double()
+    same_nonfinite = (~torch.isfinite(e)) & (e == g) | (e.isnan() & g.isnan())
+    diff = torch.where(same_nonfinite, 0.0, (g - e).abs())
+    scale = e.abs().where(torch.isfinite(e), 0.0).max().item()
+    max_abs = diff.max().item()
+    ok = bool((diff <= rtol * (e.abs().where(torch.isfinite(e), 0.0) + scale)).all())
+    return Difference(max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")), ok)
+
+
+@dataclasses.dataclass
+class CaseResult:
+    name: str
+    error: Optional[str]
+    forward: Optional[Difference]
+    backward: Optional[Difference]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(d is None or d.ok for d in (self.forward, self.backward))
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """Parity of one loss configuration in one C++ runtime with eager PyTorch."""
+
+    label: str
+    runtime: str
+    cases: list[CaseResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.cases) and all(c.ok for c in self.cases)
+
+    def max_diff(self, which: str) -> float:
+        """Largest relative difference of ``"forward"`` or ``"backward"`` over the cases."""
+        values = [getattr(c, which).max_rel for c in self.cases if getattr(c, which) is not None]
+        return max(values, default=0.0)
+
+    def failures(self) -> list[str]:
+        out = []
+        for c in self.cases:
+            if c.error:
+                out.append(f"{c.name}: {c.error}")
+            for which in ("forward", "backward"):
+                d = getattr(c, which)
+                if d is not None and not d.ok:
+                    out.append(f"{c.name} {which}: max |diff| {d.max_abs:.3g} (rel {d.max_rel:.3g}) {d.note}".rstrip())
+        return out
+
+    def summary(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        return (
+            f"{self.label:28s} {self.runtime:11s} {status:6s} {len(self.cases):3d} cases  "
+            f"forward rel {self.max_diff('forward'):.2e}  backward rel {self.max_diff('backward'):.2e}  "
+            f"{self.seconds:.1f}s"
+        )
+
+
+def _resolve(loss: LossLike, variant: Optional[str]) -> tuple[nn.Module, LossSpec, str]:
+    module = loss if isinstance(loss, nn.Module) else build_loss(loss)
+    spec = spec_for(module, variant)
+    return module, spec, f"{type(module).__name__}[{spec.variant}]"
+
+
+def export_torchscript_artifact(loss: nn.Module, path: Path) -> Path:
+    """The project's TorchScript exporter when present, else ``torch.jit.script(loss).save``."""
+    try:
+        from .export.torchscript import export_torchscript
+    except ImportError:
+        torch.jit.script(loss).save(str(path))
+        return path
+    return Path(export_torchscript(loss, path, overwrite=True))
+
+
+def _expect(function: Any, *args: Any) -> Union[list[Tensor], Exception]:
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 - compared with the C++ program's refusal
+        return error
+
+
+def _report(
+    label: str, runtime: str, cases: Sequence[Case], expected: Sequence[Any], run: Mapping[str, Any],
+    seconds: float, rtol: float,
+) -> CheckReport:
+    results = []
+    for case, want, got in zip(cases, expected, run["cases"]):
+        if isinstance(want, BaseException):  # eager raised: C++ must refuse the call too
+            error = None if got["error"] else f"eager PyTorch raised ({want}) but C++ returned a result"
+            results.append(CaseResult(case.name, error, None, None))
+            continue
+        if got["error"]:
+            results.append(CaseResult(case.name, got["error"], None, None))
+            continue
+        outputs = got["outputs"]
+        if len(outputs) != len(want):
+            results.append(CaseResult(case.name, f"{len(outputs)} outputs, expected {len(want)}", None, None))
+            continue
+        forward = compare(want[0], outputs[0], rtol)
+        backward = compare(want[1], outputs[1], rtol) if len(want) > 1 else None
+        results.append(CaseResult(case.name, None, forward, backward))
+    if len(run["cases"]) != len(cases):
+        results.append(CaseResult("(all)", f"{len(run['cases'])} results for {len(cases)} cases", None, None))
+    return CheckReport(label, runtime, results, seconds)
+
+
+def check_torchscript(
+    loss: LossLike,
+    program: Union[str, os.PathLike[str]],
+    *,
+    variant: Optional[str] = None,
+    work_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    sizes: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    rtol: float = RTOL,
+    threads: Optional[int] = None,
+) -> CheckReport:
+    """Script and save ``loss``, run it in C++ (forward and backward) and compare with eager PyTorch."""
+    module, spec, label = _resolve(loss, variant)
+    start = time.perf_counter()
+    with _work_dir(work_dir) as directory:
+        artifact = export_torchscript_artifact(module, directory / "loss.pt")
+        cases = torchscript_cases(module, spec, sizes=sizes, seed=seed, dtype=dtype)
+        expected = [_expect(eager_outputs, module, case) for case in cases]
+        cases_path = write_cases(directory / "cases.pt", cases)
+        run = run_program(program, "torchscript", artifact, cases_path, threads=threads)
+    return _report(label, "torchscript", cases, expected, run, time.perf_counter() - start, rtol)
+
+
+def pt2_cases(
+    loss: nn.Module, spec: LossSpec, names: Sequence[str], *, sizes: Optional[Sequence[int]] = None, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[Case]:
+    """The package's positional tensors (``names``, in its input order) at several N (dynamic N)."""
+    cases = []
+    for index, n in enumerate(sizes or (default_sizes(spec)[0], 5, 2)):
+        inputs = spec.sample(loss, n, seed=seed + index, options=SampleOptions(dtype=dtype))
+        cases.append(Case(f"N={n}", [inputs[name] for name in names], grad=False))
+    return cases
+
+
+def pt2_eager_outputs(loss: nn.Module, spec: LossSpec, names: Sequence[str], case: Case, joint: bool) -> list[Tensor]:
+    """What a (joint) .pt2 package of ``loss`` returns: [loss] or [loss, d loss / d pred]."""
+    inputs = dict(zip(names, case.args))
+    if not joint:
+        with torch.no_grad():
+            return [spec.call(loss, inputs).detach()]
+    pred = inputs[spec.pred].detach().clone().requires_grad_(True)
+    value = spec.call(loss, {**inputs, spec.pred: pred})
+    (grad,) = torch.autograd.grad(value.sum(), pred, allow_unused=True) if value.requires_grad else (None,)
+    return [value.detach(), torch.zeros_like(pred) if grad is None else grad]
+
+
+def export_pt2_artifact(loss: nn.Module, path: Path, variant: Optional[str], joint: bool) -> tuple[Path, list[str]]:
+    """Export with the project's .pt2 exporter; returns the package and its input names (from the manifest)."""
+    from .export.artifacts import read_manifest
+    from .export.pt2 import export_pt2  # raises ImportError until the exporter exists
+
+    artifact = Path(export_pt2(loss, path, variant=variant, joint=joint, overwrite=True))
+    manifest = read_manifest(artifact)
+    names = [entry["name"] if isinstance(entry, Mapping) else str(entry) for entry in manifest["inputs"]]
+    return artifact, names
+
+
+def check_pt2(
+    loss: LossLike,
+    program: Union[str, os.PathLike[str]],
+    *,
+    variant: Optional[str] = None,
+    joint: bool = True,
+    work_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    sizes: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    rtol: float = RTOL,
+    threads: Optional[int] = None,
+    artifact: Optional[Union[str, os.PathLike[str]]] = None,
+    input_names: Optional[Sequence[str]] = None,
+) -> CheckReport:
+    """Export ``loss`` as a (joint loss + gradient) ``.pt2`` package, run it in C++ at several N and compare
+    with eager PyTorch. Pass ``artifact`` and ``input_names`` to check an existing package instead."""
+    module, spec, label = _resolve(loss, variant)
+    start = time.perf_counter()
+    with _work_dir(work_dir) as directory:
+        if artifact is None:
+            package, names = export_pt2_artifact(module, directory / "loss.pt2", variant, joint)
+        else:
+            package, names = Path(artifact), list(input_names or spec.names)
+        cases = pt2_cases(module, spec, names, sizes=sizes, seed=seed)
+        expected = [_expect(pt2_eager_outputs, module, spec, names, case, joint) for case in cases]
+        cases_path = write_cases(directory / "cases.pt", cases)
+        run = run_program(program, "pt2", package, cases_path, threads=threads)
+    return _report(label, "pt2-joint" if joint else "pt2", cases, expected, run, time.perf_counter() - start, rtol)
+
+
+@contextlib.contextmanager
+def _work_dir(path: Optional[Union[str, os.PathLike[str]]]) -> Iterator[Path]:
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="visdet-cpp-") as tmp:
+        yield Path(tmp)
+
+
+def program_info(program: Union[str, os.PathLike[str]]) -> dict[str, Any]:
+    """``visdet_loss_runner info``: the torch version, libstdc++ ABI and C++ standard it was built with."""
+    result = subprocess.run([str(program), "info"], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch.
+
+    Exit status: 0 all parity checks passed, 1 a check failed, 2 the program could not be built.
+    """
+    parser = argparse.ArgumentParser(prog="python -m visdet_export.cpp", description=main.__doc__)
+    parser.add_argument("--build-dir", help=f"where to build (default {default_build_dir()})")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    parser.add_argument("--rebuild", action="store_true", help="build even if the cached build is current")
+    parser.add_argument(
+        "--config", action="append", help="a representative configuration name or a JSON loss dict (repeatable); "
+        "default: all representative configurations",
+    )
+    parser.add_argument("--pt2", action="store_true", help="also check joint .pt2 packages (slow: AOTInductor)")
+    args = parser.parse_args(argv)
+
+    try:
+        built = build_runner(args.build_dir, jobs=args.jobs, force=args.rebuild)
+    except (ToolchainUnavailable, CppBuildError) as error:
+        print(f"cannot build the C++ program: {error}", file=sys.stderr)
+        return 2
+    print(f"{PROGRAM}: {built.path} ({'built in %.1fs' % built.seconds if built.rebuilt else 'cached'})")
+    print(json.dumps(program_info(built.path)))
+
+    known = representative_configs()
+    selected: list[tuple[str, Any, Optional[str]]] = []
+    for item in args.config or list(known):
+        if item in known:
+            selected.append((item, known[item], CONFIG_VARIANTS.get(item)))
+        else:
+            try:
+                selected.append((item, json.loads(item), None))
+            except json.JSONDecodeError:
+                parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
+    failed = False
+    for name, cfg, variant in selected:
+        reports = [check_torchscript(cfg, built.path, variant=variant)]
+        if args.pt2:
+            try:
+                reports.append(check_pt2(cfg, built.path, variant=variant))
+            except ImportError:
+                print("  .pt2: visdet_export.export.pt2 is not available in this version; skipped")
+        for report in reports:
+            print(f"{name:22s} {report.summary()}")
+            for line in report.failures():
+                print(f"    {line}")
+            failed |= not report.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
