@@ -19,7 +19,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="output directory; one sub-directory per recipe")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: all bundled recipes)")
-    parser.add_argument("--format", default="onnx,torchscript", help="comma-separated formats (default: onnx,torchscript)")
+    parser.add_argument(
+        "--format", default="onnx,torchscript", help="comma-separated formats (default: onnx,torchscript)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}\n{summary_table(results)}")
         failed += sum(not r.ok for r in results)
         total += len(results)
-    print(f"\n{total - failed} of {total} artifact(s) written to {args.out_dir}" + (f", {failed} failed" if failed else ""))
+    print(
+        f"\n{total - failed} of {total} artifact(s) written to {args.out_dir}"
+        + (f", {failed} failed" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -19,7 +19,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", type=Path, help="detector config files")
     parser.add_argument("--out", type=Path, required=True, help="output directory; one sub-directory per config")
-    parser.add_argument("--format", default="onnx,torchscript", help="comma-separated formats (default: onnx,torchscript)")
+    parser.add_argument(
+        "--format", default="onnx,torchscript", help="comma-separated formats (default: onnx,torchscript)"
+    )
     parser.add_argument("--only", help="comma-separated loss paths to export from each config (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")

@@ -100,7 +100,11 @@ def test_list_json_and_recipes(capsys):
     assert "gfl: GFL, Generalized Focal Loss" in out
     assert "roi_head.mask_head.loss_mask = CrossEntropyLoss(use_mask=True" in out
     code, out, _ = run(capsys, "list", "--recipes", "--json")
-    assert json.loads(out)["retinanet"]["losses"]["loss_bbox"] == {"type": "SmoothL1Loss", "beta": 1.0, "loss_weight": 1.0}
+    assert json.loads(out)["retinanet"]["losses"]["loss_bbox"] == {
+        "type": "SmoothL1Loss",
+        "beta": 1.0,
+        "loss_weight": 1.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- export (fake API)
@@ -125,7 +129,9 @@ def test_export_config_names_artifacts_by_dotted_path(fake, capsys, tmp_path):
         "model = dict(roi_head=dict(mask_head=dict(loss_mask=dict(type='CrossEntropyLoss', use_mask=True)),"
         " bbox_head=[dict(loss_bbox=dict(type='L1Loss'))]))\n"
     )
-    code, _, err = run(capsys, "export", "--config", str(config), "--format", "onnx-joint,pt2-joint", "--out", str(tmp_path / "o"))
+    code, _, err = run(
+        capsys, "export", "--config", str(config), "--format", "onnx-joint,pt2-joint", "--out", str(tmp_path / "o")
+    )
     assert code == 0, err
     assert files(tmp_path / "o") == sorted(
         f"model.roi_head.{p}.{s}{j}"
@@ -137,13 +143,25 @@ def test_export_config_names_artifacts_by_dotted_path(fake, capsys, tmp_path):
 
 
 def test_export_loss_string_json_and_name(fake, capsys, tmp_path):
-    code, _, err = run(capsys, "export", "--loss", 'dict(type="FocalLoss", gamma=1.5)', "--format", "onnx", "--out", str(tmp_path))
+    code, _, err = run(
+        capsys, "export", "--loss", 'dict(type="FocalLoss", gamma=1.5)', "--format", "onnx", "--out", str(tmp_path)
+    )
     assert code == 0, err
     assert files(tmp_path) == ["FocalLoss.onnx", "FocalLoss.onnx.json"]
     assert json.loads((tmp_path / "FocalLoss.onnx").read_text()) == {"type": "FocalLoss", "gamma": 1.5}
     code, _, err = run(
-        capsys, "export", "--loss", '{"type": "GIoULoss", "loss_weight": 2.0}', "--name", "giou", "--format", "ts",
-        "--opset", "17", "--out", str(tmp_path),
+        capsys,
+        "export",
+        "--loss",
+        '{"type": "GIoULoss", "loss_weight": 2.0}',
+        "--name",
+        "giou",
+        "--format",
+        "ts",
+        "--opset",
+        "17",
+        "--out",
+        str(tmp_path),
     )
     assert code == 0, err
     assert "giou.ts.pt" in files(tmp_path)
@@ -151,8 +169,20 @@ def test_export_loss_string_json_and_name(fake, capsys, tmp_path):
 
 def test_export_only_selects_losses_and_opset_reaches_onnx(fake, capsys, tmp_path):
     code, _, err = run(
-        capsys, "export", "--recipe", "faster_rcnn", "--only", "roi_head.bbox_head.loss_cls", "--format", "onnx",
-        "--opset", "17", "--out", str(tmp_path), "--no-verify", "-q",
+        capsys,
+        "export",
+        "--recipe",
+        "faster_rcnn",
+        "--only",
+        "roi_head.bbox_head.loss_cls",
+        "--format",
+        "onnx",
+        "--opset",
+        "17",
+        "--out",
+        str(tmp_path),
+        "--no-verify",
+        "-q",
     )
     assert code == 0, err
     assert fake.calls == [("onnx", "roi_head.bbox_head.loss_cls.onnx", {"opset": 17})]
@@ -193,7 +223,9 @@ def test_symlinked_outputs_are_refused_even_with_overwrite(fake, capsys, tmp_pat
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "loss_bbox.onnx").symlink_to(victim)
-    code, _, err = run(capsys, "export", "--recipe", "retinanet", "--format", "onnx", "--out", str(out_dir), "--overwrite")
+    code, _, err = run(
+        capsys, "export", "--recipe", "retinanet", "--format", "onnx", "--out", str(out_dir), "--overwrite"
+    )
     assert code == 2 and "loss_bbox.onnx is a symlink" in err
     assert victim.read_text() == "precious" and fake.calls == []
     (tmp_path / "linkdir").symlink_to(out_dir)
@@ -211,6 +243,22 @@ def test_a_failing_artifact_is_reported_and_the_rest_still_export(monkeypatch, c
     assert "FAILED: ArtifactError: IoULoss: output 'loss' at N=7 differs" in out
     assert "1 of 3 artifact(s) failed" in err and "Traceback" not in err
     assert files(tmp_path) == sorted(f"loss_{n}.onnx{j}" for n in ("cls", "centerness") for j in ("", ".json"))
+
+
+def test_interrupted_export_keeps_finished_artifacts_and_leaves_no_partial_file(monkeypatch, capsys, tmp_path):
+    exporter = FakeExport()
+
+    def interrupted(cfg, path, **kw):
+        if "loss_bbox" in Path(path).name:
+            with atomic_output(path) as tmp:
+                tmp.write_bytes(b"half")
+                raise KeyboardInterrupt
+        return exporter.export_onnx(cfg, path, **kw)
+
+    monkeypatch.setattr(cli, "_exporters", lambda: types.SimpleNamespace(export_onnx=interrupted))
+    code, _, err = run(capsys, "export", "--recipe", "gfl", "--format", "onnx", "--out", str(tmp_path))
+    assert code == 130 and "interrupted" in err
+    assert files(tmp_path) == ["loss_cls.onnx", "loss_cls.onnx.json"]  # no temporary, no half-written file
 
 
 def test_unavailable_format_fails_before_writing(monkeypatch, capsys, tmp_path):
@@ -253,12 +301,10 @@ def test_config_with_code_is_refused_by_the_cli_and_never_runs(fake, capsys, tmp
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "evil.py"
     config.write_text(
-        "loss_cls = dict(type='FocalLoss')\n"
-        "import pathlib\n"
-        "pathlib.Path('PWNED').write_text('code ran')\n"
+        "loss_cls = dict(type='FocalLoss')\nimport pathlib\npathlib.Path('PWNED').write_text('code ran')\n"
     )
     code, out, err = run(capsys, "export", "--config", str(config), "--out", str(tmp_path / "o"))
-    assert code == 2
+    assert code == 2 and out == ""
     assert f"{config}:2: an import is not allowed in a config" in err
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o").exists()
 
@@ -337,7 +383,9 @@ def test_check_delegates_its_arguments(monkeypatch, capsys):
 
 @pytest.mark.parametrize("script", ["export_all_recipes.py", "export_configs.py"])
 def test_scripts_answer_help(script):
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
 
@@ -368,16 +416,33 @@ def test_export_all_recipes_writes_a_tree_and_refuses_existing(fake, monkeypatch
 def test_export_configs_batches_detector_configs(fake, monkeypatch, capsys, tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "base.py").write_text("model = dict(bbox_head=dict(loss_cls=dict(type='FocalLoss')))\n")
-    (tmp_path / "cfg" / "a.py").write_text("_base_ = 'base.py'\nmodel = dict(bbox_head=dict(loss_bbox=dict(type='GIoULoss')))\n")
-    (tmp_path / "cfg" / "b.toml").write_text("[model.rpn_head.loss_cls]\ntype = 'CrossEntropyLoss'\nuse_sigmoid = true\n")
+    (tmp_path / "cfg" / "a.py").write_text(
+        "_base_ = 'base.py'\nmodel = dict(bbox_head=dict(loss_bbox=dict(type='GIoULoss')))\n"
+    )
+    (tmp_path / "cfg" / "b.toml").write_text(
+        "[model.rpn_head.loss_cls]\ntype = 'CrossEntropyLoss'\nuse_sigmoid = true\n"
+    )
     (tmp_path / "cfg" / "evil.py").write_text("import os\n")
     out = tmp_path / "out"
-    code = run_script(monkeypatch, "export_configs.py", str(tmp_path / "cfg" / "a.py"), str(tmp_path / "cfg" / "b.toml"),
-                      "--out", str(out), "--format", "torchscript", "-q")
+    code = run_script(
+        monkeypatch,
+        "export_configs.py",
+        str(tmp_path / "cfg" / "a.py"),
+        str(tmp_path / "cfg" / "b.toml"),
+        "--out",
+        str(out),
+        "--format",
+        "torchscript",
+        "-q",
+    )
     assert code == 0
-    assert files(out / "a") == sorted(f"model.bbox_head.loss_{n}.ts.pt{j}" for n in ("cls", "bbox") for j in ("", ".json"))
+    assert files(out / "a") == sorted(
+        f"model.bbox_head.loss_{n}.ts.pt{j}" for n in ("cls", "bbox") for j in ("", ".json")
+    )
     assert files(out / "b") == ["model.rpn_head.loss_cls.ts.pt", "model.rpn_head.loss_cls.ts.pt.json"]
-    code = run_script(monkeypatch, "export_configs.py", str(tmp_path / "cfg" / "evil.py"), "--out", str(tmp_path / "o2"))
+    code = run_script(
+        monkeypatch, "export_configs.py", str(tmp_path / "cfg" / "evil.py"), "--out", str(tmp_path / "o2")
+    )
     assert code == 2 and "an import is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
@@ -386,8 +451,13 @@ def test_export_configs_batches_detector_configs(fake, monkeypatch, capsys, tmp_
 
 
 def test_python_dash_m_runs_the_cli():
-    result = subprocess.run([sys.executable, "-m", "visdet_export", "export", "--recipe", "nope", "--out", "x"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "visdet_export", "export", "--recipe", "nope", "--out", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "visdet-export: error: unknown recipe 'nope'. Bundled recipes: "
@@ -400,9 +470,23 @@ def gfl_artifacts(tmp_path_factory):
     """`visdet-export export --recipe gfl --format onnx,torchscript --out DIR`, with the real exporters."""
     out_dir = tmp_path_factory.mktemp("gfl")
     result = subprocess.run(
-        [sys.executable, "-m", "visdet_export", "export", "--recipe", "gfl", "--format", "onnx,torchscript",
-         "--out", str(out_dir)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [
+            sys.executable,
+            "-m",
+            "visdet_export",
+            "export",
+            "--recipe",
+            "gfl",
+            "--format",
+            "onnx,torchscript",
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     return out_dir, result
 

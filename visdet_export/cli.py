@@ -26,10 +26,10 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, TextIO
 
 from .validation import ConfigError
 
@@ -96,7 +96,7 @@ class Result:
     job: Job
     ok: bool
     seconds: float = 0.0
-    size: Optional[int] = None
+    size: int | None = None
     parity: Any = None
     verified: bool = False
     error: str = ""
@@ -114,7 +114,9 @@ def parse_formats(text: str) -> list[Format]:
             continue
         name = FORMAT_ALIASES.get(name, name)
         if name not in FORMATS:
-            raise UsageError(f"unknown format {raw.strip()!r}; choose from {', '.join(FORMATS)} (comma-separated) or all")
+            raise UsageError(
+                f"unknown format {raw.strip()!r}; choose from {', '.join(FORMATS)} (comma-separated) or all"
+            )
         names.append(name)
     if not names:
         raise UsageError(f"no format given; choose from {', '.join(FORMATS)}")
@@ -207,7 +209,7 @@ def resolve_exporter(fmt: Format) -> Callable[..., Any]:
     return exporter
 
 
-def _run_job(job: Job, *, verify: bool, overwrite: bool, opset: Optional[int]) -> Result:
+def _run_job(job: Job, *, verify: bool, overwrite: bool, opset: int | None) -> Result:
     from .export.artifacts import read_manifest
 
     exporter = resolve_exporter(job.fmt)
@@ -235,10 +237,10 @@ def export_losses(
     *,
     verify: bool = True,
     overwrite: bool = False,
-    opset: Optional[int] = None,
+    opset: int | None = None,
     progress: bool = True,
     debug: bool = False,
-    stream: Optional[TextIO] = None,
+    stream: TextIO | None = None,
 ) -> list[Result]:
     """Export every loss (dotted path -> config) in every format into ``out_dir``; one :class:`Result` each.
 
@@ -286,7 +288,7 @@ class _Progress:
 
             self.bar = tqdm(total=total, file=stream, unit="artifact", dynamic_ncols=True, leave=False)
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -322,7 +324,7 @@ def _one_line(error: BaseException) -> str:
 # Formatting
 
 
-def human_size(size: Optional[int]) -> str:
+def human_size(size: int | None) -> str:
     if size is None:
         return "-"
     value = float(size)
@@ -375,7 +377,9 @@ def summary_table(results: Sequence[Result]) -> str:
     rows = []
     for r in results:
         if r.ok:
-            rows.append([r.job.path, r.job.fmt.name, str(r.job.target), human_size(r.size), format_parity(r.parity, r.verified)])
+            rows.append(
+                [r.job.path, r.job.fmt.name, str(r.job.target), human_size(r.size), format_parity(r.parity, r.verified)]
+            )
         else:
             rows.append([r.job.path, r.job.fmt.name, str(r.job.target), "-", f"FAILED: {r.error}"])
     return render_table(["loss", "format", "file", "size", "parity"], rows)
@@ -431,12 +435,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    rows = [[name, ", ".join(f"{k}={_format_default(v)}" for k, v in params.items())] for name, params in losses.items()]
+    rows = [
+        [name, ", ".join(f"{k}={_format_default(v)}" for k, v in params.items())] for name, params in losses.items()
+    ]
     print(render_table(["loss", "parameters (defaults)"], rows))
     return EXIT_OK
 
 
-def _select(losses: dict[str, dict[str, Any]], only: Optional[str]) -> dict[str, dict[str, Any]]:
+def _select(losses: dict[str, dict[str, Any]], only: str | None) -> dict[str, dict[str, Any]]:
     if not only:
         return losses
     wanted = [item.strip() for item in only.split(",") if item.strip()]
@@ -473,7 +479,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for fmt in formats:
         resolve_exporter(fmt)
     if not args.quiet:
-        verified = "verified against eager" if args.verify else "NOT verified (--no-verify)"
+        verified = "verified against eager" if args.verify else "not verified: --no-verify"
         print(
             f"exporting {len(losses)} loss(es) from {source} as {', '.join(f.name for f in formats)} "
             f"into {args.out} ({verified})",
@@ -520,7 +526,9 @@ def collect_artifacts(paths: Sequence[str]) -> list[Path]:
             raise UsageError(f"{raw} is not a file")
         found[path] = None
     if not found:
-        raise UsageError(f"no artifacts found in {', '.join(paths)} (looked for files with a .json manifest beside them)")
+        raise UsageError(
+            f"no artifacts found in {', '.join(paths)} (looked for files with a .json manifest beside them)"
+        )
     return list(found)
 
 
@@ -612,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--loss", metavar="CFG", help="one loss: 'dict(type=\"FocalLoss\", gamma=2.0)', JSON or a name")
     source.add_argument("--recipe", metavar="NAME", help="a bundled recipe (see: list --recipes), e.g. retinanet")
     source.add_argument("--config", metavar="FILE", help="a detector config (.py parsed with ast, .json, .toml)")
-    p_export.add_argument("--format", default=DEFAULT_FORMATS, help=f"comma-separated, or all: {format_help} "
-                          f"(default: {DEFAULT_FORMATS})")
+    p_export.add_argument(
+        "--format", default=DEFAULT_FORMATS, help=f"comma-separated, or all: {format_help} (default: {DEFAULT_FORMATS})"
+    )
     p_export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p_export.add_argument("--only", metavar="PATH[,PATH]", help="export only these loss paths of the config")
     p_export.add_argument("--name", help="file name stem for --loss (default: its type)")
@@ -635,12 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p_verify.set_defaults(func=cmd_verify)
 
-    commands.add_parser("check", help="run the runtime matrix in this environment (check --help for options)",
-                        add_help=False)
+    commands.add_parser(
+        "check", help="run the runtime matrix in this environment (check --help for options)", add_help=False
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     # `check` has its own options: hand everything after it over untouched.
@@ -671,8 +681,10 @@ def _guard(run: Callable[[], int], debug: bool) -> int:
     except Exception as error:  # noqa: BLE001 - an unexpected failure: one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .validation import ConfigError
 
@@ -95,10 +95,7 @@ _CONSTRUCTS: dict[type, str] = {
 
 def _describe(node: ast.AST) -> str:
     if isinstance(node, ast.Call):
-        try:
-            return f"a call to {ast.unparse(node.func)}()"
-        except Exception:  # pragma: no cover - unparse handles every parsed node
-            return "a call"
+        return f"a call to {ast.unparse(node.func)}()"
     if isinstance(node, ast.Name):
         return f"the variable reference {node.id!r} (values must be written out; variables are not resolved)"
     if isinstance(node, ast.Attribute):
@@ -110,7 +107,7 @@ def _describe(node: ast.AST) -> str:
     return _CONSTRUCTS.get(type(node), f"a {type(node).__name__} node")
 
 
-def _where(source: str, node: Optional[ast.AST]) -> str:
+def _where(source: str, node: ast.AST | None) -> str:
     line = getattr(node, "lineno", None)
     return f"{source}:{line}" if line is not None else source
 
@@ -162,7 +159,9 @@ class _Evaluator:
                     raise ConfigError(f"{_where(self.source, item)}: dict unpacking (**) is not allowed in a config")
                 name = self.value(key, depth + 1)
                 if not isinstance(name, (str, int)) or isinstance(name, bool):
-                    raise ConfigError(f"{_where(self.source, key)}: dict keys must be strings or integers, got {name!r}")
+                    raise ConfigError(
+                        f"{_where(self.source, key)}: dict keys must be strings or integers, got {name!r}"
+                    )
                 result[name] = self.value(item, depth + 1)
             return result
         if isinstance(node, ast.Call):
@@ -176,7 +175,9 @@ class _Evaluator:
             result = {}
             for keyword in node.keywords:
                 if keyword.arg is None:
-                    raise ConfigError(f"{_where(self.source, keyword)}: dict(**...) unpacking is not allowed in a config")
+                    raise ConfigError(
+                        f"{_where(self.source, keyword)}: dict(**...) unpacking is not allowed in a config"
+                    )
                 result[keyword.arg] = self.value(keyword.value, depth + 1)
             return result
         raise _refuse(self.source, node)
@@ -194,9 +195,12 @@ def parse_python_config(text: str, source: str = "<config>") -> dict[str, Any]:
     # Check every statement before using any of them: a refused construct anywhere refuses the file.
     result: dict[str, Any] = {}
     for statement in tree.body:
-        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-            if isinstance(statement.value.value, str):
-                continue  # a docstring
+        if (
+            isinstance(statement, ast.Expr)
+            and isinstance(statement.value, ast.Constant)
+            and isinstance(statement.value.value, str)
+        ):
+            continue  # a docstring
         if isinstance(statement, ast.Expr):
             raise _refuse(source, statement.value, "(a config holds assignments only)")
         if not isinstance(statement, ast.Assign):
@@ -318,7 +322,9 @@ def parse_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
-        raise ConfigError(f"{path}: unsupported config type {suffix or '(no suffix)'!r}; use one of {', '.join(CONFIG_SUFFIXES)}")
+        raise ConfigError(
+            f"{path}: unsupported config type {suffix or '(no suffix)'!r}; use one of {', '.join(CONFIG_SUFFIXES)}"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist" if not path.exists() else f"{path} is not a file")
     text = _read_text(path)

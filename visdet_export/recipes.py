@@ -41,8 +41,7 @@ def recipe_path(name: str) -> Path:
     """The file of the recipe ``name``; unknown names raise :class:`ConfigError` with close matches."""
     names = recipe_names()
     key = name.strip().lower().replace("-", "_")
-    if key.endswith(".py"):
-        key = key[:-3]
+    key = key.removesuffix(".py")
     if key not in names:
         close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
