@@ -434,3 +434,25 @@ def overlapping_boxes(target: Tensor, seed: int = 1, jitter: float = 0.1) -> Ten
     g = torch.Generator().manual_seed(seed)
     wh = (target[:, 2:] - target[:, :2]).repeat(1, 2)
     return target + (torch.rand(target.shape, generator=g, dtype=target.dtype) * 2 - 1) * jitter * wh
+
+
+def spec_inputs(
+    cfg: Mapping[str, object],
+    n: int,
+    seed: int = 0,
+    *,
+    variant: Optional[str] = None,
+    dtype: torch.dtype = torch.float64,
+    logit_range: Optional[float] = None,
+) -> dict[str, object]:
+    """Inputs drawn with the loss's input spec, keyed as ``forward``'s arguments: pred, target (a
+    ``(labels, scores)`` pair for QFL's pair variant), weight (the RoI labels in mask mode), avg_factor."""
+    from visdet_export import build_loss
+    from visdet_export.specs import SampleOptions, spec_for
+
+    loss = build_loss(dict(cfg))
+    spec = spec_for(loss, variant)
+    drawn = spec.sample(loss, n, seed=seed, options=SampleOptions(dtype=dtype, logit_range=logit_range))
+    target = (drawn["labels"], drawn["scores"]) if "labels" in drawn else drawn["target"]
+    weight = drawn.get("label", drawn.get("weight"))
+    return dict(pred=drawn["pred"], target=target, weight=weight, avg_factor=drawn["avg_factor"])

@@ -1,0 +1,543 @@
+"""Runtime numerics in eager mode: RELIABILITY.md items 10-29.
+
+F = finite value and gradient, P = equals the float64 reference (``tests/reference.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reference import (
+    FLOAT32_EPS,
+    boxes,
+    grad_of,
+    reference_loss,
+    single_thread,  # noqa: F401  (autouse fixture)
+    spec_inputs,
+)
+from visdet_export import build_loss
+
+F64 = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+# (config, spec variant) for every loss and input layout.
+CONFIGS: dict[str, tuple[dict, Optional[str]]] = {
+    "focal_labels": (dict(type="FocalLoss"), "labels"),
+    "focal_onehot": (dict(type="FocalLoss"), "onehot"),
+    "focal_activated": (dict(type="FocalLoss", activated=True), "labels"),
+    "qfl_pair": (dict(type="QualityFocalLoss"), "pair"),
+    "qfl_dense": (dict(type="QualityFocalLoss"), "dense"),
+    "qfl_activated": (dict(type="QualityFocalLoss", activated=True), "pair"),
+    "dfl": (dict(type="DistributionFocalLoss", reg_max=16), None),
+    "ce_softmax": (dict(type="CrossEntropyLoss"), None),
+    "ce_softmax_cw_avg_non_ignore": (
+        dict(type="CrossEntropyLoss", class_weight=[1.0, 2.0] * 40, avg_non_ignore=True), None),
+    "ce_sigmoid_binary": (dict(type="CrossEntropyLoss", use_sigmoid=True), "binary"),
+    "ce_sigmoid_labels": (dict(type="CrossEntropyLoss", use_sigmoid=True, avg_non_ignore=True), "labels"),
+    "ce_mask": (dict(type="CrossEntropyLoss", use_mask=True), None),
+    "l1": (dict(type="L1Loss"), None),
+    "smooth_l1": (dict(type="SmoothL1Loss"), None),
+    "mse": (dict(type="MSELoss"), None),
+    "balanced_l1": (dict(type="BalancedL1Loss"), None),
+    "iou_log": (dict(type="IoULoss", mode="log"), None),
+    "iou_linear": (dict(type="IoULoss", mode="linear"), None),
+    "iou_square": (dict(type="IoULoss", mode="square"), None),
+    "giou": (dict(type="GIoULoss"), None),
+}
+WEIGHTED = [k for k in CONFIGS if k != "ce_mask"]  # mask mode's third argument is the RoI labels
+LOGIT_CONFIGS = ["focal_labels", "focal_onehot", "qfl_pair", "qfl_dense", "dfl", "ce_softmax",
+                 "ce_softmax_cw_avg_non_ignore", "ce_sigmoid_binary", "ce_sigmoid_labels", "ce_mask"]
+BOX_CONFIGS = ["iou_log", "iou_linear", "iou_square", "giou"]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def draw(key: str, n: int, seed: int = 0, **kwargs) -> dict:
+    cfg, variant = CONFIGS[key]
+    return spec_inputs(cfg, n, seed, variant=variant, **kwargs)
+
+
+def assert_finite(t: Tensor, what: str = "") -> None:
+    assert torch.isfinite(t).all(), f"{what} not finite: {t}"
+
+
+def run(loss: torch.nn.Module, inputs: dict, reduction: Optional[str] = None, avg_factor=None,
+        weight: object = "default") -> tuple[Tensor, Tensor, Tensor]:
+    """(output, d(output * 2)/d(pred), pred) for one call."""
+    pred = inputs["pred"].clone().requires_grad_()
+    w = inputs["weight"] if weight == "default" else weight
+    out = loss(pred, inputs["target"], w, avg_factor, reduction)
+    return out, grad_of(out, pred), pred
+
+
+# --- 10: N = 0 ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_empty_inputs(key: str, reduction: str) -> None:
+    inputs = draw(key, 0)
+    loss = build_loss({**CONFIGS[key][0], "reduction": reduction})
+    for avg in (None, inputs["avg_factor"]) if reduction != "sum" else (None,):
+        pred = inputs["pred"].clone().requires_grad_()
+        out = loss(pred, inputs["target"], inputs["weight"], avg)
+        assert out.requires_grad
+        if reduction == "none":
+            assert out.numel() == 0 and out.shape[0] == 0
+        else:
+            assert out.shape == () and float(out.detach()) == 0.0
+        # the graph reaches pred: backward populates .grad (empty, so trivially finite)
+        (out * 2.0).sum().backward()
+        assert pred.grad is not None and pred.grad.shape == pred.shape
+        assert torch.isfinite(pred.grad).all()
+
+
+# --- 11: no positives anywhere -----------------------------------------------------------------------------------
+
+
+def test_no_positives_total_is_finite() -> None:
+    """An image without objects: all labels background, no box or DFL samples (all box weights 0)."""
+    n, c = 16, 80
+    logits = torch.randn(n, c, dtype=F64, requires_grad=True)
+    background = torch.full((n,), c)
+    bbox_pred = torch.full((n, 4), float("nan"), dtype=F64, requires_grad=True)  # garbage at negatives
+    dfl_pred = torch.randn(n * 4, 17, dtype=F64, requires_grad=True)
+    zeros = torch.zeros(n, dtype=F64)
+    total = (
+        build_loss(dict(type="FocalLoss"))(logits, background, avg_factor=0)
+        + build_loss(dict(type="QualityFocalLoss"))(logits, (background, torch.zeros(n, dtype=F64)), avg_factor=0)
+        + build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True))(logits, background)
+        + build_loss(dict(type="GIoULoss", loss_weight=2.0))(bbox_pred, boxes(n), zeros, avg_factor=0)
+        + build_loss(dict(type="DistributionFocalLoss", loss_weight=0.25))(
+            dfl_pred, torch.rand(n * 4, dtype=F64) * 16, zeros.repeat(4), avg_factor=0)
+    )
+    total.backward()
+    assert_finite(total, "total")
+    for t in (logits, bbox_pred, dfl_pred):
+        assert_finite(t.grad, "grad")
+    assert (bbox_pred.grad == 0).all() and (dfl_pred.grad == 0).all()
+    # the classification part is the reference's all-background loss
+    expected = reference_loss(dict(type="FocalLoss"), logits.detach(), background, avg_factor=0)
+    focal = build_loss(dict(type="FocalLoss"))(logits.detach(), background, avg_factor=0)
+    torch.testing.assert_close(focal, expected, **TOL)
+
+
+# --- 12/13: ignored labels -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_weight", [None, [0.5, 2.0, 1.0, 3.0, 1.5]], ids=["no_cw", "cw"])
+@pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["avg_all", "avg_non_ignore"])
+@pytest.mark.parametrize("use_sigmoid", [False, True], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_labels_ignored(use_sigmoid: bool, avg_non_ignore: bool, class_weight, reduction: str) -> None:
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=use_sigmoid, avg_non_ignore=avg_non_ignore,
+               class_weight=class_weight, reduction=reduction)
+    loss = build_loss(cfg)
+    pred = torch.randn(6, 5, dtype=F64, requires_grad=True)
+    labels = torch.full((6,), -100)
+    out = loss(pred, labels)
+    (grad,) = torch.autograd.grad(out.sum(), pred)
+    assert_finite(out)
+    assert (out == 0).all()
+    assert out.shape == (() if reduction != "none" else ((6, 5) if use_sigmoid else (6,)))
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100, 5, 7, 255])
+@pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["avg_all", "avg_non_ignore"])
+@pytest.mark.parametrize("use_sigmoid", [False, True], ids=["softmax", "sigmoid"])
+def test_ignore_index_values(use_sigmoid: bool, avg_non_ignore: bool, ignore_index: int) -> None:
+    """ignore_index -1, -100 and >= C (C = 5) against the reference, values and gradients."""
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=use_sigmoid, avg_non_ignore=avg_non_ignore,
+               ignore_index=ignore_index, class_weight=[0.5, 2.0, 1.0, 3.0, 1.5])
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(12, 5, generator=g, dtype=F64)
+    labels = torch.randint(0, 5, (12,), generator=g)
+    labels[:6] = torch.tensor([ignore_index, ignore_index, -1, -100, 5, 7])
+    weight = torch.rand(12, generator=g, dtype=F64)
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    out = build_loss(cfg)(p1, labels, weight)
+    expected = reference_loss(cfg, p2, labels, weight)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(grad_of(out, p1), grad_of(expected, p2), **TOL)
+
+
+# --- 14: avg_factor extremes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [0, 0.0, 1e-30, 1e-7, 1e30], ids=["int0", "float0", "tiny", "eps", "huge"])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+@pytest.mark.parametrize("key", ["focal_labels", "qfl_pair", "ce_softmax", "l1", "giou", "dfl", "ce_mask"])
+def test_avg_factor_extremes(key: str, factor: float, as_tensor: bool) -> None:
+    inputs = draw(key, 3 if key == "ce_mask" else 8)
+    avg = torch.tensor(factor, dtype=F64) if as_tensor else factor
+    out, grad, _ = run(build_loss(CONFIGS[key][0]), inputs, avg_factor=avg)
+    assert_finite(out)
+    assert_finite(grad)
+    expected = reference_loss(CONFIGS[key][0], inputs["pred"], inputs["target"], inputs["weight"], avg)
+    torch.testing.assert_close(out, expected, **TOL)
+    total = reference_loss({**CONFIGS[key][0], "reduction": "sum"}, inputs["pred"], inputs["target"], inputs["weight"])
+    torch.testing.assert_close(out, total / (float(factor) + FLOAT32_EPS), **TOL)  # visdet's eps rule
+
+
+# --- 16: extreme logits --------------------------------------------------------------------------------------------
+
+
+def _saturate(inputs: dict, value: float) -> dict:
+    pred = inputs["pred"]
+    signs = torch.where(torch.arange(pred.numel()).reshape(pred.shape) % 2 == 0, 1.0, -1.0).to(pred.dtype)
+    return {**inputs, "pred": signs * value}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("logits", ["pm20", "pm120", "uniform200"])
+@pytest.mark.parametrize("key", LOGIT_CONFIGS)
+def test_extreme_logits(key: str, logits: str, dtype: torch.dtype) -> None:
+    n = 2 if key == "ce_mask" else 16
+    if logits == "uniform200":
+        inputs = draw(key, n, seed=1, dtype=dtype, logit_range=200.0)
+    else:
+        inputs = _saturate(draw(key, n, seed=1, dtype=dtype), 20.0 if logits == "pm20" else 120.0)
+    for reduction in ("none", "mean"):
+        loss = build_loss({**CONFIGS[key][0], "reduction": reduction})
+        out, grad, _ = run(loss, inputs)
+        assert_finite(out, "loss")
+        assert_finite(grad, "grad")
+        assert out.dtype == dtype
+        ref_pred = inputs["pred"].double().requires_grad_()
+        expected = reference_loss(CONFIGS[key][0] | {"reduction": reduction}, ref_pred, inputs["target"],
+                                  inputs["weight"])
+        tol = TOL if dtype == F64 else dict(rtol=1e-5, atol=1e-5 * float(expected.detach().abs().max()) + 1e-6)
+        torch.testing.assert_close(out.double(), expected, **tol)
+        if dtype == F64:
+            torch.testing.assert_close(grad, grad_of(expected, ref_pred), **TOL)
+
+
+# --- 17: half precision ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_half_precision_computes_in_float32(key: str, dtype: torch.dtype) -> None:
+    n = 2 if key == "ce_mask" else 16
+    inputs = draw(key, n, seed=2, dtype=dtype)
+    if key in LOGIT_CONFIGS:
+        inputs = _saturate(inputs, 14.0)  # |logit| >= 12: exp overflows float16 on the textbook path
+    if key in BOX_CONFIGS:
+        target = boxes(n, seed=2, scale=10000.0) + 300.0  # sides up to 5000 px: areas far above fp16's max
+        inputs = {**inputs, "target": target.to(dtype), "pred": (target * 1.01).to(dtype)}
+    out, grad, pred = run(build_loss(CONFIGS[key][0]), inputs, avg_factor=inputs["avg_factor"])
+    assert out.dtype == torch.float32
+    assert grad.dtype == dtype
+    assert_finite(out, "loss")
+    assert_finite(grad.float(), "grad")
+    # the same (rounded) inputs in float64 through the reference
+    expected = reference_loss(CONFIGS[key][0], inputs["pred"].double(), _upcast(inputs["target"]),
+                              _upcast(inputs["weight"]), inputs["avg_factor"].double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=1e-6)
+
+
+def _upcast(value):
+    if isinstance(value, tuple):
+        return tuple(_upcast(v) for v in value)
+    return value.double() if value is not None and value.is_floating_point() else value
+
+
+def test_float64_in_float64_out() -> None:
+    for key in CONFIGS:
+        inputs = draw(key, 2)
+        for reduction in REDUCTIONS:
+            out, grad, _ = run(build_loss({**CONFIGS[key][0], "reduction": reduction}), inputs)
+            assert out.dtype == F64 and grad.dtype == F64, (key, reduction)
+
+
+# --- 18/19: focal ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activated", [False, True], ids=["logits", "probs"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_saturated_gradients_finite(gamma: float, activated: bool) -> None:
+    values = [0.0, 1.0, 1e-30, 1 - 1e-16] if activated else [-120.0, 120.0, -20.0, 20.0, -800.0, 800.0]
+    pred = torch.tensor(values, dtype=F64).repeat(4, 1).T.contiguous()  # (k, 4)
+    k = pred.size(0)
+    for labels in (torch.zeros(k, dtype=torch.long), torch.full((k,), 4), torch.arange(k) % 5):
+        for dtype in (F64, torch.float32):
+            p = pred.to(dtype).requires_grad_()
+            out = build_loss(dict(type="FocalLoss", gamma=gamma, activated=activated))(p, labels)
+            (grad,) = torch.autograd.grad(out, p)
+            assert_finite(out)
+            assert_finite(grad)
+
+
+def test_focal_gamma0_alpha_minus1_is_bce() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(20, 7, generator=g, dtype=F64) * 5
+    pred[0] = 0.0
+    labels = torch.randint(0, 8, (20,), generator=g)
+    onehot = F.one_hot(labels, 8)[:, :7].double()
+    for reduction in REDUCTIONS:
+        p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        out = build_loss(dict(type="FocalLoss", gamma=0.0, alpha=-1.0, reduction=reduction))(p1, labels)
+        bce = F.binary_cross_entropy_with_logits(p2, onehot, reduction=reduction)
+        torch.testing.assert_close(out, bce, **TOL)
+        torch.testing.assert_close(grad_of(out, p1), grad_of(bce, p2), **TOL)
+
+
+def test_focal_over_bce_ratio() -> None:
+    """focal / BCE = (1 - p_t)^gamma * alpha_t element-wise."""
+    pred = torch.linspace(-6, 6, 13, dtype=F64).unsqueeze(1)
+    target = (torch.arange(13) % 2).double().unsqueeze(1)
+    focal = build_loss(dict(type="FocalLoss", gamma=2.0, alpha=0.25, reduction="none"))(pred, target)
+    bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+    p = torch.sigmoid(pred)
+    pt = torch.where(target == 1, p, 1 - p)
+    alpha_t = torch.where(target == 1, 0.25, 0.75)
+    torch.testing.assert_close(focal / bce, (1 - pt) ** 2 * alpha_t, **TOL)
+
+
+# --- 20/21: QFL and DFL ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activated", [False, True], ids=["logits", "probs"])
+def test_qfl_scores_and_background(activated: bool) -> None:
+    c = 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, c, generator=g, dtype=F64) * 3
+    pred = torch.sigmoid(logits) if activated else logits
+    cfg = dict(type="QualityFocalLoss", activated=activated)
+    cases = {
+        "scores_0_and_1": (torch.tensor([0, 1, 2, 3, 4, 5, c, c]),
+                           torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0.3, 1.0], dtype=F64)),
+        "all_background": (torch.full((8,), c), torch.rand(8, generator=g, dtype=F64)),
+    }
+    for name, target in cases.items():
+        for reduction in ("none", "mean"):
+            p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+            out = build_loss({**cfg, "reduction": reduction})(p1, target)
+            expected = reference_loss({**cfg, "reduction": reduction}, p2, target)
+            assert_finite(out, name)
+            torch.testing.assert_close(out, expected, **TOL)
+            torch.testing.assert_close(grad_of(out, p1), grad_of(expected, p2), **TOL)
+    # all background: the score is irrelevant
+    bg = torch.full((8,), c)
+    loss = build_loss(cfg)
+    torch.testing.assert_close(loss(pred, (bg, torch.zeros(8, dtype=F64))), loss(pred, (bg, torch.ones(8, dtype=F64))))
+
+
+def test_dfl_targets_exact() -> None:
+    reg_max = 16
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, reg_max + 1, generator=g, dtype=F64, requires_grad=True)
+    target = torch.tensor([0.0, 7.3, reg_max - 1e-6, float(reg_max)], dtype=F64)
+    out = build_loss(dict(type="DistributionFocalLoss", reg_max=reg_max, reduction="none"))(pred, target)
+    (grad,) = torch.autograd.grad(out.sum(), pred)
+    assert_finite(out)
+    assert_finite(grad)
+    logp = torch.log_softmax(pred.detach(), dim=1)
+    expected = torch.stack([
+        -logp[0, 0],
+        -(0.7 * logp[1, 7] + 0.3 * logp[1, 8]),
+        -((1e-6) * logp[2, reg_max - 1] + (1 - 1e-6) * logp[2, reg_max]),
+        -logp[3, reg_max],  # exactly reg_max: all the mass on the last bin
+    ])
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-9, atol=1e-9)
+    # at reg_max the gradient is the one of CE towards the last bin
+    onehot = F.one_hot(torch.tensor(reg_max), reg_max + 1).double()
+    torch.testing.assert_close(grad[3], torch.softmax(pred.detach()[3], 0) - onehot, **TOL)
+
+
+# --- 22-25: boxes ----------------------------------------------------------------------------------------------------
+
+
+def _box(*xyxy: float) -> Tensor:
+    return torch.tensor([xyxy], dtype=F64)
+
+
+# fvcore / torchvision's hand-drawn boxes
+BOX2 = _box(0, 0, 1, 1)
+GIOU_KNOWN = {
+    "identical": (BOX2, BOX2, 0.0),
+    "quarter_inside": (_box(-1, -1, 1, 1), BOX2, 0.75),
+    "side_by_side": (_box(0, 1, 1, 2), BOX2, 1.0),
+    "diagonal": (_box(1, 1, 2, 2), BOX2, 1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(GIOU_KNOWN))
+def test_giou_known_values(name: str) -> None:
+    pred, target, value = GIOU_KNOWN[name]
+    out = build_loss(dict(type="GIoULoss", reduction="none"))(pred, target)
+    torch.testing.assert_close(out, torch.tensor([value], dtype=F64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        build_loss(dict(type="GIoULoss", reduction="none"))(target, pred), out, rtol=0, atol=1e-12)  # symmetric
+
+
+@pytest.mark.parametrize("name", list(GIOU_KNOWN))
+@pytest.mark.parametrize("mode", ["linear", "square", "log"])
+def test_iou_known_values(name: str, mode: str) -> None:
+    pred, target, _ = GIOU_KNOWN[name]
+    iou = {"identical": 1.0, "quarter_inside": 0.25, "side_by_side": 1e-6, "diagonal": 1e-6}[name]  # clamped at eps
+    value = {"linear": 1 - iou, "square": 1 - iou**2, "log": -math.log(iou)}[mode]
+    out = build_loss(dict(type="IoULoss", mode=mode, reduction="none"))(pred, target)
+    torch.testing.assert_close(out, torch.tensor([value], dtype=F64), rtol=1e-9, atol=1e-12)
+
+
+DEGENERATE = {
+    # name: (pred, target)
+    "zero_area_pred": (_box(2, 2, 2, 6), _box(1, 1, 5, 5)),
+    "point_pred": (_box(3, 3, 3, 3), _box(1, 1, 5, 5)),
+    "line_both": (_box(0, 1, 4, 1), _box(0, 1, 4, 1)),
+    "identical_points": (_box(3, 3, 3, 3), _box(3, 3, 3, 3)),
+    "disjoint": (_box(0, 0, 1, 1), _box(10, 10, 12, 12)),
+    "touching_edge": (_box(0, 0, 1, 1), _box(1, 0, 2, 1)),
+    "touching_corner": (_box(0, 0, 1, 1), _box(1, 1, 2, 2)),
+    "inverted_x": (_box(5, 1, 1, 5), _box(1, 1, 5, 5)),
+    "inverted_both": (_box(5, 5, 1, 1), _box(1, 1, 5, 5)),
+    "inverted_inside": (_box(4, 4, 2, 2), _box(1, 1, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+@pytest.mark.parametrize("key", BOX_CONFIGS)
+def test_degenerate_boxes(key: str, name: str) -> None:
+    pred, target = DEGENERATE[name]
+    cfg = {**CONFIGS[key][0], "reduction": "none"}
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    out = build_loss(cfg)(p1, target)
+    grad = grad_of(out, p1)
+    assert_finite(out)
+    assert_finite(grad)
+    expected = reference_loss(cfg, p2, target)
+    torch.testing.assert_close(out, expected, **TOL)
+    # nothing but overlapping boxes scores: a degenerate or inverted box has IoU 0, the documented worst case
+    eps = 1e-6
+    worst = {"iou_log": -math.log(eps), "iou_linear": 1 - eps, "iou_square": 1 - eps**2}
+    if key in worst:
+        torch.testing.assert_close(out, torch.tensor([worst[key]], dtype=F64), rtol=1e-12, atol=1e-12)
+    else:
+        assert float(out) >= 1.0 - 1e-12  # GIoU <= 0 without overlap
+    assert float(out) > 0.5  # never a perfect score for a nonsense box
+
+
+def test_inverted_box_is_never_a_perfect_score() -> None:
+    """visdet multiplies two negative sides into a positive area; an inverted copy of the target then scores."""
+    target = boxes(32, seed=4)
+    inverted = target[:, [2, 3, 0, 1]]
+    for key in BOX_CONFIGS:
+        out = build_loss({**CONFIGS[key][0], "reduction": "none"})(inverted, target)
+        assert_finite(out)
+        assert (out >= 1.0 - 1e-6).all(), key
+
+
+# --- 26: NaN / inf propagate unless masked -------------------------------------------------------------------------
+
+
+def _poison(x: Tensor, rows: Tensor, value: float) -> Tensor:
+    x = x.clone()
+    x[rows] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("key", WEIGHTED)
+def test_masked_elements_ignore_nan_inf(key: str, value: float) -> None:
+    inputs = draw(key, 8, seed=5)
+    weight = inputs["weight"].clone()
+    weight[:3] = 0.0
+    rows = torch.arange(3)
+    clean = {**inputs, "weight": weight}
+    poisoned = {**clean, "pred": _poison(inputs["pred"], rows, value)}
+    if isinstance(inputs["target"], Tensor) and inputs["target"].is_floating_point():
+        poisoned["target"] = _poison(inputs["target"], rows, value)
+    loss = build_loss(CONFIGS[key][0])
+    out, grad, _ = run(loss, poisoned)
+    out_clean, grad_clean, _ = run(loss, clean)
+    assert_finite(out)
+    assert_finite(grad)
+    torch.testing.assert_close(out, out_clean, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_clean, rtol=0, atol=0)
+    assert (grad[:3] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("key", WEIGHTED)
+def test_all_weights_zero(key: str, reduction: str) -> None:
+    inputs = draw(key, 6, seed=6)
+    zero = torch.zeros_like(inputs["weight"])
+    rows = torch.arange(6)
+    poisoned = {**inputs, "weight": zero, "pred": _poison(inputs["pred"], rows[:2], float("nan"))}
+    poisoned["pred"][2:4] = float("inf")
+    if isinstance(inputs["target"], Tensor) and inputs["target"].is_floating_point():
+        poisoned["target"] = _poison(inputs["target"], rows[4:], float("-inf"))
+    loss = build_loss({**CONFIGS[key][0], "reduction": reduction})
+    for avg in (None, 0.0) if reduction != "sum" else (None,):
+        out, grad, pred = run(loss, poisoned, avg_factor=avg)
+        expected_none = reference_loss({**CONFIGS[key][0], "reduction": "none"}, inputs["pred"],
+                                       inputs["target"], inputs["weight"])
+        if reduction == "none":
+            assert out.shape == expected_none.shape  # element-wise zeros, not a scalar
+        else:
+            assert out.shape == ()
+        assert (out == 0).all()
+        assert not out.isnan().any()
+        assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("key", [k for k in CONFIGS])
+def test_nan_with_weight_propagates(key: str) -> None:
+    inputs = draw(key, 4, seed=7)
+    pred = inputs["pred"].clone()
+    pred[1] = float("nan")
+    weight = inputs["weight"]
+    if key != "ce_mask":
+        weight = torch.ones_like(weight)
+    loss = build_loss(CONFIGS[key][0])
+    if CONFIGS[key][0].get("activated", False):
+        # probabilities go through F.binary_cross_entropy, which rejects NaN loudly in eager mode
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            loss(pred, inputs["target"], weight)
+        return
+    out = loss(pred, inputs["target"], weight)
+    assert out.isnan().all(), "a NaN input with a nonzero weight must not be hidden"
+
+
+# --- 27: smooth L1 / balanced L1 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [1e-5, 1e-12, 1e-30])
+def test_smooth_l1_tiny_beta(beta: float) -> None:
+    cfg = dict(type="SmoothL1Loss", beta=beta, reduction="none")
+    pred = torch.tensor([[0.0, 1e-20, 1e-3, -2.0]], dtype=F64, requires_grad=True)
+    target = torch.zeros(1, 4, dtype=F64)
+    for dtype in (F64, torch.float32):
+        p = pred.detach().to(dtype).requires_grad_()
+        out = build_loss(cfg)(p, target.to(dtype))
+        grad = grad_of(out, p)
+        assert_finite(out)
+        assert_finite(grad)
+    out = build_loss(cfg)(pred, target)
+    torch.testing.assert_close(out, reference_loss(cfg, pred, target), **TOL)
+    torch.testing.assert_close(out[0, 2:], (pred[0, 2:].abs() - 0.5 * beta).detach(), **TOL)  # L1 - beta/2
+
+
+@pytest.mark.parametrize("params", [dict(), dict(alpha=0.3, gamma=1.0, beta=0.8), dict(beta=1e-3)],
+                         ids=["default", "custom", "tiny_beta"])
+def test_balanced_l1_breakpoints(params: dict) -> None:
+    cfg = dict(type="BalancedL1Loss", reduction="none", **params)
+    beta = params.get("beta", 1.0)
+    diffs = torch.tensor([0.0, beta * (1 - 1e-9), beta, beta * (1 + 1e-9), -beta, 10 * beta], dtype=F64)
+    pred = diffs.unsqueeze(0).requires_grad_()
+    target = torch.zeros_like(pred)
+    out = build_loss(cfg)(pred, target)
+    grad = grad_of(out, pred)
+    assert_finite(out)
+    assert_finite(grad)
+    torch.testing.assert_close(out, reference_loss(cfg, pred, target), **TOL)
+    # continuous at the breakpoint
+    torch.testing.assert_close(out[0, 1], out[0, 3], rtol=1e-7, atol=1e-9)
+    assert float(out[0, 0]) == 0.0
