@@ -1,0 +1,254 @@
+"""Loss evaluation graphs: attach_losses (onnx.compose merges) and evaluate, driven by the GFL distillation example.
+
+The merged student + teacher + five-loss graph is built once per module (the loss exports dominate the cost).
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from visdet_export import build_loss
+from visdet_export.export.artifacts import ArtifactError
+from visdet_export.export.attach import (
+    AttachError,
+    attach_losses,
+    attached_losses,
+    evaluate,
+    load_samples,
+    save_samples,
+)
+from visdet_export.export.onnx import export_onnx
+from visdet_export.specs import spec_for
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "export_scripts" / "distill_gfl_example.py"
+_spec = importlib.util.spec_from_file_location("distill_gfl_example", EXAMPLE)
+example = importlib.util.module_from_spec(_spec)
+sys.modules["distill_gfl_example"] = example
+_spec.loader.exec_module(example)
+
+RTOL, ATOL = 1e-4, 1e-6
+POSITIVES = (0, 1, 9, 40)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("attach")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return example.StudentTeacher().eval()
+
+
+@pytest.fixture(scope="module")
+def merged(model, workdir):
+    return example.build_merged(model, workdir)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [example.make_sample(n, seed=i) for i, n in enumerate(POSITIVES)]
+
+
+@pytest.fixture(scope="module")
+def kd_graph(workdir):
+    """A standalone KD loss graph (pred, soft_label, weight), reused as a pre-exported loss."""
+    cfg = dict(type="KnowledgeDistillationKLDivLoss", T=2.0)
+    return export_onnx(cfg, workdir / "kd.onnx", optional_inputs=("weight",))
+
+
+def _identity_model(path: Path, opset: int, ir_version: int, width: int = 80) -> Path:
+    """A hand-written model: y = x * 2 with x (N, width) float, at the given opset / IR version."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], np.float32(2.0).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double", [x], [y], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# --- the example: merged graph against PyTorch --------------------------------------------------------------------
+
+
+def test_merged_losses_match_pytorch(model, merged, samples):
+    rows = example.compare(model, merged, samples)
+    for n, row in zip(POSITIVES, rows):
+        for name, (ort_value, torch_value) in row.items():
+            assert np.isfinite(ort_value), (n, name)
+            np.testing.assert_allclose(ort_value, torch_value, rtol=RTOL, atol=ATOL, err_msg=f"{name} at N={n}")
+    zero = rows[0]  # N = 0 positives: the positive-only losses are 0, the dense ones are not
+    assert zero["loss_bbox"][0] == zero["loss_dfl"][0] == zero["loss_ld"][0] == 0.0
+    assert zero["loss_cls"][0] > 0 and zero["loss_kd"][0] > 0
+
+
+def test_example_main_passes(model, merged, capsys, monkeypatch):
+    monkeypatch.setattr(example, "build_merged", lambda _model, _directory, overwrite=False: merged)
+    assert example.main(["--positives", "0", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_ld" in out and "N = 0 positives" in out
+
+
+def test_model_outputs_are_kept(model, merged, samples):
+    session = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    sample = samples[2]
+    got = session.run(list(example.MODEL_OUTPUTS), {k: v.numpy() for k, v in sample.items()})
+    with torch.no_grad():
+        expected = model(sample["feats"], sample["pos_inds"])
+    for name, value, ref in zip(example.MODEL_OUTPUTS, got, expected):
+        np.testing.assert_allclose(value, ref.numpy(), rtol=RTOL, atol=1e-5, err_msg=name)
+
+
+def test_merged_graph_structure(merged):
+    model = onnx.load(str(merged))
+    onnx.checker.check_model(model, full_check=True)
+    inputs = [value.name for value in model.graph.input]
+    outputs = [value.name for value in model.graph.output]
+    assert outputs == list(example.MODEL_OUTPUTS) + [name for name, _, _ in example.LOSSES]
+    # the shared "bbox_weight" (GIoU and LD) is one input; no prefixed leftovers
+    assert inputs.count("bbox_weight") == 1 and not any("/" in name for name in inputs)
+    assert set(inputs) == {
+        "feats", "pos_inds", "labels", "label_scores", "num_pos", "bbox_targets", "bbox_weight",
+        "bbox_avg_factor", "dfl_targets", "dfl_weight", "dfl_avg_factor", "ld_avg_factor",
+    }
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    for value in model.graph.output[len(example.MODEL_OUTPUTS):]:
+        assert len(value.type.tensor_type.shape.dim) == 0  # every loss is 0-d
+    described = attached_losses(merged)
+    assert list(described) == [name for name, _, _ in example.LOSSES]
+    assert described["loss_ld"]["config"]["type"] == "LocalizationDistillationLoss"
+    assert described["loss_ld"]["inputs"]["soft_label"] == "teacher_bbox_dist"
+    manifest = json.loads(Path(f"{merged}.json").read_text())
+    assert manifest["kind"] == "attached_losses" and manifest["opset"] == 18
+
+
+# --- evaluate -----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_npz_with_progress(model, merged, samples, workdir, capsys):
+    path = save_samples(workdir / "samples.npz", samples)
+    assert len(load_samples(path)) == len(samples)
+    summary = evaluate(merged, path, progress=True)
+    assert summary.outputs == [name for name, _, _ in example.LOSSES]  # the 0-d outputs by default
+    assert summary.count == len(samples)
+    for i, sample in enumerate(samples):
+        for name, value in example.torch_losses(model, sample).items():
+            np.testing.assert_allclose(summary.values[name][i], value, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(summary.mean["loss_bbox"], np.mean(summary.values["loss_bbox"]))
+    assert summary.to_dict()["nonfinite"] == {name: 0 for name in summary.outputs}
+    assert "4/4 samples" in capsys.readouterr().err
+    assert "loss_kd" in str(summary)
+    with pytest.raises(ArtifactError, match="exists"):
+        save_samples(path, samples)
+
+
+def test_evaluate_stacked_npz_and_errors(kd_graph, workdir):
+    g = torch.Generator().manual_seed(0)
+    stacked = {
+        "pred": torch.randn(3, 5, 80, generator=g).numpy(),
+        "soft_label": torch.randn(3, 5, 80, generator=g).numpy(),
+        "weight": torch.rand(3, 5, generator=g).double().numpy(),  # cast to the graph's float32
+    }
+    path = workdir / "stacked.npz"
+    np.savez(path, **stacked)
+    summary = evaluate(kd_graph, path, progress=False)
+    loss = build_loss(dict(type="KnowledgeDistillationKLDivLoss", T=2.0))
+    for i in range(3):
+        ref = loss(*(torch.from_numpy(stacked[k][i]).float() for k in ("pred", "soft_label", "weight")))
+        np.testing.assert_allclose(summary.values["loss"][i], float(ref), rtol=RTOL, atol=ATOL)
+    one = {k: v[0] for k, v in stacked.items()}
+    with pytest.raises(AttachError, match="missing input"):
+        evaluate(kd_graph, [{"pred": one["pred"]}], progress=False)
+    with pytest.raises(AttachError, match="unknown input"):
+        evaluate(kd_graph, [{**one, "target": one["weight"]}], progress=False)
+    with pytest.raises(AttachError, match="no output"):
+        evaluate(kd_graph, [one], outputs=["loss_cls"], progress=False)
+
+
+# --- attach: options and errors -----------------------------------------------------------------------------------
+
+
+def test_attach_converts_opset_and_ir_and_accepts_loss_graph_paths(kd_graph, workdir):
+    model_path = _identity_model(workdir / "double_opset17.onnx", opset=17, ir_version=8)
+    out = attach_losses(
+        model_path,
+        [("loss_kd", kd_graph, {"pred": "y", "soft_label": "teacher", "weight": "w"})],
+        workdir / "double_kd.onnx",
+    )
+    model = onnx.load(str(out))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert model.ir_version == onnx.load(str(kd_graph)).ir_version
+    x, teacher, w = torch.randn(6, 80), torch.randn(6, 80), torch.rand(6)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y, value = session.run(["y", "loss_kd"], {"x": x.numpy(), "teacher": teacher.numpy(), "w": w.numpy()})
+    np.testing.assert_allclose(y, 2 * x.numpy())
+    ref = build_loss(dict(type="KnowledgeDistillationKLDivLoss", T=2.0))(2 * x, teacher, w)
+    np.testing.assert_allclose(value, float(ref), rtol=RTOL, atol=ATOL)
+    # N = 0 through the merged graph
+    empty = session.run(["loss_kd"], {"x": x[:0].numpy(), "teacher": teacher[:0].numpy(), "w": w[:0].numpy()})
+    assert float(empty[0]) == 0.0
+
+
+def test_attach_refuses_bad_requests(kd_graph, workdir, merged):
+    model_path = _identity_model(workdir / "double.onnx", opset=18, ir_version=10)
+    out = workdir / "never.onnx"
+    with pytest.raises(AttachError, match="exists"):
+        attach_losses(model_path, [("l", kd_graph, {"pred": "y"})], merged)
+    with pytest.raises(AttachError, match="has no input"):
+        attach_losses(model_path, [("l", dict(type="KnowledgeDistillationKLDivLoss"), {"logits": "y"})], out)
+    with pytest.raises(AttachError, match="name"):
+        attach_losses(model_path, [("a/b", kd_graph, {"pred": "y"})], out)
+    with pytest.raises(AttachError, match="already used"):
+        attach_losses(model_path, [("y", kd_graph, {"pred": "y"})], out)
+    with pytest.raises(AttachError, match="shape"):  # (N, 68) model output into a (N, 80) loss input
+        narrow = _identity_model(workdir / "narrow.onnx", opset=18, ir_version=10, width=68)
+        attach_losses(narrow, [("l", kd_graph, {"pred": "y"})], out)
+    with pytest.raises(AttachError, match="at least one"):
+        attach_losses(model_path, [], out)
+    assert not out.exists()
+
+
+def test_attach_refuses_dtype_mismatch(workdir):
+    model_path = _identity_model(workdir / "double_dtype.onnx", opset=18, ir_version=10)
+    loss = build_loss(dict(type="FocalLoss"))
+    assert spec_for(loss).names[1] == "target"  # int64 labels
+    with pytest.raises(AttachError, match="int64"):
+        attach_losses(model_path, [("l", loss, {"pred": "y", "target": "y"})], workdir / "never2.onnx")
+
+
+def test_attach_refuses_external_data_outside_the_model_directory(kd_graph, tmp_path):
+    inner = tmp_path / "model"
+    inner.mkdir()
+    model = onnx.load(str(_identity_model(inner / "m.onnx", opset=18, ir_version=10)))
+    onnx.save(model, str(inner / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    (tmp_path / "outside.data").write_bytes((inner / "m.data").read_bytes())
+    stored = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for entry in stored.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../outside.data"
+    onnx.save(stored, str(inner / "m.onnx"))
+    with pytest.raises(ArtifactError, match="outside"):
+        attach_losses(inner / "m.onnx", [("l", kd_graph, {"pred": "y"})], tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_attach_reads_external_data_inside_the_model_directory(kd_graph, tmp_path):
+    model = onnx.load(str(_identity_model(tmp_path / "m.onnx", opset=18, ir_version=10)))
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    assert onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.initializer[0].external_data
+    out = attach_losses(tmp_path / "m.onnx", [("l", kd_graph, {"pred": "y", "soft_label": "t"})], tmp_path / "o.onnx")
+    x = np.ones((2, 80), np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    # the unmapped input of a pre-exported loss graph stays, under the loss's prefix
+    assert [i.name for i in session.get_inputs()] == ["x", "t", "l/weight"]
+    (y,) = session.run(["y"], {"x": x, "t": x, "l/weight": np.ones(2, np.float32)})
+    np.testing.assert_allclose(y, 2 * x)

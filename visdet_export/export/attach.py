@@ -1,0 +1,602 @@
+"""Loss evaluation graphs: attach exported losses to a model's ONNX outputs, and evaluate graphs over many samples.
+
+:func:`attach_losses` merges a model ``.onnx`` with one exported graph per loss using :mod:`onnx.compose`, so one
+onnxruntime session runs the detector (or a student and a teacher) and computes the losses on its outputs::
+
+    attach_losses(
+        "head.onnx",
+        [
+            ("loss_cls", dict(type="QualityFocalLoss", beta=2.0), {"pred": "cls_score", "labels": "labels",
+                                                                   "scores": "label_scores"}),
+            ("loss_kd", dict(type="KnowledgeDistillationKLDivLoss", T=2), {"pred": "cls_score",
+                                                                          "soft_label": "teacher_cls_score"}),
+        ],
+        "head_with_losses.onnx",
+    )
+
+Each loss input (the names of its input spec, :mod:`visdet_export.specs`) is mapped to a model output, which feeds
+it, or to any other name, which becomes a graph input of the merged model (losses mapping the same name share the
+input). Unmapped required inputs become graph inputs named ``<loss name>/<input>``; unmapped optional inputs
+(``weight``, ``avg_factor``) are left out of the loss graph. The merged model keeps the model's inputs and outputs
+and adds one 0-d output per loss, named as the loss. All names inside a loss graph are prefixed with
+``<loss name>/`` so they stay unique.
+
+:func:`evaluate` runs any ONNX graph (a merged model or a standalone loss) over samples from an ``.npz`` file or an
+iterable of dicts and returns per-sample values and means of its scalar outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TextIO, Union
+
+import numpy as np
+import onnx
+import onnx.compose
+import onnx.version_converter
+from onnx import external_data_helper
+from torch import nn
+
+from ..registry import MODELS, loss_config
+from ..specs import spec_for
+from .artifacts import ArtifactError, atomic_output, write_manifest
+from .onnx import check_external_data, export_onnx
+
+PathLike = Union[str, "os.PathLike[str]"]
+LossLike = Union[nn.Module, Mapping[str, object], PathLike]
+Attachment = tuple[str, LossLike, Mapping[str, str]]
+
+# The lowest opset the loss graphs are exported at (torch's dynamo exporter targets 18 and later).
+MIN_OPSET = 18
+# protobuf's hard limit: a larger merged model is written with its initializers in ``<out>.data``.
+PROTOBUF_LIMIT = 2**31 - 1
+ATTACHED_METADATA_KEY = "visdet_export.attached_losses"
+SEPARATOR = "/"
+
+
+class AttachError(ArtifactError):
+    """A loss could not be attached (bad mapping, incompatible graphs, unsafe external data, ...)."""
+
+
+# --- loading and checking -----------------------------------------------------------------------------------------
+
+
+def load_model(path: PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, which must lie inside the model's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttachError(f"{path} is not a file")
+    check_external_data(path)
+    model = onnx.load(str(path), load_external_data=False)
+    external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise AttachError("the model imports no default ('ai.onnx') opset")
+
+
+def _to_opset(model: onnx.ModelProto, opset: int, what: str) -> onnx.ModelProto:
+    if _default_opset(model) == opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as error:  # the converter raises bare RuntimeErrors per unsupported op
+        raise AttachError(
+            f"could not convert {what} from opset {_default_opset(model)} to {opset}: {error}; "
+            f"export it at opset {opset} instead"
+        ) from error
+
+
+# --- naming helpers -----------------------------------------------------------------------------------------------
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename one value (graph input/output, node edge, value_info) throughout ``graph`` (not its subgraphs)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for values in (graph.input, graph.output, graph.value_info):
+        for value in values:
+            if value.name == old:
+                value.name = new
+
+
+def _prefix_dim_params(graph: onnx.GraphProto, prefix: str) -> None:
+    """Symbolic dims are per graph (the model's ``N`` anchors are not a loss's ``N`` positives)."""
+    for values in (graph.input, graph.output, graph.value_info):
+        for value in values:
+            if value.type.HasField("tensor_type"):
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.HasField("dim_param"):
+                        dim.dim_param = prefix + dim.dim_param
+
+
+def _value_type(value: onnx.ValueInfoProto) -> tuple[int, Optional[list[Optional[int]]]]:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return tensor.elem_type, None
+    return tensor.elem_type, [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim]
+
+
+def _check_compatible(source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, what: str) -> None:
+    source_type, source_shape = _value_type(source)
+    target_type, target_shape = _value_type(target)
+    if source_type != target_type:
+        raise AttachError(
+            f"{what}: {source.name!r} is {onnx.helper.tensor_dtype_to_np_dtype(source_type)} but the loss expects "
+            f"{onnx.helper.tensor_dtype_to_np_dtype(target_type)}"
+        )
+    if source_shape is None or target_shape is None:
+        return
+    if len(source_shape) != len(target_shape) or any(
+        a is not None and b is not None and a != b for a, b in zip(source_shape, target_shape)
+    ):
+        shown = [["?" if d is None else d for d in shape] for shape in (source_shape, target_shape)]
+        raise AttachError(f"{what}: {source.name!r} has shape {shown[0]} but the loss expects {shown[1]}")
+
+
+# --- loss graphs --------------------------------------------------------------------------------------------------
+
+
+def _as_loss(loss: Union[nn.Module, Mapping[str, object]]) -> nn.Module:
+    return loss if isinstance(loss, nn.Module) else MODELS.build(loss)
+
+
+def _export_loss_graph(loss: nn.Module, optional_inputs: tuple[str, ...], opset: int, directory: Path) -> Path:
+    """Export ``loss`` with the package's ONNX exporter (verified in onnxruntime) into ``directory``."""
+    path = directory / f"{type(loss).__name__}.{len(list(directory.iterdir()))}.onnx"
+    return Path(export_onnx(loss, path, optional_inputs=optional_inputs, opset=opset, verify=True))
+
+
+def _loss_graph(
+    name: str, loss: LossLike, mapping: Mapping[str, str], opset: int, directory: Path
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata."""
+    if isinstance(loss, (str, os.PathLike)):
+        graph = _to_opset(load_model(loss), opset, f"loss graph {name!r}")
+        known = {value.name for value in graph.graph.input}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise AttachError(f"loss {name!r} ({loss}) has no input(s) {', '.join(unknown)}; it has {sorted(known)}")
+        return graph, {"graph": str(loss)}
+    module = _as_loss(loss)
+    spec = spec_for(module)
+    known = {t.name for t in spec.inputs}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise AttachError(
+            f"loss {name!r} ({type(module).__name__}) has no input(s) {', '.join(unknown)}; "
+            f"its inputs are {', '.join(spec.names)}"
+        )
+    optional = tuple(t.name for t in spec.inputs if t.optional and t.name in mapping)
+    path = _export_loss_graph(module, optional, opset, directory)
+    return _to_opset(load_model(path), opset, f"loss graph {name!r}"), {"config": loss_config(module)}
+
+
+# --- attach -------------------------------------------------------------------------------------------------------
+
+
+def _check_name(name: object, taken: set[str]) -> str:
+    if not isinstance(name, str) or not name or SEPARATOR in name:
+        raise AttachError(f"a loss name must be a non-empty string without {SEPARATOR!r}, got {name!r}")
+    if name in taken:
+        raise AttachError(f"the name {name!r} is already used by the model or another loss; choose another")
+    return name
+
+
+def attach_losses(
+    model_onnx_path: PathLike,
+    losses: Sequence[Attachment],
+    out_path: PathLike,
+    *,
+    overwrite: bool = False,
+    opset: Optional[int] = None,
+    manifest: bool = True,
+) -> Path:
+    """Write ``model_onnx_path`` merged with one loss graph per entry of ``losses`` to ``out_path``.
+
+    Args:
+        model_onnx_path: the model. External data must lie inside its directory.
+        losses: ``(name, loss, mapping)`` triples. ``loss`` is a built loss, a loss config
+            (``dict(type=..., ...)``) or the path of an exported loss graph; ``mapping`` takes the loss's input
+            names (see :func:`visdet_export.specs.spec_for`) to a model output name (connected) or to any other
+            name (a new graph input, shared by every loss that names it). The loss's 0-d value becomes the
+            output ``name``.
+        out_path: the merged model; written atomically, never over an existing file unless ``overwrite``.
+        opset: the default-domain opset of the result; by default the model's (at least 18). The model is
+            converted with ``onnx.version_converter`` when it differs, loss graphs are exported at it.
+        manifest: also write ``<out_path>.json`` (losses, mappings, versions, checksum).
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        AttachError: unsafe external data, unknown or duplicate names, a mapping to an input the loss does not
+            have, an element type or static shape mismatch between a model output and a loss input, or a model
+            that cannot be converted to the opset.
+    """
+    out = Path(out_path)
+    if out.exists() and not overwrite:  # fail before spending time on exports
+        raise AttachError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not losses:
+        raise AttachError("give at least one (name, loss, mapping) to attach")
+    model = load_model(model_onnx_path)
+    target_opset = max(_default_opset(model), MIN_OPSET) if opset is None else int(opset)
+    if target_opset < MIN_OPSET:
+        raise AttachError(f"opset={target_opset} is too old; loss graphs need opset >= {MIN_OPSET}")
+    model = _to_opset(model, target_opset, f"model {model_onnx_path}")
+
+    model_outputs = {value.name: value for value in model.graph.output}
+    keep_outputs = list(model_outputs)
+    taken = set(model_outputs) | {value.name for value in model.graph.input}
+    described: dict[str, Any] = {}
+    merged = model
+    with tempfile.TemporaryDirectory(prefix="visdet-attach-") as scratch:
+        for entry in losses:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
+                raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
+            name, loss, mapping = entry
+            name = _check_name(name, taken)
+            if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
+                raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
+            graph, description = _loss_graph(name, loss, mapping, target_opset, Path(scratch))
+            merged = _merge_one(merged, graph, name, mapping, model_outputs, keep_outputs)
+            keep_outputs.append(name)
+            taken.add(name)
+            described[name] = {**description, "inputs": dict(mapping)}
+
+    onnx.helper.set_model_props(
+        merged, {**{p.key: p.value for p in merged.metadata_props}, ATTACHED_METADATA_KEY: json.dumps(described)}
+    )
+    _save_checked(merged, out, overwrite)
+    if manifest:
+        write_manifest(
+            out,
+            {
+                "format": "onnx",
+                "kind": "attached_losses",
+                "model": str(Path(model_onnx_path).name),
+                "losses": described,
+                "opset": target_opset,
+                "inputs": [value.name for value in merged.graph.input],
+                "outputs": [value.name for value in merged.graph.output],
+            },
+            overwrite,
+        )
+    return out
+
+
+def _merge_one(
+    merged: onnx.ModelProto,
+    loss_graph: onnx.ModelProto,
+    name: str,
+    mapping: Mapping[str, str],
+    model_outputs: Mapping[str, onnx.ValueInfoProto],
+    keep_outputs: list[str],
+) -> onnx.ModelProto:
+    """Merge one loss graph into ``merged`` with ``onnx.compose``."""
+    prefix = name + SEPARATOR
+    loss_inputs = {value.name: value for value in loss_graph.graph.input}
+    absent = sorted(set(mapping) - set(loss_inputs))
+    if absent:  # e.g. avg_factor of a reduction="sum" loss, which rejects it
+        raise AttachError(
+            f"the graph of loss {name!r} has no input(s) {', '.join(absent)}; it takes {sorted(loss_inputs)}"
+        )
+    if [value.name for value in loss_graph.graph.output] != ["loss"]:
+        raise AttachError(f"loss graph {name!r} must have the single output 'loss'")
+    loss_graph = onnx.compose.add_prefix(loss_graph, prefix)
+    _prefix_dim_params(loss_graph.graph, prefix)
+    _rename_value(loss_graph.graph, prefix + "loss", name)
+    # Model-level metadata of several loss graphs would collide under the same keys.
+    props = {prefix + p.key: p.value for p in loss_graph.metadata_props}
+    del loss_graph.metadata_props[:]
+    onnx.helper.set_model_props(loss_graph, props)
+
+    existing_inputs = {value.name: value for value in merged.graph.input}
+    io_map: list[tuple[str, str]] = []
+    passthrough: list[str] = []
+    for input_name, source in mapping.items():
+        target = loss_inputs[input_name]
+        if source in model_outputs:
+            _check_compatible(model_outputs[source], target, f"loss {name!r} input {input_name!r}")
+            io_map.append((source, prefix + input_name))
+        elif source in existing_inputs:
+            # A graph input another loss (or the model) already declared: route it through a temporary output.
+            _check_compatible(existing_inputs[source], target, f"loss {name!r} input {input_name!r}")
+            if source not in {value.name for value in merged.graph.output}:
+                merged = _with_output(merged, existing_inputs[source])
+                passthrough.append(source)
+            io_map.append((source, prefix + input_name))
+        else:
+            if source in keep_outputs:
+                raise AttachError(f"loss {name!r}: {source!r} is another loss's output, not an input")
+            _rename_value(loss_graph.graph, prefix + input_name, source)
+            for dim in next(v for v in loss_graph.graph.input if v.name == source).type.tensor_type.shape.dim:
+                if dim.HasField("dim_param"):
+                    dim.dim_param = source + SEPARATOR + dim.dim_param.removeprefix(prefix)
+
+    merged, loss_graph = _reconcile_ir(merged, loss_graph)
+    try:
+        result = onnx.compose.merge_models(
+            merged, loss_graph, io_map=io_map, outputs=keep_outputs + [name], name=merged.graph.name
+        )
+    except (ValueError, onnx.checker.ValidationError) as error:
+        raise AttachError(f"could not merge loss {name!r}: {error}") from error
+    _dedupe_opsets(result)
+    return result
+
+
+def _with_output(model: onnx.ModelProto, value: onnx.ValueInfoProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.append(value)
+    return copy
+
+
+def _reconcile_ir(a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Both at the newer IR version (a newer IR reads every older graph); opsets were aligned before."""
+    ir = max(a.ir_version, b.ir_version)
+    a.ir_version = ir
+    b.ir_version = ir
+    return a, b
+
+
+def _dedupe_opsets(model: onnx.ModelProto) -> None:
+    """merge_models concatenates both opset import lists; keep one entry per domain (versions were aligned)."""
+    seen: dict[str, int] = {}
+    for entry in model.opset_import:
+        seen.setdefault(entry.domain, entry.version)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in seen.items())
+
+
+def _save_checked(model: onnx.ModelProto, out: Path, overwrite: bool) -> None:
+    """Check and write atomically; past protobuf's 2 GiB limit the initializers go to ``<out>.data`` beside it."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model, full_check=True)
+        with atomic_output(out, overwrite) as tmp:
+            onnx.save_model(model, str(tmp))
+        return
+    data_name = out.name + ".data"
+    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_name)
+    with tempfile.TemporaryDirectory(prefix=".visdet-attach-", dir=out.parent) as staging:
+        model_file = Path(staging) / out.name
+        onnx.save_model(model, str(model_file), save_as_external_data=True, location=data_name)
+        onnx.checker.check_model(str(model_file), full_check=True)
+        with atomic_output(out.parent / data_name, overwrite) as tmp_data, atomic_output(out, overwrite) as tmp:
+            os.replace(Path(staging) / data_name, tmp_data)
+            os.replace(model_file, tmp)
+
+
+def attached_losses(path: PathLike) -> dict[str, Any]:
+    """The losses an :func:`attach_losses` model carries (name -> config/graph and input mapping)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == ATTACHED_METADATA_KEY:
+            return dict(json.loads(prop.value))
+    return {}
+
+
+# --- batch evaluation ---------------------------------------------------------------------------------------------
+
+
+Sample = Mapping[str, Any]
+
+
+@dataclass
+class EvaluationSummary:
+    """Per-sample values and means of the scalar outputs of a graph over a set of samples.
+
+    Attributes:
+        outputs: the evaluated output names.
+        values: output name -> one float per sample.
+        seconds: wall time of the evaluation.
+    """
+
+    outputs: list[str]
+    values: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.values.values()))) if self.values else 0
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {name: (math.fsum(v) / len(v) if v else math.nan) for name, v in self.values.items()}
+
+    @property
+    def nonfinite(self) -> dict[str, int]:
+        return {name: sum(not math.isfinite(x) for x in v) for name, v in self.values.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "seconds": self.seconds,
+            "mean": self.mean,
+            "nonfinite": self.nonfinite,
+            "per_sample": self.values,
+        }
+
+    def __str__(self) -> str:
+        width = max([len(name) for name in self.outputs] + [6])
+        lines = [f"{self.count} samples in {self.seconds:.2f} s", f"{'output':<{width}}  {'mean':>14}  non-finite"]
+        for name in self.outputs:
+            lines.append(f"{name:<{width}}  {self.mean[name]:>14.8g}  {self.nonfinite[name]}")
+        return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress counter on stderr (rate-limited); silent when disabled."""
+
+    def __init__(self, total: Optional[int], label: str, enabled: bool, stream: Optional[TextIO] = None) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = sys.stderr if stream is None else stream  # looked up now: stderr may be redirected
+        self.count = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= 0.1 or self.count == self.total):
+            self.last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            rate = self.count / max(now - self.start, 1e-9)
+            self.stream.write(f"\r{self.label}: {self.count}{of} samples ({rate:.0f}/s)")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.count:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def load_samples(path: PathLike) -> list[dict[str, np.ndarray]]:
+    """Samples from an ``.npz``: keys ``"<index>/<input>"`` (any shapes per sample, as :func:`save_samples`
+    writes), or plain input names holding arrays stacked along a leading sample axis."""
+    with np.load(str(path), allow_pickle=False) as data:
+        keys = list(data.keys())
+        if keys and all(SEPARATOR in key for key in keys):
+            grouped: dict[int, dict[str, np.ndarray]] = {}
+            for key in keys:
+                index, _, name = key.partition(SEPARATOR)
+                if not index.isdigit():
+                    raise AttachError(f"{path}: key {key!r} is not '<sample index>/<input name>'")
+                grouped.setdefault(int(index), {})[name] = data[key]
+            return [grouped[i] for i in sorted(grouped)]
+        stacked = {key: data[key] for key in keys}
+    lengths = {len(v) if v.ndim else -1 for v in stacked.values()}
+    if len(lengths) != 1 or -1 in lengths:
+        raise AttachError(f"{path}: stacked inputs need one common leading sample axis, got {sorted(lengths)}")
+    return [{key: value[i] for key, value in stacked.items()} for i in range(lengths.pop())]
+
+
+def save_samples(path: PathLike, samples: Iterable[Sample], *, overwrite: bool = False) -> Path:
+    """Write samples (dicts of arrays, shapes free per sample) as ``"<index>/<input>"`` keys of an ``.npz``."""
+    arrays = {
+        f"{i}{SEPARATOR}{name}": _to_array(value) for i, sample in enumerate(samples) for name, value in sample.items()
+    }
+    out = Path(path)
+    with atomic_output(out, overwrite) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return out
+
+
+def _to_array(value: Any) -> np.ndarray:
+    """A numpy array from an array, a number or a (CPU or device) tensor."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _feeds(sample: Sample, graph_inputs: Mapping[str, np.dtype], index: int) -> dict[str, np.ndarray]:
+    missing = sorted(set(graph_inputs) - set(sample))
+    extra = sorted(set(sample) - set(graph_inputs))
+    if missing or extra:
+        raise AttachError(
+            f"sample {index}: "
+            + (f"missing input(s) {', '.join(missing)}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unknown input(s) {', '.join(extra)}" if extra else "")
+            + f"; the graph takes {', '.join(graph_inputs)}"
+        )
+    feeds = {}
+    for name, dtype in graph_inputs.items():
+        value = sample[name]
+        array = _to_array(value)
+        if array.dtype.kind == "f" and dtype.kind in "iub":
+            raise AttachError(f"sample {index}: input {name!r} is floating point but the graph takes {dtype}")
+        # not np.ascontiguousarray: it turns a 0-d avg_factor into shape (1,), which onnxruntime accepts silently
+        feeds[name] = np.require(array.astype(dtype, copy=False), requirements="C")
+    return feeds
+
+
+def evaluate(
+    onnx_path: PathLike,
+    samples: Union[PathLike, Iterable[Sample]],
+    *,
+    outputs: Optional[Sequence[str]] = None,
+    progress: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> EvaluationSummary:
+    """Run ``onnx_path`` in onnxruntime on every sample and summarise its scalar outputs.
+
+    Args:
+        onnx_path: a loss graph or a merged model (external data must lie inside its directory).
+        samples: an ``.npz`` (see :func:`load_samples`) or an iterable of dicts from input name to array/tensor;
+            every graph input must be given, and values are cast to the graph's element types.
+        outputs: the outputs to summarise; by default every output declared 0-d (each attached loss).
+        progress: show a progress counter on stderr.
+
+    Returns:
+        :class:`EvaluationSummary` with per-sample values and means (non-finite values are counted, not dropped).
+    """
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    check_external_data(path)
+    model = onnx.load(str(path), load_external_data=False)
+    scalar_outputs = [
+        value.name
+        for value in model.graph.output
+        if value.type.tensor_type.HasField("shape") and len(value.type.tensor_type.shape.dim) == 0
+    ]
+    all_outputs = [value.name for value in model.graph.output]
+    if outputs is None:
+        if not scalar_outputs:
+            raise AttachError(f"{path} has no 0-d output to summarise; name the outputs to evaluate")
+        names = scalar_outputs
+    else:
+        names = list(outputs)
+        unknown = sorted(set(names) - set(all_outputs))
+        if unknown:
+            raise AttachError(f"{path} has no output(s) {', '.join(unknown)}; it has {', '.join(all_outputs)}")
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    graph_inputs = {
+        value.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        for value in model.graph.input
+    }
+    if isinstance(samples, (str, os.PathLike)):
+        samples = load_samples(samples)
+    total = len(samples) if isinstance(samples, Sequence) else None
+    summary = EvaluationSummary(outputs=names, values={name: [] for name in names})
+    bar = _Progress(total, f"evaluate {path.name}", progress)
+    start = time.perf_counter()
+    try:
+        for index, sample in enumerate(samples):
+            results = session.run(names, _feeds(sample, graph_inputs, index))
+            for name, result in zip(names, results):
+                if np.ndim(result) != 0:
+                    raise AttachError(
+                        f"output {name!r} is not a scalar (shape {np.shape(result)}); it cannot be averaged"
+                    )
+                summary.values[name].append(float(result))
+            bar.update()
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+__all__ = [
+    "AttachError",
+    "EvaluationSummary",
+    "attach_losses",
+    "attached_losses",
+    "evaluate",
+    "load_model",
+    "load_samples",
+    "save_samples",
+]
