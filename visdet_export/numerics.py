@@ -141,8 +141,8 @@ def regression_inputs(
         elements of weight 0 replaced by 0 in ``pred`` and ``target``.
     """
     check_same_shape(pred, target, "target")
-    if target.dtype != pred.dtype and not target.is_floating_point():
-        raise ValueError("regression targets must be floating point, got an integer tensor")
+    if not pred.is_floating_point() or not target.is_floating_point():
+        raise ValueError("regression pred and target must be floating point, got an integer or bool tensor")
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     target = target.to(dtype)

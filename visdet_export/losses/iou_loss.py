@@ -30,8 +30,8 @@ def box_inputs(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> tuple[
     check_same_shape(pred, target, "target")
     if pred.dim() != 2 or pred.size(1) != 4:
         raise ValueError("boxes must have shape (N, 4) as (x1, y1, x2, y2), got " + str(pred.shape))
-    if not target.is_floating_point():
-        raise ValueError("target boxes must be floating point, got an integer tensor")
+    if not pred.is_floating_point() or not target.is_floating_point():
+        raise ValueError("pred and target boxes must be floating point, got an integer or bool tensor")
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     target = target.to(dtype)
