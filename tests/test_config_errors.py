@@ -1,0 +1,336 @@
+"""Configuration and call-contract errors: RELIABILITY.md items 1-8.
+
+Bad configuration fails when the loss is built (ConfigError, a ValueError, naming the problem and the valid
+choices); shape / dtype / class-count problems that depend on the inputs fail at the call with a ValueError.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from reference import SEED_LOSS_NAMES, boxes, single_thread  # noqa: F401  (autouse fixture)
+from visdet_export import ConfigError, build_loss
+from visdet_export.registry import MODELS, loss_config
+from visdet_export.specs import representative_configs
+
+F64 = torch.float64
+
+# --- 1: unknown reduction / mode ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SEED_LOSS_NAMES)
+@pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, 1])
+def test_unknown_reduction(name: str, reduction: object) -> None:
+    with pytest.raises(ConfigError, match="reduction") as info:
+        build_loss(dict(type=name, reduction=reduction))
+    assert isinstance(info.value, ValueError)
+    for valid in ("'none'", "'mean'", "'sum'"):
+        assert valid in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["exp", "Log", "", None])
+def test_unknown_iou_mode(mode: object) -> None:
+    with pytest.raises(ConfigError, match="mode") as info:
+        build_loss(dict(type="IoULoss", mode=mode))
+    for valid in ("'linear'", "'square'", "'log'"):
+        assert valid in str(info.value)
+
+
+# --- 2: out-of-range and non-finite values ---------------------------------------------------------------------------
+
+BAD_VALUES = [
+    pytest.param(dict(type="FocalLoss", gamma=-0.5), "gamma", id="focal_gamma_negative"),
+    pytest.param(dict(type="FocalLoss", alpha=1.5), "alpha", id="focal_alpha_above_1"),
+    pytest.param(dict(type="FocalLoss", alpha=-0.5), "alpha", id="focal_alpha_negative"),
+    pytest.param(dict(type="FocalLoss", alpha=-2.0), "alpha", id="focal_alpha_minus2"),
+    pytest.param(dict(type="QualityFocalLoss", beta=-1.0), "beta", id="qfl_beta_negative"),
+    pytest.param(dict(type="SmoothL1Loss", beta=0.0), "beta", id="smooth_l1_beta_0"),
+    pytest.param(dict(type="SmoothL1Loss", beta=-1.0), "beta", id="smooth_l1_beta_negative"),
+    pytest.param(dict(type="BalancedL1Loss", beta=0.0), "beta", id="balanced_l1_beta_0"),
+    pytest.param(dict(type="BalancedL1Loss", alpha=0.0), "alpha", id="balanced_l1_alpha_0"),
+    pytest.param(dict(type="BalancedL1Loss", gamma=-1.0), "gamma", id="balanced_l1_gamma_negative"),
+    pytest.param(dict(type="IoULoss", eps=0.0), "eps", id="iou_eps_0"),
+    pytest.param(dict(type="IoULoss", eps=-1e-6), "eps", id="iou_eps_negative"),
+    pytest.param(dict(type="GIoULoss", eps=0.0), "eps", id="giou_eps_0"),
+    pytest.param(dict(type="DistributionFocalLoss", reg_max=0), "reg_max", id="dfl_reg_max_0"),
+    pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, -1.0]), "class_weight", id="ce_cw_negative"),
+    pytest.param(dict(type="CrossEntropyLoss", class_weight=[]), "class_weight", id="ce_cw_empty"),
+    pytest.param(dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True), "use_sigmoid", id="ce_two_modes"),
+    pytest.param(dict(type="FocalLoss", use_sigmoid=False), "use_sigmoid", id="focal_softmax"),
+    pytest.param(dict(type="QualityFocalLoss", use_sigmoid=False), "use_sigmoid", id="qfl_softmax"),
+]
+
+
+@pytest.mark.parametrize(("cfg", "word"), BAD_VALUES)
+def test_out_of_range_values(cfg: dict, word: str) -> None:
+    with pytest.raises(ConfigError, match=word):
+        build_loss(cfg)
+
+
+def test_focal_alpha_minus1_is_the_only_sentinel() -> None:
+    assert build_loss(dict(type="FocalLoss", alpha=-1)).alpha == -1.0
+    assert build_loss(dict(type="FocalLoss", alpha=0.0, gamma=0.0)).gamma == 0.0
+    assert build_loss(dict(type="QualityFocalLoss", beta=0.0)).beta == 0.0
+
+
+NUMBER_FIELDS = [
+    ("FocalLoss", "gamma"), ("FocalLoss", "alpha"), ("FocalLoss", "loss_weight"), ("QualityFocalLoss", "beta"),
+    ("SmoothL1Loss", "beta"), ("BalancedL1Loss", "alpha"), ("BalancedL1Loss", "gamma"), ("BalancedL1Loss", "beta"),
+    ("IoULoss", "eps"), ("GIoULoss", "eps"), ("L1Loss", "loss_weight"), ("MSELoss", "loss_weight"),
+    ("DistributionFocalLoss", "loss_weight"), ("CrossEntropyLoss", "loss_weight"), ("GIoULoss", "loss_weight"),
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("name", "field"), NUMBER_FIELDS, ids=[f"{n}.{f}" for n, f in NUMBER_FIELDS])
+def test_non_finite_numbers(name: str, field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_loss({"type": name, field: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_class_weight(value: float) -> None:
+    with pytest.raises(ConfigError, match="class_weight"):
+        build_loss(dict(type="CrossEntropyLoss", class_weight=[1.0, value]))
+
+
+@pytest.mark.parametrize("value", [True, "2.0", None, [2.0], torch.tensor(2.0)],
+                         ids=["bool", "str", "None", "list", "tensor"])
+@pytest.mark.parametrize(("name", "field"), NUMBER_FIELDS[:10], ids=[f"{n}.{f}" for n, f in NUMBER_FIELDS[:10]])
+def test_wrong_number_types(name: str, field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_loss({"type": name, field: value})
+
+
+@pytest.mark.parametrize(("cfg", "word"), [
+    (dict(type="FocalLoss", activated="yes"), "activated"),
+    (dict(type="FocalLoss", use_sigmoid=1), "use_sigmoid"),
+    (dict(type="CrossEntropyLoss", avg_non_ignore=1), "avg_non_ignore"),
+    (dict(type="CrossEntropyLoss", ignore_index=1.5), "ignore_index"),
+    (dict(type="CrossEntropyLoss", ignore_index=True), "ignore_index"),
+    (dict(type="CrossEntropyLoss", class_weight="1,2"), "class_weight"),
+    (dict(type="CrossEntropyLoss", class_weight=[1.0, "2"]), "class_weight"),
+    (dict(type="CrossEntropyLoss", class_weight=[1.0, True]), "class_weight"),
+    (dict(type="DistributionFocalLoss", reg_max=16.0), "reg_max"),
+    (dict(type="IoULoss", linear="True"), "linear"),
+], ids=["activated_str", "use_sigmoid_int", "avg_non_ignore_int", "ignore_index_float", "ignore_index_bool",
+        "class_weight_str", "class_weight_item_str", "class_weight_item_bool", "reg_max_float", "linear_str"])
+def test_wrong_option_types(cfg: dict, word: str) -> None:
+    with pytest.raises(ConfigError, match=word):
+        build_loss(cfg)
+
+
+# --- 3: registry ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("typo", "suggestion"), [
+    ("FocalLos", "FocalLoss"), ("GIOULoss", "GIoULoss"), ("SmoothL1loss", "SmoothL1Loss"),
+    ("CrossEntropy", "CrossEntropyLoss"), ("QualityFocalLoss2", "QualityFocalLoss"),
+])
+def test_unknown_type_suggests_close_matches(typo: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_loss(dict(type=typo))
+    message = str(info.value)
+    assert typo in message and "Did you mean" in message and suggestion in message
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(type="os.system"), dict(type="torch.nn.L1Loss"), dict(type="__import__('os')"), dict(type=""),
+    dict(type=None), dict(type=42), dict(gamma=2.0), "NoSuchLoss",
+], ids=["dotted", "torch_path", "code", "empty", "None", "int", "missing_type", "string"])
+def test_unregistered_types_are_never_imported(cfg: object) -> None:
+    with pytest.raises(ConfigError):
+        build_loss(cfg)  # type: ignore[arg-type]
+
+
+def test_config_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        MODELS.build([("type", "FocalLoss")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("cfg", "unknown", "valid"), [
+    (dict(type="FocalLoss", gama=2.0), "gama", "gamma"),
+    (dict(type="GIoULoss", mode="log"), "mode", "eps"),
+    (dict(type="L1Loss", beta=1.0), "beta", "loss_weight"),
+    (dict(type="CrossEntropyLoss", ignore_idx=255), "ignore_idx", "ignore_index"),
+    (dict(type="DistributionFocalLoss", num_bins=17), "num_bins", "reg_max"),
+])
+def test_unknown_keys_list_valid_ones(cfg: dict, unknown: str, valid: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_loss(cfg)
+    message = str(info.value)
+    assert unknown in message and valid in message and "reduction" in message
+
+
+def test_errors_are_value_errors() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- 4/5: class counts known only at the call --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid", "mask"])
+def test_class_weight_wrong_length(mode: str) -> None:
+    loss = build_loss(dict(type="CrossEntropyLoss", use_sigmoid=mode == "sigmoid", use_mask=mode == "mask",
+                           class_weight=[1.0, 2.0, 3.0]))
+    labels = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="class_weight"):
+        if mode == "mask":
+            loss(torch.randn(2, 5, 4, 4), torch.zeros(2, 4, 4), labels)
+        else:
+            loss(torch.randn(2, 5), labels)
+
+
+def test_dfl_reg_max_mismatch() -> None:
+    loss = build_loss(dict(type="DistributionFocalLoss", reg_max=16))
+    with pytest.raises(ValueError, match="reg_max"):
+        loss(torch.randn(4, 8), torch.rand(4) * 7)
+    loss(torch.randn(4, 17), torch.rand(4) * 16)  # the right bin count works
+
+
+# --- 6/7: shapes and dtypes ------------------------------------------------------------------------------------------
+
+SHAPE_ERRORS = [
+    pytest.param("L1Loss", torch.randn(4, 1), torch.randn(4), id="l1_N1_vs_N"),
+    pytest.param("MSELoss", torch.randn(4), torch.randn(4, 1), id="mse_N_vs_N1"),
+    pytest.param("SmoothL1Loss", torch.randn(4, 4), torch.randn(4, 3), id="smooth_l1_columns"),
+    pytest.param("BalancedL1Loss", torch.randn(4, 4), torch.randn(1, 4), id="balanced_l1_broadcast_rows"),
+    pytest.param("IoULoss", boxes(4, dtype=torch.float32), boxes(3, dtype=torch.float32), id="iou_rows"),
+    pytest.param("GIoULoss", boxes(4, dtype=torch.float32)[:, :3], boxes(4, dtype=torch.float32)[:, :3],
+                 id="giou_three_coords"),
+    pytest.param("GIoULoss", boxes(4, dtype=torch.float32), boxes(1, dtype=torch.float32), id="giou_broadcast"),
+    pytest.param("FocalLoss", torch.randn(4, 3), torch.zeros(4, 1), id="focal_onehot_N1"),
+    pytest.param("FocalLoss", torch.randn(4, 3), torch.zeros(5, dtype=torch.long), id="focal_label_count"),
+    pytest.param("QualityFocalLoss", torch.randn(4, 3), torch.zeros(4, 1), id="qfl_dense_N1"),
+    pytest.param("QualityFocalLoss", torch.randn(4, 3), (torch.zeros(4, dtype=torch.long), torch.zeros(3)),
+                 id="qfl_scores_count"),
+    pytest.param("DistributionFocalLoss", torch.randn(4, 17), torch.rand(4, 1), id="dfl_N1"),
+    pytest.param("CrossEntropyLoss", torch.randn(4, 3), torch.zeros(5, dtype=torch.long), id="ce_label_count"),
+    pytest.param("CrossEntropyLoss", torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long), id="ce_label_N1"),
+]
+
+
+@pytest.mark.parametrize(("name", "pred", "target"), SHAPE_ERRORS)
+def test_shape_mismatch(name: str, pred: torch.Tensor, target: object) -> None:
+    with pytest.raises(ValueError):
+        build_loss(dict(type=name))(pred, target)
+
+
+@pytest.mark.parametrize(("cfg", "pred", "target"), [
+    (dict(type="CrossEntropyLoss", use_sigmoid=True), torch.randn(4, 3), torch.randn(4, 1)),
+    (dict(type="CrossEntropyLoss", use_mask=True), torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 5)),
+], ids=["ce_sigmoid_N1", "ce_mask_target_shape"])
+def test_shape_mismatch_ce_modes(cfg: dict, pred: torch.Tensor, target: torch.Tensor) -> None:
+    loss = build_loss(cfg)
+    with pytest.raises(ValueError):
+        if cfg.get("use_mask"):
+            loss(pred, target, torch.tensor([0, 1]))
+        else:
+            loss(pred, target)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(type="CrossEntropyLoss"), dict(type="CrossEntropyLoss", use_sigmoid=True),
+    dict(type="FocalLoss"), dict(type="QualityFocalLoss"),
+], ids=["softmax", "sigmoid", "focal", "qfl"])
+def test_float_labels_rejected(cfg: dict) -> None:
+    loss = build_loss(cfg)
+    labels = torch.tensor([0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="integer|floating"):
+        if cfg["type"] == "QualityFocalLoss":
+            loss(torch.randn(3, 4), (labels, torch.rand(3)))
+        else:
+            loss(torch.randn(3, 4), labels)
+
+
+def test_float_mask_labels_rejected() -> None:
+    with pytest.raises(ValueError, match="integer|floating"):
+        build_loss(dict(type="CrossEntropyLoss", use_mask=True))(
+            torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss", "L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"])
+@pytest.mark.parametrize("which", ["target", "pred", "both"])
+def test_int_boxes_rejected(name: str, which: str) -> None:
+    pred, target = boxes(4, dtype=torch.float32), boxes(4, seed=1, dtype=torch.float32)
+    if which in ("target", "both"):
+        target = target.long()
+    if which in ("pred", "both"):
+        pred = pred.long()
+    with pytest.raises(ValueError, match="floating"):
+        build_loss(dict(type=name))(pred, target)
+
+
+# --- 8: reduction contract at the call -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("avg_factor", [4, 4.0, torch.tensor(4.0)], ids=["int", "float", "tensor"])
+@pytest.mark.parametrize("how", ["configured", "override"])
+def test_avg_factor_with_sum(how: str, avg_factor: object) -> None:
+    loss = build_loss(dict(type="L1Loss", reduction="sum" if how == "configured" else "mean"))
+    with pytest.raises(ValueError, match="avg_factor"):
+        loss(torch.randn(4, 4), torch.randn(4, 4), None, avg_factor, None if how == "configured" else "sum")
+
+
+@pytest.mark.parametrize("name", SEED_LOSS_NAMES)
+@pytest.mark.parametrize("override", ["avg", "MEAN", "batchmean"])
+def test_invalid_reduction_override(name: str, override: str) -> None:
+    loss = build_loss(dict(type=name))
+    with pytest.raises(ValueError, match="reduction_override") as info:
+        if name in ("IoULoss", "GIoULoss"):
+            loss(boxes(2), boxes(2), reduction_override=override)
+        elif name == "DistributionFocalLoss":
+            loss(torch.randn(2, 5), torch.rand(2), reduction_override=override)
+        elif name in ("FocalLoss", "CrossEntropyLoss"):
+            loss(torch.randn(2, 5), torch.tensor([0, 1]), reduction_override=override)
+        elif name == "QualityFocalLoss":
+            loss(torch.randn(2, 5), (torch.tensor([0, 1]), torch.rand(2)), reduction_override=override)
+        else:
+            loss(torch.randn(2, 4), torch.randn(2, 4), reduction_override=override)
+    assert "'none'" in str(info.value) and "'sum'" in str(info.value)
+
+
+# --- deprecated IoULoss(linear=True) and config round trips ------------------------------------------------------
+
+
+def test_iou_linear_true_is_deprecated_and_linear() -> None:
+    with pytest.warns(DeprecationWarning, match="linear"):
+        legacy = build_loss(dict(type="IoULoss", linear=True))
+    assert legacy.mode == "linear"
+    pred, target = boxes(6, seed=1), boxes(6, seed=2)
+    linear = build_loss(dict(type="IoULoss", mode="linear"))
+    torch.testing.assert_close(legacy(pred, target), linear(pred, target), rtol=0, atol=0)
+    assert not torch.allclose(legacy(pred, target), build_loss(dict(type="IoULoss"))(pred, target))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_loss(dict(type="IoULoss", linear=False))  # no warning when not asked for
+
+
+EXTRA_CONFIGS = {
+    "focal_full": dict(type="FocalLoss", gamma=1.5, alpha=-1, reduction="sum", loss_weight=0.5, activated=True),
+    "ce_full": dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[1.0, 2.5], ignore_index=255,
+                    avg_non_ignore=True, reduction="none", loss_weight=3.0),
+    "ce_ignore_none": dict(type="CrossEntropyLoss", ignore_index=None),
+    "dfl_reg_max": dict(type="DistributionFocalLoss", reg_max=7, loss_weight=0.25),
+    "iou_linear_legacy": dict(type="IoULoss", linear=True, eps=1e-3),
+    "balanced_full": dict(type="BalancedL1Loss", alpha=0.3, gamma=1.0, beta=0.8, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("cfg", [*representative_configs().values(), *EXTRA_CONFIGS.values()],
+                         ids=[*representative_configs(), *EXTRA_CONFIGS])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_loss_config_round_trips(cfg: dict) -> None:
+    loss = build_loss(cfg)
+    rebuilt_cfg = loss_config(loss)
+    rebuilt = build_loss(rebuilt_cfg)
+    assert type(rebuilt) is type(loss)
+    assert loss_config(rebuilt) == rebuilt_cfg
+    for key, value in cfg.items():
+        if key in ("type", "linear") or value is None:
+            continue
+        assert rebuilt_cfg[key] == value, key
+    assert str(rebuilt) == str(loss)  # every hyper-parameter in extra_repr survives
