@@ -307,9 +307,10 @@ def test_torchscript_matches_eager(name):
             torch.testing.assert_close(spec.call(scripted, inputs, reduction), spec.call(loss, inputs, reduction))
 
 
-def test_compile_fullgraph_dynamic_compiles_once():
+@pytest.mark.parametrize("name", ["kd_kl_div", "ld"])
+def test_compile_fullgraph_dynamic_compiles_once(name):
     torch._dynamo.reset()
-    loss = build_loss(representative_configs()["ld"])
+    loss = build_loss(representative_configs()[name])
     compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="eager")
     spec = spec_for(loss)
     from torch._dynamo.utils import counters
@@ -317,5 +318,6 @@ def test_compile_fullgraph_dynamic_compiles_once():
     counters.clear()
     for n in (3, 7, 12):
         inputs = spec.sample(loss, n, seed=n, options=SampleOptions(dtype=torch.float32))
+        inputs["avg_factor"] = inputs["avg_factor"] * n  # a tensor avg_factor that changes every step
         torch.testing.assert_close(spec.call(compiled, inputs), spec.call(loss, inputs))
     assert counters["stats"]["unique_graphs"] == 1
