@@ -523,7 +523,7 @@ def pt2_cases(
 ) -> list[Case]:
     """The package's positional tensors (``names``, in its input order) at several N (dynamic N)."""
     cases = []
-    for index, n in enumerate(sizes or (default_sizes(spec)[0], 5, 2)):
+    for index, n in enumerate(sizes or (default_sizes(spec)[0], 5, 1, 0)):
         inputs = spec.sample(loss, n, seed=seed + index, options=SampleOptions(dtype=dtype))
         cases.append(Case(f"N={n}", [inputs[name] for name in names], grad=False))
     return cases
