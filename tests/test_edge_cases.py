@@ -420,8 +420,8 @@ def test_degenerate_boxes(key: str, name: str) -> None:
     if key in worst:
         torch.testing.assert_close(out, torch.tensor([worst[key]], dtype=F64), rtol=1e-12, atol=1e-12)
     else:
-        assert float(out) >= 1.0 - 1e-12  # GIoU <= 0 without overlap
-    assert float(out) > 0.5  # never a perfect score for a nonsense box
+        assert float(out.detach()) >= 1.0 - 1e-12  # GIoU <= 0 without overlap
+    assert float(out.detach()) > 0.5  # never a perfect score for a nonsense box
 
 
 def test_inverted_box_is_never_a_perfect_score() -> None:
@@ -540,4 +540,4 @@ def test_balanced_l1_breakpoints(params: dict) -> None:
     torch.testing.assert_close(out, reference_loss(cfg, pred, target), **TOL)
     # continuous at the breakpoint
     torch.testing.assert_close(out[0, 1], out[0, 3], rtol=1e-7, atol=1e-9)
-    assert float(out[0, 0]) == 0.0
+    assert float(out[0, 0].detach()) == 0.0
