@@ -97,7 +97,8 @@ def binary_cross_entropy(
     Args:
         pred (Tensor[N, C] or Tensor[*]): logits.
         label (Tensor[N] int, or Tensor of ``pred``'s shape).
-        weight (Tensor[N] for index labels, else Tensor broadcastable to ``pred``, optional).
+        weight (Tensor[N] for index labels; for targets of ``pred``'s shape, a weight per row (``pred.shape[:-1]``)
+            or a tensor broadcastable to ``pred``, optional).
         class_weight (Tensor[C], optional): positive weights.
 
     Returns:
@@ -156,7 +157,8 @@ def mask_cross_entropy(
     Args:
         pred (Tensor[R, C, H, W]): mask logits, one map per class.
         target (Tensor[R, H, W]): binary mask targets.
-        label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``.
+        label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``; labels outside [0, C) are
+            clamped into it (a graph cannot raise on tensor values).
         class_weight (Tensor[C], optional): weight of each RoI by its class (visdet passes it to
             ``F.binary_cross_entropy_with_logits`` as an element weight, which only broadcasts when C == W).
 
