@@ -1,0 +1,361 @@
+"""ONNX export + onnxruntime: every representative configuration, the exporter traps, joint loss + gradient graphs.
+
+Exports are the expensive part (a few seconds each), so each distinct export happens once per module, through
+the ``exports`` fixture, and every test reuses it. onnxruntime must match eager within rtol 1e-4, atol 1e-5
+(RELIABILITY 30) with the same output shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import onnx
+import pytest
+import torch
+from torch import Tensor, nn
+
+from visdet_export import build_loss
+from visdet_export.export import ArtifactError, eager_joint, export_onnx, read_manifest
+from visdet_export.export import onnx as onnx_export
+from visdet_export.export.joint import DEFAULT_OPTIONAL_INPUTS
+from visdet_export.registry import loss_config
+from visdet_export.specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
+
+CONFIGS = representative_configs()
+RTOL, ATOL = 1e-4, 1e-5
+SMALL_SIZES = (0, 1, 7)
+LARGE_N = 100_000
+# Mask logits hold 80 x 28 x 28 values per sample; their "large" N keeps pred near LARGE_N x 80 elements.
+LARGE_ELEMENTS = LARGE_N * 84
+# Configurations whose pred holds logits that a sigmoid / softmax saturates (and the activated ones, whose pred
+# holds probabilities that the extreme logits drive to exactly 0 and 1).
+EXTREME_KEYS = [
+    key
+    for key in (
+        "focal", "qfl", "qfl_gfl", "ce_sigmoid_centerness", "ce_sigmoid_labels", "ce_mask", "ce_softmax",
+        "ce_class_weight", "dfl", "focal_activated", "qfl_activated", "kd_kl_div", "ld",
+    )
+    if key in CONFIGS
+]
+JOINT_KEYS = ["focal", "qfl", "dfl", "giou", "ce_softmax", "l1", "ce_class_weight"]
+NONE_KEYS = ["focal", "dfl", "giou"]
+NO_OPTIONAL_KEYS = ["focal", "ce_softmax", "giou", "ce_mask"]
+
+
+@dataclass
+class Exported:
+    path: Path
+    manifest: dict[str, Any]
+    loss: nn.Module
+    spec: LossSpec
+    names: list[str]
+    model: onnx.ModelProto
+    runner: Any
+
+    def draw(self, n: int, *, seed: int = 0, options: SampleOptions = SampleOptions()) -> dict[str, Tensor]:
+        drawn = self.spec.sample(self.loss, n, seed=seed, options=options, include=self.names)
+        return {name: drawn[name] for name in self.names}
+
+    def run(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        return self.runner(inputs)
+
+    def eager(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            return self.spec.call(self.loss, inputs)
+
+
+class Exports:
+    """Each distinct export once per module, in one temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache: dict[tuple[Any, ...], Exported] = {}
+
+    def get(
+        self,
+        key: str,
+        *,
+        reduction: Optional[str] = None,
+        optional: tuple[str, ...] = DEFAULT_OPTIONAL_INPUTS,
+        joint: bool = False,
+    ) -> Exported:
+        cache_key = (key, reduction, optional, joint)
+        if cache_key not in self.cache:
+            cfg = dict(CONFIGS[key])
+            if reduction is not None:
+                cfg["reduction"] = reduction
+            loss = build_loss(cfg)
+            variant = CONFIG_VARIANTS.get(key)
+            spec = spec_for(loss, variant)
+            stem = "-".join([key, reduction or "default", "+".join(optional) or "required", "joint" if joint else "loss"])
+            # Joint graphs are exported from the module, the rest from the config mapping: both entry points.
+            path = export_onnx(
+                loss if joint else cfg, self.root / f"{stem}.onnx", variant=variant, optional_inputs=optional, joint=joint
+            )
+            manifest = read_manifest(path)
+            names = [entry["name"] for entry in manifest["inputs"]]
+            model = onnx.load(str(path))
+            self.cache[cache_key] = Exported(path, manifest, loss, spec, names, model, onnx_export.load_runner(path, manifest))
+        return self.cache[cache_key]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("onnx"))
+
+
+def assert_matches(actual: Tensor, expected: Tensor) -> None:
+    assert tuple(actual.shape) == tuple(expected.shape)
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    nodes = list(model.graph.node)
+    for function in model.functions:
+        nodes.extend(function.node)
+    return nodes
+
+
+def large_n(spec: LossSpec) -> int:
+    per_sample = 1
+    for dim in spec.inputs[0].shape:
+        if dim != "N":
+            per_sample *= int(dim)
+    return min(LARGE_N, max(64, LARGE_ELEMENTS // per_sample))
+
+
+def saturate(inputs: dict[str, Tensor], logit: float) -> dict[str, Tensor]:
+    """Every pred entry at +logit or -logit (probabilities 0 / 1 for the activated losses)."""
+    pred = inputs["pred"]
+    if pred.numel() and float(pred.min()) >= 0.0 and float(pred.max()) <= 1.0:  # probabilities
+        return {**inputs, "pred": (pred > 0.5).to(pred.dtype)}
+    return {**inputs, "pred": torch.where(pred >= 0, logit, -logit).to(pred.dtype)}
+
+
+# --- the matrix: every representative configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_export_is_valid_and_described(exports: Exports, key: str) -> None:
+    art = exports.get(key)
+    onnx.checker.check_model(art.model, full_check=True)
+    assert [i.name for i in art.model.graph.input] == art.spec.names  # all inputs, spec order, spec names
+    assert [o.name for o in art.model.graph.output] == ["loss"]
+    assert art.model.opset_import[0].version >= 18
+    # Hyper-parameters are constants of the graph and recorded in its metadata.
+    props = {p.key: p.value for p in art.model.metadata_props}
+    assert json.loads(props["visdet_export.config"]) == json.loads(json.dumps(loss_config(art.loss)))
+    assert props["visdet_export.loss_type"] == art.spec.loss_type
+    # The manifest, read back (its checksum checked).
+    m = art.manifest
+    assert m["format"] == "onnx" and m["opset"] == 18 and m["dtype"] == "float32" and m["joint"] is False
+    assert m["loss_type"] == art.spec.loss_type and m["variant"] == art.spec.variant
+    assert m["config"] == json.loads(props["visdet_export.config"])
+    assert [entry["name"] for entry in m["inputs"]] == art.spec.names and m["outputs"] == ["loss"]
+    assert m["inputs"][0]["shape"][0] == "N"
+    parity = m["parity"]
+    assert parity["sizes"][:3] == [0, 1, 7] and parity["rtol"] == RTOL and parity["atol"] == ATOL
+    assert 0.0 <= parity["max_abs_err"] and 0.0 <= parity["max_rel_err"]
+    assert build_loss(m["config"]).extra_repr() == art.loss.extra_repr()
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_graph_avoids_the_exporter_traps(exports: Exports, key: str) -> None:
+    nodes = all_nodes(exports.get(key).model)
+    ops = {node.op_type for node in nodes}
+    # onnxruntime's SoftmaxCrossEntropyLoss fails at N = 0 (and drops a following sum).
+    assert "SoftmaxCrossEntropyLoss" not in ops and "NegativeLogLikelihoodLoss" not in ops
+    # Log(Sigmoid(x)) is -inf in onnxruntime once x <= -18.
+    producer = {output: node for node in nodes for output in node.output}
+    for node in nodes:
+        if node.op_type == "Log":
+            assert producer.get(node.input[0]) is None or producer[node.input[0]].op_type != "Sigmoid"
+
+
+@pytest.mark.parametrize("n", SMALL_SIZES)
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_onnxruntime_matches_eager(exports: Exports, key: str, n: int) -> None:
+    art = exports.get(key)
+    inputs = art.draw(n, seed=100 + n)
+    (out,) = art.run(inputs)
+    expected = art.eager(inputs)
+    assert_matches(out, expected)
+    if n == 0:
+        assert float(out) == 0.0  # the mean of nothing is 0, not NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_onnxruntime_matches_eager_large(exports: Exports, key: str) -> None:
+    art = exports.get(key)
+    inputs = art.draw(large_n(art.spec), seed=5)
+    (out,) = art.run(inputs)
+    assert_matches(out, art.eager(inputs))
+
+
+# --- reductions and optional inputs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", NONE_KEYS)
+def test_reduction_none_keeps_the_elementwise_shape(exports: Exports, key: str) -> None:
+    art = exports.get(key, reduction="none")
+    for n in (0, 1, 7, 300):
+        inputs = art.draw(n, seed=n)
+        (out,) = art.run(inputs)
+        expected = art.eager(inputs)
+        assert expected.dim() >= 1 and expected.shape[0] == n
+        assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("key", NO_OPTIONAL_KEYS)
+def test_without_optional_inputs_the_count_is_not_frozen(exports: Exports, key: str) -> None:
+    """Exported at N = 7 without avg_factor, the mean divides by the count of the inputs it is given."""
+    art = exports.get(key, optional=())
+    assert [i.name for i in art.model.graph.input] == [t.name for t in art.spec.inputs if not t.optional]
+    for n in (0, 1, 3, 7, 300):
+        inputs = art.draw(n, seed=n)
+        (out,) = art.run(inputs)
+        assert_matches(out, art.eager(inputs))
+        if n == 0:
+            assert float(out) == 0.0
+
+
+def test_weight_only_and_sum_reduction_keep_the_sum(exports: Exports) -> None:
+    """F.cross_entropy(...).sum() exported with its sum replaced by Identity; ours keeps a 0-d sum.
+
+    For reduction="sum" the default avg_factor input (which "sum" rejects) is left out of the graph.
+    """
+    art = exports.get("ce_softmax", reduction="sum")
+    assert art.names == ["pred", "target", "weight"]
+    assert "ReduceSum" in {node.op_type for node in all_nodes(art.model)}
+    for n in (0, 1, 7, 300):
+        inputs = art.draw(n, seed=n)
+        (out,) = art.run(inputs)
+        assert out.shape == ()
+        assert_matches(out, art.eager(inputs))
+
+
+# --- extreme logits --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["uniform200", "pm120", "pm20"])
+@pytest.mark.parametrize("key", EXTREME_KEYS)
+def test_extreme_logits_stay_finite_and_match(exports: Exports, key: str, mode: str) -> None:
+    art = exports.get(key)
+    inputs = art.draw(64, seed=3, options=SampleOptions(logit_range=200.0))
+    if mode != "uniform200":
+        inputs = saturate(inputs, 120.0 if mode == "pm120" else 20.0)
+    (out,) = art.run(inputs)
+    expected = art.eager(inputs)
+    assert torch.isfinite(expected).all()
+    assert torch.isfinite(out).all(), f"onnxruntime gave {out} for {mode} logits"
+    assert_matches(out, expected)
+
+
+# --- joint loss + gradient graphs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", JOINT_KEYS)
+def test_joint_graph_matches_eager_autograd(exports: Exports, key: str) -> None:
+    art = exports.get(key, joint=True)
+    assert [o.name for o in art.model.graph.output] == ["loss", "grad_pred"]
+    assert art.manifest["joint"] is True and art.manifest["outputs"] == ["loss", "grad_pred"]
+    for n in (0, 1, 7, 1000):
+        inputs = art.draw(n, seed=20 + n)
+        value, grad = art.run(inputs)
+        expected_value, expected_grad = eager_joint(art.loss, art.spec, inputs)
+        assert_matches(value, expected_value)
+        assert_matches(grad, expected_grad)
+        assert grad.shape == inputs["pred"].shape
+
+
+@pytest.mark.parametrize("mode", ["uniform200", "pm120"])
+@pytest.mark.parametrize("key", ["focal", "qfl", "ce_softmax"])
+def test_joint_graph_extreme_logits(exports: Exports, key: str, mode: str) -> None:
+    art = exports.get(key, joint=True)
+    inputs = art.draw(64, seed=4, options=SampleOptions(logit_range=200.0))
+    if mode == "pm120":
+        inputs = saturate(inputs, 120.0)
+    value, grad = art.run(inputs)
+    expected_value, expected_grad = eager_joint(art.loss, art.spec, inputs)
+    assert torch.isfinite(grad).all() and torch.isfinite(value).all()
+    assert_matches(value, expected_value)
+    assert_matches(grad, expected_grad)
+
+
+# --- files: overwrite, failures, noise -------------------------------------------------------------------------
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_existing_files_are_kept_unless_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "l1.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(ArtifactError, match="exists"):
+        export_onnx(dict(type="L1Loss"), path)
+    assert path.read_bytes() == b"old" and _listing(tmp_path) == ["l1.onnx"]
+    # A stale manifest alone is not overwritten either.
+    stale = tmp_path / "other.onnx.json"
+    stale.write_text("{}")
+    with pytest.raises(ArtifactError, match="exists"):
+        export_onnx(dict(type="L1Loss"), tmp_path / "other.onnx")
+    assert _listing(tmp_path) == ["l1.onnx", "other.onnx.json"]
+
+    # With overwrite=True: replaced, described, and neither warnings nor logger levels leak out of the export.
+    levels = {name: logging.getLogger(name).level for name in ("torch.onnx", "torch.export", "onnxscript")}
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(dict(type="L1Loss"), path, overwrite=True, verify=False)
+    assert [str(w.message) for w in caught] == []
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    assert list(warnings.filters) == filters
+    onnx.checker.check_model(str(path), full_check=True)
+    manifest = read_manifest(path)
+    assert manifest["parity"] is None and manifest["config"]["type"] == "L1Loss"
+    assert _listing(tmp_path) == ["l1.onnx", "l1.onnx.json", "other.onnx.json"]
+
+
+def test_refused_paths_and_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="directory"):
+        export_onnx(dict(type="L1Loss"), tmp_path)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(tmp_path / "elsewhere.onnx")
+    with pytest.raises(ArtifactError, match="symlink"):
+        export_onnx(dict(type="L1Loss"), link, overwrite=True)
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(dict(type="L1Loss"), tmp_path / "a.onnx", opset=17)
+    with pytest.raises(ValueError, match="optional input"):
+        export_onnx(dict(type="L1Loss"), tmp_path / "a.onnx", optional_inputs=("weights",))
+    with pytest.raises(ValueError, match="variant"):
+        export_onnx(dict(type="FocalLoss"), tmp_path / "a.onnx", variant="dense")
+    assert _listing(tmp_path) == ["link.onnx"]
+
+
+def test_failed_export_leaves_old_file_and_no_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that fails its parity check is never put in place; the old file and manifest stay."""
+    path = tmp_path / "focal.onnx"
+    path.write_bytes(b"old model")
+    (tmp_path / "focal.onnx.json").write_text("old manifest")
+    real_runner = onnx_export.load_runner
+
+    def wrong_runner(model_path: Path, manifest: Optional[Mapping[str, Any]] = None) -> Any:
+        run = real_runner(model_path, manifest)
+        return lambda inputs: [out + 1.0 for out in run(inputs)]
+
+    monkeypatch.setattr(onnx_export, "load_runner", wrong_runner)
+    with pytest.raises(ArtifactError, match="differs from eager"):
+        export_onnx(dict(type="FocalLoss"), path, overwrite=True, optional_inputs=())
+    assert path.read_bytes() == b"old model"
+    assert (tmp_path / "focal.onnx.json").read_text() == "old manifest"
+    assert _listing(tmp_path) == ["focal.onnx", "focal.onnx.json"]
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))

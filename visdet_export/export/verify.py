@@ -1,0 +1,235 @@
+"""Check an exported artifact against eager PyTorch on fresh random inputs.
+
+:func:`verify` reads the artifact's manifest (its checksum must match), rebuilds the loss from the manifest's
+config, draws fresh inputs from the loss's input spec, runs the artifact through the runner of its format
+(``visdet_export.export.<format>.load_runner``) and eager PyTorch side by side, and compares them with the
+tolerance of that format (:data:`TOLERANCES`). Joint artifacts (loss + gradient) are compared with eager autograd.
+
+:func:`check_parity` is the comparison itself; the exporters call it on the freshly written file before it is
+renamed into place, so an artifact that does not match eager is never left behind.
+
+The element-wise test is ``|artifact - eager| <= atol + rtol * |eager|`` (``torch.testing.assert_close``), the
+output shapes must be equal, and non-finite values must coincide.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import build_loss
+from ..specs import LossSpec, SampleOptions, spec_for
+from .artifacts import ArtifactError, read_manifest
+from .joint import eager_joint
+
+Runner = Callable[[Mapping[str, Tensor]], list[Tensor]]
+
+#: Formats :func:`verify` dispatches on; each names a module ``visdet_export.export.<format>`` that provides
+#: ``load_runner(path, manifest) -> Runner`` (and optionally ``embedded_config(path) -> dict | None``).
+FORMATS = ("onnx", "torchscript", "pt2")
+
+#: Per-format tolerances against eager float32. onnxruntime reorders reductions and uses its own kernels
+#: (rtol 1e-4, atol 1e-5, as the design asks); TorchScript runs the same aten kernels as eager, so it gets
+#: ``assert_close``'s float32 defaults; AOTInductor fuses and may reorder sums, so a little more.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "onnx": {"rtol": 1e-4, "atol": 1e-5},
+    "torchscript": {"rtol": 1.3e-6, "atol": 1e-5},
+    "pt2": {"rtol": 1e-5, "atol": 1e-5},
+}
+
+DEFAULT_SIZES = (0, 1, 7, 257)
+
+
+def _as_float64(tensor: Tensor) -> Tensor:
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def compare(actual: Tensor, expected: Tensor, *, rtol: float, atol: float) -> dict[str, Any]:
+    """Compare one output with its eager value.
+
+    Returns ``{"shape_ok", "ok", "max_abs_err", "max_rel_err"}``; the relative error is taken over elements
+    with ``|expected| > atol`` (below that the absolute tolerance decides), and errors over finite elements.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        return {"shape_ok": False, "ok": False, "max_abs_err": math.inf, "max_rel_err": math.inf}
+    a, e = _as_float64(actual), _as_float64(expected)
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    # Non-finite values must coincide: NaN with NaN, inf with an inf of the same sign.
+    nonfinite_ok = bool(torch.all(finite | (a.isnan() & e.isnan()) | (a == e)))
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    within = bool(torch.all(diff <= atol + rtol * e.abs().where(finite, torch.zeros_like(e))))
+    meaningful = finite & (e.abs() > atol)
+    rel = torch.where(meaningful, diff / e.abs().clamp(min=atol), torch.zeros_like(a))
+    return {
+        "shape_ok": True,
+        "ok": nonfinite_ok and within,
+        "max_abs_err": float(diff.max()) if diff.numel() else 0.0,
+        "max_rel_err": float(rel.max()) if rel.numel() else 0.0,
+    }
+
+
+def check_parity(
+    runner: Runner,
+    loss: nn.Module,
+    spec: LossSpec,
+    names: Sequence[str],
+    *,
+    joint: bool = False,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    seed: int = 0,
+    rtol: float,
+    atol: float,
+    options: SampleOptions = SampleOptions(),
+) -> dict[str, Any]:
+    """Run ``runner`` and eager ``loss`` on the same random inputs at each size and compare every output.
+
+    Returns the parity record (``sizes``, ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``seed`` and one
+    entry per size); raises :class:`ArtifactError` naming the size and output that differ.
+    """
+    outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
+    per_size: list[dict[str, Any]] = []
+    max_abs = max_rel = 0.0
+    for index, n in enumerate(sizes):
+        drawn = spec.sample(loss, int(n), seed=seed + index, options=options, include=list(names))
+        inputs = {name: drawn[name] for name in names}
+        if joint:
+            expected = list(eager_joint(loss, spec, inputs))
+        else:
+            with torch.no_grad():
+                expected = [spec.call(loss, inputs)]
+        actual = runner(inputs)
+        if len(actual) != len(expected):
+            raise ArtifactError(f"the artifact returned {len(actual)} output(s), expected {len(expected)} ({outputs})")
+        entry: dict[str, Any] = {"n": int(n)}
+        for name, got, want in zip(outputs, actual, expected):
+            result = compare(got, want, rtol=rtol, atol=atol)
+            if not result["shape_ok"]:
+                raise ArtifactError(
+                    f"{spec.loss_type}: output {name!r} at N={n} has shape {tuple(got.shape)}, "
+                    f"eager has {tuple(want.shape)}"
+                )
+            if not result["ok"]:
+                raise ArtifactError(
+                    f"{spec.loss_type}: output {name!r} at N={n} differs from eager beyond rtol={rtol}, atol={atol}: "
+                    f"max abs error {result['max_abs_err']:.3g}, max rel error {result['max_rel_err']:.3g}"
+                )
+            entry[name] = {"max_abs_err": result["max_abs_err"], "max_rel_err": result["max_rel_err"]}
+            max_abs = max(max_abs, result["max_abs_err"])
+            max_rel = max(max_rel, result["max_rel_err"])
+        per_size.append(entry)
+    return {
+        "sizes": [int(n) for n in sizes],
+        "max_abs_err": max_abs,
+        "max_rel_err": max_rel,
+        "rtol": rtol,
+        "atol": atol,
+        "seed": seed,
+        "per_size": per_size,
+    }
+
+
+def format_module(fmt: object) -> Any:
+    """The module implementing artifact format ``fmt`` (only the names in :data:`FORMATS` are ever imported)."""
+    if fmt not in FORMATS:
+        raise ArtifactError(f"unknown artifact format {fmt!r}; supported formats: {', '.join(FORMATS)}")
+    try:
+        return importlib.import_module(f"{__package__}.{fmt}")
+    except ImportError as exc:
+        raise ArtifactError(f"{fmt} artifacts cannot be verified here: {exc}") from exc
+
+
+def _manifest_names(manifest: Mapping[str, Any], spec: LossSpec) -> list[str]:
+    try:
+        names = [str(entry["name"]) for entry in manifest["inputs"]]
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError("the manifest has no valid 'inputs' list") from exc
+    unknown = [name for name in names if name not in spec.names]
+    missing = [t.name for t in spec.inputs if not t.optional and t.name not in names]
+    if unknown or missing:
+        raise ArtifactError(
+            f"the manifest's inputs {names} do not fit {spec.loss_type} ({spec.variant}): "
+            f"unknown {unknown}, missing {missing}; the spec's inputs are {spec.names}"
+        )
+    return names
+
+
+def verify(
+    path: str | os.PathLike[str], *, sizes: Sequence[int] = DEFAULT_SIZES, seed: Optional[int] = None
+) -> dict[str, Any]:
+    """Reload the artifact at ``path`` and compare it with eager PyTorch on fresh random inputs.
+
+    Only ``path`` and its manifest ``<path>.json`` are read (ONNX external data must lie in the model's
+    directory). Note that verifying a TorchScript artifact loads it, and TorchScript is code.
+
+    Args:
+        path: the artifact.
+        sizes: sample counts N to check.
+        seed: seed of the random inputs (default: a fresh random seed, reported back).
+
+    Returns:
+        A report: ``path``, ``format``, ``loss_type``, ``variant``, ``joint``, ``sizes``, ``seed``,
+        ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``per_size`` and ``passed`` (True).
+
+    Raises:
+        ArtifactError: missing or mismatching manifest (checksum), unknown format, a config that does not build,
+            or outputs that differ from eager (or, for ONNX, a config embedded in the model that differs from
+            the manifest's).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is not a file")
+    manifest = read_manifest(path)
+    fmt = manifest.get("format")
+    module = format_module(fmt)
+    config = manifest.get("config")
+    if not isinstance(config, Mapping):
+        raise ArtifactError(f"the manifest of {path.name} has no loss config")
+    try:
+        loss = build_loss(config)
+        spec = spec_for(loss, manifest.get("variant"))
+    except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+        raise ArtifactError(f"the manifest's config does not build a loss: {exc}") from exc
+    if manifest.get("loss_type", spec.loss_type) != spec.loss_type:
+        raise ArtifactError(f"the manifest says loss_type {manifest.get('loss_type')!r} but its config builds {spec.loss_type}")
+    names = _manifest_names(manifest, spec)
+    dtype = manifest.get("dtype", "float32")
+    if dtype != "float32":
+        raise ArtifactError(f"only float32 artifacts can be verified, the manifest says {dtype!r}")
+    joint = bool(manifest.get("joint", False))
+    tolerance = TOLERANCES[fmt]
+    seed = secrets.randbelow(2**31) if seed is None else int(seed)
+
+    runner = module.load_runner(path, manifest)
+    report: dict[str, Any] = {
+        "path": str(path),
+        "format": fmt,
+        "loss_type": spec.loss_type,
+        "variant": spec.variant,
+        "joint": joint,
+        "passed": False,
+    }
+    try:
+        parity = check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=seed, **tolerance)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path.name} does not match its manifest's loss (seed {seed}): {exc}") from exc
+    embedded = getattr(module, "embedded_config", None)
+    if embedded is not None:
+        recorded = embedded(path)
+        if recorded is not None and dict(recorded) != dict(config):
+            raise ArtifactError(
+                f"the config embedded in {path.name} ({recorded}) differs from its manifest's ({dict(config)})"
+            )
+    report.update(parity)
+    report["passed"] = True
+    return report
+
+
+__all__ = ["DEFAULT_SIZES", "FORMATS", "TOLERANCES", "check_parity", "compare", "format_module", "verify"]
