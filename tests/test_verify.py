@@ -1,0 +1,159 @@
+"""verify(): reload an artifact, compare with eager on fresh inputs; refuse tampered files and mismatched manifests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from visdet_export.export import ArtifactError, export_onnx, read_manifest, verify
+from visdet_export.export import onnx as onnx_export
+from visdet_export.export.artifacts import manifest_path
+from visdet_export.export.verify import TOLERANCES, compare
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("verify")
+    return {
+        "focal": export_onnx(dict(type="FocalLoss", gamma=2.0, alpha=0.25), root / "focal.onnx", verify=False),
+        "giou_joint": export_onnx(dict(type="GIoULoss", loss_weight=2.0), root / "giou.onnx", joint=True, verify=False),
+    }
+
+
+def copy_artifact(source: Path, directory: Path) -> Path:
+    target = directory / source.name
+    shutil.copyfile(source, target)
+    shutil.copyfile(manifest_path(source), manifest_path(target))
+    return target
+
+
+def edit_manifest(path: Path, **changes: object) -> None:
+    record = json.loads(manifest_path(path).read_text())
+    record.update(changes)
+    manifest_path(path).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("name", ["focal", "giou_joint"])
+def test_verify_passes_on_good_artifacts(artifacts: dict[str, Path], name: str) -> None:
+    report = verify(artifacts[name], seed=11)
+    assert report["passed"] is True and report["format"] == "onnx"
+    assert report["sizes"] == [0, 1, 7, 257] and report["seed"] == 11
+    assert report["rtol"] == TOLERANCES["onnx"]["rtol"] and report["atol"] == TOLERANCES["onnx"]["atol"]
+    assert report["joint"] is (name == "giou_joint")
+    assert 0.0 <= report["max_abs_err"] <= 1e-3
+    outputs = {key for entry in report["per_size"] for key in entry if key != "n"}
+    assert outputs == ({"loss", "grad_pred"} if name == "giou_joint" else {"loss"})
+    # A fresh seed each time when none is given, reported back.
+    assert isinstance(verify(artifacts[name], sizes=(3,))["seed"], int)
+
+
+def test_tampered_artifact_fails_its_checksum(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        verify(path)
+
+
+def test_manifest_config_that_differs_from_the_numbers_fails(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    config = read_manifest(path)["config"]
+    edit_manifest(path, config={**config, "gamma": 1.0})  # the checksum (of the model) still matches
+    with pytest.raises(ArtifactError, match="differs from eager"):
+        verify(path, seed=0)
+
+
+def test_manifest_config_that_differs_from_the_embedded_one_fails(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """A change below the numeric tolerance is still caught by the config recorded in the model."""
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    config = read_manifest(path)["config"]
+    edit_manifest(path, config={**config, "loss_weight": 1.0 + 1e-7})
+    with pytest.raises(ArtifactError, match="embedded"):
+        verify(path, seed=0)
+
+
+def test_joint_manifest_on_a_loss_only_model_fails(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    edit_manifest(path, joint=True)
+    with pytest.raises(ArtifactError, match="output"):
+        verify(path, seed=0)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format": "pickle"}, "unknown artifact format"),
+        ({"config": {"type": "NoSuchLoss"}}, "does not build"),
+        ({"inputs": [{"name": "pred"}]}, "do not fit"),
+    ],
+)
+def test_bad_manifests_are_refused(artifacts: dict[str, Path], tmp_path: Path, changes: dict, message: str) -> None:
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    edit_manifest(path, **changes)
+    with pytest.raises(ArtifactError, match=message):
+        verify(path)
+
+
+def test_missing_manifest_or_file(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "lonely.onnx"
+    shutil.copyfile(artifacts["focal"], path)
+    with pytest.raises(ArtifactError, match="no manifest"):
+        verify(path)
+    with pytest.raises(ArtifactError, match="not a file"):
+        verify(tmp_path / "absent.onnx")
+
+
+def _model_with_external_data(directory: Path, location: str) -> Path:
+    """y = x + c, with c stored as external data at ``location`` (relative to the model's directory)."""
+    constant = numpy_helper.from_array(np.ones(4, dtype=np.float32), "c")
+    constant.ClearField("raw_data")
+    constant.data_location = TensorProto.EXTERNAL
+    entry = constant.external_data.add()
+    entry.key, entry.value = "location", location
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[constant],
+    )
+    path = directory / "model.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "link.bin"])
+def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path, location: str) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (tmp_path / "outside.bin").write_bytes(np.ones(4, dtype=np.float32).tobytes())
+    (model_dir / "link.bin").symlink_to(tmp_path / "outside.bin")
+    path = _model_with_external_data(model_dir, location)
+    with pytest.raises(ArtifactError, match="outside its directory"):
+        onnx_export.load_runner(path, None)
+
+
+def test_external_data_inside_the_model_directory_is_allowed(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(np.full(4, 2.0, dtype=np.float32).tobytes())
+    path = _model_with_external_data(tmp_path, "weights.bin")
+    assert onnx_export.check_external_data(path) == ["weights.bin"]
+    onnx.checker.check_model(str(path))
+
+
+def test_compare_semantics() -> None:
+    import torch
+
+    ok = compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), rtol=1e-4, atol=1e-5)
+    assert ok["ok"] and ok["max_abs_err"] > 0
+    assert not compare(torch.tensor([1.0]), torch.tensor([1.01]), rtol=1e-4, atol=1e-5)["ok"]
+    assert not compare(torch.zeros(2), torch.zeros(3), rtol=1e-4, atol=1e-5)["shape_ok"]
+    assert not compare(torch.tensor([float("nan")]), torch.tensor([1.0]), rtol=1e-4, atol=1e-5)["ok"]
+    assert compare(torch.tensor([float("inf")]), torch.tensor([float("inf")]), rtol=1e-4, atol=1e-5)["ok"]
+    assert compare(torch.zeros(0, 4), torch.zeros(0, 4), rtol=1e-4, atol=1e-5)["ok"]
