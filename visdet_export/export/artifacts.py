@@ -54,6 +54,8 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates the file 0600; give the artifact the permissions of any newly created file.
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -62,6 +64,12 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
