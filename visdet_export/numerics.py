@@ -6,7 +6,7 @@ fractional powers, degenerate boxes, and masked-out elements whose inputs are Na
 """
 
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ def zero_where_unweighted(tensor: Tensor, keep: Optional[Tensor]) -> Tensor:
     """
     if keep is None:
         return tensor
-    return torch.where(keep, tensor, torch.zeros_like(tensor))
+    return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def weight_keep_mask(weight: Optional[Tensor]) -> Optional[Tensor]:
@@ -153,3 +153,157 @@ def regression_inputs(
         weight = weight.unsqueeze(-1)
     keep = weight_keep_mask(weight)
     return zero_where_unweighted(pred, keep), zero_where_unweighted(target, keep), weight
+
+
+# --- eager training fast path -----------------------------------------------------------------------------------
+#
+# In eager PyTorch (and TorchScript) every operation of a loss allocates a full-size temporary and autograd replays
+# each of them backwards; the MMDetection-style formulation leans on fused built-ins (binary_cross_entropy_with_
+# logits) that the export-safe formulation cannot use. For the dense classification losses, eager training instead
+# computes the element-wise loss *and its derivative* in closed form without autograd, mostly in place, and
+# attaches the derivative with ``attach_gradient``. Values are the same expressions as the export-safe path; the
+# gradients are their exact derivatives (same x >= 0 side at 0, same zero-base conventions as pow_nonnegative).
+# torch.compile / export / ONNX keep the autograd formulation, which inductor fuses into one kernel anyway.
+
+
+@torch.jit.unused
+def _tracing() -> bool:
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+    )
+
+
+def eager_fast_path(tensor: Tensor) -> bool:
+    """True when the loss runs eagerly (not scripted, traced, compiled or exported)."""
+    del tensor
+    if torch.jit.is_scripting():
+        return False
+    return not _tracing()
+
+
+def needs_grad(tensor: Tensor) -> bool:
+    return tensor.requires_grad and torch.is_grad_enabled()
+
+
+class _ClosedFormGradient(torch.autograd.Function):
+    """Returns ``value``; backward multiplies by the precomputed ``grad``. Under ``create_graph`` (double backward)
+    it differentiates the autograd formulation ``differentiable(x) * weight`` instead, so higher derivatives hold."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad, weight, differentiable):  # type: ignore[override]
+        ctx.save_for_backward(x, grad, weight)
+        ctx.differentiable = differentiable
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        x, grad, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                loss = ctx.differentiable(x)
+                if weight is not None:
+                    loss = loss * weight
+                (dx,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
+            return dx, None, None, None, None
+        return grad_output * grad, None, None, None, None
+
+
+@torch.jit.unused
+def attach_gradient(
+    value: Tensor, grad: Optional[Tensor], x: Tensor, weight: Optional[Tensor], differentiable: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``value * weight`` in the forward pass, with ``d / d x = grad * weight`` element-wise in the backward pass.
+
+    ``value`` and ``grad`` (closed form, computed without autograd) are updated in place. ``differentiable(x)`` is
+    the autograd formulation of the same element-wise loss, used only for double backward. Without ``grad`` (no
+    gradient needed) the value is returned as is.
+    """
+    if weight is not None:
+        value = value.mul_(weight)
+        if grad is not None:
+            grad = grad.mul_(weight)
+    if grad is None:
+        return value
+    return _ClosedFormGradient.apply(x, value, grad, weight, differentiable)
+
+
+def _sigmoid_terms(logits: Tensor, target: Tensor, nonnegative: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(bce, sigmoid(x), 1/(1+e), e/(1+e))`` with ``e = exp(-|x|)``, as ``sigmoid_pair`` + ``bce_with_logits``."""
+    decay = logits.abs().neg_().exp_()
+    inverse = decay.add(1.0).reciprocal_()
+    small = decay.mul(inverse)
+    bce = logits.clamp(min=0).addcmul_(logits, target, value=-1.0).add_(decay.log1p_())
+    return bce, torch.where(nonnegative, inverse, small), inverse, small
+
+
+def focal_terms(
+    logits: Tensor, target: Tensor, gamma: float, alpha: float, with_grad: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Element-wise sigmoid focal loss on logits and its derivative with respect to the logits (no autograd).
+
+    With ``s = sigmoid(x)``, ``q = 1 - p_t = lerp(s, 1 - s, t)``, ``a = alpha_t``, ``ce`` the BCE on logits:
+    ``L = a ce q^g`` and ``dL/dx = a q^(g-1) ((s - t) q + g ce s (1 - s) (1 - 2t))``.
+    """
+    grad: Optional[Tensor] = None
+    with torch.no_grad():
+        nonnegative = logits >= 0
+        bce, prob, inverse, small = _sigmoid_terms(logits, target, nonnegative)
+        # sigmoid(-x), from whichever of 1/(1+e), e/(1+e) keeps its precision
+        one_minus_pt = torch.lerp(prob, torch.where(nonnegative, small, inverse), target)  # exact at t = 0, 1
+        if gamma == 2.0:
+            modulating = one_minus_pt
+        elif gamma == 0.0 or gamma == 1.0:
+            modulating = torch.ones_like(one_minus_pt)
+        else:
+            positive = one_minus_pt > 0
+            base = torch.where(positive, one_minus_pt, 1.0)
+            modulating = torch.where(positive, base.pow(gamma - 1.0), 0.0)  # q^(g-1), 0 at q = 0
+        if with_grad:
+            # (s - t) q + g ce s (1 - s) (1 - 2t)
+            slope = inverse.mul_(small).mul_(bce).mul_(torch.rsub(target, 1.0, alpha=2.0))
+            grad = prob.sub_(target)
+            if gamma != 0.0:
+                grad.mul_(one_minus_pt).add_(slope, alpha=gamma)
+        if alpha >= 0:
+            # alpha t + (1 - alpha)(1 - t)
+            modulating = modulating.mul(torch.rsub(target, 1.0 - alpha, alpha=1.0 - 2.0 * alpha))
+        # L = ce q^(g-1) a q, dL/dx = q^(g-1) a (...)
+        if grad is not None:
+            grad.mul_(modulating)
+        value = bce.mul_(modulating)
+        if gamma != 0.0:
+            value.mul_(one_minus_pt)
+    return value, grad
+
+
+def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Element-wise quality focal loss on logits and its derivative with respect to the logits (no autograd).
+
+    With ``u = sigmoid(x) - t``: ``L = ce |u|^b`` and ``dL/dx = u |u|^b + b ce s (1 - s) |u|^(b-1) sign(u)``.
+    """
+    with torch.no_grad():
+        bce, prob, inverse, small = _sigmoid_terms(logits, target, logits >= 0)
+        slope = inverse.mul_(small)  # s (1 - s)
+        diff = prob.sub_(target)  # u = s - t, also d bce / dx
+        if beta == 0.0:
+            modulating = torch.ones_like(bce)
+            grad = diff
+        elif beta == 2.0:
+            modulating = diff.square()
+            grad = slope.mul_(bce).mul_(2.0).add_(modulating).mul_(diff)
+        else:
+            magnitude = diff.abs()
+            positive = magnitude > 0
+            if beta == 1.0:
+                modulating = magnitude
+                slope.mul_(diff.sign())
+            else:
+                base = torch.where(positive, magnitude, 1.0)
+                modulating = torch.where(positive, base.pow(beta), 0.0)
+                slope.mul_(torch.where(positive, base.pow_(beta - 1.0), 0.0)).mul_(diff.sign()).mul_(beta)
+            grad = slope.mul_(bce).addcmul_(diff, modulating)
+        value = bce.mul_(modulating)
+    return value, grad

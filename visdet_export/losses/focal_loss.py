@@ -12,9 +12,13 @@ import torch
 from torch import Tensor
 
 from ..numerics import (
+    attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
     compute_dtype,
+    eager_fast_path,
+    focal_terms,
+    needs_grad,
     pow_nonnegative,
     sigmoid_pair,
     weight_keep_mask,
@@ -100,7 +104,24 @@ def sigmoid_focal_loss(
         weights = per_class_weight(weight.to(dtype), pred)
         keep = weight_keep_mask(weights)
         pred = zero_where_unweighted(pred, keep)
-        targets = zero_where_unweighted(targets, keep)
+        if target.is_floating_point():  # one-hot built from integer labels is finite: nothing to mask
+            targets = zero_where_unweighted(targets, keep)
+    if not activated and eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
+        return weight_reduce_loss(_focal_eager(pred, targets, weights, gamma, alpha), None, reduction, avg_factor)
+    loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
+    return weight_reduce_loss(loss, weights, reduction, avg_factor)
+
+
+@torch.jit.unused
+def _focal_eager(pred: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: float, alpha: float) -> Tensor:
+    value, grad = focal_terms(pred, targets, gamma, alpha, needs_grad(pred))
+    return attach_gradient(
+        value, grad, pred, weights, lambda logits: _focal_elementwise(logits, targets, gamma, alpha, False)
+    )
+
+
+def _focal_elementwise(pred: Tensor, targets: Tensor, gamma: float, alpha: float, activated: bool) -> Tensor:
+    """The element-wise focal loss (autograd formulation: compiled, scripted, exported, double backward)."""
     if activated:
         positive_prob = pred
         negative_prob = 1.0 - pred
@@ -113,7 +134,7 @@ def sigmoid_focal_loss(
     loss = cross_entropy * pow_nonnegative(one_minus_pt, gamma)
     if alpha >= 0:
         loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return weight_reduce_loss(loss, weights, reduction, avg_factor)
+    return loss
 
 
 class FocalLoss(WeightedLoss):

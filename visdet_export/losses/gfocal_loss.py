@@ -11,10 +11,14 @@ import torch
 from torch import Tensor
 
 from ..numerics import (
+    attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
     compute_dtype,
+    eager_fast_path,
+    needs_grad,
     pow_nonnegative,
+    quality_focal_terms,
     sigmoid_pair,
     weight_keep_mask,
     zero_where_unweighted,
@@ -77,14 +81,30 @@ def quality_focal_loss(
         keep = weight_keep_mask(weight.unsqueeze(1))
         pred = zero_where_unweighted(pred, keep)
         target = zero_where_unweighted(target, keep)
+    if not activated and eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
+        return weight_reduce_loss(_quality_focal_eager(pred, target, beta).sum(dim=1), weight, reduction, avg_factor)
+    loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+@torch.jit.unused
+def _quality_focal_eager(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    value, grad = quality_focal_terms(pred, target, beta)
+    return attach_gradient(
+        value, grad if needs_grad(pred) else None, pred, None,
+        lambda logits: _quality_focal_elementwise(logits, target, beta, False),
+    )
+
+
+def _quality_focal_elementwise(pred: Tensor, target: Tensor, beta: float, activated: bool) -> Tensor:
+    """The element-wise QFL (autograd formulation: compiled, scripted, exported, double backward)."""
     if activated:
         prob = pred
         cross_entropy = bce_with_probabilities(pred, target)
     else:
         prob, _, log1p_decay = sigmoid_pair(pred)
         cross_entropy = bce_with_logits(pred, target, log1p_decay)
-    loss = (cross_entropy * pow_nonnegative((target - prob).abs(), beta)).sum(dim=1)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return cross_entropy * pow_nonnegative((target - prob).abs(), beta)
 
 
 class QualityFocalLoss(WeightedLoss):
