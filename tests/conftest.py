@@ -1,0 +1,46 @@
+"""Session-wide caches shared by the runtime tests: built losses, compiled callables and exported artifacts.
+
+Nothing here is autouse: tests that do not ask for these fixtures pay nothing for them.
+
+* ``runner_cache``: one :class:`visdet_export.check.RunnerCache` for the session, keyed by
+  ``(config name, runtime key)``; a loss is compiled, scripted or exported at most once per key, whichever test
+  asks first (test_compile, test_torchscript, test_pt2 and test_matrix all draw from it).
+* ``compile_backend(name)``: the real inductor backend for the configurations that exercise its code generation
+  (focal, qfl, giou, dfl, softmax CE; about 20-30 s each on this 2-core CPU, forward and backward); aot_eager
+  (the same dynamo graph and AOT-autograd joint graph, no code generation; 1-5 s) for the others.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from visdet_export.check import RunnerCache
+from visdet_export.specs import representative_configs
+
+#: Configurations compiled with the inductor backend (code generation); the rest use aot_eager.
+INDUCTOR_CONFIGS = ("focal", "qfl", "giou", "dfl", "ce_softmax")
+#: Configurations exported as AOTInductor .pt2 packages (30-70 s each): FocalLoss (focal), IoU losses (giou),
+#: GFL losses (dfl, as a joint loss + gradient package).
+PT2_CONFIGS = ("focal", "giou", "dfl")
+CONFIG_NAMES = tuple(representative_configs())
+
+
+def compile_backend(name: str) -> str:
+    return "inductor" if name in INDUCTOR_CONFIGS else "aot_eager"
+
+
+@pytest.fixture(scope="session")
+def runner_cache() -> RunnerCache:
+    torch._dynamo.reset()
+    return RunnerCache()
+
+
+@pytest.fixture
+def seeded() -> int:
+    """Seed Python's and torch's global generators (the specs draw from their own seeded generators)."""
+    random.seed(0)
+    torch.manual_seed(0)
+    return 0

@@ -1,0 +1,153 @@
+"""TorchScript: every configuration scripts, saves, and loads in a fresh Python process with identical results.
+
+The child process imports only torch (not visdet_export): the archive alone carries the loss. It runs the
+loaded module's full ``forward`` -- Optional weight / avg_factor (tensor and Python number), reduction_override,
+QualityFocalLoss's (labels, scores) tuple target, mask CE's RoI labels -- and returns values and gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import CONFIG_NAMES
+
+from visdet_export.export.torchscript import embedded_config, export_torchscript, load_runner, load_scripted
+from visdet_export.export.verify import verify
+from visdet_export.registry import loss_config
+
+CHILD = textwrap.dedent(
+    """
+    import sys, warnings
+    import torch
+    warnings.simplefilter("ignore")
+    cases = torch.load(sys.argv[1], weights_only=True)
+    results = {}
+    for key, (path, args, override) in cases.items():
+        module = torch.jit.load(path)
+        args = [a.detach().clone().requires_grad_(True) if i == 0 else a for i, a in enumerate(args)]
+        value = module(*args, reduction_override=override) if override else module(*args)
+        (grad,) = torch.autograd.grad(value.sum(), args[0], allow_unused=True)
+        results[key] = (value.detach(), torch.zeros_like(args[0]) if grad is None else grad)
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+def _args(spec, inputs, avg_as_number=False):
+    """Positional forward arguments: pred, target (a tuple for QFL pairs), then weight / label, avg_factor."""
+    names = [t.name for t in spec.inputs]
+    if "labels" in names:
+        head = [inputs["pred"], (inputs["labels"], inputs["scores"])]
+    else:
+        head = [inputs["pred"], inputs[spec.inputs[1].name]]
+    third = "label" if "label" in names else "weight"
+    avg = inputs.get("avg_factor")
+    if avg is not None and avg_as_number:
+        avg = float(avg)
+    return [*head, inputs.get(third), avg]
+
+
+def _cases(loss, spec):
+    """(args, reduction_override) per case: all inputs, none of the optional ones, overrides, a number avg_factor."""
+    full = spec.sample(loss, 7, seed=3)
+    bare = spec.sample(loss, 7, seed=4, include=[])
+    empty = spec.sample(loss, 0, seed=5)
+    no_avg = {k: v for k, v in full.items() if k != "avg_factor"}
+    cases = {
+        "full": (_args(spec, full), None),
+        "bare": (_args(spec, bare), None),
+        "empty": (_args(spec, empty), None),
+        "override_none": (_args(spec, full), "none"),
+        "override_sum": (_args(spec, no_avg), "sum"),
+    }
+    if getattr(loss, "reduction", "mean") != "sum":
+        cases["avg_number"] = (_args(spec, full, avg_as_number=True), None)
+    return cases
+
+
+@pytest.fixture(scope="session")
+def scripted_files(runner_cache, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("torchscript")
+    files = {}
+    for name in CONFIG_NAMES:
+        loss, _ = runner_cache.loss(name)
+        files[name] = export_torchscript(loss, directory / f"{name}.pt")
+    return files
+
+
+def _eager_value_grad(loss, args, override):
+    pred = args[0].detach().clone().requires_grad_(True)
+    value = loss(pred, *args[1:], reduction_override=override) if override else loss(pred, *args[1:])
+    (grad,) = torch.autograd.grad(value.sum(), pred, allow_unused=True)
+    return value.detach(), torch.zeros_like(pred) if grad is None else grad
+
+
+def test_every_config_loads_in_a_fresh_process(runner_cache, scripted_files, tmp_path):
+    cases, expected = {}, {}
+    for name, path in scripted_files.items():
+        loss, spec = runner_cache.loss(name)
+        for case, (args, override) in _cases(loss, spec).items():
+            key = f"{name}/{case}"
+            cases[key] = (str(path), args, override)
+            # A fresh load per case, as in the child: the profiling executor optimises a module's graph after its
+            # first runs, so "identical" compares first runs with first runs.
+            module = load_scripted(path)
+            expected[key] = (_eager_value_grad(module, args, override), _eager_value_grad(loss, args, override))
+    torch.save(cases, tmp_path / "cases.pt")
+    subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")], check=True, timeout=600
+    )
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(results) == set(expected)
+    for key, (value, grad) in results.items():
+        (script_value, script_grad), (eager_value, eager_grad) = expected[key]
+        # Identical to the same archive run in this process ...
+        torch.testing.assert_close(value, script_value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(grad, script_grad, rtol=0, atol=0, msg=key)
+        # ... and equal to eager at assert_close's float32 tolerances.
+        torch.testing.assert_close(value, eager_value, msg=key)
+        torch.testing.assert_close(grad, eager_grad, msg=key)
+
+
+@pytest.mark.parametrize("name", ["focal", "qfl", "ce_mask"])
+def test_manifest_config_and_verify(runner_cache, scripted_files, name):
+    path = scripted_files[name]
+    loss, spec = runner_cache.loss(name)
+    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+    assert manifest["format"] == "torchscript" and manifest["loss_type"] == spec.loss_type
+    assert manifest["config"] == embedded_config(path) == json.loads(json.dumps(loss_config(loss)))
+    assert [entry["name"] for entry in manifest["inputs"]] == spec.names
+    assert manifest["parity"]["sizes"][0] == 0
+    report = verify(path, seed=1)
+    assert report["passed"]
+    runner = load_runner(path, manifest)
+    out = runner(spec.sample(loss, 5, seed=2))
+    assert len(out) == 1 and out[0].dim() == 0
+
+
+def test_export_silences_jit_deprecation_only_inside(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_torchscript(dict(type="L1Loss"), tmp_path / "l1.pt")
+        load_runner(tmp_path / "l1.pt")
+    leaked = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning)) and "jit" in str(w.message)]
+    assert leaked == []
+    from visdet_export import build_loss
+
+    with pytest.warns((DeprecationWarning, FutureWarning), match=r"torch\.jit\.script"):
+        torch.jit.script(build_loss("L1Loss"))
+
+
+def test_existing_file_is_not_overwritten(tmp_path):
+    from visdet_export.export.artifacts import ArtifactError
+
+    path = export_torchscript("L1Loss", tmp_path / "l1.pt")
+    with pytest.raises(ArtifactError, match="exists"):
+        export_torchscript("L1Loss", path)
+    assert export_torchscript("L1Loss", path, overwrite=True) == path
