@@ -29,7 +29,7 @@ MATRIX = [(name, cfg, CONFIG_VARIANTS.get(name)) for name, cfg in CONFIGS.items(
     (name, CONFIGS[base], variant) for name, (base, variant) in EXTRA_CASES.items()
 ]
 # AOTInductor packaging takes about a minute per loss on a small CPU: a representative few.
-PT2_CONFIGS = ["focal", "qfl", "giou"]
+PT2_CONFIGS = ["focal", "qfl", "giou", "ce_mask"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -93,7 +93,9 @@ def test_cross_entropy_ignore_index_argument(cpp_program: cpp.BuiltRunner, tmp_p
     expected = [cpp.eager_outputs(loss, case) for case in cases]
     assert not torch.equal(expected[0][0], expected[1][0])
     torch.jit.script(loss).save(str(tmp_path / "ce.pt"))
-    run = cpp.run_program(cpp_program.path, "torchscript", tmp_path / "ce.pt", cpp.write_cases(tmp_path / "c.pt", cases))
+    run = cpp.run_program(
+        cpp_program.path, "torchscript", tmp_path / "ce.pt", cpp.write_cases(tmp_path / "c.pt", cases)
+    )
     for want, got in zip(expected, run["cases"]):
         assert got["error"] is None
         for w, g in zip(want, got["outputs"]):
@@ -106,7 +108,9 @@ def test_errors_are_reported_per_case(cpp_program: cpp.BuiltRunner, tmp_path) ->
     good = cpp.forward_args(spec, spec.sample(loss, 4, seed=0))
     cases = [cpp.Case("bad_override", [*good[:4], "average"]), cpp.Case("good", good)]
     torch.jit.script(loss).save(str(tmp_path / "l1.pt"))
-    run = cpp.run_program(cpp_program.path, "torchscript", tmp_path / "l1.pt", cpp.write_cases(tmp_path / "c.pt", cases))
+    run = cpp.run_program(
+        cpp_program.path, "torchscript", tmp_path / "l1.pt", cpp.write_cases(tmp_path / "c.pt", cases)
+    )
     assert run["returncode"] == 1
     assert "average" in run["cases"][0]["error"]
     assert run["cases"][1]["error"] is None

@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,7 @@ RTOL = 1e-6
 STAMP = "visdet-build.json"
 SOURCE_FILES = ("CMakeLists.txt", "main.cpp")
 
-LossLike = Union[nn.Module, Mapping[str, object], str]
+LossLike = nn.Module | Mapping[str, object] | str
 
 
 class ToolchainUnavailable(RuntimeError):
@@ -84,7 +84,7 @@ def default_build_dir() -> Path:
     return cache / "visdet-export" / "cpp"
 
 
-def _compiler() -> Optional[str]:
+def _compiler() -> str | None:
     env = os.environ.get("CXX")
     if env:
         return shutil.which(env)
@@ -104,7 +104,7 @@ def cxx11_abi() -> int:
     return int(torch._C._GLIBCXX_USE_CXX11_ABI)
 
 
-def toolchain_problem(sources: Optional[Path] = None) -> Optional[str]:
+def toolchain_problem(sources: Path | None = None) -> str | None:
     """Why the C++ program cannot be built here, or None when cmake, a compiler and libtorch are present."""
     if shutil.which("cmake") is None:
         return "cmake is not installed (it is needed to build the C++ consumer; e.g. apt-get install cmake)"
@@ -159,8 +159,8 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_logged(command: list[str], log: list[str], cwd: Optional[Path] = None) -> None:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+def _run_logged(command: list[str], log: list[str], cwd: Path | None = None) -> None:
+    result = subprocess.run(command, check=False, cwd=cwd, capture_output=True, text=True)
     log.append("$ " + " ".join(command) + "\n" + result.stdout + result.stderr)
     if result.returncode != 0:
         tail = "\n".join("".join(log).splitlines()[-40:])
@@ -168,9 +168,9 @@ def _run_logged(command: list[str], log: list[str], cwd: Optional[Path] = None) 
 
 
 def build_runner(
-    build_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    build_dir: str | os.PathLike[str] | None = None,
     *,
-    sources: Optional[Union[str, os.PathLike[str]]] = None,
+    sources: str | os.PathLike[str] | None = None,
     jobs: int = 2,
     force: bool = False,
 ) -> BuiltRunner:
@@ -244,7 +244,7 @@ def _portable(value: Any) -> Any:
     return value
 
 
-def write_cases(path: Union[str, os.PathLike[str]], cases: Sequence[Case]) -> Path:
+def write_cases(path: str | os.PathLike[str], cases: Sequence[Case]) -> Path:
     """Write the inputs file the C++ program reads (see the module docstring for the format)."""
     payload = {
         "format": CASES_FORMAT,
@@ -255,26 +255,33 @@ def write_cases(path: Union[str, os.PathLike[str]], cases: Sequence[Case]) -> Pa
 
 
 def _tensor_from_json(record: Mapping[str, Any]) -> Tensor:
-    dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-              "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+    dtypes = {
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "int64": torch.int64,
+        "int32": torch.int32,
+        "bool": torch.bool,
+    }
     values = torch.tensor(record["values"], dtype=torch.float64)
     return values.reshape(record["shape"]).to(dtypes.get(record["dtype"], torch.float64))
 
 
 def run_program(
-    program: Union[str, os.PathLike[str]],
+    program: str | os.PathLike[str],
     runtime: str,
-    artifact: Union[str, os.PathLike[str]],
-    cases_path: Union[str, os.PathLike[str]],
+    artifact: str | os.PathLike[str],
+    cases_path: str | os.PathLike[str],
     *,
-    threads: Optional[int] = None,
+    threads: int | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Run the C++ program; returns its JSON with every case's ``outputs`` turned into tensors."""
     command = [str(program), runtime, str(artifact), str(cases_path)]
     if threads is not None:
         command += ["--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError as error:
@@ -303,7 +310,7 @@ class _Recorder:
         self.args = list(args)
 
 
-def forward_args(spec: LossSpec, inputs: Mapping[str, Any], reduction_override: Optional[str] = None) -> list[Any]:
+def forward_args(spec: LossSpec, inputs: Mapping[str, Any], reduction_override: str | None = None) -> list[Any]:
     """The positional arguments ``spec.call`` passes to the loss for ``inputs``."""
     recorder = _Recorder()
     spec.call(recorder, inputs, reduction_override)  # type: ignore[arg-type]
@@ -322,7 +329,7 @@ def torchscript_cases(
     loss: nn.Module,
     spec: LossSpec,
     *,
-    sizes: Optional[Sequence[int]] = None,
+    sizes: Sequence[int] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[Case]:
@@ -334,7 +341,7 @@ def torchscript_cases(
     for index, n in enumerate(sizes or default_sizes(spec)):
         full = spec.sample(loss, n, seed=seed + index, options=SampleOptions(dtype=dtype))
         plain = {k: v for k, v in full.items() if k not in optional}
-        variants: list[tuple[str, dict[str, Any], Optional[str]]] = [
+        variants: list[tuple[str, dict[str, Any], str | None]] = [
             ("required_only", plain, None),
             ("all_inputs", full, None),
         ]
@@ -398,9 +405,9 @@ def compare(expected: Tensor, got: Tensor, rtol: float = RTOL) -> Difference:
 @dataclasses.dataclass
 class CaseResult:
     name: str
-    error: Optional[str]
-    forward: Optional[Difference]
-    backward: Optional[Difference]
+    error: str | None
+    forward: Difference | None
+    backward: Difference | None
 
     @property
     def ok(self) -> bool:
@@ -445,7 +452,7 @@ class CheckReport:
         )
 
 
-def _resolve(loss: LossLike, variant: Optional[str]) -> tuple[nn.Module, LossSpec, str]:
+def _resolve(loss: LossLike, variant: str | None) -> tuple[nn.Module, LossSpec, str]:
     module = loss if isinstance(loss, nn.Module) else build_loss(loss)
     spec = spec_for(module, variant)
     return module, spec, f"{type(module).__name__}[{spec.variant}]"
@@ -458,10 +465,10 @@ def export_torchscript_artifact(loss: nn.Module, path: Path) -> Path:
     except ImportError:
         torch.jit.script(loss).save(str(path))
         return path
-    return Path(export_torchscript(loss, path, overwrite=True))
+    return Path(export_torchscript(loss, path, verify=False, overwrite=True))  # the C++ run is the check
 
 
-def _expect(function: Any, *args: Any) -> Union[list[Tensor], Exception]:
+def _expect(function: Any, *args: Any) -> list[Tensor] | Exception:
     try:
         return function(*args)
     except Exception as error:  # noqa: BLE001 - compared with the C++ program's refusal
@@ -469,8 +476,13 @@ def _expect(function: Any, *args: Any) -> Union[list[Tensor], Exception]:
 
 
 def _report(
-    label: str, runtime: str, cases: Sequence[Case], expected: Sequence[Any], run: Mapping[str, Any],
-    seconds: float, rtol: float,
+    label: str,
+    runtime: str,
+    cases: Sequence[Case],
+    expected: Sequence[Any],
+    run: Mapping[str, Any],
+    seconds: float,
+    rtol: float,
 ) -> CheckReport:
     results = []
     for case, want, got in zip(cases, expected, run["cases"]):
@@ -495,15 +507,15 @@ def _report(
 
 def check_torchscript(
     loss: LossLike,
-    program: Union[str, os.PathLike[str]],
+    program: str | os.PathLike[str],
     *,
-    variant: Optional[str] = None,
-    work_dir: Optional[Union[str, os.PathLike[str]]] = None,
-    sizes: Optional[Sequence[int]] = None,
+    variant: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    sizes: Sequence[int] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     rtol: float = RTOL,
-    threads: Optional[int] = None,
+    threads: int | None = None,
 ) -> CheckReport:
     """Script and save ``loss``, run it in C++ (forward and backward) and compare with eager PyTorch."""
     module, spec, label = _resolve(loss, variant)
@@ -518,7 +530,12 @@ def check_torchscript(
 
 
 def pt2_cases(
-    loss: nn.Module, spec: LossSpec, names: Sequence[str], *, sizes: Optional[Sequence[int]] = None, seed: int = 0,
+    loss: nn.Module,
+    spec: LossSpec,
+    names: Sequence[str],
+    *,
+    sizes: Sequence[int] | None = None,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[Case]:
     """The package's positional tensors (``names``, in its input order) at several N (dynamic N)."""
@@ -541,12 +558,12 @@ def pt2_eager_outputs(loss: nn.Module, spec: LossSpec, names: Sequence[str], cas
     return [value.detach(), torch.zeros_like(pred) if grad is None else grad]
 
 
-def export_pt2_artifact(loss: nn.Module, path: Path, variant: Optional[str], joint: bool) -> tuple[Path, list[str]]:
+def export_pt2_artifact(loss: nn.Module, path: Path, variant: str | None, joint: bool) -> tuple[Path, list[str]]:
     """Export with the project's .pt2 exporter; returns the package and its input names (from the manifest)."""
     from .export.artifacts import read_manifest
     from .export.pt2 import export_pt2  # raises ImportError until the exporter exists
 
-    artifact = Path(export_pt2(loss, path, variant=variant, joint=joint, overwrite=True))
+    artifact = Path(export_pt2(loss, path, variant=variant, joint=joint, verify=False, overwrite=True))
     manifest = read_manifest(artifact)
     names = [entry["name"] if isinstance(entry, Mapping) else str(entry) for entry in manifest["inputs"]]
     return artifact, names
@@ -554,17 +571,17 @@ def export_pt2_artifact(loss: nn.Module, path: Path, variant: Optional[str], joi
 
 def check_pt2(
     loss: LossLike,
-    program: Union[str, os.PathLike[str]],
+    program: str | os.PathLike[str],
     *,
-    variant: Optional[str] = None,
+    variant: str | None = None,
     joint: bool = True,
-    work_dir: Optional[Union[str, os.PathLike[str]]] = None,
-    sizes: Optional[Sequence[int]] = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    sizes: Sequence[int] | None = None,
     seed: int = 0,
     rtol: float = RTOL,
-    threads: Optional[int] = None,
-    artifact: Optional[Union[str, os.PathLike[str]]] = None,
-    input_names: Optional[Sequence[str]] = None,
+    threads: int | None = None,
+    artifact: str | os.PathLike[str] | None = None,
+    input_names: Sequence[str] | None = None,
 ) -> CheckReport:
     """Export ``loss`` as a (joint loss + gradient) ``.pt2`` package, run it in C++ at several N and compare
     with eager PyTorch. Pass ``artifact`` and ``input_names`` to check an existing package instead."""
@@ -583,7 +600,7 @@ def check_pt2(
 
 
 @contextlib.contextmanager
-def _work_dir(path: Optional[Union[str, os.PathLike[str]]]) -> Iterator[Path]:
+def _work_dir(path: str | os.PathLike[str] | None) -> Iterator[Path]:
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
         yield Path(path)
@@ -592,7 +609,7 @@ def _work_dir(path: Optional[Union[str, os.PathLike[str]]]) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def program_info(program: Union[str, os.PathLike[str]]) -> dict[str, Any]:
+def program_info(program: str | os.PathLike[str]) -> dict[str, Any]:
     """``visdet_loss_runner info``: the torch version, libstdc++ ABI and C++ standard it was built with."""
     result = subprocess.run([str(program), "info"], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(result.stdout)
@@ -601,7 +618,7 @@ def program_info(program: Union[str, os.PathLike[str]]) -> dict[str, Any]:
 # --- command line ----------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch.
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 the program could not be built.
@@ -611,7 +628,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="build even if the cached build is current")
     parser.add_argument(
-        "--config", action="append", help="a representative configuration name or a JSON loss dict (repeatable); "
+        "--config",
+        action="append",
+        help="a representative configuration name or a JSON loss dict (repeatable); "
         "default: all representative configurations",
     )
     parser.add_argument("--pt2", action="store_true", help="also check joint .pt2 packages (slow: AOTInductor)")
@@ -622,11 +641,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ToolchainUnavailable, CppBuildError) as error:
         print(f"cannot build the C++ program: {error}", file=sys.stderr)
         return 2
-    print(f"{PROGRAM}: {built.path} ({'built in %.1fs' % built.seconds if built.rebuilt else 'cached'})")
+    how = f"built in {built.seconds:.1f}s" if built.rebuilt else "cached"
+    print(f"{PROGRAM}: {built.path} ({how})")
     print(json.dumps(program_info(built.path)))
 
     known = representative_configs()
-    selected: list[tuple[str, Any, Optional[str]]] = []
+    selected: list[tuple[str, Any, str | None]] = []
     for item in args.config or list(known):
         if item in known:
             selected.append((item, known[item], CONFIG_VARIANTS.get(item)))
