@@ -134,8 +134,9 @@ def test_training_loop_compiles_once(runner_cache, name):
         assert torch.isfinite(value) and torch.isfinite(pred.grad).all()
         if step in (0, len(sizes) - 3, len(sizes) - 2, len(sizes) - 1):
             want, want_grad = _value_grad(runner_cache.runner(name, "eager"), inputs, spec.pred)
-            # Large N: fused kernels sum in another order than eager, so the float32 tolerance scales a little.
-            torch.testing.assert_close(value.detach(), want, rtol=1e-5, atol=1e-5)
+            # Large N: a float32 sum of up to 1.6M terms in another order than eager's (measured 1.4e-5 relative
+            # at N = 20000 x 80), so the value gets rtol 1e-4; gradients are element-wise.
+            torch.testing.assert_close(value.detach(), want, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(pred.grad, want_grad, rtol=1e-5, atol=1e-6)
     assert compiled.graph_count() == 1
     assert counters["stats"]["unique_graphs"] - unique_before == (0 if already else 1)
