@@ -240,6 +240,9 @@ def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> Optiona
 
 def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.Namespace, dtype: torch.dtype,
                device: torch.device, workdir: Path, log: Callable[[str], None]) -> list[dict]:
+    # every config compiles the same PositionalLoss.forward / floor code objects: start each from a clean cache
+    # so fullgraph=True never trips dynamo's recompile limit across configurations
+    torch._dynamo.reset()
     loss = build_loss(cfg).to(device)
     spec = spec_for(loss, CONFIG_VARIANTS.get(name))
     names = spec.names
