@@ -27,3 +27,15 @@ def test_loss_table_lists_every_registered_loss_with_its_parameters() -> None:
         own = [p for p in config_parameters(cls) if p not in ("reduction", "loss_weight")]
         for parameter in own:
             assert f"`{parameter}=" in rows[name], f"README row of {name} does not document {parameter}"
+
+
+def test_export_api_is_reachable_from_the_package_without_importing_onnx_eagerly() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, visdet_export; assert 'onnx' not in sys.modules;"
+        "from visdet_export import export_onnx, export_torchscript, export_pt2, verify;"
+        "assert 'onnx' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,5 +1,8 @@
 """visdet detection losses that run unchanged in eager PyTorch, torch.compile, TorchScript and ONNX."""
 
+import importlib
+from typing import Any
+
 from .losses import LOSS_CLASSES
 from .registry import MODELS, Registry, build_loss
 from .validation import ConfigError
@@ -9,4 +12,15 @@ for _loss_class in LOSS_CLASSES:
 
 __version__ = "0.1.0"
 
-__all__ = ["MODELS", "ConfigError", "Registry", "build_loss", "__version__"]
+# The export API lives in visdet_export.export and pulls in onnx/onnxscript; it is imported on first use so that
+# ``import visdet_export`` stays as light as the losses themselves.
+_EXPORT_API = ("export_onnx", "export_torchscript", "export_pt2", "verify")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORT_API:
+        return getattr(importlib.import_module(".export", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MODELS", "ConfigError", "Registry", "build_loss", "__version__", *_EXPORT_API]
