@@ -515,3 +515,417 @@ def test_verify_rechecks_the_exported_gfl_artifacts(gfl_artifacts, capsys):
     artifact.write_bytes(artifact.read_bytes() + b"\0")
     code, out, _ = run(capsys, "verify", str(artifact))
     assert code == 1 and "checksum" in out
+
+
+# ---------------------------------------------------------------------------------------------- --help everywhere
+
+
+@pytest.mark.parametrize("command", ["list", "export", "verify", "attach", "evaluate", "check", "bench", "cpp"])
+def test_every_subcommand_answers_help(command, capsys):
+    try:
+        code = cli.main([command, "--help"])
+    except SystemExit as exit_:  # argparse's own --help
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "usage:" in out and "--help" in out
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("list", "export", "verify", "attach", "evaluate", "check", "bench", "cpp"):
+        assert f"    {command} " in out
+
+
+# ---------------------------------------------------------------------------------------------------- list --inputs
+
+
+def test_list_inputs_shows_names_dtypes_and_symbolic_shapes(capsys):
+    from visdet_export.registry import MODELS, build_loss
+    from visdet_export.specs import spec_for
+
+    code, out, _ = run(capsys, "list", "--inputs")
+    assert code == 0
+    assert "FocalLoss(use_sigmoid=True, gamma=2.0" in out
+    assert "pred        float[N, 80]  required  logits" in out
+    assert "labels      int64[N]      required" in out  # QualityFocalLoss
+    assert "avg_factor  float[]       optional" in out
+    code, out, _ = run(capsys, "list", "--inputs", "--json")
+    records = json.loads(out)
+    assert set(records) == set(MODELS.module_dict)
+    for name, record in records.items():
+        spec = spec_for(build_loss(name))
+        assert [t["name"] for t in record["inputs"]] == spec.names
+        assert [tuple(t["shape"]) for t in record["inputs"]] == [t.shape for t in spec.inputs]
+    assert records["FocalLoss"]["parameters"]["gamma"] == 2.0
+    assert records["FocalLoss"]["inputs"][1] == {
+        "name": "target",
+        "dtype": "int64",
+        "shape": ["N"],
+        "optional": False,
+        "doc": records["FocalLoss"]["inputs"][1]["doc"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- bench and cpp
+
+
+def test_bench_hands_its_arguments_to_the_runner_and_runs_a_smoke(capsys, tmp_path):
+    argv = ["--quick", "--losses", "focal", "--sizes", "64", "--providers", "baseline,eager"]
+    argv += ["--no-memory", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    code, out, err = run(capsys, "bench", *argv)
+    assert code == 0, err
+    assert "| focal | 64 |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["argv"] == argv
+    assert [row["config"] for row in results["runs"][0]["rows"]] == ["focal"]
+
+
+def test_bench_outside_a_source_checkout_says_so(monkeypatch, capsys, tmp_path):
+    from visdet_export import bench
+
+    monkeypatch.setattr(bench, "runner_path", lambda: tmp_path / "benchmarks" / "run.py")
+    code, _, err = run(capsys, "bench", "--quick")
+    assert code == 2
+    assert "visdet-export bench needs a source checkout" in err
+
+
+def test_bench_usage_mistakes_exit_2(capsys):
+    code, _, err = run(capsys, "bench", "--no-such-flag")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err
+
+
+def test_cpp_hands_its_arguments_over(monkeypatch, capsys):
+    from visdet_export import cpp
+
+    seen = []
+    monkeypatch.setattr(cpp, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["cpp", "--config", "focal", "--pt2"]) == 0
+    assert seen == [["--config", "focal", "--pt2"]]
+
+
+def test_cpp_sources_are_found_in_the_package_and_can_be_overridden(monkeypatch, tmp_path):
+    from visdet_export import cpp
+
+    # visdet_export/cpp_project: a symlink to export_scripts/cpp here, package data in a wheel.
+    assert (REPO / "visdet_export" / "cpp_project").is_symlink()
+    assert cpp.source_dir() == (REPO / "export_scripts" / "cpp").resolve()
+    assert cpp.toolchain_problem() is None or "sources" not in cpp.toolchain_problem()
+    monkeypatch.setenv("VISDET_EXPORT_CPP_SOURCE", str(tmp_path))
+    assert cpp.source_dir() == tmp_path
+    if cpp.shutil.which("cmake") and cpp._compiler():
+        assert "the C++ sources are missing" in cpp.toolchain_problem()
+
+
+# ------------------------------------------------------------------------------------------- attach and evaluate
+
+
+def tiny_model(path: Path) -> Path:
+    """A 1-layer 'detector' written with onnx.helper: feats (N, 8) -> cls_score (N, 80), bbox_pred (N, 4)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((8, 80)) * 0.5).astype(np.float32), "w_cls"),
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w_box"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["feats", "w_cls"], ["cls_score"]),
+            helper.make_node("MatMul", ["feats", "w_box"], ["bbox_pred"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["N", 8])],
+        [
+            helper.make_tensor_value_info("cls_score", TensorProto.FLOAT, ["N", 80]),
+            helper.make_tensor_value_info("bbox_pred", TensorProto.FLOAT, ["N", 4]),
+        ],
+        weights,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    return path
+
+
+FOCAL = {"type": "FocalLoss", "gamma": 1.5, "alpha": 0.25}
+ATTACH_SPEC = [
+    {
+        "name": "loss_cls",
+        "loss": FOCAL,
+        "inputs": {"pred": {"output": "cls_score"}, "target": {"input": "labels"}, "avg_factor": "num_pos"},
+    }
+]
+
+
+def write_spec(folder: Path, spec, name: str = "attach.json") -> Path:
+    path = folder / name
+    path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    return path
+
+
+def tiny_samples(sizes=(0, 1, 6)):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return [
+        {
+            "feats": rng.standard_normal((n, 8)).astype(np.float32),
+            "labels": rng.integers(0, 81, n),
+            "num_pos": np.float32(max(n, 1)),
+        }
+        for n in sizes
+    ]
+
+
+@pytest.fixture(scope="module")
+def attached(tmp_path_factory):
+    """`visdet-export attach model.onnx merged.onnx --spec attach.json` once (one real, verified loss export)."""
+    folder = tmp_path_factory.mktemp("attach")
+    model = tiny_model(folder / "model.onnx")
+    spec = write_spec(folder, ATTACH_SPEC)
+    merged = folder / "merged.onnx"
+    code = cli.main(["attach", str(model), str(merged), "--spec", str(spec)])
+    return folder, model, spec, merged, code
+
+
+def test_attach_writes_a_merged_model_with_a_manifest(attached, capsys):
+    folder, _, _, _, code = attached
+    assert code == 0
+    manifest = json.loads((folder / "merged.onnx.json").read_text())
+    assert manifest["kind"] == "attached_losses"
+    assert manifest["inputs"] == ["feats", "labels", "num_pos"]
+    assert manifest["outputs"] == ["cls_score", "bbox_pred", "loss_cls"]
+    assert manifest["losses"]["loss_cls"]["inputs"] == {
+        "pred": "cls_score",
+        "target": "labels",
+        "avg_factor": "num_pos",
+    }
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "attach.json",
+        "merged.onnx",
+        "merged.onnx.json",
+        "model.onnx",
+    ]  # no temporary files
+
+
+def test_evaluate_matches_the_model_and_loss_in_pytorch(attached, capsys, tmp_path):
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from visdet_export.export.attach import save_samples
+    from visdet_export.registry import build_loss
+    from visdet_export.specs import spec_for
+
+    _, model, _, merged, code = attached
+    assert code == 0
+    samples = tiny_samples()
+    save_samples(tmp_path / "samples.npz", samples)
+    code, out, err = run(capsys, "evaluate", str(merged), str(tmp_path / "samples.npz"), "--json")
+    assert code == 0, err
+    assert "evaluate merged.onnx: 3/3 samples" in err  # progress on stderr, JSON alone on stdout
+    summary = json.loads(out)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(model)).graph.initializer}
+    loss = build_loss(FOCAL)
+    expected = []
+    for sample in samples:
+        inputs = {
+            "pred": torch.from_numpy(sample["feats"] @ weights["w_cls"]),
+            "target": torch.from_numpy(sample["labels"]),
+            "avg_factor": torch.tensor(float(sample["num_pos"])),
+        }
+        expected.append(float(spec_for(loss).call(loss, inputs)))
+    assert summary["count"] == 3 and summary["nonfinite"] == {"loss_cls": 0}
+    np.testing.assert_allclose(summary["per_sample"]["loss_cls"], expected, rtol=1e-4, atol=1e-6)
+    assert summary["per_sample"]["loss_cls"][0] == 0.0  # N = 0
+    np.testing.assert_allclose(summary["mean"]["loss_cls"], np.mean(expected), rtol=1e-4)
+    # The text summary.
+    code, out, err = run(capsys, "evaluate", str(merged), str(tmp_path / "samples.npz"), "-q")
+    assert code == 0 and err == ""
+    assert out.startswith("3 samples in ") and "loss_cls" in out
+
+
+def test_attach_refuses_an_existing_output_and_keeps_it(attached, capsys):
+    folder, model, spec, merged, code = attached
+    assert code == 0
+    before = merged.read_bytes()
+    code, out, err = run(capsys, "attach", str(model), str(merged), "--spec", str(spec))
+    assert code == 2 and out == ""
+    assert (
+        err.strip() == f"visdet-export: error: nothing was written: {merged} exists; pass overwrite=True "
+        "(--overwrite) to replace it"
+    )
+    assert merged.read_bytes() == before
+    (folder / "other.onnx.json").write_text("{}")  # an existing manifest blocks too
+    code, _, err = run(capsys, "attach", str(model), str(folder / "other.onnx"), "--spec", str(spec))
+    assert code == 2 and "other.onnx.json exists" in err
+    assert not (folder / "other.onnx").exists()
+    (folder / "other.onnx.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("[", "invalid JSON"),
+        ("[]", "expected a non-empty list"),
+        ('[{"name": "l", "loss": {"type": "FocalLoss", "gamma": NaN}}]', "NaN is not allowed"),
+        ('[{"name": "l", "loss": {"type": "FocalLoss", "gamma": 1e999}}]', "must be finite"),
+        ([{"name": "l", "loss": "FocalLoss", "input": {}}], "unknown key(s) input"),
+        ([{"loss": "FocalLoss"}], "entry 0: no name"),
+        ([{"name": "l", "loss": "FocalLos"}], "unknown loss type 'FocalLos'. Did you mean FocalLoss"),
+        ([{"name": "l", "loss": {"type": "FocalLoss", "gamma": -1.0}}], "l: gamma=-1.0 is out of range"),
+        ([{"name": "l", "loss": 'dict(type="L1Loss", x=__import__("os"))'}], "is not allowed in a config"),
+        ([{"name": "l", "loss": "missing.onnx"}], "the loss graph"),
+        ([{"name": "l", "loss": "L1Loss", "inputs": {"pred": 3}}], "input 'pred' must map to a name"),
+        (
+            [{"name": "l", "loss": "FocalLoss", "inputs": {"pred": {"output": "scores"}}}],
+            "loss 'l' input 'pred': 'scores' is not an output of model.onnx; its outputs are cls_score, bbox_pred",
+        ),
+        (
+            [{"name": "l", "loss": "FocalLoss", "inputs": {"pred": "cls_scores"}}],
+            "'cls_scores' is not an output of model.onnx (did you mean 'cls_score'?",
+        ),
+        (
+            [{"name": "l", "loss": "FocalLoss", "inputs": {"target": {"input": "bbox_pred"}}}],
+            "'bbox_pred' is an output of model.onnx, so it cannot be a new graph input",
+        ),
+        (
+            [{"name": "l", "loss": "FocalLoss", "inputs": {"logits": "cls_score"}}],
+            "loss 'l' (FocalLoss) has no input(s) logits; its inputs are pred, target, weight, avg_factor",
+        ),
+        ([{"name": "cls_score", "loss": "FocalLoss"}], "loss name 'cls_score' is already used by the model"),
+        ([{"name": "a", "loss": "L1Loss"}, {"name": "a", "loss": "L1Loss"}], "loss name 'a' is already used"),
+    ],
+)
+def test_attach_spec_mistakes_exit_2_in_one_line_before_any_export(spec, message, capsys, tmp_path, monkeypatch):
+    import visdet_export.export.attach as attach_api
+
+    monkeypatch.setattr(attach_api, "attach_losses", lambda *a, **k: pytest.fail("attach_losses was called"))
+    model = tiny_model(tmp_path / "model.onnx")
+    spec_path = write_spec(tmp_path, spec)
+    code, out, err = run(capsys, "attach", str(model), str(tmp_path / "out.onnx"), "--spec", str(spec_path))
+    assert code == 2 and out == ""
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("visdet-export: error: ") and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_attach_input_mistakes_exit_2(capsys, tmp_path):
+    model = tiny_model(tmp_path / "model.onnx")
+    spec = write_spec(tmp_path, ATTACH_SPEC)
+    out = str(tmp_path / "out.onnx")
+    cases = [
+        (["attach", str(tmp_path / "nope.onnx"), out, "--spec", str(spec)], "the model"),
+        (["attach", str(model), out, "--spec", str(tmp_path / "nope.json")], "does not exist"),
+        (["attach", str(model), out, "--spec", str(write_spec(tmp_path, "x", "spec.yaml"))], "is a .json file"),
+        (["attach", str(spec), out, "--spec", str(spec)], "is not an ONNX model"),
+        (["attach", str(model), str(model), "--spec", str(spec), "--overwrite"], "is the model itself"),
+        (["attach", str(model), str(tmp_path / "no" / "out.onnx"), "--spec", str(spec)], "does not exist"),
+    ]
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    cases.append((["attach", str(model), str(tmp_path / "link.onnx"), "--spec", str(spec), "--overwrite"], "symlink"))
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "elsewhere.onnx").exists() and not (tmp_path / "out.onnx").exists()
+
+
+def test_attach_failures_of_the_artifact_exit_1(capsys, tmp_path, monkeypatch):
+    import visdet_export.export.attach as attach_api
+
+    model = tiny_model(tmp_path / "model.onnx")
+    spec = write_spec(tmp_path, ATTACH_SPEC)
+
+    def parity_failure(*args, **kwargs):
+        raise ArtifactError("FocalLoss: output 'loss' at N=7 differs from eager beyond rtol=0.0001")
+
+    def merge_failure(*args, **kwargs):
+        raise attach_api.AttachError("could not merge loss 'loss_cls': bad graph") from ValueError("bad graph")
+
+    for fake_attach, message in ((parity_failure, "differs from eager"), (merge_failure, "could not merge")):
+        monkeypatch.setattr(attach_api, "attach_losses", fake_attach)
+        code, _, err = run(capsys, "attach", str(model), str(tmp_path / "out.onnx"), "--spec", str(spec))
+        assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_attach_error_from_the_library_is_a_user_mistake(capsys, tmp_path, monkeypatch):
+    import visdet_export.export.attach as attach_api
+
+    def mismatch(*args, **kwargs):
+        raise attach_api.AttachError("loss 'loss_cls' input 'pred': 'cls_score' has shape ['?', 80] but ...")
+
+    monkeypatch.setattr(attach_api, "attach_losses", mismatch)
+    model = tiny_model(tmp_path / "model.onnx")
+    code, _, err = run(
+        capsys, "attach", str(model), str(tmp_path / "o.onnx"), "--spec", str(write_spec(tmp_path, ATTACH_SPEC))
+    )
+    assert code == 2 and "has shape" in err
+
+
+def test_evaluate_mistakes_exit_2(attached, capsys, tmp_path):
+    import numpy as np
+
+    from visdet_export.export.attach import save_samples
+
+    _, _, _, merged, code = attached
+    assert code == 0
+    samples = tmp_path / "s.npz"
+    save_samples(samples, [{"feats": np.zeros((2, 8), np.float32), "labels": np.zeros(2, np.int64)}])
+    good = save_samples(tmp_path / "good.npz", tiny_samples((3,)))
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "objects.npz", feats=np.array([object()], dtype=object))
+    cases = [
+        ([str(merged), str(samples)], "sample 0: missing input(s) num_pos"),
+        ([str(merged), str(tmp_path / "nope.npz")], "does not exist"),
+        ([str(tmp_path / "nope.onnx"), str(samples)], "does not exist"),
+        ([str(merged), str(tmp_path / "text.npz")], "is not a readable .npz"),
+        ([str(merged), str(tmp_path / "objects.npz")], "is not a readable .npz"),
+        ([str(merged), str(samples), "--output", "loss_box"], "has no output(s) loss_box"),
+        ([str(merged), str(good), "--output", "cls_score"], "output 'cls_score' is not a scalar"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, "evaluate", *argv, "-q")
+        assert code == 2 and message in err and len(err.splitlines()) == 1 and out == "", (argv, err)
+
+
+def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
+    """Loss strings, pre-exported loss graphs (relative to the spec) and {"losses": [...]} are handed over."""
+    import visdet_export.export.attach as attach_api
+
+    seen = {}
+
+    def fake_attach(model, losses, out, **kwargs):
+        seen.update(model=Path(model), losses=losses, out=Path(out), **kwargs)
+        Path(out).write_bytes(b"merged")
+        write_manifest(out, {"format": "onnx", "opset": 18, "inputs": ["feats"], "outputs": ["loss_a"]}, False)
+        return Path(out)
+
+    monkeypatch.setattr(attach_api, "attach_losses", fake_attach)
+    model = tiny_model(tmp_path / "model.onnx")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "kd.onnx").write_bytes(b"graph")
+    spec = {
+        "losses": [
+            {"name": "loss_a", "loss": "FocalLoss", "inputs": {"pred": "cls_score"}},
+            {"name": "loss_b", "loss": 'dict(type="L1Loss", loss_weight=2.0)', "inputs": {"pred": "bbox_pred"}},
+            {"name": "loss_c", "loss": "kd.onnx", "inputs": {"pred": "cls_score", "soft_label": "teacher"}},
+        ]
+    }
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run(
+        capsys, "attach", str(model), str(out), "--spec", str(write_spec(tmp_path / "specs", spec)), "--opset", "19"
+    )
+    assert code == 0, err
+    assert seen["losses"] == [
+        ("loss_a", {"type": "FocalLoss"}, {"pred": "cls_score"}),
+        ("loss_b", {"type": "L1Loss", "loss_weight": 2.0}, {"pred": "bbox_pred"}),
+        ("loss_c", tmp_path / "specs" / "kd.onnx", {"pred": "cls_score", "soft_label": "teacher"}),
+    ]
+    assert seen["opset"] == 19 and seen["overwrite"] is False
+    assert "loss_c       " in stdout and "pred<-cls_score, soft_label<-teacher" in stdout
+    assert "attaching 3 loss(es)" in err

@@ -409,7 +409,9 @@ def test_wheel_ships_the_recipes_and_the_console_script(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     shutil.copytree(REPO / "visdet_export", src / "visdet_export", symlinks=True, ignore=ignore)
     shutil.copytree(REPO / "losses", src / "losses", ignore=ignore)
+    shutil.copytree(REPO / "export_scripts" / "cpp", src / "export_scripts" / "cpp", ignore=ignore)
     assert (src / "visdet_export" / "recipes").is_symlink()  # built from the repository's layout
+    assert (src / "visdet_export" / "cpp_project").is_symlink()
     result = subprocess.run(
         [
             sys.executable,
@@ -432,5 +434,13 @@ def test_wheel_ships_the_recipes_and_the_console_script(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        cpp_sources = {
+            n.split("/")[-1]: archive.read(n) for n in names if n.startswith("visdet_export/cpp_project/")
+        }
     assert sorted(n.split("/")[-1][:-3] for n in names if n.startswith("visdet_export/recipes/")) == recipe_names()
     assert "visdet-export = visdet_export.cli:main" in entry_points
+    # `visdet-export cpp` builds the C++ consumer from the sources shipped in the package (visdet_export.cpp).
+    from visdet_export.cpp import SOURCE_FILES
+
+    for name in SOURCE_FILES:
+        assert cpp_sources.get(name) == (REPO / "export_scripts" / "cpp" / name).read_bytes(), name

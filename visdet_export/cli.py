@@ -2,16 +2,21 @@
 
 Commands::
 
-    visdet-export list [--recipes] [--json]
     visdet-export export (--loss CFG | --recipe NAME | --config FILE) --out DIR
                          [--format onnx,torchscript,pt2,onnx-joint,pt2-joint] [--only PATH,...] [--name NAME]
                          [--overwrite] [--no-verify] [--opset N] [--quiet]
+    visdet-export list [--recipes] [--inputs] [--json]
     visdet-export verify PATH... [--seed N]
-    visdet-export check [ARGS...]
+    visdet-export attach MODEL.onnx OUT.onnx --spec ATTACH.json [--opset N] [--overwrite]
+    visdet-export evaluate GRAPH.onnx SAMPLES.npz [--output NAME ...] [--json]
+    visdet-export check [ARGS...]      (the runtime matrix: visdet_export.check)
+    visdet-export bench [ARGS...]      (benchmarks/run.py; source checkouts only)
+    visdet-export cpp [ARGS...]        (C++ toolchain smoke test: visdet_export.cpp)
 
 Exit status: 0 on success, 1 when an export or a verification failed, 2 for a usage or input mistake (unknown
 recipe, bad or unsafe config, an output that exists, a symlinked output); 130 when interrupted. Mistakes are
-reported in one line without a traceback; ``--debug`` shows the traceback of unexpected failures.
+reported in one line without a traceback; ``--debug`` shows the traceback of unexpected failures. ``check``,
+``bench`` and ``cpp`` take their own options (``visdet-export bench --help``) and return their own status.
 
 The functions :func:`plan_exports` and :func:`export_losses` are the batch API the command and the scripts in
 ``export_scripts/`` share.
@@ -26,6 +31,7 @@ import re
 import sys
 import time
 import traceback
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,28 +424,85 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print(f"    {path} = {cfg['type']}({options})")
         return EXIT_OK
 
+    import inspect
+
     from .registry import MODELS, config_parameters
 
     losses = {name: config_parameters(cls) for name, cls in sorted(MODELS.module_dict.items())}
     if args.json:
-        import inspect
-
-        print(
-            json.dumps(
-                {
-                    name: {k: (None if v is inspect.Parameter.empty else v) for k, v in params.items()}
-                    for name, params in losses.items()
-                },
-                indent=2,
-                default=repr,
-            )
-        )
+        records: dict[str, Any] = {
+            name: {k: (None if v is inspect.Parameter.empty else v) for k, v in params.items()}
+            for name, params in losses.items()
+        }
+        if args.inputs:  # {"parameters": {...}, "inputs": [...]} per loss; without --inputs: the parameters alone
+            records = {name: {"parameters": params, "inputs": input_spec(name)} for name, params in records.items()}
+        print(json.dumps(records, indent=2, default=repr))
         return EXIT_OK
     rows = [
         [name, ", ".join(f"{k}={_format_default(v)}" for k, v in params.items())] for name, params in losses.items()
     ]
-    print(render_table(["loss", "parameters (defaults)"], rows))
+    if not args.inputs:
+        print(render_table(["loss", "parameters (defaults)"], rows))
+        return EXIT_OK
+    blocks = []
+    for name, parameters in rows:
+        inputs = input_spec(name)
+        if isinstance(inputs, str):
+            block = f"    {inputs}"
+        else:
+            block = "\n".join(
+                f"    {line}"
+                for line in render_table(
+                    ["input", "dtype[shape]", "", "meaning"],
+                    [
+                        [
+                            t["name"],
+                            f"{t['dtype']}[{', '.join(map(str, t['shape']))}]",
+                            "optional" if t["optional"] else "required",
+                            t.get("doc", ""),
+                        ]
+                        for t in inputs
+                    ],
+                ).splitlines()
+            )
+        blocks.append(f"{name}({parameters})\n{block}")
+    print("\n\n".join(blocks))
+    print(
+        "\nN: the number of samples (symbolic); float: the data's floating dtype (float32 by default); "
+        "fixed sizes are those of the default config (80 classes, reg_max 16)"
+    )
     return EXIT_OK
+
+
+def input_spec(loss_type: str, config: Mapping[str, Any] | None = None) -> list[dict[str, Any]] | str:
+    """The inputs of ``loss_type`` built with ``config`` (its defaults by default): name, dtype, symbolic shape,
+    optional; or the reason there is no spec (a string)."""
+    from .registry import build_loss
+    from .specs import spec_for
+
+    try:
+        spec = spec_for(build_loss({"type": loss_type, **(config or {})}))
+    except (KeyError, TypeError, ValueError) as error:
+        return f"(no input spec: {_one_line(error)})"
+    return [
+        {
+            "name": t.name,
+            "dtype": t.kind,
+            "shape": list(t.shape),
+            "optional": t.optional,
+            **({"doc": t.doc} if t.doc else {}),
+        }
+        for t in spec.inputs
+    ]
+
+
+def format_inputs(inputs: list[dict[str, Any]] | str) -> str:
+    """``pred: float[N, 80], target: int64[N], weight?: float[N], avg_factor?: float[]``."""
+    if isinstance(inputs, str):
+        return inputs
+    return ", ".join(
+        f"{t['name']}{'?' if t['optional'] else ''}: {t['dtype']}[{', '.join(map(str, t['shape']))}]" for t in inputs
+    )
 
 
 def _select(losses: dict[str, dict[str, Any]], only: str | None) -> dict[str, dict[str, Any]]:
@@ -581,13 +644,299 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_check(argv: Sequence[str]) -> int:
+    return _passthrough("check", "the runtime check", argv)
+
+
+def _passthrough(module_name: str, what: str, argv: Sequence[str]) -> int:
+    """Run ``visdet_export.<module_name>.main(argv)`` with its own options; its status is ours."""
+    import importlib
+
     try:
-        from . import check
+        module = importlib.import_module(f".{module_name}", __package__)
     except ImportError as error:
-        print(f"{PROG}: error: the runtime check is not available in this installation ({error})", file=sys.stderr)
+        print(f"{PROG}: error: {what} is not available in this installation ({error})", file=sys.stderr)
         return EXIT_FAILED
-    status = check.main(list(argv))
+    try:
+        status = module.main(list(argv))
+    except SystemExit as exit_:  # argparse's --help and usage errors, or a tool's own SystemExit("message")
+        if exit_.code is None or isinstance(exit_.code, int):
+            return int(exit_.code or 0)
+        print(f"{PROG} {module_name}: error: {exit_.code}", file=sys.stderr)
+        return EXIT_USAGE
     return int(status or 0)
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    return _passthrough("bench", "the benchmark runner", argv)
+
+
+def cmd_cpp(argv: Sequence[str]) -> int:
+    return _passthrough("cpp", "the C++ smoke test", argv)
+
+
+# --- attach ------------------------------------------------------------------------------------------------------
+
+ATTACH_KEYS = ("name", "loss", "inputs")
+
+
+@dataclass(frozen=True)
+class AttachEntry:
+    """One loss of an attach spec: its output name, its config (or a loss graph path) and its input mapping.
+
+    ``mapping`` is what :func:`visdet_export.export.attach.attach_losses` takes (loss input -> name);
+    ``outputs`` and ``inputs`` hold the names the spec marked ``{"output": ...}`` / ``{"input": ...}``.
+    """
+
+    name: str
+    loss: Any
+    mapping: dict[str, str]
+    outputs: frozenset[str] = frozenset()
+    inputs: frozenset[str] = frozenset()
+
+
+def read_attach_spec(path: str | os.PathLike[str]) -> list[AttachEntry]:
+    """The losses to attach, from a JSON file (read with the safe config reader: no code, finite numbers).
+
+    The file holds a list (or ``{"losses": [...]}``) of ``{"name": ..., "loss": ..., "inputs": {...}}``:
+
+    * ``loss``: a loss config (``{"type": "FocalLoss", "gamma": 2.0}``), a loss string as ``--loss`` takes it
+      (``"FocalLoss"``, ``'dict(type="FocalLoss")'``), or the path of an exported loss graph (``*.onnx``,
+      relative to the spec file);
+    * ``inputs``: loss input -> ``"NAME"`` (a model output when the model has one, else a new graph input),
+      ``{"output": "NAME"}`` (must be a model output) or ``{"input": "NAME"}`` (a new graph input).
+
+    Raises:
+        ConfigError: the file cannot be read or an entry is malformed (the message names the entry).
+    """
+    from .config import _read_text, parse_json, parse_loss_string
+
+    spec_path = Path(path)
+    if not spec_path.is_file():
+        raise UsageError(
+            f"--spec {spec_path} does not exist" if not spec_path.exists() else f"{spec_path} is not a file"
+        )
+    if spec_path.suffix.lower() != ".json":
+        raise UsageError(f"--spec {spec_path}: the attach spec is a .json file (a list of name/loss/inputs entries)")
+    source = str(spec_path)
+    data = parse_json(_read_text(spec_path), source)
+    if isinstance(data, dict) and set(data) == {"losses"}:
+        data = data["losses"]
+    if not isinstance(data, list) or not data:
+        raise ConfigError(
+            f'{source}: expected a non-empty list of {{"name": ..., "loss": ..., "inputs": {{...}}}} entries'
+        )
+    entries: list[AttachEntry] = []
+    for index, item in enumerate(data):
+        where = f"{source}: entry {index}"
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"{where} must be an object with keys {', '.join(ATTACH_KEYS)}, got {type(item).__name__}"
+            )
+        unknown = sorted(set(item) - set(ATTACH_KEYS))
+        missing = [key for key in ("name", "loss") if key not in item]
+        if unknown or missing:
+            problem = f"unknown key(s) {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}"
+            raise ConfigError(f"{where}: {problem}; an entry has the keys {', '.join(ATTACH_KEYS)}")
+        name = item["name"]
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+        where = f"{source}: loss {name!r}"
+        loss = item["loss"]
+        if isinstance(loss, str) and loss.strip().lower().endswith(".onnx"):
+            graph = Path(loss.strip())
+            graph = graph if graph.is_absolute() else spec_path.parent / graph
+            if not graph.is_file():
+                raise ConfigError(f"{where}: the loss graph {graph} does not exist")
+            loss = graph
+        elif isinstance(loss, str):
+            loss = parse_loss_string(loss, where)
+        elif isinstance(loss, dict):
+            if "type" not in loss:
+                raise ConfigError(f"{where}: the loss config {loss!r} has no 'type' key")
+        else:
+            raise ConfigError(f"{where}: 'loss' must be a config object, a loss string or a .onnx path, got {loss!r}")
+        inputs = item.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise ConfigError(f"{where}: 'inputs' must map loss inputs to names, got {inputs!r}")
+        mapping: dict[str, str] = {}
+        outputs: set[str] = set()
+        new_inputs: set[str] = set()
+        for key, value in inputs.items():
+            if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("output", "input"):
+                kind, value = next(iter(value.items()))
+                if isinstance(value, str) and value:
+                    (outputs if kind == "output" else new_inputs).add(value)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f'{where}: input {key!r} must map to a name, {{"output": NAME}} or {{"input": NAME}}, '
+                    f"got {inputs[key]!r}"
+                )
+            mapping[key] = value
+        entries.append(AttachEntry(name, loss, mapping, frozenset(outputs), frozenset(new_inputs)))
+    return entries
+
+
+def _model_io(path: Path) -> tuple[list[str], list[str]]:
+    """The graph input and output names of an ONNX model, read without its external data (after checking it)."""
+    import onnx
+
+    from .export.onnx import check_external_data
+
+    if not path.exists():
+        raise UsageError(f"the model {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"the model {path} is not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # the external data is not read here
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise UsageError(f"{path} is not an ONNX model ({type(error).__name__}: {_one_line(error)})") from None
+    check_external_data(path)  # RELIABILITY 36: its locations must stay inside the model's folder
+    return [v.name for v in model.graph.input], [v.name for v in model.graph.output]
+
+
+def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
+    """Every mistake :func:`attach_losses` would find only after exporting some losses, reported up front.
+
+    Refuses: a loss that cannot be built, a mapping to an input the loss does not have, a duplicate or clashing
+    loss name, a name marked ``{"output": ...}`` that the model lacks (or ``{"input": ...}`` that it has as an
+    output), and a bare name that is not a model output but looks like a misspelled one.
+    """
+    import difflib
+
+    from .registry import build_loss
+    from .specs import spec_for
+
+    model_inputs, model_outputs = _model_io(model)
+    taken = set(model_inputs) | set(model_outputs)
+    shown = ", ".join(model_outputs)
+    for entry in entries:
+        if entry.name in taken:
+            raise UsageError(f"loss name {entry.name!r} is already used by the model or another loss; choose another")
+        taken.add(entry.name)
+        if isinstance(entry.loss, dict):
+            build_checked({entry.name: entry.loss})
+            spec = spec_for(build_loss(dict(entry.loss)))
+            unknown = sorted(set(entry.mapping) - set(spec.names))
+            if unknown:
+                raise UsageError(
+                    f"loss {entry.name!r} ({entry.loss['type']}) has no input(s) {', '.join(unknown)}; "
+                    f"its inputs are {', '.join(spec.names)}"
+                )
+        for key, source in entry.mapping.items():
+            what = f"loss {entry.name!r} input {key!r}"
+            if source in entry.outputs and source not in model_outputs:
+                raise UsageError(f"{what}: {source!r} is not an output of {model.name}; its outputs are {shown}")
+            if source in entry.inputs and source in model_outputs:
+                raise UsageError(
+                    f"{what}: {source!r} is an output of {model.name}, so it cannot be a new graph input; "
+                    "give the input another name"
+                )
+            if source in model_outputs or source in model_inputs or source in entry.inputs:
+                continue
+            close = difflib.get_close_matches(source, model_outputs, n=1, cutoff=0.8)
+            if close:
+                raise UsageError(
+                    f"{what}: {source!r} is not an output of {model.name} (did you mean {close[0]!r}? its outputs "
+                    f'are {shown}); to add it as a new graph input write {{"input": "{source}"}}'
+                )
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from .export.artifacts import ArtifactError, check_output_path
+    from .export.attach import AttachError, attach_losses
+
+    entries = read_attach_spec(args.spec)
+    model, out = Path(args.model), Path(args.out)
+    for target in (out, Path(f"{out}.json")):
+        try:
+            check_output_path(target, args.overwrite)
+        except ArtifactError as error:
+            raise UsageError(f"nothing was written: {error}") from None
+    if out.resolve() == model.resolve():
+        raise UsageError(f"the output {out} is the model itself; write the merged model to another file")
+    check_attach_plan(model, entries)
+    if not args.quiet:
+        print(
+            f"attaching {len(entries)} loss(es) to {model}: exporting each loss graph and verifying it in onnxruntime "
+            "against eager PyTorch",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    try:
+        attach_losses(
+            model,
+            [(e.name, e.loss, e.mapping) for e in entries],
+            out,
+            overwrite=args.overwrite,
+            opset=args.opset,
+        )
+    except AttachError as error:
+        if error.__cause__ is None:  # a mistake in the spec or the model (mapping, names, types, shapes)
+            raise
+        print(f"{PROG}: failed: {_one_line(error)}", file=sys.stderr)  # onnx could not merge or convert
+        return EXIT_FAILED
+    except ArtifactError as error:  # a loss graph failed its parity check: nothing was written
+        print(f"{PROG}: failed: {_one_line(error)}; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
+    seconds = time.perf_counter() - start
+    from .export.artifacts import read_manifest
+
+    manifest = read_manifest(out)
+    rows = []
+    for entry in entries:
+        kind = entry.loss["type"] if isinstance(entry.loss, dict) else str(entry.loss)
+        mapping = ", ".join(f"{k}<-{v}" for k, v in entry.mapping.items()) or "-"
+        rows.append([entry.name, kind, mapping])
+    print(render_table(["loss output", "loss", "inputs (loss input <- model output or graph input)"], rows))
+    print(f"wrote {out} ({human_size(out.stat().st_size)}, opset {manifest.get('opset')}) in {seconds:.1f} s")
+    print(f"graph inputs:  {', '.join(manifest.get('inputs', []))}")
+    print(f"graph outputs: {', '.join(manifest.get('outputs', []))}")
+    return EXIT_OK
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: non-finite numbers become null (``nonfinite`` counts them)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .export.attach import evaluate, load_samples
+
+    graph, samples_path = Path(args.graph), Path(args.samples)
+    for path, what in ((graph, "graph"), (samples_path, "samples file")):
+        if not path.exists():
+            raise UsageError(f"the {what} {path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"the {what} {path} is not a file")
+    _model_io(graph)  # a readable ONNX model with safe external data
+    try:
+        samples = load_samples(samples_path)  # allow_pickle=False: object arrays are refused, never unpickled
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise UsageError(f"{samples_path} is not a readable .npz of samples ({_one_line(error)})") from None
+    if not samples:
+        raise UsageError(f"{samples_path} holds no samples")
+    try:
+        summary = evaluate(graph, samples, outputs=args.output or None, progress=not args.quiet)
+    except Exception as error:
+        if type(error).__name__ in ("InvalidArgument", "InvalidGraph"):  # onnxruntime: a sample of the wrong shape
+            raise UsageError(f"onnxruntime refused a sample: {_one_line(error)}") from None
+        raise
+    if args.json:
+        print(json.dumps(_finite_or_none(summary.to_dict()), indent=2, allow_nan=False))
+    else:
+        print(summary)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,8 +953,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    p_list = commands.add_parser("list", help="list the registered losses (or the bundled recipes)")
+    p_list = commands.add_parser(
+        "list", help="list the registered losses with their parameters and inputs (or the bundled recipes)"
+    )
     p_list.add_argument("--recipes", action="store_true", help="list the bundled detector recipes and their losses")
+    p_list.add_argument(
+        "--inputs", action="store_true", help="also show each loss's inputs (names, dtypes, symbolic shapes)"
+    )
     p_list.add_argument("--json", action="store_true", help="print JSON")
     p_list.set_defaults(func=cmd_list)
 
@@ -644,19 +998,68 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p_verify.set_defaults(func=cmd_verify)
 
+    p_attach = commands.add_parser(
+        "attach",
+        help="attach losses to a model's ONNX outputs: one graph that runs the model and its losses",
+        description="Merge MODEL.onnx with one exported, verified loss graph per entry of --spec into OUT.onnx "
+        "(plus OUT.onnx.json). The merged model keeps the model's inputs and outputs and adds one 0-d output per "
+        'loss. --spec is a JSON list of {"name": OUTPUT, "loss": {config} | "FocalLoss" | "loss.onnx", '
+        '"inputs": {LOSS_INPUT: "NAME" | {"output": NAME} | {"input": NAME}}}: a bare NAME feeds the '
+        "loss from the model output of that name, or else becomes a new graph input (shared by the losses "
+        "naming it); unmapped required loss inputs become graph inputs <name>/<input>. See `list --inputs` for "
+        "each loss's input names.",
+    )
+    p_attach.add_argument("model", metavar="MODEL.onnx", help="the model (external data must stay in its folder)")
+    p_attach.add_argument("out", metavar="OUT.onnx", help="the merged model to write")
+    p_attach.add_argument("--spec", required=True, metavar="ATTACH.json", help="the losses and their input mapping")
+    p_attach.add_argument("--opset", type=int, default=None, help="opset of the result (default: the model's, >= 18)")
+    p_attach.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
+    p_attach.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p_attach.set_defaults(func=cmd_attach)
+
+    p_evaluate = commands.add_parser(
+        "evaluate",
+        help="run an ONNX loss graph over the samples of an .npz and summarise its scalar outputs",
+        description="Run GRAPH.onnx in onnxruntime on every sample of SAMPLES.npz and print the mean (and, with "
+        "--json, every per-sample value) of its 0-d outputs. The .npz holds '<index>/<input>' keys (shapes free "
+        "per sample; visdet_export.export.attach.save_samples writes them) or one array per input stacked along a "
+        "leading sample axis.",
+    )
+    p_evaluate.add_argument("graph", metavar="GRAPH.onnx", help="a merged model (attach) or a loss graph")
+    p_evaluate.add_argument("samples", metavar="SAMPLES.npz", help="the samples (no pickled objects)")
+    p_evaluate.add_argument(
+        "--output", action="append", metavar="NAME", help="an output to summarise (repeatable; default: every 0-d one)"
+    )
+    p_evaluate.add_argument("--json", action="store_true", help="print JSON: count, mean, nonfinite, per_sample")
+    p_evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p_evaluate.set_defaults(func=cmd_evaluate)
+
     commands.add_parser(
         "check", help="run the runtime matrix in this environment (check --help for options)", add_help=False
     )
+    commands.add_parser(
+        "bench",
+        help="benchmark every runtime against the MMDetection-style baseline (source checkout; bench --help)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "cpp", help="build the libtorch C++ consumer and compare it with eager (cpp --help)", add_help=False
+    )
     return parser
+
+
+# Commands with their own options: everything after the name is handed over untouched.
+PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "bench": cmd_bench, "cpp": cmd_cpp}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    # `check` has its own options: hand everything after it over untouched.
+    # `check`, `bench` and `cpp` have their own options: hand everything after the name over untouched.
     rest = [a for a in argv if a != "--debug"]
-    if rest and rest[0] == "check":
-        return _guard(lambda: cmd_check(rest[1:]), debug)
+    if rest and rest[0] in PASSTHROUGH:
+        command = PASSTHROUGH[rest[0]]
+        return _guard(lambda: command(rest[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     return _guard(lambda: args.func(args), args.debug)

@@ -70,9 +70,20 @@ class CppRunError(RuntimeError):
 
 
 def source_dir() -> Path:
-    """The CMake project: ``$VISDET_EXPORT_CPP_SOURCE`` or ``export_scripts/cpp`` beside the package."""
+    """The CMake project: ``$VISDET_EXPORT_CPP_SOURCE``, else the sources shipped in the package.
+
+    ``visdet_export/cpp_project`` is a symlink to ``export_scripts/cpp`` in a source checkout, and a copy of it
+    (package data) in an installed wheel; ``export_scripts/cpp`` beside the package is the fallback for a
+    checkout without symlinks.
+    """
     env = os.environ.get("VISDET_EXPORT_CPP_SOURCE")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "export_scripts" / "cpp"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "cpp_project", here.parent / "export_scripts" / "cpp"):
+        if all((candidate / name).is_file() for name in SOURCE_FILES):
+            return candidate.resolve()
+    return here / "cpp_project"
 
 
 def default_build_dir() -> Path:
