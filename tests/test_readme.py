@@ -39,3 +39,35 @@ def test_export_api_is_reachable_from_the_package_and_imported_on_first_use() ->
         "assert export_onnx.__module__ == 'visdet_export.export.onnx'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_python_examples_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = _python_blocks()
+    assert len(blocks) >= 3
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "qfl.onnx.json").is_file() and (tmp_path / "dfl.pt2.json").is_file()
+
+
+def test_readme_main_job_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (main_job,) = [line for block in _bash_blocks() for line in block.splitlines() if "visdet-export export" in line]
+    steps = [step.strip() for step in main_job.split("&&")]
+    job = [step for step in steps if step.startswith("visdet-export")]
+    assert len(job) == 2 and steps[: len(steps) - len(job)] == [step for step in steps if "visdet-export" not in step]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for step in job:
+        subprocess.run(step, shell=True, cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    written = sorted(p.name for p in (tmp_path / "artifacts" / "gfl").iterdir())
+    assert written == sorted(
+        f"{loss}.{ext}{manifest}" for loss in ("loss_cls", "loss_bbox", "loss_dfl") for ext in ("onnx", "ts.pt")
+        for manifest in ("", ".json")
+    )

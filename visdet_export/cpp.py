@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 the program could not be built.
     """
-    parser = argparse.ArgumentParser(prog="python -m visdet_export.cpp", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="visdet-export cpp", description=main.__doc__)
     parser.add_argument("--build-dir", help=f"where to build (default {default_build_dir()})")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="build even if the cached build is current")
