@@ -4,7 +4,9 @@ Nothing here is autouse: tests that do not ask for these fixtures pay nothing fo
 
 * ``runner_cache``: one :class:`visdet_export.check.RunnerCache` for the session, keyed by
   ``(config name, runtime key)``; a loss is compiled, scripted or exported at most once per key, whichever test
-  asks first (test_compile, test_torchscript, test_pt2 and test_matrix all draw from it).
+  asks first (test_compile, test_torchscript, test_pt2 and test_matrix all draw from it). Its ``.pt2`` column
+  is one joint AOTInductor bundle of every representative configuration, built on first use
+  (``RunnerCache.pt2_bundle``; about 2 minutes on 2 cores).
 * ``compile_backend(name)``: the real inductor backend for the configurations that exercise its code generation
   (focal, qfl, giou, dfl, softmax CE; about 20-30 s each on this 2-core CPU, forward and backward); aot_eager
   (the same dynamo graph and AOT-autograd joint graph, no code generation; 1-5 s) for the others.
@@ -22,9 +24,6 @@ from visdet_export.specs import representative_configs
 
 #: Configurations compiled with the inductor backend (code generation); the rest use aot_eager.
 INDUCTOR_CONFIGS = ("focal", "qfl", "giou", "dfl", "ce_softmax")
-#: Configurations exported as AOTInductor .pt2 packages (30-70 s each): FocalLoss (focal), IoU losses (giou),
-#: GFL losses (dfl, as a joint loss + gradient package).
-PT2_CONFIGS = ("focal", "giou", "dfl")
 CONFIG_NAMES = tuple(representative_configs())
 
 

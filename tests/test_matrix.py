@@ -2,22 +2,23 @@
 
 Rows come from the registry-driven representative configurations (every name in ``MODELS.module_dict`` has at
 least one). Runners come from the session cache, so nothing is compiled or exported twice: the compile column
-uses inductor for ``conftest.INDUCTOR_CONFIGS`` and aot_eager elsewhere, the pt2 column covers
-``conftest.PT2_CONFIGS`` (see test_pt2 for why). Values are compared for every runtime and gradients with
-respect to ``pred`` for the differentiable ones (compile, script), at ``visdet_export.check.TOLERANCES``.
+uses inductor for ``conftest.INDUCTOR_CONFIGS`` and aot_eager elsewhere; the pt2 column runs each
+configuration's entry of one joint AOTInductor bundle of every configuration (see test_pt2 for why). Values are
+compared for every runtime, and gradients with respect to ``pred`` for the differentiable ones (compile, script)
+and the joint pt2 entries, at ``visdet_export.check.TOLERANCES``.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import CONFIG_NAMES, PT2_CONFIGS, compile_backend
+from conftest import CONFIG_NAMES, compile_backend
 
 from visdet_export.check import check_cell, runner_options
 from visdet_export.registry import MODELS
 from visdet_export.specs import representative_configs
 
 RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
-CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES if runtime != "pt2" or name in PT2_CONFIGS]
+CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
 
 
 def test_every_registered_loss_has_a_row():

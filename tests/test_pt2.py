@@ -1,10 +1,14 @@
-"""torch.export + AOTInductor .pt2 packages: load, same numbers as eager at N = 0, 64, 1000; joint gradient.
+"""torch.export and AOTInductor ``.pt2`` packages: every representative configuration, N = 0, 64, 1000.
 
-An AOTInductor package takes 30-70 s to build on the 2-core CI CPU, so packages are built for one
-configuration per family with its own kernel path (``conftest.PT2_CONFIGS``): FocalLoss (focal), the IoU losses
-(giou) and the GFL losses (dfl, as a joint loss + gradient package). They live in the session cache, so the
-runtime matrix reuses them. Every loss is traced by torch.export (dynamic N, min 0) in the ONNX column of the
-matrix (``torch.onnx.export(dynamo=True)`` goes through torch.export).
+* torch.export: every configuration exports with a dynamic N (min 0) and the exported program runs at N = 0, 1,
+  7 and 1000 with eager's numbers (cheap: no compilation).
+* AOTInductor: one AOTInductor package costs 20-70 s of compilation on the 2-core CI CPU, so every configuration
+  goes into ONE joint bundle (``export_pt2_bundle``: loss and gradient w.r.t. ``pred`` of every configuration,
+  each with its own dynamic N), built once per session in ``runner_cache`` and shared with the runtime matrix
+  (test_matrix's pt2 column). Each configuration is checked in values and gradients at N = 0, 64 and 1000
+  (mask cross-entropy capped: its per-sample input is 80 x 28 x 28).
+* The single-loss exporter ``export_pt2`` (manifest, ``verify``) is checked on one joint package (dfl), and
+  ``export_pt2_bundle``'s own parity check and manifest on a two-loss detector recipe (GFL).
 """
 
 from __future__ import annotations
@@ -13,51 +17,148 @@ import json
 
 import pytest
 import torch
-from conftest import PT2_CONFIGS
+from conftest import CONFIG_NAMES
 
-from visdet_export.check import runner_options
+from visdet_export.check import capped_size, runner_options
+from visdet_export.export.artifacts import ArtifactError
 from visdet_export.export.joint import eager_joint
+from visdet_export.export.pt2 import (
+    EXPORT_PARITY_SIZES,
+    bundle_entries,
+    export_program,
+    export_pt2_bundle,
+    load_runner,
+    parity_sizes,
+    verify_bundle,
+)
 from visdet_export.export.verify import TOLERANCES, verify
+from visdet_export.runtimes import default_names
 
 SIZES = (0, 64, 1000)
+TOL = TOLERANCES["pt2"]
 
 
-def _package(runner_cache, name):
-    key, options = runner_options(name, "pt2")
-    return runner_cache.runner(name, "pt2", key=key, **options)
+def _bundle(runner_cache):
+    return runner_cache.pt2_bundle(CONFIG_NAMES[0])
 
 
-@pytest.mark.parametrize("name", PT2_CONFIGS)
-def test_package_matches_eager(runner_cache, name):
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_export_program_dynamic_n(runner_cache, name):
     loss, spec = runner_cache.loss(name)
-    package = _package(runner_cache, name)
-    assert package.path.suffix == ".pt2"
-    for index, n in enumerate(SIZES):
-        inputs = spec.sample(loss, n, seed=index, include=list(package.names))
+    names = default_names(loss, spec)
+    program = export_program(loss, spec, names)
+    module = program.module()
+    for index, n in enumerate((0, 1, 7, 1000)):
+        n = capped_size(spec, n)
+        inputs = spec.sample(loss, n, seed=index, include=names)
         with torch.no_grad():
             want = spec.call(loss, inputs)
-        got = package(inputs)
+            got = module(*[inputs[key] for key in names])
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, **TOLERANCES["pt2"])
+        torch.testing.assert_close(got, want, **TOL)
 
 
-def test_joint_package_gradient_matches_autograd(runner_cache):
-    loss, spec = runner_cache.loss("dfl")
-    package = _package(runner_cache, "dfl")
-    manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
-    assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
-    for index, n in enumerate(SIZES):
-        inputs = spec.sample(loss, n, seed=10 + index, include=list(package.names))
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_bundle_entry_matches_eager_values_and_gradients(runner_cache, name):
+    loss, spec = runner_cache.loss(name)
+    key, options = runner_options(name, "pt2")
+    package = runner_cache.runner(name, "pt2", key=key, **options)
+    assert package.joint and package.path.suffix == ".pt2"
+    for index, n in enumerate(parity_sizes(spec, SIZES)):
+        inputs = spec.sample(loss, n, seed=20 + index, include=list(package.names))
         value, grad = package.run_all(inputs)
         want_value, want_grad = eager_joint(loss, spec, inputs)
-        torch.testing.assert_close(value, want_value, **TOLERANCES["pt2"])
-        torch.testing.assert_close(grad, want_grad, **TOLERANCES["pt2"])
+        assert value.shape == want_value.shape and grad.shape == want_grad.shape
+        torch.testing.assert_close(value, want_value, **TOL)
+        torch.testing.assert_close(grad, want_grad, **TOL)
 
 
-def test_manifest_and_verify(runner_cache):
-    package = _package(runner_cache, "giou")
+def test_bundle_manifest_and_independent_sizes(runner_cache):
+    bundle = _bundle(runner_cache)
+    manifest = json.loads(bundle.path.with_name(bundle.path.name + ".json").read_text())
+    assert manifest["bundle"] and manifest["format"] == "pt2"
+    assert [entry["name"] for entry in manifest["entries"]] == list(CONFIG_NAMES)
+    assert all(entry["joint"] for entry in manifest["entries"])
+    assert manifest["dynamic_dims"] == {f"N_{name}": {"min": 0} for name in CONFIG_NAMES}
+    focal = next(entry for entry in manifest["entries"] if entry["name"] == "focal")
+    assert [item["name"] for item in focal["inputs"]] == ["pred", "target", "weight", "avg_factor"]
+    assert "focal/pred" in bundle.input_names and "focal/grad_pred" in bundle.output_names
+    assert next(i for i in manifest["inputs"] if i["name"] == "focal/pred")["shape"] == ["N_focal", 80]
+
+    # One call, every entry at its own N (a detector's loss_cls over all anchors, loss_bbox over positives).
+    feed, expected = {}, {}
+    for index, name in enumerate(CONFIG_NAMES):
+        loss, spec = runner_cache.loss(name)
+        entry = next(e for e in manifest["entries"] if e["name"] == name)
+        names = [item["name"] for item in entry["inputs"]]
+        inputs = spec.sample(loss, capped_size(spec, 3 * index), seed=index, include=names)
+        feed.update({f"{name}/{key}": inputs[key] for key in names})
+        value, grad = eager_joint(loss, spec, inputs)
+        expected.update({f"{name}/loss": value, f"{name}/grad_pred": grad})
+    outputs = dict(zip(bundle.output_names, bundle(feed)))
+    assert set(outputs) == set(expected)
+    for key, want in expected.items():
+        torch.testing.assert_close(outputs[key], want, **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_bundle_entry_runner_and_verify(runner_cache):
+    bundle = _bundle(runner_cache)
+    run = load_runner(bundle.path, entry="giou")
+    assert run.input_names == ["pred", "target", "weight", "avg_factor"] and run.output_names == ["loss", "grad_pred"]
+    loss, spec = runner_cache.loss("giou")
+    inputs = spec.sample(loss, 5, seed=1, include=run.input_names)
+    value, grad = run(inputs)
+    want_value, want_grad = eager_joint(loss, spec, inputs)
+    torch.testing.assert_close(value, want_value, **TOL)
+    torch.testing.assert_close(grad, want_grad, **TOL)
+    with pytest.raises(ArtifactError, match="no entry"):
+        load_runner(bundle.path, entry="nope")
+    report = verify_bundle(bundle.path, sizes=(0, 1, 7), seed=5)
+    assert report["passed"] and set(report["entries"]) == set(CONFIG_NAMES)
+
+
+def test_single_joint_package_manifest_and_verify(runner_cache):
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    package = runner_cache.runner("dfl", "pt2", key=key, **options)
     manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
     assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}}
+    assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
     assert [entry["name"] for entry in manifest["inputs"]] == ["pred", "target", "weight", "avg_factor"]
     report = verify(package.path, sizes=SIZES, seed=3)
     assert report["passed"] and report["sizes"] == list(SIZES)
+    with pytest.raises(ArtifactError, match="not a bundle"):
+        load_runner(package.path, entry="dfl")
+
+
+def test_recipe_bundle_export_verifies_and_records_parity(tmp_path):
+    """The user's path: a detector recipe's losses (GFL: loss_cls, loss_bbox) in one package, verified on export,
+    only the classification loss joint."""
+    path = tmp_path / "gfl.pt2"
+    losses = {
+        "loss_cls": {"type": "QualityFocalLoss", "use_sigmoid": True, "beta": 2.0, "loss_weight": 1.0},
+        "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+    }
+    written = export_pt2_bundle(losses, path, joint=["loss_cls"])
+    assert written == path and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+    assert manifest["outputs"] == ["loss_cls/loss", "loss_cls/grad_pred", "loss_bbox/loss"]
+    assert [i["name"] for i in manifest["inputs"][:3]] == ["loss_cls/pred", "loss_cls/labels", "loss_cls/scores"]
+    for entry in manifest["entries"]:
+        assert entry["parity"]["sizes"] == list(EXPORT_PARITY_SIZES)
+        assert entry["parity"]["max_abs_err"] <= entry["parity"]["atol"] + 1e-3
+    with pytest.raises(ArtifactError, match="exists"):
+        export_pt2_bundle(losses, path)
+
+
+@pytest.mark.parametrize(
+    ("losses", "joint", "match"),
+    [
+        ({}, False, "at least one"),
+        ({"a/b": {"type": "L1Loss"}}, False, "contain no"),
+        ({"l1": {"type": "L1Loss"}}, ["giou"], "not entries"),
+        ({"x-y": {"type": "L1Loss"}, "x_y": {"type": "MSELoss"}}, False, "collide"),
+    ],
+)
+def test_bundle_entries_rejects_bad_requests(losses, joint, match):
+    with pytest.raises(ValueError, match=match):
+        bundle_entries(losses, joint=joint)

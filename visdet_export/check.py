@@ -11,9 +11,13 @@ Tolerances: ``torch.testing.assert_close`` float32 defaults for TorchScript (sam
 rtol = atol = 1e-5 for compiled and AOTInductor code (fused kernels reorder sums), rtol 1e-4 / atol 1e-5 for
 onnxruntime.
 
-``.pt2`` packages take 30-70 s each to compile on a small CPU, so by default the ``pt2`` column covers
-:data:`PT2_CONFIGS` (one configuration per loss family with a dedicated kernel path) and says "skip" elsewhere;
-``--pt2 all`` checks every configuration.
+``.pt2``: one AOTInductor package takes 20-70 s to compile on a small CPU, so by default (``--pt2 bundle``) the
+``pt2`` column exports every checked configuration into ONE joint package
+(:func:`visdet_export.export.pt2.export_pt2_bundle`: each configuration's loss and its gradient with respect to
+``pred``, each with its own dynamic N; about 2 minutes for all 22 configurations on 2 cores, against 20-70 s per
+configuration as separate packages) and checks each configuration's entry in values and gradients.
+``--pt2 separate`` builds one package per configuration with :func:`~visdet_export.export.pt2.export_pt2`
+instead; ``--pt2 subset`` does that for :data:`PT2_CONFIGS` only and skips the rest.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from .specs import CONFIG_VARIANTS, LossSpec, representative_configs, spec_for
 
 DEFAULT_SIZES = (0, 1, 7, 1000)
 DEFAULT_RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
-#: Configurations the ``pt2`` column covers by default (``dfl`` as a joint loss + gradient package).
+#: Configurations ``--pt2 subset`` covers with separate packages (``dfl`` as a joint loss + gradient package).
 PT2_CONFIGS = ("focal", "giou", "dfl")
 PT2_JOINT = ("dfl",)
+#: How the pt2 column builds its packages: one joint bundle for every configuration, one package per
+#: configuration, or separate packages for :data:`PT2_CONFIGS` only.
+PT2_MODES = ("bundle", "separate", "subset")
 #: Cap on the ``pred`` elements of one drawn input (mask logits are 62720 per sample).
 MAX_ELEMENTS = 1 << 22
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -75,10 +82,46 @@ class RunnerCache:
     (``"compile:aot_eager"``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bundle_configs: Optional[Iterable[str]] = None) -> None:
         self.losses: dict[str, tuple[nn.Module, LossSpec]] = {}
         self.runners: dict[tuple[str, str], LossRunner] = {}
         self.errors: dict[tuple[str, str], BaseException] = {}
+        #: Configurations the next ``.pt2`` bundle is built for (default: every representative configuration).
+        self.bundle_configs: Optional[list[str]] = None if bundle_configs is None else list(bundle_configs)
+        self.bundles: list[Any] = []  # loaded bundles (``export.pt2.load_runner``), each for a set of configs
+        self.bundle_seconds: float = 0.0  # time spent exporting + compiling bundles
+        self._scratch: list[Any] = []
+
+    def pt2_bundle(self, name: str) -> Any:
+        """The loaded joint ``.pt2`` bundle holding configuration ``name``; built on first need for
+        :attr:`bundle_configs` (plus ``name``) in a temporary directory that lives as long as the cache."""
+        import tempfile
+        from pathlib import Path
+
+        from .export.pt2 import export_pt2_bundle, load_runner
+
+        for bundle in self.bundles:
+            if any(entry["name"] == name for entry in bundle.manifest["entries"]):
+                return bundle
+        key = ("<bundle>", name)
+        if key in self.errors:
+            raise self.errors[key]
+        names = list(dict.fromkeys([*(self.bundle_configs or representative_configs()), name]))
+        start = time.perf_counter()
+        try:
+            scratch = tempfile.TemporaryDirectory(prefix="visdet_pt2_bundle_")
+            self._scratch.append(scratch)
+            losses = {config: (self.loss(config)[0], CONFIG_VARIANTS.get(config)) for config in names}
+            path = export_pt2_bundle(losses, Path(scratch.name) / "bundle.pt2", joint=True, verify=False)
+            bundle = load_runner(path)
+        except Exception as exc:
+            for config in names:
+                self.errors[("<bundle>", config)] = exc
+            raise
+        finally:
+            self.bundle_seconds += time.perf_counter() - start
+        self.bundles.append(bundle)
+        return bundle
 
     def loss(self, name: str, cfg: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, LossSpec]:
         if name not in self.losses:
@@ -95,6 +138,8 @@ class RunnerCache:
         if (name, key) not in self.runners:
             loss, spec = self.loss(name)
             try:
+                if runtime == "pt2" and options.pop("bundle", False):
+                    options.update(bundle=self.pt2_bundle(name), entry=name)
                 self.runners[(name, key)] = build_runner(runtime, loss, spec, **options)
             except Exception as exc:
                 self.errors[(name, key)] = exc
@@ -162,9 +207,12 @@ def check_cell(
             cell.sizes.append(n)
             drawn = spec.sample(loss, n, seed=seed + index, include=list(runner.names))
             inputs = {key: drawn[key] for key in runner.names if key in drawn}
-            grad = runner.differentiable
+            grad = runner.differentiable or bool(getattr(runner, "joint", False))
             want, want_grad = _value_and_grad(eager, inputs, spec.pred, grad)
-            got, got_grad = _value_and_grad(runner, inputs, spec.pred, grad)
+            if runner.differentiable or not grad:
+                got, got_grad = _value_and_grad(runner, inputs, spec.pred, grad)
+            else:  # a joint artifact: its second output is d loss.sum() / d pred
+                got, got_grad = runner.run_all(inputs)[:2]  # type: ignore[attr-defined]
             pairs = [("loss", got, want)] + ([("grad", got_grad, want_grad)] if grad else [])
             for label, actual, expected in pairs:
                 assert actual is not None and expected is not None
@@ -189,7 +237,7 @@ def run_matrix(
     *,
     cache: Optional[RunnerCache] = None,
     backend: str = "inductor",
-    pt2_configs: Optional[Iterable[str]] = PT2_CONFIGS,
+    pt2: str = "bundle",
     seed: int = 0,
     progress: Optional[Callable[[Cell], None]] = None,
 ) -> list[Cell]:
@@ -202,7 +250,9 @@ def run_matrix(
         sizes: sample counts N.
         cache: a :class:`RunnerCache` to share (default: a fresh one).
         backend: the ``torch.compile`` backend.
-        pt2_configs: configurations the ``pt2`` column checks (``None``: all); the others are "skip".
+        pt2: how the ``pt2`` column builds packages (:data:`PT2_MODES`): ``"bundle"`` (one joint package for
+            every configuration checked: values and gradients), ``"separate"`` (one package per configuration) or
+            ``"subset"`` (separate packages for :data:`PT2_CONFIGS`, "skip" elsewhere).
         progress: called with each finished cell.
     """
     cache = RunnerCache() if cache is None else cache
@@ -211,15 +261,19 @@ def run_matrix(
     for runtime in chosen:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    pt2_set = None if pt2_configs is None else set(pt2_configs)
+    if pt2 not in PT2_MODES:
+        raise ValueError(f"unknown pt2 mode {pt2!r}; choose from {', '.join(PT2_MODES)}")
+    pt2_set = set(PT2_CONFIGS) if pt2 == "subset" else None
+    if pt2 == "bundle" and cache.bundle_configs is None:
+        cache.bundle_configs = names
     cells = []
     for name in names:
         for runtime in chosen:
             if runtime == "pt2" and pt2_set is not None and name not in pt2_set:
                 loss, spec = cache.loss(name)
-                cell = Cell(name, spec.loss_type, runtime, "skip", reason="not in the .pt2 subset (--pt2 all)")
+                cell = Cell(name, spec.loss_type, runtime, "skip", reason="not in the .pt2 subset (--pt2 bundle)")
             else:
-                key, options = runner_options(name, runtime, backend)
+                key, options = runner_options(name, runtime, backend, pt2=pt2)
                 cell = check_cell(name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options)
             cells.append(cell)
             if progress is not None:
@@ -227,10 +281,14 @@ def run_matrix(
     return cells
 
 
-def runner_options(name: str, runtime: str, backend: str = "inductor") -> tuple[Optional[str], dict[str, Any]]:
+def runner_options(
+    name: str, runtime: str, backend: str = "inductor", *, pt2: str = "bundle"
+) -> tuple[Optional[str], dict[str, Any]]:
     """The cache key and builder options a matrix cell uses (shared with the tests)."""
     if runtime == "compile":
         return f"compile:{backend}", {"backend": backend}
+    if runtime == "pt2" and pt2 == "bundle":
+        return "pt2:bundle", {"bundle": True}
     if runtime == "pt2" and name in PT2_JOINT:
         return "pt2:joint", {"joint": True}
     return None, {}
@@ -296,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="sample counts N")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument(
-        "--pt2", choices=("subset", "all"), default="subset", help=f"pt2 column: {', '.join(PT2_CONFIGS)} or all"
+        "--pt2",
+        choices=(*PT2_MODES, "all"),
+        default="bundle",
+        help="pt2 column: every configuration in one joint package (bundle, default; 'all' is the same), one "
+        f"package per configuration (separate, slow), or separate packages for {', '.join(PT2_CONFIGS)} (subset)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
@@ -341,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runtimes,
         sizes,
         backend=args.backend,
-        pt2_configs=None if args.pt2 == "all" else PT2_CONFIGS,
+        pt2="bundle" if args.pt2 == "all" else args.pt2,
         seed=args.seed,
         progress=progress,
     )
@@ -355,6 +417,7 @@ __all__ = [
     "DEFAULT_RUNTIMES",
     "DEFAULT_SIZES",
     "PT2_CONFIGS",
+    "PT2_MODES",
     "RunnerCache",
     "TOLERANCES",
     "check_cell",

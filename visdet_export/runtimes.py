@@ -10,7 +10,8 @@ Every adapter turns ``(loss, spec, names)`` into a :class:`LossRunner`, a callab
   included (a backed size would get 0/1 specialisation guards and recompile for N = 0 and N = 1).
 * ``script``: ``torch.jit.script`` of the module, saved and loaded back (the round trip a deployment makes).
 * ``onnx``: :func:`visdet_export.export.onnx.export_onnx` + onnxruntime (imported on first use).
-* ``pt2``: :func:`visdet_export.export.pt2.export_pt2` (torch.export + AOTInductor) + ``aoti_load_package``.
+* ``pt2``: :func:`visdet_export.export.pt2.export_pt2` (torch.export + AOTInductor) + ``aoti_load_package``,
+  or one entry of a bundle of many losses in one package (:func:`visdet_export.export.pt2.export_pt2_bundle`).
 
 ``eager``, ``compile`` and ``script`` are differentiable (autograd through ``pred``) and accept
 ``reduction_override``; ``onnx`` and ``pt2`` run a fixed graph of the inputs in ``names`` (forward only).
@@ -210,11 +211,36 @@ def pt2_runner(
     joint: bool = False,
     verify: bool = False,
     path: Optional[Path] = None,
+    bundle: Any = None,
+    entry: Optional[str] = None,
 ) -> LossRunner:
     """Export a ``.pt2`` AOTInductor package (to ``path`` or a temporary directory) and run it; a ``joint``
-    package (loss and gradient) runs too, the runner returning its loss output."""
+    package (loss and gradient) runs too, the runner returning its loss output.
+
+    With ``bundle`` (a bundle loaded by :func:`visdet_export.export.pt2.load_runner`) nothing is exported: the
+    runner runs the bundle's entry ``entry``, which must be a package of this loss.
+    """
     from .export.artifacts import read_manifest
-    from .export.pt2 import export_pt2, load_runner
+    from .export.pt2 import entry_runner, export_pt2, load_runner
+
+    if bundle is not None:
+        if entry is None:
+            raise ValueError("a bundle runner needs the entry name")
+        run = entry_runner(bundle, entry)
+        recorded = run.entry  # type: ignore[attr-defined]
+        if recorded["loss_type"] != spec.loss_type or recorded["variant"] != spec.variant:
+            raise ValueError(
+                f"bundle entry {entry!r} is {recorded['loss_type']} ({recorded['variant']}), not "
+                f"{spec.loss_type} ({spec.variant})"
+            )
+        runner = LossRunner(
+            "pt2", lambda inputs, override: run(inputs)[0], run.input_names, differentiable=False, fixed_graph=True,
+            keep_alive=bundle,
+        )
+        runner.path = bundle.path  # type: ignore[attr-defined]
+        runner.run_all = run  # type: ignore[attr-defined]
+        runner.joint = bool(recorded["joint"])  # type: ignore[attr-defined]
+        return runner
 
     scratch = None
     if path is None:
@@ -234,6 +260,7 @@ def pt2_runner(
     )
     runner.path = written  # type: ignore[attr-defined]
     runner.run_all = run  # type: ignore[attr-defined]  # every output (loss, grad_pred for joint packages)
+    runner.joint = joint  # type: ignore[attr-defined]
     return runner
 
 
