@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from conftest import CONFIG_NAMES, compile_backend
 
-from visdet_export.check import check_cell, runner_options
+from visdet_export.check import check_cell, run_matrix, runner_options
 from visdet_export.registry import MODELS
 from visdet_export.specs import representative_configs
 
@@ -31,3 +31,12 @@ def test_cell(runner_cache, name, runtime):
     key, options = runner_options(name, runtime, backend=compile_backend(name))
     cell = check_cell(name, runtime, runner_cache, runner_key=key, runner_options=options)
     assert cell.status == "pass", cell.reason
+
+
+def test_pt2_modes():
+    (cell,) = run_matrix(["l1"], ["pt2"], pt2="subset")
+    assert cell.status == "skip" and "subset" in cell.reason
+    with pytest.raises(ValueError, match="pt2 mode"):
+        run_matrix(["l1"], ["pt2"], pt2="everything")
+    assert runner_options("l1", "pt2") == ("pt2:bundle", {"bundle": True})
+    assert runner_options("dfl", "pt2", pt2="separate") == ("pt2:joint", {"joint": True})

@@ -398,10 +398,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.quiet:
             print(f"[{done[0]}/{total}] {cell.config} {cell.runtime}: {cell.status} ({cell.seconds:.1f}s)", file=sys.stderr)
 
+    cache = RunnerCache()
     cells = run_matrix(
         configs,
         runtimes,
         sizes,
+        cache=cache,
         backend=args.backend,
         pt2="bundle" if args.pt2 == "all" else args.pt2,
         seed=args.seed,
@@ -409,6 +411,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(render(cells))
     print(summary(cells))
+    if cache.bundles and not args.quiet:
+        entries = sum(len(bundle.manifest["entries"]) for bundle in cache.bundles)
+        print(
+            f"pt2: {entries} configurations in {len(cache.bundles)} joint AOTInductor bundle(s), built in "
+            f"{cache.bundle_seconds:.0f}s (counted in the first pt2 cell's time)",
+            file=sys.stderr,
+        )
     return 1 if any(c.status == "fail" for c in cells) else 0
 
 
