@@ -18,7 +18,6 @@ import pytest
 import torch
 from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_backend
 
-from visdet_export.check import capped_size
 from visdet_export.runtimes import build_runner, default_names
 
 SIZES = (0, 1, 7, 300)
@@ -53,7 +52,7 @@ def test_compiled_matches_eager_with_and_without_optional_inputs(runner_cache, n
     eager = runner_cache.runner(name, "eager")
     include = default_names(loss, spec) if optional == "all" else []
     for index, n in enumerate(SIZES):
-        inputs = spec.sample(loss, capped_size(spec, n), seed=index, include=include)
+        inputs = spec.sample(loss, spec.capped(n), seed=index, include=include)
         want, want_grad = _value_grad(eager, inputs, spec.pred)
         got, got_grad = _value_grad(compiled, inputs, spec.pred)
         torch.testing.assert_close(got, want)
@@ -79,7 +78,7 @@ def test_compiled_reduction_override(runner_cache, name, override):
     # avg_factor is rejected with "sum" (visdet's rule), so "sum" runs without it.
     include = [n for n in default_names(loss, spec) if not (override == "sum" and n == "avg_factor")]
     for index, n in enumerate((0, 7)):
-        inputs = spec.sample(loss, capped_size(spec, n), seed=10 + index, include=include)
+        inputs = spec.sample(loss, spec.capped(n), seed=10 + index, include=include)
         want, want_grad = _value_grad(eager, inputs, spec.pred, reduction_override=override)
         got, got_grad = _value_grad(compiled, inputs, spec.pred, reduction_override=override)
         torch.testing.assert_close(got, want)

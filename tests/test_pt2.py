@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import CONFIG_NAMES
 
-from visdet_export.check import capped_size, runner_options
+from visdet_export.check import runner_options
 from visdet_export.export.artifacts import ArtifactError
 from visdet_export.export.joint import eager_joint
 from visdet_export.export.pt2 import (
@@ -28,7 +28,6 @@ from visdet_export.export.pt2 import (
     export_program,
     export_pt2_bundle,
     load_runner,
-    parity_sizes,
     verify_bundle,
 )
 from visdet_export.export.verify import TOLERANCES, verify
@@ -49,7 +48,7 @@ def test_export_program_dynamic_n(runner_cache, name):
     program = export_program(loss, spec, names)
     module = program.module()
     for index, n in enumerate((0, 1, 7, 1000)):
-        n = capped_size(spec, n)
+        n = spec.capped(n)
         inputs = spec.sample(loss, n, seed=index, include=names)
         with torch.no_grad():
             want = spec.call(loss, inputs)
@@ -64,7 +63,7 @@ def test_bundle_entry_matches_eager_values_and_gradients(runner_cache, name):
     key, options = runner_options(name, "pt2")
     package = runner_cache.runner(name, "pt2", key=key, **options)
     assert package.joint and package.path.suffix == ".pt2"
-    for index, n in enumerate(parity_sizes(spec, SIZES)):
+    for index, n in enumerate(spec.capped_sizes(SIZES)):
         inputs = spec.sample(loss, n, seed=20 + index, include=list(package.names))
         value, grad = package.run_all(inputs)
         want_value, want_grad = eager_joint(loss, spec, inputs)
@@ -91,7 +90,7 @@ def test_bundle_manifest_and_independent_sizes(runner_cache):
         loss, spec = runner_cache.loss(name)
         entry = next(e for e in manifest["entries"] if e["name"] == name)
         names = [item["name"] for item in entry["inputs"]]
-        inputs = spec.sample(loss, capped_size(spec, 3 * index), seed=index, include=names)
+        inputs = spec.sample(loss, spec.capped(3 * index), seed=index, include=names)
         feed.update({f"{name}/{key}": inputs[key] for key in names})
         value, grad = eager_joint(loss, spec, inputs)
         expected.update({f"{name}/loss": value, f"{name}/grad_pred": grad})
@@ -115,6 +114,8 @@ def test_bundle_entry_runner_and_verify(runner_cache):
         load_runner(bundle.path, entry="nope")
     report = verify_bundle(bundle.path, sizes=(0, 1, 7), seed=5)
     assert report["passed"] and set(report["entries"]) == set(CONFIG_NAMES)
+    generic = verify(bundle.path, sizes=(0, 3), seed=6)  # what `visdet-export verify` calls
+    assert generic["passed"] and generic["bundle"] and set(generic["entries"]) == set(CONFIG_NAMES)
 
 
 def test_single_joint_package_manifest_and_verify(runner_cache):

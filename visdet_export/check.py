@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import build_loss
-from .runtimes import RUNTIMES, LossRunner, build_runner, default_names
+from .runtimes import RUNTIMES, LossRunner, build_runner
 from .specs import CONFIG_VARIANTS, LossSpec, representative_configs, spec_for
 
 DEFAULT_SIZES = (0, 1, 7, 1000)
@@ -45,8 +45,6 @@ PT2_JOINT = ("dfl",)
 #: How the pt2 column builds its packages: one joint bundle for every configuration, one package per
 #: configuration, or separate packages for :data:`PT2_CONFIGS` only.
 PT2_MODES = ("bundle", "separate", "subset")
-#: Cap on the ``pred`` elements of one drawn input (mask logits are 62720 per sample).
-MAX_ELEMENTS = 1 << 22
 TOLERANCES: dict[str, dict[str, float]] = {
     "eager": {"rtol": 0.0, "atol": 0.0},
     "compile": {"rtol": 1e-5, "atol": 1e-5},
@@ -147,14 +145,6 @@ class RunnerCache:
         return self.runners[(name, key)]
 
 
-def capped_size(spec: LossSpec, n: int, max_elements: int = MAX_ELEMENTS) -> int:
-    per_sample = 1
-    for dim in spec.inputs[0].shape:
-        if dim != "N":
-            per_sample *= int(dim)
-    return min(int(n), max(7, max_elements // max(per_sample, 1)))
-
-
 def _max_errors(actual: Tensor, expected: Tensor, rtol: float, atol: float) -> tuple[bool, float, float, str]:
     if tuple(actual.shape) != tuple(expected.shape):
         return False, math.inf, math.inf, f"shape {tuple(actual.shape)} != eager {tuple(expected.shape)}"
@@ -203,7 +193,7 @@ def check_cell(
         runner = cache.runner(name, runtime, key=runner_key, **dict(runner_options or {}))
         eager = cache.runner(name, "eager")
         for index, n in enumerate(sizes):
-            n = capped_size(spec, n)
+            n = spec.capped(n)
             cell.sizes.append(n)
             drawn = spec.sample(loss, n, seed=seed + index, include=list(runner.names))
             inputs = {key: drawn[key] for key in runner.names if key in drawn}

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 Dim = Union[str, int]
 
+#: Largest ``pred`` drawn for one parity or matrix check (see :meth:`LossSpec.capped`).
+MAX_CHECK_ELEMENTS = 1 << 22
+
 FLOAT = "float"  # the dtype chosen for the sample (float32 by default)
 INT64 = "int64"
 
@@ -81,6 +84,19 @@ class LossSpec:
     @property
     def pred(self) -> str:
         return self.inputs[0].name
+
+    def capped(self, n: int, max_elements: int = MAX_CHECK_ELEMENTS) -> int:
+        """``n`` capped so that ``pred`` holds at most ``max_elements`` elements (but at least 7 samples):
+        a mask loss's prediction is 62720 values per sample."""
+        per_sample = 1
+        for dim in self.inputs[0].shape:
+            if dim != "N":
+                per_sample *= int(dim)
+        return min(int(n), max(7, max_elements // max(per_sample, 1)))
+
+    def capped_sizes(self, sizes: Sequence[int], max_elements: int = MAX_CHECK_ELEMENTS) -> list[int]:
+        """The distinct :meth:`capped` sizes, sorted."""
+        return sorted({self.capped(n, max_elements) for n in sizes})
 
     def sample(
         self,

@@ -12,7 +12,6 @@ Every exporter writes atomically and leaves a JSON manifest beside the artifact 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 from .artifacts import ArtifactError, atomic_output, manifest_path, read_manifest, write_manifest
@@ -24,7 +23,7 @@ from .verify import TOLERANCES, check_parity, verify
 # export works) whatever else is installed. To add one: create ``export/<format>.py`` defining the exporter and
 # ``load_runner(path, manifest)``, add ``"<exporter name>": "<format>"`` here, and add the format (with its
 # tolerances) to ``verify.FORMATS`` / ``verify.TOLERANCES``.
-_LAZY_EXPORTERS = {"export_torchscript": "torchscript", "export_pt2": "pt2"}
+_LAZY_EXPORTERS = {"export_torchscript": "torchscript", "export_pt2": "pt2", "export_pt2_bundle": "pt2"}
 
 
 def __getattr__(name: str) -> Any:
@@ -53,5 +52,4 @@ __all__ = [
     "verify",
     "write_manifest",
 ]
-# The lazy exporters are public once their modules exist (``from visdet_export.export import *`` must not fail).
-__all__ += [name for name, fmt in _LAZY_EXPORTERS.items() if importlib.util.find_spec(f"{__name__}.{fmt}") is not None]
+__all__ += list(_LAZY_EXPORTERS)

@@ -18,13 +18,16 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
+from torch import nn
 
-from ..specs import LossSpec
+from ..registry import build_loss, loss_config
+from ..specs import LossSpec, spec_for
 
 MANIFEST_SUFFIX = ".json"
 MANIFEST_VERSION = 1
@@ -124,6 +127,80 @@ def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], 
     with atomic_output(target, overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return target
+
+
+LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
+
+#: The parity fields a manifest keeps (the full record, per size, stays with the caller).
+PARITY_FIELDS = ("sizes", "max_abs_err", "max_rel_err", "rtol", "atol")
+
+
+def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
+    """A built loss module as is, or the loss a config mapping (or a bare type name) builds."""
+    if isinstance(loss_or_cfg, nn.Module):
+        return loss_or_cfg
+    if isinstance(loss_or_cfg, (Mapping, str)):
+        return build_loss(loss_or_cfg)
+    raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What one single-loss export writes: the loss, its config and input spec, the artifact's input and output
+    names, and the checked target path (its manifest path is checked too, before any work is done)."""
+
+    loss: nn.Module
+    config: dict[str, object]
+    spec: LossSpec
+    names: list[str]
+    outputs: list[str]
+    joint: bool
+    target: Path
+
+    @classmethod
+    def prepare(
+        cls,
+        loss_or_cfg: LossOrConfig,
+        path: Union[str, os.PathLike[str]],
+        *,
+        variant: Optional[str],
+        optional_inputs: Optional[Sequence[str]],
+        joint: bool,
+        overwrite: bool,
+    ) -> "ExportPlan":
+        """``optional_inputs=None`` keeps every input of the spec (a scripted module takes them all); otherwise
+        the requested optional inputs the loss takes, less ``avg_factor`` under ``reduction="sum"`` (which
+        rejects it)."""
+        from .joint import select_inputs
+
+        loss = as_loss(loss_or_cfg)
+        spec = spec_for(loss, variant)
+        if optional_inputs is None:
+            names = spec.names
+        else:
+            rejects_avg_factor = getattr(loss, "reduction", None) == "sum"
+            names = select_inputs(
+                spec, [name for name in optional_inputs if not (name == "avg_factor" and rejects_avg_factor)]
+            )
+        target = check_output_path(Path(path), overwrite)
+        check_output_path(manifest_path(target), overwrite)
+        outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
+        return cls(loss, loss_config(loss), spec, names, outputs, joint, target)
+
+    def manifest_fields(self, fmt: str, parity: Optional[Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
+        """The manifest of the artifact in format ``fmt``, with the parity it reached (None: not verified)."""
+        return {
+            "format": fmt,
+            "config": self.config,
+            "loss_type": self.spec.loss_type,
+            "variant": self.spec.variant,
+            "inputs": describe_inputs(self.spec, self.names, torch.float32),
+            "outputs": self.outputs,
+            "joint": self.joint,
+            "dtype": "float32",
+            "parity": None if parity is None else {key: parity[key] for key in PARITY_FIELDS},
+            **extra,
+        }
 
 
 def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:

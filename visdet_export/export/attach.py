@@ -45,9 +45,9 @@ import onnx.version_converter
 from onnx import external_data_helper
 from torch import nn
 
-from ..registry import MODELS, loss_config
+from ..registry import loss_config
 from ..specs import spec_for
-from .artifacts import ArtifactError, atomic_output, write_manifest
+from .artifacts import ArtifactError, as_loss, atomic_output, write_manifest
 from .onnx import check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -150,10 +150,6 @@ def _check_compatible(source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, 
 # --- loss graphs --------------------------------------------------------------------------------------------------
 
 
-def _as_loss(loss: Union[nn.Module, Mapping[str, object]]) -> nn.Module:
-    return loss if isinstance(loss, nn.Module) else MODELS.build(loss)
-
-
 def _export_loss_graph(loss: nn.Module, optional_inputs: tuple[str, ...], opset: int, directory: Path) -> Path:
     """Export ``loss`` with the package's ONNX exporter (verified in onnxruntime) into ``directory``."""
     path = directory / f"{type(loss).__name__}.{len(list(directory.iterdir()))}.onnx"
@@ -171,7 +167,7 @@ def _loss_graph(
         if unknown:
             raise AttachError(f"loss {name!r} ({loss}) has no input(s) {', '.join(unknown)}; it has {sorted(known)}")
         return graph, {"graph": str(loss)}
-    module = _as_loss(loss)
+    module = as_loss(loss)
     spec = spec_for(module)
     known = {t.name for t in spec.inputs}
     unknown = sorted(set(mapping) - known)

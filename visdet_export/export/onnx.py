@@ -21,27 +21,22 @@ import contextlib
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..registry import build_loss, loss_config
-from ..specs import spec_for
-from .artifacts import ArtifactError, atomic_output, check_output_path, describe_inputs, manifest_path, write_manifest
-from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_shapes, example_inputs, joint_module, select_inputs
+from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, write_manifest
+from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
 
 MIN_OPSET = 18
 #: Sizes the export-time parity check runs at; the largest is capped for inputs with many elements per sample.
 EXPORT_PARITY_SIZES = (0, 1, EXAMPLE_N, 1024)
-#: Cap on the number of ``pred`` elements drawn for one parity size (mask logits are 62720 per sample).
-PARITY_MAX_ELEMENTS = 1 << 22
 #: ``metadata_props`` keys written into every model.
 METADATA_PREFIX = "visdet_export."
 
@@ -52,8 +47,6 @@ _NOISY_WARNINGS = (
     r".*The axis name: .* will not be used.*",
     r".*torch\.jit\..* is deprecated.*",
 )
-
-LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 
 
 @contextlib.contextmanager
@@ -74,24 +67,6 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
-    if isinstance(loss_or_cfg, nn.Module):
-        return loss_or_cfg
-    if isinstance(loss_or_cfg, (Mapping, str)):
-        return build_loss(loss_or_cfg)
-    raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
-
-
-def parity_sizes(spec_pred_shape: Sequence[Any], sizes: Sequence[int], max_elements: int = PARITY_MAX_ELEMENTS) -> list[int]:
-    """``sizes`` with each N capped so that ``pred`` holds at most ``max_elements`` elements (at least 7)."""
-    per_sample = 1
-    for dim in spec_pred_shape:
-        if dim != "N":
-            per_sample *= int(dim)
-    cap = max(EXAMPLE_N, max_elements // max(per_sample, 1))
-    return sorted({min(int(n), cap) for n in sizes})
 
 
 def _tensors(proto: Any) -> Iterator[Any]:
@@ -291,15 +266,10 @@ def export_onnx(
 
     if int(opset) < MIN_OPSET:
         raise ValueError(f"opset {opset} is not supported; use opset >= {MIN_OPSET}")
-    loss = _as_loss(loss_or_cfg)
-    config = loss_config(loss)
-    spec = spec_for(loss, variant)
-    optional = [name for name in optional_inputs if not (name == "avg_factor" and getattr(loss, "reduction", None) == "sum")]
-    names = select_inputs(spec, optional)
-    outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
-    target = Path(path)
-    check_output_path(target, overwrite)
-    check_output_path(manifest_path(target), overwrite)
+    plan = ExportPlan.prepare(
+        loss_or_cfg, path, variant=variant, optional_inputs=optional_inputs, joint=joint, overwrite=overwrite
+    )
+    loss, config, spec, names, outputs, target = plan.loss, plan.config, plan.spec, plan.names, plan.outputs, plan.target
 
     example = example_inputs(loss, spec, names)
     with quiet_exporter():
@@ -358,25 +328,9 @@ def export_onnx(
             raise ArtifactError(f"onnx.checker rejected the {spec.loss_type} model: {exc}") from exc
         if verify:
             runner = load_runner(tmp)
-            sizes = parity_sizes(spec.inputs[0].shape, EXPORT_PARITY_SIZES)
+            sizes = spec.capped_sizes(EXPORT_PARITY_SIZES)
             parity = check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=0, **tolerance)
-    fields = {
-        "format": "onnx",
-        "config": config,
-        "loss_type": spec.loss_type,
-        "variant": spec.variant,
-        "inputs": describe_inputs(spec, names, torch.float32),
-        "outputs": outputs,
-        "joint": joint,
-        "opset": int(opset),
-        "dtype": "float32",
-        "dynamic_dims": {"N": {"min": 0}},
-        "parity": (
-            {key: parity[key] for key in ("sizes", "max_abs_err", "max_rel_err", "rtol", "atol")}
-            if parity is not None
-            else None
-        ),
-    }
+    fields = plan.manifest_fields("onnx", parity, opset=int(opset), dynamic_dims={"N": {"min": 0}})
     write_manifest(target, fields, overwrite=True)
     return target
 

@@ -46,27 +46,26 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..registry import build_loss, loss_config
+from ..registry import loss_config
 from ..specs import LossSpec, spec_for
-from .artifacts import ArtifactError, atomic_output, check_output_path, describe_inputs, manifest_path, write_manifest
+from .artifacts import (
+    ArtifactError,
+    ExportPlan,
+    LossOrConfig,
+    as_loss,
+    atomic_output,
+    check_output_path,
+    describe_inputs,
+    manifest_path,
+    write_manifest,
+)
 from .joint import DEFAULT_OPTIONAL_INPUTS, dynamic_shapes, example_inputs, joint_module, select_inputs
 from .verify import TOLERANCES, check_parity
 
 #: Sizes the export-time parity check runs at (capped for inputs with many elements per sample).
 EXPORT_PARITY_SIZES = (0, 1, 64, 1000)
-#: Cap on the ``pred`` elements drawn for one parity size (mask logits are 62720 per sample).
-PARITY_MAX_ELEMENTS = 1 << 22
 
-LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 Runner = Any  # Callable[[Mapping[str, Tensor]], list[Tensor]] with ``input_names`` / ``output_names`` attributes
-
-
-def _as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
-    if isinstance(loss_or_cfg, nn.Module):
-        return loss_or_cfg
-    if isinstance(loss_or_cfg, (Mapping, str)):
-        return build_loss(loss_or_cfg)
-    raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
 
 
 def export_program(
@@ -141,16 +140,6 @@ def load_runner(
     return runner if entry is None else entry_runner(runner, entry)
 
 
-def parity_sizes(spec: LossSpec, sizes: Sequence[int], max_elements: int = PARITY_MAX_ELEMENTS) -> list[int]:
-    """``sizes`` with each N capped so that ``pred`` holds at most ``max_elements`` elements (at least 7)."""
-    per_sample = 1
-    for dim in spec.inputs[0].shape:
-        if dim != "N":
-            per_sample *= int(dim)
-    cap = max(7, max_elements // max(per_sample, 1))
-    return sorted({min(int(n), cap) for n in sizes})
-
-
 def export_pt2(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],
@@ -181,16 +170,10 @@ def export_pt2(
         ArtifactError: the path exists (without ``overwrite``), is a directory or a symlink; the export, the
             compilation or the parity check failed. Nothing is left behind on failure.
     """
-    loss = _as_loss(loss_or_cfg)
-    config = loss_config(loss)
-    spec = spec_for(loss, variant)
-    optional = [n for n in optional_inputs if not (n == "avg_factor" and getattr(loss, "reduction", None) == "sum")]
-    names = select_inputs(spec, optional)
-    outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
-    target = Path(path)
-    check_output_path(target, overwrite)
-    check_output_path(manifest_path(target), overwrite)
-
+    plan = ExportPlan.prepare(
+        loss_or_cfg, path, variant=variant, optional_inputs=optional_inputs, joint=joint, overwrite=overwrite
+    )
+    loss, spec, names, outputs, target = plan.loss, plan.spec, plan.names, plan.outputs, plan.target
     program = export_program(loss, spec, names, joint=joint)
     parity: Optional[dict[str, Any]] = None
     with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch:
@@ -204,27 +187,11 @@ def export_pt2(
         if verify:
             package = torch._inductor.aoti_load_package(str(built))
             runner = _runner(package, names, outputs, target.name)
-            sizes = parity_sizes(spec, EXPORT_PARITY_SIZES)
+            sizes = spec.capped_sizes(EXPORT_PARITY_SIZES)
             parity = check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=0, **TOLERANCES["pt2"])
         with atomic_output(target, overwrite) as tmp:
             shutil.copyfile(built, tmp)
-    fields = {
-        "format": "pt2",
-        "config": config,
-        "loss_type": spec.loss_type,
-        "variant": spec.variant,
-        "inputs": describe_inputs(spec, names, torch.float32),
-        "outputs": outputs,
-        "joint": joint,
-        "dtype": "float32",
-        "dynamic_dims": {"N": {"min": 0}},
-        "runs_code": True,
-        "parity": (
-            {key: parity[key] for key in ("sizes", "max_abs_err", "max_rel_err", "rtol", "atol")}
-            if parity is not None
-            else None
-        ),
-    }
+    fields = plan.manifest_fields("pt2", parity, dynamic_dims={"N": {"min": 0}}, runs_code=True)
     write_manifest(target, fields, overwrite=True)
     return target
 
@@ -297,7 +264,7 @@ def bundle_entries(
         variant = None
         if isinstance(source, tuple):
             source, variant = source
-        loss = _as_loss(source)
+        loss = as_loss(source)
         spec = spec_for(loss, variant)
         optional = [n for n in optional_inputs if not (n == "avg_factor" and getattr(loss, "reduction", None) == "sum")]
         entries.append(BundleEntry(name, loss, spec, tuple(select_inputs(spec, optional)), name in joint_names))
@@ -379,7 +346,7 @@ def bundle_parity(
     rtol: float,
     atol: float,
 ) -> dict[str, Any]:
-    """Run the bundle at each size (every entry at that size, capped per entry as :func:`parity_sizes`) and
+    """Run the bundle at each size (every entry at that size, capped per entry as :meth:`LossSpec.capped`) and
     compare every output with eager (autograd for joint entries). Returns the parity record per entry; raises
     :class:`ArtifactError` naming the entry, size and output that differ."""
     from .joint import eager_joint
@@ -390,7 +357,7 @@ def bundle_parity(
         feed: dict[str, Tensor] = {}
         expected: dict[str, Tensor] = {}
         for entry in entries:
-            count = min(int(n), _size_cap(entry.spec))
+            count = min(int(n), entry.spec.capped(1 << 62))
             record[entry.name]["sizes"].append(count)
             drawn = entry.spec.sample(entry.loss, count, seed=seed + index, include=list(entry.names))
             inputs = {name: drawn[name] for name in entry.names}
@@ -428,10 +395,6 @@ def _outputs(runner: Runner, feed: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if len(values) != len(runner.output_names):
         raise ArtifactError(f"the bundle returned {len(values)} outputs, its manifest names {len(runner.output_names)}")
     return dict(zip(runner.output_names, values, strict=True))
-
-
-def _size_cap(spec: LossSpec) -> int:
-    return parity_sizes(spec, (1 << 62,))[0]
 
 
 def export_pt2_bundle(
@@ -587,6 +550,5 @@ __all__ = [
     "export_pt2",
     "export_pt2_bundle",
     "load_runner",
-    "parity_sizes",
     "verify_bundle",
 ]

@@ -29,15 +29,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..registry import build_loss, loss_config
+from ..registry import build_loss
 from ..specs import LossSpec, spec_for
-from .artifacts import ArtifactError, atomic_output, check_output_path, describe_inputs, manifest_path, write_manifest
+from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, write_manifest
 from .verify import DEFAULT_SIZES, TOLERANCES, check_parity
 
 #: Name of the config inside the archive (``torch.jit.save`` stores extra files under ``<archive>/extra/``).
 CONFIG_FILE = "visdet_export/config.json"
 
-LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 Runner = Any  # Callable[[Mapping[str, Tensor]], list[Tensor]] with ``input_names`` / ``output_names`` attributes
 
 
@@ -51,14 +50,6 @@ def quiet_jit() -> Iterator[None]:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+.* is deprecated.*", category=category)
         yield
-
-
-def _as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
-    if isinstance(loss_or_cfg, nn.Module):
-        return loss_or_cfg
-    if isinstance(loss_or_cfg, (Mapping, str)):
-        return build_loss(loss_or_cfg)
-    raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
 
 
 def script_loss(loss: nn.Module) -> torch.jit.ScriptModule:
@@ -163,13 +154,8 @@ def export_torchscript(
     Note:
         The file is code: whoever loads it (``torch.jit.load``) runs it.
     """
-    loss = _as_loss(loss_or_cfg)
-    config = loss_config(loss)
-    spec = spec_for(loss, variant)
-    names = spec.names
-    target = Path(path)
-    check_output_path(target, overwrite)
-    check_output_path(manifest_path(target), overwrite)
+    plan = ExportPlan.prepare(loss_or_cfg, path, variant=variant, optional_inputs=None, joint=False, overwrite=overwrite)
+    loss, config, spec, names, target = plan.loss, plan.config, plan.spec, plan.names, plan.target
 
     scripted = script_loss(loss.eval())
     parity: Optional[dict[str, Any]] = None
@@ -177,40 +163,12 @@ def export_torchscript(
         save_scripted(scripted, tmp, config)
         if verify:
             runner = _runner(load_scripted(tmp), spec, names, target.name)
-            sizes = _capped_sizes(spec, DEFAULT_SIZES)
+            sizes = spec.capped_sizes(DEFAULT_SIZES)
             parity = check_parity(runner, loss, spec, names, sizes=sizes, seed=0, **TOLERANCES["torchscript"])
-    fields = {
-        "format": "torchscript",
-        "config": config,
-        "loss_type": spec.loss_type,
-        "variant": spec.variant,
-        "inputs": describe_inputs(spec, names, torch.float32),
-        "outputs": ["loss"],
-        "joint": False,
-        "dtype": "float32",
-        "extra_files": [CONFIG_FILE],
-        "runs_code": True,
-        "parity": (
-            {key: parity[key] for key in ("sizes", "max_abs_err", "max_rel_err", "rtol", "atol")}
-            if parity is not None
-            else None
-        ),
-    }
+    fields = plan.manifest_fields("torchscript", parity, extra_files=[CONFIG_FILE], runs_code=True)
     write_manifest(target, fields, overwrite=True)
     return target
 
-
-#: Cap on the ``pred`` elements drawn for one parity size (mask logits are 62720 per sample).
-PARITY_MAX_ELEMENTS = 1 << 22
-
-
-def _capped_sizes(spec: LossSpec, sizes: Sequence[int], max_elements: int = PARITY_MAX_ELEMENTS) -> list[int]:
-    per_sample = 1
-    for dim in spec.inputs[0].shape:
-        if dim != "N":
-            per_sample *= int(dim)
-    cap = max(7, max_elements // max(per_sample, 1))
-    return sorted({min(int(n), cap) for n in sizes})
 
 
 __all__ = [

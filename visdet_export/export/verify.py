@@ -167,7 +167,8 @@ def verify(
     """Reload the artifact at ``path`` and compare it with eager PyTorch on fresh random inputs.
 
     Only ``path`` and its manifest ``<path>.json`` are read (ONNX external data must lie in the model's
-    directory). Note that verifying a TorchScript artifact loads it, and TorchScript is code.
+    directory). Note that verifying a TorchScript artifact loads it, and TorchScript is code. A ``.pt2`` bundle of
+    several losses (:func:`~visdet_export.export.pt2.export_pt2_bundle`) is checked entry by entry.
 
     Args:
         path: the artifact.
@@ -189,6 +190,8 @@ def verify(
     manifest = read_manifest(path)
     fmt = manifest.get("format")
     module = format_module(fmt)
+    if manifest.get("bundle"):  # several losses in one package: each entry is checked against its own config
+        return module.verify_bundle(path, sizes=sizes, seed=seed)
     config = manifest.get("config")
     if not isinstance(config, Mapping):
         raise ArtifactError(f"the manifest of {path.name} has no loss config")
