@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import regression_inputs
+from ..numerics import regression_difference
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_float
 from .base import WeightedLoss
@@ -35,8 +35,8 @@ def balanced_l1_loss(
 
     Args: as :func:`~visdet_export.losses.smooth_l1_loss.l1_loss`.
     """
-    pred, target, weight = regression_inputs(pred, target, weight)
-    diff = (pred - target).abs()
+    diff, weight = regression_difference(pred, target, weight)
+    diff = diff.abs()
     b = math.exp(gamma / alpha) - 1.0
     loss = torch.where(
         diff < beta,

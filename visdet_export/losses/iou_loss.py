@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..numerics import aligned_box_iou, check_same_shape, compute_dtype, weight_keep_mask, zero_where_unweighted
+from ..numerics import aligned_box_iou, check_same_shape, compute_dtype, weight_keep_mask
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float
 from .base import WeightedLoss
@@ -20,12 +20,15 @@ from .base import WeightedLoss
 IOU_MODES = ("linear", "square", "log")
 
 
-def box_inputs(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def box_inputs(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Upcast and check (N, 4) boxes; a weight (N,) or (N, 4) (averaged over the last axis, as visdet does)
     masks the boxes of weight 0, NaN/inf coordinates included.
 
     Returns:
-        ``(pred, target, weight)`` with ``weight`` of shape (N,) or None.
+        ``(pred, target, weight, keep)`` with ``weight`` of shape (N,) or None and ``keep`` (N,) bool (or None)
+        the boxes that take part, for :func:`~visdet_export.numerics.aligned_box_iou` to mask.
     """
     check_same_shape(pred, target, "target")
     if pred.dim() != 2 or pred.size(1) != 4:
@@ -36,16 +39,14 @@ def box_inputs(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> tuple[
     pred = pred.to(dtype)
     target = target.to(dtype)
     if weight is None:
-        return pred, target, None
+        return pred, target, None, None
     weight = weight.to(dtype)
     if weight.dim() == 2:
         check_same_shape(pred, weight, "weight")
         weight = weight.mean(-1)
     elif weight.dim() != 1 or weight.size(0) != pred.size(0):
         raise ValueError("weight must have shape (N,) or (N, 4), got " + str(weight.shape))
-    keep = weight_keep_mask(weight)
-    keep_rows = None if keep is None else keep.unsqueeze(1)
-    return zero_where_unweighted(pred, keep_rows), zero_where_unweighted(target, keep_rows), weight
+    return pred, target, weight, weight_keep_mask(weight)
 
 
 def iou_loss(
@@ -70,9 +71,9 @@ def iou_loss(
     Returns:
         Tensor[N] for "none", else Tensor[].
     """
-    pred, target, weight = box_inputs(pred, target, weight)
+    pred, target, weight, keep = box_inputs(pred, target, weight)
     # visdet's bbox_overlaps clamps the union at its default eps (1e-6) before IoULoss clamps the IoU at its own.
-    ious = aligned_box_iou(pred, target, 1e-6).clamp(min=eps)
+    ious = aligned_box_iou(pred, target, 1e-6, keep=keep).clamp(min=eps)
     if mode == "linear":
         loss = 1.0 - ious
     elif mode == "square":
@@ -93,8 +94,8 @@ def giou_loss(
     avg_factor: Optional[Tensor] = None,
 ) -> Tensor:
     r"""GIoU loss :math:`1 - \mathrm{GIoU}`, in [0, 2]; arguments as :func:`iou_loss`."""
-    pred, target, weight = box_inputs(pred, target, weight)
-    loss = 1.0 - aligned_box_iou(pred, target, eps, generalized=True)
+    pred, target, weight, keep = box_inputs(pred, target, weight)
+    loss = 1.0 - aligned_box_iou(pred, target, eps, generalized=True, keep=keep)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..numerics import regression_inputs
+from ..numerics import regression_difference
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from .base import WeightedLoss
 
@@ -26,8 +26,7 @@ def mse_loss(
     Returns:
         Tensor[*] for "none", else Tensor[].
     """
-    pred, target, weight = regression_inputs(pred, target, weight)
-    diff = pred - target
+    diff, weight = regression_difference(pred, target, weight)
     return weight_reduce_loss(diff * diff, weight, reduction, avg_factor)
 
 

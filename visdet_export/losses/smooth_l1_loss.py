@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import regression_inputs
+from ..numerics import regression_difference
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float
 from .base import WeightedLoss
@@ -33,8 +33,8 @@ def l1_loss(
     Returns:
         Tensor[*] for "none", else Tensor[].
     """
-    pred, target, weight = regression_inputs(pred, target, weight)
-    return weight_reduce_loss((pred - target).abs(), weight, reduction, avg_factor)
+    diff, weight = regression_difference(pred, target, weight)
+    return weight_reduce_loss(diff.abs(), weight, reduction, avg_factor)
 
 
 def smooth_l1_loss(
@@ -49,8 +49,8 @@ def smooth_l1_loss(
 
     Args: as :func:`l1_loss`; ``beta`` > 0.
     """
-    pred, target, weight = regression_inputs(pred, target, weight)
-    diff = (pred - target).abs()
+    diff, weight = regression_difference(pred, target, weight)
+    diff = diff.abs()
     quadratic = diff < beta
     # The quadratic branch sees only its own elements, so a tiny beta cannot overflow it into inf * 0 gradients.
     small = torch.where(quadratic, diff, 0.0)
