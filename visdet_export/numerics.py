@@ -93,11 +93,14 @@ def zero_where_unweighted(tensor: Tensor, keep: Optional[Tensor]) -> Tensor:
 
 
 def weight_keep_mask(weight: Optional[Tensor]) -> Optional[Tensor]:
-    """``weight != 0`` (NaN counts as non-zero), written as a cast to bool: the same mask, but the CPU cast kernel
-    is vectorised where the comparison is not (400k floats: 0.025 ms against 0.245 ms, torch 2.13)."""
+    """``weight != 0`` (NaN counts as non-zero). Eagerly as a cast to bool, the same mask: ATen's CPU cast kernel
+    is vectorised where its comparison is not (400k floats: 0.025 against 0.245 ms, torch 2.13); inductor the
+    other way round (a float -> bool cast makes its CPU loop scalar: compiled L1 at 100k, 3.7 against 0.8 ms)."""
     if weight is None:
         return None
-    return weight.to(torch.bool)
+    if eager_fast_path(weight):
+        return weight.to(torch.bool)
+    return weight != 0
 
 
 def check_same_shape(pred: Tensor, target: Tensor, target_name: str) -> None:

@@ -73,7 +73,7 @@ def softmax_cross_entropy(
     valid = (label != ignore_index) & (label >= 0) & (label < pred.size(1))
     if weight is not None:
         weight = weight.to(dtype)
-        valid = valid & weight.to(torch.bool)  # weight != 0 (see weight_keep_mask)
+        valid = valid & (weight != 0)
     pred = zero_where_unweighted(pred, valid.unsqueeze(1))
     safe_label = torch.where(valid, label, 0).unsqueeze(1)
     loss = -torch.log_softmax(pred, dim=1).gather(1, safe_label).squeeze(1)
