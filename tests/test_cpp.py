@@ -1,6 +1,10 @@
 """A real C++ consumer: the libtorch program in export_scripts/cpp loads every registered loss (TorchScript, and
 .pt2 packages once the exporter exists) and matches eager PyTorch in loss and d loss / d pred.
 
+.pt2: the session's joint bundle of every representative configuration (``runner_cache``, shared with test_pt2
+and test_matrix: no AOTInductor compile of its own) runs in C++ with each entry at its own N per call, and the
+single dfl joint package test_pt2 builds covers the single-package path.
+
 The program is built once per session (cached across sessions in ``visdet_export.cpp.default_build_dir()``, or
 ``$VISDET_EXPORT_CPP_BUILD_DIR``). Without cmake or a C++ compiler the tests skip with the reason; set
 ``VISDET_EXPORT_REQUIRE_CPP=1`` (CI) to make that a failure instead.
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 from visdet_export import build_loss, cpp
+from visdet_export.check import runner_options
 from visdet_export.registry import MODELS
 from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
 
@@ -28,8 +33,7 @@ EXTRA_CASES = {
 MATRIX = [(name, cfg, CONFIG_VARIANTS.get(name)) for name, cfg in CONFIGS.items()] + [
     (name, CONFIGS[base], variant) for name, (base, variant) in EXTRA_CASES.items()
 ]
-# AOTInductor packaging takes about a minute per loss on a small CPU: a representative few.
-PT2_CONFIGS = ["focal", "qfl", "giou", "ce_mask"]
+CONFIG_NAMES = tuple(CONFIGS)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -127,12 +131,47 @@ def test_toolchain_problem_names_what_is_missing(monkeypatch) -> None:
 
 
 PT2_MISSING = importlib.util.find_spec("visdet_export.export.pt2") is None
+needs_pt2 = pytest.mark.skipif(PT2_MISSING, reason="the .pt2 exporter (visdet_export.export.pt2) is not in this tree")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(PT2_MISSING, reason="the .pt2 exporter (visdet_export.export.pt2) is not in this tree yet")
-@pytest.mark.parametrize("name", PT2_CONFIGS)
-def test_pt2_joint_in_cpp_matches_eager(cpp_program: cpp.BuiltRunner, name: str) -> None:
-    report = cpp.check_pt2(CONFIGS[name], cpp_program.path, variant=CONFIG_VARIANTS.get(name), joint=True)
+@pytest.fixture(scope="session")
+def pt2_bundle_check(cpp_program: cpp.BuiltRunner, runner_cache) -> cpp.BundleCheck:
+    """The session's joint bundle of every representative configuration (``runner_cache.pt2_bundle``: the one
+    test_pt2 and test_matrix use, so no extra AOTInductor compile) run in C++, every entry at its own N per call."""
+    bundle = runner_cache.pt2_bundle(CONFIG_NAMES[0])
+    return cpp.check_pt2_bundle(bundle.path, cpp_program.path)
+
+
+@needs_pt2
+def test_pt2_bundle_in_cpp_covers_every_config_at_mixed_sizes(pt2_bundle_check: cpp.BundleCheck) -> None:
+    assert set(pt2_bundle_check.entries) == set(CONFIG_NAMES)
+    calls = pt2_bundle_check.calls
+    assert all(len(set(call.values())) > 1 for call in calls[:-1])  # entries at different N in one call
+    assert all(0 in call.values() and any(call.values()) for call in calls[:-1])  # some entries at N = 0
+    assert not any(calls[-1].values())  # and one call with every entry empty
+    for name in CONFIG_NAMES:
+        assert {0, 1, 2, 7} <= {call[name] for call in calls}
+        assert max(call[name] for call in calls) >= 2
+
+
+@needs_pt2
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_pt2_bundle_in_cpp_matches_eager(pt2_bundle_check: cpp.BundleCheck, name: str) -> None:
+    """Loss and d loss / d pred of every entry, C++ (AOTIModelPackageLoader) vs eager autograd, rtol 1e-6."""
+    report = pt2_bundle_check.entries[name]
     assert report.ok, f"{name}: " + "\n".join(report.failures())
+    assert len(report.cases) == len(pt2_bundle_check.calls)
+    assert all(case.forward is not None and case.backward is not None for case in report.cases)
+
+
+@needs_pt2
+def test_pt2_single_package_in_cpp_matches_eager(cpp_program: cpp.BuiltRunner, runner_cache) -> None:
+    """check_pt2 on a single (non-bundle) joint package: the dfl one test_pt2 builds through runner_cache."""
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    package = runner_cache.runner("dfl", "pt2", key=key, **options)
+    report = cpp.check_pt2(CONFIGS["dfl"], cpp_program.path, artifact=package.path, joint=True)
+    assert report.ok, "\n".join(report.failures())
+    assert [case.name for case in report.cases][-1] == "N=0"
+    with pytest.raises(ValueError, match="not a bundle"):
+        cpp.check_pt2_bundle(package.path, cpp_program.path)
     assert all(case.backward is not None for case in report.cases)

@@ -9,6 +9,9 @@ loss and d loss / d pred with eager PyTorch. It doubles as a smoke test of a use
     python -m visdet_export.cpp                      # every representative configuration, TorchScript
     python -m visdet_export.cpp --config focal --pt2 # one configuration, TorchScript and .pt2
 
+:func:`check_pt2_bundle` runs a ``.pt2`` bundle (every entry's inputs positionally, the manifest's flat order)
+and checks every entry, each call feeding the entries different N (N = 0 included).
+
 Inputs file (``torch.save``, read in C++ with ``torch::pickle_load``)::
 
     {"format": "visdet-cases/1",
@@ -580,6 +583,18 @@ def export_pt2_artifact(loss: nn.Module, path: Path, variant: str | None, joint:
     return artifact, names
 
 
+def _manifest_inputs(package: Path, spec: LossSpec) -> list[str]:
+    """The package's input names from its manifest (``<package>.json``), else every input of the spec."""
+    from .export.artifacts import manifest_path, read_manifest
+
+    if not manifest_path(package).is_file():
+        return list(spec.names)
+    manifest = read_manifest(package)
+    if manifest.get("bundle"):
+        raise ValueError(f"{package.name} is a bundle; use check_pt2_bundle")
+    return [entry["name"] if isinstance(entry, Mapping) else str(entry) for entry in manifest["inputs"]]
+
+
 def check_pt2(
     loss: LossLike,
     program: str | os.PathLike[str],
@@ -595,19 +610,153 @@ def check_pt2(
     input_names: Sequence[str] | None = None,
 ) -> CheckReport:
     """Export ``loss`` as a (joint loss + gradient) ``.pt2`` package, run it in C++ at several N and compare
-    with eager PyTorch. Pass ``artifact`` and ``input_names`` to check an existing package instead."""
+    with eager PyTorch. Pass ``artifact`` to check an existing single-loss package instead (its input order from
+    ``input_names``, else from its manifest)."""
     module, spec, label = _resolve(loss, variant)
     start = time.perf_counter()
     with _work_dir(work_dir) as directory:
         if artifact is None:
             package, names = export_pt2_artifact(module, directory / "loss.pt2", variant, joint)
         else:
-            package, names = Path(artifact), list(input_names or spec.names)
+            package = Path(artifact)
+            names = list(input_names) if input_names is not None else _manifest_inputs(package, spec)
         cases = pt2_cases(module, spec, names, sizes=sizes, seed=seed)
         expected = [_expect(pt2_eager_outputs, module, spec, names, case, joint) for case in cases]
         cases_path = write_cases(directory / "cases.pt", cases)
         run = run_program(program, "pt2", package, cases_path, threads=threads)
     return _report(label, "pt2-joint" if joint else "pt2", cases, expected, run, time.perf_counter() - start, rtol)
+
+
+#: Per-entry sizes a bundle check rotates through ("large": see :func:`large_size`).
+BUNDLE_SIZES = ("large", 37, 7, 2, 1, 0)
+#: Prediction elements per entry at the "large" size: every entry's loss and gradient come back as JSON.
+BUNDLE_BUDGET = 8_000
+
+
+def large_size(spec: LossSpec, budget: int = BUNDLE_BUDGET, most: int = 1000) -> int:
+    """The largest N (at most ``most``, at least 2) whose prediction holds at most ``budget`` elements."""
+    per_sample = 1
+    for dim in spec.inputs[0].concrete_shape(1):
+        per_sample *= dim
+    return max(2, min(most, budget // max(1, per_sample)))
+
+
+@dataclasses.dataclass
+class BundleCheck:
+    """Parity of every entry of a ``.pt2`` bundle run in C++: one :class:`CheckReport` per entry, and the sizes
+    each call fed (``calls[k][entry] = N``)."""
+
+    path: Path
+    entries: dict[str, CheckReport]
+    calls: list[dict[str, int]]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.entries) and all(report.ok for report in self.entries.values())
+
+    def max_diff(self, which: str) -> float:
+        return max((report.max_diff(which) for report in self.entries.values()), default=0.0)
+
+    def failures(self) -> list[str]:
+        return [f"{name}: {line}" for name, report in self.entries.items() for line in report.failures()]
+
+    def summary(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        return (
+            f"bundle {self.path.name}: {len(self.entries)} entries x {len(self.calls)} calls {status}  "
+            f"forward rel {self.max_diff('forward'):.2e}  backward rel {self.max_diff('backward'):.2e}  "
+            f"{self.seconds:.1f}s"
+        )
+
+
+def bundle_calls(names: Sequence[str], sizes: Mapping[str, Sequence[int]]) -> list[dict[str, int]]:
+    """The sizes of each call: call k feeds entry i its ``sizes[name][(i + k) % len]`` (so every call mixes
+    sizes, N = 0 included, and every entry meets each of its sizes), then one call with every entry at N = 0."""
+    count = max((len(s) for s in sizes.values()), default=0)
+    calls = [{name: int(sizes[name][(i + k) % len(sizes[name])]) for i, name in enumerate(names)} for k in range(count)]
+    return [*calls, {name: 0 for name in names}]
+
+
+def check_pt2_bundle(
+    path: str | os.PathLike[str],
+    program: str | os.PathLike[str],
+    *,
+    sizes: Sequence[int | str] = BUNDLE_SIZES,
+    seed: int = 0,
+    rtol: float = RTOL,
+    threads: int | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    budget: int = BUNDLE_BUDGET,
+) -> BundleCheck:
+    """Run a ``.pt2`` bundle (:func:`visdet_export.export.pt2.export_pt2_bundle`) in C++ and compare every entry's
+    outputs (loss, and d loss / d pred for joint entries) with eager PyTorch.
+
+    The losses are rebuilt from the manifest's configurations. Each call feeds every entry at its own N
+    (:func:`bundle_calls`: a rotation of ``sizes``, where ``"large"`` is :func:`large_size` within ``budget``
+    prediction elements, then all entries at N = 0), positionally in the manifest's input order.
+    """
+    from .export.artifacts import read_manifest
+
+    package = Path(path)
+    manifest = read_manifest(package)
+    if not manifest.get("bundle"):
+        raise ValueError(f"{package.name} is not a bundle (export_pt2_bundle); use check_pt2")
+    entries = []
+    for item in manifest["entries"]:
+        module = build_loss(dict(item["config"]))
+        spec = spec_for(module, item.get("variant"))
+        names = [str(i["name"]) for i in item["inputs"]]
+        entries.append((str(item["name"]), module, spec, names, bool(item.get("joint")), list(item["outputs"])))
+    per_entry = {
+        name: [large_size(spec, budget) if n == "large" else int(n) for n in sizes]
+        for name, _, spec, _, _, _ in entries
+    }
+    calls = bundle_calls([e[0] for e in entries], per_entry)
+    flat_inputs = [str(i["name"]) for i in manifest["inputs"]]
+    flat_outputs = [str(name) for name in manifest["outputs"]]
+    start = time.perf_counter()
+    cases: list[Case] = []
+    expected: list[dict[str, list[Tensor] | Exception]] = []
+    for k, call in enumerate(calls):
+        feed: dict[str, Tensor] = {}
+        want: dict[str, list[Tensor] | Exception] = {}
+        for i, (name, module, spec, names, joint, _) in enumerate(entries):
+            drawn = spec.sample(module, call[name], seed=seed + 1000 * k + i, include=names)
+            case = Case(name, [drawn[n] for n in names], grad=False)
+            feed.update({f"{name}/{n}": drawn[n] for n in names})
+            want[name] = _expect(pt2_eager_outputs, module, spec, names, case, joint)
+        cases.append(Case(f"call{k}", [feed[n] for n in flat_inputs], grad=False))
+        expected.append(want)
+    with _work_dir(work_dir) as directory:
+        run = run_program(program, "pt2", package, write_cases(directory / "cases.pt", cases), threads=threads)
+    results: dict[str, list[CaseResult]] = {e[0]: [] for e in entries}
+    for k, (call, want) in enumerate(zip(calls, expected)):
+        got = run["cases"][k] if k < len(run["cases"]) else {"error": "no result for this call", "outputs": []}
+        outputs = dict(zip(flat_outputs, got["outputs"]))
+        count_error = (
+            None
+            if got["error"] or len(got["outputs"]) == len(flat_outputs)
+            else f"{len(got['outputs'])} outputs, the manifest names {len(flat_outputs)}"
+        )
+        for name, _, _, _, _, outs in entries:
+            label = f"call{k}/N={call[name]}"
+            value = want[name]
+            if isinstance(value, BaseException):
+                note = None if got["error"] else f"eager PyTorch raised ({value}) but C++ returned a result"
+                results[name].append(CaseResult(label, note, None, None))
+                continue
+            if got["error"] or count_error:
+                results[name].append(CaseResult(label, got["error"] or count_error, None, None))
+                continue
+            diffs = [compare(w, outputs[f"{name}/{out}"], rtol) for w, out in zip(value, outs)]
+            results[name].append(CaseResult(label, None, diffs[0], diffs[1] if len(diffs) > 1 else None))
+    seconds = time.perf_counter() - start
+    reports = {
+        name: CheckReport(f"{name}: {type(module).__name__}[{spec.variant}]", "pt2-bundle", results[name], seconds)
+        for name, module, spec, _, _, _ in entries
+    }
+    return BundleCheck(package, reports, calls, seconds)
 
 
 @contextlib.contextmanager
