@@ -31,44 +31,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so --help answers without loading torch.
-    from visdet_export.cli import (
-        ConfigError,
-        UsageError,
-        build_checked,
-        export_losses,
-        parse_formats,
-        plan_exports,
-        summary_table,
-    )
+    from visdet_export.cli import ConfigError, UsageError, export_groups, parse_formats
     from visdet_export.export.artifacts import ArtifactError
     from visdet_export.recipes import recipe_losses, recipe_names
 
     try:
-        formats = parse_formats(args.format)
         names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
-        plan = {name: recipe_losses(name) for name in names}
-        for name, losses in plan.items():  # check everything before writing anything
-            build_checked(losses)
-            plan_exports(losses, args.out_dir / name, formats, args.overwrite)
+        groups = {name: recipe_losses(name) for name in names}
+        return export_groups(
+            groups, args.out_dir, parse_formats(args.format), verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
+        )
     except (ConfigError, UsageError, ArtifactError) as error:
         print(f"export_all_recipes: error: {error}", file=sys.stderr)
         return 2
-
-    failed = total = 0
-    for name, losses in plan.items():
-        if not args.quiet:
-            print(f"== {name}: {len(losses)} loss(es)", file=sys.stderr)
-        results = export_losses(
-            losses, args.out_dir / name, formats, verify=args.verify, overwrite=args.overwrite, progress=not args.quiet
-        )
-        print(f"\n{name}\n{summary_table(results)}")
-        failed += sum(not r.ok for r in results)
-        total += len(results)
-    print(
-        f"\n{total - failed} of {total} artifact(s) written to {args.out_dir}"
-        + (f", {failed} failed" if failed else "")
-    )
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -31,25 +31,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from visdet_export.cli import (
-        ConfigError,
-        UsageError,
-        build_checked,
-        export_losses,
-        parse_formats,
-        plan_exports,
-        summary_table,
-    )
+    from visdet_export.cli import ConfigError, UsageError, export_groups, parse_formats
     from visdet_export.config import losses_from_file
     from visdet_export.export.artifacts import ArtifactError
 
     try:
-        formats = parse_formats(args.format)
         only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-        plan: dict[str, dict] = {}
+        groups: dict[str, dict] = {}
         for config in args.configs:
             name = config.stem.replace(".", "_")
-            if name in plan:
+            if name in groups:
                 raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
             losses = losses_from_file(config)
             if only:
@@ -57,24 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                 if missing:
                     raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
                 losses = {p: losses[p] for p in only}
-            plan[name] = losses
-        for name, losses in plan.items():  # check everything before writing anything
-            build_checked(losses)
-            plan_exports(losses, args.out / name, formats, args.overwrite)
+            groups[name] = losses
+        return export_groups(
+            groups, args.out, parse_formats(args.format), verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
+        )
     except (ConfigError, UsageError, ArtifactError) as error:
         print(f"export_configs: error: {error}", file=sys.stderr)
         return 2
-
-    failed = total = 0
-    for name, losses in plan.items():
-        results = export_losses(
-            losses, args.out / name, formats, verify=args.verify, overwrite=args.overwrite, progress=not args.quiet
-        )
-        print(f"\n{name}\n{summary_table(results)}")
-        failed += sum(not r.ok for r in results)
-        total += len(results)
-    print(f"\n{total - failed} of {total} artifact(s) written to {args.out}" + (f", {failed} failed" if failed else ""))
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

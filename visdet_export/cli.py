@@ -313,6 +313,36 @@ class _Progress:
             print(line, file=self.stream, flush=True)
 
 
+def export_groups(
+    groups: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    out_dir: Path,
+    formats: Sequence[Format],
+    *,
+    verify: bool = True,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Export several groups of losses (one recipe or one detector config each) into ``out_dir/<group>``.
+
+    Every loss is built and every target checked before the first file is written (raising ``ConfigError``,
+    ``UsageError`` or ``ArtifactError``); then each group is exported with a summary table. Returns 0, or 1 when
+    an artifact failed.
+    """
+    for name, losses in groups.items():
+        build_checked(losses)
+        plan_exports(losses, out_dir / name, formats, overwrite)
+    failed = total = 0
+    for name, losses in groups.items():
+        if not quiet:
+            print(f"== {name}: {len(losses)} loss(es)", file=sys.stderr)
+        results = export_losses(losses, out_dir / name, formats, verify=verify, overwrite=overwrite, progress=not quiet)
+        print(f"\n{name}\n{summary_table(results)}")
+        failed += sum(not r.ok for r in results)
+        total += len(results)
+    print(f"\n{total - failed} of {total} artifact(s) written to {out_dir}" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
