@@ -176,13 +176,13 @@ def regression_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]
 
 # --- eager training fast path -----------------------------------------------------------------------------------
 #
-# In eager PyTorch (and TorchScript) every operation of a loss allocates a full-size temporary and autograd replays
+# In eager PyTorch every operation of a loss allocates a full-size temporary and autograd replays
 # each of them backwards; the MMDetection-style formulation leans on fused built-ins (binary_cross_entropy_with_
 # logits) that the export-safe formulation cannot use. For the dense classification losses, eager training instead
 # computes the element-wise loss *and its derivative* in closed form without autograd, mostly in place, and
 # attaches the derivative with ``attach_gradient``. Values are the same expressions as the export-safe path; the
 # gradients are their exact derivatives (same x >= 0 side at 0, same zero-base conventions as pow_nonnegative).
-# torch.compile / export / ONNX keep the autograd formulation, which inductor fuses into one kernel anyway.
+# TorchScript, torch.compile, export and ONNX keep the autograd formulation (inductor fuses it into one kernel).
 
 
 @torch.jit.unused
