@@ -103,6 +103,27 @@ def weight_keep_mask(weight: Optional[Tensor]) -> Optional[Tensor]:
     return weight != 0
 
 
+def row_weighted_inputs(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Upcast ``pred`` and ``target`` (N, C) to the compute dtype and, given a per-sample ``weight`` (N,), replace
+    the rows of weight 0 by 0 in both (NaN/inf there reach neither value nor gradient).
+
+    Returns:
+        ``(pred, target, weight)`` in the compute dtype.
+    """
+    dtype = compute_dtype(pred)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
+    if weight is None:
+        return pred, target, None
+    weight = weight.to(dtype)
+    if weight.dim() != 1 or weight.size(0) != pred.size(0):
+        raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
+    keep = weight_keep_mask(weight.unsqueeze(1))
+    return zero_where_unweighted(pred, keep), zero_where_unweighted(target, keep), weight
+
+
 def check_same_shape(pred: Tensor, target: Tensor, target_name: str) -> None:
     """Shapes must match exactly: a silent (N, 1) against (N,) broadcast would give an (N, N) loss."""
     if pred.shape != target.shape:

@@ -19,6 +19,7 @@ from ..numerics import (
     needs_grad,
     pow_nonnegative,
     quality_focal_terms,
+    row_weighted_inputs,
     sigmoid_pair,
     weight_keep_mask,
     zero_where_unweighted,
@@ -71,16 +72,7 @@ def quality_focal_loss(
     Returns:
         Tensor[N] for "none" (summed over classes), else Tensor[].
     """
-    dtype = compute_dtype(pred)
-    pred = pred.to(dtype)
-    target = target.to(dtype)
-    if weight is not None:
-        weight = weight.to(dtype)
-        if weight.dim() != 1 or weight.size(0) != pred.size(0):
-            raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
-        keep = weight_keep_mask(weight.unsqueeze(1))
-        pred = zero_where_unweighted(pred, keep)
-        target = zero_where_unweighted(target, keep)
+    pred, target, weight = row_weighted_inputs(pred, target, weight)
     if not activated and eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
         return weight_reduce_loss(_quality_focal_eager(pred, target, beta).sum(dim=1), weight, reduction, avg_factor)
     loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import compute_dtype, weight_keep_mask, zero_where_unweighted
+from ..numerics import compute_dtype, row_weighted_inputs, weight_keep_mask, zero_where_unweighted
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, check_int
 from .base import WeightedLoss
@@ -88,16 +88,7 @@ def knowledge_distillation_kl_div_loss(
             "expected pred (N, C) and soft_label of the same shape, got "
             + str(pred.shape) + " and " + str(soft_label.shape)
         )
-    dtype = compute_dtype(pred)
-    pred = pred.to(dtype)
-    soft_label = soft_label.to(dtype)
-    if weight is not None:
-        weight = weight.to(dtype)
-        if weight.dim() != 1 or weight.size(0) != pred.size(0):
-            raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
-        keep = weight_keep_mask(weight.unsqueeze(1))
-        pred = zero_where_unweighted(pred, keep)
-        soft_label = zero_where_unweighted(soft_label, keep)
+    pred, soft_label, weight = row_weighted_inputs(pred, soft_label, weight)
     loss = soft_label_kl_div(pred, soft_label, T, detach_target)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
