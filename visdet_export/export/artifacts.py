@@ -37,6 +37,12 @@ class ArtifactError(RuntimeError):
     """An artifact could not be written, read or verified (the message says which and why)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (exporters raise pages of context), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_output_path(path: Path, overwrite: bool) -> Path:
     """Refuse a directory, a symlink, or an existing file unless ``overwrite``; the parent must exist."""
     if path.is_symlink():

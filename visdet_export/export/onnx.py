@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, write_manifest
+from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, first_line, write_manifest
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
 
@@ -289,8 +289,7 @@ def export_onnx(
                 report=False,
             )
         except Exception as exc:  # the exporter raises many types; say which loss and why
-            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"ONNX export of {spec.loss_type} ({spec.variant}) failed: {summary}") from exc
+            raise ArtifactError(f"ONNX export of {spec.loss_type} ({spec.variant}) failed: {first_line(exc)}") from exc
     if program is None:  # pragma: no cover - only with f=..., which we never pass
         raise ArtifactError("torch.onnx.export returned no program")
     metadata = {

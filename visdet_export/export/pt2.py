@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,6 +56,7 @@ from .artifacts import (
     atomic_output,
     check_output_path,
     describe_inputs,
+    first_line,
     manifest_path,
     write_manifest,
 )
@@ -72,26 +73,54 @@ def export_program(
     loss: nn.Module, spec: LossSpec, names: Sequence[str], *, joint: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of the loss (or its joint loss + gradient graph) with a dynamic N in [0, inf)."""
-    from torch.fx.experimental import _config as fx_config
-
     names = list(names)
     example = example_inputs(loss, spec, names)
     module = joint_module(loss, spec, names, example=example) if joint else spec.bind(loss, names)
+    return _export(module, example, dynamic_shapes(spec, names), f"{spec.loss_type} ({spec.variant})")
+
+
+def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) with sizes 0 and 1 treated like any other N (``backed_size_oblivious``)."""
+    from torch.fx.experimental import _config as fx_config
+
     with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         try:
-            return torch.export.export(module.eval(), example, dynamic_shapes=dynamic_shapes(spec, names), strict=False)
+            return torch.export.export(module.eval(), tuple(example), dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # torch.export raises many types; say which loss and why
-            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"torch.export of {spec.loss_type} ({spec.variant}) failed: {summary}") from exc
+            raise ArtifactError(f"torch.export of {what} failed: {first_line(exc)}") from exc
 
 
-def compile_package(program: torch.export.ExportedProgram, target: Path) -> None:
-    """AOTInductor-compile ``program`` into the package file ``target`` (any name; built in a scratch dir)."""
-    with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        built = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(scratch, "loss.pt2"))
-        shutil.copyfile(built, target)
+def write_package(
+    program: torch.export.ExportedProgram,
+    target: Path,
+    *,
+    overwrite: bool,
+    what: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    check: Optional[Callable[[Runner], dict[str, Any]]],
+) -> Optional[dict[str, Any]]:
+    """AOTInductor-compile ``program`` and put the package at ``target`` only once ``check`` passed on it.
+
+    The package is built and loaded under a ``.pt2`` name in a scratch directory (the loader insists on the
+    suffix), handed to ``check`` as a runner, then copied into place atomically. Returns ``check``'s parity record
+    (None without ``check``).
+    """
+    with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            try:
+                built = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(scratch, "p.pt2"))
+            except Exception as exc:
+                raise ArtifactError(f"AOTInductor compilation of {what} failed: {first_line(exc)}") from exc
+        parity = None
+        if check is not None:
+            package = torch._inductor.aoti_load_package(str(built))
+            parity = check(_runner(package, input_names, output_names, target.name))
+        with atomic_output(target, overwrite) as tmp:
+            shutil.copyfile(built, tmp)
+    return parity
 
 
 def _runner(package: Any, names: Sequence[str], outputs: Sequence[str], label: str) -> Runner:
@@ -174,23 +203,20 @@ def export_pt2(
         loss_or_cfg, path, variant=variant, optional_inputs=optional_inputs, joint=joint, overwrite=overwrite
     )
     loss, spec, names, outputs, target = plan.loss, plan.spec, plan.names, plan.outputs, plan.target
-    program = export_program(loss, spec, names, joint=joint)
-    parity: Optional[dict[str, Any]] = None
-    with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch:
-        # Built and verified under a ``.pt2`` name (the loader insists on the suffix), then moved into place.
-        built = Path(scratch) / "loss.pt2"
-        try:
-            compile_package(program, built)
-        except Exception as exc:
-            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"AOTInductor compilation of {spec.loss_type} failed: {summary}") from exc
-        if verify:
-            package = torch._inductor.aoti_load_package(str(built))
-            runner = _runner(package, names, outputs, target.name)
-            sizes = spec.capped_sizes(EXPORT_PARITY_SIZES)
-            parity = check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=0, **TOLERANCES["pt2"])
-        with atomic_output(target, overwrite) as tmp:
-            shutil.copyfile(built, tmp)
+    sizes = spec.capped_sizes(EXPORT_PARITY_SIZES)
+
+    def check(runner: Runner) -> dict[str, Any]:
+        return check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=0, **TOLERANCES["pt2"])
+
+    parity = write_package(
+        export_program(loss, spec, names, joint=joint),
+        target,
+        overwrite=overwrite,
+        what=spec.loss_type,
+        input_names=names,
+        output_names=outputs,
+        check=check if verify else None,
+    )
     fields = plan.manifest_fields("pt2", parity, dynamic_dims={"N": {"min": 0}}, runs_code=True)
     write_manifest(target, fields, overwrite=True)
     return target
@@ -276,8 +302,6 @@ def bundle_entries(
 
 def export_bundle_program(entries: Sequence[BundleEntry]) -> torch.export.ExportedProgram:
     """``torch.export`` of every entry in one graph, each with its own dynamic sample count (``N_<name>``, min 0)."""
-    from torch.fx.experimental import _config as fx_config
-
     parts: list[nn.Module] = []
     example: list[Tensor] = []
     shapes: list[dict[int, Any]] = []
@@ -291,16 +315,8 @@ def export_bundle_program(entries: Sequence[BundleEntry]) -> torch.export.Export
         )
         example.extend(inputs)
         shapes.extend(dynamic_shapes(entry.spec, names, dim=torch.export.Dim(entry.dim, min=0))[0])
-    module = BundleModule(parts, [len(entry.names) for entry in entries]).eval()
-    with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        try:
-            return torch.export.export(module, tuple(example), dynamic_shapes=(tuple(shapes),), strict=False)
-        except Exception as exc:
-            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(
-                f"torch.export of the bundle ({', '.join(e.name for e in entries)}) failed: {summary}"
-            ) from exc
+    module = BundleModule(parts, [len(entry.names) for entry in entries])
+    return _export(module, example, (tuple(shapes),), f"the bundle ({', '.join(e.name for e in entries)})")
 
 
 def _bundle_manifest_entries(entries: Sequence[BundleEntry]) -> list[dict[str, Any]]:
@@ -435,21 +451,19 @@ def export_pt2_bundle(
     check_output_path(manifest_path(target), overwrite)
     manifest_entries = _bundle_manifest_entries(entries)
     inputs, outputs = _flat_io(manifest_entries)
-    program = export_bundle_program(entries)
-    parity: Optional[dict[str, Any]] = None
-    with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch:
-        built = Path(scratch) / "bundle.pt2"
-        try:
-            compile_package(program, built)
-        except Exception as exc:
-            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"AOTInductor compilation of the bundle failed: {summary}") from exc
-        if verify:
-            package = torch._inductor.aoti_load_package(str(built))
-            runner = _runner(package, [item["name"] for item in inputs], outputs, target.name)
-            parity = bundle_parity(runner, entries, EXPORT_PARITY_SIZES, seed=0, **TOLERANCES["pt2"])
-        with atomic_output(target, overwrite) as tmp:
-            shutil.copyfile(built, tmp)
+
+    def check(runner: Runner) -> dict[str, Any]:
+        return bundle_parity(runner, entries, EXPORT_PARITY_SIZES, seed=0, **TOLERANCES["pt2"])
+
+    parity = write_package(
+        export_bundle_program(entries),
+        target,
+        overwrite=overwrite,
+        what="the bundle",
+        input_names=[item["name"] for item in inputs],
+        output_names=outputs,
+        check=check if verify else None,
+    )
     if parity is not None:
         for item in manifest_entries:
             item["parity"] = {**parity["entries"][item["name"]], "rtol": parity["rtol"], "atol": parity["atol"]}
