@@ -359,3 +359,108 @@ def test_failed_export_leaves_old_file_and_no_temporaries(tmp_path: Path, monkey
     assert (tmp_path / "focal.onnx.json").read_text() == "old manifest"
     assert _listing(tmp_path) == ["focal.onnx", "focal.onnx.json"]
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+# --- graph rewrites --------------------------------------------------------------------------------------------
+
+
+SIGN_SELECT_KEYS = ["focal", "qfl", "ce_sigmoid_centerness"]
+
+
+def sign_selects(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """``Where`` nodes whose condition is ``x >= 0``: a scalar, branching loop in onnxruntime."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    return [
+        node
+        for node in model.graph.node
+        if node.op_type == "Where" and getattr(producer.get(node.input[0]), "op_type", None) == "GreaterOrEqual"
+    ]
+
+
+@pytest.mark.parametrize("key", SIGN_SELECT_KEYS)
+def test_sigmoid_sign_selects_are_branch_free(exports: Exports, key: str) -> None:
+    model = exports.get(key).model
+    assert sign_selects(model) == []
+    assert "Abs" in {node.op_type for node in model.graph.node}
+
+
+def sigmoid_pair_graph() -> onnx.ModelProto:
+    """``numerics.sigmoid_pair`` as the exporter writes it: |x|, sigmoid(x), sigmoid(-x) through sign selects."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node
+    nodes = [
+        node("GreaterOrEqual", ["x", "zero"], ["nonnegative"]),
+        node("Neg", ["x"], ["negated"]),
+        node("Where", ["nonnegative", "x", "negated"], ["magnitude"]),
+        node("Neg", ["magnitude"], ["minus_magnitude"]),
+        node("Exp", ["minus_magnitude"], ["decay"]),
+        node("Add", ["decay", "one"], ["total"]),
+        node("Reciprocal", ["total"], ["inverse"]),
+        node("Mul", ["decay", "inverse"], ["small"]),
+        node("Where", ["nonnegative", "inverse", "small"], ["sigmoid"]),
+        node("Where", ["nonnegative", "small", "inverse"], ["sigmoid_neg"]),
+    ]
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in (("zero", 0.0), ("one", 1.0))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
+        for name in ("magnitude", "sigmoid", "sigmoid_neg")
+    ]
+    graph = helper.make_graph(nodes, "sigmoid_pair", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_branch_free_selects_give_the_selected_values() -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    original = sigmoid_pair_graph()
+    rewritten = sigmoid_pair_graph()
+    assert onnx_export.branch_free_selects(rewritten) == 3
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert sign_selects(rewritten) == [] and "Where" not in {node.op_type for node in rewritten.graph.node}
+    # the abandoned Neg(x) and decay * inverse have no consumers left
+    assert sorted(node.op_type for node in rewritten.graph.node).count("Mul") == 2
+
+    def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})
+
+    special = [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 17.9, -17.9, 20.0, -20.0, 88.0, -88.0, 104.0, -104.0, 200.0, -200.0]
+    rng = np.random.default_rng(0)
+    values = np.concatenate([special, [np.inf, -np.inf, np.nan], rng.uniform(-200, 200, 2000), rng.normal(0, 3, 2000)])
+    for x in (values.astype(np.float32)[: 3 * (len(values) // 3)].reshape(-1, 3), np.zeros((0, 3), np.float32)):
+        for got, expected in zip(run(rewritten, x), run(original, x)):
+            assert got.shape == expected.shape
+            np.testing.assert_array_max_ulp(got, expected, maxulp=1)  # NaN where the select gave NaN
+    # the tails of sigmoid(+-x) keep their relative precision (no 1 - sigmoid cancellation)
+    tails = np.array([[-20.0, -88.0, 30.0]], np.float32)
+    _, sigmoid, sigmoid_neg = run(rewritten, tails)
+    np.testing.assert_allclose(sigmoid[0, :2], 1.0 / (1.0 + np.exp(-tails[0, :2].astype(np.float64))), rtol=1e-6)
+    np.testing.assert_allclose(sigmoid_neg[0, 2], 1.0 / (1.0 + np.exp(30.0)), rtol=1e-6)
+
+
+def test_branch_free_selects_leave_other_selects_alone() -> None:
+    """A select on x >= 0 whose branches are not |x| / the sigmoid pair, or on x >= 1, is kept."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("GreaterOrEqual", ["x", "zero"], ["nonnegative"]),
+            node("GreaterOrEqual", ["x", "one"], ["above_one"]),
+            node("Neg", ["x"], ["negated"]),
+            node("Exp", ["x"], ["grown"]),
+            node("Where", ["nonnegative", "x", "grown"], ["kept"]),
+            node("Where", ["above_one", "x", "negated"], ["shifted"]),
+        ],
+        "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in ("kept", "shifted")],
+        [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in (("zero", 0.0), ("one", 1.0))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    before = model.SerializeToString()
+    assert onnx_export.branch_free_selects(model) == 0
+    assert model.SerializeToString() == before

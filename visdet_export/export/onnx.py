@@ -191,6 +191,133 @@ def accurate_total_sums(model: Any) -> int:
     return rewritten
 
 
+def _scalar_value(initializers: Mapping[str, Any], name: str) -> Optional[float]:
+    from onnx import numpy_helper
+
+    init = initializers.get(name)
+    if init is None:
+        return None
+    value = numpy_helper.to_array(init)
+    return float(value.reshape(-1)[0]) if value.size == 1 and value.dtype.kind == "f" else None
+
+
+def branch_free_selects(model: Any) -> int:
+    """Replace the sign selects of the stable sigmoid (``numerics.sigmoid_pair``) by branch-free operators.
+
+    onnxruntime's CPU ``Where`` selects in three scalar, branching passes; with the sign of the logits as its
+    condition (unpredictable) one ``Where`` over 100000 x 80 floats takes 53 ms, 20x an ``Abs`` (1 thread).
+    Focal loss ran three of them (238 -> 89 ms for the graph). With ``x >= 0`` as the condition
+    (``GreaterOrEqual(x, 0)``), ``e = Exp(Neg(|x|))`` and ``r = Reciprocal(Add(e, 1))``:
+
+    - ``Where(x >= 0, x, Neg(x))`` -> ``Abs(x)``;
+    - ``Where(x >= 0, r, Mul(e, r))`` -> ``Mul(Exp(Min(x, 0)), r)``: ``Min(x, 0)`` is ``x = -|x|`` where
+      x < 0 and its ``Exp`` is 1 where x >= 0;
+    - ``Where(x >= 0, Mul(e, r), r)`` -> ``Mul(Exp(Neg(Max(x, 0))), r)``, the mirror image.
+
+    Each gives the value the select gave (NaN stays NaN; only the sign of a zero ``|x|`` may differ, which
+    ``Exp(Neg(.))`` and ``Max(., 0)`` do not see). Nodes left without consumers are dropped. Returns the number
+    of selects rewritten.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def made(name: str, op_type: str) -> Any:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def sign_test(condition: str) -> Optional[tuple[str, str]]:
+        """``(x, zero)`` for a condition ``GreaterOrEqual(x, zero)``."""
+        node = made(condition, "GreaterOrEqual")
+        if node is None or _scalar_value(initializers, node.input[1]) != 0.0:
+            return None
+        return node.input[0], node.input[1]
+
+    def magnitude_of(name: str) -> Optional[str]:
+        """``x`` where ``name`` is ``|x|``, as ``Abs(x)`` or as ``Where(x >= 0, x, Neg(x))``."""
+        node = producer.get(name)
+        if node is not None and node.op_type == "Abs":
+            return node.input[0]
+        if node is None or node.op_type != "Where" or (test := sign_test(node.input[0])) is None:
+            return None
+        negated = made(node.input[2], "Neg")
+        x = test[0]
+        return x if node.input[1] == x and negated is not None and negated.input[0] == x else None
+
+    def sigmoid_of(r: str, er: str) -> Optional[str]:
+        """``x`` where ``r = 1 / (1 + e)`` and ``er = e * r`` with ``e = exp(-|x|)``."""
+        reciprocal, product = made(r, "Reciprocal"), made(er, "Mul")
+        if reciprocal is None or product is None or r not in product.input:
+            return None
+        e = product.input[1] if product.input[0] == r else product.input[0]
+        total = made(reciprocal.input[0], "Add")
+        if total is None or e not in total.input:
+            return None
+        one = total.input[1] if total.input[0] == e else total.input[0]
+        exp = made(e, "Exp")
+        negated = made(exp.input[0], "Neg") if exp is not None else None
+        if _scalar_value(initializers, one) != 1.0 or negated is None:
+            return None
+        return magnitude_of(negated.input[0])
+
+    nodes = []
+    rewritten = 0
+    for node in graph.node:
+        test = sign_test(node.input[0]) if node.op_type == "Where" and node.domain in ("", "ai.onnx") else None
+        if test is None:
+            nodes.append(node)
+            continue
+        x, zero = test
+        out, on_true, on_false = node.output[0], node.input[1], node.input[2]
+        if magnitude_of(out) == x:
+            nodes.append(helper.make_node("Abs", [x], [out], name=node.name))
+        elif sigmoid_of(on_true, on_false) == x:
+            clipped, factor = f"{out}__visdet_nonpositive", f"{out}__visdet_factor"
+            nodes += [
+                helper.make_node("Min", [x, zero], [clipped], name=clipped),
+                helper.make_node("Exp", [clipped], [factor], name=factor),
+                helper.make_node("Mul", [factor, on_true], [out], name=node.name),
+            ]
+        elif sigmoid_of(on_false, on_true) == x:
+            clipped, negated, factor = (f"{out}__visdet_{part}" for part in ("nonnegative", "negated", "factor"))
+            nodes += [
+                helper.make_node("Max", [x, zero], [clipped], name=clipped),
+                helper.make_node("Neg", [clipped], [negated], name=negated),
+                helper.make_node("Exp", [negated], [factor], name=factor),
+                helper.make_node("Mul", [factor, on_false], [out], name=node.name),
+            ]
+        else:
+            nodes.append(node)
+            continue
+        rewritten += 1
+    if rewritten:
+        used = {output.name for output in graph.output} | _subgraph_inputs(graph)
+        live = []
+        for node in reversed(nodes):  # topological order: consumers come after their producers
+            if any(output in used for output in node.output):
+                live.append(node)
+                used.update(node.input)
+        del graph.node[:]
+        graph.node.extend(reversed(live))
+    return rewritten
+
+
+def _subgraph_inputs(graph: Any) -> set[str]:
+    """Names read inside the subgraphs (If / Loop / Scan bodies) of ``graph``'s nodes, which may be outer values."""
+    import onnx
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                names.update(name for inner in body.node for name in inner.input)
+                names.update(_subgraph_inputs(body))
+    return names
+
+
 def _to_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().numpy()
 
@@ -315,6 +442,7 @@ def export_onnx(
         if external_data_locations(tmp):
             raise ArtifactError(f"the ONNX model of {spec.loss_type} refers to external data; not supported")
         model = onnx.load(str(tmp))
+        branch_free_selects(model)
         accurate_total_sums(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
