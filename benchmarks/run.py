@@ -167,37 +167,17 @@ def floor_function(loss_type: str) -> Callable[..., Tensor]:
     return bce_floor
 
 
-def onnx_session(module: torch.nn.Module, spec, names: list[str], inputs: dict[str, Tensor], threads: int,
-                 workdir: Path, tag: str, device: torch.device):
-    """Export ``module`` (positional over ``names``) to ONNX with a dynamic ``N`` and open an onnxruntime session.
-
-    Uses the package exporter (``visdet_export.export.onnx.export_onnx``) when present, else
-    ``torch.onnx.export(dynamo=True)`` with ``dynamic_shapes`` from the spec.
-    """
+def onnx_session(module: torch.nn.Module, spec, names: list[str], threads: int, workdir: Path, tag: str,
+                 device: torch.device):
+    """Export ``module`` with the package exporter (the graphs users get: dynamic ``N``, the onnx.py rewrites)
+    and open an onnxruntime session on it, with the inputs of ``names`` that are optional among them."""
     import onnxruntime as ort
 
-    path = workdir / f"{tag}.onnx"
-    bound = spec.bind(module, names)
-    args = tuple(inputs[n].detach() for n in names)
-    exported = False
-    try:  # the package exporter, once it lands
-        from visdet_export.export import onnx as package_onnx  # type: ignore
+    from visdet_export.export.onnx import export_onnx
 
-        export_onnx = getattr(package_onnx, "export_onnx")
-        try:
-            export_onnx(module, spec, path, names=names)
-            exported = path.exists()
-        except TypeError:
-            exported = False
-    except Exception:
-        exported = False
-    if not exported:
-        n_dim = torch.export.Dim("N", min=2)
-        by_name = {t.name: t for t in spec.inputs}
-        dynamic = tuple({i: n_dim for i, d in enumerate(by_name[n].shape) if d == "N"} or None for n in names)
-        # PositionalLoss.forward(*tensors): the varargs take one entry holding every input's dynamic dims
-        program = torch.onnx.export(bound.eval(), args, dynamo=True, dynamic_shapes=(dynamic,), verbose=False)
-        program.save(str(path))
+    path = workdir / f"{tag}.onnx"
+    optional = tuple(t.name for t in spec.inputs if t.optional and t.name in names)
+    export_onnx(module, path, variant=spec.variant, optional_inputs=optional, overwrite=True, verify=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -312,10 +292,10 @@ def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.
             try:
                 if session is None:
                     t_export = time.perf_counter()
-                    session = onnx_session(loss, spec, names, inputs, args.threads, workdir, name, device)
+                    session = onnx_session(loss, spec, names, args.threads, workdir, name, device)
                     log(f"  onnx export + session: {time.perf_counter() - t_export:.1f} s")
                 ort_session, ort_names = session
-                feed = {k: inputs[n].detach().cpu().numpy() for k, n in zip(ort_names, names)}
+                feed = {k: inputs[k].detach().cpu().numpy() for k in ort_names}
                 infer["onnx"] = lambda: ort_session.run(None, feed)
             except Exception as error:
                 log(f"  onnx unavailable for {name}: {type(error).__name__}: {str(error)[:300]}")
