@@ -1,13 +1,22 @@
-"""The eager fast paths (closed-form focal / QFL gradients, masked regression difference) against the autograd
-formulation that compile, TorchScript and export run: same values, same gradients, a trained ``weight``
-included (the closed-form path once returned no gradient for it), NaN-safe where weight is 0."""
+"""The eager fast paths (closed-form focal / QFL / regression gradients, the bitwise select that masks weight-0
+elements) against the autograd formulation that compile, TorchScript and export run: same values, same
+gradients, a trained ``weight`` included (the closed-form path once returned no gradient for it), NaN-safe where
+weight is 0."""
 
 import importlib
 
 import pytest
 import torch
 
-from visdet_export.losses import FocalLoss, QualityFocalLoss, sigmoid_focal_loss
+from visdet_export.losses import (
+    BalancedL1Loss,
+    FocalLoss,
+    L1Loss,
+    MSELoss,
+    QualityFocalLoss,
+    SmoothL1Loss,
+    sigmoid_focal_loss,
+)
 
 FOCAL_MODULE = importlib.import_module("visdet_export.losses.focal_loss")
 GFOCAL_MODULE = importlib.import_module("visdet_export.losses.gfocal_loss")
@@ -92,3 +101,153 @@ def test_trained_weight_nan_inputs_masked(loss_type, module, monkeypatch):
         value, gp, gw = _value_and_grads(module, loss_type, pred, target, weight, fast, monkeypatch)
         assert torch.isfinite(value) and torch.isfinite(gp).all() and torch.isfinite(gw).all()
         assert (gp[masked] == 0).all()
+
+
+# --- regression losses: closed-form eager gradients and the bitwise select ------------------------------------
+
+NUMERICS_MODULE = importlib.import_module("visdet_export.numerics")
+REGRESSION_CASES = [
+    ("smooth_l1_loss", L1Loss()),
+    ("smooth_l1_loss", SmoothL1Loss(beta=0.5)),
+    ("mse_loss", MSELoss()),
+    ("balanced_l1_loss", BalancedL1Loss(alpha=0.5, gamma=1.5, beta=0.7)),
+    ("balanced_l1_loss", BalancedL1Loss(alpha=0.4, gamma=1.0, beta=1.0)),
+]
+
+
+def _regression_inputs(weight_shape: str, seed: int):
+    """Differences spread over both sides of every threshold, exact zeros and exact thresholds included; NaN and
+    inf in pred and target wherever the weight is 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = 41
+    target = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    diff = torch.randn(n, 4, generator=g, dtype=torch.float64) * 1.5
+    diff[:3] = torch.tensor([0.0, 0.5, -0.7, 1.0], dtype=torch.float64)
+    pred = target + diff
+    shape = (n,) if weight_shape == "rows" else (n, 4)
+    weight = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
+    weight = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.3, 0.0, weight)
+    weight[1] = 1.0
+    masked = (weight == 0).unsqueeze(1).expand(n, 4) if weight_shape == "rows" else weight == 0
+    pred = torch.where(masked, float("nan"), pred)
+    target = torch.where(masked, float("inf"), target)
+    return pred, target, weight, masked
+
+
+def _regression_value_and_grads(owner, module, pred, target, weight, fast: bool, monkeypatch, reduction: str):
+    with monkeypatch.context() as patch:
+        if not fast:  # the autograd formulation, with torch.where masking, as compile / TorchScript / ONNX run it
+            patch.setattr(importlib.import_module("visdet_export.losses." + owner), "eager_fast_path", lambda t: False)
+            patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
+        pred = pred.detach().clone().requires_grad_(True)
+        weight = weight.detach().clone().requires_grad_(True)
+        value = module(pred, target, weight, avg_factor=7.0, reduction_override=reduction)
+        scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
+        gp, gw = torch.autograd.grad((value * scale).sum(), (pred, weight))
+    return value.detach(), gp, gw
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weight_shape", ["rows", "elements"])
+@pytest.mark.parametrize("owner, module", REGRESSION_CASES, ids=[f"{type(m).__name__}-{i}" for i, (_, m) in enumerate(REGRESSION_CASES)])
+def test_regression_fast_path_matches_autograd(owner, module, weight_shape, reduction, monkeypatch):
+    pred, target, weight, masked = _regression_inputs(weight_shape, seed=3)
+    fast = _regression_value_and_grads(owner, module, pred, target, weight, True, monkeypatch, reduction)
+    slow = _regression_value_and_grads(owner, module, pred, target, weight, False, monkeypatch, reduction)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    value, gp, gw = fast
+    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    assert (gp[masked] == 0).all() and (gp[~masked] != 0).any()
+    assert gw.abs().sum() > 0
+
+
+@pytest.mark.parametrize("owner, module", REGRESSION_CASES[:3], ids=["L1Loss", "SmoothL1Loss", "MSELoss"])
+def test_regression_target_with_gradient_takes_autograd_path(owner, module):
+    """The closed form differentiates pred only: a target that needs a gradient (distillation) still gets one."""
+    g = torch.Generator().manual_seed(4)
+    pred = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gp, gt = torch.autograd.grad(module(pred, target), (pred, target))
+    torch.testing.assert_close(gt, -gp)
+    assert gt.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_select_kept_is_where(dtype):
+    """The eager select (AND with an integer mask) equals ``where(keep, x, 0)`` bit for bit, NaN and inf too, for
+    broadcast masks and strided views; its gradient is selected the same way, twice differentiable."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64).to(dtype)[:, ::2]
+    x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
+    for keep in (torch.rand(6, 1, generator=g) < 0.5, torch.rand(6, 5, generator=g) < 0.5, torch.rand(5, generator=g) < 0.5):
+        expected = torch.where(keep, x, torch.zeros((), dtype=dtype))
+        got = NUMERICS_MODULE.select_kept(x, keep)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.equal(got.view(torch.uint8 if dtype != torch.float64 else torch.int64), expected.view(torch.uint8 if dtype != torch.float64 else torch.int64))
+    leaf = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([True, False, True, True, False]).unsqueeze(1)
+    assert torch.autograd.gradgradcheck(lambda t: NUMERICS_MODULE.select_kept(t, keep) ** 3, (leaf,))
+    (grad,) = torch.autograd.grad(NUMERICS_MODULE.select_kept(leaf, keep).sum(), leaf)
+    assert torch.equal(grad, keep.expand(5, 3).to(torch.float64))
+
+
+@pytest.mark.parametrize("module", [FocalLoss(), QualityFocalLoss(), L1Loss(), MSELoss()], ids=lambda m: type(m).__name__)
+def test_torch_func_transforms_take_the_autograd_formulation(module):
+    """torch.func rejects autograd.Functions without ``setup_context`` and cannot see through a bitcast: under a
+    transform the eager fast paths step aside and ``torch.func.grad`` equals the eager gradient."""
+    kind = "qfl" if isinstance(module, QualityFocalLoss) else "focal"
+    if isinstance(module, (L1Loss, MSELoss)):
+        pred, target, weight, _ = _regression_inputs("rows", seed=6)
+        pred, target = torch.nan_to_num(pred), torch.nan_to_num(target, posinf=0.0)
+    else:
+        pred, target, weight = _inputs(kind, "rows", seed=6)
+    weight = weight.detach()
+    pred = pred.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(module(pred, target, weight), pred)
+    got = torch.func.grad(lambda p: module(p, target, weight))(pred.detach())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+CE_CASES = [
+    dict(),
+    dict(class_weight=[0.5, 1.0, 2.0, 1.5, 0.7], ignore_index=2, avg_non_ignore=True),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("spatial", [False, True], ids=["rows", "spatial"])
+@pytest.mark.parametrize("cfg", CE_CASES, ids=["plain", "class_weight-ignore"])
+def test_softmax_cross_entropy_fast_path_matches_autograd(cfg, spatial, reduction, monkeypatch):
+    """Closed-form softmax CE gradient (softmax - one_hot, in place) against the autograd formulation: labels out
+    of range and ignored, rows of weight 0 with NaN/inf logits, a trained weight, (N, C, H, W) logits."""
+    from visdet_export.losses import CrossEntropyLoss
+
+    module = CrossEntropyLoss(**cfg)
+    g = torch.Generator().manual_seed(7)
+    shape = (23, 5, 2, 3) if spatial else (23, 5)
+    label_shape = (shape[0],) + shape[2:]
+    pred = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    label = torch.randint(-1, 7, label_shape, generator=g)
+    weight = torch.rand(label_shape, generator=g, dtype=torch.float64) + 0.1
+    weight = torch.where(torch.rand(label_shape, generator=g, dtype=torch.float64) < 0.3, 0.0, weight)
+    dead = (weight == 0).unsqueeze(1).expand(shape)
+    pred = torch.where(dead & (torch.rand(shape, generator=g) < 0.5), float("nan"), pred)
+    pred = torch.where(dead & torch.isfinite(pred), float("inf"), pred)
+    owner = importlib.import_module("visdet_export.losses.cross_entropy_loss")
+    results = []
+    for fast in (True, False):
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(owner, "eager_fast_path", lambda t: False)
+                patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
+            p = pred.clone().requires_grad_(True)
+            w = weight.clone().requires_grad_(True)
+            value = module(p, label, w, reduction_override=reduction)
+            scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
+            results.append((value.detach(), *torch.autograd.grad((value * scale).sum(), (p, w))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    value, gp, gw = results[0]
+    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -89,6 +90,8 @@ def zero_where_unweighted(tensor: Tensor, keep: Optional[Tensor]) -> Tensor:
     """
     if keep is None:
         return tensor
+    if eager_fast_path(tensor):
+        return select_kept(tensor, keep)
     return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
@@ -169,30 +172,40 @@ def aligned_box_iou(
     return iou - (enclose_area - union) / enclose_area
 
 
-def regression_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """Upcast and check the inputs of an element-wise regression loss and return ``(pred - target, weight)``.
+def regression_inputs(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Check and upcast the inputs of an element-wise regression loss.
 
     Args:
         pred (Tensor[*]), target (Tensor[*]): same shape.
         weight (Tensor[*] or Tensor[*][:-1], optional): element weights, or one weight per row of the last axis.
 
     Returns:
-        ``pred - target`` in the compute dtype with the elements of weight 0 replaced by 0, and ``weight``
-        broadcastable to it. Masking the difference once (one ``where``) keeps NaN/inf inputs out of the value
-        and of the gradient as masking ``pred`` and ``target`` separately did (the ``where`` passes no gradient
-        to the elements it replaces), at half the passes.
+        ``(pred, target, weight)`` in the compute dtype, ``weight`` broadcastable to ``pred``.
     """
     check_same_shape(pred, target, "target")
     if not pred.is_floating_point() or not target.is_floating_point():
         raise ValueError("regression pred and target must be floating point, got an integer or bool tensor")
     dtype = compute_dtype(pred)
-    diff = pred.to(dtype) - target.to(dtype)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
     if weight is None:
-        return diff, None
+        return pred, target, None
     weight = weight.to(dtype)
     if weight.dim() + 1 == pred.dim():
         weight = weight.unsqueeze(-1)
-    return zero_where_unweighted(diff, weight_keep_mask(weight)), weight
+    return pred, target, weight
+
+
+def masked_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """``pred - target`` with the elements of weight 0 replaced by 0 (inputs from :func:`regression_inputs`).
+
+    Masking the difference once (one select) keeps NaN/inf inputs out of the value and of the gradient as masking
+    ``pred`` and ``target`` separately did (the select passes no gradient to the elements it replaces), at half
+    the passes.
+    """
+    return zero_where_unweighted(pred - target, weight_keep_mask(weight))
 
 
 # --- eager training fast path -----------------------------------------------------------------------------------
@@ -207,21 +220,24 @@ def regression_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]
 
 
 @torch.jit.unused
-def _tracing() -> bool:
+def _tracing(tensor: Tensor) -> bool:
+    # make_fx (the exporters' joint loss + gradient graphs) traces fake tensors and sets none of the flags; torch.func
+    # transforms reject autograd.Functions without setup_context, and neither can lower a bitcast to ONNX.
     return bool(
         torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.onnx.is_in_onnx_export()
         or torch.jit.is_tracing()
+        or is_fake(tensor)
+        or torch._C._are_functorch_transforms_active()
     )
 
 
 def eager_fast_path(tensor: Tensor) -> bool:
-    """True when the loss runs eagerly (not scripted, traced, compiled or exported)."""
-    del tensor
+    """True when the loss runs eagerly on real tensors (not scripted, traced, compiled, exported or transformed)."""
     if torch.jit.is_scripting():
         return False
-    return not _tracing()
+    return not _tracing(tensor)
 
 
 def needs_grad(tensor: Tensor) -> bool:
@@ -251,6 +267,99 @@ class _ClosedFormGradient(torch.autograd.Function):
         return grad_output * grad, None, None, None, None
 
 
+# Integers of the same width: a float's bit pattern times 1 is the float, times 0 is +0.0, whatever the float
+# (NaN and inf included), so an integer multiplication by ``keep`` is a select.
+_SAME_WIDTH_INTEGER = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _select_bits(tensor: Tensor, keep_ones: Tensor) -> Tensor:
+    return torch.mul(tensor.view(keep_ones.dtype), keep_ones).view(tensor.dtype)
+
+
+class _SelectKept(torch.autograd.Function):
+    """``where(keep, x, 0)`` given ``keep`` as 0 / 1 integers of x's width; the gradient is selected the same way
+    (a differentiable backward, so double backward holds)."""
+
+    @staticmethod
+    def forward(ctx, x, keep_ones):  # type: ignore[override]
+        ctx.save_for_backward(keep_ones)
+        return _select_bits(x, keep_ones)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (keep_ones,) = ctx.saved_tensors
+        return _SelectKept.apply(grad_output, keep_ones), None
+
+
+@torch.jit.unused
+def select_kept(tensor: Tensor, keep: Tensor) -> Tensor:
+    """``where(keep, tensor, 0)`` for eager kernels: ATen's ``where`` is a scalar loop on CPU (4M floats, 1 thread:
+    14 ms, against 0.8 ms for the vectorised integer multiplication of the bit patterns by 0 / 1; torch 2.13).
+    NaN and inf are replaced like any other value, as with ``where``."""
+    keep_ones = _keep_ones(tensor, keep)
+    if keep_ones is None:
+        return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    if needs_grad(tensor):
+        return _SelectKept.apply(tensor, keep_ones)
+    return _select_bits(tensor, keep_ones)
+
+
+@torch.jit.unused
+def select_kept_(tensor: Tensor, keep: Tensor) -> Tensor:
+    """:func:`select_kept` in place where it can (on a tensor of our own, outside autograd); returns the result."""
+    keep_ones = _keep_ones(tensor, keep)
+    if keep_ones is None:
+        return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    tensor.view(keep_ones.dtype).mul_(keep_ones)
+    return tensor
+
+
+def _keep_ones(tensor: Tensor, keep: Tensor) -> Optional[Tensor]:
+    """``keep`` as 0 / 1 integers of ``tensor``'s width, or None when they cannot select (other dtypes, or a
+    ``keep`` that does not broadcast into ``tensor``'s shape)."""
+    integer = _SAME_WIDTH_INTEGER.get(tensor.dtype)
+    # torch.broadcast_shapes costs more than the selection itself at 10k elements
+    fits = keep.dim() <= tensor.dim() and all(
+        size in (1, full) for size, full in zip(reversed(keep.shape), reversed(tensor.shape))
+    )
+    if integer is None or not fits:
+        return None
+    return keep.to(integer)
+
+
+@torch.jit.unused
+def closed_form_regression(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]],
+    elementwise: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """``elementwise(pred - target) * weight`` for eager training, with the gradient in closed form.
+
+    Args:
+        pred, target, weight: from :func:`regression_inputs`; ``target`` takes no gradient.
+        terms: ``terms(diff, with_grad)`` returns ``elementwise(diff)`` and, when asked, its derivative, both
+            computed without autograd and free to overwrite ``diff``.
+        elementwise: the autograd formulation, for double backward.
+    """
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        diff = pred - target
+        keep = weight_keep_mask(weight)
+        if keep is not None:
+            diff = select_kept_(diff, keep)
+        value, grad = terms(diff, with_grad)
+    return attach_gradient(
+        value, grad, pred, weight, lambda x: elementwise(masked_difference(x, target, weight))
+    )
+
+
 @torch.jit.unused
 def attach_gradient(
     value: Tensor, grad: Optional[Tensor], x: Tensor, weight: Optional[Tensor], differentiable: Callable[[Tensor], Tensor]
@@ -274,13 +383,18 @@ def attach_gradient(
     return _ClosedFormGradient.apply(x, value, grad, weight, differentiable)
 
 
-def _sigmoid_terms(logits: Tensor, target: Tensor, nonnegative: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(bce, sigmoid(x), 1/(1+e), e/(1+e))`` with ``e = exp(-|x|)``, as ``sigmoid_pair`` + ``bce_with_logits``."""
+def _sigmoid_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(bce, side, 1/(1+e), e/(1+e))`` with ``e = exp(-|x|)``, as ``sigmoid_pair`` + ``bce_with_logits``.
+
+    ``side`` is ``x >= 0`` as 1.0 / 0.0: ``sigmoid(x) = lerp(e/(1+e), 1/(1+e), side)`` and ``sigmoid(-x)`` the other
+    way round, exactly (lerp returns an end point itself at weight 0 or 1). A ``where`` is a scalar loop on CPU
+    (8M floats: 28 ms against 4.4 ms for the vectorised lerp, torch 2.13).
+    """
     decay = logits.abs().neg_().exp_()
     inverse = decay.add(1.0).reciprocal_()
     small = decay.mul(inverse)
     bce = logits.clamp(min=0).addcmul_(logits, target, value=-1.0).add_(decay.log1p_())
-    return bce, torch.where(nonnegative, inverse, small), inverse, small
+    return bce, (logits >= 0).to(logits.dtype), inverse, small
 
 
 def focal_terms(
@@ -293,10 +407,10 @@ def focal_terms(
     """
     grad: Optional[Tensor] = None
     with torch.no_grad():
-        nonnegative = logits >= 0
-        bce, prob, inverse, small = _sigmoid_terms(logits, target, nonnegative)
+        bce, side, inverse, small = _sigmoid_terms(logits, target)
+        prob = torch.lerp(small, inverse, side)
         # sigmoid(-x), from whichever of 1/(1+e), e/(1+e) keeps its precision
-        one_minus_pt = torch.lerp(prob, torch.where(nonnegative, small, inverse), target)  # exact at t = 0, 1
+        one_minus_pt = torch.lerp(prob, torch.lerp(inverse, small, side), target)  # exact at t = 0, 1
         if gamma == 2.0:
             modulating = one_minus_pt
         elif gamma == 0.0 or gamma == 1.0:
@@ -329,7 +443,8 @@ def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Te
     With ``u = sigmoid(x) - t``: ``L = ce |u|^b`` and ``dL/dx = u |u|^b + b ce s (1 - s) |u|^(b-1) sign(u)``.
     """
     with torch.no_grad():
-        bce, prob, inverse, small = _sigmoid_terms(logits, target, logits >= 0)
+        bce, side, inverse, small = _sigmoid_terms(logits, target)
+        prob = torch.lerp(small, inverse, side)
         slope = inverse.mul_(small)  # s (1 - s)
         diff = prob.sub_(target)  # u = s - t, also d bce / dx
         if beta == 0.0:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import regression_difference
+from ..numerics import closed_form_regression, eager_fast_path, masked_difference, needs_grad, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_float
 from .base import WeightedLoss
@@ -35,15 +35,49 @@ def balanced_l1_loss(
 
     Args: as :func:`~visdet_export.losses.smooth_l1_loss.l1_loss`.
     """
-    diff, weight = regression_difference(pred, target, weight)
-    diff = diff.abs()
-    b = math.exp(gamma / alpha) - 1.0
-    loss = torch.where(
-        diff < beta,
-        alpha / b * (b * diff + 1.0) * torch.log1p(b * diff / beta) - alpha * diff,
-        gamma * diff + gamma / b - alpha * beta,
-    )
+    pred, target, weight = regression_inputs(pred, target, weight)
+    if eager_fast_path(pred) and not needs_grad(target):
+        loss = _balanced_l1_eager(pred, target, weight, alpha, gamma, beta)
+        return weight_reduce_loss(loss, None, reduction, avg_factor)
+    loss = _balanced_l1(masked_difference(pred, target, weight), alpha, gamma, beta)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _balanced_l1(diff: Tensor, alpha: float, gamma: float, beta: float) -> Tensor:
+    distance = diff.abs()
+    b = math.exp(gamma / alpha) - 1.0
+    # The inner branch at m = min(d, beta) plus gamma (d - m): b = e^(gamma/alpha) - 1 makes the inner branch at beta
+    # gamma beta + gamma / b - alpha beta, so this is the outer branch beyond beta with its slope gamma, and the
+    # inner one below, without a select (a scalar loop in eager CPU).
+    inlier = distance.clamp(max=beta)
+    inner = alpha / b * (b * inlier + 1.0) * torch.log1p(b * inlier / beta) - alpha * inlier
+    return inner + gamma * (distance - inlier)
+
+
+@torch.jit.unused
+def _balanced_l1_eager(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor], alpha: float, gamma: float, beta: float
+) -> Tensor:
+    b = math.exp(gamma / alpha) - 1.0
+
+    def terms(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+        sign = diff.sign() if with_grad else None
+        distance = diff.abs_()
+        inlier = distance.clamp(max=beta)
+        log_term = inlier.mul(b / beta).log1p_()
+        scaled = inlier.mul(b).add_(1.0)  # b m + 1
+        outer = distance.sub(inlier).mul_(gamma).sub_(inlier, alpha=alpha)  # gamma (d - m) - alpha m
+        value = outer.addcmul_(scaled, log_term, value=alpha / b)
+        if sign is None:
+            return value, None
+        # d/dd = [d <= beta] (alpha (log1p(b m / beta) + (b m + 1) / (b m + beta) - 1) - gamma) + gamma
+        inner_slope = log_term.add_(scaled.div_(scaled + (beta - 1.0))).sub_(1.0 + gamma / alpha).mul_(alpha)
+        inside = (distance <= beta).to(distance.dtype)
+        return value, inner_slope.mul_(inside).add_(gamma).mul_(sign)
+
+    return closed_form_regression(
+        pred, target, weight, terms, lambda diff: _balanced_l1(diff, alpha, gamma, beta)
+    )
 
 
 class BalancedL1Loss(WeightedLoss):

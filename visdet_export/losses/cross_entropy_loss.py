@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..numerics import (
+    attach_gradient,
     bce_with_logits,
     compute_dtype,
     eager_fast_path,
     log1p_exp_neg_abs,
+    needs_grad,
+    select_kept_,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -74,15 +77,54 @@ def softmax_cross_entropy(
     if weight is not None:
         weight = weight.to(dtype)
         valid = valid & (weight != 0)
-    pred = zero_where_unweighted(pred, valid.unsqueeze(1))
     safe_label = torch.where(valid, label, 0).unsqueeze(1)
-    loss = -torch.log_softmax(pred, dim=1).gather(1, safe_label).squeeze(1)
-    if class_weight is not None:
-        loss = loss * class_weight.to(dtype)[safe_label.squeeze(1)]
-    loss = torch.where(valid, loss, 0.0)
+    label_weight = None if class_weight is None else class_weight.to(dtype)[safe_label.squeeze(1)]
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = (label != ignore_index).sum().to(dtype)
+    if eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
+        loss = _softmax_cross_entropy_eager(pred, safe_label, valid, label_weight, weight)
+        return weight_reduce_loss(loss, None, reduction, avg_factor)
+    loss = _softmax_cross_entropy(zero_where_unweighted(pred, valid.unsqueeze(1)), safe_label, valid, label_weight)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _softmax_cross_entropy(
+    pred: Tensor, safe_label: Tensor, valid: Tensor, label_weight: Optional[Tensor]
+) -> Tensor:
+    """Per-sample ``-log softmax(pred)[label] * label_weight``, 0 where not ``valid`` (autograd formulation)."""
+    loss = -torch.log_softmax(pred, dim=1).gather(1, safe_label).squeeze(1)
+    if label_weight is not None:
+        loss = loss * label_weight
+    return torch.where(valid, loss, 0.0)
+
+
+@torch.jit.unused
+def _softmax_cross_entropy_eager(
+    pred: Tensor, safe_label: Tensor, valid: Tensor, label_weight: Optional[Tensor], weight: Optional[Tensor]
+) -> Tensor:
+    """:func:`_softmax_cross_entropy` times ``weight`` with the gradient ``(softmax - one_hot) * weights`` in closed
+    form: one (N, C) temporary (the log-probabilities, turned into the gradient in place) where autograd keeps the
+    masked logits, the log-probabilities, the zeros of gather's backward and log_softmax's backward."""
+    keep_rows = valid.unsqueeze(1)
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        log_prob = torch.log_softmax(pred, dim=1)
+        value = -log_prob.gather(1, safe_label)
+        if label_weight is not None:
+            value = value.mul_(label_weight.unsqueeze(1))
+        value = torch.where(keep_rows, value, 0.0)
+        grad: Optional[Tensor] = None
+        if with_grad:
+            grad = log_prob.exp_().scatter_add_(1, safe_label, torch.full(safe_label.shape, -1.0, dtype=pred.dtype))
+            if label_weight is not None:
+                grad = grad.mul_(label_weight.unsqueeze(1))
+            grad = select_kept_(grad, keep_rows)  # rows of NaN/inf logits that carry no weight
+    return attach_gradient(
+        value, grad, pred, None if weight is None else weight.unsqueeze(1),
+        lambda logits: _softmax_cross_entropy(
+            zero_where_unweighted(logits, keep_rows), safe_label, valid, label_weight
+        ).unsqueeze(1),
+    ).squeeze(1)
 
 
 def binary_cross_entropy(

@@ -3,9 +3,10 @@
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from ..numerics import regression_difference
+from ..numerics import closed_form_regression, eager_fast_path, masked_difference, needs_grad, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from .base import WeightedLoss
 
@@ -26,8 +27,21 @@ def mse_loss(
     Returns:
         Tensor[*] for "none", else Tensor[].
     """
-    diff, weight = regression_difference(pred, target, weight)
+    pred, target, weight = regression_inputs(pred, target, weight)
+    if eager_fast_path(pred) and not needs_grad(target):
+        return weight_reduce_loss(_mse_eager(pred, target, weight), None, reduction, avg_factor)
+    diff = masked_difference(pred, target, weight)
     return weight_reduce_loss(diff * diff, weight, reduction, avg_factor)
+
+
+@torch.jit.unused
+def _mse_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+    return closed_form_regression(pred, target, weight, _mse_terms, torch.square)
+
+
+def _mse_terms(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    grad = diff.mul(2.0) if with_grad else None
+    return diff.mul_(diff), grad
 
 
 class MSELoss(WeightedLoss):
