@@ -392,9 +392,14 @@ def ratios(row: dict) -> dict[str, Optional[float]]:
     out["compiled/floor"] = _ratio(_median(total, "compiled"), _median(total, "floor"))
     out["onnx/eager fwd"] = _ratio(_median(inf, "onnx"), _median(inf, "eager"))
     out["eager mem/baseline mem"] = _ratio(mem.get("eager"), mem.get("baseline"))
-    out["compiled mem/(pred+grad)"] = _ratio(mem.get("compiled"), 2 * row["pred_bytes"])
-    out["eager mem/(pred+grad)"] = _ratio(mem.get("eager"), 2 * row["pred_bytes"])
-    out["baseline mem/(pred+grad)"] = _ratio(mem.get("baseline"), 2 * row["pred_bytes"])
+    # The issue's memory target: pred + its gradient + whatever the loss allocates. The other inputs (targets,
+    # weights, labels) are held by the caller either way; box losses' (N, 4) targets and weights alone would put
+    # the all-inputs ratio at 2.0 for a loss that allocates nothing but the gradient.
+    held_by_caller = row["input_bytes"] - row["pred_bytes"]
+    for provider in ("compiled", "eager", "baseline"):
+        peak = mem.get(provider)
+        out[f"{provider} mem/(pred+grad)"] = _ratio(None if peak is None else peak - held_by_caller, 2 * row["pred_bytes"])
+        out[f"{provider} mem incl. all inputs/(pred+grad)"] = _ratio(peak, 2 * row["pred_bytes"])
     return out
 
 
@@ -496,7 +501,8 @@ def markdown(result: dict) -> str:
         lines.append("")
         lines.append(
             "Fwd+bwd medians; ratios < 1 are faster than the baseline. ORT/eager: forward only, no autograd. "
-            "Memory: peak live tensor bytes of one fwd+bwd, inputs included."
+            "Memory: peak live tensor bytes of one fwd+bwd, inputs included; compiled mem/(pred+grad) leaves out the "
+            "inputs other than pred (targets, weights: held by the caller either way)."
         )
         lines.append("")
         header = (
