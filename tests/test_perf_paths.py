@@ -251,3 +251,21 @@ def test_softmax_cross_entropy_fast_path_matches_autograd(cfg, spatial, reductio
     value, gp, gw = results[0]
     assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
+
+
+@pytest.mark.parametrize("module", [FocalLoss(), L1Loss()], ids=lambda m: type(m).__name__)
+def test_closed_form_backward_twice_with_retain_graph(module):
+    """The closed-form backward scales its saved gradient in place only when the graph is not retained: a second
+    backward through a retained graph sees the same gradient."""
+    if isinstance(module, L1Loss):
+        pred, target, weight, _ = _regression_inputs("rows", seed=8)
+        pred, target = torch.nan_to_num(pred), torch.nan_to_num(target, posinf=0.0)
+    else:
+        pred, target, weight = _inputs("focal", "rows", seed=8)
+    pred = pred.detach().requires_grad_(True)
+    value = module(pred, target, weight.detach())
+    (first,) = torch.autograd.grad(value * 3.0, pred, retain_graph=True)
+    (second,) = torch.autograd.grad(value * 3.0, pred)
+    (fresh,) = torch.autograd.grad(module(pred, target, weight.detach()) * 3.0, pred)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, fresh, rtol=0, atol=0)

@@ -264,7 +264,11 @@ class _ClosedFormGradient(torch.autograd.Function):
                     loss = loss * weight
                 (dx,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
             return dx, None, None, None, None
-        return grad_output * grad, None, None, None, None
+        if torch._C._autograd._get_current_graph_task_keep_graph():  # retain_graph: grad is needed again
+            return grad_output * grad, None, None, None, None
+        # The graph is freed after this pass, so the saved gradient (our own tensor) can be scaled in place: one
+        # full-size allocation less per backward (at 100k x 80, 32 MB of fresh pages).
+        return grad.mul_(grad_output), None, None, None, None
 
 
 # Integers of the same width: a float's bit pattern times 1 is the float, times 0 is +0.0, whatever the float
