@@ -96,7 +96,12 @@ def _quality_focal_elementwise(pred: Tensor, target: Tensor, beta: float, activa
     else:
         prob, _, log1p_decay = sigmoid_pair(pred)
         cross_entropy = bce_with_logits(pred, target, log1p_decay)
-    return cross_entropy * pow_nonnegative((target - prob).abs(), beta)
+    difference = target - prob
+    if beta == 2.0:
+        # The square needs no |.| (same value bit for bit, same zero slope at 0); dropping it takes the abs and
+        # its sign select out of the compiled kernels (QFL fwd+bwd at 100k x 80, 1 thread: 43.8 -> 42.5 ms).
+        return cross_entropy * (difference * difference)
+    return cross_entropy * pow_nonnegative(difference.abs(), beta)
 
 
 class QualityFocalLoss(WeightedLoss):
