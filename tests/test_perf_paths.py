@@ -269,3 +269,52 @@ def test_closed_form_backward_twice_with_retain_graph(module):
     (fresh,) = torch.autograd.grad(module(pred, target, weight.detach()) * 3.0, pred)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "cfg, labels",
+    [(dict(use_sigmoid=True), "soft"), (dict(use_sigmoid=True, class_weight=[0.5, 2.0, 1.0, 3.0, 1.5]), "index")],
+    ids=["soft-targets", "index-labels-pos_weight"],
+)
+def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction, monkeypatch):
+    """Closed-form sigmoid CE gradient, pos_weight included, outputs zeroed where weight is 0 (NaN/inf logits and
+    targets there), against the autograd formulation; a trained weight takes the autograd formulation."""
+    from visdet_export.losses import CrossEntropyLoss
+
+    module = CrossEntropyLoss(**cfg)
+    g = torch.Generator().manual_seed(9)
+    pred = torch.randn(29, 5, generator=g, dtype=torch.float64) * 3
+    pred[0, :3] = 0.0
+    if labels == "soft":
+        label = torch.rand(29, 5, generator=g, dtype=torch.float64)
+        label[1, 1] = -1.0  # ignored
+        weight = torch.where(torch.rand(29, 5, generator=g, dtype=torch.float64) < 0.3, 0.0, 1.0)
+        dead = weight == 0
+        label = torch.where(dead, float("nan"), label)
+    else:
+        label = torch.randint(-1, 7, (29,), generator=g)
+        weight = torch.where(torch.rand(29, generator=g, dtype=torch.float64) < 0.3, 0.0, 0.5)
+        dead = (weight == 0).unsqueeze(1).expand(29, 5)
+    pred = torch.where(dead, float("inf"), pred)
+    owner = importlib.import_module("visdet_export.losses.cross_entropy_loss")
+    results = []
+    for fast in (True, False):
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(owner, "eager_fast_path", lambda t: False)
+                patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
+            for trained in (False, True):
+                p = pred.clone().requires_grad_(True)
+                w = weight.clone().requires_grad_(trained)
+                value = module(p, label, w, reduction_override=reduction)
+                scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
+                grads = torch.autograd.grad((value * scale).sum(), (p, w) if trained else (p,))
+                results.append((value.detach(), *grads))
+    for a, b in zip(results[:2], results[2:]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    value, gp = results[0]
+    _, _, gw = results[1]
+    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
