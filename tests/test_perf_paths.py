@@ -17,9 +17,10 @@ from visdet_export.losses import (
     SmoothL1Loss,
     sigmoid_focal_loss,
 )
+from visdet_export.export.torchscript import script_loss
 
-FOCAL_MODULE = importlib.import_module("visdet_export.losses.focal_loss")
-GFOCAL_MODULE = importlib.import_module("visdet_export.losses.gfocal_loss")
+NUMERICS_MODULE = importlib.import_module("visdet_export.numerics")
+OWNERS = {"focal": "focal_loss", "qfl": "gfocal_loss"}
 
 
 def _inputs(kind: str, weight_shape: str, seed: int = 0):
@@ -37,17 +38,32 @@ def _inputs(kind: str, weight_shape: str, seed: int = 0):
     return pred, target, weight.requires_grad_(True)
 
 
-def _value_and_grads(module, loss_type, pred, target, weight, fast: bool, monkeypatch, reduction="mean"):
-    owner = FOCAL_MODULE if loss_type == "focal" else GFOCAL_MODULE
+def _value_and_grads(owner: str, module, pred, target, weight, fast: bool, monkeypatch, reduction="mean",
+                     trained=True, **kwargs):
+    """Value, d/d pred and (for a trained weight) d/d weight of one call: on the eager fast path, or with
+    ``eager_fast_path`` patched off in the loss's module and in numerics (the autograd formulation and the
+    ``torch.where`` masking that compile, TorchScript and ONNX run)."""
     with monkeypatch.context() as patch:
         if not fast:
-            patch.setattr(owner, "eager_fast_path", lambda tensor: False)
+            patch.setattr(importlib.import_module("visdet_export.losses." + owner), "eager_fast_path", lambda t: False)
+            patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
         pred = pred.detach().clone().requires_grad_(True)
-        weight = weight.detach().clone().requires_grad_(True)
-        value = module(pred, target, weight, avg_factor=7.0, reduction_override=reduction)
-        out = value if reduction != "none" else (value * torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)).sum()
-        gp, gw = torch.autograd.grad(out, (pred, weight))
-    return value.detach(), gp, gw
+        weight = weight.detach().clone().requires_grad_(trained)
+        value = module(pred, target, weight, reduction_override=reduction, **kwargs)
+        scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)  # not uniform
+        grads = torch.autograd.grad((value * scale).sum(), (pred, weight) if trained else (pred,))
+    return (value.detach(), *grads)
+
+
+def _fast_path_matches_autograd(owner: str, module, pred, target, weight, monkeypatch, reduction="mean",
+                                trained=True, **kwargs):
+    """Asserts the fast path equals the autograd formulation and is finite; returns the fast path's results."""
+    fast = _value_and_grads(owner, module, pred, target, weight, True, monkeypatch, reduction, trained, **kwargs)
+    slow = _value_and_grads(owner, module, pred, target, weight, False, monkeypatch, reduction, trained, **kwargs)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(torch.isfinite(x).all() for x in fast)
+    return fast
 
 
 CASES = [
@@ -63,22 +79,19 @@ CASES = [
 @pytest.mark.parametrize("loss_type, module, weight_shape", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
 def test_fast_path_matches_autograd_including_weight_gradient(loss_type, module, weight_shape, reduction, monkeypatch):
     pred, target, weight = _inputs(loss_type, weight_shape)
-    fast = _value_and_grads(module, loss_type, pred, target, weight, True, monkeypatch, reduction)
-    slow = _value_and_grads(module, loss_type, pred, target, weight, False, monkeypatch, reduction)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    fast = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
     assert fast[2].abs().sum() > 0  # the weight does get a gradient
 
 
 @pytest.mark.parametrize("loss_type, module", [("focal", FocalLoss()), ("qfl", QualityFocalLoss())])
 def test_fast_path_matches_torchscript(loss_type, module, monkeypatch):
     pred, target, weight = _inputs(loss_type, "rows", seed=1)
-    scripted = torch.jit.script(module)
-    eager = _value_and_grads(module, loss_type, pred, target, weight, True, monkeypatch)
+    scripted = script_loss(module)
+    eager = _value_and_grads(OWNERS[loss_type], module, pred, target, weight, True, monkeypatch, avg_factor=7.0)
     p = pred.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     value = scripted(p, target, w, 7.0)
-    gp, gw = torch.autograd.grad(value, (p, w))
+    gp, gw = torch.autograd.grad(value * 0.5, (p, w))  # _value_and_grads' scale for one element
     for a, b in zip(eager, (value.detach(), gp, gw)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -97,15 +110,12 @@ def test_trained_weight_nan_inputs_masked(loss_type, module, monkeypatch):
     pred = pred.detach().clone()
     masked = weight.detach() == 0
     pred[masked] = float("nan")
-    for fast in (True, False):
-        value, gp, gw = _value_and_grads(module, loss_type, pred, target, weight, fast, monkeypatch)
-        assert torch.isfinite(value) and torch.isfinite(gp).all() and torch.isfinite(gw).all()
-        assert (gp[masked] == 0).all()
+    _, gp, _ = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, avg_factor=7.0)
+    assert (gp[masked] == 0).all()
 
 
 # --- regression losses: closed-form eager gradients and the bitwise select ------------------------------------
 
-NUMERICS_MODULE = importlib.import_module("visdet_export.numerics")
 REGRESSION_CASES = [
     ("smooth_l1_loss", L1Loss()),
     ("smooth_l1_loss", SmoothL1Loss(beta=0.5)),
@@ -134,30 +144,12 @@ def _regression_inputs(weight_shape: str, seed: int):
     return pred, target, weight, masked
 
 
-def _regression_value_and_grads(owner, module, pred, target, weight, fast: bool, monkeypatch, reduction: str):
-    with monkeypatch.context() as patch:
-        if not fast:  # the autograd formulation, with torch.where masking, as compile / TorchScript / ONNX run it
-            patch.setattr(importlib.import_module("visdet_export.losses." + owner), "eager_fast_path", lambda t: False)
-            patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
-        pred = pred.detach().clone().requires_grad_(True)
-        weight = weight.detach().clone().requires_grad_(True)
-        value = module(pred, target, weight, avg_factor=7.0, reduction_override=reduction)
-        scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
-        gp, gw = torch.autograd.grad((value * scale).sum(), (pred, weight))
-    return value.detach(), gp, gw
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("weight_shape", ["rows", "elements"])
 @pytest.mark.parametrize("owner, module", REGRESSION_CASES, ids=[f"{type(m).__name__}-{i}" for i, (_, m) in enumerate(REGRESSION_CASES)])
 def test_regression_fast_path_matches_autograd(owner, module, weight_shape, reduction, monkeypatch):
     pred, target, weight, masked = _regression_inputs(weight_shape, seed=3)
-    fast = _regression_value_and_grads(owner, module, pred, target, weight, True, monkeypatch, reduction)
-    slow = _regression_value_and_grads(owner, module, pred, target, weight, False, monkeypatch, reduction)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    value, gp, gw = fast
-    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    _, gp, gw = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
     assert (gp[masked] == 0).all() and (gp[~masked] != 0).any()
     assert gw.abs().sum() > 0
 
@@ -234,22 +226,7 @@ def test_softmax_cross_entropy_fast_path_matches_autograd(cfg, spatial, reductio
     dead = (weight == 0).unsqueeze(1).expand(shape)
     pred = torch.where(dead & (torch.rand(shape, generator=g) < 0.5), float("nan"), pred)
     pred = torch.where(dead & torch.isfinite(pred), float("inf"), pred)
-    owner = importlib.import_module("visdet_export.losses.cross_entropy_loss")
-    results = []
-    for fast in (True, False):
-        with monkeypatch.context() as patch:
-            if not fast:
-                patch.setattr(owner, "eager_fast_path", lambda t: False)
-                patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
-            p = pred.clone().requires_grad_(True)
-            w = weight.clone().requires_grad_(True)
-            value = module(p, label, w, reduction_override=reduction)
-            scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
-            results.append((value.detach(), *torch.autograd.grad((value * scale).sum(), (p, w))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    value, gp, gw = results[0]
-    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    _, gp, gw = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction)
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
 
 
@@ -297,24 +274,6 @@ def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction
         weight = torch.where(torch.rand(29, generator=g, dtype=torch.float64) < 0.3, 0.0, 0.5)
         dead = (weight == 0).unsqueeze(1).expand(29, 5)
     pred = torch.where(dead, float("inf"), pred)
-    owner = importlib.import_module("visdet_export.losses.cross_entropy_loss")
-    results = []
-    for fast in (True, False):
-        with monkeypatch.context() as patch:
-            if not fast:
-                patch.setattr(owner, "eager_fast_path", lambda t: False)
-                patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
-            for trained in (False, True):
-                p = pred.clone().requires_grad_(True)
-                w = weight.clone().requires_grad_(trained)
-                value = module(p, label, w, reduction_override=reduction)
-                scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
-                grads = torch.autograd.grad((value * scale).sum(), (p, w) if trained else (p,))
-                results.append((value.detach(), *grads))
-    for a, b in zip(results[:2], results[2:]):
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-    value, gp = results[0]
-    _, _, gw = results[1]
-    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gw).all()
+    _, gp = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction, False)
+    _, _, gw = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction)
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
