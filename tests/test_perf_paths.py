@@ -70,6 +70,10 @@ CASES = [
     ("focal", FocalLoss(gamma=2.0, alpha=0.25), "rows"),
     ("focal", FocalLoss(gamma=2.0, alpha=0.25), "elements"),
     ("focal", FocalLoss(gamma=1.5, alpha=-1.0), "elements"),
+    ("focal", FocalLoss(gamma=2.0, alpha=1.0), "rows"),
+    ("focal", FocalLoss(gamma=1.0, alpha=0.0), "rows"),
+    ("focal", FocalLoss(gamma=0.0, alpha=0.5), "elements"),
+    ("focal", FocalLoss(gamma=0.5, alpha=0.75), "rows"),
     ("qfl", QualityFocalLoss(beta=2.0), "rows"),
     ("qfl", QualityFocalLoss(beta=1.5), "rows"),
 ]
@@ -78,9 +82,11 @@ CASES = [
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("loss_type, module, weight_shape", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
 def test_fast_path_matches_autograd_including_weight_gradient(loss_type, module, weight_shape, reduction, monkeypatch):
+    """A frozen weight takes the closed form; a trained one the autograd formulation, and gets a gradient."""
     pred, target, weight = _inputs(loss_type, weight_shape)
+    _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, reduction, False, avg_factor=7.0)
     fast = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
-    assert fast[2].abs().sum() > 0  # the weight does get a gradient
+    assert fast[2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("loss_type, module", [("focal", FocalLoss()), ("qfl", QualityFocalLoss())])
@@ -110,8 +116,9 @@ def test_trained_weight_nan_inputs_masked(loss_type, module, monkeypatch):
     pred = pred.detach().clone()
     masked = weight.detach() == 0
     pred[masked] = float("nan")
-    _, gp, _ = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, avg_factor=7.0)
-    assert (gp[masked] == 0).all()
+    for trained in (False, True):
+        gp = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, "mean", trained, avg_factor=7.0)[1]
+        assert (gp[masked] == 0).all()
 
 
 # --- regression losses: closed-form eager gradients and the bitwise select ------------------------------------
@@ -277,3 +284,17 @@ def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction
     _, gp = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction, False)
     _, _, gw = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction)
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
+
+
+def test_scatter_class_values_is_the_compare_and_select():
+    """The eager target construction equals the exported graphs' ``where(labels == arange(C), values, 0)``, labels
+    outside [0, C) (negative, background C, beyond) and NaN values included."""
+    g = torch.Generator().manual_seed(10)
+    pred = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(-2, 9, (40,), generator=g)
+    values = torch.rand(40, generator=g, dtype=torch.float64)
+    values[:5] = float("nan")
+    expected = torch.where(labels.unsqueeze(1) == torch.arange(6), values.unsqueeze(1), 0.0)
+    got = NUMERICS_MODULE.scatter_class_values(pred, labels, values)
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+    assert ((labels < 0) | (labels >= 6)).any() and ((labels >= 0) & (labels < 6) & torch.isnan(values)).any()

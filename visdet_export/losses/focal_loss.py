@@ -20,6 +20,8 @@ from ..numerics import (
     focal_terms,
     needs_grad,
     pow_nonnegative,
+    scatter_class_values,
+    select_kept_,
     sigmoid_pair,
     weight_keep_mask,
     zero_where_unweighted,
@@ -51,6 +53,8 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
         )
     if target.is_floating_point():
         raise ValueError("integer class labels are expected, got a floating-point tensor of shape (N,)")
+    if eager_fast_path(pred):
+        return scatter_class_values(pred, target, torch.ones_like(target, dtype=pred.dtype))
     classes = torch.arange(pred.size(1), device=pred.device)
     return (target.unsqueeze(1) == classes).to(pred.dtype)
 
@@ -100,23 +104,45 @@ def sigmoid_focal_loss(
     pred = pred.to(dtype)
     targets = class_targets(pred, target)
     weights: Optional[Tensor] = None
+    keep: Optional[Tensor] = None
     if weight is not None:
         weights = per_class_weight(weight.to(dtype), pred)
         keep = weight_keep_mask(weights)
-        pred = zero_where_unweighted(pred, keep)
-        if target.is_floating_point():  # one-hot built from integer labels is finite: nothing to mask
-            targets = zero_where_unweighted(targets, keep)
-    if not activated and eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
-        return weight_reduce_loss(_focal_eager(pred, targets, weights, gamma, alpha), None, reduction, avg_factor)
+    # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked
+    # elements is the loss of the masked inputs, where the fast path zeroes the outputs
+    if not activated and eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
+        loss = _focal_eager(pred, targets, weights, keep, target.is_floating_point(), gamma, alpha)
+        return weight_reduce_loss(loss, None, reduction, avg_factor)
+    pred, targets = _masked_inputs(pred, targets, keep, target.is_floating_point())
     loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
     return weight_reduce_loss(loss, weights, reduction, avg_factor)
 
 
+def _masked_inputs(
+    pred: Tensor, targets: Tensor, keep: Optional[Tensor], mask_targets: bool
+) -> tuple[Tensor, Tensor]:
+    """``pred`` and ``targets`` with the elements outside ``keep`` replaced by 0 (one-hot targets built from integer
+    labels are finite: nothing to mask there)."""
+    pred = zero_where_unweighted(pred, keep)
+    if mask_targets:
+        targets = zero_where_unweighted(targets, keep)
+    return pred, targets
+
+
 @torch.jit.unused
-def _focal_eager(pred: Tensor, targets: Tensor, weights: Optional[Tensor], gamma: float, alpha: float) -> Tensor:
+def _focal_eager(
+    pred: Tensor, targets: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], mask_targets: bool,
+    gamma: float, alpha: float,
+) -> Tensor:
+    """Elements of weight 0 are zeroed in the outputs (value and gradient, NaN/inf inputs there included) rather
+    than in the inputs: two in-place passes where masking ``pred`` took two (N, C) temporaries."""
     value, grad = focal_terms(pred, targets, gamma, alpha, needs_grad(pred))
+    if keep is not None:
+        value = select_kept_(value, keep)
+        grad = None if grad is None else select_kept_(grad, keep)
     return attach_gradient(
-        value, grad, pred, weights, lambda logits: _focal_elementwise(logits, targets, gamma, alpha, False)
+        value, grad, pred, weights,
+        lambda logits: _focal_elementwise(*_masked_inputs(logits, targets, keep, mask_targets), gamma, alpha, False),
     )
 
 

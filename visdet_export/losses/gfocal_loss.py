@@ -18,8 +18,10 @@ from ..numerics import (
     eager_fast_path,
     needs_grad,
     pow_nonnegative,
+    select_kept_,
     quality_focal_terms,
     row_weighted_inputs,
+    scatter_class_values,
     sigmoid_pair,
     weight_keep_mask,
     zero_where_unweighted,
@@ -42,6 +44,8 @@ def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
         )
     if labels.is_floating_point():
         raise ValueError("QualityFocalLoss labels must be integers, got a floating-point tensor")
+    if eager_fast_path(pred):
+        return scatter_class_values(pred, labels, scores.to(pred.dtype))
     classes = torch.arange(pred.size(1), device=pred.device)
     return torch.where(labels.unsqueeze(1) == classes, scores.to(pred.dtype).unsqueeze(1), 0.0)
 
@@ -72,19 +76,31 @@ def quality_focal_loss(
     Returns:
         Tensor[N] for "none" (summed over classes), else Tensor[].
     """
-    pred, target, weight = row_weighted_inputs(pred, target, weight)
-    if not activated and eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
-        return weight_reduce_loss(_quality_focal_eager(pred, target, beta).sum(dim=1), weight, reduction, avg_factor)
-    loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)
+    # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked rows
+    # is the loss of the masked inputs, where the fast path zeroes the outputs
+    fast = not activated and eager_fast_path(pred) and (weight is None or not needs_grad(weight))
+    pred, target, weight, keep = row_weighted_inputs(pred, target, weight, mask=not fast)
+    if fast:
+        loss = _quality_focal_eager(pred, target, keep, beta).sum(dim=1)
+    else:
+        loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
 @torch.jit.unused
-def _quality_focal_eager(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+def _quality_focal_eager(pred: Tensor, target: Tensor, keep: Optional[Tensor], beta: float) -> Tensor:
+    """Rows of weight 0 are zeroed in the outputs (value and gradient, NaN/inf inputs there included) rather than in
+    the inputs: two in-place passes where masking ``pred`` and ``target`` took three (N, C) temporaries."""
     value, grad = quality_focal_terms(pred, target, beta)
+    grad = grad if needs_grad(pred) else None
+    if keep is not None:
+        value = select_kept_(value, keep)
+        grad = None if grad is None else select_kept_(grad, keep)
     return attach_gradient(
-        value, grad if needs_grad(pred) else None, pred, None,
-        lambda logits: _quality_focal_elementwise(logits, target, beta, False),
+        value, grad, pred, None,
+        lambda logits: _quality_focal_elementwise(
+            zero_where_unweighted(logits, keep), zero_where_unweighted(target, keep), beta, False
+        ),
     )
 
 

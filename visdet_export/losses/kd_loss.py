@@ -88,7 +88,7 @@ def knowledge_distillation_kl_div_loss(
             "expected pred (N, C) and soft_label of the same shape, got "
             + str(pred.shape) + " and " + str(soft_label.shape)
         )
-    pred, soft_label, weight = row_weighted_inputs(pred, soft_label, weight)
+    pred, soft_label, weight, _ = row_weighted_inputs(pred, soft_label, weight)
     loss = soft_label_kl_div(pred, soft_label, T, detach_target)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
