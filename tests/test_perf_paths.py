@@ -298,3 +298,29 @@ def test_scatter_class_values_is_the_compare_and_select():
     got = NUMERICS_MODULE.scatter_class_values(pred, labels, values)
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
     assert ((labels < 0) | (labels >= 6)).any() and ((labels >= 0) & (labels < 6) & torch.isnan(values)).any()
+
+
+def test_eager_clamp_and_extrema_have_atens_derivatives():
+    """The eager clamp(min=) / maximum / minimum of the box IoU have ATen's derivatives, at the bound and at ties
+    (where ATen splits the gradient in halves) included, and are twice differentiable."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(64, generator=g, dtype=torch.float64)
+    b = torch.randn(64, generator=g, dtype=torch.float64)
+    b[:8] = a[:8]  # ties
+    a[8:12] = 0.0  # at the clamp bound
+    weights = torch.rand(64, generator=g, dtype=torch.float64)
+    for name, fn in (
+        ("clamp", lambda x, y, eager: NUMERICS_MODULE.clamp_min(x, 0.0, eager) * y),
+        ("maximum", lambda x, y, eager: NUMERICS_MODULE.maximum(x, y, eager)),
+        ("minimum", lambda x, y, eager: NUMERICS_MODULE.minimum(x, y, eager)),
+    ):
+        results = []
+        for eager in (True, False):
+            x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            value = fn(x, y, eager)
+            results.append((value.detach(), *torch.autograd.grad((value * weights).sum(), (x, y))))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+        x, y = a[12:].clone().requires_grad_(True), b[12:].clone().requires_grad_(True)  # gradgradcheck: off the kinks
+        assert torch.autograd.gradgradcheck(lambda p, q: fn(p, q, True) ** 2, (x, y)), name
+    assert (results[0][1][:8] == 0.5 * weights[:8]).all()  # minimum's tie halves

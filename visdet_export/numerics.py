@@ -160,22 +160,59 @@ def aligned_box_iou(
     # Per coordinate (N,) columns (unbind) rather than (N, 2) corner slices: the same arithmetic element for
     # element, with no (N, 2) intermediates; GIoU fwd+bwd at 100k boxes, 1 thread: compiled 8.5 -> 5.4 ms, eager
     # 17.9 -> 13.8 ms (unbind's backward is one stack, where per-column selects scatter into zeros four times).
-    if keep is not None and eager_fast_path(pred):  # eager: two selects of whole boxes, not eight of columns
+    eager = eager_fast_path(pred)
+    if keep is not None and eager:  # eager: two selects of whole boxes, not eight of columns
         pred, target = select_kept(pred, keep.unsqueeze(1)), select_kept(target, keep.unsqueeze(1))
         keep = None
     px1, py1, px2, py2 = [zero_where_unweighted(column, keep) for column in pred.unbind(1)]
     tx1, ty1, tx2, ty2 = [zero_where_unweighted(column, keep) for column in target.unbind(1)]
-    pred_area = (px2 - px1).clamp(min=0) * (py2 - py1).clamp(min=0)
-    target_area = (tx2 - tx1).clamp(min=0) * (ty2 - ty1).clamp(min=0)
-    overlap_w = (torch.minimum(px2, tx2) - torch.maximum(px1, tx1)).clamp(min=0)
-    overlap = overlap_w * (torch.minimum(py2, ty2) - torch.maximum(py1, ty1)).clamp(min=0)
-    union = (pred_area + target_area - overlap).clamp(min=eps)
+    pred_area = clamp_min(px2 - px1, 0.0, eager) * clamp_min(py2 - py1, 0.0, eager)
+    target_area = clamp_min(tx2 - tx1, 0.0, eager) * clamp_min(ty2 - ty1, 0.0, eager)
+    overlap_w = clamp_min(minimum(px2, tx2, eager) - maximum(px1, tx1, eager), 0.0, eager)
+    overlap = overlap_w * clamp_min(minimum(py2, ty2, eager) - maximum(py1, ty1, eager), 0.0, eager)
+    union = clamp_min(pred_area + target_area - overlap, eps, eager)
     iou = overlap / union
     if not generalized:
         return iou
-    enclose_w = (torch.maximum(px2, tx2) - torch.minimum(px1, tx1)).clamp(min=0)
-    enclose_area = (enclose_w * (torch.maximum(py2, ty2) - torch.minimum(py1, ty1)).clamp(min=0)).clamp(min=eps)
+    enclose_w = clamp_min(maximum(px2, tx2, eager) - minimum(px1, tx1, eager), 0.0, eager)
+    enclose_h = clamp_min(maximum(py2, ty2, eager) - minimum(py1, ty1, eager), 0.0, eager)
+    enclose_area = clamp_min(enclose_w * enclose_h, eps, eager)
     return iou - (enclose_area - union) / enclose_area
+
+
+# ``clamp(min=)``, ``maximum`` and ``minimum`` with ATen's derivatives (clamp passes the gradient at the bound,
+# maximum / minimum split it in halves at ties). In eager, ATen computes those derivatives with ``where`` and
+# ``masked_fill``, scalar loops on CPU (IoU fwd+bwd at 1M boxes: 74 ms, 59 ms with the vectorised formulas below).
+
+
+def clamp_min(x: Tensor, bound: float, eager: bool) -> Tensor:
+    if eager:
+        return _clamp_min_eager(x, bound)
+    return x.clamp(min=bound)
+
+
+def maximum(a: Tensor, b: Tensor, eager: bool) -> Tensor:
+    if eager:
+        return _extremum_eager(a, b, True)
+    return torch.maximum(a, b)
+
+
+def minimum(a: Tensor, b: Tensor, eager: bool) -> Tensor:
+    if eager:
+        return _extremum_eager(a, b, False)
+    return torch.minimum(a, b)
+
+
+@torch.jit.unused
+def _clamp_min_eager(x: Tensor, bound: float) -> Tensor:
+    return _ClampMin.apply(x, bound) if needs_grad(x) else x.clamp(min=bound)
+
+
+@torch.jit.unused
+def _extremum_eager(a: Tensor, b: Tensor, take_max: bool) -> Tensor:
+    if needs_grad(a) or needs_grad(b):
+        return _Extremum.apply(a, b, take_max)
+    return torch.maximum(a, b) if take_max else torch.minimum(a, b)
 
 
 def regression_inputs(
@@ -383,6 +420,34 @@ def closed_form_regression(
     return attach_gradient(
         value, grad, pred, weight, lambda x: elementwise(masked_difference(x, target, weight))
     )
+
+
+class _ClampMin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bound):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(min=bound)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_output * (x >= ctx.bound).to(grad_output.dtype), None
+
+
+class _Extremum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, take_max):  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        ctx.take_max = take_max
+        return torch.maximum(a, b) if take_max else torch.minimum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        a_wins = torch.sign(a - b) if ctx.take_max else torch.sign(b - a)
+        grad_a = a_wins.mul_(0.5).add_(0.5).mul_(grad_output)  # 1, 0 or 1/2 at a tie
+        return grad_a, grad_output - grad_a, None
 
 
 @torch.jit.unused
