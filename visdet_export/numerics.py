@@ -292,26 +292,40 @@ class _ClosedFormGradient(torch.autograd.Function):
     it differentiates the autograd formulation ``differentiable(x) * weight`` instead, so higher derivatives hold."""
 
     @staticmethod
-    def forward(ctx, x, value, grad, weight, differentiable):  # type: ignore[override]
+    def forward(ctx, x, value, grad, weight, weight_deferred, differentiable):  # type: ignore[override]
         ctx.save_for_backward(x, grad, weight)
+        ctx.weight_deferred = weight_deferred
         ctx.differentiable = differentiable
         return value
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         x, grad, weight = ctx.saved_tensors
+        unused = (None, None, None, None, None)
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 loss = ctx.differentiable(x)
                 if weight is not None:
                     loss = loss * weight
                 (dx,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
-            return dx, None, None, None, None
+            return (dx, *unused)
+        if ctx.weight_deferred:
+            # a broadcast weight (one per row) joins the upstream gradient, usually an expanded scalar: the gradient
+            # is then scaled in one pass instead of one in the forward and one here
+            grad_output = _collapse_broadcast(grad_output) * weight
         if torch._C._autograd._get_current_graph_task_keep_graph():  # retain_graph: grad is needed again
-            return grad_output * grad, None, None, None, None
+            return (grad_output * grad, *unused)
         # The graph is freed after this pass, so the saved gradient (our own tensor) can be scaled in place: one
         # full-size allocation less per backward (at 100k x 80, 32 MB of fresh pages).
-        return grad.mul_(grad_output), None, None, None, None
+        return (grad.mul_(grad_output), *unused)
+
+
+def _collapse_broadcast(tensor: Tensor) -> Tensor:
+    """``tensor`` with every expanded (stride 0) dimension narrowed to size 1: it broadcasts back to the same values."""
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None) for size, stride in zip(tensor.shape, tensor.stride())
+    )
+    return tensor[index]
 
 
 # Integers of the same width: a float's bit pattern times 1 is the float, times 0 is +0.0, whatever the float
@@ -464,13 +478,14 @@ def attach_gradient(
         # The in-place weighting below gives ``weight`` no gradient (the Function returns none for ``value``):
         # a weight that is itself trained is applied by autograd, after the closed-form part.
         return attach_gradient(value, grad, x, None, differentiable) * weight
+    weight_deferred = weight is not None and grad is not None and weight.numel() < grad.numel()
     if weight is not None:
         value = value.mul_(weight)
-        if grad is not None:
+        if grad is not None and not weight_deferred:
             grad = grad.mul_(weight)
     if grad is None:
         return value
-    return _ClosedFormGradient.apply(x, value, grad, weight, differentiable)
+    return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, differentiable)
 
 
 def _sigmoid_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
