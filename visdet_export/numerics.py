@@ -215,6 +215,34 @@ def _extremum_eager(a: Tensor, b: Tensor, take_max: bool) -> Tensor:
     return torch.maximum(a, b) if take_max else torch.minimum(a, b)
 
 
+class _ClampMin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bound):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(min=bound)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_output * (x >= ctx.bound).to(grad_output.dtype), None
+
+
+class _Extremum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, take_max):  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        ctx.take_max = take_max
+        return torch.maximum(a, b) if take_max else torch.minimum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        a_wins = torch.sign(a - b) if ctx.take_max else torch.sign(b - a)
+        grad_a = a_wins.mul_(0.5).add_(0.5).mul_(grad_output)  # 1, 0 or 1/2 at a tie
+        return grad_a, grad_output - grad_a, None
+
+
 def regression_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -434,34 +462,6 @@ def closed_form_regression(
     return attach_gradient(
         value, grad, pred, weight, lambda x: elementwise(masked_difference(x, target, weight))
     )
-
-
-class _ClampMin(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bound):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.bound = bound
-        return x.clamp(min=bound)
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad_output * (x >= ctx.bound).to(grad_output.dtype), None
-
-
-class _Extremum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, take_max):  # type: ignore[override]
-        ctx.save_for_backward(a, b)
-        ctx.take_max = take_max
-        return torch.maximum(a, b) if take_max else torch.minimum(a, b)
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        a, b = ctx.saved_tensors
-        a_wins = torch.sign(a - b) if ctx.take_max else torch.sign(b - a)
-        grad_a = a_wins.mul_(0.5).add_(0.5).mul_(grad_output)  # 1, 0 or 1/2 at a tie
-        return grad_a, grad_output - grad_a, None
 
 
 @torch.jit.unused
