@@ -398,7 +398,8 @@ def ratios(row: dict) -> dict[str, Optional[float]]:
     held_by_caller = row["input_bytes"] - row["pred_bytes"]
     for provider in ("compiled", "eager", "baseline"):
         peak = mem.get(provider)
-        out[f"{provider} mem/(pred+grad)"] = _ratio(None if peak is None else peak - held_by_caller, 2 * row["pred_bytes"])
+        held_by_loss = None if peak is None else peak - held_by_caller
+        out[f"{provider} mem/(pred+grad)"] = _ratio(held_by_loss, 2 * row["pred_bytes"])
         out[f"{provider} mem incl. all inputs/(pred+grad)"] = _ratio(peak, 2 * row["pred_bytes"])
     return out
 

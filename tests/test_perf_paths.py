@@ -84,8 +84,9 @@ CASES = [
 def test_fast_path_matches_autograd_including_weight_gradient(loss_type, module, weight_shape, reduction, monkeypatch):
     """A frozen weight takes the closed form; a trained one the autograd formulation, and gets a gradient."""
     pred, target, weight = _inputs(loss_type, weight_shape)
-    _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, reduction, False, avg_factor=7.0)
-    fast = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
+    owner = OWNERS[loss_type]
+    _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, False, avg_factor=7.0)
+    fast = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
     assert fast[2].abs().sum() > 0
 
 
@@ -117,7 +118,9 @@ def test_trained_weight_nan_inputs_masked(loss_type, module, monkeypatch):
     masked = weight.detach() == 0
     pred[masked] = float("nan")
     for trained in (False, True):
-        gp = _fast_path_matches_autograd(OWNERS[loss_type], module, pred, target, weight, monkeypatch, "mean", trained, avg_factor=7.0)[1]
+        gp = _fast_path_matches_autograd(
+            OWNERS[loss_type], module, pred, target, weight, monkeypatch, "mean", trained, avg_factor=7.0
+        )[1]
         assert (gp[masked] == 0).all()
 
 
@@ -153,7 +156,9 @@ def _regression_inputs(weight_shape: str, seed: int):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("weight_shape", ["rows", "elements"])
-@pytest.mark.parametrize("owner, module", REGRESSION_CASES, ids=[f"{type(m).__name__}-{i}" for i, (_, m) in enumerate(REGRESSION_CASES)])
+@pytest.mark.parametrize(
+    "owner, module", REGRESSION_CASES, ids=[f"{type(m).__name__}-{i}" for i, (_, m) in enumerate(REGRESSION_CASES)]
+)
 def test_regression_fast_path_matches_autograd(owner, module, weight_shape, reduction, monkeypatch):
     pred, target, weight, masked = _regression_inputs(weight_shape, seed=3)
     _, gp, gw = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
@@ -179,11 +184,13 @@ def test_select_kept_is_where(dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 10, generator=g, dtype=torch.float64).to(dtype)[:, ::2]
     x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
-    for keep in (torch.rand(6, 1, generator=g) < 0.5, torch.rand(6, 5, generator=g) < 0.5, torch.rand(5, generator=g) < 0.5):
+    bits = torch.int64 if dtype == torch.float64 else torch.uint8
+    for shape in ((6, 1), (6, 5), (5,)):
+        keep = torch.rand(shape, generator=g) < 0.5
         expected = torch.where(keep, x, torch.zeros((), dtype=dtype))
         got = NUMERICS_MODULE.select_kept(x, keep)
         assert got.dtype == dtype and got.shape == expected.shape
-        assert torch.equal(got.view(torch.uint8 if dtype != torch.float64 else torch.int64), expected.view(torch.uint8 if dtype != torch.float64 else torch.int64))
+        assert torch.equal(got.view(bits), expected.view(bits))
     leaf = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     keep = torch.tensor([True, False, True, True, False]).unsqueeze(1)
     assert torch.autograd.gradgradcheck(lambda t: NUMERICS_MODULE.select_kept(t, keep) ** 3, (leaf,))
@@ -191,7 +198,9 @@ def test_select_kept_is_where(dtype):
     assert torch.equal(grad, keep.expand(5, 3).to(torch.float64))
 
 
-@pytest.mark.parametrize("module", [FocalLoss(), QualityFocalLoss(), L1Loss(), MSELoss()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "module", [FocalLoss(), QualityFocalLoss(), L1Loss(), MSELoss()], ids=lambda m: type(m).__name__
+)
 def test_torch_func_transforms_take_the_autograd_formulation(module):
     """torch.func rejects autograd.Functions without ``setup_context`` and cannot see through a bitcast: under a
     transform the eager fast paths step aside and ``torch.func.grad`` equals the eager gradient."""
@@ -281,8 +290,9 @@ def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction
         weight = torch.where(torch.rand(29, generator=g, dtype=torch.float64) < 0.3, 0.0, 0.5)
         dead = (weight == 0).unsqueeze(1).expand(29, 5)
     pred = torch.where(dead, float("inf"), pred)
-    _, gp = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction, False)
-    _, _, gw = _fast_path_matches_autograd("cross_entropy_loss", module, pred, label, weight, monkeypatch, reduction)
+    owner = "cross_entropy_loss"
+    _, gp = _fast_path_matches_autograd(owner, module, pred, label, weight, monkeypatch, reduction, False)
+    _, _, gw = _fast_path_matches_autograd(owner, module, pred, label, weight, monkeypatch, reduction)
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
 
 

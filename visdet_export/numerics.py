@@ -534,7 +534,7 @@ def focal_terms(
                 modulating.mul_(2.0 * alpha - 1.0).add_(1.0 - alpha)
             elif alpha == 1.0:
                 modulating.mul_(target)
-            else:  # q^(g-1) ((1 - alpha) + (2 alpha - 1) t) = (1 - alpha) m (1 + t (2 alpha - 1) / (1 - alpha)), in place
+            else:  # m ((1 - alpha) + (2 alpha - 1) t) = (1 - alpha) m (1 + t (2 alpha - 1) / (1 - alpha)), in place
                 modulating.mul_(1.0 - alpha).addcmul_(modulating, target, value=(2.0 * alpha - 1.0) / (1.0 - alpha))
         if modulating is not None:
             if grad is not None:
