@@ -106,6 +106,14 @@ def weight_keep_mask(weight: Optional[Tensor]) -> Optional[Tensor]:
     return weight != 0
 
 
+def upcast_inputs(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``pred``, ``target`` and ``weight`` (if given) in ``pred``'s compute dtype (:func:`compute_dtype`)."""
+    dtype = compute_dtype(pred)
+    return pred.to(dtype), target.to(dtype), None if weight is None else weight.to(dtype)
+
+
 def row_weighted_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor], mask: bool = True
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -115,12 +123,9 @@ def row_weighted_inputs(
     Returns:
         ``(pred, target, weight, keep)`` in the compute dtype, ``keep`` (N, 1) bool or None.
     """
-    dtype = compute_dtype(pred)
-    pred = pred.to(dtype)
-    target = target.to(dtype)
+    pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None
-    weight = weight.to(dtype)
     if weight.dim() != 1 or weight.size(0) != pred.size(0):
         raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
     keep = weight_keep_mask(weight.unsqueeze(1))
@@ -258,12 +263,9 @@ def regression_inputs(
     check_same_shape(pred, target, "target")
     if not pred.is_floating_point() or not target.is_floating_point():
         raise ValueError("regression pred and target must be floating point, got an integer or bool tensor")
-    dtype = compute_dtype(pred)
-    pred = pred.to(dtype)
-    target = target.to(dtype)
+    pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None
-    weight = weight.to(dtype)
     if weight.dim() + 1 == pred.dim():
         weight = weight.unsqueeze(-1)
     return pred, target, weight

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..numerics import aligned_box_iou, check_same_shape, compute_dtype, weight_keep_mask
+from ..numerics import aligned_box_iou, check_same_shape, upcast_inputs, weight_keep_mask
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float
 from .base import WeightedLoss
@@ -35,12 +35,9 @@ def box_inputs(
         raise ValueError("boxes must have shape (N, 4) as (x1, y1, x2, y2), got " + str(pred.shape))
     if not pred.is_floating_point() or not target.is_floating_point():
         raise ValueError("pred and target boxes must be floating point, got an integer or bool tensor")
-    dtype = compute_dtype(pred)
-    pred = pred.to(dtype)
-    target = target.to(dtype)
+    pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None
-    weight = weight.to(dtype)
     if weight.dim() == 2:
         check_same_shape(pred, weight, "weight")
         weight = weight.mean(-1)
