@@ -267,18 +267,24 @@ def test_closed_form_backward_twice_with_retain_graph(module):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
     "cfg, labels",
-    [(dict(use_sigmoid=True), "soft"), (dict(use_sigmoid=True, class_weight=[0.5, 2.0, 1.0, 3.0, 1.5]), "index")],
-    ids=["soft-targets", "index-labels-pos_weight"],
+    [
+        (dict(use_sigmoid=True), "soft"),
+        (dict(use_sigmoid=True, class_weight=[0.5, 2.0, 1.0, 3.0, 1.5]), "index"),
+        (dict(use_sigmoid=True, ignore_index=2), "index"),
+    ],
+    ids=["soft-targets", "index-labels-pos_weight", "index-labels-ignore_2"],
 )
 def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction, monkeypatch):
     """Closed-form sigmoid CE gradient, pos_weight included, outputs zeroed where weight is 0 (NaN/inf logits and
-    targets there), against the autograd formulation; a trained weight takes the autograd formulation."""
+    targets there), against the autograd formulation; a trained weight takes the autograd formulation. Index
+    labels: background, out of range, ignored, and labels on logits of +-120."""
     from visdet_export.losses import CrossEntropyLoss
 
     module = CrossEntropyLoss(**cfg)
     g = torch.Generator().manual_seed(9)
     pred = torch.randn(29, 5, generator=g, dtype=torch.float64) * 3
     pred[0, :3] = 0.0
+    pred[1:3] = torch.tensor([-120.0, -30.0, 30.0, 60.0, 120.0])  # softplus's linear side, saturated sigmoids
     if labels == "soft":
         label = torch.rand(29, 5, generator=g, dtype=torch.float64)
         label[1, 1] = -1.0  # ignored
@@ -288,6 +294,7 @@ def test_sigmoid_cross_entropy_fast_path_matches_autograd(cfg, labels, reduction
     else:
         label = torch.randint(-1, 7, (29,), generator=g)
         weight = torch.where(torch.rand(29, generator=g, dtype=torch.float64) < 0.3, 0.0, 0.5)
+        label[1:4], weight[1:4] = torch.tensor([0, 4, 2]), 0.5  # labelled at -120 and 120; ignore_index 2
         dead = (weight == 0).unsqueeze(1).expand(29, 5)
     pred = torch.where(dead, float("inf"), pred)
     owner = "cross_entropy_loss"

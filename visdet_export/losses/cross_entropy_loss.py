@@ -156,74 +156,132 @@ def binary_cross_entropy(
     """
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
-    if pred.dim() == label.dim():
-        if pred.shape != label.shape:
-            raise ValueError("pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape))
-        valid = (label >= 0) & (label != ignore_index)
-        # masked once below by ``keep``, which implies ``valid`` (where it does not, the element weight is NaN)
-        targets = label.to(dtype)
-        if weight is not None and weight.dim() == pred.dim() - 1 and pred.dim() > 1:
-            weight = weight.unsqueeze(-1)
-    else:
+    index_labels = pred.dim() != label.dim()
+    if index_labels:
         if pred.dim() != 2 or label.dim() != 1 or label.size(0) != pred.size(0):
             raise ValueError(
                 "expected pred (N, C) with labels (N,) or targets of pred's shape, got "
                 + str(pred.shape) + " and " + str(label.shape)
             )
         label = _labels_to_int(label)
-        valid_rows = (label >= 0) & (label != ignore_index)
-        classes = torch.arange(pred.size(1), device=pred.device)
-        targets = (label.unsqueeze(1) == classes).to(dtype)
-        valid = valid_rows.unsqueeze(1).expand(pred.shape)
+        # one row of the (N, C) problem per label: masks and weights stay (N, 1) and broadcast
+        valid = _not_ignored(label, ignore_index).unsqueeze(1)
         if weight is not None:
             if weight.dim() != 1 or weight.size(0) != pred.size(0):
                 raise ValueError("weight must have shape (N,) with index labels, got " + str(weight.shape))
             weight = weight.unsqueeze(1)
+    else:
+        if pred.shape != label.shape:
+            raise ValueError("pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape))
+        # masked once below by ``keep``, which implies ``valid`` (where it does not, the element weight is NaN)
+        valid = _not_ignored(label, ignore_index)
+        if weight is not None and weight.dim() == pred.dim() - 1 and pred.dim() > 1:
+            weight = weight.unsqueeze(-1)
     if class_weight is not None:
         _check_class_count(class_weight, pred.size(-1))
-    element_weight = valid.to(dtype)
+    weights: Optional[Tensor] = None
     if weight is not None:
-        element_weight = element_weight * weight.to(dtype)
-    keep = weight_keep_mask(element_weight)
+        weights = valid.to(dtype) * weight.to(dtype)
+    keep = valid if weights is None else weight_keep_mask(weights)
     pos_weight = None if class_weight is None else class_weight.to(dtype)
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = valid.sum().to(dtype)
+        if index_labels:
+            avg_factor = avg_factor * pred.size(1)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked elements is the loss of the masked inputs (log 2), where the fast path zeroes the outputs
-    if eager_fast_path(pred) and not needs_grad(element_weight):
-        loss = _binary_cross_entropy_eager(pred, targets, element_weight, keep, pos_weight)
+    if eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
+        if index_labels:
+            loss = _binary_cross_entropy_labels_eager(pred, label, weights, keep, pos_weight)
+        else:
+            loss = _binary_cross_entropy_eager(pred, label.to(dtype), weights, keep, pos_weight)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
+    targets = _one_hot(pred, label) if index_labels else label.to(dtype)
     # one-hot targets built from integer labels are finite: nothing to mask
-    loss = _masked_bce_with_logits(pred, targets, keep, pos_weight, pred.dim() == label.dim())
-    return weight_reduce_loss(loss, element_weight, reduction, avg_factor)
+    loss = _masked_bce_with_logits(pred, targets, keep, pos_weight, not index_labels)
+    return weight_reduce_loss(loss, valid.to(dtype) if weights is None else weights, reduction, avg_factor)
+
+
+def _not_ignored(label: Tensor, ignore_index: int) -> Tensor:
+    """``label >= 0`` and ``label != ignore_index``; one comparison when the ignored label is negative anyway."""
+    if ignore_index < 0:
+        return label >= 0
+    return (label >= 0) & (label != ignore_index)
+
+
+def _one_hot(pred: Tensor, label: Tensor) -> Tensor:
+    """(N, C) targets in ``pred``'s dtype from labels (N,); labels outside [0, C) give an all-zero row."""
+    classes = torch.arange(pred.size(1), device=pred.device)
+    return (label.unsqueeze(1) == classes).to(pred.dtype)
+
+
+# log1p(exp(-x)) is below half an ulp of x from here on, in float32 and float64 alike, and exp(x) is finite
+_SOFTPLUS_LINEAR_FROM = 40.0
 
 
 @torch.jit.unused
 def _binary_cross_entropy_eager(
-    pred: Tensor, targets: Tensor, element_weight: Tensor, keep: Optional[Tensor], pos_weight: Optional[Tensor]
+    pred: Tensor, targets: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], pos_weight: Optional[Tensor]
 ) -> Tensor:
-    """BCE on logits times a frozen ``element_weight`` with the gradient in closed form, ``sigmoid(x) - t`` (with
-    ``pos_weight`` p: ``1 - t - (1 + (p - 1) t) sigmoid(-x)``; slope ``1/2 - t`` at 0 either way). The value is the
-    fused built-in, whose ONNX lowering (Log(Sigmoid)) overflows, hence eager only. Elements of weight 0 are zeroed
-    in the outputs rather than in the inputs: two in-place passes where masking logits and targets took three
-    full-size temporaries."""
+    """BCE on logits times a frozen weight with the gradient in closed form, ``sigmoid(x) - t`` (with
+    ``pos_weight`` p: ``1 - t - (1 + (p - 1) t) sigmoid(-x)``; slope ``1/2 - t`` at 0 either way), as
+    ``softplus(x) - x t``: two vectorised passes where the built-in takes five. The built-ins' ONNX lowering
+    (Log(Sigmoid)) overflows, hence eager only. Elements of weight 0 are zeroed in the outputs rather than in the
+    inputs: two in-place passes where masking logits and targets took three full-size temporaries."""
     with_grad = needs_grad(pred)
     with torch.no_grad():
-        value = F.binary_cross_entropy_with_logits(pred, targets, pos_weight=pos_weight, reduction="none")
         grad: Optional[Tensor] = None
-        if with_grad:
-            if pos_weight is None:
+        if pos_weight is None:
+            value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).addcmul_(pred, targets, value=-1.0)
+            if with_grad:
                 grad = torch.sigmoid(pred).sub_(targets)
-            else:
+        else:
+            value = F.binary_cross_entropy_with_logits(pred, targets, pos_weight=pos_weight, reduction="none")
+            if with_grad:
                 positive_scale = targets.mul(pos_weight - 1.0).add_(1.0)
                 grad = torch.neg(pred).sigmoid_().mul_(positive_scale).neg_().add_(1.0).sub_(targets)
-        if keep is not None:
-            value = select_kept_(value, keep)
-            grad = None if grad is None else select_kept_(grad, keep)
+        value, grad = _select_kept_outputs(value, grad, keep)
     return attach_gradient(
-        value, grad, pred, element_weight,
+        value, grad, pred, weights,
         lambda logits: _masked_bce_with_logits(logits, targets, keep, pos_weight, True),
     )
+
+
+@torch.jit.unused
+def _binary_cross_entropy_labels_eager(
+    pred: Tensor, label: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], pos_weight: Optional[Tensor]
+) -> Tensor:
+    """:func:`_binary_cross_entropy_eager` for one-hot targets given as labels (N,), without (N, C) targets: every
+    element is ``softplus(x)`` with slope ``sigmoid(x)``, except at the label, ``p softplus(-x)`` with slope
+    ``-p sigmoid(-x)`` (p = ``pos_weight`` of the class, or 1), written there by a scatter of N values, exactly
+    (``softplus(x) - x`` cancels for confident positives)."""
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        labelled = ((label >= 0) & (label < pred.size(1))).unsqueeze(1)
+        index = torch.where(labelled, label.unsqueeze(1), 0)
+        positive_logit = pred.gather(1, index)
+        positive_scale = torch.ones_like(positive_logit) if pos_weight is None else pos_weight[index]
+        value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM)
+        positive_value = F.softplus(positive_logit.neg(), threshold=_SOFTPLUS_LINEAR_FROM).mul_(positive_scale)
+        value.scatter_(1, index, torch.where(labelled, positive_value, value.gather(1, index)))
+        grad: Optional[Tensor] = None
+        if with_grad:
+            grad = torch.sigmoid(pred)
+            positive_grad = positive_logit.neg().sigmoid_().mul_(positive_scale).neg_()
+            grad.scatter_(1, index, torch.where(labelled, positive_grad, grad.gather(1, index)))
+        value, grad = _select_kept_outputs(value, grad, keep)
+    return attach_gradient(
+        value, grad, pred, weights,
+        lambda logits: _masked_bce_with_logits(logits, _one_hot(logits, label), keep, pos_weight, False),
+    )
+
+
+def _select_kept_outputs(
+    value: Tensor, grad: Optional[Tensor], keep: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor]]:
+    if keep is None:
+        return value, grad
+    return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
 
 
 def _masked_bce_with_logits(
