@@ -1,7 +1,7 @@
 """Benchmark runner: every loss side by side with its MMDetection-style eager baseline.
 
 For each representative configuration (``visdet_export.specs.representative_configs()``; the seed configurations
-by default) and each size, it times forward, backward and forward + backward of
+by default, with sigmoid CE on class labels) and each size, it times forward, backward and forward + backward of
 
 * ``baseline``    the MMDetection-style eager formulation (``benchmarks/baselines.py``),
 * ``eager``       our loss in eager PyTorch,
@@ -69,6 +69,7 @@ from visdet_export.registry import loss_config  # noqa: E402
 from visdet_export.export.torchscript import script_loss  # noqa: E402
 from visdet_export.specs import (  # noqa: E402
     CONFIG_VARIANTS,
+    OPTION_CONFIGS,
     SEED_CONFIGS,
     SampleOptions,
     representative_configs,
@@ -585,8 +586,13 @@ def plot(result: dict, out: Path) -> Optional[Path]:
 # --- entry point ------------------------------------------------------------------------------------------------
 
 
+# Sigmoid CE with class labels at classification sizes: the issue's "CE-sigmoid" targets (the seed's own sigmoid CE
+# is FCOS centerness, one logit per box).
+DEFAULT_EXTRA_CONFIGS = {"ce_sigmoid_labels": OPTION_CONFIGS["ce_sigmoid_labels"]}
+
+
 def select_configs(args: argparse.Namespace) -> dict[str, dict]:
-    configs = representative_configs() if args.all else dict(SEED_CONFIGS)
+    configs = representative_configs() if args.all else {**SEED_CONFIGS, **DEFAULT_EXTRA_CONFIGS}
     if args.losses:
         wanted = [w.strip() for w in args.losses.split(",") if w.strip()]
         everything = representative_configs()
