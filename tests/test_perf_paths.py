@@ -11,6 +11,8 @@ import torch
 from visdet_export.losses import (
     BalancedL1Loss,
     FocalLoss,
+    GIoULoss,
+    IoULoss,
     L1Loss,
     MSELoss,
     QualityFocalLoss,
@@ -175,6 +177,63 @@ def test_regression_target_with_gradient_takes_autograd_path(owner, module):
     gp, gt = torch.autograd.grad(module(pred, target), (pred, target))
     torch.testing.assert_close(gt, -gp)
     assert gt.abs().sum() > 0
+
+
+def _box_inputs(weight_shape: str, seed: int):
+    """Box pairs in every regime of the IoU chain rule: overlapping, disjoint (IoU below eps), identical (ties on
+    all four coordinates), one shared coordinate, inverted and zero-width predictions, one box inside the other,
+    touching boxes (clamps exactly at their bound); NaN / inf coordinates wherever the weight is 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = 48
+    corner = torch.rand(n, 2, generator=g, dtype=torch.float64) * 10
+    target = torch.cat([corner, corner + 0.5 + torch.rand(n, 2, generator=g, dtype=torch.float64) * 5], dim=1)
+    pred = target + torch.randn(n, 4, generator=g, dtype=torch.float64) * 1.5
+    pred[0] = target[0]  # identical: ties everywhere
+    pred[1, 0] = target[1, 0]  # one tie
+    pred[2] = target[2] + 20.0  # disjoint
+    pred[3] = pred[3, [2, 3, 0, 1]]  # inverted
+    pred[4] = target[4] + torch.tensor([0.3, -0.2, 0.0, 0.4], dtype=torch.float64)
+    pred[4, 2] = pred[4, 0]  # zero width
+    pred[5] = target[5] + torch.tensor([0.1, 0.1, -0.1, -0.1], dtype=torch.float64)  # inside
+    pred[6] = target[6] + 0.1
+    pred[6, 0], pred[6, 2] = target[6, 2], target[6, 2] + 1.0  # touching: overlap width exactly 0
+    shape = (n,) if weight_shape == "rows" else (n, 4)
+    weight = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
+    weight = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.25, 0.0, weight)
+    weight[:7] = 1.0
+    dead = weight == 0 if weight_shape == "rows" else (weight == 0).all(1)
+    dead = dead.unsqueeze(1).expand(n, 4)
+    if weight_shape == "elements":
+        weight[~dead] = torch.where(weight[~dead] == 0, 0.3, weight[~dead])  # a box is masked by a zero mean only
+    pred = torch.where(dead, float("nan"), pred)
+    target = torch.where(dead, float("inf"), target)
+    return pred, target, weight, dead
+
+
+BOX_CASES = [IoULoss(mode="log"), IoULoss(mode="linear", eps=0.05), IoULoss(mode="square"), GIoULoss(), GIoULoss(eps=0.5)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weight_shape", ["rows", "elements"])
+@pytest.mark.parametrize("module", BOX_CASES, ids=[f"{type(m).__name__}-{i}" for i, m in enumerate(BOX_CASES)])
+def test_box_loss_fast_path_matches_autograd(module, weight_shape, reduction, monkeypatch):
+    """The hand-written IoU / GIoU chain rule against autograd through the ATen formulation, in every regime;
+    a trained weight takes autograd and gets its gradient."""
+    pred, target, weight, dead = _box_inputs(weight_shape, seed=12)
+    owner = "iou_loss"
+    _, gp = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, False)
+    _, _, gw = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, avg_factor=5.0)
+    assert (gp[dead] == 0).all() and (gp[~dead] != 0).any() and gw.abs().sum() > 0
+    assert (gp[1] != 0).any()  # one tied coordinate
+
+
+def test_box_loss_fast_path_double_backward():
+    """Under create_graph the closed-form box gradient differentiates the autograd formulation instead."""
+    pred, target, weight, _ = _box_inputs("rows", seed=13)
+    keep = ~torch.isnan(pred).any(1)
+    pred, target, weight = pred[keep][7:].requires_grad_(True), target[keep][7:], weight[keep][7:]  # off the kinks
+    for module in BOX_CASES:
+        assert torch.autograd.gradgradcheck(lambda p: module(p, target, weight), (pred,)), module
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

@@ -10,9 +10,19 @@ early return on all-zero weights.
 import warnings
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from ..numerics import aligned_box_iou, check_same_shape, upcast_inputs, weight_keep_mask
+from ..numerics import (
+    aligned_box_iou,
+    attach_gradient,
+    check_same_shape,
+    eager_fast_path,
+    needs_grad,
+    select_kept_,
+    upcast_inputs,
+    weight_keep_mask,
+)
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float
 from .base import WeightedLoss
@@ -68,18 +78,9 @@ def iou_loss(
     Returns:
         Tensor[N] for "none", else Tensor[].
     """
-    pred, target, weight, keep = box_inputs(pred, target, weight)
-    # visdet's bbox_overlaps clamps the union at its default eps (1e-6) before IoULoss clamps the IoU at its own.
-    ious = aligned_box_iou(pred, target, 1e-6, keep=keep).clamp(min=eps)
-    if mode == "linear":
-        loss = 1.0 - ious
-    elif mode == "square":
-        loss = 1.0 - ious * ious
-    elif mode == "log":
-        loss = -ious.log()
-    else:
+    if mode != "linear" and mode != "square" and mode != "log":
         raise ValueError("mode=" + mode + " is not valid; choose one of 'linear', 'square', 'log'")
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return _box_loss(pred, target, weight, mode, eps, reduction, avg_factor)
 
 
 def giou_loss(
@@ -91,9 +92,142 @@ def giou_loss(
     avg_factor: Optional[Tensor] = None,
 ) -> Tensor:
     r"""GIoU loss :math:`1 - \mathrm{GIoU}`, in [0, 2]; arguments as :func:`iou_loss`."""
+    return _box_loss(pred, target, weight, "giou", eps, reduction, avg_factor)
+
+
+def _box_loss(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    mode: str,
+    eps: float,
+    reduction: str,
+    avg_factor: Optional[Tensor],
+) -> Tensor:
     pred, target, weight, keep = box_inputs(pred, target, weight)
-    loss = 1.0 - aligned_box_iou(pred, target, eps, generalized=True, keep=keep)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
+        return weight_reduce_loss(_box_loss_eager(pred, target, weight, keep, mode, eps), None, reduction, avg_factor)
+    return weight_reduce_loss(_box_loss_per_box(pred, target, keep, mode, eps), weight, reduction, avg_factor)
+
+
+def _box_loss_per_box(pred: Tensor, target: Tensor, keep: Optional[Tensor], mode: str, eps: float) -> Tensor:
+    """Loss (N,) of each box pair for ``mode`` "linear" | "square" | "log" (IoU) or "giou" (autograd formulation)."""
+    if mode == "giou":
+        return 1.0 - aligned_box_iou(pred, target, eps, generalized=True, keep=keep)
+    ious = aligned_box_iou(pred, target, _union_eps(mode, eps), keep=keep).clamp(min=eps)
+    if mode == "linear":
+        return 1.0 - ious
+    if mode == "square":
+        return 1.0 - ious * ious
+    return -ious.log()
+
+
+def _union_eps(mode: str, eps: float) -> float:
+    """The union's lower clamp: GIoU's own eps; for the IoU losses visdet's bbox_overlaps default (1e-6), before
+    IoULoss clamps the IoU at its eps."""
+    return eps if mode == "giou" else 1e-6
+
+
+@torch.jit.unused
+def _box_loss_eager(
+    pred: Tensor, target: Tensor, weight: Optional[Tensor], keep: Optional[Tensor], mode: str, eps: float
+) -> Tensor:
+    """:func:`_box_loss_per_box` times a frozen ``weight`` with the gradient in closed form (see
+    :func:`_box_loss_terms`), where autograd keeps some twenty (N,) intermediates for the backward pass. Boxes of
+    weight 0 are zeroed in the outputs (NaN / inf coordinates there included) rather than in copies of the inputs."""
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        value, grad = _box_loss_terms(pred, target, mode, eps, with_grad)
+        if keep is not None:
+            value = select_kept_(value, keep)
+            grad = None if grad is None else select_kept_(grad, keep.unsqueeze(1))
+    return attach_gradient(
+        value.unsqueeze(1), grad, pred, None if weight is None else weight.unsqueeze(1),
+        lambda x: _box_loss_per_box(x, target, keep, mode, eps).unsqueeze(1),
+    ).squeeze(1)
+
+
+def _clamp_min_(x: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """``x.clamp_(min=bound)`` and where its gradient passes (ATen: ``x >= bound``), as a bool mask."""
+    passes = x >= bound
+    return x.clamp_(min=bound), passes
+
+
+def _max_side_weight(a: Tensor, b: Tensor) -> Tensor:
+    """d max(a, b) / d a as ATen has it: 1 where a > b, 0 where a < b, 1/2 at a tie (d min(a, b) / d a is 1 minus it)."""
+    return torch.sign(a - b).mul_(0.5).add_(0.5)
+
+
+def _iou_mode_terms(iou: Tensor, mode: str, eps: float) -> tuple[Tensor, Tensor]:
+    """The IoU loss of ``mode`` on ``iou`` clamped at ``eps``, and its derivative with respect to ``iou``."""
+    clamped, passes = _clamp_min_(iou.clone(), eps)
+    slope = passes.to(iou.dtype)
+    if mode == "linear":
+        return 1.0 - clamped, slope.neg_()
+    if mode == "square":
+        return 1.0 - clamped * clamped, slope.mul_(clamped).mul_(-2.0)
+    return clamped.log().neg_(), slope.div_(clamped).neg_()
+
+
+@torch.jit.unused
+def _box_loss_terms(
+    pred: Tensor, target: Tensor, mode: str, eps: float, with_grad: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-box loss (N,) of :func:`_box_loss_per_box` (without masking) and its derivative (N, 4) with respect to
+    ``pred``, by hand: the chain rule through areas, overlap, union (and enclosing box) with ATen's conventions,
+    ``clamp(min=b)`` passing the gradient where ``x >= b`` and ``maximum`` / ``minimum`` halving it at ties.
+    Written to keep few (N,) tensors alive at once: clamps in place, where their gradient passes as bools."""
+    generalized = mode == "giou"
+    union_eps = _union_eps(mode, eps)
+    px1, py1, px2, py2 = pred.unbind(1)
+    tx1, ty1, tx2, ty2 = target.unbind(1)
+    pred_w, pred_w_passes = _clamp_min_(px2 - px1, 0.0)
+    pred_h, pred_h_passes = _clamp_min_(py2 - py1, 0.0)
+    overlap_w, overlap_w_passes = _clamp_min_(torch.minimum(px2, tx2).sub_(torch.maximum(px1, tx1)), 0.0)
+    overlap_h, overlap_h_passes = _clamp_min_(torch.minimum(py2, ty2).sub_(torch.maximum(py1, ty1)), 0.0)
+    overlap = overlap_w * overlap_h
+    union = (pred_w * pred_h).add_((tx2 - tx1).clamp_(min=0.0).mul_((ty2 - ty1).clamp_(min=0.0))).sub_(overlap)
+    union, union_passes = _clamp_min_(union, union_eps)
+    iou = overlap.div_(union)
+    if generalized:
+        enclose_w, enclose_w_passes = _clamp_min_(torch.maximum(px2, tx2).sub_(torch.minimum(px1, tx1)), 0.0)
+        enclose_h, enclose_h_passes = _clamp_min_(torch.maximum(py2, ty2).sub_(torch.minimum(py1, ty1)), 0.0)
+        enclose, enclose_passes = _clamp_min_(enclose_w * enclose_h, eps)
+        value = 1.0 - (iou - (enclose - union) / enclose)
+        d_iou = torch.full_like(iou, -1.0)
+    else:
+        value, d_iou = _iou_mode_terms(iou, mode, eps)
+    if not with_grad:
+        return value, None
+    dtype = iou.dtype
+    # iou = overlap / union, union = area_p + area_t - overlap; GIoU adds (enclose - union) / enclose
+    d_union = iou.mul_(d_iou).div_(union).neg_()
+    if generalized:
+        d_union.sub_(enclose.reciprocal())
+    d_union.mul_(union_passes.to(dtype))
+    d_overlap = d_iou.div_(union).sub_(d_union)
+    # each side's buffer takes the other side's derivative once it is used up: no new (N,) tensors
+    d_overlap_w = overlap_h.mul_(d_overlap).mul_(overlap_w_passes.to(dtype))
+    d_overlap_h = d_overlap.mul_(overlap_w).mul_(overlap_h_passes.to(dtype))
+    d_pred_w = pred_h.mul_(d_union).mul_(pred_w_passes.to(dtype))
+    d_pred_h = d_union.mul_(pred_w).mul_(pred_h_passes.to(dtype))
+    # x1 enters the width (-), max(x1, t1) of the overlap (-) and min(x1, t1) of the enclosing box (-); x2 the
+    # width (+), min(x2, t2) of the overlap and max(x2, t2) of the enclosing box
+    grad = torch.empty_like(pred)
+    d_x1, d_y1, d_x2, d_y2 = grad.unbind(1)
+    torch.mul(d_overlap_w, _max_side_weight(px1, tx1), out=d_x1).add_(d_pred_w).neg_()
+    torch.mul(d_overlap_h, _max_side_weight(py1, ty1), out=d_y1).add_(d_pred_h).neg_()
+    torch.mul(d_overlap_w, _max_side_weight(tx2, px2), out=d_x2).add_(d_pred_w)
+    torch.mul(d_overlap_h, _max_side_weight(ty2, py2), out=d_y2).add_(d_pred_h)
+    if generalized:
+        d_enclose = enclose.mul_(enclose).reciprocal_().mul_(union).mul_(enclose_passes.to(dtype))
+        d_enclose_w = enclose_h.mul_(d_enclose).mul_(enclose_w_passes.to(dtype))
+        d_enclose_h = d_enclose.mul_(enclose_w).mul_(enclose_h_passes.to(dtype))
+        d_x1.sub_(_max_side_weight(tx1, px1).mul_(d_enclose_w))
+        d_y1.sub_(_max_side_weight(ty1, py1).mul_(d_enclose_h))
+        d_x2.add_(_max_side_weight(px2, tx2).mul_(d_enclose_w))
+        d_y2.add_(_max_side_weight(py2, ty2).mul_(d_enclose_h))
+    return value, grad
 
 
 class IoULoss(WeightedLoss):
