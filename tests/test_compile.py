@@ -153,3 +153,27 @@ def test_backed_sizes_specialise_on_0_and_1(runner_cache):
         torch.testing.assert_close(plain(inputs), marked(inputs))
         counts.append((plain.graph_count(), marked.graph_count()))
     assert counts == [(1, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_compiled_softmax_cross_entropy_on_maps():
+    """Softmax CE over (N, C, H, W) logits (semantic maps): under compile the label's log-probability is a select
+    summed over classes rather than a gather; values and gradients match eager, ignored and out-of-range labels and
+    weight-0 pixels with NaN logits included."""
+    from visdet_export.losses import CrossEntropyLoss
+
+    module = CrossEntropyLoss(class_weight=[1.0, 2.0, 0.5, 1.5], avg_non_ignore=True)
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(6, 4, 3, 5, generator=g, dtype=torch.float64)
+    label = torch.randint(-1, 6, (6, 3, 5), generator=g)
+    label[0, 0, :3] = -100
+    weight = torch.where(torch.rand(6, 3, 5, generator=g, dtype=torch.float64) < 0.2, 0.0, 1.0)
+    pred = torch.where((weight == 0).unsqueeze(1), float("nan"), pred)
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    results = []
+    for fn in (module, compiled):
+        leaf = pred.clone().requires_grad_(True)
+        value = fn(leaf, label, weight)
+        results.append((value.detach(), *torch.autograd.grad(value, leaf)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+    assert torch.isfinite(results[1][1]).all() and (results[1][1] != 0).any()

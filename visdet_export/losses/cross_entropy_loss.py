@@ -92,10 +92,27 @@ def _softmax_cross_entropy(
     pred: Tensor, safe_label: Tensor, valid: Tensor, label_weight: Optional[Tensor]
 ) -> Tensor:
     """Per-sample ``-log softmax(pred)[label] * label_weight``, 0 where not ``valid`` (autograd formulation)."""
-    loss = -torch.log_softmax(pred, dim=1).gather(1, safe_label).squeeze(1)
+    loss = -_take_label(torch.log_softmax(pred, dim=1), safe_label).squeeze(1)
     if label_weight is not None:
         loss = loss * label_weight
     return torch.where(valid, loss, 0.0)
+
+
+def _take_label(values: Tensor, safe_label: Tensor) -> Tensor:
+    """``values.gather(1, safe_label)``. Under torch.compile as the label's class selected and summed over classes:
+    its backward fuses into the gradient kernel, where gather's materialises an (N, C) scatter buffer (compiled
+    peak memory at 100k x 80: 1.53 -> 1.02 x (pred + grad); 400k: 1.37 -> 0.95 x floor). Exported graphs and
+    TorchScript keep the gather (a select costs onnxruntime a scalar loop over (N, C))."""
+    if not torch.jit.is_scripting():
+        if _compiling_training_graph():
+            classes = torch.arange(values.size(1), device=values.device).view([1, -1] + [1] * (values.dim() - 2))
+            return torch.where(safe_label == classes, values, 0.0).sum(1, keepdim=True)
+    return values.gather(1, safe_label)
+
+
+@torch.jit.unused
+def _compiling_training_graph() -> bool:
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 @torch.jit.unused
