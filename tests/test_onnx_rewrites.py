@@ -1,0 +1,259 @@
+"""The onnxruntime speed rewrites of ``visdet_export.export.onnx``: each keeps the exported loss's semantics.
+
+``late_weight_masks`` drops the weight-0 selects on the inputs and selects once where the weight is applied. The
+exported graphs are compared with eager PyTorch with NaN / inf planted at every weight-0 element of every float
+input (they must stay out of the value and of the gradient), at N = 0, 1, 7 and 1000 on one export each (dynamic
+N). Hand-built graphs check that the selects are kept wherever their values could reach anything but a
+multiplication by the weight (an index, a reduction across the mask, a graph output), and the cost rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import Tensor, nn
+
+from visdet_export import build_loss
+from visdet_export.export import eager_joint, export_onnx
+from visdet_export.export import onnx as onnx_export
+from visdet_export.specs import CONFIG_VARIANTS, LossSpec, representative_configs, spec_for
+
+CONFIGS = representative_configs()
+RTOL, ATOL = 1e-4, 1e-5
+SIZES = (0, 1, 7, 1000)
+POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# Configurations whose input selects the rewrite moves (row sums, box columns, an existing output select) ...
+MOVED = [
+    "qfl", "qfl_gfl", "qfl_activated", "ce_softmax", "ce_class_weight", "iou_log", "iou_linear", "giou", "dfl",
+    "ce_sigmoid_centerness", "kd_kl_div", "ld",
+]
+# ... and some it leaves alone (mask and weight applied at the same size).
+UNMOVED = ["focal", "l1", "mse", "ce_sigmoid_labels"]
+OTHER_LAYOUTS = ["qfl", "giou", "dfl", "ce_softmax", "ce_sigmoid_centerness", "kd_kl_div"]
+
+
+@dataclass
+class Exported:
+    loss: nn.Module
+    spec: LossSpec
+    names: list[str]
+    model: onnx.ModelProto
+    session: Any
+
+    def draw(self, n: int, seed: int) -> dict[str, Tensor]:
+        drawn = self.spec.sample(self.loss, n, seed=seed, include=self.names)
+        return {name: drawn[name] for name in self.names}
+
+    def run(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        feed = {name: inputs[name].numpy() for name in self.names}
+        return [torch.from_numpy(np.asarray(out)) for out in self.session.run(None, feed)]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("onnx_rewrites")
+    cache: dict[tuple[str, Optional[str], bool], Exported] = {}
+
+    def get(key: str, reduction: Optional[str] = None, joint: bool = False) -> Exported:
+        if (key, reduction, joint) not in cache:
+            cfg = dict(CONFIGS[key], **({"reduction": reduction} if reduction else {}))
+            loss = build_loss(cfg)
+            spec = spec_for(loss, CONFIG_VARIANTS.get(key))
+            path = export_onnx(
+                loss, root / f"{key}-{reduction}-{joint}.onnx", variant=spec.variant, joint=joint, verify=False
+            )
+            model = onnx.load(str(path))
+            names = [node.name for node in model.graph.input]
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            cache[key, reduction, joint] = Exported(loss, spec, names, model, session)
+        return cache[key, reduction, joint]
+
+    return get
+
+
+def poisoned(inputs: dict[str, Tensor], value: float) -> dict[str, Tensor]:
+    """Every float input (but the weight and avg_factor) set to ``value`` where the weight is 0."""
+    unweighted = inputs["weight"] == 0
+    out = dict(inputs)
+    for name, tensor in inputs.items():
+        if name in ("weight", "avg_factor") or not tensor.is_floating_point() or tensor.dim() < unweighted.dim():
+            continue
+        mask = unweighted.reshape(unweighted.shape + (1,) * (tensor.dim() - unweighted.dim()))
+        out[name] = torch.where(mask, torch.tensor(value, dtype=tensor.dtype), tensor)
+    return out
+
+
+def assert_matches(actual: Tensor, expected: Tensor) -> None:
+    assert tuple(actual.shape) == tuple(expected.shape)
+    assert torch.isfinite(actual).all(), "a masked NaN / inf leaked into the onnxruntime result"
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def reads_input(model: onnx.ModelProto, name: str, graph_input: str) -> bool:
+    """Whether ``name`` is ``graph_input`` or a slice / (un)squeeze of it."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    while name != graph_input:
+        node = producer.get(name)
+        if node is None or node.op_type not in ("Slice", "Squeeze", "Unsqueeze", "Split"):
+            return False
+        name = node.input[0]
+    return True
+
+
+# --- exported losses: values with NaN / inf at weight 0 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+@pytest.mark.parametrize("key", MOVED + UNMOVED)
+def test_weight_zero_elements_stay_masked(exports: Any, key: str, poison: str) -> None:
+    art = exports(key)
+    for n in SIZES:
+        inputs = poisoned(art.draw(n, seed=n), POISONS[poison])
+        (out,) = art.run(inputs)
+        with torch.no_grad():
+            expected = art.spec.call(art.loss, inputs)
+        assert_matches(out, expected)
+        if n == 0:
+            assert float(out) == 0.0
+
+
+@pytest.mark.parametrize("key", OTHER_LAYOUTS)
+def test_weight_zero_elements_stay_masked_elementwise_and_joint(exports: Any, key: str) -> None:
+    none, joint = exports(key, reduction="none"), exports(key, joint=True)
+    for n in SIZES:
+        inputs = poisoned(none.draw(n, seed=30 + n), float("nan"))
+        (out,) = none.run(inputs)
+        with torch.no_grad():
+            expected = none.spec.call(none.loss, inputs)
+        assert_matches(out, expected)
+        value, grad = joint.run(inputs)
+        expected_value, expected_grad = eager_joint(joint.loss, joint.spec, inputs)
+        assert_matches(value, expected_value)
+        assert_matches(grad, expected_grad)
+        unweighted = inputs["weight"] == 0
+        assert (grad[unweighted] == 0).all()
+
+
+@pytest.mark.parametrize("key", MOVED)
+def test_input_selects_moved(exports: Any, key: str) -> None:
+    """No select reads pred (or a column of it) any more: the weight-0 select happens where the weight is applied."""
+    for art in (exports(key), exports(key, joint=True) if key in OTHER_LAYOUTS else None):
+        if art is None:
+            continue
+        selects = [node for node in art.model.graph.node if node.op_type == "Where"]
+        assert selects and not any(reads_input(art.model, node.input[1], "pred") for node in selects)
+
+
+@pytest.mark.parametrize("key", UNMOVED)
+def test_input_selects_kept_where_nothing_is_saved(exports: Any, key: str) -> None:
+    nodes = exports(key).model.graph.node
+    assert "Where" in {node.op_type for node in nodes}
+    assert not any(output.endswith("__visdet_weighted") for node in nodes for output in node.output)
+
+
+# --- hand-built graphs ---------------------------------------------------------------------------------------------
+
+
+def masked_graph(
+    body: list[onnx.NodeProto], outputs: Mapping[str, Optional[list[Any]]], weight_shape: list[Any]
+) -> onnx.ModelProto:
+    """x (N, 4) masked where ``w`` is 0 (``w`` (N,) as a row weight, or (N, 4)), followed by ``body``."""
+    node = helper.make_node
+    row = len(weight_shape) == 1
+    nodes = [
+        node("Unsqueeze", ["w", "last"], ["w_col"]) if row else node("Identity", ["w"], ["w_col"]),
+        node("Equal", ["w_col", "zero"], ["is_zero"]),
+        node("Not", ["is_zero"], ["keep"]),
+        node("Where", ["keep", "x", "zero"], ["xm"]),
+        *body,
+    ]
+    inits = [
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("one_axis", TensorProto.INT64, [1], [1]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+        helper.make_tensor_value_info("w", TensorProto.FLOAT, weight_shape),
+    ]
+    results = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()]
+    graph = helper.make_graph(nodes, "masked", inputs, results, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def run_graph(model: onnx.ModelProto, x: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "w": w})
+
+
+def row_inputs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 3, (n, 4)).astype(np.float32)
+    w = np.where(rng.random(n) < 0.3, 0.0, rng.random(n) + 0.1).astype(np.float32)
+    x[w == 0] = np.array([np.nan, np.inf, -np.inf, 1e38], np.float32)
+    return x, w
+
+
+def test_row_select_moves_past_the_row_sum() -> None:
+    """QFL's layout: exp / log of the masked rows, a row sum, the row weight: one (N,) select instead of (N, 4)."""
+    node = helper.make_node
+    body = [
+        node("Exp", ["xm"], ["e"]),
+        node("Log", ["e"], ["l"]),
+        node("Mul", ["l", "e"], ["le"]),
+        node("ReduceSum", ["le", "one_axis"], ["rows"], keepdims=0),
+        node("Mul", ["rows", "w"], ["weighted"]),
+        node("ReduceSum", ["weighted"], ["total"], keepdims=0),
+    ]
+    original = masked_graph(body, {"total": [], "weighted": ["N"]}, ["N"])
+    rewritten = masked_graph(body, {"total": [], "weighted": ["N"]}, ["N"])
+    assert onnx_export.late_weight_masks(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    selects = [n for n in rewritten.graph.node if n.op_type == "Where"]
+    assert len(selects) == 1 and selects[0].input[2] == "rows"
+    assert not {"Not", "Unsqueeze"} & {n.op_type for n in rewritten.graph.node}
+    for n in (0, 1, 7, 1000):
+        x, w = row_inputs(n, seed=n)
+        got, expected = run_graph(rewritten, x, w), run_graph(original, x, w)
+        for a, b in zip(got, expected):
+            assert np.isfinite(a).all()
+            np.testing.assert_array_equal(a, b)  # the same products; weight-0 ones are 0 (the sign may differ)
+
+
+def test_selects_kept_when_the_values_reach_more_than_the_weight() -> None:
+    node = helper.make_node
+    cases = {
+        # the masked value becomes an index (garbage there could be out of range)
+        "index": ([
+            node("Cast", ["xm"], ["i"], to=TensorProto.INT64),
+            node("GatherElements", ["x", "i"], ["g"], axis=1),
+            node("ReduceSum", ["g", "one_axis"], ["rows"], keepdims=0),
+            node("Mul", ["rows", "w"], ["out"]),
+        ], ["N"]),
+        # a graph output
+        "output": ([node("Abs", ["xm"], ["out"]), node("Mul", ["out", "w_col"], ["weighted"])], ["N"]),
+        # a per-element mask summed across its own axis before the weight is applied
+        "across": ([
+            node("ReduceSum", ["xm", "one_axis"], ["rows"], keepdims=1),
+            node("Mul", ["rows", "w_col"], ["out"]),
+        ], ["N", 4]),
+        # multiplied by another tensor than the weight
+        "other": ([node("Mul", ["xm", "x"], ["out"])], ["N"]),
+        # same-size mask and weight (L1): nothing to save
+        "same_size": ([node("Abs", ["xm"], ["a"]), node("Mul", ["a", "w_col"], ["out"])], ["N", 4]),
+    }
+    for name, (body, weight_shape) in cases.items():
+        outputs = {"out": None, "weighted": None} if name == "output" else {"out": None}
+        model = masked_graph(body, outputs, weight_shape)
+        before = model.SerializeToString()
+        assert onnx_export.late_weight_masks(model) == 0, name
+        assert model.SerializeToString() == before, name
