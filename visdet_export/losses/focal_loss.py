@@ -15,9 +15,12 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    compiled_training,
     compute_dtype,
     eager_fast_path,
     focal_terms,
+    focal_with_saved_gradient,
+    keep_saved_gradient,
     needs_grad,
     pow_nonnegative,
     scatter_class_values,
@@ -114,6 +117,9 @@ def sigmoid_focal_loss(
         loss = _focal_eager(pred, targets, weights, keep, target.is_floating_point(), gamma, alpha)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     pred, targets = _masked_inputs(pred, targets, keep, target.is_floating_point())
+    if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
+        loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha)
+        return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
     loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
     return weight_reduce_loss(loss, weights, reduction, avg_factor)
 

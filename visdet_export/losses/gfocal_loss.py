@@ -14,12 +14,15 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    compiled_training,
     compute_dtype,
     eager_fast_path,
+    keep_saved_gradient,
     needs_grad,
     pow_nonnegative,
-    select_kept_,
     quality_focal_terms,
+    quality_focal_with_saved_gradient,
+    select_kept_,
     row_weighted_inputs,
     scatter_class_values,
     sigmoid_pair,
@@ -82,6 +85,9 @@ def quality_focal_loss(
     pred, target, weight, keep = row_weighted_inputs(pred, target, weight, mask=not fast)
     if fast:
         loss = _quality_focal_eager(pred, target, keep, beta).sum(dim=1)
+    elif not activated and compiled_training(pred, target):  # closed-form derivative saved by the forward
+        value, grad = quality_focal_with_saved_gradient(pred, target, beta)
+        return keep_saved_gradient(weight_reduce_loss(value.sum(dim=1), weight, reduction, avg_factor), grad, reduction)
     else:
         loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)

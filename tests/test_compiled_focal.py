@@ -1,0 +1,237 @@
+"""The compiled training path of the focal and quality focal losses (numerics "compiled training path"): an
+autograd.Function whose forward computes the element-wise loss and its closed-form derivative, and whose backward
+scales the saved derivative. Checked against the autograd formulation (float64 to 1e-10), compiled against eager,
+for a trained weight, at N = 0, and for double backward (which must raise, not miss a term)."""
+
+import importlib
+
+import pytest
+import torch
+
+from visdet_export.losses import FocalLoss, QualityFocalLoss
+from visdet_export.losses.focal_loss import _focal_elementwise
+from visdet_export.losses.gfocal_loss import _quality_focal_elementwise
+from visdet_export.numerics import focal_closed_form, log1p_unit, quality_focal_closed_form
+
+NUMERICS = importlib.import_module("visdet_export.numerics")
+
+
+def _logits(n: int = 64, c: int = 7, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    x[0] = torch.tensor([0.0, -0.0, 30.0, -30.0, 100.0, -100.0, 1e-3][:c], dtype=torch.float64)  # edges
+    return x.to(dtype)
+
+
+def _targets(x: torch.Tensor, soft: bool, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if soft:
+        t = torch.rand(x.shape, generator=g, dtype=torch.float64)
+        t[:, 0] = 0.0
+        t[:, 1] = 1.0
+        return t.to(x.dtype)
+    return (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3).to(x.dtype)
+
+
+def _autograd_value_and_grad(fn, x: torch.Tensor, *args):
+    x = x.detach().clone().requires_grad_(True)
+    value = fn(x, *args)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, 0.25, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+def test_focal_closed_form_is_the_autograd_derivative(gamma, alpha, soft):
+    x = _logits()
+    t = _targets(x, soft)
+    want_value, want_grad = _autograd_value_and_grad(_focal_elementwise, x, t, gamma, alpha, False)
+    value, grad = focal_closed_form(x, t, gamma, alpha)
+    torch.testing.assert_close(value, want_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+def test_quality_focal_closed_form_is_the_autograd_derivative(beta):
+    x = _logits()
+    t = _targets(x, soft=True)
+    t[1] = torch.sigmoid(x[1])  # |t - sigmoid(x)| = 0: the zero-base convention of the fractional powers
+    want_value, want_grad = _autograd_value_and_grad(_quality_focal_elementwise, x, t, beta, False)
+    value, grad = quality_focal_closed_form(x, t, beta)
+    torch.testing.assert_close(value, want_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_log1p_unit_float32_relative_error():
+    e = torch.cat([torch.rand(1_000_000, dtype=torch.float64) ** 4, torch.tensor([0.0, 1e-30, 1e-7, 0.5, 1.0])])
+    want = torch.log1p(e)
+    got = log1p_unit(e.float()).double()
+    assert got[-5].item() == 0.0
+    rel = ((got - want).abs() / want.clamp(min=1e-300))[e > 0]
+    assert rel.max().item() < 3e-7
+    assert torch.equal(log1p_unit(e), torch.log1p(e))  # float64: ATen's log1p
+
+
+# --- compiled -------------------------------------------------------------------------------------------------
+
+
+def _losses():
+    return {
+        "focal": FocalLoss(gamma=2.0, alpha=0.25),
+        "focal_g15": FocalLoss(gamma=1.5, alpha=-1.0),
+        "qfl": QualityFocalLoss(beta=2.0),
+        "qfl_b15": QualityFocalLoss(beta=1.5),
+    }
+
+
+def _inputs(kind: str, n: int, c: int = 9, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pred = (torch.randn(n, c, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, c + 1, (n,), generator=g)
+    weight = torch.rand(n, generator=g, dtype=torch.float64).to(dtype) + 0.1
+    weight[::4] = 0.0
+    pred[::4] = float("nan")  # weight 0: must reach neither value nor gradient
+    if kind.startswith("focal"):
+        target = labels
+    else:
+        scores = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+        target = torch.where(labels.unsqueeze(1) == torch.arange(c), scores.unsqueeze(1), 0.0)
+    avg_factor = torch.tensor(max(n, 1) / 3.0, dtype=dtype)
+    return pred, target, weight, avg_factor
+
+
+def _run(loss, pred, target, weight, avg_factor, reduction, trained_weight=False):
+    pred = pred.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(trained_weight)
+    value = loss(pred, target, weight, avg_factor if reduction == "mean" else None, reduction_override=reduction)
+    scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)  # not uniform
+    grads = torch.autograd.grad((value * scale).sum(), (pred, weight) if trained_weight else (pred,))
+    return (value.detach(), *grads)
+
+
+def _graphs_backend(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["focal", "focal_g15", "qfl", "qfl_b15"])
+def test_compiled_matches_eager_and_takes_the_closed_form(kind, reduction):
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    graphs = []
+    traced = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs))
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for n in (20, 33):
+        inputs = _inputs(kind, n)
+        want = _run(loss, *inputs, reduction)
+        for fn in (traced, compiled):
+            got = _run(fn, *inputs, reduction)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+            assert not torch.isnan(got[1]).any()
+    # the Function of the compiled training path is in the graph, and so is the product that keeps its gradient
+    code = "\n".join(gm.code for gm in graphs)
+    assert "autograd_function_apply" in code
+    assert ("prod" in code) == (reduction != "none")
+
+
+@pytest.mark.parametrize("kind", ["focal", "qfl"])
+def test_compiled_trained_weight_gets_its_gradient(kind):
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    inputs = _inputs(kind, 25)
+    want = _run(loss, *inputs, "mean", trained_weight=True)
+    got = _run(compiled, *inputs, "mean", trained_weight=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    assert got[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["focal", "qfl"])
+def test_compiled_float64_matches_eager_tightly(kind):
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    inputs = _inputs(kind, 30, dtype=torch.float64)
+    want = _run(loss, *inputs, "mean")
+    got = _run(compiled, *inputs, "mean")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["focal", "qfl"])
+def test_compiled_empty_input(kind):
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for n in (5, 0):
+        for backend_fn in (compiled, torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")):
+            value, grad = _run(backend_fn, *_inputs(kind, n), "mean")
+            assert grad.shape == (n, 9)
+            if n == 0:
+                assert value.item() == 0.0
+
+
+def test_compiled_soft_one_hot_focal_targets_and_target_gradient(monkeypatch):
+    loss = FocalLoss(gamma=2.0, alpha=0.25)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(17, 6, generator=g, dtype=torch.float64) * 3
+    target = torch.rand(17, 6, generator=g, dtype=torch.float64)
+    want = _run(loss, pred, target, torch.ones(17, dtype=torch.float64), None, "sum")
+    got = _run(compiled, pred, target, torch.ones(17, dtype=torch.float64), None, "sum")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a target that takes a gradient stays on the autograd formulation (the Function gives it none); the reference
+    # is that formulation run eagerly (the eager fast path gives targets no gradient either)
+    p, t = pred.clone().requires_grad_(True), target.clone().requires_grad_(True)
+    got_t = torch.autograd.grad(compiled(p, t, reduction_override="sum"), (p, t))
+    monkeypatch.setattr(importlib.import_module("visdet_export.losses.focal_loss"), "eager_fast_path", lambda t: False)
+    monkeypatch.setattr(NUMERICS, "eager_fast_path", lambda t: False)
+    p, t = pred.clone().requires_grad_(True), target.clone().requires_grad_(True)
+    want_t = torch.autograd.grad(loss(p, t, reduction_override="sum"), (p, t))
+    for a, b in zip(got_t, want_t):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("kind", ["focal", "qfl"])
+def test_compiled_double_backward_raises(kind, backend):
+    """The saved derivative is not differentiable: a second derivative must raise, never come out without the
+    derivative of the saved term (with donated buffers off, so the error is not the donation check's)."""
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    pred, target, weight, avg_factor = _inputs(kind, 12)
+    pred = pred.nan_to_num().requires_grad_(True)
+    scale = torch.tensor(1.5, requires_grad=True)  # an upstream gradient that itself takes a gradient
+    with torch._functorch.config.patch(donated_buffer=False):
+        with pytest.raises(RuntimeError):
+            value = compiled(pred, target, weight, avg_factor) * scale
+            (grad,) = torch.autograd.grad(value, pred, create_graph=True)
+            grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["focal", "qfl"])
+def test_saved_closed_form_is_once_differentiable(kind):
+    """Called directly (outside dynamo, which never records a second-order graph for it), the Function refuses a
+    second derivative instead of returning one without the derivative of the saved gradient."""
+    x = _logits(12, 5).requires_grad_(True)
+    t = _targets(x, soft=True)
+    if kind == "focal":
+        value, grad = NUMERICS.focal_with_saved_gradient(x, t, 2.0, 0.25)
+    else:
+        value, grad = NUMERICS.quality_focal_with_saved_gradient(x, t, 2.0)
+    assert not grad.requires_grad
+    scale = torch.tensor(1.5, dtype=x.dtype, requires_grad=True)
+    (first,) = torch.autograd.grad((value * scale).sum(), x, create_graph=True)
+    torch.testing.assert_close(first.detach(), 1.5 * grad)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        first.square().sum().backward()
