@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -37,7 +36,10 @@ MOVED = [
     "ce_sigmoid_centerness", "kd_kl_div", "ld",
 ]
 # ... and some it leaves alone (mask and weight applied at the same size).
-UNMOVED = ["focal", "l1", "mse", "ce_sigmoid_labels"]
+UNMOVED = ["focal", "l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_labels"]
+# Configurations whose remaining selects are a large share of the graph: they run unmasked unless a result is not
+# finite; in the others (selects on N of a much larger graph) the saving is not worth the second run.
+UNMASKED = ["l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_centerness", "ce_sigmoid_labels"]
 OTHER_LAYOUTS = ["qfl", "giou", "dfl", "ce_softmax", "ce_sigmoid_centerness", "kd_kl_div"]
 
 
@@ -98,17 +100,6 @@ def assert_matches(actual: Tensor, expected: Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
-def reads_input(model: onnx.ModelProto, name: str, graph_input: str) -> bool:
-    """Whether ``name`` is ``graph_input`` or a slice / (un)squeeze of it."""
-    producer = {output: node for node in model.graph.node for output in node.output}
-    while name != graph_input:
-        node = producer.get(name)
-        if node is None or node.op_type not in ("Slice", "Squeeze", "Unsqueeze", "Split"):
-            return False
-        name = node.input[0]
-    return True
-
-
 # --- exported losses: values with NaN / inf at weight 0 ---------------------------------------------------------
 
 
@@ -143,21 +134,61 @@ def test_weight_zero_elements_stay_masked_elementwise_and_joint(exports: Any, ke
         assert (grad[unweighted] == 0).all()
 
 
+def masked_path(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of the masked graph: the ``If``'s else branch where ``unmasked_while_finite`` made one."""
+    for node in model.graph.node:
+        if node.op_type == "If":
+            (branch,) = [attribute.g for attribute in node.attribute if attribute.name == "else_branch"]
+            return list(branch.node)
+    return list(model.graph.node)
+
+
+def selects_reading(nodes: list[onnx.NodeProto], graph_input: str) -> list[onnx.NodeProto]:
+    """The selects whose value input is ``graph_input`` or a slice / (un)squeeze of it (in the same nodes)."""
+    producer = {output: node for node in nodes for output in node.output}
+
+    def reads(name: str) -> bool:
+        while name.removesuffix("__visdet_masked") != graph_input:
+            node = producer.get(name)
+            if node is None or node.op_type not in ("Slice", "Squeeze", "Unsqueeze", "Split", "Identity"):
+                return False
+            name = node.input[0]
+        return True
+
+    return [node for node in nodes if node.op_type == "Where" and reads(node.input[1])]
+
+
 @pytest.mark.parametrize("key", MOVED)
 def test_input_selects_moved(exports: Any, key: str) -> None:
-    """No select reads pred (or a column of it) any more: the weight-0 select happens where the weight is applied."""
+    """The masked graph selects no pred (or column of it): the weight-0 select is where the weight is applied."""
     for art in (exports(key), exports(key, joint=True) if key in OTHER_LAYOUTS else None):
         if art is None:
             continue
-        selects = [node for node in art.model.graph.node if node.op_type == "Where"]
-        assert selects and not any(reads_input(art.model, node.input[1], "pred") for node in selects)
+        nodes = masked_path(art.model)
+        assert "Where" in {node.op_type for node in nodes} and not selects_reading(nodes, "pred")
 
 
 @pytest.mark.parametrize("key", UNMOVED)
 def test_input_selects_kept_where_nothing_is_saved(exports: Any, key: str) -> None:
-    nodes = exports(key).model.graph.node
+    nodes = masked_path(exports(key).model)
     assert "Where" in {node.op_type for node in nodes}
     assert not any(output.endswith("__visdet_weighted") for node in nodes for output in node.output)
+
+
+@pytest.mark.parametrize("key", [key for key in MOVED + UNMOVED if key not in UNMASKED])
+def test_masked_graph_alone_where_selects_are_cheap(exports: Any, key: str) -> None:
+    assert "If" not in {node.op_type for node in exports(key).model.graph.node}
+
+
+@pytest.mark.parametrize("key", UNMASKED)
+def test_unmasked_pass_selects_less(exports: Any, key: str) -> None:
+    """The graph that runs unless a result is not finite has fewer selects than the masked one, none of pred."""
+    model = exports(key).model
+    main = list(model.graph.node)
+    assert [node.op_type for node in main].count("If") == 1
+    selects = [node for node in main if node.op_type == "Where"]
+    assert len(selects) < sum(node.op_type == "Where" for node in masked_path(model))
+    assert not selects_reading(main, "pred")
 
 
 # --- hand-built graphs ---------------------------------------------------------------------------------------------
@@ -256,4 +287,55 @@ def test_selects_kept_when_the_values_reach_more_than_the_weight() -> None:
         model = masked_graph(body, outputs, weight_shape)
         before = model.SerializeToString()
         assert onnx_export.late_weight_masks(model) == 0, name
+        assert model.SerializeToString() == before, name
+
+
+def elementwise_graph(tail: list[onnx.NodeProto], outputs: Mapping[str, Optional[list[Any]]]) -> onnx.ModelProto:
+    """L1's layout: x (N, 4) masked where w (N, 4) is 0, ``|.| * w`` as "weighted", then ``tail``."""
+    node = helper.make_node
+    body = [node("Abs", ["xm"], ["a"]), node("Mul", ["a", "w_col"], ["weighted"]), *tail]
+    return masked_graph(body, outputs, ["N", 4])
+
+
+def element_inputs(n: int, seed: int, poison: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 3, (n, 4)).astype(np.float32)
+    w = np.where(rng.random((n, 4)) < 0.3, 0.0, rng.random((n, 4)) + 0.1).astype(np.float32)
+    if poison:
+        unweighted = np.flatnonzero(w.reshape(-1) == 0)
+        x.reshape(-1)[unweighted] = np.resize(np.array([np.nan, np.inf, -np.inf, 1e38], np.float32), unweighted.size)
+    return x, w
+
+
+def test_unmasked_while_finite_gives_the_masked_values() -> None:
+    """Finite results come from the unmasked nodes, the others from the masked graph: the same values either way."""
+    node = helper.make_node
+    tail = [node("ReduceSum", ["weighted"], ["total"], keepdims=0)]
+    outputs = {"total": [], "weighted": ["N", 4]}
+    original, rewritten = elementwise_graph(tail, outputs), elementwise_graph(tail, outputs)
+    assert onnx_export.unmasked_while_finite(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    main = [n.op_type for n in rewritten.graph.node]
+    assert "Where" not in main and main.count("If") == 1
+    big = np.full((1, 4), 3e38, np.float32), np.ones((1, 4), np.float32)  # a kept overflow: inf, via the masked graph
+    for x, w in [element_inputs(n, n, poison) for n in (0, 1, 7, 1000) for poison in (False, True)] + [big]:
+        got, expected = run_graph(rewritten, x, w), run_graph(original, x, w)
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)  # equal_nan: none expected here, inf where the original has it
+        assert np.isfinite(got[1]).all()
+
+
+def test_unmasked_while_finite_needs_a_nan_to_reach_the_outputs() -> None:
+    """After the weight, only operators that keep a NaN: a max, clip or select could hide 0 * inf = NaN."""
+    node = helper.make_node
+    tails = {
+        "max": [node("Max", ["weighted", "zero"], ["m"]), node("ReduceSum", ["m"], ["out"], keepdims=0)],
+        "clip": [node("Clip", ["weighted", "zero"], ["m"]), node("ReduceSum", ["m"], ["out"], keepdims=0)],
+        "compare": [node("Greater", ["weighted", "zero"], ["g"]), node("Where", ["g", "weighted", "zero"], ["m"]),
+                    node("ReduceSum", ["m"], ["out"], keepdims=0)],
+    }
+    for name, tail in tails.items():
+        model = elementwise_graph(tail, {"out": []})
+        before = model.SerializeToString()
+        assert onnx_export.unmasked_while_finite(model) == 0, name
         assert model.SerializeToString() == before, name

@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -320,33 +320,42 @@ _ELEMENTWISE = frozenset({
 #: Reductions and row-local operators: allowed when they combine positions along axes the mask is constant on.
 _REDUCTIONS = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceLogSumExp"})
 _ROW_LOCAL = frozenset({"LogSoftmax", "Softmax"})
+#: Operators whose output is NaN wherever an input is NaN and which drop no position (IEEE arithmetic, sums).
+_NAN_PROPAGATING = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Squeeze",
+    "Unsqueeze", "Reshape", "ReduceSum", "ReduceMean",
+})
 # Nominal size of a dynamic dimension when weighing the selects removed against those added.
 _NOMINAL_DYNAMIC = 1 << 20
 
 
-def late_weight_masks(model: Any) -> int:
-    """Mask the weight-0 elements where the weight is applied instead of where the inputs enter.
+class _MaskTrace(NamedTuple):
+    """What :func:`_trace_weight_masks` found: the weight-0 selects that can go and where the weight is applied."""
 
-    Losses zero the inputs of weight-0 elements with a select (``Where(weight != 0, x, 0)``, so NaN/inf there
-    cannot reach the value), then multiply the element losses by the weight, often after a row reduction. A
-    select over 100000 x 80 floats takes ~8 ms in onnxruntime (three passes), 3x the arithmetic around it;
-    QFL masks two such inputs, IoU / GIoU eight box columns. This pass removes such input selects and instead
-    selects once on the operand of the multiplication by the weight, ``Mul(t, w)`` ->
-    ``Mul(Where(w == 0, 0, t), w)``, where ``t`` is usually a row sum (N elements instead of N x C); an existing
-    select on the same condition (softmax CE's ``Where(valid, -log p, 0)``) already does it.
+    removed: list[Any]  # the selects, each ``Where`` with its value input at ``values[output]``
+    values: dict[str, str]
+    weighted: list[tuple[Any, int]]  # ``Mul(t, w)`` nodes and the position of ``t``
+    size: Callable[[str], Optional[int]]
+    types: dict[str, int]
+    initializers: dict[str, Any]
 
-    Between the two points the unmasked values only pass through element-wise operators, reductions / softmax /
-    ``GatherElements`` data along axes the mask is constant on, and (Un)squeezes of those axes, so a position
-    whose weight is 0 only ever feeds positions whose weight is 0, and those are replaced by 0 before the
-    multiplication: each weight-0 product is 0 (as before, where it was 0 x a finite value; the sign of such a
-    zero may differ) and every other value is computed from the same operands as before. An input select whose
-    values would reach anything else (an index, a cast to an integer, a graph output, a subgraph) is kept. The
-    rewrite is only made when it removes more selected elements than it adds (nominal N), so L1 / MSE
-    (mask and weight of the same shape) and focal loss (weight applied before the row sum) are left alone.
-    Returns the number of input selects removed.
+
+def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
+    """Find the weight-0 selects whose unmasked values would only reach multiplications by the weight.
+
+    A select ``Where(keep, x, 0)`` (or ``Where(w == 0, 0, x)``) whose mask is ``w != 0`` (possibly and-ed with
+    other conditions, up to Unsqueezes that append axes) is followed forward: its values may pass through
+    element-wise operators (operands of the same rank: ONNX broadcasting aligns trailing axes, the mask leading
+    ones), reductions / softmax / ``GatherElements`` data along axes the mask is constant on, and (Un)squeezes of
+    those axes, so a weight-0 position only ever feeds weight-0 positions. They end at an existing select on the
+    same mask, or at ``Mul(t, w')`` with ``w'`` the weight (up to appended axes). With ``watch``, each such
+    product must then reach the graph outputs through NaN-propagating operators only (arithmetic, sums, casts
+    between floats, reshapes), so a NaN there shows in the outputs. A select whose values would reach anything
+    else (an index, an integer cast, a reduction across the mask, another mask, a graph output, a subgraph) is
+    kept, and the tracing repeats without it.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -394,10 +403,9 @@ def late_weight_masks(model: Any) -> int:
             shape = shape[:-1]
         return len(shape)
 
-    def weight_of(condition: str) -> Optional[str]:
-        """``w`` for a condition ``Not(Equal(w, 0))`` (up to trailing Unsqueezes of either)."""
-        negation = made(condition, "Not")
-        equal = made(negation.input[0], "Equal") if negation is not None else None
+    def zero_test(condition: str) -> Optional[str]:
+        """``w`` for a condition ``Equal(w, 0)`` (up to appended axes of either)."""
+        equal = made(leading(condition), "Equal")
         if equal is None:
             return None
         for value, zero in (equal.input, reversed(equal.input)):
@@ -405,27 +413,36 @@ def late_weight_masks(model: Any) -> int:
                 return leading(value)
         return None
 
-    def weight_mask(mask: str) -> bool:
-        """Whether ``mask`` is ``weight != 0``, or a conjunction of it with other conditions."""
-        if weight_of(mask) is not None:
-            return True
-        conjunction = made(mask, "And")
-        return conjunction is not None and any(weight_mask(leading(name)) for name in conjunction.input)
+    def mask_of(condition: str) -> tuple[str, str]:
+        """The mask a keep-condition stands for: ``("weight", w)`` for ``w != 0``, else the condition itself."""
+        condition = leading(condition)
+        negation = made(condition, "Not")
+        weight = zero_test(negation.input[0]) if negation is not None else None
+        return ("weight", weight) if weight is not None else ("condition", condition)
 
-    def input_select(node: Any) -> Optional[str]:
-        """The mask (its condition without trailing Unsqueezes) of a select ``Where(keep, x, 0)`` on floats."""
+    def weight_mask(mask: tuple[str, str]) -> bool:
+        """Whether ``mask`` is ``weight != 0``, or a conjunction of it with other conditions."""
+        conjunction = made(mask[1], "And") if mask[0] == "condition" else None
+        return mask[0] == "weight" or (
+            conjunction is not None and any(weight_mask(mask_of(name)) for name in conjunction.input)
+        )
+
+    def input_select(node: Any) -> Optional[tuple[tuple[str, str], int]]:
+        """The mask of a float select of 0 on the masked positions, and the position of its value input."""
         if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
             return None
-        condition, values, zero = node.input
-        if types.get(values) not in float_types or _scalar_value(initializers, zero) != 0.0:
+        condition, on_true, on_false = node.input
+        if _scalar_value(initializers, on_false) == 0.0:
+            mask, index = mask_of(condition), 1
+        elif _scalar_value(initializers, on_true) == 0.0 and (weight := zero_test(condition)) is not None:
+            mask, index = ("weight", weight), 2
+        else:
             return None
-        if rank(values) is None or rank(values) != rank(node.output[0]):
+        values = node.input[index]
+        mask_rank = effective_rank(mask[1])
+        if types.get(values) not in float_types or rank(values) is None or rank(values) != rank(node.output[0]):
             return None
-        mask = leading(condition)
-        mask_rank = effective_rank(mask)
-        if mask_rank is None or mask_rank > rank(values) or mask_rank == 0:
-            return None
-        return mask
+        return (mask, index) if mask_rank is not None and 0 < mask_rank <= rank(values) else None  # type: ignore
 
     def axes_of(node: Any, node_rank: int) -> Optional[list[int]]:
         if node.op_type in _ROW_LOCAL:
@@ -447,47 +464,53 @@ def late_weight_masks(model: Any) -> int:
 
     subgraph_names = _subgraph_inputs(graph)
     outputs = {output.name for output in graph.output}
-    kept: set[str] = set()  # input selects that must stay (their unmasked values would reach something unsafe)
+    kept: set[str] = set()  # selects that must stay (their unmasked values would reach something unsafe)
     while True:
-        taint: dict[str, tuple[str, frozenset[str]]] = {}  # tensor -> (mask, input selects it depends on)
-        removed, weighted, failed = [], [], None
+        taint: dict[str, tuple[tuple[str, str], frozenset[str]]] = {}  # tensor -> (mask, selects it bypasses)
+        watched: dict[str, frozenset[str]] = {}  # products by the weight -> the selects they bypass
+        removed, values, weighted, failed = [], {}, [], None
         for node in graph.node:
-            mask = input_select(node)
+            select = input_select(node)
             carried = [taint[name] for name in node.input if name in taint]
-            if mask is not None and weight_mask(mask) and node.output[0] not in kept and not carried:
-                taint[node.output[0]] = (mask, frozenset([node.output[0]]))
+            seen = [watched[name] for name in node.input if name in watched]
+            if select is not None and weight_mask(select[0]) and node.output[0] not in kept and not carried + seen:
+                taint[node.output[0]] = (select[0], frozenset([node.output[0]]))
                 removed.append(node)
+                values[node.output[0]] = node.input[select[1]]
+                continue
+            sources = frozenset().union(*(entry[1] for entry in carried), *seen)
+            op = node.op_type if node.domain in ("", "ai.onnx") else None
+            if seen:
+                propagates = op in _NAN_PROPAGATING or (op == "Cast" and _attribute(node, "to", 0) in float_types)
+                if carried or not propagates:
+                    failed = sources
+                    break
+                watched.update((output, sources) for output in node.output)
                 continue
             if not carried:
                 continue
             masks = {entry[0] for entry in carried}
-            sources = frozenset().union(*(entry[1] for entry in carried))
             if len(masks) > 1:
                 failed = sources
                 break
             (mask,) = masks
-            mask_rank = effective_rank(mask)
-            op = node.op_type if node.domain in ("", "ai.onnx") else None
+            mask_rank = effective_rank(mask[1])
             tainted = [name in taint for name in node.input]
             out_rank = rank(node.output[0])
-            if mask is not None and input_select(node) == mask and tainted == [False, True, False]:
+            if select is not None and select[0] == mask and tainted == [index == select[1] for index in range(3)]:
                 continue  # an existing select on the same mask: its output no longer depends on the removed ones
-            if op == "Mul" and out_rank is not None and sum(tainted) == 1:
-                factor = node.input[1 - tainted.index(True)]
-                value = node.input[tainted.index(True)]
-                if (
-                    weight_of(mask) is not None
-                    and leading(factor) == weight_of(mask)
-                    and rank(factor) == out_rank == rank(value)
-                    and types.get(value) in float_types
-                ):
+            if op == "Mul" and out_rank is not None and sum(tainted) == 1 and mask[0] == "weight":
+                factor, value = node.input[1 - tainted.index(True)], node.input[tainted.index(True)]
+                aligned = rank(factor) == out_rank == rank(value)
+                if leading(factor) == mask[1] and aligned and types.get(value) in float_types:
                     weighted.append((node, tainted.index(True)))
+                    if watch:
+                        watched[node.output[0]] = sources
                     continue
             safe = False
             if out_rank is None or mask_rank is None:
                 pass
             elif op in _ELEMENTWISE or op == "Cast":
-                # same rank: ONNX broadcasting aligns trailing axes, the mask leading ones
                 safe = all(rank(name) == out_rank for name in node.input if name in taint) and (
                     op != "Cast" or _attribute(node, "to", 0) in float_types | {TensorProto.BOOL}
                 )
@@ -504,19 +527,42 @@ def late_weight_masks(model: Any) -> int:
                 taint[output] = (mask, sources)
         if failed is None:
             leaked = [entry[1] for name, entry in taint.items() if name in outputs or name in subgraph_names]
+            leaked += [entry for name, entry in watched.items() if name in subgraph_names]
             failed = frozenset().union(*leaked) if leaked else None
         if failed is None:
             break
         kept |= failed
+    return _MaskTrace(removed, values, weighted, size, types, initializers)
 
-    removed = [node for node in removed if node.output[0] not in kept]
-    added = [size(node.input[index]) for node, index in weighted]
-    saved = sum(size(node.output[0]) or 0 for node in removed)
-    if not removed or None in added or sum(added) >= saved:  # type: ignore[arg-type]
+
+def late_weight_masks(model: Any) -> int:
+    """Mask the weight-0 elements where the weight is applied instead of where the inputs enter.
+
+    Losses zero the inputs of weight-0 elements with a select (``Where(weight != 0, x, 0)``, so NaN/inf there
+    cannot reach the value), then multiply the element losses by the weight, often after a row reduction. A
+    select over 100000 x 80 floats takes ~8 ms in onnxruntime (three passes), 3x the arithmetic around it;
+    QFL masks two such inputs, IoU / GIoU eight box columns. This pass removes the input selects that
+    :func:`_trace_weight_masks` clears and instead selects once on the operand of the multiplication by the
+    weight, ``Mul(t, w)`` -> ``Mul(Where(w == 0, 0, t), w)``, where ``t`` is usually a row sum (N elements instead
+    of N x C); an existing select on the same mask (softmax CE's ``Where(valid, -log p, 0)``) already does it.
+
+    A weight-0 position only ever feeds weight-0 positions until then, and those are replaced by 0 before the
+    multiplication: each weight-0 product is 0 (as before, where it was 0 x a finite value; the sign of such a
+    zero may differ) and every other value is computed from the same operands as before. The rewrite is only
+    made when it removes more selected elements than it adds (nominal N), so L1 / MSE (mask and weight of the
+    same shape) and focal loss (weight applied before the row sum) are left alone. Returns the number of input
+    selects removed.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    trace = _trace_weight_masks(model, watch=False)
+    added = [trace.size(node.input[index]) for node, index in trace.weighted]
+    saved = sum(trace.size(node.output[0]) or 0 for node in trace.removed)
+    if not trace.removed or None in added or sum(added) >= saved:  # type: ignore[arg-type]
         return 0
-    renamed = {node.output[0]: node.input[1] for node in removed}
-    dropped = {id(node) for node in removed}
-    inserts: dict[int, tuple[int, Any]] = {id(node): (index, node) for node, index in weighted}
+    dropped = {id(node) for node in trace.removed}
+    inserts = {id(node): index for node, index in trace.weighted}
     zeros: dict[int, str] = {}
     tests: dict[str, str] = {}
     nodes = []
@@ -524,15 +570,15 @@ def late_weight_masks(model: Any) -> int:
         if id(node) in dropped:
             continue
         for position, name in enumerate(node.input):
-            if name in renamed:
-                node.input[position] = renamed[name]
+            if name in trace.values:
+                node.input[position] = trace.values[name]
         if id(node) in inserts:
-            index, _ = inserts[id(node)]
+            index = inserts[id(node)]
             value, factor = node.input[index], node.input[1 - index]
-            dtype = types[value]
+            dtype = trace.types[value]
             if dtype not in zeros:
                 zeros[dtype] = f"visdet_export_zero_{TensorProto.DataType.Name(dtype).lower()}"
-                if zeros[dtype] not in initializers:
+                if zeros[dtype] not in trace.initializers:
                     zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), zeros[dtype])
                     graph.initializer.append(zero)
             if factor not in tests:
@@ -545,7 +591,135 @@ def late_weight_masks(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_nodes(graph)
-    return len(removed)
+    return len(trace.removed)
+
+
+#: Relative onnxruntime CPU cost per element of the operators that cost more than an ``Add`` (1), measured at
+#: 1-8M floats, 1 thread: a select ~2.5 ns/element against ~0.4; reshapes cost nothing.
+_OP_COST = {
+    "Where": 6.0, "LogSoftmax": 6.0, "Softmax": 6.0, "Pow": 6.0, "Softplus": 6.0, "Log": 4.0, "GatherElements": 4.0,
+    "Exp": 3.0, "Sigmoid": 3.0, "Tanh": 3.0, "Erf": 3.0,
+    "Identity": 0.0, "Reshape": 0.0, "Squeeze": 0.0, "Unsqueeze": 0.0, "Shape": 0.0, "Constant": 0.0,
+}
+#: ``unmasked_while_finite`` is applied when the unmasked nodes cost at most this share of the graph: it trades a
+#: saving on finite inputs for the masked graph's extra run on inputs with NaN / inf at weight 0.
+_UNMASKED_MAX_COST = 0.8
+
+
+def _estimated_cost(nodes: Iterable[Any], size: Callable[[str], Optional[int]]) -> float:
+    """The onnxruntime CPU time of ``nodes``, in ``Add`` elements (the largest operand or result of each)."""
+    total = 0.0
+    for node in nodes:
+        sizes = [size(name) for name in [*node.input, *node.output] if name]
+        elements = max((_NOMINAL_DYNAMIC if value is None else value for value in sizes), default=0)
+        total += _OP_COST.get(node.op_type, 1.0) * elements
+    return total
+
+
+def unmasked_while_finite(model: Any) -> int:
+    """Run the loss without its weight-0 selects, and the masked graph only when a result is not finite.
+
+    An exact select costs a ``Where`` (~2.5 ns per element in onnxruntime against ~0.4 for an ``Add``); L1, MSE,
+    smooth L1 and balanced L1 mask and weigh element-wise, so :func:`late_weight_masks` cannot shrink their
+    select, and it is half their onnxruntime time. Without the selects every weight-0 element becomes
+    ``f(x) * 0``: 0 as before (the sign of a zero may differ) when ``f(x)`` is finite, NaN otherwise, and
+    :func:`_trace_weight_masks` (with ``watch``) proves that such a NaN reaches the outputs (sums, arithmetic,
+    casts only). So when every output is finite (checked on its sum), the unmasked outputs equal the masked
+    ones; when one is not, an ``If`` runs the masked graph (the original nodes, renamed) instead. Inputs with
+    NaN / inf at weight-0 elements therefore cost the unmasked pass plus the masked graph. Graphs with
+    subgraphs or non-float outputs are left alone. Returns the number of selects the unmasked pass skips.
+    """
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node
+           for attribute in node.attribute):
+        return 0
+    trace = _trace_weight_masks(model, watch=True)
+    results = list(graph.output)
+    if not trace.removed or any(trace.types.get(out.name) not in (TensorProto.FLOAT, TensorProto.DOUBLE)
+                                for out in results):
+        return 0
+    dropped = {id(node) for node in trace.removed}
+    used = {out.name for out in results}
+    unmasked_nodes = []
+    for node in reversed(graph.node):
+        if id(node) not in dropped and any(output in used for output in node.output):
+            unmasked_nodes.append(node)
+            used.update(trace.values.get(name, name) for name in node.input)
+    if _estimated_cost(unmasked_nodes, trace.size) > _UNMASKED_MAX_COST * _estimated_cost(graph.node, trace.size):
+        return 0
+    # The masked branch reads outer values only as node outputs: its own copies of the constants it reads, and
+    # the graph inputs through Identity nodes of the outer graph (onnxruntime drops them). onnx.compose, which
+    # attach uses, renames neither the outer initializers nor the graph inputs that a subgraph reads.
+    produced = {output for node in graph.node for output in node.output if output}
+    constants = sorted({name for node in graph.node for name in node.input if name in trace.initializers})
+    inputs = [value.name for value in graph.input if any(value.name in node.input for node in graph.node)]
+
+    def masked_name(name: str) -> str:
+        return f"{name}__visdet_masked" if name in produced or name in constants or name in inputs else name
+
+    masked_nodes = []
+    for node in graph.node:
+        twin = copy.deepcopy(node)
+        twin.input[:] = [masked_name(name) for name in node.input]
+        twin.output[:] = [masked_name(name) for name in node.output]
+        twin.name = masked_name(node.name) if node.name else ""
+        masked_nodes.append(twin)
+
+    def typed(name: str, like: Any) -> Any:
+        return helper.make_tensor_value_info(name, like.type.tensor_type.elem_type, None)
+
+    masked_constants = []
+    for name in constants:
+        constant = copy.deepcopy(trace.initializers[name])
+        constant.name = masked_name(name)
+        masked_constants.append(constant)
+    masked_branch = helper.make_graph(
+        masked_nodes, "masked", [], [typed(masked_name(out.name), out) for out in results], masked_constants
+    )
+    unmasked = {out.name: f"{out.name}__visdet_unmasked" for out in results}
+    unmasked_branch = helper.make_graph(
+        [helper.make_node("Identity", [unmasked[out.name]], [f"{out.name}__visdet_then"]) for out in results],
+        "unmasked", [], [typed(f"{out.name}__visdet_then", out) for out in results],
+    )
+    nodes = [helper.make_node("Identity", [name], [masked_name(name)], name=masked_name(name)) for name in inputs]
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        node.input[:] = [unmasked.get(name, name) for name in (trace.values.get(name, name) for name in node.input)]
+        node.output[:] = [unmasked.get(name, name) for name in node.output]
+        nodes.append(node)
+    checks = []
+    for out in results:
+        dtype = trace.types[out.name]
+        zero = f"visdet_export_zero_{TensorProto.DataType.Name(dtype).lower()}"
+        if zero not in trace.initializers and zero not in {init.name for init in graph.initializer}:
+            graph.initializer.append(
+                numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), zero)
+            )
+        base = f"{out.name}__visdet_finite"
+        nodes += [
+            helper.make_node("ReduceSum", [unmasked[out.name]], [f"{base}_sum"], keepdims=0, name=f"{base}_sum"),
+            helper.make_node("Sub", [f"{base}_sum", f"{base}_sum"], [f"{base}_zero"], name=f"{base}_zero"),
+            helper.make_node("Equal", [f"{base}_zero", zero], [base], name=base),  # inf - inf and NaN are not 0
+        ]
+        checks.append(base)
+    while len(checks) > 1:
+        both = f"{checks[0]}_and_{len(checks)}"
+        nodes.append(helper.make_node("And", checks[:2], [both], name=both))
+        checks = [both, *checks[2:]]
+    nodes.append(helper.make_node(
+        "If", [checks[0]], [out.name for out in results], name="visdet_unmasked_while_finite",
+        then_branch=unmasked_branch, else_branch=masked_branch,
+    ))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_nodes(graph)
+    return len(trace.removed)
 
 
 def _subgraph_inputs(graph: Any) -> set[str]:
@@ -689,6 +863,7 @@ def export_onnx(
         branch_free_selects(model)
         late_weight_masks(model)
         accurate_total_sums(model)
+        unmasked_while_finite(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = METADATA_PREFIX + key, value
