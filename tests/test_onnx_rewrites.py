@@ -339,3 +339,12 @@ def test_unmasked_while_finite_needs_a_nan_to_reach_the_outputs() -> None:
         before = model.SerializeToString()
         assert onnx_export.unmasked_while_finite(model) == 0, name
         assert model.SerializeToString() == before, name
+
+
+def test_unmasked_while_finite_leaves_passthrough_outputs_alone() -> None:
+    """A graph input that is also an output has no producer to rename: the graph is left as it is."""
+    node = helper.make_node
+    model = elementwise_graph([node("ReduceSum", ["weighted"], ["total"], keepdims=0)], {"total": [], "x": ["N", 4]})
+    before = model.SerializeToString()
+    assert onnx_export.unmasked_while_finite(model) == 0
+    assert model.SerializeToString() == before
