@@ -1,17 +1,25 @@
-"""The compiled training path of the focal and quality focal losses (numerics "compiled training path"): an
-autograd.Function whose forward computes the element-wise loss and its closed-form derivative, and whose backward
-scales the saved derivative. Checked against the autograd formulation (float64 to 1e-10), compiled against eager,
-for a trained weight, at N = 0, and for double backward (which must raise, not miss a term)."""
+"""The compiled training path of the focal, quality focal and sigmoid cross-entropy losses (numerics "compiled
+training path"): an autograd.Function whose forward computes the element-wise loss and its closed-form derivative,
+and whose backward scales the saved derivative. Checked against the autograd formulation (float64 to 1e-10),
+compiled against eager, for a trained weight, at N = 0, and for double backward (which must raise, not miss a
+term)."""
 
 import importlib
 
 import pytest
 import torch
 
-from visdet_export.losses import FocalLoss, QualityFocalLoss
+from visdet_export.losses import CrossEntropyLoss, FocalLoss, QualityFocalLoss
 from visdet_export.losses.focal_loss import _focal_elementwise
 from visdet_export.losses.gfocal_loss import _quality_focal_elementwise
-from visdet_export.numerics import focal_closed_form, log1p_unit, quality_focal_closed_form
+from visdet_export.numerics import (
+    bce_closed_form,
+    bce_with_logits,
+    focal_closed_form,
+    log1p_exp_neg_abs,
+    log1p_unit,
+    quality_focal_closed_form,
+)
 
 NUMERICS = importlib.import_module("visdet_export.numerics")
 
@@ -63,6 +71,16 @@ def test_quality_focal_closed_form_is_the_autograd_derivative(beta):
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+def test_bce_closed_form_is_the_autograd_derivative(soft):
+    x = _logits()
+    t = _targets(x, soft)
+    want_value, want_grad = _autograd_value_and_grad(lambda z, u: bce_with_logits(z, u, log1p_exp_neg_abs(z)), x, t)
+    value, grad = bce_closed_form(x, t)
+    torch.testing.assert_close(value, want_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_log1p_unit_float32_relative_error():
     e = torch.cat([torch.rand(1_000_000, dtype=torch.float64) ** 4, torch.tensor([0.0, 1e-30, 1e-7, 0.5, 1.0])])
     want = torch.log1p(e)
@@ -82,6 +100,8 @@ def _losses():
         "focal_g15": FocalLoss(gamma=1.5, alpha=-1.0),
         "qfl": QualityFocalLoss(beta=2.0),
         "qfl_b15": QualityFocalLoss(beta=1.5),
+        "bce": CrossEntropyLoss(use_sigmoid=True),
+        "bce_soft": CrossEntropyLoss(use_sigmoid=True),
     }
 
 
@@ -92,8 +112,13 @@ def _inputs(kind: str, n: int, c: int = 9, dtype=torch.float32, seed: int = 0):
     weight = torch.rand(n, generator=g, dtype=torch.float64).to(dtype) + 0.1
     weight[::4] = 0.0
     pred[::4] = float("nan")  # weight 0: must reach neither value nor gradient
-    if kind.startswith("focal"):
+    if kind.startswith("focal") or kind == "bce":
         target = labels
+        if kind == "bce":
+            target[1::5] = -100  # ignored
+    elif kind == "bce_soft":  # soft targets of pred's shape, NaN where the weight is 0
+        target = torch.rand(n, c, generator=g, dtype=torch.float64).to(dtype)
+        target[::4] = float("nan")
     else:
         scores = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
         target = torch.where(labels.unsqueeze(1) == torch.arange(c), scores.unsqueeze(1), 0.0)
@@ -119,7 +144,7 @@ def _graphs_backend(graphs):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("kind", ["focal", "focal_g15", "qfl", "qfl_b15"])
+@pytest.mark.parametrize("kind", ["focal", "focal_g15", "qfl", "qfl_b15", "bce", "bce_soft"])
 def test_compiled_matches_eager_and_takes_the_closed_form(kind, reduction):
     loss = _losses()[kind]
     torch._dynamo.reset()
@@ -135,12 +160,13 @@ def test_compiled_matches_eager_and_takes_the_closed_form(kind, reduction):
                 torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
             assert not torch.isnan(got[1]).any()
     # the Function of the compiled training path is in the graph, and so is the product that keeps its gradient
+    # (not for sigmoid CE on targets of pred's shape, which keeps the autograd formulation)
     code = "\n".join(gm.code for gm in graphs)
-    assert "autograd_function_apply" in code
-    assert ("prod" in code) == (reduction != "none")
+    assert ("autograd_function_apply" in code) == (kind != "bce_soft")
+    assert ("prod" in code) == (reduction != "none" and kind != "bce_soft")
 
 
-@pytest.mark.parametrize("kind", ["focal", "qfl"])
+@pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_trained_weight_gets_its_gradient(kind):
     loss = _losses()[kind]
     torch._dynamo.reset()
@@ -153,7 +179,7 @@ def test_compiled_trained_weight_gets_its_gradient(kind):
     assert got[2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["focal", "qfl"])
+@pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_float64_matches_eager_tightly(kind):
     loss = _losses()[kind]
     torch._dynamo.reset()
@@ -165,7 +191,7 @@ def test_compiled_float64_matches_eager_tightly(kind):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["focal", "qfl"])
+@pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_empty_input(kind):
     loss = _losses()[kind]
     torch._dynamo.reset()

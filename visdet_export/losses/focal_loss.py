@@ -21,13 +21,13 @@ from ..numerics import (
     focal_terms,
     focal_with_saved_gradient,
     keep_saved_gradient,
+    masked_inputs,
     needs_grad,
     pow_nonnegative,
     scatter_class_values,
     select_kept_,
     sigmoid_pair,
     weight_keep_mask,
-    zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float
@@ -116,23 +116,12 @@ def sigmoid_focal_loss(
     if not activated and eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
         loss = _focal_eager(pred, targets, weights, keep, target.is_floating_point(), gamma, alpha)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
-    pred, targets = _masked_inputs(pred, targets, keep, target.is_floating_point())
+    pred, targets = masked_inputs(pred, targets, keep, target.is_floating_point())
     if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
         loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha)
         return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
     loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
     return weight_reduce_loss(loss, weights, reduction, avg_factor)
-
-
-def _masked_inputs(
-    pred: Tensor, targets: Tensor, keep: Optional[Tensor], mask_targets: bool
-) -> tuple[Tensor, Tensor]:
-    """``pred`` and ``targets`` with the elements outside ``keep`` replaced by 0 (one-hot targets built from integer
-    labels are finite: nothing to mask there)."""
-    pred = zero_where_unweighted(pred, keep)
-    if mask_targets:
-        targets = zero_where_unweighted(targets, keep)
-    return pred, targets
 
 
 @torch.jit.unused
@@ -148,7 +137,7 @@ def _focal_eager(
         grad = None if grad is None else select_kept_(grad, keep)
     return attach_gradient(
         value, grad, pred, weights,
-        lambda logits: _focal_elementwise(*_masked_inputs(logits, targets, keep, mask_targets), gamma, alpha, False),
+        lambda logits: _focal_elementwise(*masked_inputs(logits, targets, keep, mask_targets), gamma, alpha, False),
     )
 
 
