@@ -615,6 +615,20 @@ def _compiling_graph() -> bool:
     )
 
 
+def gather_classes(values: Tensor, index: Tensor) -> Tensor:
+    """``values.gather(1, index)`` for one class index per sample (index of ``values``'s shape with 1 class).
+
+    Under torch.compile as the indexed class selected and summed over classes: its backward fuses into the gradient
+    kernel, where gather's materialises an (N, C) scatter buffer (softmax CE compiled at 100k x 80: peak memory
+    1.53 -> 1.02 x (pred + grad); 400k: 1.37 -> 0.95 x floor). Exported graphs and TorchScript keep the gather (a
+    select costs onnxruntime a scalar loop over (N, C)).
+    """
+    if compiling_graph():
+        classes = torch.arange(values.size(1), device=values.device).view([1, -1] + [1] * (values.dim() - 2))
+        return torch.where(index == classes, values, 0.0).sum(1, keepdim=True)
+    return values.gather(1, index)
+
+
 def compiled_training(pred: Tensor, target: Tensor) -> bool:
     """True while torch.compile traces a step that differentiates ``pred`` (and not ``target``), not an export."""
     return compiling_graph() and needs_grad(pred) and not needs_grad(target)

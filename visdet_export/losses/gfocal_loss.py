@@ -17,6 +17,7 @@ from ..numerics import (
     compiled_training,
     compute_dtype,
     eager_fast_path,
+    gather_classes,
     keep_saved_gradient,
     needs_grad,
     pow_nonnegative,
@@ -226,8 +227,8 @@ def distribution_focal_loss(
     right_index = (left_index + 1).clamp(max=reg_max)
     log_probs = torch.log_softmax(pred, dim=1)
     loss = -(
-        log_probs.gather(1, left_index).squeeze(1) * left_weight
-        + log_probs.gather(1, right_index).squeeze(1) * right_weight
+        gather_classes(log_probs, left_index).squeeze(1) * left_weight
+        + gather_classes(log_probs, right_index).squeeze(1) * right_weight
     )
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
