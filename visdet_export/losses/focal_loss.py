@@ -120,7 +120,10 @@ def sigmoid_focal_loss(
     if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
         loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha)
         return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
-    loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
+    if activated or target.is_floating_point():
+        loss = _focal_elementwise(pred, targets, gamma, alpha, activated)
+    else:
+        loss = _focal_elementwise_binary(pred, targets, gamma, alpha)
     return weight_reduce_loss(loss, weights, reduction, avg_factor)
 
 
@@ -153,6 +156,18 @@ def _focal_elementwise(pred: Tensor, targets: Tensor, gamma: float, alpha: float
     # 1 - p_t, from whichever of sigmoid(x) / sigmoid(-x) keeps its precision.
     one_minus_pt = negative_prob * targets + positive_prob * (1.0 - targets)
     loss = cross_entropy * pow_nonnegative(one_minus_pt, gamma)
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    return loss
+
+
+def _focal_elementwise_binary(pred: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
+    """:func:`_focal_elementwise` on logits for targets in {0, 1} (one-hot from labels), value for value: with
+    ``s = x (1 - 2t)``, an exact sign flip, ``1 - p_t = sigmoid(s)`` and the BCE is ``softplus(s)``, so the loss
+    is a function of ``s`` alone (exported graphs: one sigmoid and no mixing of both, ~6 fewer (N, C) nodes)."""
+    signed = pred * (1.0 - 2.0 * targets)
+    one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
+    loss = (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
     if alpha >= 0:
         loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
     return loss
