@@ -255,9 +255,14 @@ class _Extremum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         a, b = ctx.saved_tensors
-        a_wins = torch.sign(a - b) if ctx.take_max else torch.sign(b - a)
-        grad_a = a_wins.mul_(0.5).add_(0.5).mul_(grad_output)  # 1, 0 or 1/2 at a tie
+        grad_a = (max_side_weight(a, b) if ctx.take_max else max_side_weight(b, a)).mul_(grad_output)
         return grad_a, grad_output - grad_a, None
+
+
+def max_side_weight(a: Tensor, b: Tensor) -> Tensor:
+    """d max(a, b) / d a as ATen has it: 1 where a > b, 0 where a < b, 1/2 at a tie (d min(a, b) / d a is
+    ``max_side_weight(b, a)``)."""
+    return torch.sign(a - b).mul_(0.5).add_(0.5)
 
 
 def regression_inputs(

@@ -156,9 +156,7 @@ def _focal_elementwise(pred: Tensor, targets: Tensor, gamma: float, alpha: float
     # 1 - p_t, from whichever of sigmoid(x) / sigmoid(-x) keeps its precision.
     one_minus_pt = negative_prob * targets + positive_prob * (1.0 - targets)
     loss = cross_entropy * pow_nonnegative(one_minus_pt, gamma)
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return loss
+    return _alpha_balanced(loss, targets, alpha)
 
 
 def _focal_elementwise_binary(pred: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
@@ -168,9 +166,14 @@ def _focal_elementwise_binary(pred: Tensor, targets: Tensor, gamma: float, alpha
     signed = pred * (1.0 - 2.0 * targets)
     one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
     loss = (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return loss
+    return _alpha_balanced(loss, targets, alpha)
+
+
+def _alpha_balanced(loss: Tensor, targets: Tensor, alpha: float) -> Tensor:
+    """``loss * alpha_t``: ``alpha`` for positives, ``1 - alpha`` for negatives; ``alpha < 0`` disables it."""
+    if alpha < 0:
+        return loss
+    return loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
 
 
 class FocalLoss(WeightedLoss):

@@ -18,6 +18,7 @@ from ..numerics import (
     attach_gradient,
     check_same_shape,
     eager_fast_path,
+    max_side_weight,
     needs_grad,
     select_kept_,
     upcast_inputs,
@@ -153,11 +154,6 @@ def _clamp_min_(x: Tensor, bound: float) -> tuple[Tensor, Tensor]:
     return x.clamp_(min=bound), passes
 
 
-def _max_side_weight(a: Tensor, b: Tensor) -> Tensor:
-    """d max(a, b) / d a as ATen has it: 1 where a > b, 0 where a < b, 1/2 at a tie (d min(a, b) / d a is 1 minus it)."""
-    return torch.sign(a - b).mul_(0.5).add_(0.5)
-
-
 def _iou_mode_terms(iou: Tensor, mode: str, eps: float) -> tuple[Tensor, Tensor]:
     """The IoU loss of ``mode`` on ``iou`` clamped at ``eps``, and its derivative with respect to ``iou``."""
     clamped, passes = _clamp_min_(iou.clone(), eps)
@@ -215,18 +211,18 @@ def _box_loss_terms(
     # width (+), min(x2, t2) of the overlap and max(x2, t2) of the enclosing box
     grad = torch.empty_like(pred)
     d_x1, d_y1, d_x2, d_y2 = grad.unbind(1)
-    torch.mul(d_overlap_w, _max_side_weight(px1, tx1), out=d_x1).add_(d_pred_w).neg_()
-    torch.mul(d_overlap_h, _max_side_weight(py1, ty1), out=d_y1).add_(d_pred_h).neg_()
-    torch.mul(d_overlap_w, _max_side_weight(tx2, px2), out=d_x2).add_(d_pred_w)
-    torch.mul(d_overlap_h, _max_side_weight(ty2, py2), out=d_y2).add_(d_pred_h)
+    torch.mul(d_overlap_w, max_side_weight(px1, tx1), out=d_x1).add_(d_pred_w).neg_()
+    torch.mul(d_overlap_h, max_side_weight(py1, ty1), out=d_y1).add_(d_pred_h).neg_()
+    torch.mul(d_overlap_w, max_side_weight(tx2, px2), out=d_x2).add_(d_pred_w)
+    torch.mul(d_overlap_h, max_side_weight(ty2, py2), out=d_y2).add_(d_pred_h)
     if generalized:
         d_enclose = enclose.mul_(enclose).reciprocal_().mul_(union).mul_(enclose_passes.to(dtype))
         d_enclose_w = enclose_h.mul_(d_enclose).mul_(enclose_w_passes.to(dtype))
         d_enclose_h = d_enclose.mul_(enclose_w).mul_(enclose_h_passes.to(dtype))
-        d_x1.sub_(_max_side_weight(tx1, px1).mul_(d_enclose_w))
-        d_y1.sub_(_max_side_weight(ty1, py1).mul_(d_enclose_h))
-        d_x2.add_(_max_side_weight(px2, tx2).mul_(d_enclose_w))
-        d_y2.add_(_max_side_weight(py2, ty2).mul_(d_enclose_h))
+        d_x1.sub_(max_side_weight(tx1, px1).mul_(d_enclose_w))
+        d_y1.sub_(max_side_weight(ty1, py1).mul_(d_enclose_h))
+        d_x2.add_(max_side_weight(px2, tx2).mul_(d_enclose_w))
+        d_y2.add_(max_side_weight(py2, ty2).mul_(d_enclose_h))
     return value, grad
 
 
