@@ -257,6 +257,30 @@ def test_select_kept_is_where(dtype):
     assert torch.equal(grad, keep.expand(5, 3).to(torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, -1.0, 0.5])
+def test_exp_scaled_is_exp_in_place(dtype, scale):
+    """``exp(scale x)`` through ``exp2`` on CPU, in place: relative error within ``(|scale x| + 2) ulp`` of the
+    float64 exp, exact 0 / 1 / inf at -inf / 0 / +inf, NaN kept; over- and underflow where exp does."""
+    x = torch.cat([torch.linspace(-110.0, 90.0, 20001, dtype=torch.float64), torch.tensor([0.0, -1e-30, 1e-30])])
+    x = x.to(dtype)
+    expected = torch.exp(scale * x.double())
+    y = x.clone()
+    got = NUMERICS_MODULE.exp_scaled_(y, scale)
+    assert got.data_ptr() == y.data_ptr()
+    ulp = torch.finfo(dtype).eps
+    normal = expected.to(dtype).abs() >= torch.finfo(dtype).tiny
+    finite = torch.isfinite(expected.to(dtype))
+    relative = ((got.double() - expected) / expected).abs()
+    bound = (scale * x.double()).abs().add(2.0).mul(ulp)
+    assert (relative[normal & finite] <= bound[normal & finite]).all()
+    assert torch.equal(torch.isinf(got), torch.isinf(expected.to(dtype)))
+    specials = torch.tensor([-float("inf"), 0.0, float("inf"), float("nan")], dtype=dtype)
+    got = NUMERICS_MODULE.exp_scaled_(specials.clone(), scale)
+    expected = torch.exp(scale * specials)
+    assert torch.equal(got[:3], expected[:3]) and got[3].isnan()
+
+
 @pytest.mark.parametrize(
     "module", [FocalLoss(), QualityFocalLoss(), L1Loss(), MSELoss()], ids=lambda m: type(m).__name__
 )

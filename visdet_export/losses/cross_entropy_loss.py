@@ -19,6 +19,7 @@ from ..numerics import (
     compiled_training,
     compute_dtype,
     eager_fast_path,
+    exp_scaled_,
     gather_classes,
     keep_saved_gradient,
     log1p_exp_neg_abs,
@@ -78,11 +79,17 @@ def softmax_cross_entropy(
     _check_class_count(class_weight, pred.size(1))
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
-    valid = (label != ignore_index) & (label >= 0) & (label < pred.size(1))
+    # labels outside [0, C) are the ones clamping changes (two integer passes where three comparisons took five)
+    safe_label = label.clamp(0, pred.size(1) - 1)
+    valid = safe_label == label
+    if ignore_index >= 0:
+        valid = valid & (label != ignore_index)
     if weight is not None:
         weight = weight.to(dtype)
-        valid = valid & (weight != 0)
-    safe_label = torch.where(valid, label, 0).unsqueeze(1)
+        keep_weighted = weight_keep_mask(weight)
+        if keep_weighted is not None:
+            valid = valid & keep_weighted
+    safe_label = safe_label.unsqueeze(1)
     label_weight = None if class_weight is None else class_weight.to(dtype)[safe_label.squeeze(1)]
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = (label != ignore_index).sum().to(dtype)
@@ -120,7 +127,9 @@ def _softmax_cross_entropy_eager(
         value = torch.where(keep_rows, value, 0.0)
         grad: Optional[Tensor] = None
         if with_grad:
-            grad = log_prob.exp_().scatter_add_(1, safe_label, torch.full(safe_label.shape, -1.0, dtype=pred.dtype))
+            grad = exp_scaled_(log_prob, 1.0).scatter_add_(
+                1, safe_label, torch.full(safe_label.shape, -1.0, dtype=pred.dtype, device=pred.device)
+            )
             if label_weight is not None:
                 grad = grad.mul_(label_weight.unsqueeze(1))
             grad = select_kept_(grad, keep_rows)  # rows of NaN/inf logits that carry no weight
