@@ -120,7 +120,7 @@ class BalancedL1Loss(WeightedLoss):
         loss = balanced_l1_loss(
             pred, target, weight, self.alpha, self.gamma, self.beta, reduction, as_avg_factor(avg_factor, pred)
         )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, beta={self.beta}, " + super().extra_repr()

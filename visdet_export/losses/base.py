@@ -1,7 +1,7 @@
 """The configuration every loss module shares: ``reduction`` and ``loss_weight``."""
 
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..reduction import REDUCTIONS
 from ..validation import check_choice, check_float
@@ -17,6 +17,13 @@ class WeightedLoss(nn.Module):
         super().__init__()
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.loss_weight = check_float("loss_weight", loss_weight)
+
+    def weighted(self, loss: Tensor) -> Tensor:
+        """``loss_weight * loss``; at the default weight 1 the loss itself (bit for bit the same values), one
+        operation and one autograd node fewer per call."""
+        if self.loss_weight == 1.0:
+            return loss
+        return self.loss_weight * loss
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"

@@ -422,7 +422,7 @@ class CrossEntropyLoss(WeightedLoss):
                 loss = softmax_cross_entropy(
                     pred, label, weight, self.class_weight, index, self.avg_non_ignore, reduction, factor
                 )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return (

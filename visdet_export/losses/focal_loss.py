@@ -220,7 +220,7 @@ class FocalLoss(WeightedLoss):
         loss = sigmoid_focal_loss(
             pred, target, weight, self.gamma, self.alpha, reduction, as_avg_factor(avg_factor, pred), self.activated
         )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, alpha={self.alpha}, activated={self.activated}, " + super().extra_repr()

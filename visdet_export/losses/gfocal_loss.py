@@ -177,7 +177,7 @@ class QualityFocalLoss(WeightedLoss):
         loss = quality_focal_loss(
             pred, dense, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
         )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, activated={self.activated}, " + super().extra_repr()
@@ -261,7 +261,7 @@ class DistributionFocalLoss(WeightedLoss):
             )
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = distribution_focal_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred))
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"reg_max={self.reg_max}, " + super().extra_repr()

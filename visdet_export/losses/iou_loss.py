@@ -265,7 +265,7 @@ class IoULoss(WeightedLoss):
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = iou_loss(pred, target, weight, self.mode, self.eps, reduction, as_avg_factor(avg_factor, pred))
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, eps={self.eps}, " + super().extra_repr()
@@ -294,7 +294,7 @@ class GIoULoss(WeightedLoss):
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = giou_loss(pred, target, weight, self.eps, reduction, as_avg_factor(avg_factor, pred))
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, " + super().extra_repr()

@@ -122,7 +122,7 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
         loss = knowledge_distillation_kl_div_loss(
             pred, soft_label, weight, self.T, reduction, as_avg_factor(avg_factor, pred)
         )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"T={self.T}, " + super().extra_repr()
@@ -218,7 +218,7 @@ class LocalizationDistillationLoss(WeightedLoss):
         loss = localization_distillation_loss(
             pred, soft_label, weight, self.T, self.reg_max, reduction, as_avg_factor(avg_factor, pred)
         )
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"T={self.T}, reg_max={self.reg_max}, " + super().extra_repr()

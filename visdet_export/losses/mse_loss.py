@@ -56,4 +56,4 @@ class MSELoss(WeightedLoss):
         reduction_override: Optional[str] = None,
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
-        return self.loss_weight * mse_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred))
+        return self.weighted(mse_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred)))

@@ -99,7 +99,7 @@ class L1Loss(WeightedLoss):
         reduction_override: Optional[str] = None,
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
-        return self.loss_weight * l1_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred))
+        return self.weighted(l1_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred)))
 
 
 class SmoothL1Loss(WeightedLoss):
@@ -125,7 +125,7 @@ class SmoothL1Loss(WeightedLoss):
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = smooth_l1_loss(pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred))
-        return self.loss_weight * loss
+        return self.weighted(loss)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, " + super().extra_repr()
