@@ -329,6 +329,41 @@ def test_softmax_cross_entropy_fast_path_matches_autograd(cfg, spatial, reductio
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
 
 
+@pytest.mark.parametrize("trained", [True, False], ids=["trained_weight", "frozen_weight"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distribution_focal_fast_path_matches_autograd(reduction, trained, monkeypatch):
+    """Closed-form DFL gradient (softmax minus the two weighted bins, in place) against the autograd formulation:
+    targets on a bin, between bins and at reg_max (both bins the last one), rows of weight 0 with NaN/inf logits
+    and target; twice differentiable through the autograd formulation."""
+    from visdet_export.losses import DistributionFocalLoss
+
+    module = DistributionFocalLoss()
+    g = torch.Generator().manual_seed(11)
+    n, bins = 29, 8
+    pred = torch.randn(n, bins, generator=g, dtype=torch.float64) * 3
+    target = torch.rand(n, generator=g, dtype=torch.float64) * (bins - 1)
+    target[:3] = torch.tensor([0.0, 3.0, bins - 1.0], dtype=torch.float64)
+    weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    weight[3:12:2] = 0.0
+    dead = (weight == 0).unsqueeze(1).expand(n, bins)
+    pred = torch.where(dead & (torch.rand(n, bins, generator=g) < 0.5), float("nan"), pred)
+    pred = torch.where(dead & torch.isfinite(pred), float("inf"), pred)
+    target = torch.where(weight == 0, float("nan"), target)
+    owner = importlib.import_module("visdet_export.losses.gfocal_loss")
+    closed_form_calls = []
+    closed_form = owner._distribution_focal_loss_eager
+    monkeypatch.setattr(owner, "_distribution_focal_loss_eager", lambda *a: closed_form_calls.append(1) or closed_form(*a))
+    _, gp, *rest = _fast_path_matches_autograd(
+        "gfocal_loss", module, pred, target, weight, monkeypatch, reduction, trained
+    )
+    assert (gp[dead] == 0).all() and (gp != 0).any()
+    assert closed_form_calls == ([] if trained else [1])  # a trained weight takes the autograd formulation
+    if trained:
+        assert (rest[0] != 0).any()
+    live = pred[:3].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda p: module(p, target[:3], weight[:3]), (live,))
+
+
 @pytest.mark.parametrize("module", [FocalLoss(), L1Loss()], ids=lambda m: type(m).__name__)
 def test_closed_form_backward_twice_with_retain_graph(module):
     """The closed-form backward scales its saved gradient in place only when the graph is not retained: a second

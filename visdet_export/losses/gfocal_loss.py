@@ -17,6 +17,7 @@ from ..numerics import (
     compiled_training,
     compute_dtype,
     eager_fast_path,
+    exp_scaled_,
     gather_classes,
     keep_saved_gradient,
     needs_grad,
@@ -214,23 +215,62 @@ def distribution_focal_loss(
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     target = target.to(dtype)
+    keep_rows: Optional[Tensor] = None
     if weight is not None:
         weight = weight.to(dtype)
         keep = weight_keep_mask(weight)
-        pred = zero_where_unweighted(pred, None if keep is None else keep.unsqueeze(1))
         target = zero_where_unweighted(target, keep)
+        keep_rows = None if keep is None else keep.unsqueeze(1)
     reg_max = pred.size(1) - 1
     left_bin = target.floor().clamp(0, reg_max)
-    left_weight = left_bin + 1.0 - target
-    right_weight = target - left_bin
+    # (N, 1) columns: the two bins around the target and their weights, which sum to 1
+    left_weight = (left_bin + 1.0 - target).unsqueeze(1)
+    right_weight = (target - left_bin).unsqueeze(1)
     left_index = left_bin.long().unsqueeze(1)
     right_index = (left_index + 1).clamp(max=reg_max)
-    log_probs = torch.log_softmax(pred, dim=1)
-    loss = -(
-        gather_classes(log_probs, left_index).squeeze(1) * left_weight
-        + gather_classes(log_probs, right_index).squeeze(1) * right_weight
-    )
+    bins = (left_index, right_index, left_weight, right_weight)
+    # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
+    # masked rows is the loss of the masked inputs, where the fast path zeroes the outputs
+    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
+        loss = _distribution_focal_loss_eager(pred, bins, keep_rows, weight)
+        return weight_reduce_loss(loss, None, reduction, avg_factor)
+    loss = _distribution_focal_loss(zero_where_unweighted(pred, keep_rows), bins).squeeze(1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _distribution_focal_loss(pred: Tensor, bins: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """Per-sample DFL (N, 1) of logits ``pred`` (N, C), with ``bins`` = (left index, right index, left weight,
+    right weight), each (N, 1) (autograd formulation)."""
+    left_index, right_index, left_weight, right_weight = bins
+    log_probs = torch.log_softmax(pred, dim=1)
+    return -(gather_classes(log_probs, left_index) * left_weight + gather_classes(log_probs, right_index) * right_weight)
+
+
+@torch.jit.unused
+def _distribution_focal_loss_eager(
+    pred: Tensor, bins: tuple[Tensor, Tensor, Tensor, Tensor], keep_rows: Optional[Tensor], weight: Optional[Tensor]
+) -> Tensor:
+    """:func:`_distribution_focal_loss` times ``weight`` with the gradient in closed form, ``softmax - w_l
+    one_hot(l) - w_r one_hot(r)`` (w_l + w_r = 1), written over the log-probabilities in place as softmax
+    cross-entropy's; rows of weight 0 are zeroed in the outputs (NaN / inf logits there included)."""
+    left_index, right_index, left_weight, right_weight = bins
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        log_prob = torch.log_softmax(pred, dim=1)
+        value = log_prob.gather(1, left_index).mul_(left_weight)
+        value = value.add_(log_prob.gather(1, right_index).mul_(right_weight)).neg_()
+        if keep_rows is not None:
+            value = torch.where(keep_rows, value, 0.0)
+        grad: Optional[Tensor] = None
+        if with_grad:
+            grad = exp_scaled_(log_prob, 1.0).scatter_add_(1, left_index, left_weight.neg())
+            grad = grad.scatter_add_(1, right_index, right_weight.neg())
+            if keep_rows is not None:
+                grad = select_kept_(grad, keep_rows)
+    return attach_gradient(
+        value, grad, pred, None if weight is None else weight.unsqueeze(1),
+        lambda logits: _distribution_focal_loss(zero_where_unweighted(logits, keep_rows), bins),
+    ).squeeze(1)
 
 
 class DistributionFocalLoss(WeightedLoss):
