@@ -181,8 +181,8 @@ def aligned_box_iou(
     if keep is not None and eager:  # eager: two selects of whole boxes, not eight of columns
         pred, target = select_kept(pred, keep.unsqueeze(1)), select_kept(target, keep.unsqueeze(1))
         keep = None
-    px1, py1, px2, py2 = [zero_where_unweighted(column, keep) for column in pred.unbind(1)]
-    tx1, ty1, tx2, ty2 = [zero_where_unweighted(column, keep) for column in target.unbind(1)]
+    columns = _box_columns(pred, target, stacked=not generalized)
+    px1, py1, px2, py2, tx1, ty1, tx2, ty2 = [zero_where_unweighted(column, keep) for column in columns]
     pred_area = clamp_min(px2 - px1, 0.0, eager) * clamp_min(py2 - py1, 0.0, eager)
     target_area = clamp_min(tx2 - tx1, 0.0, eager) * clamp_min(ty2 - ty1, 0.0, eager)
     overlap_w = clamp_min(minimum(px2, tx2, eager) - maximum(px1, tx1, eager), 0.0, eager)
@@ -195,6 +195,21 @@ def aligned_box_iou(
     enclose_h = clamp_min(maximum(py2, ty2, eager) - minimum(py1, ty1, eager), 0.0, eager)
     enclose_area = clamp_min(enclose_w * enclose_h, eps, eager)
     return iou - (enclose_area - union) / enclose_area
+
+
+def _box_columns(pred: Tensor, target: Tensor, stacked: bool) -> list[Tensor]:
+    """The eight coordinate columns (N,) of two (N, 4) box sets.
+
+    ``stacked``: under torch.compile, stack them into one (8, N) buffer first, which inductor writes once; its
+    kernels then read each column contiguously. Read out of the boxes (stride 4) by every fused node, the columns
+    make inductor's CPU heuristic turn vectorisation off (35 or more non-contiguous loads in a kernel, or 12% of its
+    operations; torch 2.13): IoU fwd+bwd, 1 thread, 5.0 -> 1.8 ms at 100k boxes, 46 -> 18 ms at 1M, for a saved
+    (8, N) buffer. GIoU has arithmetic enough to stay vectorised and only pays for the buffer (1.5 -> 2.7 x floor).
+    """
+    columns = pred.unbind(1) + target.unbind(1)
+    if stacked and compiling_graph():
+        return torch.stack(columns).unbind(0)
+    return columns
 
 
 # ``clamp(min=)``, ``maximum`` and ``minimum`` with ATen's derivatives (clamp passes the gradient at the bound,
