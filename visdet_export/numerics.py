@@ -537,8 +537,9 @@ def attach_gradient(
     return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, differentiable)
 
 
-def _sigmoid_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors, ``bce`` as :func:`bce_with_logits`.
+def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors, ``bce`` as :func:`bce_with_logits` (target None:
+    all 0).
 
     ATen's sigmoid, ``1 / (1 + exp(-x))``, keeps its relative precision on both sides (it only flushes values
     below the float range to 0), so ``sigmoid(-x)`` needs neither ``1 - sigmoid(x)`` (which cancels for confident
@@ -547,8 +548,40 @@ def _sigmoid_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
     blocks of that size with a new mmap each time).
     """
     decay = exp_scaled_(logits.abs(), -1.0)
-    bce = logits.clamp(min=0).addcmul_(logits, target, value=-1.0).add_(decay.log1p_())
+    bce = logits.clamp(min=0)
+    if target is not None:
+        bce = bce.addcmul_(logits, target, value=-1.0)
+    bce = bce.add_(decay.log1p_())
     return bce, torch.sigmoid(logits, out=decay), torch.neg(logits).sigmoid_()
+
+
+def negative_focal_terms(
+    logits: Tensor, gamma: float, alpha: float, with_grad: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`focal_terms` at target 0 everywhere (the negatives of one-hot targets), without a target tensor.
+
+    With ``s = sigmoid(x)`` (then ``1 - p_t = s``), ``ce = softplus(x)`` and ``a = 1 - alpha``: ``L = a ce s^g`` and
+    ``dL/dx = a s^g (s + g ce (1 - s))``, which needs no ``s^(g-1)`` (finite for every ``g >= 0`` at ``s = 0``).
+    """
+    grad: Optional[Tensor] = None
+    with torch.no_grad():
+        bce, prob, neg_prob = _sigmoid_terms(logits, None)
+        if with_grad:
+            grad = neg_prob.mul_(bce).mul_(gamma).add_(prob) if gamma != 0.0 else prob.clone()
+        modulating: Optional[Tensor] = None  # a s^g, None for 1
+        if gamma == 2.0:
+            modulating = prob.mul_(prob)
+        elif gamma == 1.0:
+            modulating = prob
+        elif gamma != 0.0:
+            modulating = prob.pow_(gamma)
+        if alpha >= 0:
+            modulating = prob.fill_(1.0 - alpha) if modulating is None else modulating.mul_(1.0 - alpha)
+        if modulating is not None:
+            bce = bce.mul_(modulating)
+            if grad is not None:
+                grad = grad.mul_(modulating)
+    return bce, grad
 
 
 def focal_terms(

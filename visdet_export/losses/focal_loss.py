@@ -23,6 +23,7 @@ from ..numerics import (
     keep_saved_gradient,
     masked_inputs,
     needs_grad,
+    negative_focal_terms,
     pow_nonnegative,
     scatter_class_values,
     select_kept_,
@@ -32,6 +33,17 @@ from ..numerics import (
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float
 from .base import WeightedLoss
+
+
+def check_class_labels(pred: Tensor, target: Tensor) -> None:
+    """Raise unless ``pred`` is (N, C) and ``target`` (N,) integer class labels."""
+    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
+        raise ValueError(
+            "expected pred (N, C) with labels (N,) or one-hot targets (N, C), got "
+            + str(pred.shape) + " and " + str(target.shape)
+        )
+    if target.is_floating_point():
+        raise ValueError("integer class labels are expected, got a floating-point tensor of shape (N,)")
 
 
 def class_targets(pred: Tensor, target: Tensor) -> Tensor:
@@ -49,13 +61,7 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
                 "one-hot target must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
             )
         return target.to(pred.dtype)
-    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
-        raise ValueError(
-            "expected pred (N, C) with labels (N,) or one-hot targets (N, C), got "
-            + str(pred.shape) + " and " + str(target.shape)
-        )
-    if target.is_floating_point():
-        raise ValueError("integer class labels are expected, got a floating-point tensor of shape (N,)")
+    check_class_labels(pred, target)
     if eager_fast_path(pred):
         return scatter_class_values(pred, target, torch.ones_like(target, dtype=pred.dtype))
     classes = torch.arange(pred.size(1), device=pred.device)
@@ -105,7 +111,6 @@ def sigmoid_focal_loss(
     """
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
-    targets = class_targets(pred, target)
     weights: Optional[Tensor] = None
     keep: Optional[Tensor] = None
     if weight is not None:
@@ -114,8 +119,13 @@ def sigmoid_focal_loss(
     # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked
     # elements is the loss of the masked inputs, where the fast path zeroes the outputs
     if not activated and eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
-        loss = _focal_eager(pred, targets, weights, keep, target.is_floating_point(), gamma, alpha)
+        if target.dim() != pred.dim():
+            check_class_labels(pred, target)
+            loss = _focal_labels_eager(pred, target, weights, keep, gamma, alpha)
+        else:
+            loss = _focal_eager(pred, class_targets(pred, target), weights, keep, target.is_floating_point(), gamma, alpha)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
+    targets = class_targets(pred, target)
     pred, targets = masked_inputs(pred, targets, keep, target.is_floating_point())
     if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
         loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha)
@@ -141,6 +151,34 @@ def _focal_eager(
     return attach_gradient(
         value, grad, pred, weights,
         lambda logits: _focal_elementwise(*masked_inputs(logits, targets, keep, mask_targets), gamma, alpha, False),
+    )
+
+
+@torch.jit.unused
+def _focal_labels_eager(
+    pred: Tensor, label: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], gamma: float, alpha: float
+) -> Tensor:
+    """:func:`_focal_eager` for one-hot targets given as labels (N,), without (N, C) targets: every element takes
+    the negatives' terms (:func:`~visdet_export.numerics.negative_focal_terms`), and the label's element the
+    positives', computed on N values and written there by a scatter."""
+    with_grad = needs_grad(pred)
+    with torch.no_grad():
+        labelled = ((label >= 0) & (label < pred.size(1))).unsqueeze(1)
+        index = torch.where(labelled, label.unsqueeze(1), 0)
+        positive_logit = pred.gather(1, index)
+        positive_value, positive_grad = focal_terms(positive_logit, torch.ones_like(positive_logit), gamma, alpha, with_grad)
+        value, grad = negative_focal_terms(pred, gamma, alpha, with_grad)
+        value.scatter_(1, index, torch.where(labelled, positive_value, value.gather(1, index)))
+        if grad is not None and positive_grad is not None:
+            grad.scatter_(1, index, torch.where(labelled, positive_grad, grad.gather(1, index)))
+        if keep is not None:
+            value = select_kept_(value, keep)
+            grad = None if grad is None else select_kept_(grad, keep)
+    return attach_gradient(
+        value, grad, pred, weights,
+        lambda logits: _focal_elementwise(
+            *masked_inputs(logits, class_targets(logits, label), keep, False), gamma, alpha, False
+        ),
     )
 
 
