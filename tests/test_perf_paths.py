@@ -329,6 +329,39 @@ def test_softmax_cross_entropy_fast_path_matches_autograd(cfg, spatial, reductio
     assert (gp[dead] == 0).all() and (gp != 0).any() and (gw != 0).any()
 
 
+@pytest.mark.parametrize("beta", [2.0, 1.5, 1.0, 0.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_quality_focal_on_labels_fast_path_matches_autograd(reduction, beta, monkeypatch):
+    """QFL on (labels, scores) without dense targets (negatives' closed form everywhere, the label's element
+    scattered in) against the autograd formulation on the dense targets: background labels, scores 0 and 1, rows
+    of weight 0 with NaN/inf logits, a frozen and a trained weight (which takes the autograd formulation)."""
+    owner = importlib.import_module("visdet_export.losses.gfocal_loss")
+    module = QualityFocalLoss(beta=beta)
+    g = torch.Generator().manual_seed(13)
+    n, c = 31, 6
+    pred = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, c + 1, (n,), generator=g)
+    scores = torch.rand(n, generator=g, dtype=torch.float64)
+    scores[:2] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    weight[4:14:3] = 0.0
+    dead = (weight == 0).unsqueeze(1).expand(n, c)
+    pred = torch.where(dead & (torch.rand(n, c, generator=g) < 0.5), float("nan"), pred)
+    pred = torch.where(dead & torch.isfinite(pred), -float("inf"), pred)
+    closed_form_calls = []
+    closed_form = owner._quality_focal_labels_eager
+    monkeypatch.setattr(owner, "_quality_focal_labels_eager", lambda *a: closed_form_calls.append(1) or closed_form(*a))
+    for trained in (False, True):
+        closed_form_calls.clear()
+        _, gp, *rest = _fast_path_matches_autograd(
+            "gfocal_loss", module, pred, (labels, scores), weight, monkeypatch, reduction, trained
+        )
+        assert (gp[dead] == 0).all() and (gp != 0).any()
+        assert closed_form_calls == ([] if trained else [1])
+        if trained:
+            assert (rest[0] != 0).any()
+
+
 @pytest.mark.parametrize("trained", [True, False], ids=["trained_weight", "frozen_weight"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_distribution_focal_fast_path_matches_autograd(reduction, trained, monkeypatch):

@@ -457,6 +457,40 @@ def _keep_ones(tensor: Tensor, keep: Tensor) -> Optional[Tensor]:
 
 
 @torch.jit.unused
+def select_kept_outputs_(
+    value: Tensor, grad: Optional[Tensor], keep: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A closed form's ``value`` and ``grad`` (our own tensors) with the elements outside ``keep`` zeroed in place,
+    NaN / inf there included."""
+    if keep is None:
+        return value, grad
+    return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
+
+
+@torch.jit.unused
+def label_column_terms(
+    logits: Tensor,
+    labels: Tensor,
+    keep: Optional[Tensor],
+    everywhere: Callable[[Tensor], tuple[Tensor, Optional[Tensor]]],
+    at_label: Callable[[Tensor, Tensor], tuple[Tensor, Optional[Tensor]]],
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Element-wise loss and derivative (N, C) for targets that are 0 except at each sample's label, without (N, C)
+    targets: ``everywhere(logits)`` (the terms at target 0, fresh tensors), replaced at the label by
+    ``at_label(logits at the label (N, 1), label index (N, 1))``, computed on N values and written by a scatter.
+    Labels outside [0, C) (background) leave their row alone. Elements outside ``keep`` are then zeroed."""
+    with torch.no_grad():
+        labelled = ((labels >= 0) & (labels < logits.size(1))).unsqueeze(1)
+        index = torch.where(labelled, labels.unsqueeze(1), 0)
+        label_value, label_grad = at_label(logits.gather(1, index), index)
+        value, grad = everywhere(logits)
+        value.scatter_(1, index, torch.where(labelled, label_value, value.gather(1, index)))
+        if grad is not None and label_grad is not None:
+            grad.scatter_(1, index, torch.where(labelled, label_grad, grad.gather(1, index)))
+        return select_kept_outputs_(value, grad, keep)
+
+
+@torch.jit.unused
 def scatter_class_values(pred: Tensor, labels: Tensor, values: Tensor) -> Tensor:
     """Dense (N, C) targets for eager kernels: ``values[i]`` at ``(i, labels[i])`` for labels in [0, C), 0 elsewhere
     (other labels give an all-zero row), as the static-shape ``where(labels[:, None] == arange(C), values, 0)`` the

@@ -22,10 +22,12 @@ from ..numerics import (
     exp_scaled_,
     gather_classes,
     keep_saved_gradient,
+    label_column_terms,
     log1p_exp_neg_abs,
     masked_inputs,
     needs_grad,
     select_kept_,
+    select_kept_outputs_,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -258,7 +260,7 @@ def _binary_cross_entropy_eager(
             if with_grad:
                 positive_scale = targets.mul(pos_weight - 1.0).add_(1.0)
                 grad = torch.neg(pred).sigmoid_().mul_(positive_scale).neg_().add_(1.0).sub_(targets)
-        value, grad = _select_kept_outputs(value, grad, keep)
+        value, grad = select_kept_outputs_(value, grad, keep)
     return attach_gradient(
         value, grad, pred, weights,
         lambda logits: _masked_bce_with_logits(logits, targets, keep, pos_weight, True),
@@ -274,32 +276,21 @@ def _binary_cross_entropy_labels_eager(
     ``-p sigmoid(-x)`` (p = ``pos_weight`` of the class, or 1), written there by a scatter of N values, exactly
     (``softplus(x) - x`` cancels for confident positives)."""
     with_grad = needs_grad(pred)
-    with torch.no_grad():
-        labelled = ((label >= 0) & (label < pred.size(1))).unsqueeze(1)
-        index = torch.where(labelled, label.unsqueeze(1), 0)
-        positive_logit = pred.gather(1, index)
-        positive_scale = torch.ones_like(positive_logit) if pos_weight is None else pos_weight[index]
-        value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM)
-        positive_value = F.softplus(positive_logit.neg(), threshold=_SOFTPLUS_LINEAR_FROM).mul_(positive_scale)
-        value.scatter_(1, index, torch.where(labelled, positive_value, value.gather(1, index)))
-        grad: Optional[Tensor] = None
-        if with_grad:
-            grad = torch.sigmoid(pred)
-            positive_grad = positive_logit.neg().sigmoid_().mul_(positive_scale).neg_()
-            grad.scatter_(1, index, torch.where(labelled, positive_grad, grad.gather(1, index)))
-        value, grad = _select_kept_outputs(value, grad, keep)
+
+    def everywhere(logits: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        value = F.softplus(logits, threshold=_SOFTPLUS_LINEAR_FROM)
+        return value, torch.sigmoid(logits) if with_grad else None
+
+    def at_label(logit: Tensor, index: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        scale = torch.ones_like(logit) if pos_weight is None else pos_weight[index]
+        value = F.softplus(logit.neg(), threshold=_SOFTPLUS_LINEAR_FROM).mul_(scale)
+        return value, logit.neg().sigmoid_().mul_(scale).neg_() if with_grad else None
+
+    value, grad = label_column_terms(pred, label, keep, everywhere, at_label)
     return attach_gradient(
         value, grad, pred, weights,
         lambda logits: _masked_bce_with_logits(logits, _one_hot(logits, label), keep, pos_weight, False),
     )
-
-
-def _select_kept_outputs(
-    value: Tensor, grad: Optional[Tensor], keep: Optional[Tensor]
-) -> tuple[Tensor, Optional[Tensor]]:
-    if keep is None:
-        return value, grad
-    return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
 
 
 def _masked_bce_with_logits(

@@ -21,12 +21,13 @@ from ..numerics import (
     focal_terms,
     focal_with_saved_gradient,
     keep_saved_gradient,
+    label_column_terms,
     masked_inputs,
     needs_grad,
     negative_focal_terms,
     pow_nonnegative,
     scatter_class_values,
-    select_kept_,
+    select_kept_outputs_,
     sigmoid_pair,
     weight_keep_mask,
 )
@@ -144,10 +145,7 @@ def _focal_eager(
 ) -> Tensor:
     """Elements of weight 0 are zeroed in the outputs (value and gradient, NaN/inf inputs there included) rather
     than in the inputs: two in-place passes where masking ``pred`` took two (N, C) temporaries."""
-    value, grad = focal_terms(pred, targets, gamma, alpha, needs_grad(pred))
-    if keep is not None:
-        value = select_kept_(value, keep)
-        grad = None if grad is None else select_kept_(grad, keep)
+    value, grad = select_kept_outputs_(*focal_terms(pred, targets, gamma, alpha, needs_grad(pred)), keep)
     return attach_gradient(
         value, grad, pred, weights,
         lambda logits: _focal_elementwise(*masked_inputs(logits, targets, keep, mask_targets), gamma, alpha, False),
@@ -162,18 +160,11 @@ def _focal_labels_eager(
     the negatives' terms (:func:`~visdet_export.numerics.negative_focal_terms`), and the label's element the
     positives', computed on N values and written there by a scatter."""
     with_grad = needs_grad(pred)
-    with torch.no_grad():
-        labelled = ((label >= 0) & (label < pred.size(1))).unsqueeze(1)
-        index = torch.where(labelled, label.unsqueeze(1), 0)
-        positive_logit = pred.gather(1, index)
-        positive_value, positive_grad = focal_terms(positive_logit, torch.ones_like(positive_logit), gamma, alpha, with_grad)
-        value, grad = negative_focal_terms(pred, gamma, alpha, with_grad)
-        value.scatter_(1, index, torch.where(labelled, positive_value, value.gather(1, index)))
-        if grad is not None and positive_grad is not None:
-            grad.scatter_(1, index, torch.where(labelled, positive_grad, grad.gather(1, index)))
-        if keep is not None:
-            value = select_kept_(value, keep)
-            grad = None if grad is None else select_kept_(grad, keep)
+    value, grad = label_column_terms(
+        pred, label, keep,
+        lambda logits: negative_focal_terms(logits, gamma, alpha, with_grad),
+        lambda logit, index: focal_terms(logit, torch.ones_like(logit), gamma, alpha, with_grad),
+    )
     return attach_gradient(
         value, grad, pred, weights,
         lambda logits: _focal_elementwise(

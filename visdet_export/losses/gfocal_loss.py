@@ -20,14 +20,18 @@ from ..numerics import (
     exp_scaled_,
     gather_classes,
     keep_saved_gradient,
+    label_column_terms,
     needs_grad,
+    negative_focal_terms,
     pow_nonnegative,
     quality_focal_terms,
     quality_focal_with_saved_gradient,
-    select_kept_,
     row_weighted_inputs,
     scatter_class_values,
+    select_kept_,
+    select_kept_outputs_,
     sigmoid_pair,
+    upcast_inputs,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -36,12 +40,7 @@ from ..validation import ConfigError, check_bool, check_float, check_int
 from .base import WeightedLoss
 
 
-def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
-    """Dense (N, C) soft targets: ``score`` at each sample's label, 0 elsewhere (label C is background).
-
-    Args:
-        pred (Tensor[N, C]), labels (Tensor[N] int in [0, C]), scores (Tensor[N] in [0, 1]).
-    """
+def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
     if labels.dim() != 1 or scores.shape != labels.shape or pred.dim() != 2 or pred.size(0) != labels.size(0):
         raise ValueError(
             "expected pred (N, C), labels (N,) and scores (N,), got "
@@ -49,6 +48,15 @@ def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
         )
     if labels.is_floating_point():
         raise ValueError("QualityFocalLoss labels must be integers, got a floating-point tensor")
+
+
+def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
+    """Dense (N, C) soft targets: ``score`` at each sample's label, 0 elsewhere (label C is background).
+
+    Args:
+        pred (Tensor[N, C]), labels (Tensor[N] int in [0, C]), scores (Tensor[N] in [0, 1]).
+    """
+    _check_quality_labels(pred, labels, scores)
     if eager_fast_path(pred):
         return scatter_class_values(pred, labels, scores.to(pred.dtype))
     classes = torch.arange(pred.size(1), device=pred.device)
@@ -100,14 +108,59 @@ def _quality_focal_eager(pred: Tensor, target: Tensor, keep: Optional[Tensor], b
     """Rows of weight 0 are zeroed in the outputs (value and gradient, NaN/inf inputs there included) rather than in
     the inputs: two in-place passes where masking ``pred`` and ``target`` took three (N, C) temporaries."""
     value, grad = quality_focal_terms(pred, target, beta)
-    grad = grad if needs_grad(pred) else None
-    if keep is not None:
-        value = select_kept_(value, keep)
-        grad = None if grad is None else select_kept_(grad, keep)
+    value, grad = select_kept_outputs_(value, grad if needs_grad(pred) else None, keep)
     return attach_gradient(
         value, grad, pred, None,
         lambda logits: _quality_focal_elementwise(
             zero_where_unweighted(logits, keep), zero_where_unweighted(target, keep), beta, False
+        ),
+    )
+
+
+def quality_focal_loss_on_labels(
+    pred: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    weight: Optional[Tensor] = None,
+    beta: float = 2.0,
+    reduction: str = "mean",
+    avg_factor: Optional[Tensor] = None,
+    activated: bool = False,
+) -> Tensor:
+    """:func:`quality_focal_loss` with the targets given as labels (N,) and IoU scores (N,) (see
+    :func:`quality_targets`). Eager training builds no (N, C) targets: every element takes the negatives' closed
+    form (target 0: :func:`~visdet_export.numerics.negative_focal_terms` with ``gamma = beta``, no balance) and the
+    label's element the positives', computed on N values and written there by a scatter."""
+    if activated or not eager_fast_path(pred) or (weight is not None and needs_grad(weight)):
+        dense = quality_targets(pred, labels, scores)
+        return quality_focal_loss(pred, dense, weight, beta, reduction, avg_factor, activated)
+    _check_quality_labels(pred, labels, scores)
+    pred, scores, weight = upcast_inputs(pred, scores, weight)
+    keep: Optional[Tensor] = None
+    if weight is not None:
+        if weight.dim() != 1 or weight.size(0) != pred.size(0):
+            raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
+        keep = weight_keep_mask(weight.unsqueeze(1))
+    loss = _quality_focal_labels_eager(pred, labels, scores, keep, beta).sum(dim=1)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+@torch.jit.unused
+def _quality_focal_labels_eager(
+    pred: Tensor, labels: Tensor, scores: Tensor, keep: Optional[Tensor], beta: float
+) -> Tensor:
+    """:func:`_quality_focal_eager` on labels and scores (see :func:`quality_focal_loss_on_labels`)."""
+    with_grad = needs_grad(pred)
+    value, grad = label_column_terms(
+        pred, labels, keep,
+        lambda logits: negative_focal_terms(logits, beta, -1.0, with_grad),
+        lambda logit, index: quality_focal_terms(logit, scores.unsqueeze(1), beta),
+    )
+    return attach_gradient(
+        value, grad, pred, None,
+        lambda logits: _quality_focal_elementwise(
+            zero_where_unweighted(logits, keep), zero_where_unweighted(quality_targets(logits, labels, scores), keep),
+            beta, False,
         ),
     )
 
@@ -172,12 +225,13 @@ class QualityFocalLoss(WeightedLoss):
                 raise ValueError(
                     "dense targets must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
                 )
-            dense = target
+            loss = quality_focal_loss(
+                pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
+            )
         else:
-            dense = quality_targets(pred, target[0], target[1])
-        loss = quality_focal_loss(
-            pred, dense, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
-        )
+            loss = quality_focal_loss_on_labels(
+                pred, target[0], target[1], weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
+            )
         return self.weighted(loss)
 
     def extra_repr(self) -> str:
