@@ -129,7 +129,9 @@ def _softmax_cross_entropy_eager(
         value = torch.where(keep_rows, value, 0.0)
         grad: Optional[Tensor] = None
         if with_grad:
-            grad = exp_scaled_(log_prob, 1.0).scatter_(1, safe_label, -1.0, reduce="add")
+            grad = exp_scaled_(log_prob, 1.0).scatter_add_(
+                1, safe_label, torch.full(safe_label.shape, -1.0, dtype=pred.dtype, device=pred.device)
+            )
             if label_weight is not None:
                 grad = grad.mul_(label_weight.unsqueeze(1))
             grad = select_kept_(grad, keep_rows)  # rows of NaN/inf logits that carry no weight
