@@ -129,8 +129,9 @@ def upcast_inputs(
 def row_weighted_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor], mask: bool = True
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Upcast ``pred`` and ``target`` (N, C) to the compute dtype and, given a per-sample ``weight`` (N,), find the
-    rows of weight 0 and (with ``mask``) replace them by 0 in both (NaN/inf there reach neither value nor gradient).
+    """Upcast ``pred`` (N, C) and ``target`` ((N, C) targets, or (N,) per-sample values such as QFL's scores, then
+    without ``mask``) to the compute dtype and, given a per-sample ``weight`` (N,), find the rows of weight 0 and
+    (with ``mask``) replace them by 0 in both (NaN/inf there reach neither value nor gradient).
 
     Returns:
         ``(pred, target, weight, keep)`` in the compute dtype, ``keep`` (N, 1) bool or None.

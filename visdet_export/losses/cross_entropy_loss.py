@@ -285,8 +285,9 @@ def _binary_cross_entropy_labels_eager(
 
     def at_label(logit: Tensor, index: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         scale = torch.ones_like(logit) if pos_weight is None else pos_weight[index]
-        value = F.softplus(logit.neg(), threshold=_SOFTPLUS_LINEAR_FROM).mul_(scale)
-        return value, logit.neg().sigmoid_().mul_(scale).neg_() if with_grad else None
+        negated = logit.neg()
+        value = F.softplus(negated, threshold=_SOFTPLUS_LINEAR_FROM).mul_(scale)
+        return value, negated.sigmoid_().mul_(scale).neg_() if with_grad else None
 
     value, grad = label_column_terms(pred, label, keep, everywhere, at_label)
     return attach_gradient(

@@ -31,7 +31,6 @@ from ..numerics import (
     select_kept_,
     select_kept_outputs_,
     sigmoid_pair,
-    upcast_inputs,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -135,12 +134,7 @@ def quality_focal_loss_on_labels(
         dense = quality_targets(pred, labels, scores)
         return quality_focal_loss(pred, dense, weight, beta, reduction, avg_factor, activated)
     _check_quality_labels(pred, labels, scores)
-    pred, scores, weight = upcast_inputs(pred, scores, weight)
-    keep: Optional[Tensor] = None
-    if weight is not None:
-        if weight.dim() != 1 or weight.size(0) != pred.size(0):
-            raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
-        keep = weight_keep_mask(weight.unsqueeze(1))
+    pred, scores, weight, keep = row_weighted_inputs(pred, scores, weight, mask=False)
     loss = _quality_focal_labels_eager(pred, labels, scores, keep, beta).sum(dim=1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
