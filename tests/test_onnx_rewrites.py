@@ -32,14 +32,14 @@ SIZES = (0, 1, 7, 1000)
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 # Configurations whose input selects the rewrite moves (row sums, box columns, an existing output select) ...
 MOVED = [
-    "qfl", "qfl_gfl", "qfl_activated", "ce_softmax", "ce_class_weight", "iou_log", "iou_linear", "giou", "dfl",
-    "ce_sigmoid_centerness", "kd_kl_div", "ld",
+    "focal", "ce_sigmoid_labels", "qfl", "qfl_gfl", "qfl_activated", "ce_softmax", "ce_class_weight", "iou_log",
+    "iou_linear", "giou", "dfl", "ce_sigmoid_centerness", "kd_kl_div", "ld",
 ]
 # ... and some it leaves alone (mask and weight applied at the same size).
-UNMOVED = ["focal", "l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_labels"]
+UNMOVED = ["l1", "mse", "smooth_l1", "balanced_l1"]
 # Configurations whose remaining selects are a large share of the graph: they run unmasked unless a result is not
 # finite; in the others (selects on N of a much larger graph) the saving is not worth the second run.
-UNMASKED = ["l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_centerness", "ce_sigmoid_labels"]
+UNMASKED = ["l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_centerness"]
 OTHER_LAYOUTS = ["qfl", "giou", "dfl", "ce_softmax", "ce_sigmoid_centerness", "kd_kl_div"]
 
 
@@ -348,3 +348,74 @@ def test_unmasked_while_finite_leaves_passthrough_outputs_alone() -> None:
     before = model.SerializeToString()
     assert onnx_export.unmasked_while_finite(model) == 0
     assert model.SerializeToString() == before
+
+
+# --- logistic_of_magnitude ------------------------------------------------------------------------------------------
+
+
+def softplus_graph(extra_consumer: bool = False) -> onnx.ModelProto:
+    """``numerics.sigmoid_pair``'s exported layout: ``d = 1 + exp(-|x|)``, its reciprocal, ``max(x, 0) + log(d)``."""
+    node = helper.make_node
+    nodes = [
+        node("Abs", ["x"], ["a"]), node("Neg", ["a"], ["na"]), node("Exp", ["na"], ["e"]),
+        node("Add", ["e", "one"], ["d"]), node("Reciprocal", ["d"], ["r"]), node("Log", ["d"], ["l"]),
+        node("Max", ["x", "zero"], ["c"]), node("Add", ["c", "l"], ["softplus"]),
+    ]
+    outputs = ["r", "softplus"]
+    if extra_consumer:
+        nodes.append(node("Mul", ["d", "x"], ["other"]))
+        outputs.append("other")
+    inits = [
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+    ]
+    graph = helper.make_graph(
+        nodes, "softplus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in outputs], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_logistic_of_magnitude_keeps_the_values() -> None:
+    """Four passes become one ``Sigmoid`` of ``|x|``; the values stay within 2e-7 of the float64 ones."""
+    original, rewritten = softplus_graph(), softplus_graph()
+    assert onnx_export.logistic_of_magnitude(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert len(ops) == len(original.graph.node) - 3 and "Reciprocal" not in ops and ops.count("Sigmoid") == 1
+    assert ops.count("Log") == 1 and "Sub" in ops
+    x = np.concatenate([
+        np.linspace(-120, 120, 200001), [0.0, -0.0, 17.9, 18.0, 18.1, -18.1, 88.0, -88.0, 1e30, -1e30],
+    ]).astype(np.float32)
+    exact_x = x.astype(np.float64)
+    exact = [1 / (1 + np.exp(-np.abs(exact_x))), np.maximum(exact_x, 0) + np.log1p(np.exp(-np.abs(exact_x)))]
+    session = lambda model: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, before = session(rewritten).run(None, {"x": x}), session(original).run(None, {"x": x})
+    for a, b, e in zip(got, before, exact):
+        np.testing.assert_allclose(a, e, rtol=2e-7, atol=2e-7)
+        np.testing.assert_allclose(b, e, rtol=2e-7, atol=2e-7)  # the bound holds for the four passes too
+    special = np.array([np.nan, np.inf, -np.inf], np.float32)
+    for a, b in zip(session(rewritten).run(None, {"x": special}), session(original).run(None, {"x": special})):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_logistic_of_magnitude_needs_every_consumer_rewritten() -> None:
+    model = softplus_graph(extra_consumer=True)
+    before = model.SerializeToString()
+    assert onnx_export.logistic_of_magnitude(model) == 0
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("key", ["focal", "qfl", "ce_sigmoid_labels"])
+def test_exported_sigmoids_only_see_magnitudes(exports: Any, key: str) -> None:
+    """onnxruntime's ``Sigmoid`` is 0 below -18 and loses its relative precision below 0: every one in the
+    exported graphs reads an ``Abs``. The loss graphs keep no ``Reciprocal`` of ``1 + exp(-|x|)``; the joint
+    graphs (loss and gradient) use ``1 + exp(-|x|)`` in the gradient too and keep it."""
+    for model, rewritten in ((exports(key).model, True), (exports(key, joint=True).model, False)):
+        branches = [a.g for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        nodes = list(model.graph.node) + [n for branch in branches for n in branch.node]
+        producers = {out: n for n in nodes for out in n.output}
+        sigmoids = [n for n in nodes if n.op_type == "Sigmoid"]
+        assert all(producers[n.input[0]].op_type == "Abs" for n in sigmoids)
+        if rewritten:
+            assert sigmoids and "Reciprocal" not in {n.op_type for n in nodes}

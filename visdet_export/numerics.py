@@ -572,9 +572,11 @@ def attach_gradient(
     return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, differentiable)
 
 
-def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _sigmoid_terms(
+    logits: Tensor, target: Optional[Tensor], with_negative: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors, ``bce`` as :func:`bce_with_logits` (target None:
-    all 0).
+    all 0); ``sigmoid(-x)`` is None unless ``with_negative``.
 
     ATen's sigmoid, ``1 / (1 + exp(-x))``, keeps its relative precision on both sides (it only flushes values
     below the float range to 0), so ``sigmoid(-x)`` needs neither ``1 - sigmoid(x)`` (which cancels for confident
@@ -587,7 +589,7 @@ def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Te
     if target is not None:
         bce = bce.addcmul_(logits, target, value=-1.0)
     bce = bce.add_(decay.log1p_())
-    return bce, torch.sigmoid(logits, out=decay), torch.neg(logits).sigmoid_()
+    return bce, torch.sigmoid(logits, out=decay), torch.neg(logits).sigmoid_() if with_negative else None
 
 
 def negative_focal_terms(
@@ -600,8 +602,8 @@ def negative_focal_terms(
     """
     grad: Optional[Tensor] = None
     with torch.no_grad():
-        bce, prob, neg_prob = _sigmoid_terms(logits, None)
-        if with_grad:
+        bce, prob, neg_prob = _sigmoid_terms(logits, None, with_negative=with_grad)
+        if neg_prob is not None:
             grad = neg_prob.mul_(bce).mul_(gamma).add_(prob) if gamma != 0.0 else prob.clone()
         modulating: Optional[Tensor] = None  # a s^g, None for 1
         if gamma == 2.0:

@@ -63,6 +63,14 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
     raise ValueError("reduction=" + reduction + " is not valid; choose one of 'none', 'mean', 'sum'")
 
 
+def _per_row(loss: Tensor, weight: Tensor) -> bool:
+    """True for a weight constant along ``loss``'s last dimension (a per-sample weight (N, 1) of (N, C) losses)."""
+    return (
+        loss.dim() >= 2 and weight.dim() == loss.dim() and weight.size(-1) == 1 and loss.size(-1) > 1
+        and weight.shape[:-1] == loss.shape[:-1]
+    )
+
+
 def weight_reduce_loss(
     loss: Tensor,
     weight: Optional[Tensor] = None,
@@ -71,6 +79,10 @@ def weight_reduce_loss(
     eps: float = 1.1920928955078125e-07,
 ) -> Tensor:
     """Apply ``weight`` (broadcast to ``loss``) and reduce as visdet does.
+
+    A weight constant along ``loss``'s last dimension (per sample, of (N, C) losses) multiplies the row sums when
+    the loss is reduced: N products instead of N x C, and exported graphs then select the weight-0 rows on N
+    values (:func:`visdet_export.export.onnx.late_weight_masks`).
 
     Args:
         loss (Tensor[*]): element-wise loss.
@@ -82,6 +94,12 @@ def weight_reduce_loss(
     Returns:
         Tensor: ``loss``'s shape for "none", else a 0-d tensor.
     """
+    row_totals = reduction == "mean" or (reduction == "sum" and avg_factor is None)
+    if weight is not None and row_totals and _per_row(loss, weight):
+        total = (loss.sum(-1, keepdim=True) * weight).sum()
+        if avg_factor is not None:
+            return total / (avg_factor + eps)
+        return total / element_count(loss) if reduction == "mean" else total
     if weight is not None:
         loss = loss * weight
     if avg_factor is None:

@@ -303,6 +303,94 @@ def branch_free_selects(model: Any) -> int:
     return rewritten
 
 
+def logistic_of_magnitude(model: Any) -> int:
+    """Compute ``1 / (1 + exp(-|x|))`` with onnxruntime's vectorised ``Sigmoid`` instead of four passes.
+
+    ``numerics.sigmoid_pair`` (after :func:`branch_free_selects`) exports ``d = Add(Exp(Neg(Abs(x))), 1)``
+    consumed by ``Reciprocal(d)`` and by ``Log(d)`` (its ``log1p``). Each pass over 100000 x 80 floats takes
+    ~2.3 ms in onnxruntime (1 thread), which fuses none of them on CPU. With ``r = Sigmoid(Abs(x))``:
+
+    - ``Reciprocal(d)`` -> ``r``;
+    - ``Log(d)`` -> ``Neg(Log(r))``, and ``Add(c, Neg(Log(r)))`` -> ``Sub(c, Log(r))``.
+
+    Three passes fewer for focal loss, QFL and sigmoid BCE. The argument of ``Sigmoid`` is never negative, where
+    onnxruntime's logistic loses its relative precision (it is computed as ``1 - sigmoid(|x|)`` there and is 0
+    below -18); on [0, inf) its value lies in [0.5, 1], within 1.7e-7 of ``1 / (1 + exp(-|x|))`` in float64, as
+    close as the four passes (1.3e-7), and ``Log(r)`` is as exact as ``Log(d)``: both take the logarithm of a
+    number within a factor 2 of 1. Only applied when every consumer of ``d`` is one of those two. Returns the
+    number of ``d`` rewritten.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def made(name: str, op_type: str) -> Any:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def magnitude(total: Any) -> Optional[str]:
+        """``|x|`` (the output of an ``Abs``) where ``total`` is ``Add(Exp(Neg(|x|)), 1)``."""
+        for position in (0, 1):
+            exp = made(total.input[position], "Exp")
+            negated = made(exp.input[0], "Neg") if exp is not None else None
+            absolute = made(negated.input[0], "Abs") if negated is not None else None
+            if absolute is not None and _scalar_value(initializers, total.input[1 - position]) == 1.0:
+                return absolute.output[0]
+        return None
+
+    rewritten = 0
+    replaced: dict[int, list[Any]] = {}
+    negated_logs: dict[str, str] = {}  # output of Log(d) -> output of Log(r)
+    graph_outputs = {output.name for output in graph.output}
+    for total in graph.node:
+        if total.op_type != "Add" or total.domain not in ("", "ai.onnx") or total.output[0] in graph_outputs:
+            continue
+        users = consumers.get(total.output[0], [])
+        absolute = magnitude(total)
+        if absolute is None or not users or any(u.op_type not in ("Reciprocal", "Log") for u in users):
+            continue
+        reciprocals = [user.output[0] for user in users if user.op_type == "Reciprocal"]
+        logistic = reciprocals[0] if reciprocals else f"{total.output[0]}__visdet_logistic"
+        for user in users:
+            if user.op_type == "Reciprocal":
+                replaced[id(user)] = [] if user.output[0] == logistic else [
+                    helper.make_node("Identity", [logistic], [user.output[0]], name=user.name)
+                ]
+            else:
+                log_r = f"{user.output[0]}__visdet_log_logistic"
+                negated_logs[user.output[0]] = log_r
+                replaced[id(user)] = [
+                    helper.make_node("Log", [logistic], [log_r], name=log_r),
+                    helper.make_node("Neg", [log_r], [user.output[0]], name=user.name),
+                ]
+        replaced[id(total)] = [total, helper.make_node("Sigmoid", [absolute], [logistic], name=logistic)]
+        rewritten += 1
+    if not replaced:
+        return 0
+    nodes = []
+    for node in graph.node:
+        for made_node in replaced.get(id(node), [node]):
+            if made_node.op_type == "Add" and made_node.domain in ("", "ai.onnx"):
+                for position in (0, 1):
+                    log_r = negated_logs.get(made_node.input[position])
+                    if log_r is not None:
+                        made_node = helper.make_node(
+                            "Sub", [made_node.input[1 - position], log_r], list(made_node.output), name=made_node.name
+                        )
+                        break
+            nodes.append(made_node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_nodes(graph)
+    return rewritten
+
+
 def _drop_unused_nodes(graph: Any) -> None:
     """Remove the nodes of ``graph`` none of whose outputs is used (by a node, a subgraph or a graph output)."""
     used = {output.name for output in graph.output} | _subgraph_inputs(graph)
@@ -554,7 +642,8 @@ def late_weight_masks(model: Any) -> int:
     multiplication: each weight-0 product is 0 (as before, where it was 0 x a finite value; the sign of such a
     zero may differ) and every other value is computed from the same operands as before. The rewrite is only
     made when it removes more selected elements than it adds (nominal N), so L1 / MSE (mask and weight of the
-    same shape) and focal loss (weight applied before the row sum) are left alone. Returns the number of input
+    same shape) are left alone; a per-sample weight of (N, C) losses multiplies their row sums
+    (``reduction.weight_reduce_loss``), where one select of N values replaces one of N x C. Returns the number of input
     selects removed.
     """
     from onnx import TensorProto, helper, numpy_helper
@@ -867,6 +956,7 @@ def export_onnx(
             raise ArtifactError(f"the ONNX model of {spec.loss_type} refers to external data; not supported")
         model = onnx.load(str(tmp))
         branch_free_selects(model)
+        logistic_of_magnitude(model)
         late_weight_masks(model)
         accurate_total_sums(model)
         unmasked_while_finite(model)

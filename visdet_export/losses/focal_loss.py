@@ -202,7 +202,8 @@ def _alpha_balanced(loss: Tensor, targets: Tensor, alpha: float) -> Tensor:
     """``loss * alpha_t``: ``alpha`` for positives, ``1 - alpha`` for negatives; ``alpha < 0`` disables it."""
     if alpha < 0:
         return loss
-    return loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    # one product and one sum, which exported graphs run as two passes over (N, C) instead of five
+    return loss * (targets * (2.0 * alpha - 1.0) + (1.0 - alpha))
 
 
 class FocalLoss(WeightedLoss):
