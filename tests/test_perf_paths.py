@@ -492,3 +492,25 @@ def test_eager_clamp_and_extrema_have_atens_derivatives():
         x, y = a[12:].clone().requires_grad_(True), b[12:].clone().requires_grad_(True)  # gradgradcheck: off the kinks
         assert torch.autograd.gradgradcheck(lambda p, q: fn(p, q, True) ** 2, (x, y)), name
     assert (results[0][1][:8] == 0.5 * weights[:8]).all()  # minimum's tie halves
+
+
+@pytest.mark.parametrize(("gamma", "alpha"), [(2.0, 0.25), (1.5, -1.0), (0.0, 0.5), (0.5, 1.0)])
+def test_focal_on_labels_is_the_one_hot_formulation(gamma, alpha):
+    """The label-column formulation (compile without gradient, TorchScript, ONNX) against the one-hot one it
+    replaces: labels in [0, C], background C and an out-of-range label included; values, gradients, second order."""
+    from visdet_export.losses.focal_loss import _focal_elementwise_binary, _focal_on_labels, class_targets
+
+    g = torch.Generator().manual_seed(3)
+    n, c = 41, 6
+    pred = (torch.randn(n, c, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    labels = torch.randint(0, c + 1, (n,), generator=g)
+    labels[:3] = torch.tensor([c, -1, c + 5])
+    scale = torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5
+    got = _focal_on_labels(pred, labels, gamma, alpha)
+    expected = _focal_elementwise_binary(pred, (labels.unsqueeze(1) == torch.arange(c)).double(), gamma, alpha)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad((got * scale).sum(), pred)
+    (expected_grad,) = torch.autograd.grad((expected * scale).sum(), pred)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+    assert class_targets(pred, labels)[:3].sum() == 0  # the rows without a class stay all negatives in both
+    assert torch.autograd.gradgradcheck(lambda p: _focal_on_labels(p, labels, gamma, alpha), (pred,), fast_mode=True)

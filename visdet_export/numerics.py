@@ -481,8 +481,8 @@ def label_column_terms(
     ``at_label(logits at the label (N, 1), label index (N, 1))``, computed on N values and written by a scatter.
     Labels outside [0, C) (background) leave their row alone. Elements outside ``keep`` are then zeroed."""
     with torch.no_grad():
-        labelled = ((labels >= 0) & (labels < logits.size(1))).unsqueeze(1)
-        index = torch.where(labelled, labels.unsqueeze(1), 0)
+        labelled, index = label_positions(labels, logits.size(1))
+        labelled = labelled.unsqueeze(1)
         label_value, label_grad = at_label(logits.gather(1, index), index)
         value, grad = everywhere(logits)
         value.scatter_(1, index, torch.where(labelled, label_value, value.gather(1, index)))
@@ -501,9 +501,17 @@ def scatter_class_values(pred: Tensor, labels: Tensor, values: Tensor) -> Tensor
     Args:
         pred (Tensor[N, C]), labels (Tensor[N] int), values (Tensor[N] in ``pred``'s dtype).
     """
-    valid = (labels >= 0) & (labels < pred.size(1))
-    index = torch.where(valid, labels, 0).unsqueeze(1)
-    return torch.zeros_like(pred).scatter_(1, index, torch.where(valid, values, 0.0).unsqueeze(1))
+    labelled, index = label_positions(labels, pred.size(1))
+    return torch.zeros_like(pred).scatter_(1, index, torch.where(labelled, values, 0.0).unsqueeze(1))
+
+
+def label_positions(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(labelled, index)``: whether each label (N,) is a class in [0, C) (background C and other values mark no
+    element), and the label as a column index (N, 1), 0 where it is not a class (safe to gather at). ``labelled``
+    is (N,): onnxruntime broadcasts into an inner axis of size 1 element by element (100000 x 1: ~1 ms per
+    operator against 0.02 ms for 100000)."""
+    labelled = (labels >= 0) & (labels < num_classes)
+    return labelled, torch.where(labelled, labels, 0).unsqueeze(1)
 
 
 LOG2_E = 1.4426950408889634

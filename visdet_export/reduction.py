@@ -96,7 +96,8 @@ def weight_reduce_loss(
     """
     row_totals = reduction == "mean" or (reduction == "sum" and avg_factor is None)
     if weight is not None and row_totals and _per_row(loss, weight):
-        total = (loss.sum(-1, keepdim=True) * weight).sum()
+        # (N,) rather than (N, 1): onnxruntime broadcasts into an inner axis of size 1 element by element
+        total = (loss.sum(-1) * weight.squeeze(-1)).sum()
         if avg_factor is not None:
             return total / (avg_factor + eps)
         return total / element_count(loss) if reduction == "mean" else total

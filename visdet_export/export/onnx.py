@@ -412,6 +412,8 @@ _ELEMENTWISE = frozenset({
 #: Reductions and row-local operators: allowed when they combine positions along axes the mask is constant on.
 _REDUCTIONS = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceLogSumExp"})
 _ROW_LOCAL = frozenset({"LogSoftmax", "Softmax"})
+#: Operators that move values along one axis, by indices (their second input) that must not be masked.
+_ALONG_AXIS = frozenset({"GatherElements", "ScatterElements"})
 #: Operators whose output is NaN wherever an input is NaN and which drop no position (IEEE arithmetic, sums).
 _NAN_PROPAGATING = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Squeeze",
@@ -438,8 +440,8 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
     A select ``Where(keep, x, 0)`` (or ``Where(w == 0, 0, x)``) whose mask is ``w != 0`` (possibly and-ed with
     other conditions, up to Unsqueezes that append axes) is followed forward: its values may pass through
     element-wise operators (operands of the same rank: ONNX broadcasting aligns trailing axes, the mask leading
-    ones), reductions / softmax / ``GatherElements`` data along axes the mask is constant on, and (Un)squeezes of
-    those axes, so a weight-0 position only ever feeds weight-0 positions. They end at an existing select on the
+    ones), reductions / softmax / ``GatherElements`` / ``ScatterElements`` data along axes the mask is constant
+    on, and (Un)squeezes of those axes, so a weight-0 position only ever feeds weight-0 positions. They end at an existing select on the
     same mask, or at ``Mul(t, w')`` with ``w'`` the weight (up to appended axes). With ``watch``, each such
     product must then reach the graph outputs through NaN-propagating operators only (arithmetic, sums, casts
     between floats, reshapes), so a NaN there shows in the outputs. A select whose values would reach anything
@@ -477,11 +479,14 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
     def leading(name: str) -> str:
-        """``name`` without the Unsqueezes that appended trailing axes to it."""
-        while (node := made(name, "Unsqueeze")) is not None:
+        """``name`` without the Unsqueezes that appended trailing axes to it (or Squeezes that removed them)."""
+        while (node := made(name, "Unsqueeze") or made(name, "Squeeze")) is not None:
             axes, inner = ints(node.input[1]) if len(node.input) > 1 else None, rank(node.input[0])
             out = rank(node.output[0])
-            if axes is None or inner is None or out is None or sorted(a % out for a in axes) != list(range(inner, out)):
+            if axes is None or inner is None or out is None:
+                break
+            low, high = (inner, out) if node.op_type == "Unsqueeze" else (out, inner)
+            if sorted(a % high for a in axes) != list(range(low, high)):
                 break
             name = node.input[0]
         return name
@@ -539,7 +544,7 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
     def axes_of(node: Any, node_rank: int) -> Optional[list[int]]:
         if node.op_type in _ROW_LOCAL:
             return [_attribute(node, "axis", -1) % node_rank]
-        if node.op_type == "GatherElements":
+        if node.op_type in _ALONG_AXIS:
             return [_attribute(node, "axis", 0) % node_rank]
         if len(node.input) > 1 and node.input[1]:
             axes = ints(node.input[1])
@@ -606,7 +611,7 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
                 safe = all(rank(name) == out_rank for name in node.input if name in taint) and (
                     op != "Cast" or _attribute(node, "to", 0) in float_types | {TensorProto.BOOL}
                 )
-            elif op in _REDUCTIONS or op in _ROW_LOCAL or (op == "GatherElements" and not tainted[1]):
+            elif op in _REDUCTIONS or op in _ROW_LOCAL or (op in _ALONG_AXIS and not tainted[1]):
                 axes = axes_of(node, rank(node.input[0]) or 0)
                 safe = bool(axes) and min(axes) >= mask_rank and out_rank >= mask_rank
             elif op in ("Squeeze", "Unsqueeze") and tainted == [True, False][: len(tainted)]:

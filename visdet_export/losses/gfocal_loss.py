@@ -274,8 +274,10 @@ def distribution_focal_loss(
     # (N, 1) columns: the two bins around the target and their weights, which sum to 1
     left_weight = (left_bin + 1.0 - target).unsqueeze(1)
     right_weight = (target - left_bin).unsqueeze(1)
-    left_index = left_bin.long().unsqueeze(1)
-    right_index = (left_index + 1).clamp(max=reg_max)
+    # the right bin computed on (N,): onnxruntime broadcasts a scalar into (N, 1) element by element (see
+    # numerics.label_positions)
+    left = left_bin.long()
+    left_index, right_index = left.unsqueeze(1), (left + 1).clamp(max=reg_max).unsqueeze(1)
     bins = (left_index, right_index, left_weight, right_weight)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked rows is the loss of the masked inputs, where the fast path zeroes the outputs
