@@ -514,3 +514,28 @@ def test_focal_on_labels_is_the_one_hot_formulation(gamma, alpha):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
     assert class_targets(pred, labels)[:3].sum() == 0  # the rows without a class stay all negatives in both
     assert torch.autograd.gradgradcheck(lambda p: _focal_on_labels(p, labels, gamma, alpha), (pred,), fast_mode=True)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.5, 0.0])
+def test_quality_focal_on_labels_is_the_dense_formulation(beta):
+    """QFL's label-column formulation (TorchScript, ONNX, compile without gradient) against the dense targets it
+    replaces: values, gradients for the logits and the scores, second order."""
+    from visdet_export.losses.gfocal_loss import _quality_focal_elementwise, _quality_focal_on_labels, quality_targets
+
+    g = torch.Generator().manual_seed(4)
+    n, c = 43, 6
+    pred = (torch.randn(n, c, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    scores = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_(True)
+    labels = torch.randint(0, c + 1, (n,), generator=g)
+    labels[:3] = torch.tensor([c, -1, c + 5])
+    scale = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    got = _quality_focal_on_labels(pred, labels, scores, beta)
+    expected = _quality_focal_elementwise(pred, quality_targets(pred, labels, scores), beta, False).sum(dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    grads = torch.autograd.grad((got * scale).sum(), (pred, scores))
+    expected_grads = torch.autograd.grad((expected * scale).sum(), (pred, scores))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradgradcheck(
+        lambda p, s: _quality_focal_on_labels(p, labels, s, beta), (pred, scores), fast_mode=True
+    )

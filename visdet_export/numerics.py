@@ -129,9 +129,9 @@ def upcast_inputs(
 def row_weighted_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor], mask: bool = True
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Upcast ``pred`` (N, C) and ``target`` ((N, C) targets, or (N,) per-sample values such as QFL's scores, then
-    without ``mask``) to the compute dtype and, given a per-sample ``weight`` (N,), find the rows of weight 0 and
-    (with ``mask``) replace them by 0 in both (NaN/inf there reach neither value nor gradient).
+    """Upcast ``pred`` (N, C) and ``target`` ((N, C) targets, or (N,) per-sample values such as QFL's scores) to
+    the compute dtype and, given a per-sample ``weight`` (N,), find the rows of weight 0 and (with ``mask``) replace
+    them by 0 in both (NaN/inf there reach neither value nor gradient).
 
     Returns:
         ``(pred, target, weight, keep)`` in the compute dtype, ``keep`` (N, 1) bool or None.
@@ -142,9 +142,9 @@ def row_weighted_inputs(
     if weight.dim() != 1 or weight.size(0) != pred.size(0):
         raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
     keep = weight_keep_mask(weight.unsqueeze(1))
-    if mask:
+    if mask and keep is not None:
         pred = zero_where_unweighted(pred, keep)
-        target = zero_where_unweighted(target, keep)
+        target = zero_where_unweighted(target, keep if target.dim() == pred.dim() else keep.squeeze(1))
     return pred, target, weight, keep
 
 
@@ -503,6 +503,23 @@ def scatter_class_values(pred: Tensor, labels: Tensor, values: Tensor) -> Tensor
     """
     labelled, index = label_positions(labels, pred.size(1))
     return torch.zeros_like(pred).scatter_(1, index, torch.where(labelled, values, 0.0).unsqueeze(1))
+
+
+def replace_at_labels(values: Tensor, labelled: Tensor, index: Tensor, at_label: Tensor, unlabelled: Tensor) -> Tensor:
+    """``values`` (N, C) with each labelled row's element at its label replaced by ``at_label`` (N,) (autograd
+    formulation); rows without a class get ``unlabelled`` (N,) at column 0, which must be the value there.
+
+    Args:
+        labelled (Tensor[N] bool), index (Tensor[N, 1] int): from :func:`label_positions`.
+    """
+    return values.scatter(1, index, torch.where(labelled, at_label, unlabelled).unsqueeze(1))
+
+
+def unbalanced_focal_of_signed(signed: Tensor, gamma: float) -> Tensor:
+    """``softplus(s) sigmoid(s)^gamma``: the focal loss without alpha of a logit ``x`` at a target ``t`` in {0, 1}
+    for ``s = x (1 - 2t)`` (autograd formulation); at ``t = 0`` also the quality focal loss with ``beta = gamma``."""
+    one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
+    return (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
 
 
 def label_positions(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

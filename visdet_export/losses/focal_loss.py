@@ -27,9 +27,11 @@ from ..numerics import (
     needs_grad,
     negative_focal_terms,
     pow_nonnegative,
+    replace_at_labels,
     scatter_class_values,
     select_kept_outputs_,
     sigmoid_pair,
+    unbalanced_focal_of_signed,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -199,7 +201,7 @@ def _focal_elementwise_binary(pred: Tensor, targets: Tensor, gamma: float, alpha
     """:func:`_focal_elementwise` on logits for targets in {0, 1} (one-hot), value for value: with
     ``s = x (1 - 2t)``, an exact sign flip, ``1 - p_t = sigmoid(s)`` and the BCE is ``softplus(s)``, so the loss
     is a function of ``s`` alone (exported graphs: one sigmoid and no mixing of both, ~6 fewer (N, C) nodes)."""
-    return _alpha_balanced(_unbalanced_focal_of_signed(pred * (1.0 - 2.0 * targets), gamma), targets, alpha)
+    return _alpha_balanced(unbalanced_focal_of_signed(pred * (1.0 - 2.0 * targets), gamma), targets, alpha)
 
 
 def _focal_on_labels(pred: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
@@ -210,17 +212,10 @@ def _focal_on_labels(pred: Tensor, labels: Tensor, gamma: float, alpha: float) -
     labelled, index = label_positions(labels, pred.size(1))
     logit = pred.gather(1, index).squeeze(1)  # (N,), see label_positions
     # the negatives' loss at the label again from its logit (N values): cheaper than gathering it
-    negatives, negative, positive = (_unbalanced_focal_of_signed(x, gamma) for x in (pred, logit, -logit))
+    negatives, negative, positive = (unbalanced_focal_of_signed(x, gamma) for x in (pred, logit, -logit))
     if alpha >= 0:
         negatives, negative, positive = negatives * (1.0 - alpha), negative * (1.0 - alpha), positive * alpha
-    return negatives.scatter(1, index, torch.where(labelled, positive, negative).unsqueeze(1))
-
-
-def _unbalanced_focal_of_signed(signed: Tensor, gamma: float) -> Tensor:
-    """``softplus(s) sigmoid(s)^gamma``: the focal loss without alpha of a logit ``x`` at a target ``t`` in {0, 1}
-    for ``s = x (1 - 2t)``."""
-    one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
-    return (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
+    return replace_at_labels(negatives, labelled, index, positive, negative)
 
 
 def _alpha_balanced(loss: Tensor, targets: Tensor, alpha: float) -> Tensor:

@@ -21,16 +21,19 @@ from ..numerics import (
     gather_classes,
     keep_saved_gradient,
     label_column_terms,
+    label_positions,
     needs_grad,
     negative_focal_terms,
     pow_nonnegative,
     quality_focal_terms,
     quality_focal_with_saved_gradient,
+    replace_at_labels,
     row_weighted_inputs,
     scatter_class_values,
     select_kept_,
     select_kept_outputs_,
     sigmoid_pair,
+    unbalanced_focal_of_signed,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -129,14 +132,32 @@ def quality_focal_loss_on_labels(
     """:func:`quality_focal_loss` with the targets given as labels (N,) and IoU scores (N,) (see
     :func:`quality_targets`). Eager training builds no (N, C) targets: every element takes the negatives' closed
     form (target 0: :func:`~visdet_export.numerics.negative_focal_terms` with ``gamma = beta``, no balance) and the
-    label's element the positives', computed on N values and written there by a scatter."""
-    if activated or not eager_fast_path(pred) or (weight is not None and needs_grad(weight)):
+    label's element the positives', computed on N values and written there by a scatter. TorchScript, export and
+    compile without gradient take the same layout in the autograd formulation (:func:`_quality_focal_on_labels`);
+    compiled training (the derivative saved by the forward) and probabilities (``activated``) take dense targets."""
+    if activated or compiled_training(pred, scores):
         dense = quality_targets(pred, labels, scores)
         return quality_focal_loss(pred, dense, weight, beta, reduction, avg_factor, activated)
     _check_quality_labels(pred, labels, scores)
-    pred, scores, weight, keep = row_weighted_inputs(pred, scores, weight, mask=False)
-    loss = _quality_focal_labels_eager(pred, labels, scores, keep, beta).sum(dim=1)
+    fast = eager_fast_path(pred) and (weight is None or not needs_grad(weight))
+    pred, scores, weight, keep = row_weighted_inputs(pred, scores, weight, mask=not fast)
+    if fast:
+        loss = _quality_focal_labels_eager(pred, labels, scores, keep, beta).sum(dim=1)
+    else:
+        loss = _quality_focal_on_labels(pred, labels, scores, beta)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _quality_focal_on_labels(pred: Tensor, labels: Tensor, scores: Tensor, beta: float) -> Tensor:
+    """Per-sample QFL (N,) on labels and scores without (N, C) targets (autograd formulation): every element takes
+    the negatives' loss (target 0: ``softplus(x) sigmoid(x)^beta``), and the label's element the positives',
+    computed on the gathered logit (N values) and scattered in. Exported graphs make 4 fewer passes over (N, C)
+    (no comparison with the classes, select of the scores, product with the targets or difference from them)."""
+    labelled, index = label_positions(labels, pred.size(1))
+    logit = pred.gather(1, index).squeeze(1)  # (N,), see label_positions
+    negatives, negative = unbalanced_focal_of_signed(pred, beta), unbalanced_focal_of_signed(logit, beta)
+    positive = _quality_focal_elementwise(logit, scores, beta, False)
+    return replace_at_labels(negatives, labelled, index, positive, negative).sum(dim=1)
 
 
 @torch.jit.unused
