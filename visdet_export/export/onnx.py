@@ -441,12 +441,12 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
     other conditions, up to Unsqueezes that append axes) is followed forward: its values may pass through
     element-wise operators (operands of the same rank: ONNX broadcasting aligns trailing axes, the mask leading
     ones), reductions / softmax / ``GatherElements`` / ``ScatterElements`` data along axes the mask is constant
-    on, and (Un)squeezes of those axes, so a weight-0 position only ever feeds weight-0 positions. They end at an existing select on the
-    same mask, or at ``Mul(t, w')`` with ``w'`` the weight (up to appended axes). With ``watch``, each such
-    product must then reach the graph outputs through NaN-propagating operators only (arithmetic, sums, casts
-    between floats, reshapes), so a NaN there shows in the outputs. A select whose values would reach anything
-    else (an index, an integer cast, a reduction across the mask, another mask, a graph output, a subgraph) is
-    kept, and the tracing repeats without it.
+    on, and (Un)squeezes of those axes, so a weight-0 position only ever feeds weight-0 positions. They end at an
+    existing select on the same mask, or at ``Mul(t, w')`` with ``w'`` the weight (up to appended axes). With
+    ``watch``, each such product must then reach the graph outputs through NaN-propagating operators only
+    (arithmetic, sums, casts between floats, reshapes), so a NaN there shows in the outputs. A select whose values
+    would reach anything else (an index, an integer cast, a reduction across the mask, another mask, a graph
+    output, a subgraph) is kept, and the tracing repeats without it.
     """
     import onnx
     from onnx import TensorProto, numpy_helper
@@ -648,8 +648,8 @@ def late_weight_masks(model: Any) -> int:
     zero may differ) and every other value is computed from the same operands as before. The rewrite is only
     made when it removes more selected elements than it adds (nominal N), so L1 / MSE (mask and weight of the
     same shape) are left alone; a per-sample weight of (N, C) losses multiplies their row sums
-    (``reduction.weight_reduce_loss``), where one select of N values replaces one of N x C. Returns the number of input
-    selects removed.
+    (``reduction.weight_reduce_loss``), where one select of N values replaces one of N x C. Returns the number of
+    input selects removed.
     """
     from onnx import TensorProto, helper, numpy_helper
 
