@@ -44,17 +44,18 @@ def _aot_eager(runner_cache, name):
     return runner_cache.runner(name, "compile", key="compile:aot_eager", backend="aot_eager")
 
 
-@pytest.mark.parametrize("name", [name for name in CONFIG_NAMES if name.startswith(("focal", "qfl"))])
+@pytest.mark.parametrize("name", [name for name in CONFIG_NAMES if name.startswith(("focal", "qfl", "ce_sigmoid"))])
 def test_compiled_inference_matches_eager(runner_cache, name):
-    """Without gradient (evaluation) torch.compile traces the forward-only formulation (focal / QFL on labels: the
-    negatives' loss everywhere and the label's element scattered in), with NaN at the weight-0 rows."""
+    """Without gradient (evaluation) torch.compile traces the forward-only formulation (focal / QFL / sigmoid CE on
+    labels: the negatives' loss everywhere and the label's element scattered in), with NaN at the weight-0 rows."""
     loss, spec = runner_cache.loss(name)
     compiled = _aot_eager(runner_cache, name)
     eager = runner_cache.runner(name, "eager")
     for index, n in enumerate(SIZES):
         inputs = spec.sample(loss, spec.capped(n), seed=index, include=default_names(loss, spec))
-        unweighted = inputs["weight"] == 0
-        inputs[spec.pred] = torch.where(unweighted.unsqueeze(1), float("nan"), inputs[spec.pred])
+        pred, unweighted = inputs[spec.pred], inputs["weight"] == 0
+        unweighted = unweighted.reshape(unweighted.shape + (1,) * (pred.dim() - unweighted.dim()))
+        inputs[spec.pred] = torch.where(unweighted, float("nan"), pred)
         with torch.no_grad():
             got, want = compiled(inputs), eager(inputs)
         assert torch.isfinite(got).all()

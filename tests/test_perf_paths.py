@@ -539,3 +539,29 @@ def test_quality_focal_on_labels_is_the_dense_formulation(beta):
     assert torch.autograd.gradgradcheck(
         lambda p, s: _quality_focal_on_labels(p, labels, s, beta), (pred, scores), fast_mode=True
     )
+
+
+def test_binary_cross_entropy_on_labels_is_the_one_hot_formulation():
+    """Sigmoid CE's label-column formulation (TorchScript, ONNX, compile without gradient) against the one-hot one:
+    bit for bit in value, and the same slope at x = 0 (1/2 - t, the convention of ``bce_with_logits``)."""
+    from visdet_export.losses.cross_entropy_loss import (
+        _binary_cross_entropy_on_labels,
+        _masked_bce_with_logits,
+        _one_hot,
+    )
+
+    g = torch.Generator().manual_seed(5)
+    n, c = 47, 6
+    pred = torch.randn(n, c, generator=g, dtype=torch.float64) * 30
+    labels = torch.randint(0, c + 1, (n,), generator=g)
+    labels[:3] = torch.tensor([c, -1, c + 5])
+    pred[3:9] = 0.0  # the label's logit at 0 too
+    pred.requires_grad_(True)
+    scale = torch.rand(n, c, generator=g, dtype=torch.float64) + 0.5
+    got = _binary_cross_entropy_on_labels(pred, labels)
+    expected = _masked_bce_with_logits(pred, _one_hot(pred, labels), None, None, False)
+    assert torch.equal(got, expected)
+    (grad,) = torch.autograd.grad((got * scale).sum(), pred)
+    (expected_grad,) = torch.autograd.grad((expected * scale).sum(), pred)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradgradcheck(lambda p: _binary_cross_entropy_on_labels(p, labels), (pred,), fast_mode=True)
