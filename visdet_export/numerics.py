@@ -505,12 +505,19 @@ def scatter_class_values(pred: Tensor, labels: Tensor, values: Tensor) -> Tensor
     return torch.zeros_like(pred).scatter_(1, index, torch.where(labelled, values, 0.0).unsqueeze(1))
 
 
+def logits_at_labels(pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(labelled, index, logit)``: :func:`label_positions` and each row's logit at its label (N,), at column 0
+    for rows without a class (autograd formulation of the label-column losses)."""
+    labelled, index = label_positions(labels, pred.size(1))
+    return labelled, index, pred.gather(1, index).squeeze(1)
+
+
 def replace_at_labels(values: Tensor, labelled: Tensor, index: Tensor, at_label: Tensor, unlabelled: Tensor) -> Tensor:
     """``values`` (N, C) with each labelled row's element at its label replaced by ``at_label`` (N,) (autograd
     formulation); rows without a class get ``unlabelled`` (N,) at column 0, which must be the value there.
 
     Args:
-        labelled (Tensor[N] bool), index (Tensor[N, 1] int): from :func:`label_positions`.
+        labelled (Tensor[N] bool), index (Tensor[N, 1] int): from :func:`logits_at_labels`.
     """
     return values.scatter(1, index, torch.where(labelled, at_label, unlabelled).unsqueeze(1))
 

@@ -23,8 +23,8 @@ from ..numerics import (
     gather_classes,
     keep_saved_gradient,
     label_column_terms,
-    label_positions,
     log1p_exp_neg_abs,
+    logits_at_labels,
     masked_inputs,
     needs_grad,
     replace_at_labels,
@@ -234,10 +234,9 @@ def _binary_cross_entropy_on_labels(pred: Tensor, label: Tensor) -> Tensor:
     targets (autograd formulation): ``softplus(x)`` everywhere, and at the label ``relu(x) - x + log1p(exp(-|x|))``
     from the gathered logit (N values), scattered in; value for value and slope for slope the one-hot formulation.
     Exported graphs make 4 fewer passes over (N, C) (no comparison with the classes, cast, product or difference)."""
-    labelled, index = label_positions(label, pred.size(1))
-    logit = pred.gather(1, index).squeeze(1)  # (N,), see label_positions
-    decay = log1p_exp_neg_abs(logit)
-    positive, negative = (logit.clamp(min=0) - logit) + decay, logit.clamp(min=0) + decay
+    labelled, index, logit = logits_at_labels(pred, label)
+    decay, relu = log1p_exp_neg_abs(logit), logit.clamp(min=0)
+    positive, negative = (relu - logit) + decay, relu + decay
     return replace_at_labels(pred.clamp(min=0) + log1p_exp_neg_abs(pred), labelled, index, positive, negative)
 
 

@@ -22,7 +22,7 @@ from ..numerics import (
     focal_with_saved_gradient,
     keep_saved_gradient,
     label_column_terms,
-    label_positions,
+    logits_at_labels,
     masked_inputs,
     needs_grad,
     negative_focal_terms,
@@ -209,8 +209,7 @@ def _focal_on_labels(pred: Tensor, labels: Tensor, gamma: float, alpha: float) -
     element takes the negatives' loss, and the label's element the positives', computed on the gathered logits
     (N values) and scattered in. Exported graphs make 6 fewer passes over (N, C) (no comparison with the classes,
     cast, sign or alpha_t)."""
-    labelled, index = label_positions(labels, pred.size(1))
-    logit = pred.gather(1, index).squeeze(1)  # (N,), see label_positions
+    labelled, index, logit = logits_at_labels(pred, labels)
     # the negatives' loss at the label again from its logit (N values): cheaper than gathering it
     negatives, negative, positive = (unbalanced_focal_of_signed(x, gamma) for x in (pred, logit, -logit))
     if alpha >= 0:
