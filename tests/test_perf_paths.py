@@ -162,10 +162,27 @@ def _regression_inputs(weight_shape: str, seed: int):
     "owner, module", REGRESSION_CASES, ids=[f"{type(m).__name__}-{i}" for i, (_, m) in enumerate(REGRESSION_CASES)]
 )
 def test_regression_fast_path_matches_autograd(owner, module, weight_shape, reduction, monkeypatch):
+    """A trained weight gets its gradient from autograd; a frozen one is applied in the closed form (MSE with an
+    element weight: inside its terms, ``weighted_terms``)."""
     pred, target, weight, masked = _regression_inputs(weight_shape, seed=3)
-    _, gp, gw = _fast_path_matches_autograd(owner, module, pred, target, weight, monkeypatch, reduction, avg_factor=7.0)
-    assert (gp[masked] == 0).all() and (gp[~masked] != 0).any()
-    assert gw.abs().sum() > 0
+    for trained in (False, True):
+        fast = _fast_path_matches_autograd(
+            owner, module, pred, target, weight, monkeypatch, reduction, trained, avg_factor=7.0
+        )
+        gp = fast[1]
+        assert (gp[masked] == 0).all() and (gp[~masked] != 0).any()
+    assert fast[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("weight_shape", ["rows", "elements"])
+def test_mse_frozen_weight_double_backward(weight_shape):
+    """Double backward through the closed form differentiates the autograd formulation times the weight, also
+    where the weight was applied inside the closed form's terms."""
+    pred, target, weight, masked = _regression_inputs(weight_shape, seed=5)
+    keep = ~masked.any(dim=1)
+    pred, target, weight = pred[keep][:4], target[keep][:4], weight[keep][:4]
+    live = pred.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda p: MSELoss()(p, target, weight.detach(), avg_factor=3.0), (live,))
 
 
 @pytest.mark.parametrize("owner, module", REGRESSION_CASES[:3], ids=["L1Loss", "SmoothL1Loss", "MSELoss"])
@@ -397,12 +414,16 @@ def test_distribution_focal_fast_path_matches_autograd(reduction, trained, monke
     assert torch.autograd.gradgradcheck(lambda p: module(p, target[:3], weight[:3]), (live,))
 
 
-@pytest.mark.parametrize("module", [FocalLoss(), L1Loss()], ids=lambda m: type(m).__name__)
-def test_closed_form_backward_twice_with_retain_graph(module):
+@pytest.mark.parametrize(
+    "module, weight_shape",
+    [(FocalLoss(), "rows"), (L1Loss(), "rows"), (MSELoss(), "rows"), (MSELoss(), "elements"), (SmoothL1Loss(0.3), "rows")],
+    ids=["FocalLoss", "L1Loss", "MSELoss-rows", "MSELoss-elements", "SmoothL1Loss"],
+)
+def test_closed_form_backward_twice_with_retain_graph(module, weight_shape):
     """The closed-form backward scales its saved gradient in place only when the graph is not retained: a second
-    backward through a retained graph sees the same gradient."""
-    if isinstance(module, L1Loss):
-        pred, target, weight, _ = _regression_inputs("rows", seed=8)
+    backward through a retained graph sees the same gradient (constant factors of the derivative included)."""
+    if not isinstance(module, FocalLoss):
+        pred, target, weight, _ = _regression_inputs(weight_shape, seed=8)
         pred, target = torch.nan_to_num(pred), torch.nan_to_num(target, posinf=0.0)
     else:
         pred, target, weight = _inputs("focal", "rows", seed=8)

@@ -356,16 +356,17 @@ class _ClosedFormGradient(torch.autograd.Function):
     it differentiates the autograd formulation ``differentiable(x) * weight`` instead, so higher derivatives hold."""
 
     @staticmethod
-    def forward(ctx, x, value, grad, weight, weight_deferred, differentiable):  # type: ignore[override]
+    def forward(ctx, x, value, grad, weight, weight_deferred, grad_scale, differentiable):  # type: ignore[override]
         ctx.save_for_backward(x, grad, weight)
         ctx.weight_deferred = weight_deferred
+        ctx.grad_scale = grad_scale
         ctx.differentiable = differentiable
         return value
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         x, grad, weight = ctx.saved_tensors
-        unused = (None, None, None, None, None)
+        unused = (None, None, None, None, None, None)
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 loss = ctx.differentiable(x)
@@ -373,6 +374,10 @@ class _ClosedFormGradient(torch.autograd.Function):
                     loss = loss * weight
                 (dx,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
             return (dx, *unused)
+        if ctx.grad_scale != 1.0:
+            # a constant factor of the derivative joins the upstream gradient (usually one value) instead of
+            # costing the forward a pass over the full-size gradient
+            grad_output = _collapse_broadcast(grad_output) * ctx.grad_scale
         if ctx.weight_deferred:
             # a broadcast weight (one per row) joins the upstream gradient, usually an expanded scalar: the gradient
             # is then scaled in one pass instead of one in the forward and one here
@@ -386,6 +391,10 @@ class _ClosedFormGradient(torch.autograd.Function):
 
 def _collapse_broadcast(tensor: Tensor) -> Tensor:
     """``tensor`` with every expanded (stride 0) dimension narrowed to size 1: it broadcasts back to the same values."""
+    if all(stride == 0 for stride in tensor.stride()):
+        # one value expanded, as a full reduction's backward passes: a view of it, without indexing (which costs
+        # small batches more than the multiplication it saves)
+        return tensor.as_strided((), ())
     index = tuple(
         slice(0, 1) if stride == 0 and size > 1 else slice(None) for size, stride in zip(tensor.shape, tensor.stride())
     )
@@ -448,13 +457,16 @@ def _keep_ones(tensor: Tensor, keep: Tensor) -> Optional[Tensor]:
     """``keep`` as 0 / 1 integers of ``tensor``'s width, or None when they cannot select (other dtypes, or a
     ``keep`` that does not broadcast into ``tensor``'s shape)."""
     integer = _SAME_WIDTH_INTEGER.get(tensor.dtype)
-    # torch.broadcast_shapes costs more than the selection itself at 10k elements
-    fits = keep.dim() <= tensor.dim() and all(
-        size in (1, full) for size, full in zip(reversed(keep.shape), reversed(tensor.shape))
-    )
-    if integer is None or not fits:
+    if integer is None or not _broadcasts_into(keep, tensor):
         return None
     return keep.to(integer)
+
+
+def _broadcasts_into(mask: Tensor, tensor: Tensor) -> bool:
+    # torch.broadcast_shapes costs more than the selection itself at 10k elements
+    return mask.dim() <= tensor.dim() and all(
+        size in (1, full) for size, full in zip(reversed(mask.shape), reversed(tensor.shape))
+    )
 
 
 @torch.jit.unused
@@ -465,7 +477,14 @@ def select_kept_outputs_(
     NaN / inf there included."""
     if keep is None:
         return value, grad
-    return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
+    keep_ones = _keep_ones(value, keep)
+    if keep_ones is None or (grad is not None and (grad.dtype != value.dtype or not _broadcasts_into(keep, grad))):
+        return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
+    # one integer mask for both: a cast less per call
+    value.view(keep_ones.dtype).mul_(keep_ones)
+    if grad is not None:
+        grad.view(keep_ones.dtype).mul_(keep_ones)
+    return value, grad
 
 
 @torch.jit.unused
@@ -559,32 +578,52 @@ def closed_form_regression(
     weight: Optional[Tensor],
     terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]],
     elementwise: Callable[[Tensor], Tensor],
+    grad_scale: float = 1.0,
+    weighted_terms: Optional[Callable[[Tensor, Tensor, bool], tuple[Tensor, Optional[Tensor]]]] = None,
 ) -> Tensor:
     """``elementwise(pred - target) * weight`` for eager training, with the gradient in closed form.
 
     Args:
         pred, target, weight: from :func:`regression_inputs`; ``target`` takes no gradient.
-        terms: ``terms(diff, with_grad)`` returns ``elementwise(diff)`` and, when asked, its derivative, both
-            computed without autograd and free to overwrite ``diff``.
+        terms: ``terms(diff, with_grad)`` returns ``elementwise(diff)`` and, when asked, its derivative divided by
+            ``grad_scale``, both computed without autograd and free to overwrite ``diff``.
         elementwise: the autograd formulation, for double backward.
+        weighted_terms: ``weighted_terms(diff, weight, with_grad)``, the same two times a ``weight`` of ``diff``'s
+            shape, for losses that weight both in fewer passes than two multiplications; used for such weights
+            when they take no gradient.
     """
     with_grad = needs_grad(pred)
+    weighted = (
+        weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
+    )
     with torch.no_grad():
         diff = pred - target
         keep = weight_keep_mask(weight)
         if keep is not None:
             diff = select_kept_(diff, keep)
-        value, grad = terms(diff, with_grad)
-    return attach_gradient(
-        value, grad, pred, weight, lambda x: elementwise(masked_difference(x, target, weight))
-    )
+        if weighted and weighted_terms is not None and weight is not None:
+            value, grad = weighted_terms(diff, weight, with_grad)
+        else:
+            value, grad = terms(diff, with_grad)
+
+    def differentiable(x: Tensor) -> Tensor:
+        loss = elementwise(masked_difference(x, target, weight))
+        return loss * weight if weighted and weight is not None else loss
+
+    return attach_gradient(value, grad, pred, None if weighted else weight, differentiable, grad_scale)
 
 
 @torch.jit.unused
 def attach_gradient(
-    value: Tensor, grad: Optional[Tensor], x: Tensor, weight: Optional[Tensor], differentiable: Callable[[Tensor], Tensor]
+    value: Tensor,
+    grad: Optional[Tensor],
+    x: Tensor,
+    weight: Optional[Tensor],
+    differentiable: Callable[[Tensor], Tensor],
+    grad_scale: float = 1.0,
 ) -> Tensor:
-    """``value * weight`` in the forward pass, with ``d / d x = grad * weight`` element-wise in the backward pass.
+    """``value * weight`` in the forward pass, with ``d / d x = grad_scale * grad * weight`` element-wise in the
+    backward pass.
 
     ``value`` and ``grad`` (closed form, computed without autograd) are updated in place. ``differentiable(x)`` is
     the autograd formulation of the same element-wise loss, used only for double backward. Without ``grad`` (no
@@ -593,7 +632,7 @@ def attach_gradient(
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # The in-place weighting below gives ``weight`` no gradient (the Function returns none for ``value``):
         # a weight that is itself trained is applied by autograd, after the closed-form part.
-        return attach_gradient(value, grad, x, None, differentiable) * weight
+        return attach_gradient(value, grad, x, None, differentiable, grad_scale) * weight
     weight_deferred = weight is not None and grad is not None and weight.numel() < grad.numel()
     if weight is not None:
         value = value.mul_(weight)
@@ -601,7 +640,7 @@ def attach_gradient(
             grad = grad.mul_(weight)
     if grad is None:
         return value
-    return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, differentiable)
+    return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, grad_scale, differentiable)
 
 
 def _sigmoid_terms(

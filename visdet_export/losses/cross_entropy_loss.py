@@ -28,7 +28,6 @@ from ..numerics import (
     masked_inputs,
     needs_grad,
     replace_at_labels,
-    select_kept_,
     select_kept_outputs_,
     weight_keep_mask,
     zero_where_unweighted,
@@ -128,7 +127,6 @@ def _softmax_cross_entropy_eager(
         value = -log_prob.gather(1, safe_label)
         if label_weight is not None:
             value = value.mul_(label_weight.unsqueeze(1))
-        value = torch.where(keep_rows, value, 0.0)
         grad: Optional[Tensor] = None
         if with_grad:
             grad = exp_scaled_(log_prob, 1.0).scatter_add_(
@@ -136,7 +134,8 @@ def _softmax_cross_entropy_eager(
             )
             if label_weight is not None:
                 grad = grad.mul_(label_weight.unsqueeze(1))
-            grad = select_kept_(grad, keep_rows)  # rows of NaN/inf logits that carry no weight
+        # rows not valid, and rows of NaN/inf logits that carry no weight
+        value, grad = select_kept_outputs_(value, grad, keep_rows)
     return attach_gradient(
         value, grad, pred, None if weight is None else weight.unsqueeze(1),
         lambda logits: _softmax_cross_entropy(

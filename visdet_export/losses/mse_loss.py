@@ -36,12 +36,21 @@ def mse_loss(
 
 @torch.jit.unused
 def _mse_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
-    return closed_form_regression(pred, target, weight, _mse_terms, torch.square)
+    return closed_form_regression(
+        pred, target, weight, _mse_terms, torch.square, grad_scale=2.0, weighted_terms=_mse_weighted_terms
+    )
 
 
 def _mse_terms(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    grad = diff.mul(2.0) if with_grad else None
-    return diff.mul_(diff), grad
+    if with_grad:
+        return diff * diff, diff  # the derivative is 2 diff: the factor 2 joins the upstream gradient
+    return diff.mul_(diff), None
+
+
+def _mse_weighted_terms(diff: Tensor, weight: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    # diff * weight is the weighted derivative (over 2) and, times diff, the weighted value
+    weighted = diff * weight
+    return diff.mul_(weighted), weighted if with_grad else None
 
 
 class MSELoss(WeightedLoss):

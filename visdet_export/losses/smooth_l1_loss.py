@@ -81,10 +81,10 @@ def _smooth_l1_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor], bet
         sign = diff.sign() if with_grad else None
         distance = diff.abs_()
         inlier = distance.clamp(max=beta)
-        grad = None if sign is None else sign.mul_(inlier).div_(beta)  # d / beta inside, sign(d) outside
+        grad = None if sign is None else sign.mul_(inlier)  # d / beta inside, sign(d) outside, with grad_scale
         return distance.sub_(inlier).addcmul_(inlier, inlier, value=0.5 / beta), grad
 
-    return closed_form_regression(pred, target, weight, terms, lambda diff: _smooth_l1(diff, beta))
+    return closed_form_regression(pred, target, weight, terms, lambda diff: _smooth_l1(diff, beta), 1.0 / beta)
 
 
 class L1Loss(WeightedLoss):
