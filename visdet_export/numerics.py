@@ -597,10 +597,17 @@ def closed_form_regression(
         weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
     )
     with torch.no_grad():
-        diff = pred - target
+        # The integer mask before the difference, and no bool mask kept: the peak holds one full-size temporary
+        # besides the difference, and none when the terms allocate theirs.
         keep = weight_keep_mask(weight)
-        if keep is not None:
+        keep_ones = None if keep is None else _keep_ones(pred, keep)
+        keep = None if keep_ones is not None else keep
+        diff = pred - target
+        if keep_ones is not None:
+            diff.view(keep_ones.dtype).mul_(keep_ones)
+        elif keep is not None:
             diff = select_kept_(diff, keep)
+        del keep, keep_ones
         if weighted and weighted_terms is not None and weight is not None:
             value, grad = weighted_terms(diff, weight, with_grad)
         else:
