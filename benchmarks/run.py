@@ -220,6 +220,16 @@ def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> Optiona
 # --- one configuration -----------------------------------------------------------------------------------------
 
 
+def _more_repeats(done: int, elapsed_s: float, args: argparse.Namespace) -> bool:
+    """At least --min-repeats; up to --repeats within --cell-budget-s; past them, up to 10x --repeats while the cell
+    has run less than --min-cell-s (cells of a few milliseconds: their medians need the samples)."""
+    if done < args.min_repeats:
+        return True
+    if done < args.repeats:
+        return elapsed_s < args.cell_budget_s
+    return done < 10 * args.repeats and elapsed_s < args.min_cell_s
+
+
 def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.Namespace, dtype: torch.dtype,
                device: torch.device, workdir: Path, log: Callable[[str], None]) -> list[dict]:
     # every config compiles the same PositionalLoss.forward / floor code objects: start each from a clean cache
@@ -321,7 +331,7 @@ def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.
         inf: dict[str, list[float]] = {p: [] for p in infer}
         start = time.perf_counter()
         rep = 0
-        while rep < args.repeats and (rep < args.min_repeats or time.perf_counter() - start < args.cell_budget_s):
+        while _more_repeats(rep, time.perf_counter() - start, args):
             for label, fn in providers.items():  # interleaved: A B C ... A B C ...
                 f_ms, b_ms = train_step(fn)
                 fwd[label].append(f_ms)
@@ -631,6 +641,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 7, quick 3)")
     parser.add_argument("--min-repeats", type=int, default=3)
     parser.add_argument("--cell-budget-s", type=float, default=30.0, help="stop repeating a cell after this")
+    parser.add_argument("--min-cell-s", type=float, default=None,
+                        help="repeat short cells past --repeats (up to 10x) until they ran this long (default 1, quick 0)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -645,6 +657,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     args.min_repeats = min(args.min_repeats, args.repeats)
+    if args.min_cell_s is None:
+        args.min_cell_s = 0.0 if args.quick else 1.0
     if args.allocator is None:
         args.allocator = "default" if args.quick else "both"
     return args

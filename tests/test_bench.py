@@ -11,13 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def _runner():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import run  # benchmarks/run.py
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    run = _runner()
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "--quick", "--losses", "focal,giou,l1", "--sizes", "64", "--repeats", "2", "--warmup", "1",
@@ -71,3 +76,13 @@ def test_baselines_match_our_values():
         ours = spec.call(loss, inputs)
         theirs = baseline_for(loss)(loss, inputs)
         torch.testing.assert_close(ours, theirs.reshape(ours.shape), rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_short_cells_repeat_until_min_cell_time():
+    run = _runner()
+    args = run.parse_args(["--repeats", "5", "--min-repeats", "3", "--cell-budget-s", "8", "--min-cell-s", "1"])
+    assert run._more_repeats(2, 100.0, args)  # --min-repeats whatever the time
+    assert run._more_repeats(4, 7.9, args) and not run._more_repeats(4, 8.1, args)  # --cell-budget-s
+    assert run._more_repeats(5, 0.5, args) and not run._more_repeats(5, 1.5, args)  # short cells go on
+    assert not run._more_repeats(50, 0.5, args)  # at most 10x --repeats
+    assert run.parse_args(["--quick"]).min_cell_s == 0.0
