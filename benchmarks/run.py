@@ -176,6 +176,10 @@ def onnx_session(module: torch.nn.Module, spec, names: list[str], threads: int, 
 
     from visdet_export.export.onnx import export_onnx
 
+    available = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in available:
+        # onnxruntime on the CPU against torch on the GPU would be no comparison
+        raise RuntimeError("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
     path = workdir / f"{tag}.onnx"
     optional = tuple(t.name for t in spec.inputs if t.optional and t.name in names)
     export_onnx(module, path, variant=spec.variant, optional_inputs=optional, overwrite=True, verify=False)
@@ -183,9 +187,8 @@ def onnx_session(module: torch.nn.Module, spec, names: list[str], threads: int, 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+    if device.type == "cuda":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=providers)
     input_names = [i.name for i in session.get_inputs()]

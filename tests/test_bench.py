@@ -86,3 +86,21 @@ def test_short_cells_repeat_until_min_cell_time():
     assert run._more_repeats(5, 0.5, args) and not run._more_repeats(5, 1.5, args)  # short cells go on
     assert not run._more_repeats(50, 0.5, args)  # at most 10x --repeats
     assert run.parse_args(["--quick"]).min_cell_s == 0.0
+
+
+def test_onnx_column_refuses_cpu_onnxruntime_against_a_gpu(tmp_path):
+    """Without onnxruntime's CUDA provider the GPU run drops the ORT column instead of timing the CPU against it."""
+    import onnxruntime as ort
+    import torch
+
+    from visdet_export import build_loss
+    from visdet_export.specs import spec_for
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: the CUDA column is real")
+    run = _runner()
+    loss = build_loss(dict(type="L1Loss"))
+    spec = spec_for(loss)
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        run.onnx_session(loss, spec, spec.names, 1, tmp_path, "l1", torch.device("cuda"))
+    assert not list(tmp_path.iterdir())  # refused before exporting anything
