@@ -651,7 +651,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     parser.add_argument("--allocator", choices=("default", "pinned", "both"), default=None,
-                        help="glibc allocator setting; 'both' re-executes twice (default: both, quick: default)")
+                        help="glibc allocator setting; 'both' re-executes twice (default: both on CPU, else default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder for results.json / results.md")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
@@ -662,8 +662,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.min_repeats = min(args.min_repeats, args.repeats)
     if args.min_cell_s is None:
         args.min_cell_s = 0.0 if args.quick else 1.0
-    if args.allocator is None:
-        args.allocator = "default" if args.quick else "both"
+    if args.allocator is None:  # glibc's state matters to CPU timings only
+        args.allocator = "default" if args.quick or args.device != "cpu" else "both"
     return args
 
 

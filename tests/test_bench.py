@@ -88,6 +88,13 @@ def test_short_cells_repeat_until_min_cell_time():
     assert run.parse_args(["--quick"]).min_cell_s == 0.0
 
 
+def test_allocator_runs_default_to_both_on_cpu_only():
+    run = _runner()
+    assert run.parse_args([]).allocator == "both"
+    assert run.parse_args(["--quick"]).allocator == "default"
+    assert run.parse_args(["--device", "cuda"]).allocator == "default"  # glibc's state does not time a GPU
+
+
 def test_onnx_column_refuses_cpu_onnxruntime_against_a_gpu(tmp_path):
     """Without onnxruntime's CUDA provider the GPU run drops the ORT column instead of timing the CPU against it."""
     import onnxruntime as ort
