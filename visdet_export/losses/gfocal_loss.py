@@ -30,7 +30,6 @@ from ..numerics import (
     replace_at_labels,
     row_weighted_inputs,
     scatter_class_values,
-    select_kept_,
     select_kept_outputs_,
     sigmoid_pair,
     unbalanced_focal_of_signed,
@@ -329,14 +328,11 @@ def _distribution_focal_loss_eager(
         log_prob = torch.log_softmax(pred, dim=1)
         value = log_prob.gather(1, left_index).mul_(left_weight)
         value = value.add_(log_prob.gather(1, right_index).mul_(right_weight)).neg_()
-        if keep_rows is not None:
-            value = torch.where(keep_rows, value, 0.0)
         grad: Optional[Tensor] = None
         if with_grad:
             grad = exp_scaled_(log_prob, 1.0).scatter_add_(1, left_index, left_weight.neg())
             grad = grad.scatter_add_(1, right_index, right_weight.neg())
-            if keep_rows is not None:
-                grad = select_kept_(grad, keep_rows)
+        value, grad = select_kept_outputs_(value, grad, keep_rows)
     return attach_gradient(
         value, grad, pred, None if weight is None else weight.unsqueeze(1),
         lambda logits: _distribution_focal_loss(zero_where_unweighted(logits, keep_rows), bins),
