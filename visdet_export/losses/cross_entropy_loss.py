@@ -196,10 +196,8 @@ def binary_cross_entropy(
             weight = weight.unsqueeze(-1)
     if class_weight is not None:
         _check_class_count(class_weight, pred.size(-1))
-    weights: Optional[Tensor] = None
     if weight is not None:
-        weights = valid.to(dtype) * weight.to(dtype)
-    keep = valid if weights is None else weight_keep_mask(weights)
+        weight = weight.to(dtype)
     pos_weight = None if class_weight is None else class_weight.to(dtype)
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = valid.sum().to(dtype)
@@ -207,12 +205,19 @@ def binary_cross_entropy(
             avg_factor = avg_factor * pred.size(1)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked elements is the loss of the masked inputs (log 2), where the fast path zeroes the outputs
-    if eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
+    if eager_fast_path(pred) and (weight is None or not needs_grad(weight)):
+        # the outputs are zeroed outside ``keep``, so the weight applies as given, with no (valid * weight) tensor
+        keep_weighted = weight_keep_mask(weight)
+        keep_eager = valid if keep_weighted is None else valid & keep_weighted
         if index_labels:
-            loss = _binary_cross_entropy_labels_eager(pred, label, weights, keep, pos_weight)
+            loss = _binary_cross_entropy_labels_eager(pred, label, weight, keep_eager, pos_weight)
         else:
-            loss = _binary_cross_entropy_eager(pred, label.to(dtype), weights, keep, pos_weight)
+            loss = _binary_cross_entropy_eager(pred, label.to(dtype), weight, keep_eager, pos_weight)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
+    weights: Optional[Tensor] = None
+    if weight is not None:
+        weights = valid.to(dtype) * weight
+    keep = valid if weights is None else weight_keep_mask(weights)
     weights = valid.to(dtype) if weights is None else weights
     if index_labels and pos_weight is None:
         # closed-form derivative saved by the forward, for class logits (N, C); with targets of pred's shape such as
