@@ -597,27 +597,34 @@ def closed_form_regression(
         weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
     )
     with torch.no_grad():
-        # The integer mask before the difference, and no bool mask kept: the peak holds one full-size temporary
-        # besides the difference, and none when the terms allocate theirs.
-        keep = weight_keep_mask(weight)
-        keep_ones = None if keep is None else _keep_ones(pred, keep)
-        keep = None if keep_ones is not None else keep
-        diff = pred - target
-        if keep_ones is not None:
-            diff.view(keep_ones.dtype).mul_(keep_ones)
-        elif keep is not None:
-            diff = select_kept_(diff, keep)
-        del keep, keep_ones
-        if weighted and weighted_terms is not None and weight is not None:
+        diff = _kept_difference(pred, target, weight)
+        if weighted:
             value, grad = weighted_terms(diff, weight, with_grad)
         else:
             value, grad = terms(diff, with_grad)
 
     def differentiable(x: Tensor) -> Tensor:
         loss = elementwise(masked_difference(x, target, weight))
-        return loss * weight if weighted and weight is not None else loss
+        return loss * weight if weighted else loss
 
     return attach_gradient(value, grad, pred, None if weighted else weight, differentiable, grad_scale)
+
+
+@torch.jit.unused
+def _kept_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """``pred - target`` with the elements of weight 0 zeroed (NaN / inf there included), outside autograd. The
+    integer mask is built before the difference and the bool mask dropped: the peak holds one full-size temporary
+    besides the difference, and none once this returns."""
+    keep = weight_keep_mask(weight)
+    if keep is None:
+        return pred - target
+    keep_ones = _keep_ones(pred, keep)
+    if keep_ones is None:  # no integer of the dtype's width
+        return select_kept_(pred - target, keep)
+    del keep
+    diff = pred - target
+    diff.view(keep_ones.dtype).mul_(keep_ones)
+    return diff
 
 
 @torch.jit.unused
