@@ -415,6 +415,12 @@ def _select_bits(tensor: Tensor, keep_ones: Tensor) -> Tensor:
     return torch.mul(tensor.view(keep_ones.dtype), keep_ones).view(tensor.dtype)
 
 
+def _select_bits_(tensor: Tensor, keep_ones: Tensor) -> Tensor:
+    """:func:`_select_bits` in place (a tensor of our own, outside autograd)."""
+    tensor.view(keep_ones.dtype).mul_(keep_ones)
+    return tensor
+
+
 class _SelectKept(torch.autograd.Function):
     """``where(keep, x, 0)`` given ``keep`` as 0 / 1 integers of x's width; the gradient is selected the same way
     (a differentiable backward, so double backward holds)."""
@@ -449,8 +455,7 @@ def select_kept_(tensor: Tensor, keep: Tensor) -> Tensor:
     keep_ones = _keep_ones(tensor, keep)
     if keep_ones is None:
         return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
-    tensor.view(keep_ones.dtype).mul_(keep_ones)
-    return tensor
+    return _select_bits_(tensor, keep_ones)
 
 
 def _keep_ones(tensor: Tensor, keep: Tensor) -> Optional[Tensor]:
@@ -481,10 +486,7 @@ def select_kept_outputs_(
     if keep_ones is None or (grad is not None and (grad.dtype != value.dtype or not _broadcasts_into(keep, grad))):
         return select_kept_(value, keep), None if grad is None else select_kept_(grad, keep)
     # one integer mask for both: a cast less per call
-    value.view(keep_ones.dtype).mul_(keep_ones)
-    if grad is not None:
-        grad.view(keep_ones.dtype).mul_(keep_ones)
-    return value, grad
+    return _select_bits_(value, keep_ones), None if grad is None else _select_bits_(grad, keep_ones)
 
 
 @torch.jit.unused
@@ -622,9 +624,7 @@ def _kept_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> 
     if keep_ones is None:  # no integer of the dtype's width
         return select_kept_(pred - target, keep)
     del keep
-    diff = pred - target
-    diff.view(keep_ones.dtype).mul_(keep_ones)
-    return diff
+    return _select_bits_(pred - target, keep_ones)
 
 
 @torch.jit.unused
