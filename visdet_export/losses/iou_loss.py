@@ -8,15 +8,17 @@ early return on all-zero weights.
 
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..numerics import (
     aligned_box_iou,
     attach_gradient,
     check_same_shape,
+    compiled_training,
     eager_fast_path,
     max_side_weight,
     needs_grad,
@@ -106,8 +108,11 @@ def _box_loss(
     avg_factor: Optional[Tensor],
 ) -> Tensor:
     pred, target, weight, keep = box_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
+    frozen_weight = weight is None or not needs_grad(weight)
+    if eager_fast_path(pred) and not needs_grad(target) and frozen_weight:
         return weight_reduce_loss(_box_loss_eager(pred, target, weight, keep, mode, eps), None, reduction, avg_factor)
+    if mode != "giou" and keep is not None and frozen_weight and compiled_training(pred, target):
+        return weight_reduce_loss(_iou_loss_saved_gradient(pred, target, keep, mode, eps), weight, reduction, avg_factor)
     return weight_reduce_loss(_box_loss_per_box(pred, target, keep, mode, eps), weight, reduction, avg_factor)
 
 
@@ -136,9 +141,9 @@ def _box_loss_eager(
     """:func:`_box_loss_per_box` times a frozen ``weight`` with the gradient in closed form (see
     :func:`_box_loss_terms`), where autograd keeps some twenty (N,) intermediates for the backward pass. Boxes of
     weight 0 are zeroed in the outputs (NaN / inf coordinates there included) rather than in copies of the inputs."""
-    with_grad = needs_grad(pred)
+    grad = torch.empty_like(pred) if needs_grad(pred) else None
     with torch.no_grad():
-        value, grad = _box_loss_terms(pred, target, mode, eps, with_grad)
+        value = _box_loss_terms(pred.unbind(1), target.unbind(1), mode, eps, None if grad is None else grad.unbind(1))
         if keep is not None:
             value = select_kept_(value, keep)
             grad = None if grad is None else select_kept_(grad, keep.unsqueeze(1))
@@ -167,16 +172,22 @@ def _iou_mode_terms(iou: Tensor, mode: str, eps: float) -> tuple[Tensor, Tensor]
 
 @torch.jit.unused
 def _box_loss_terms(
-    pred: Tensor, target: Tensor, mode: str, eps: float, with_grad: bool
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-box loss (N,) of :func:`_box_loss_per_box` (without masking) and its derivative (N, 4) with respect to
-    ``pred``, by hand: the chain rule through areas, overlap, union (and enclosing box) with ATen's conventions,
-    ``clamp(min=b)`` passing the gradient where ``x >= b`` and ``maximum`` / ``minimum`` halving it at ties.
-    Written to keep few (N,) tensors alive at once: clamps in place, where their gradient passes as bools."""
+    pred_columns: Sequence[Tensor],
+    target_columns: Sequence[Tensor],
+    mode: str,
+    eps: float,
+    grad_columns: Optional[Sequence[Tensor]],
+) -> Tensor:
+    """Per-box loss (N,) of :func:`_box_loss_per_box` (without masking) from the coordinate columns (N,) of both
+    box sets, and its derivative with respect to the predicted ``x1, y1, x2, y2`` written into ``grad_columns``
+    (four (N,) buffers, when given), by hand: the chain rule through areas, overlap, union (and enclosing box) with
+    ATen's conventions, ``clamp(min=b)`` passing the gradient where ``x >= b`` and ``maximum`` / ``minimum``
+    halving it at ties. Written to keep few (N,) tensors alive at once: clamps in place, where their gradient
+    passes as bools."""
     generalized = mode == "giou"
     union_eps = _union_eps(mode, eps)
-    px1, py1, px2, py2 = pred.unbind(1)
-    tx1, ty1, tx2, ty2 = target.unbind(1)
+    px1, py1, px2, py2 = pred_columns
+    tx1, ty1, tx2, ty2 = target_columns
     pred_w, pred_w_passes = _clamp_min_(px2 - px1, 0.0)
     pred_h, pred_h_passes = _clamp_min_(py2 - py1, 0.0)
     overlap_w, overlap_w_passes = _clamp_min_(torch.minimum(px2, tx2).sub_(torch.maximum(px1, tx1)), 0.0)
@@ -193,8 +204,8 @@ def _box_loss_terms(
         d_iou = torch.full_like(iou, -1.0)
     else:
         value, d_iou = _iou_mode_terms(iou, mode, eps)
-    if not with_grad:
-        return value, None
+    if grad_columns is None:
+        return value
     dtype = iou.dtype
     # iou = overlap / union, union = area_p + area_t - overlap; GIoU adds (enclose - union) / enclose
     d_union = iou.mul_(d_iou).div_(union).neg_()
@@ -209,8 +220,7 @@ def _box_loss_terms(
     d_pred_h = d_union.mul_(pred_w).mul_(pred_h_passes.to(dtype))
     # x1 enters the width (-), max(x1, t1) of the overlap (-) and min(x1, t1) of the enclosing box (-); x2 the
     # width (+), min(x2, t2) of the overlap and max(x2, t2) of the enclosing box
-    grad = torch.empty_like(pred)
-    d_x1, d_y1, d_x2, d_y2 = grad.unbind(1)
+    d_x1, d_y1, d_x2, d_y2 = grad_columns
     torch.mul(d_overlap_w, max_side_weight(px1, tx1), out=d_x1).add_(d_pred_w).neg_()
     torch.mul(d_overlap_h, max_side_weight(py1, ty1), out=d_y1).add_(d_pred_h).neg_()
     torch.mul(d_overlap_w, max_side_weight(tx2, px2), out=d_x2).add_(d_pred_w)
@@ -223,7 +233,43 @@ def _box_loss_terms(
         d_y1.sub_(max_side_weight(ty1, py1).mul_(d_enclose_h))
         d_x2.add_(max_side_weight(px2, tx2).mul_(d_enclose_w))
         d_y2.add_(max_side_weight(py2, ty2).mul_(d_enclose_h))
-    return value, grad
+    return value
+
+
+@torch.jit.unused
+def _iou_loss_saved_gradient(pred: Tensor, target: Tensor, keep: Tensor, mode: str, eps: float) -> Tensor:
+    return _SavedBoxGradient.apply(pred, target, keep, mode, eps)
+
+
+class _SavedBoxGradient(torch.autograd.Function):
+    """The IoU loss (N,) of each box pair, for torch.compile'd training with a weight: the forward computes the
+    loss and its derivative in closed form (:func:`_box_loss_terms`) in one fused kernel, the backward scales the
+    saved derivative. Against inductor's autograd graph it keeps one (4, N) buffer instead of eight masked
+    coordinate columns: compiled IoU fwd+bwd, 1 thread, at 1M boxes ~16 -> ~10 ms, at 100k ~1.9 -> ~1.7 ms; peak
+    memory 3.0 -> 1.5 x (pred + grad) (torch 2.13).
+
+    Tied to inductor's CPU heuristic that turns vectorisation off at 35 non-contiguous loads per kernel (torch
+    2.13; results stay exact either way, only the speed changes): the masked columns read the boxes in 32; unmasked
+    (no weight) in 48, a scalar loop 2.5x slower than the autograd graph, which those calls keep. The derivative is
+    written (4, N), one contiguous row per coordinate: its stride-4 stores as (N, 4) cross the threshold too, and
+    the boxes copied into contiguous columns first cost a slower transposition. GIoU keeps the autograd graph, whose
+    split forward and backward kernels compute less than its fused closed form (9 against 17 ms at 1M boxes)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, keep, mode, eps):  # type: ignore[override]
+        # boxes of weight 0 computed as zeros: finite, and the weight zeroes their value and gradient
+        columns = [torch.where(keep, column, 0.0) for column in pred.unbind(1) + target.unbind(1)]
+        grad_columns = [pred.new_empty(pred.size(0)) for _ in range(4)]
+        value = _box_loss_terms(columns[:4], columns[4:], mode, eps, grad_columns)
+        grad = torch.stack(grad_columns)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).t().contiguous(), None, None, None, None
 
 
 class IoULoss(WeightedLoss):
