@@ -47,7 +47,9 @@ def _value_and_grads(owner: str, module, pred, target, weight, fast: bool, monke
     ``torch.where`` masking that compile, TorchScript and ONNX run)."""
     with monkeypatch.context() as patch:
         if not fast:
-            patch.setattr(importlib.import_module("visdet_export.losses." + owner), "eager_fast_path", lambda t: False)
+            owner_module = importlib.import_module("visdet_export.losses." + owner)
+            if hasattr(owner_module, "eager_fast_path"):  # the regression losses ask numerics.closed_form_path
+                patch.setattr(owner_module, "eager_fast_path", lambda t: False)
             patch.setattr(NUMERICS_MODULE, "eager_fast_path", lambda t: False)
         pred = pred.detach().clone().requires_grad_(True)
         weight = weight.detach().clone().requires_grad_(trained)

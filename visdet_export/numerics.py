@@ -323,7 +323,8 @@ def masked_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) ->
 # computes the element-wise loss *and its derivative* in closed form without autograd, mostly in place, and
 # attaches the derivative with ``attach_gradient``. Values are the same expressions as the export-safe path; the
 # gradients are their exact derivatives (same x >= 0 side at 0, same zero-base conventions as pow_nonnegative).
-# TorchScript, torch.compile, export and ONNX keep the autograd formulation (inductor fuses it into one kernel).
+# TorchScript, export and ONNX keep the autograd formulation; torch.compile'd training has its own closed-form path
+# (below).
 
 
 @torch.jit.unused
@@ -583,7 +584,9 @@ def closed_form_regression(
     grad_scale: float = 1.0,
     weighted_terms: Optional[Callable[[Tensor, Tensor, bool], tuple[Tensor, Optional[Tensor]]]] = None,
 ) -> Tensor:
-    """``elementwise(pred - target) * weight`` for eager training, with the gradient in closed form.
+    """``elementwise(pred - target) * weight`` for eager and torch.compile'd training (:func:`closed_form_path`),
+    with the gradient in closed form: computed in place outside autograd in eager, saved by the forward of a
+    fused kernel under torch.compile (:class:`_SavedRegressionGradient`).
 
     Args:
         pred, target, weight: from :func:`regression_inputs`; ``target`` takes no gradient.
@@ -592,8 +595,11 @@ def closed_form_regression(
         elementwise: the autograd formulation, for double backward.
         weighted_terms: ``weighted_terms(diff, weight, with_grad)``, the same two times a ``weight`` of ``diff``'s
             shape, for losses that weight both in fewer passes than two multiplications; used for such weights
-            when they take no gradient.
+            when they take no gradient (eager only).
     """
+    if compiling_graph():
+        loss = _SavedRegressionGradient.apply(masked_difference(pred, target, weight), terms, grad_scale)
+        return loss if weight is None else loss * weight
     with_grad = needs_grad(pred)
     weighted = (
         weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
@@ -785,6 +791,7 @@ def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Te
 # training step, an autograd.Function whose forward computes the element-wise loss *and its derivative in closed
 # form* (the formulas of the eager fast path above, written out of place) in one pass, and whose backward scales the
 # saved derivative by the upstream gradient, in place (inductor reuses the saved buffer: AOT autograd donates it).
+# The regression losses (their eager ``terms``, _SavedRegressionGradient) and the IoU losses (iou_loss) do the same.
 # Export, TorchScript and ONNX keep the autograd formulation; the choice depends only on trace-time facts.
 
 
@@ -822,6 +829,12 @@ def gather_classes(values: Tensor, index: Tensor) -> Tensor:
 def compiled_training(pred: Tensor, target: Tensor) -> bool:
     """True while torch.compile traces a step that differentiates ``pred`` (and not ``target``), not an export."""
     return compiling_graph() and needs_grad(pred) and not needs_grad(target)
+
+
+def closed_form_path(pred: Tensor, target: Tensor) -> bool:
+    """True where :func:`closed_form_regression` applies: eagerly on real tensors, or in torch.compile'd training
+    (:func:`compiled_training`), with a ``target`` that takes no gradient."""
+    return (eager_fast_path(pred) and not needs_grad(target)) or compiled_training(pred, target)
 
 
 # log1p(e) / e on [0, 1] as a degree-8 polynomial (least squares on 4000 Chebyshev nodes, reweighted towards the
@@ -955,6 +968,28 @@ def quality_focal_with_saved_gradient(logits: Tensor, target: Tensor, beta: floa
 def bce_with_saved_gradient(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`focal_with_saved_gradient` for binary cross-entropy on logits."""
     return _SavedClosedForm.apply(logits, target, "bce", 0.0, 0.0)
+
+
+class _SavedRegressionGradient(torch.autograd.Function):
+    """An element-wise regression loss of ``diff`` whose forward computes the value and the derivative with the
+    eager closed form (``terms`` of :func:`closed_form_regression`, on a copy of ``diff`` that inductor fuses away)
+    and whose backward scales the saved derivative. Inductor's autograd graph computes the derivative again in the
+    backward: fwd+bwd at 1M x 4, 1 thread, BalancedL1 ~16 -> ~11 ms (one log1p instead of two), L1 ~6.8 ->
+    ~4.6 ms; SmoothL1 and MSE within noise (torch 2.13). Without the ``prod`` of :func:`keep_saved_gradient`: the
+    partitioner keeps these derivatives as they are."""
+
+    @staticmethod
+    def forward(ctx, diff, terms, grad_scale):  # type: ignore[override]
+        value, grad = terms(diff.clone(), True)
+        ctx.save_for_backward(grad)
+        ctx.grad_scale = grad_scale
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output * ctx.grad_scale), None, None
 
 
 def keep_saved_gradient(loss: Tensor, grad: Tensor, reduction: str) -> Tensor:

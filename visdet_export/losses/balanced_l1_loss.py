@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_regression, eager_fast_path, masked_difference, needs_grad, regression_inputs
+from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_float
 from .base import WeightedLoss
@@ -36,8 +36,8 @@ def balanced_l1_loss(
     Args: as :func:`~visdet_export.losses.smooth_l1_loss.l1_loss`.
     """
     pred, target, weight = regression_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target):
-        loss = _balanced_l1_eager(pred, target, weight, alpha, gamma, beta)
+    if closed_form_path(pred, target):
+        loss = _balanced_l1_closed_form(pred, target, weight, alpha, gamma, beta)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     loss = _balanced_l1(masked_difference(pred, target, weight), alpha, gamma, beta)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
@@ -55,7 +55,7 @@ def _balanced_l1(diff: Tensor, alpha: float, gamma: float, beta: float) -> Tenso
 
 
 @torch.jit.unused
-def _balanced_l1_eager(
+def _balanced_l1_closed_form(
     pred: Tensor, target: Tensor, weight: Optional[Tensor], alpha: float, gamma: float, beta: float
 ) -> Tensor:
     b = math.exp(gamma / alpha) - 1.0

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_regression, eager_fast_path, masked_difference, needs_grad, regression_inputs
+from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from .base import WeightedLoss
 
@@ -28,14 +28,14 @@ def mse_loss(
         Tensor[*] for "none", else Tensor[].
     """
     pred, target, weight = regression_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target):
-        return weight_reduce_loss(_mse_eager(pred, target, weight), None, reduction, avg_factor)
+    if closed_form_path(pred, target):
+        return weight_reduce_loss(_mse_closed_form(pred, target, weight), None, reduction, avg_factor)
     diff = masked_difference(pred, target, weight)
     return weight_reduce_loss(diff * diff, weight, reduction, avg_factor)
 
 
 @torch.jit.unused
-def _mse_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+def _mse_closed_form(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
     return closed_form_regression(
         pred, target, weight, _mse_terms, torch.square, grad_scale=2.0, weighted_terms=_mse_weighted_terms
     )

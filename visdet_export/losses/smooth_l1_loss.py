@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_regression, eager_fast_path, masked_difference, needs_grad, regression_inputs
+from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float
 from .base import WeightedLoss
@@ -34,13 +34,13 @@ def l1_loss(
         Tensor[*] for "none", else Tensor[].
     """
     pred, target, weight = regression_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target):
-        return weight_reduce_loss(_l1_eager(pred, target, weight), None, reduction, avg_factor)
+    if closed_form_path(pred, target):
+        return weight_reduce_loss(_l1_closed_form(pred, target, weight), None, reduction, avg_factor)
     return weight_reduce_loss(masked_difference(pred, target, weight).abs(), weight, reduction, avg_factor)
 
 
 @torch.jit.unused
-def _l1_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+def _l1_closed_form(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
     return closed_form_regression(pred, target, weight, _l1_terms, torch.abs)
 
 
@@ -62,8 +62,8 @@ def smooth_l1_loss(
     Args: as :func:`l1_loss`; ``beta`` > 0.
     """
     pred, target, weight = regression_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target):
-        return weight_reduce_loss(_smooth_l1_eager(pred, target, weight, beta), None, reduction, avg_factor)
+    if closed_form_path(pred, target):
+        return weight_reduce_loss(_smooth_l1_closed_form(pred, target, weight, beta), None, reduction, avg_factor)
     return weight_reduce_loss(_smooth_l1(masked_difference(pred, target, weight), beta), weight, reduction, avg_factor)
 
 
@@ -76,7 +76,7 @@ def _smooth_l1(diff: Tensor, beta: float) -> Tensor:
 
 
 @torch.jit.unused
-def _smooth_l1_eager(pred: Tensor, target: Tensor, weight: Optional[Tensor], beta: float) -> Tensor:
+def _smooth_l1_closed_form(pred: Tensor, target: Tensor, weight: Optional[Tensor], beta: float) -> Tensor:
     def terms(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
         sign = diff.sign() if with_grad else None
         distance = diff.abs_()

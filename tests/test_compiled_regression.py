@@ -1,14 +1,22 @@
-"""The compiled training path of the IoU losses (``iou_loss._SavedBoxGradient``): with a weight, the forward
-computes the loss and its closed-form derivative, the backward scales the saved derivative. Checked against the
-eager fast path (itself checked against autograd in test_perf_paths) on boxes in every regime of the chain rule,
-NaN / inf coordinates at weight-0 boxes included; without a weight the autograd graph is kept."""
+"""The compiled training path of the regression and IoU losses (``numerics._SavedRegressionGradient``,
+``iou_loss._SavedBoxGradient``): the forward computes the loss and its closed-form derivative, the backward scales
+the saved derivative. Checked against the eager fast path (itself checked against autograd in test_perf_paths) on
+inputs in every regime of the formulas, NaN / inf at weight-0 elements and boxes included; a trained weight gets
+its gradient; IoU without a weight keeps the autograd graph."""
 
 import pytest
 import torch
-from test_perf_paths import _box_inputs
+from test_perf_paths import REGRESSION_CASES, _box_inputs, _regression_inputs
 
 from visdet_export.losses import IoULoss
 from visdet_export.losses.iou_loss import _iou_loss_saved_gradient
+
+
+# inductor in the dtype of training, the traced graph (aot_eager) tightly in float64
+_DTYPE_TOLERANCE = {
+    "inductor": (torch.float32, dict(rtol=2e-5, atol=1e-6)),
+    "aot_eager": (torch.float64, dict(rtol=1e-10, atol=1e-12)),
+}
 
 
 def _graphs_backend(graphs, inner: str):
@@ -21,12 +29,38 @@ def _graphs_backend(graphs, inner: str):
     return backend
 
 
-def _value_and_grad(fn, pred, target, weight, reduction):
+def _value_and_grad(fn, pred, target, weight, reduction, trained_weight=False):
     pred = pred.detach().clone().requires_grad_(True)
+    weight = None if weight is None else weight.detach().clone().requires_grad_(trained_weight)
     value = fn(pred, target, weight, reduction_override=reduction)
     scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)  # not uniform
-    (grad,) = torch.autograd.grad((value * scale).sum(), pred)
-    return value.detach(), grad
+    grads = torch.autograd.grad((value * scale).sum(), (pred, weight) if trained_weight else (pred,))
+    return (value.detach(), *grads)
+
+
+@pytest.mark.parametrize("weight_shape", ["rows", "elements"])
+@pytest.mark.parametrize(
+    "module", [case[1] for case in REGRESSION_CASES], ids=[f"{type(c[1]).__name__}-{i}" for i, c in enumerate(REGRESSION_CASES)]
+)
+def test_compiled_regression_matches_eager_and_takes_the_closed_form(module, weight_shape):
+    pred, target, weight, masked = _regression_inputs(weight_shape, seed=31)
+    inductor = weight_shape == "rows" and type(module).__name__ in ("L1Loss", "BalancedL1Loss")
+    torch._dynamo.reset()
+    graphs = []
+    compiled = torch.compile(
+        module, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, "inductor" if inductor else "aot_eager")
+    )
+    dtype, tolerance = _DTYPE_TOLERANCE["inductor" if inductor else "aot_eager"]
+    inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
+    for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
+        want = _value_and_grad(module, *inputs, reduction, trained)
+        got = _value_and_grad(compiled, *inputs, reduction, trained)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tolerance)
+        assert (got[1][masked] == 0).all() and (got[1][~masked] != 0).any()
+        if trained:
+            assert got[2].abs().sum() > 0
+    assert graphs and all("autograd_function_apply" in code for code in graphs)
 
 
 @pytest.mark.parametrize(
@@ -44,15 +78,15 @@ def test_compiled_iou_matches_eager_and_takes_the_closed_form(mode, weight_shape
     torch._dynamo.reset()
     graphs = []
     compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
-    for dtype, tolerance in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=2e-5, atol=1e-6))):
-        inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
-        for reduction in ("mean", "none"):
-            want = _value_and_grad(loss, *inputs, reduction)
-            got = _value_and_grad(compiled, *inputs, reduction)
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, **tolerance)
-            assert (got[1][dead] == 0).all() and torch.isfinite(got[1]).all() and (got[1] != 0).any()
-            assert got[1].is_contiguous()
+    dtype, tolerance = _DTYPE_TOLERANCE[backend]
+    inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
+    for reduction in ("mean", "none"):
+        want = _value_and_grad(loss, *inputs, reduction)
+        got = _value_and_grad(compiled, *inputs, reduction)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tolerance)
+        assert (got[1][dead] == 0).all() and torch.isfinite(got[1]).all() and (got[1] != 0).any()
+        assert got[1].is_contiguous()
     assert graphs and all("autograd_function_apply" in code for code in graphs)
 
 
