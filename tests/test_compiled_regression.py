@@ -40,7 +40,9 @@ def _value_and_grad(fn, pred, target, weight, reduction, trained_weight=False):
 
 @pytest.mark.parametrize("weight_shape", ["rows", "elements"])
 @pytest.mark.parametrize(
-    "module", [case[1] for case in REGRESSION_CASES], ids=[f"{type(c[1]).__name__}-{i}" for i, c in enumerate(REGRESSION_CASES)]
+    "module",
+    [case[1] for case in REGRESSION_CASES],
+    ids=[f"{type(case[1]).__name__}-{i}" for i, case in enumerate(REGRESSION_CASES)],
 )
 def test_compiled_regression_matches_eager_and_takes_the_closed_form(module, weight_shape):
     pred, target, weight, masked = _regression_inputs(weight_shape, seed=31)
@@ -98,8 +100,9 @@ def test_compiled_iou_without_weight_keeps_the_autograd_graph():
     torch._dynamo.reset()
     graphs = []
     compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, "aot_eager"))
-    for got, want in zip(_value_and_grad(compiled, pred, target, None, "mean"), _value_and_grad(loss, pred, target, None, "mean")):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    want = _value_and_grad(loss, pred, target, None, "mean")
+    for got, expected in zip(_value_and_grad(compiled, pred, target, None, "mean"), want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert graphs and not any("autograd_function_apply" in code for code in graphs)
 
 

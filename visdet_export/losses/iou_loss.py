@@ -112,7 +112,8 @@ def _box_loss(
     if eager_fast_path(pred) and not needs_grad(target) and frozen_weight:
         return weight_reduce_loss(_box_loss_eager(pred, target, weight, keep, mode, eps), None, reduction, avg_factor)
     if mode != "giou" and keep is not None and frozen_weight and compiled_training(pred, target):
-        return weight_reduce_loss(_iou_loss_saved_gradient(pred, target, keep, mode, eps), weight, reduction, avg_factor)
+        loss = _iou_loss_saved_gradient(pred, target, keep, mode, eps)
+        return weight_reduce_loss(loss, weight, reduction, avg_factor)
     return weight_reduce_loss(_box_loss_per_box(pred, target, keep, mode, eps), weight, reduction, avg_factor)
 
 
