@@ -82,13 +82,15 @@ def test_compiled_iou_matches_eager_and_takes_the_closed_form(mode, weight_shape
     compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
     dtype, tolerance = _DTYPE_TOLERANCE[backend]
     inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
-    for reduction in ("mean", "none"):
-        want = _value_and_grad(loss, *inputs, reduction)
-        got = _value_and_grad(compiled, *inputs, reduction)
+    for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
+        want = _value_and_grad(loss, *inputs, reduction, trained)
+        got = _value_and_grad(compiled, *inputs, reduction, trained)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **tolerance)
         assert (got[1][dead] == 0).all() and torch.isfinite(got[1]).all() and (got[1] != 0).any()
         assert got[1].is_contiguous()
+        if trained:
+            assert got[2].abs().sum() > 0
     assert graphs and all("autograd_function_apply" in code for code in graphs)
 
 

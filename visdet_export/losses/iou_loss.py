@@ -108,10 +108,10 @@ def _box_loss(
     avg_factor: Optional[Tensor],
 ) -> Tensor:
     pred, target, weight, keep = box_inputs(pred, target, weight)
-    frozen_weight = weight is None or not needs_grad(weight)
-    if eager_fast_path(pred) and not needs_grad(target) and frozen_weight:
+    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
         return weight_reduce_loss(_box_loss_eager(pred, target, weight, keep, mode, eps), None, reduction, avg_factor)
-    if mode != "giou" and keep is not None and frozen_weight and compiled_training(pred, target):
+    if mode != "giou" and keep is not None and compiled_training(pred, target):
+        # the weight applies outside the Function: a trained one gets its gradient from autograd
         loss = _iou_loss_saved_gradient(pred, target, keep, mode, eps)
         return weight_reduce_loss(loss, weight, reduction, avg_factor)
     return weight_reduce_loss(_box_loss_per_box(pred, target, keep, mode, eps), weight, reduction, avg_factor)
