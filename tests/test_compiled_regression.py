@@ -38,6 +38,28 @@ def _value_and_grad(fn, pred, target, weight, reduction, trained_weight=False):
     return (value.detach(), *grads)
 
 
+def _check_compiled_closed_form(module, backend, inputs, masked):
+    """Compiled ``module`` against eager for mean / none reductions and a trained weight: same values and gradients,
+    gradient exactly 0 where ``masked`` (NaN / inf inputs there), finite, contiguous, non-zero elsewhere; the
+    Function of the closed form in every graph."""
+    torch._dynamo.reset()
+    graphs = []
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
+    dtype, tolerance = _DTYPE_TOLERANCE[backend]
+    inputs = tuple(x.to(dtype) for x in inputs)
+    for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
+        want = _value_and_grad(module, *inputs, reduction, trained)
+        got = _value_and_grad(compiled, *inputs, reduction, trained)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tolerance)
+        grad = got[1]
+        assert (grad[masked] == 0).all() and torch.isfinite(grad).all() and (grad[~masked] != 0).any()
+        assert grad.is_contiguous()
+        if trained:
+            assert got[2].abs().sum() > 0
+    assert graphs and all("autograd_function_apply" in code for code in graphs)
+
+
 @pytest.mark.parametrize("weight_shape", ["rows", "elements"])
 @pytest.mark.parametrize(
     "module",
@@ -47,22 +69,7 @@ def _value_and_grad(fn, pred, target, weight, reduction, trained_weight=False):
 def test_compiled_regression_matches_eager_and_takes_the_closed_form(module, weight_shape):
     pred, target, weight, masked = _regression_inputs(weight_shape, seed=31)
     inductor = weight_shape == "rows" and type(module).__name__ in ("L1Loss", "BalancedL1Loss")
-    torch._dynamo.reset()
-    graphs = []
-    compiled = torch.compile(
-        module, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, "inductor" if inductor else "aot_eager")
-    )
-    dtype, tolerance = _DTYPE_TOLERANCE["inductor" if inductor else "aot_eager"]
-    inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
-    for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
-        want = _value_and_grad(module, *inputs, reduction, trained)
-        got = _value_and_grad(compiled, *inputs, reduction, trained)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **tolerance)
-        assert (got[1][masked] == 0).all() and (got[1][~masked] != 0).any()
-        if trained:
-            assert got[2].abs().sum() > 0
-    assert graphs and all("autograd_function_apply" in code for code in graphs)
+    _check_compiled_closed_form(module, "inductor" if inductor else "aot_eager", (pred, target, weight), masked)
 
 
 @pytest.mark.parametrize(
@@ -77,21 +84,7 @@ def test_compiled_regression_matches_eager_and_takes_the_closed_form(module, wei
 def test_compiled_iou_matches_eager_and_takes_the_closed_form(mode, weight_shape, backend):
     loss = IoULoss(mode=mode, eps=0.05 if mode == "linear" else 1e-6)
     pred, target, weight, dead = _box_inputs(weight_shape, seed=21)
-    torch._dynamo.reset()
-    graphs = []
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
-    dtype, tolerance = _DTYPE_TOLERANCE[backend]
-    inputs = (pred.to(dtype), target.to(dtype), weight.to(dtype))
-    for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
-        want = _value_and_grad(loss, *inputs, reduction, trained)
-        got = _value_and_grad(compiled, *inputs, reduction, trained)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **tolerance)
-        assert (got[1][dead] == 0).all() and torch.isfinite(got[1]).all() and (got[1] != 0).any()
-        assert got[1].is_contiguous()
-        if trained:
-            assert got[2].abs().sum() > 0
-    assert graphs and all("autograd_function_apply" in code for code in graphs)
+    _check_compiled_closed_form(loss, backend, (pred, target, weight), dead)
 
 
 def test_compiled_iou_without_weight_keeps_the_autograd_graph():
