@@ -69,10 +69,13 @@ def smooth_l1_loss(
 
 def _smooth_l1(diff: Tensor, beta: float) -> Tensor:
     distance = diff.abs()
-    # With m = min(d, beta): 0.5 m^2 / beta + (d - m) is each branch on its side and has each branch's slope, with
-    # no select (a scalar loop in eager CPU, 7x a multiplication); m <= beta, so a tiny beta cannot overflow it.
+    # With m = min(d, beta): (m / beta) (d - m / 2) is each branch on its side and has each branch's slope, with no
+    # select (a scalar loop in eager CPU, 7x a multiplication) and, at beta = 1, three operations over the boxes
+    # after the clamp where 0.5 m^2 / beta + (d - m) took four (one pass less in onnxruntime); m / beta <= 1 cannot
+    # overflow.
     inlier = distance.clamp(max=beta)
-    return 0.5 * inlier * inlier / beta + (distance - inlier)
+    fraction = inlier if beta == 1.0 else inlier / beta
+    return fraction * (distance - 0.5 * inlier)
 
 
 @torch.jit.unused
