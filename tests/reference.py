@@ -88,8 +88,7 @@ def reduce_reference(loss: Tensor, weight: Optional[Tensor], reduction: str, avg
         raise ValueError("avg_factor can not be used with reduction='sum'")
     if reduction == "none":
         return loss
-    factor = float(avg_factor) if isinstance(avg_factor, Tensor) else float(avg_factor)
-    return loss.sum() / (factor + FLOAT32_EPS)
+    return loss.sum() / (float(avg_factor) + FLOAT32_EPS)
 
 
 # --- element-wise losses ---------------------------------------------------------------------------------------

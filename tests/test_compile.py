@@ -16,7 +16,7 @@ import random
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_backend
+from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS
 
 from visdet_export.runtimes import build_runner, default_names
 
