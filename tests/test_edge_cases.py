@@ -167,6 +167,27 @@ def test_ignore_index_values(use_sigmoid: bool, avg_non_ignore: bool, ignore_ind
     torch.testing.assert_close(grad_of(out, p1), grad_of(expected, p2), **TOL)
 
 
+@pytest.mark.parametrize("with_grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid_labels", "sigmoid_targets", "mask"])
+def test_class_weight_follows_pred_device(mode: str, with_grad: bool) -> None:
+    """A loss module left on the CPU (built outside a model that was moved) computes on pred's device, as visdet's
+    ``pred.new_tensor(class_weight)`` does. The meta device stands in for a GPU: CI has none."""
+    loss = build_loss(dict(type="CrossEntropyLoss", use_sigmoid=mode.startswith("sigmoid"), use_mask=mode == "mask",
+                           class_weight=[0.5, 2.0, 1.0]))
+    labels = torch.tensor([0, 2, 1, 3], device="meta")
+    if mode == "mask":
+        pred = torch.randn(4, 3, 7, 7, device="meta", requires_grad=with_grad)
+        out = loss(pred, torch.rand(4, 7, 7, device="meta"), labels.clamp(max=2))
+    else:
+        pred = torch.randn(4, 3, device="meta", requires_grad=with_grad)
+        out = loss(pred, torch.rand(4, 3, device="meta") if mode == "sigmoid_targets" else labels)
+    assert loss.class_weight.device.type == "cpu"
+    assert out.device.type == "meta" and out.shape == ()
+    if with_grad:
+        (grad,) = torch.autograd.grad(out, pred)
+        assert grad.device.type == "meta" and grad.shape == pred.shape
+
+
 # --- 14: avg_factor extremes --------------------------------------------------------------------------------------
 
 

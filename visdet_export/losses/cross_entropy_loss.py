@@ -93,7 +93,7 @@ def softmax_cross_entropy(
         if keep_weighted is not None:
             valid = valid & keep_weighted
     safe_label = safe_label.unsqueeze(1)
-    label_weight = None if class_weight is None else class_weight.to(dtype)[safe_label.squeeze(1)]
+    label_weight = None if class_weight is None else class_weight.to(pred.device, dtype)[safe_label.squeeze(1)]
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = (label != ignore_index).sum().to(dtype)
     if eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
@@ -198,7 +198,7 @@ def binary_cross_entropy(
         _check_class_count(class_weight, pred.size(-1))
     if weight is not None:
         weight = weight.to(dtype)
-    pos_weight = None if class_weight is None else class_weight.to(dtype)
+    pos_weight = None if class_weight is None else class_weight.to(pred.device, dtype)
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = valid.sum().to(dtype)
         if index_labels:
@@ -365,7 +365,7 @@ def mask_cross_entropy(
     loss = bce_with_logits(logits, target.to(dtype), log1p_decay)
     weight: Optional[Tensor] = None
     if class_weight is not None:
-        weight = class_weight.to(dtype)[safe_label].view(-1, 1, 1)
+        weight = class_weight.to(pred.device, dtype)[safe_label].view(-1, 1, 1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
