@@ -188,6 +188,20 @@ def test_class_weight_follows_pred_device(mode: str, with_grad: bool) -> None:
         assert grad.device.type == "meta" and grad.shape == pred.shape
 
 
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_every_loss_computes_on_pred_device(key: str) -> None:
+    """Eager forward and backward on the meta device (a stand-in for a GPU) with the module on the CPU: no constant
+    or buffer stays behind on the CPU."""
+    def to_meta(value):
+        return tuple(map(to_meta, value)) if isinstance(value, tuple) else value.to("meta")
+
+    inputs = {name: to_meta(value) for name, value in draw(key, 8).items()}
+    loss = build_loss(CONFIGS[key][0])
+    out, grad, pred = run(loss, inputs, avg_factor=inputs["avg_factor"])
+    assert out.device.type == "meta" and out.shape == ()
+    assert grad.device.type == "meta" and grad.shape == pred.shape
+
+
 # --- 14: avg_factor extremes --------------------------------------------------------------------------------------
 
 
