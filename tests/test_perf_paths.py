@@ -4,6 +4,7 @@ gradients, a trained ``weight`` included (the closed-form path once returned no 
 weight is 0."""
 
 import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -19,9 +20,13 @@ from visdet_export.losses import (
     SmoothL1Loss,
     sigmoid_focal_loss,
 )
+from visdet_export import build_loss
 from visdet_export.export.torchscript import script_loss
+from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
 
 NUMERICS_MODULE = importlib.import_module("visdet_export.numerics")
+LOSS_MODULES = [importlib.import_module("visdet_export.losses." + m.name) for m in pkgutil.iter_modules(
+    importlib.import_module("visdet_export.losses").__path__)]
 OWNERS = {"focal": "focal_loss", "qfl": "gfocal_loss"}
 
 
@@ -588,3 +593,44 @@ def test_binary_cross_entropy_on_labels_is_the_one_hot_formulation():
     (expected_grad,) = torch.autograd.grad((expected * scale).sum(), pred)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradgradcheck(lambda p: _binary_cross_entropy_on_labels(p, labels), (pred,), fast_mode=True)
+
+
+# every representative configuration with its input layout, and the other layouts of soft targets
+INPUT_LAYOUTS = [(name, CONFIG_VARIANTS.get(name)) for name in representative_configs()] + [
+    ("focal", "onehot"), ("qfl", "dense")]
+
+
+@pytest.mark.parametrize(("name", "variant"), INPUT_LAYOUTS, ids=[f"{n}-{v}" for n, v in INPUT_LAYOUTS])
+def test_every_float_input_gets_the_autograd_gradient(name, variant, monkeypatch):
+    """Each floating-point input (box or regression targets, soft targets, QFL scores, soft labels, weights),
+    trained alongside pred one at a time (a trained weight alone sends most losses to autograd), gets from eager,
+    fast paths included, the gradient of the autograd formulation: a fast path that skipped an input's gradient
+    would train it silently wrong (QFL's scores and sigmoid CE's soft targets got none until this test)."""
+    loss = build_loss(representative_configs()[name])
+    spec = spec_for(loss, variant)
+    sample = {k: v.double() if v.is_floating_point() else v for k, v in spec.sample(loss, 23, seed=4).items()}
+    trainable = [k for k, v in sample.items() if v.is_floating_point() and k not in ("pred", "avg_factor")]
+    assert trainable  # a weight at least
+
+    def value_and_grads(trained: str, fast: bool):
+        inputs = {k: v.clone().requires_grad_(k in ("pred", trained)) for k, v in sample.items()}
+        with monkeypatch.context() as patch:
+            if not fast:
+                for module in [NUMERICS_MODULE, *LOSS_MODULES]:
+                    if hasattr(module, "eager_fast_path"):
+                        patch.setattr(module, "eager_fast_path", lambda t: False)
+            value = spec.call(loss, inputs)
+        scale = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).view(value.shape)
+        grads = torch.autograd.grad((value * scale).sum(), [inputs["pred"], inputs[trained]], allow_unused=True)
+        return value.detach(), grads
+
+    for trained in trainable:
+        fast_value, fast_grads = value_and_grads(trained, True)
+        value, grads = value_and_grads(trained, False)
+        torch.testing.assert_close(fast_value, value, rtol=1e-10, atol=1e-12)
+        assert fast_grads[0] is not None and grads[0] is not None
+        # None on both sides where the formulation detaches an input by design (distillation's soft labels)
+        assert (fast_grads[1] is None) == (grads[1] is None), trained
+        for which, fast_grad, grad in zip(("pred", trained), fast_grads, grads):
+            if grad is not None:
+                torch.testing.assert_close(fast_grad, grad, rtol=1e-10, atol=1e-12, msg=f"{trained}: d/d {which}")

@@ -352,6 +352,13 @@ def needs_grad(tensor: Tensor) -> bool:
     return tensor.requires_grad and torch.is_grad_enabled()
 
 
+def eager_closed_form(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> bool:
+    """True where a loss's eager closed form applies: eagerly on real tensors (:func:`eager_fast_path`), with neither
+    ``target`` nor ``weight`` trained. The closed forms differentiate ``pred`` alone; a trained target (soft labels,
+    scores, boxes) or weight takes the autograd formulation, which gives it its gradient."""
+    return eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight))
+
+
 class _ClosedFormGradient(torch.autograd.Function):
     """Returns ``value``; backward multiplies by the precomputed ``grad``. Under ``create_graph`` (double backward)
     it differentiates the autograd formulation ``differentiable(x) * weight`` instead, so higher derivatives hold."""

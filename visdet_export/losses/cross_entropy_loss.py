@@ -18,6 +18,7 @@ from ..numerics import (
     bce_with_saved_gradient,
     compiled_training,
     compute_dtype,
+    eager_closed_form,
     eager_fast_path,
     exp_scaled_,
     gather_classes,
@@ -205,7 +206,7 @@ def binary_cross_entropy(
             avg_factor = avg_factor * pred.size(1)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked elements is the loss of the masked inputs (log 2), where the fast path zeroes the outputs
-    if eager_fast_path(pred) and (weight is None or not needs_grad(weight)):
+    if eager_closed_form(pred, label, weight):
         # the outputs are zeroed outside ``keep``, so the weight applies as given, with no (valid * weight) tensor
         keep_weighted = weight_keep_mask(weight)
         keep_eager = valid if keep_weighted is None else valid & keep_weighted

@@ -17,6 +17,7 @@ from ..numerics import (
     bce_with_probabilities,
     compiled_training,
     compute_dtype,
+    eager_closed_form,
     eager_fast_path,
     focal_terms,
     focal_with_saved_gradient,
@@ -123,7 +124,7 @@ def sigmoid_focal_loss(
         keep = weight_keep_mask(weights)
     # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked
     # elements is the loss of the masked inputs, where the fast path zeroes the outputs
-    if not activated and eager_fast_path(pred) and (weights is None or not needs_grad(weights)):
+    if not activated and eager_closed_form(pred, target, weights):
         if target.dim() != pred.dim():
             check_class_labels(pred, target)
             loss = _focal_labels_eager(pred, target, weights, keep, gamma, alpha)

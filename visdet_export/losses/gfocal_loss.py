@@ -16,6 +16,7 @@ from ..numerics import (
     bce_with_probabilities,
     compiled_training,
     compute_dtype,
+    eager_closed_form,
     eager_fast_path,
     exp_scaled_,
     gather_classes,
@@ -92,7 +93,7 @@ def quality_focal_loss(
     """
     # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked rows
     # is the loss of the masked inputs, where the fast path zeroes the outputs
-    fast = not activated and eager_fast_path(pred) and (weight is None or not needs_grad(weight))
+    fast = not activated and eager_closed_form(pred, target, weight)
     pred, target, weight, keep = row_weighted_inputs(pred, target, weight, mask=not fast)
     if fast:
         loss = _quality_focal_eager(pred, target, keep, beta).sum(dim=1)
@@ -138,7 +139,7 @@ def quality_focal_loss_on_labels(
         dense = quality_targets(pred, labels, scores)
         return quality_focal_loss(pred, dense, weight, beta, reduction, avg_factor, activated)
     _check_quality_labels(pred, labels, scores)
-    fast = eager_fast_path(pred) and (weight is None or not needs_grad(weight))
+    fast = eager_closed_form(pred, scores, weight)
     pred, scores, weight, keep = row_weighted_inputs(pred, scores, weight, mask=not fast)
     if fast:
         loss = _quality_focal_labels_eager(pred, labels, scores, keep, beta).sum(dim=1)
@@ -300,7 +301,7 @@ def distribution_focal_loss(
     bins = (left_index, right_index, left_weight, right_weight)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked rows is the loss of the masked inputs, where the fast path zeroes the outputs
-    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
+    if eager_closed_form(pred, target, weight):
         loss = _distribution_focal_loss_eager(pred, bins, keep_rows, weight)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     loss = _distribution_focal_loss(zero_where_unweighted(pred, keep_rows), bins).squeeze(1)

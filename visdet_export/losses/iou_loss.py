@@ -19,7 +19,7 @@ from ..numerics import (
     attach_gradient,
     check_same_shape,
     compiled_training,
-    eager_fast_path,
+    eager_closed_form,
     max_side_weight,
     needs_grad,
     select_kept_,
@@ -108,7 +108,7 @@ def _box_loss(
     avg_factor: Optional[Tensor],
 ) -> Tensor:
     pred, target, weight, keep = box_inputs(pred, target, weight)
-    if eager_fast_path(pred) and not needs_grad(target) and (weight is None or not needs_grad(weight)):
+    if eager_closed_form(pred, target, weight):
         return weight_reduce_loss(_box_loss_eager(pred, target, weight, keep, mode, eps), None, reduction, avg_factor)
     if mode != "giou" and keep is not None and compiled_training(pred, target):
         # the weight applies outside the Function: a trained one gets its gradient from autograd
