@@ -9,6 +9,8 @@ import pkgutil
 import pytest
 import torch
 
+from visdet_export import build_loss
+from visdet_export.export.torchscript import script_loss
 from visdet_export.losses import (
     BalancedL1Loss,
     FocalLoss,
@@ -20,8 +22,6 @@ from visdet_export.losses import (
     SmoothL1Loss,
     sigmoid_focal_loss,
 )
-from visdet_export import build_loss
-from visdet_export.export.torchscript import script_loss
 from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
 
 NUMERICS_MODULE = importlib.import_module("visdet_export.numerics")
