@@ -841,7 +841,8 @@ def compiled_training(pred: Tensor, target: Tensor) -> bool:
 def closed_form_path(pred: Tensor, target: Tensor) -> bool:
     """True where :func:`closed_form_regression` applies: eagerly on real tensors, or in torch.compile'd training
     (:func:`compiled_training`), with a ``target`` that takes no gradient."""
-    return (eager_fast_path(pred) and not needs_grad(target)) or compiled_training(pred, target)
+    # a trained weight is applied by autograd after the closed form (attach_gradient), so it does not decide here
+    return eager_closed_form(pred, target, None) or compiled_training(pred, target)
 
 
 # log1p(e) / e on [0, 1] as a degree-8 polynomial (least squares on 4000 Chebyshev nodes, reweighted towards the

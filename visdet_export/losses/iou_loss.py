@@ -248,8 +248,9 @@ class _SavedBoxGradient(torch.autograd.Function):
     saved derivative. Against inductor's autograd graph it keeps one (4, N) buffer instead of eight masked
     coordinate columns: compiled IoU fwd+bwd, 1 thread, at 1M boxes ~16 -> ~9.5 ms, at 100k ~1.8 -> ~1.2 ms; peak
     memory 3.0 -> 1.5 x (pred + grad) (torch 2.13). The backward interleaves the four rows into (N, 4) with a
-    stack, which inductor writes in one vectorised pass (``.t().contiguous()`` became a transposition by 4-lane
-    partial vectors: the backward took twice as long).
+    stack, which inductor writes as a scalar loop of four stride-4 stores; still the fastest of the layouts
+    measured (``.t().contiguous()``, a transposition by 4-lane partial vectors, took twice as long; packed int64
+    pairs, gathers and index writes no better: benchmarks/RESULTS.md, round 9).
 
     Tied to inductor's CPU heuristic that turns vectorisation off at 35 non-contiguous loads per kernel (torch
     2.13; results stay exact either way, only the speed changes): the masked columns read the boxes in 32; unmasked
