@@ -195,3 +195,36 @@ def test_compiled_softmax_cross_entropy_on_maps():
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
     assert torch.isfinite(results[1][1]).all() and (results[1][1] != 0).any()
+
+
+def test_compiled_distribution_focal_bins_and_masked_rows():
+    """Compiled DFL trains on the row's log-sum-exp less its two weighted bins (the bins selected against a float
+    class index): values and gradients match eager at targets on and between bins, 0 and exactly reg_max, with
+    logits near 1000 and a -inf logit away from the bins, and weight-0 rows with NaN / inf logits and targets reach
+    neither."""
+    from visdet_export.losses import DistributionFocalLoss
+
+    reg_max = 16
+    module = DistributionFocalLoss(reduction="none")
+    g = torch.Generator().manual_seed(11)
+    pred = torch.randn(9, reg_max + 1, generator=g, dtype=torch.float64) * 4
+    target = torch.tensor([0.0, 7.3, 8.0, reg_max - 1e-6, float(reg_max), 3.5, 0.25, float("nan"), 2.0],
+                          dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    pred[2] += 1000.0  # exp overflows unless shifted by the row's maximum
+    pred[1, 0] = float("-inf")  # away from the target's bins: a finite loss, as log_softmax gives
+    pred[5] = float("nan")
+    pred[8] = float("inf")
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    results = []
+    for fn in (module, compiled):
+        leaf = pred.clone().requires_grad_(True)
+        value = fn(leaf, target, weight)
+        results.append((value.detach(), *torch.autograd.grad(value.sum(), leaf)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    value, grad = results[1]
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert (grad[[5, 7, 8]] == 0).all() and (value[[5, 7, 8]] == 0).all()
+    logp = torch.log_softmax(pred[4], 0)
+    torch.testing.assert_close(value[4], -logp[reg_max], rtol=1e-12, atol=1e-12)

@@ -14,12 +14,13 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    class_matches,
     compiled_training,
+    compiling_graph,
     compute_dtype,
     eager_closed_form,
     eager_fast_path,
     exp_scaled_,
-    gather_classes,
     keep_saved_gradient,
     label_column_terms,
     logits_at_labels,
@@ -312,8 +313,18 @@ def _distribution_focal_loss(pred: Tensor, bins: tuple[Tensor, Tensor, Tensor, T
     """Per-sample DFL (N, 1) of logits ``pred`` (N, C), with ``bins`` = (left index, right index, left weight,
     right weight), each (N, 1) (autograd formulation)."""
     left_index, right_index, left_weight, right_weight = bins
+    if compiling_graph():
+        # the log-sum-exp of the row less the bins' weighted logits (the weights sum to 1), both shifted by the
+        # row's maximum: inductor sums the bins' terms in the loop of the exponentials (two passes over the row where
+        # log_softmax and its selects took three) and the backward is one pass, softmax - bin weights (it took two).
+        # Selected, not multiplied by 0 elsewhere: a -inf logit away from the bins stays a finite loss.
+        shifted = pred - pred.detach().amax(dim=1, keepdim=True)
+        bins_terms = torch.where(class_matches(left_index, pred), shifted * left_weight, 0.0) + torch.where(
+            class_matches(right_index, pred), shifted * right_weight, 0.0
+        )
+        return shifted.exp().sum(dim=1, keepdim=True).log() - bins_terms.sum(dim=1, keepdim=True)
     log_probs = torch.log_softmax(pred, dim=1)
-    return -(gather_classes(log_probs, left_index) * left_weight + gather_classes(log_probs, right_index) * right_weight)
+    return -(log_probs.gather(1, left_index) * left_weight + log_probs.gather(1, right_index) * right_weight)
 
 
 @torch.jit.unused
