@@ -32,6 +32,9 @@ def sigmoid_pair(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # |x| written as a where so that x = 0 differentiates on the x >= 0 side, consistently with
     # bce_with_logits (``logits.abs()`` has slope 0 at 0, which made sigmoid'(0) = 0 and BCE'(0) = -t).
     decay = torch.exp(-torch.where(nonnegative, logits, -logits))
+    if torch.jit.is_scripting():
+        # two fused sigmoids (see scripted_softplus); bce_with_logits does not use the third output there
+        return torch.sigmoid(logits), torch.sigmoid(-logits), torch.log1p(decay)
     inverse = 1.0 / (1.0 + decay)
     small = decay * inverse
     return torch.where(nonnegative, inverse, small), torch.where(nonnegative, small, inverse), torch.log1p(decay)
@@ -54,6 +57,10 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
         logits (Tensor[*]), target (Tensor[*]) in [0, 1], log1p_decay (Tensor[*]): ``log1p(exp(-|x|))``.
         pos_weight (Tensor broadcastable to ``logits``, optional): weight of the positive term.
     """
+    if torch.jit.is_scripting():
+        # ATen's fused form, (1 - t) x - (1 + (p - 1) t) log_sigmoid(x), one pass each way (see scripted_softplus);
+        # the same slope at 0, 1/2 - t
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
     if pos_weight is None:
         # clamp (slope 1 at 0) pairs with sigmoid_pair's x >= 0 side of |x|: the slope at 0 is 1 - 1/2 - t.
         return logits.clamp(min=0) - logits * target + log1p_decay
@@ -554,8 +561,20 @@ def replace_at_labels(values: Tensor, labelled: Tensor, index: Tensor, at_label:
 def unbalanced_focal_of_signed(signed: Tensor, gamma: float) -> Tensor:
     """``softplus(s) sigmoid(s)^gamma``: the focal loss without alpha of a logit ``x`` at a target ``t`` in {0, 1}
     for ``s = x (1 - 2t)`` (autograd formulation); at ``t = 0`` also the quality focal loss with ``beta = gamma``."""
+    if torch.jit.is_scripting():
+        return scripted_softplus(signed) * pow_nonnegative(torch.sigmoid(signed), gamma)
     one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
     return (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
+
+
+def scripted_softplus(x: Tensor) -> Tensor:
+    """``softplus(x)`` for TorchScript, as ``-log_sigmoid(-x)``: TorchScript runs the formulation unfused and
+    differentiates it op by op, so each ATen op is a pass over (N, C) each way. ``log_sigmoid`` and ``sigmoid`` are
+    one fused kernel each with a fused backward, where the ``sigmoid_pair`` form is ~10 passes (and ``F.softplus``
+    takes TorchScript's own six-op gradient). Scripted fwd+bwd at 100k x 80 (1 thread): focal 500-640 -> 110 ms
+    (baseline 186-290), QFL on labels ~400 -> 135 (baseline 137). Both keep their precision on either side of 0;
+    exported graphs keep ``sigmoid_pair`` (onnxruntime's ``Softplus`` is 6x its ``Log``)."""
+    return -F.logsigmoid(-x)
 
 
 def label_positions(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -29,6 +29,7 @@ from ..numerics import (
     masked_inputs,
     needs_grad,
     replace_at_labels,
+    scripted_softplus,
     select_kept_outputs_,
     weight_keep_mask,
     zero_where_unweighted,
@@ -242,7 +243,11 @@ def _binary_cross_entropy_on_labels(pred: Tensor, label: Tensor) -> Tensor:
     labelled, index, logit = logits_at_labels(pred, label)
     decay, relu = log1p_exp_neg_abs(logit), logit.clamp(min=0)
     positive, negative = (relu - logit) + decay, relu + decay
-    return replace_at_labels(pred.clamp(min=0) + log1p_exp_neg_abs(pred), labelled, index, positive, negative)
+    if torch.jit.is_scripting():
+        negatives = scripted_softplus(pred)
+    else:
+        negatives = pred.clamp(min=0) + log1p_exp_neg_abs(pred)
+    return replace_at_labels(negatives, labelled, index, positive, negative)
 
 
 def _not_ignored(label: Tensor, ignore_index: int) -> Tensor:
