@@ -65,7 +65,7 @@ _SCRIPTED: dict[str, torch.nn.Module] = {}
 
 def build_in(runtime: str, cfg: dict) -> torch.nn.Module:
     """The loss of ``cfg`` eager, or scripted (TorchScript runs its own formulation: fused ATen activations, see
-    ``numerics.scripted_softplus``); scripted modules are shared across tests."""
+    ``numerics.softplus``); scripted modules are shared across tests."""
     if runtime == "eager":
         return build_loss(cfg)
     key = repr(sorted(cfg.items()))

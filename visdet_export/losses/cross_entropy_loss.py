@@ -29,8 +29,8 @@ from ..numerics import (
     masked_inputs,
     needs_grad,
     replace_at_labels,
-    scripted_softplus,
     select_kept_outputs_,
+    softplus,
     weight_keep_mask,
     zero_where_unweighted,
 )
@@ -243,11 +243,7 @@ def _binary_cross_entropy_on_labels(pred: Tensor, label: Tensor) -> Tensor:
     labelled, index, logit = logits_at_labels(pred, label)
     decay, relu = log1p_exp_neg_abs(logit), logit.clamp(min=0)
     positive, negative = (relu - logit) + decay, relu + decay
-    if torch.jit.is_scripting():
-        negatives = scripted_softplus(pred)
-    else:
-        negatives = pred.clamp(min=0) + log1p_exp_neg_abs(pred)
-    return replace_at_labels(negatives, labelled, index, positive, negative)
+    return replace_at_labels(softplus(pred), labelled, index, positive, negative)
 
 
 def _not_ignored(label: Tensor, ignore_index: int) -> Tensor:
