@@ -28,13 +28,13 @@ def sigmoid_pair(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``sigmoid(-x)`` is computed directly rather than as ``1 - sigmoid(x)``, so the focal modulating factor of a
     confident prediction keeps its precision instead of cancelling to 0.
     """
+    if torch.jit.is_scripting():
+        # two fused sigmoids (see softplus); bce_with_logits does not use the third output there
+        return torch.sigmoid(logits), torch.sigmoid(-logits), log1p_exp_neg_abs(logits)
     nonnegative = logits >= 0
     # |x| written as a where so that x = 0 differentiates on the x >= 0 side, consistently with
     # bce_with_logits (``logits.abs()`` has slope 0 at 0, which made sigmoid'(0) = 0 and BCE'(0) = -t).
     decay = torch.exp(-torch.where(nonnegative, logits, -logits))
-    if torch.jit.is_scripting():
-        # two fused sigmoids (see softplus); bce_with_logits does not use the third output there
-        return torch.sigmoid(logits), torch.sigmoid(-logits), torch.log1p(decay)
     inverse = 1.0 / (1.0 + decay)
     small = decay * inverse
     return torch.where(nonnegative, inverse, small), torch.where(nonnegative, small, inverse), torch.log1p(decay)
