@@ -111,3 +111,38 @@ def test_onnx_column_refuses_cpu_onnxruntime_against_a_gpu(tmp_path):
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
         run.onnx_session(loss, spec, spec.names, 1, tmp_path, "l1", torch.device("cuda"))
     assert not list(tmp_path.iterdir())  # refused before exporting anything
+
+
+def test_low_precision_runs_keep_every_loss(tmp_path):
+    """The GPU command's half-precision runs: every row comes back in bfloat16 and float16 (the ONNX column is left
+    out there, the exported graphs taking float32), DFL's sampled distances included (rounded to 16 in bfloat16,
+    they broke the baseline's bin indexing)."""
+    run = _runner()
+    argv = [
+        "--quick", "--losses", "dfl,l1", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
+        "--dtypes", "bfloat16,float16", "--providers", "baseline,eager,onnx", "--allocator", "default",
+        "--out", str(tmp_path),
+    ]
+    assert run.main(argv) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["dtype"] for r in runs] == ["bfloat16", "float16"]
+    for run_ in runs:
+        assert not run_["errors"]
+        assert {row["config"] for row in run_["rows"]} == {"dfl", "l1"}
+        for row in run_["rows"]:
+            assert row["dtype"] == run_["dtype"]
+            assert row["ratios"]["eager/baseline"] > 0
+            assert row["infer_ms"].get("onnx") is None
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+def test_sampled_distances_stay_below_reg_max(dtype_name):
+    import torch
+
+    from visdet_export import build_loss
+    from visdet_export.specs import SampleOptions, spec_for
+
+    loss = build_loss(dict(type="DistributionFocalLoss"))
+    inputs = spec_for(loss).sample(loss, 20_000, seed=0, options=SampleOptions(dtype=getattr(torch, dtype_name)))
+    reg_max = inputs["pred"].size(1) - 1
+    assert 0.99 * reg_max < float(inputs["target"].max()) < reg_max

@@ -157,6 +157,12 @@ def _avg_factor(n: int, generator: torch.Generator, options: SampleOptions) -> T
     return (torch.rand((), generator=generator, dtype=torch.float64) * n + 1).to(options.dtype)
 
 
+def _below(bound: float, dtype: torch.dtype) -> float:
+    """``bound`` less one relative machine epsilon of ``dtype``: the numbers in [0, it) stay below ``bound`` when
+    rounded to ``dtype`` (it lies at least one representable value below ``bound``)."""
+    return bound * (1.0 - torch.finfo(dtype).eps)
+
+
 def _boxes(n: int, generator: torch.Generator, dtype: torch.dtype, scale: float = 100.0) -> Tensor:
     xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale
     wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale * 0.5 + 1.0
@@ -291,7 +297,11 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         return {
             "pred": _logits((n, reg_max + 1), generator, options),
-            "target": (torch.rand(n, generator=generator, dtype=torch.float64) * reg_max).to(options.dtype),
+            # below reg_max after rounding to the sample's dtype too (a bfloat16 15.99 is 16, which MMDetection's
+            # formulation, reading bin floor(t) + 1, cannot take)
+            "target": (torch.rand(n, generator=generator, dtype=torch.float64) * _below(reg_max, options.dtype)).to(
+                options.dtype
+            ),
             "weight": _weights((n,), generator, options),
             "avg_factor": _avg_factor(n, generator, options),
         }
