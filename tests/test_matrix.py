@@ -11,9 +11,11 @@ and the joint pt2 entries, at ``visdet_export.check.TOLERANCES``.
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONFIG_NAMES, compile_backend
 
 from visdet_export.check import check_cell, run_matrix, runner_options
+from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
 from visdet_export.specs import representative_configs
 
@@ -40,3 +42,38 @@ def test_pt2_modes():
         run_matrix(["l1"], ["pt2"], pt2="everything")
     assert runner_options("l1", "pt2") == ("pt2:bundle", {"bundle": True})
     assert runner_options("dfl", "pt2", pt2="separate") == ("pt2:joint", {"joint": True})
+
+
+DEVICE_CELLS = [("focal", "compile"), ("focal", "script"), ("ce_class_weight", "script"), ("ce_class_weight", "eager")]
+
+
+@pytest.mark.parametrize(("name", "runtime"), DEVICE_CELLS, ids=[f"{n}-{r}" for n, r in DEVICE_CELLS])
+def test_device_cells_run_a_copy_of_the_loss_against_eager_on_the_cpu(runner_cache, name, runtime):
+    """``check --device``: the runtime runs on its own copy of the loss (buffers such as class weights moved with
+    it), keyed apart from the CPU runners; here the device is the CPU, on which the plumbing runs the same."""
+    device = torch.device("cpu")
+    key, options = runner_options(name, runtime, backend="aot_eager")
+    cell = check_cell(name, runtime, runner_cache, runner_key=key, runner_options=options, device=device)
+    assert cell.status == "pass", cell.reason
+    placed = runner_cache.loss_on(name, device)
+    assert placed is not runner_cache.loss(name)[0]
+    assert [b.device for b in placed.buffers()] == [device] * len(list(placed.buffers()))
+    assert any(k == (name, f"{key or runtime}@cpu") for k in runner_cache.runners)
+
+
+def test_exported_columns_are_skipped_on_another_device(runner_cache):
+    for runtime in ("onnx", "pt2"):
+        cell = check_cell("l1", runtime, runner_cache, device=torch.device("cuda"))
+        assert cell.status == "skip" and "runs on the CPU" in cell.reason
+    assert not any(key.endswith("@cuda") for _, key in runner_cache.runners)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "no CUDA device"), ("meta", "only cpu and cuda"), ("gpu0", "device")],
+)
+def test_check_refuses_devices_it_cannot_run_on(device, message, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this torch has a CUDA device")
+    assert check_main(["--device", device, "--configs", "l1", "-q"]) == 2
+    assert message in capsys.readouterr().err

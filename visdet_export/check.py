@@ -11,6 +11,11 @@ Tolerances: ``torch.testing.assert_close`` float32 defaults for TorchScript (sam
 rtol = atol = 1e-5 for compiled and AOTInductor code (fused kernels reorder sums), rtol 1e-4 / atol 1e-5 for
 onnxruntime.
 
+``--device cuda`` (``device=`` of :func:`run_matrix`) runs the differentiable runtimes (eager, compile, script) on
+that device, each on its own copy of the loss, and compares them with eager on the CPU, the reference of every
+cell (at least rtol = atol = 1e-5 there: another device's kernels round differently). The exported artifacts'
+columns are skipped there: their runtimes run on the CPU.
+
 ``.pt2``: one AOTInductor package takes 20-70 s to compile on a small CPU, so by default (``--pt2 bundle``) the
 ``pt2`` column exports every checked configuration into ONE joint package
 (:func:`visdet_export.export.pt2.export_pt2_bundle`: each configuration's loss and its gradient with respect to
@@ -23,6 +28,7 @@ instead; ``--pt2 subset`` does that for :data:`PT2_CONFIGS` only and skips the r
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -52,6 +58,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "onnx": {"rtol": 1e-4, "atol": 1e-5},
     "pt2": {"rtol": 1e-5, "atol": 1e-5},
 }
+#: The least tolerance of a cell run on another device than its CPU reference.
+DEVICE_TOLERANCE: dict[str, float] = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @dataclass
@@ -82,6 +90,7 @@ class RunnerCache:
 
     def __init__(self, bundle_configs: Optional[Iterable[str]] = None) -> None:
         self.losses: dict[str, tuple[nn.Module, LossSpec]] = {}
+        self.device_losses: dict[tuple[str, str], nn.Module] = {}
         self.runners: dict[tuple[str, str], LossRunner] = {}
         self.errors: dict[tuple[str, str], BaseException] = {}
         #: Configurations the next ``.pt2`` bundle is built for (default: every representative configuration).
@@ -128,13 +137,28 @@ class RunnerCache:
             self.losses[name] = (loss, spec_for(loss, CONFIG_VARIANTS.get(name)))
         return self.losses[name]
 
-    def runner(self, name: str, runtime: str, key: Optional[str] = None, **options: Any) -> LossRunner:
-        """The runner of configuration ``name`` in ``runtime`` (built once; a failure is remembered too)."""
+    def loss_on(self, name: str, device: torch.device) -> nn.Module:
+        """A copy of configuration ``name``'s loss on ``device`` (built once)."""
+        if (name, str(device)) not in self.device_losses:
+            self.device_losses[(name, str(device))] = copy.deepcopy(self.loss(name)[0]).to(device)
+        return self.device_losses[(name, str(device))]
+
+    def runner(
+        self, name: str, runtime: str, key: Optional[str] = None, device: Optional[torch.device] = None, **options: Any
+    ) -> LossRunner:
+        """The runner of configuration ``name`` in ``runtime`` (built once; a failure is remembered too), on a copy
+        of the loss on ``device`` if one is given."""
         key = key or runtime + "".join(f":{value}" for value in options.values())
+        if device is not None:
+            key = f"{key}@{device}"
         if (name, key) in self.errors:
             raise self.errors[(name, key)]
         if (name, key) not in self.runners:
             loss, spec = self.loss(name)
+            if device is not None:
+                loss = self.loss_on(name, device)
+                if runtime == "script":  # the saved module loads onto the CPU
+                    options = {**options, "device": device}
             try:
                 if runtime == "pt2" and options.pop("bundle", False):
                     options.update(bundle=self.pt2_bundle(name), entry=name)
@@ -182,15 +206,21 @@ def check_cell(
     runner_key: Optional[str] = None,
     runner_options: Optional[Mapping[str, Any]] = None,
     tolerance: Optional[Mapping[str, float]] = None,
+    device: Optional[torch.device] = None,
 ) -> Cell:
     """Compare configuration ``name`` in ``runtime`` with eager at every size (values, and gradients where the
-    runtime is differentiable)."""
+    runtime is differentiable); with ``device``, ``runtime`` runs there against eager on the CPU."""
     start = time.perf_counter()
     loss, spec = cache.loss(name)
     cell = Cell(name, spec.loss_type, runtime, "pass")
     tol = dict(TOLERANCES[runtime] if tolerance is None else tolerance)
+    if device is not None and torch.device(device).type != "cpu":
+        if RUNTIMES[runtime].fixed_graph:
+            cell.status, cell.reason = "skip", f"the {runtime} artifact runs on the CPU, not on {device}"
+            return cell
+        tol = {bound: max(value, DEVICE_TOLERANCE[bound]) for bound, value in tol.items()}
     try:
-        runner = cache.runner(name, runtime, key=runner_key, **dict(runner_options or {}))
+        runner = cache.runner(name, runtime, key=runner_key, device=device, **dict(runner_options or {}))
         eager = cache.runner(name, "eager")
         for index, n in enumerate(sizes):
             n = spec.capped(n)
@@ -200,7 +230,8 @@ def check_cell(
             grad = runner.differentiable or bool(getattr(runner, "joint", False))
             want, want_grad = _value_and_grad(eager, inputs, spec.pred, grad)
             if runner.differentiable or not grad:
-                got, got_grad = _value_and_grad(runner, inputs, spec.pred, grad)
+                placed = inputs if device is None else {key: value.to(device) for key, value in inputs.items()}
+                got, got_grad = _value_and_grad(runner, placed, spec.pred, grad)
             else:  # a joint artifact: its second output is d loss.sum() / d pred
                 got, got_grad = runner.run_all(inputs)[:2]  # type: ignore[attr-defined]
             pairs = [("loss", got, want)] + ([("grad", got_grad, want_grad)] if grad else [])
@@ -230,6 +261,7 @@ def run_matrix(
     pt2: str = "bundle",
     seed: int = 0,
     progress: Optional[Callable[[Cell], None]] = None,
+    device: Optional[torch.device] = None,
 ) -> list[Cell]:
     """Run the matrix and return its cells (configuration-major).
 
@@ -244,6 +276,7 @@ def run_matrix(
             every configuration checked: values and gradients), ``"separate"`` (one package per configuration) or
             ``"subset"`` (separate packages for :data:`PT2_CONFIGS`, "skip" elsewhere).
         progress: called with each finished cell.
+        device: where eager, compile and script run (default: the CPU); the reference stays eager on the CPU.
     """
     cache = RunnerCache() if cache is None else cache
     names = select_configs(configs)
@@ -264,7 +297,9 @@ def run_matrix(
                 cell = Cell(name, spec.loss_type, runtime, "skip", reason="not in the .pt2 subset (--pt2 bundle)")
             else:
                 key, options = runner_options(name, runtime, backend, pt2=pt2)
-                cell = check_cell(name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options)
+                cell = check_cell(
+                    name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options, device=device
+                )
             cells.append(cell)
             if progress is not None:
                 progress(cell)
@@ -351,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"package per configuration (separate, slow), or separate packages for {', '.join(PT2_CONFIGS)} (subset)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        help="run eager, compile and script on this device (e.g. cuda) against eager on the CPU; the exported "
+        "artifacts' columns are skipped",
+    )
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
@@ -358,6 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _available_device(name: str) -> torch.device:
+    """``torch.device(name)``, refused (ValueError) where this torch cannot run on it."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -377,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         unknown = [r for r in runtimes if r not in RUNTIMES]
         if unknown:
             raise ValueError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
-    except ValueError as exc:
+        device = None if args.device is None else _available_device(args.device)
+    except (ValueError, RuntimeError) as exc:
         print(f"visdet-export check: error: {exc}", file=sys.stderr)
         return 2
     total = len(configs) * len(runtimes)
@@ -398,6 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pt2="bundle" if args.pt2 == "all" else args.pt2,
         seed=args.seed,
         progress=progress,
+        device=device,
     )
     print(render(cells))
     print(summary(cells))
@@ -415,6 +467,7 @@ __all__ = [
     "Cell",
     "DEFAULT_RUNTIMES",
     "DEFAULT_SIZES",
+    "DEVICE_TOLERANCE",
     "PT2_CONFIGS",
     "PT2_MODES",
     "RunnerCache",

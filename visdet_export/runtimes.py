@@ -164,8 +164,10 @@ def compile_runner(
 # --- TorchScript -----------------------------------------------------------------------------------------------
 
 
-def script_runner(loss: nn.Module, spec: LossSpec, names: Sequence[str]) -> LossRunner:
-    """``torch.jit.script`` of the module, saved to memory and loaded back."""
+def script_runner(
+    loss: nn.Module, spec: LossSpec, names: Sequence[str], *, device: Optional[torch.device] = None
+) -> LossRunner:
+    """``torch.jit.script`` of the module, saved to memory and loaded back (onto ``device``, default the CPU)."""
     from .export.torchscript import load_scripted, save_scripted, script_loss
     from .registry import loss_config
 
@@ -173,6 +175,8 @@ def script_runner(loss: nn.Module, spec: LossSpec, names: Sequence[str]) -> Loss
     save_scripted(script_loss(loss), buffer, loss_config(loss))
     buffer.seek(0)
     loaded = load_scripted(buffer)
+    if device is not None:
+        loaded = loaded.to(device)
     return LossRunner(
         "script",
         lambda inputs, override: spec.call(loaded, inputs, override),
