@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 7 in one command, for a session lent a GPU machine (15 minutes of device time in all,
+# the machine's start included): correctness on CUDA first, then the timings, each step under its own timeout so
+# that what finished comes back. From the repository root, with the machine's own python3 (torch with CUDA; the
+# package needs no install there):
+#
+#   bash benchmarks/gpu_session.sh            # writes under $OUT (the device tool's output folder)
+#
+# DEVICE=cpu PYTHON=.venv/bin/python BENCH_EXTRA=--quick OUT=/tmp/gpu-dry bash benchmarks/gpu_session.sh   # dry run
+set -u -o pipefail
+out=${OUT:-gpu-session}
+device=${DEVICE:-cuda}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+
+"$python" - <<'EOF' 2>&1 | tee "$out/environment.txt"
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+EOF
+
+# every configuration in eager and TorchScript on the device, then compiled (inductor / Triton) for the losses
+# the issue names, each against eager on the CPU
+timeout 60 "$python" -m visdet_export check --device "$device" --runtimes eager,script -q 2>&1 | tee "$out/check.txt"
+timeout 150 "$python" -m visdet_export check --device "$device" --runtimes compile -q \
+    --configs focal,qfl,giou,dfl,ce_softmax,ce_sigmoid_labels 2>&1 | tee -a "$out/check.txt"
+
+# the issue's named losses in float32 and bfloat16 (RESULTS.md, GPU)
+timeout 390 "$python" benchmarks/run.py --device "$device" --dtypes float32,bfloat16 \
+    --losses focal,qfl,giou,ce_sigmoid_labels --repeats 5 --cell-budget-s 4 --out "$out/bench" ${BENCH_EXTRA:-} \
+    2>"$out/bench.log" | tail -n 40
