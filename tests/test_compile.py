@@ -173,6 +173,31 @@ def test_backed_sizes_specialise_on_0_and_1(runner_cache):
     assert counts == [(1, 1), (1, 1), (2, 1), (3, 1)]
 
 
+def test_a_torch_without_shape_ids_keeps_sizes_backed(runner_cache, monkeypatch):
+    """Where ``mark_unbacked`` takes no ``shape_id`` (older torch), the runner leaves N backed: correct values and
+    gradients, one graph more for N = 0 and for N = 1, instead of unrelated unbacked axes failing the shape checks."""
+    import torch._dynamo.decorators as decorators
+
+    from visdet_export.runtimes import shape_ids_supported
+
+    assert shape_ids_supported()  # torch 2.13
+    current = decorators.mark_unbacked
+
+    def without_shape_id(t, index, hint_override=None, strict=False, specialize_on=None):
+        return current(t, index, hint_override=hint_override, strict=strict, specialize_on=specialize_on)
+
+    monkeypatch.setattr(decorators, "mark_unbacked", without_shape_id)
+    assert not shape_ids_supported()
+    loss, spec = runner_cache.loss("giou")
+    compiled = build_runner("compile", loss, spec, backend="eager")
+    eager = runner_cache.runner("giou", "eager")
+    for n in (64, 65, 0, 1):
+        inputs = spec.sample(loss, n, seed=n, include=default_names(loss, spec))
+        got, want = _value_grad(compiled, inputs, spec.pred), _value_grad(eager, inputs, spec.pred)
+        torch.testing.assert_close(got, want)
+    assert compiled.graph_count() == 3
+
+
 def test_compiled_softmax_cross_entropy_on_maps():
     """Softmax CE over (N, C, H, W) logits (semantic maps): under compile the label's log-probability is a select
     summed over classes rather than a gather; values and gradients match eager, ignored and out-of-range labels and
