@@ -219,6 +219,52 @@ def test_compiled_empty_input(kind):
                 assert value.item() == 0.0
 
 
+def test_saved_gradient_dtype():
+    """bfloat16 keeps its gradient in bfloat16 (float32's range); float16 keeps float32 (loss scaling)."""
+    assert NUMERICS.saved_gradient_dtype(torch.bfloat16) == torch.bfloat16
+    assert NUMERICS.saved_gradient_dtype(torch.float16) == torch.float32
+    assert NUMERICS.saved_gradient_dtype(torch.float32) == torch.float32
+    assert NUMERICS.saved_gradient_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
+def test_compiled_half_precision_matches_eager(kind, dtype):
+    """Half-precision inputs compute in float32 under compile too; the gradient comes back in the input dtype,
+    within one rounding of eager's (bfloat16's saved derivative is rounded once more), NaN-free at weight 0."""
+    loss = _losses()[kind]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    inputs = _inputs(kind, 40, dtype=dtype)
+    want = _run(loss, *inputs, "mean")
+    got = _run(compiled, *inputs, "mean")
+    assert got[0].dtype == want[0].dtype == torch.float32 and got[1].dtype == want[1].dtype == dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=ulp, atol=1e-6)
+    assert not torch.isnan(got[1]).any() and (got[1][::4] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_float16_gradients_survive_loss_scaling(backend):
+    """float16 training scales the loss (GradScaler, 2**16) so that gradients of ~1e-8, below float16's range,
+    survive until unscaled: the compiled path keeps its saved derivative in float32, as eager does. Saved in
+    float16 these gradients flush to 0 (or its least subnormal) before the scale."""
+    loss = FocalLoss(gamma=2.0, alpha=0.25, reduction="sum")
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    pred = torch.linspace(-7.5, -5.5, 64, dtype=torch.float64).view(8, 8).to(torch.float16)
+    labels = torch.full((8,), 8)  # background: every element a negative with a gradient of ~1e-9 .. 1e-7
+    grads = []
+    for fn in (loss, compiled):
+        leaf = pred.clone().requires_grad_(True)
+        (fn(leaf, labels) * 2.0**16).backward()
+        grads.append(leaf.grad)
+    eager, got = grads
+    assert (eager.float() * 2.0**-16 < 6e-8).any()  # below float16's least subnormal before the scale
+    torch.testing.assert_close(got, eager, rtol=2e-3, atol=0.0)
+
+
 def test_compiled_soft_one_hot_focal_targets_and_target_gradient(monkeypatch):
     loss = FocalLoss(gamma=2.0, alpha=0.25)
     torch._dynamo.reset()
@@ -267,9 +313,9 @@ def test_saved_closed_form_is_once_differentiable(kind):
     x = _logits(12, 5).requires_grad_(True)
     t = _targets(x, soft=True)
     if kind == "focal":
-        value, grad = NUMERICS.focal_with_saved_gradient(x, t, 2.0, 0.25)
+        value, grad = NUMERICS.focal_with_saved_gradient(x, t, 2.0, 0.25, x.dtype)
     else:
-        value, grad = NUMERICS.quality_focal_with_saved_gradient(x, t, 2.0)
+        value, grad = NUMERICS.quality_focal_with_saved_gradient(x, t, 2.0, x.dtype)
     assert not grad.requires_grad
     scale = torch.tensor(1.5, dtype=x.dtype, requires_grad=True)
     (first,) = torch.autograd.grad((value * scale).sum(), x, create_graph=True)

@@ -173,6 +173,7 @@ def binary_cross_entropy(
     Returns:
         Tensor of ``pred``'s shape for "none", else Tensor[].
     """
+    input_dtype = pred.dtype
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     index_labels = pred.dim() != label.dim()
@@ -226,7 +227,7 @@ def binary_cross_entropy(
         # FCOS centerness (N,), inductor computes the forced save in extra kernels (1M: 9.7 against 3.9 ms fwd+bwd)
         if compiled_training(pred, label):
             # one-hot targets built from integer labels are finite: only the logits are masked
-            loss, grad = bce_with_saved_gradient(*masked_inputs(pred, _one_hot(pred, label), keep, False))
+            loss, grad = bce_with_saved_gradient(*masked_inputs(pred, _one_hot(pred, label), keep, False), input_dtype)
             return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
         loss = _binary_cross_entropy_on_labels(zero_where_unweighted(pred, keep), label)
     else:

@@ -115,6 +115,7 @@ def sigmoid_focal_loss(
     Returns:
         Tensor[N, C] for "none", else Tensor[].
     """
+    input_dtype = pred.dtype
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     weights: Optional[Tensor] = None
@@ -139,7 +140,7 @@ def sigmoid_focal_loss(
     targets = class_targets(pred, target)
     pred, targets = masked_inputs(pred, targets, keep, target.is_floating_point())
     if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
-        loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha)
+        loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha, input_dtype)
         return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
     if activated or target.is_floating_point():
         loss = _focal_elementwise(pred, targets, gamma, alpha, activated)

@@ -95,11 +95,12 @@ def quality_focal_loss(
     # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked rows
     # is the loss of the masked inputs, where the fast path zeroes the outputs
     fast = not activated and eager_closed_form(pred, target, weight)
+    input_dtype = pred.dtype
     pred, target, weight, keep = row_weighted_inputs(pred, target, weight, mask=not fast)
     if fast:
         loss = _quality_focal_eager(pred, target, keep, beta).sum(dim=1)
     elif not activated and compiled_training(pred, target):  # closed-form derivative saved by the forward
-        value, grad = quality_focal_with_saved_gradient(pred, target, beta)
+        value, grad = quality_focal_with_saved_gradient(pred, target, beta, input_dtype)
         return keep_saved_gradient(weight_reduce_loss(value.sum(dim=1), weight, reduction, avg_factor), grad, reduction)
     else:
         loss = _quality_focal_elementwise(pred, target, beta, activated).sum(dim=1)
