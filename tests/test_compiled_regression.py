@@ -87,6 +87,23 @@ def test_compiled_iou_matches_eager_and_takes_the_closed_form(mode, weight_shape
     _check_compiled_closed_form(loss, backend, (pred, target, weight), dead)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_iou_half_precision_matches_eager(dtype):
+    """bfloat16 boxes save their derivative in bfloat16 (numerics.saved_gradient_dtype), float16 in float32: the
+    gradient within one rounding of eager's, zero at weight 0."""
+    loss = IoULoss(mode="log")
+    pred, target, weight, dead = _box_inputs("rows", seed=24)
+    pred, target, weight = pred.to(dtype), target.to(dtype), weight.to(dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    want = _value_and_grad(loss, pred, target, weight, "mean")
+    got = _value_and_grad(compiled, pred, target, weight, "mean")
+    assert got[1].dtype == want[1].dtype == dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+    assert (got[1][dead] == 0).all() and (got[1][~dead] != 0).any()
+
+
 def test_compiled_iou_without_weight_keeps_the_autograd_graph():
     """Unmasked, inductor would run the fused closed form as a scalar loop (see _SavedBoxGradient)."""
     loss = IoULoss(mode="log")
@@ -121,7 +138,7 @@ def test_saved_box_gradient_is_once_differentiable():
     pred, target, weight, dead = _box_inputs("rows", seed=23)
     keep = ~dead[:, 0]
     pred = pred.nan_to_num().requires_grad_(True)
-    value = _iou_loss_saved_gradient(pred, target.nan_to_num(), keep, "log", 1e-6)
+    value = _iou_loss_saved_gradient(pred, target.nan_to_num(), keep, "log", 1e-6, pred.dtype)
     scale = torch.tensor(1.5, dtype=pred.dtype, requires_grad=True)
     (first,) = torch.autograd.grad((value * weight * scale).sum(), pred, create_graph=True)
     assert (first[dead] == 0).all()
