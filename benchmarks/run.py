@@ -576,7 +576,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> Optional[Path]:
-    """Speed-up of compiled and eager over the baseline against N, one line per config (if matplotlib is there)."""
+    """Speed-up of compiled over the baseline against N, one line per config and one panel per run (allocator,
+    dtype), if matplotlib is there."""
     try:
         import matplotlib
 
@@ -584,20 +585,25 @@ def plot(result: dict, out: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    run = result["runs"][0]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    configs = sorted({row["config"] for row in run["rows"]})
-    for config in configs:
-        rows = [row for row in run["rows"] if row["config"] == config]
-        xs = [row["N"] for row in rows]
-        ys = [1 / row["ratios"]["compiled/baseline"] if row["ratios"]["compiled/baseline"] else math.nan for row in rows]
-        ax.plot(xs, ys, marker="o", label=config)
-    ax.set_xscale("log")
-    ax.set_xlabel("N")
-    ax.set_ylabel("compiled speed-up over the MMDetection-style baseline (fwd+bwd)")
-    ax.legend(fontsize=7)
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5), squeeze=False)
+    styles = ("-", "--", ":")  # the colour cycle has 10 colours; more configs than that repeat one
+    for ax, run in zip(axes[0], runs):
+        configs = sorted({row["config"] for row in run["rows"]})
+        for index, config in enumerate(configs):
+            rows = [row for row in run["rows"] if row["config"] == config]
+            xs = [row["N"] for row in rows]
+            ys = [1 / r if (r := row["ratios"]["compiled/baseline"]) else math.nan for row in rows]
+            ax.plot(xs, ys, marker="o", linestyle=styles[index // 10 % len(styles)], label=config)
+        ax.set_xscale("log")
+        ax.set_xlabel("N")
+        ax.set_ylabel("compiled speed-up over the baseline (fwd+bwd)")
+        ax.set_title(f"{ALLOCATOR_LABELS.get(run['allocator'], run['allocator'])}, {run['dtype']}", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     path = out / "speedup.png"
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
