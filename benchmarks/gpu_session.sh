@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7 in one command, for a session lent a GPU machine (15 minutes of device time in all,
 # the machine's start included): correctness on CUDA first, then the timings, each step under its own timeout so
-# that what finished comes back. From the repository root, with the machine's own python3 (torch with CUDA; the
+# that what finished comes back (~9 minutes at most: give the device call timeout_s=590). From the repository root, with the machine's own python3 (torch with CUDA; the
 # package needs no install there):
 #
 #   bash benchmarks/gpu_session.sh            # writes under $OUT (the device tool's output folder)
@@ -23,11 +23,12 @@ EOF
 
 # every configuration in eager and TorchScript on the device, then compiled (inductor / Triton) for the losses
 # the issue names, each against eager on the CPU
-timeout 60 "$python" -m visdet_export check --device "$device" --runtimes eager,script -q 2>&1 | tee "$out/check.txt"
-timeout 150 "$python" -m visdet_export check --device "$device" --runtimes compile -q \
+timeout 90 "$python" -m visdet_export check --device "$device" --runtimes eager,script -q 2>&1 | tee "$out/check.txt"
+timeout 120 "$python" -m visdet_export check --device "$device" --runtimes compile -q \
     --configs focal,qfl,giou,dfl,ce_softmax,ce_sigmoid_labels 2>&1 | tee -a "$out/check.txt"
 
-# the issue's named losses in float32 and bfloat16 (RESULTS.md, GPU)
-timeout 390 "$python" benchmarks/run.py --device "$device" --dtypes float32,bfloat16 \
+# the issue's named losses in float32, then bfloat16 (RESULTS.md, GPU); results.json / results.md are rewritten
+# after every configuration, so a run the timeout cuts short keeps what it measured ("complete": false)
+timeout 330 "$python" benchmarks/run.py --device "$device" --dtypes float32,bfloat16 \
     --losses focal,qfl,giou,ce_sigmoid_labels --repeats 5 --cell-budget-s 4 --out "$out/bench" ${BENCH_EXTRA:-} \
     2>"$out/bench.log" | tail -n 40

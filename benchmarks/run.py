@@ -678,7 +678,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def run_here(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]:
+def _run_record(env: dict[str, Any], dtype_name: str, rows: list[dict]) -> dict[str, Any]:
+    allocator = "pinned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "default"
+    return {"allocator": allocator, "dtype": dtype_name, "environment": env,
+            "rows": [r for r in rows if "error" not in r], "errors": [r for r in rows if "error" in r]}
+
+
+def run_here(
+    args: argparse.Namespace, log: Callable[[str], None], checkpoint: Callable[[list[dict]], None] = lambda runs: None
+) -> list[dict]:
+    """Every dtype's run of the selected configurations in this process; ``checkpoint`` gets the runs so far after
+    each configuration (a run cut short by a time limit keeps what it measured)."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -698,11 +708,9 @@ def run_here(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]
                     log(f"  {name} failed: {type(error).__name__}: {error}")
                     rows.append({"config": name, "error": f"{type(error).__name__}: {error}"})
                 log(f"{name}: {time.perf_counter() - t0:.1f} s")
+                checkpoint([*runs, _run_record(env, dtype_name, rows)])
             env["loadavg_end"] = list(os.getloadavg())
-            allocator = "pinned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "default"
-            runs.append({"allocator": allocator, "dtype": dtype_name, "environment": env,
-                         "rows": [r for r in rows if "error" not in r],
-                         "errors": [r for r in rows if "error" in r]})
+            runs.append(_run_record(env, dtype_name, rows))
     return runs
 
 
@@ -714,12 +722,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    def write(runs: list[dict], complete: bool) -> dict:
+        result = {"runner": "benchmarks/run.py", "argv": list(argv if argv is not None else sys.argv[1:]),
+                  "complete": complete, "runs": runs}
+        with open(out / "results.json", "w") as f:
+            json.dump(result, f, indent=1)
+        if not args.json_only:
+            (out / "results.md").write_text(markdown(result))
+        return result
+
     current = "pinned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "default"
     wanted = ["default", "pinned"] if args.allocator == "both" else [args.allocator]
     runs: list[dict] = []
     for allocator in wanted:
         if allocator == current and len(wanted) == 1:
-            runs.extend(run_here(args, log))
+            runs.extend(run_here(args, log, lambda partial: write(partial, complete=False)))
             continue
         # re-execute with the allocator's environment; the child writes JSON only
         env = dict(os.environ)
@@ -738,13 +755,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for leftover in child_out.iterdir():
             leftover.unlink()
         child_out.rmdir()
-    result = {"runner": "benchmarks/run.py", "argv": list(argv if argv is not None else sys.argv[1:]), "runs": runs}
-    with open(out / "results.json", "w") as f:
-        json.dump(result, f, indent=1)
+    result = write(runs, complete=True)
     if not args.json_only:
-        text = markdown(result)
-        (out / "results.md").write_text(text)
-        print(text)
+        print((out / "results.md").read_text())
         plot(result, out)
     return 0
 

@@ -146,3 +146,28 @@ def test_sampled_distances_stay_below_reg_max(dtype_name):
     inputs = spec_for(loss).sample(loss, 20_000, seed=0, options=SampleOptions(dtype=getattr(torch, dtype_name)))
     reg_max = inputs["pred"].size(1) - 1
     assert 0.99 * reg_max < float(inputs["target"].max()) < reg_max
+
+
+def test_a_run_cut_short_keeps_the_configurations_it_finished(tmp_path, monkeypatch):
+    """A GPU session's command runs under a time limit: results.json / results.md hold every finished
+    configuration as it goes, marked incomplete until the run ends."""
+    run = _runner()
+    finished = run.run_config
+
+    def stop_at_l1(name, *args, **kwargs):
+        if name == "l1":
+            raise KeyboardInterrupt  # what a timeout's signal leaves, as far as the files go
+        return finished(name, *args, **kwargs)
+
+    monkeypatch.setattr(run, "run_config", stop_at_l1)
+    argv = ["--quick", "--losses", "giou,l1", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
+            "--providers", "baseline,eager", "--allocator", "default", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["complete"] is False
+    assert [row["config"] for row in result["runs"][0]["rows"]] == ["giou"]
+    assert "| giou | 64 |" in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(run, "run_config", finished)
+    assert run.main(argv) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
