@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7 in one command, for a session lent a GPU machine (15 minutes of device time in all,
 # the machine's start included): correctness on CUDA first, then the timings, each step under its own timeout so
-# that what finished comes back (~9 minutes at most: give the device call timeout_s=590). From the repository root, with the machine's own python3 (torch with CUDA; the
-# package needs no install there):
+# that what finished comes back (~9 minutes at most: give the device call timeout_s=590). From the repository root,
+# with the machine's own python3 (torch with CUDA; the package needs no install there):
 #
 #   bash benchmarks/gpu_session.sh            # writes under $OUT (the device tool's output folder)
 #
