@@ -410,7 +410,10 @@ class CrossEntropyLoss(WeightedLoss):
         self.ignore_index = -100 if ignore_index is None else check_int("ignore_index", ignore_index)
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
-        self.register_buffer("class_weight", None if weights is None else torch.tensor(weights), persistent=False)
+        # float64, so that float64 losses use the configured weights unrounded; other dtypes cast it per call
+        self.register_buffer(
+            "class_weight", None if weights is None else torch.tensor(weights, dtype=torch.float64), persistent=False
+        )
 
     def forward(
         self,

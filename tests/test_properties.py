@@ -1,0 +1,304 @@
+"""Property-based tests: hypothesis draws fresh hyper-parameters, sizes, seeds and call options on every run.
+
+The parity table (test_parity) and the runtime matrix (test_matrix) pin one draw of inputs per case and the
+hyper-parameters of the seed's recipes. Here every loss's hyper-parameters range over their whole valid domain
+(focal gamma in [0, 5] and alpha in [0, 1] or -1, QFL beta, SmoothL1 / BalancedL1 breakpoints, IoU eps and mode,
+DFL reg_max, cross-entropy class weights, class counts and ignore index...), and each example checks:
+
+* eager float64 against the independent reference (tests/reference.py), values and gradients, for every way of
+  calling the loss (weight or none, avg_factor as None / number / 0-d tensor, configured or overridden reduction);
+* eager float32 (the closed forms and their ``exp2`` fast paths) against the same float64 reference;
+* NaN / inf planted in the predictions of weight-0 samples change neither the value nor any gradient;
+* every runtime of the matrix against eager at fresh sizes and seeds, on the session's cached runners.
+
+A failure prints the falsifying example and a ``@reproduce_failure`` blob. ``HYPOTHESIS_PROFILE=thorough`` runs
+ten times as many examples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import pytest
+import torch
+from conftest import CONFIG_NAMES, compile_backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from reference import (
+    grad_of,
+    reference_loss,
+    single_thread,  # noqa: F401  (autouse fixture)
+    spec_inputs,
+)
+from visdet_export import build_loss
+from visdet_export.check import check_cell, runner_options
+
+F64 = torch.float64
+F32 = torch.float32
+REDUCTIONS = ("none", "mean", "sum")
+# the runtime matrix's columns
+RUNTIMES = ("compile", "script", "onnx", "pt2")
+
+settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=600, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# --- configurations over the valid hyper-parameter domain ------------------------------------------------------
+
+unit = st.floats(0.0, 1.0)
+loss_weights = st.one_of(st.just(1.0), st.floats(0.0, 4.0))
+box_eps = st.one_of(st.sampled_from([1e-6, 1e-3, 1e-2]), st.floats(1e-9, 0.1))
+class_weights = st.lists(st.one_of(st.just(0.0), st.floats(0.0, 3.0)), min_size=1, max_size=12)
+ignore_indices = st.sampled_from([-100, -1, 0, 3, 255])
+
+
+def _focal() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        dict(
+            type=st.just("FocalLoss"),
+            gamma=st.one_of(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), st.floats(0.0, 5.0)),
+            alpha=st.one_of(st.just(-1.0), unit),
+            activated=st.booleans(),
+        )
+    ), st.sampled_from(["labels", "onehot"])
+
+
+def _qfl() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        dict(
+            type=st.just("QualityFocalLoss"),
+            beta=st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 5.0)),
+            activated=st.booleans(),
+        )
+    ), st.sampled_from(["pair", "dense"])
+
+
+def _dfl() -> st.SearchStrategy:
+    reg_max = st.one_of(st.none(), st.integers(1, 16))
+    return st.fixed_dictionaries(dict(type=st.just("DistributionFocalLoss"), reg_max=reg_max)), st.just(None)
+
+
+def _softmax_ce() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        dict(
+            type=st.just("CrossEntropyLoss"),
+            class_weight=st.one_of(st.none(), class_weights),
+            ignore_index=ignore_indices,
+            avg_non_ignore=st.booleans(),
+        )
+    ), st.just(None)
+
+
+def _sigmoid_ce() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        dict(
+            type=st.just("CrossEntropyLoss"),
+            use_sigmoid=st.just(True),
+            class_weight=st.one_of(st.none(), class_weights),
+            ignore_index=ignore_indices,
+            avg_non_ignore=st.booleans(),
+        )
+    ), st.just("labels")
+
+
+def _mask_ce() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        dict(type=st.just("CrossEntropyLoss"), use_mask=st.just(True), class_weight=st.one_of(st.none(), class_weights))
+    ), st.just(None)
+
+
+def _regression() -> st.SearchStrategy:
+    positive = st.floats(0.05, 3.0)
+    return st.one_of(
+        st.fixed_dictionaries(dict(type=st.sampled_from(["L1Loss", "MSELoss"]))),
+        st.fixed_dictionaries(dict(type=st.just("SmoothL1Loss"), beta=st.one_of(st.floats(1e-4, 5.0), st.just(1.0)))),
+        st.fixed_dictionaries(dict(type=st.just("BalancedL1Loss"), alpha=positive, gamma=positive, beta=positive)),
+    ), st.just(None)
+
+
+def _boxes() -> st.SearchStrategy:
+    return st.one_of(
+        st.fixed_dictionaries(
+            dict(type=st.just("IoULoss"), mode=st.sampled_from(["linear", "square", "log"]), eps=box_eps)
+        ),
+        st.fixed_dictionaries(dict(type=st.just("GIoULoss"), eps=box_eps)),
+    ), st.just(None)
+
+
+FAMILIES = (_focal, _qfl, _dfl, _softmax_ce, _sigmoid_ce, _mask_ce, _regression, _boxes)
+
+
+@st.composite
+def configured_losses(draw: Any) -> tuple[dict, Optional[str]]:
+    """``(config, input variant)`` for any loss with a reference, hyper-parameters anywhere in their domain."""
+    configs, variants = draw(st.sampled_from(FAMILIES))()
+    cfg = dict(draw(configs))
+    cfg.update(reduction=draw(st.sampled_from(REDUCTIONS)), loss_weight=draw(loss_weights))
+    return cfg, draw(variants)
+
+
+@st.composite
+def calls(draw: Any) -> dict[str, Any]:
+    """How the loss is called: sample count, seed, weight, avg_factor and reduction_override."""
+    return dict(
+        n=draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 40))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        weighted=draw(st.booleans()),
+        avg=draw(st.sampled_from(["none", "number", "tensor"])),
+        override=draw(st.one_of(st.none(), st.sampled_from(REDUCTIONS))),
+        odd_labels=draw(st.booleans()),
+        logit_range=draw(st.one_of(st.none(), st.sampled_from([30.0, 120.0]))),
+    )
+
+
+def _odd_labels(labels: Tensor, num_classes: int, seed: int) -> Tensor:
+    """About a fifth of the labels moved outside [0, C): background, out-of-range or negative values."""
+    g = torch.Generator().manual_seed(seed)
+    odd = torch.tensor([-1, -100, num_classes, num_classes + 3, 255])
+    pick = odd[torch.randint(0, odd.numel(), labels.shape, generator=g)]
+    return torch.where(torch.rand(labels.shape, generator=g) < 0.2, pick, labels)
+
+
+def _build(cfg: dict) -> Optional[torch.nn.Module]:
+    """The loss, or None where the build rightly refuses the drawn combination (tested in test_config_errors)."""
+    if cfg["type"] == "BalancedL1Loss" and cfg["gamma"] / cfg["alpha"] > 80:
+        return None
+    return build_loss(cfg)
+
+
+def _inputs(cfg: dict, variant: Optional[str], call: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    inputs = spec_inputs(cfg, call["n"], call["seed"], variant=variant, dtype=dtype, logit_range=call["logit_range"])
+    labelled = cfg["type"] in ("FocalLoss", "CrossEntropyLoss") and not cfg.get("use_mask", False)
+    if call["odd_labels"] and labelled and variant != "onehot":
+        inputs["target"] = _odd_labels(inputs["target"], inputs["pred"].size(1), call["seed"] + 1)
+    return inputs
+
+
+def _arguments(cfg: dict, inputs: dict[str, Any], call: dict[str, Any]) -> tuple:
+    """``(weight, avg_factor)`` as ``forward`` takes them (in mask mode the third argument is the RoI labels)."""
+    weight = inputs["weight"] if (call["weighted"] or cfg.get("use_mask", False)) else None
+    factor = inputs["avg_factor"]
+    avg_factor = {"none": None, "number": float(factor), "tensor": factor}[call["avg"]]
+    return weight, avg_factor
+
+
+def _effective_reduction(cfg: dict, call: dict[str, Any]) -> str:
+    return call["override"] or cfg["reduction"]
+
+
+def _rejects_sum_with_avg_factor(loss: torch.nn.Module, cfg: dict, inputs: dict, call: dict) -> bool:
+    """visdet refuses ``avg_factor`` with reduction "sum"; True (after checking that) when the call is one."""
+    weight, avg_factor = _arguments(cfg, inputs, call)
+    if _effective_reduction(cfg, call) != "sum" or avg_factor is None:
+        return False
+    with pytest.raises(ValueError, match="avg_factor"):
+        loss(inputs["pred"], inputs["target"], weight, avg_factor, call["override"])
+    return True
+
+
+def _value_and_grad(loss: Any, cfg: dict, inputs: dict, call: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    weight, avg_factor = _arguments(cfg, inputs, call)
+    pred = inputs["pred"].detach().to(dtype).requires_grad_()
+    out = loss(pred, inputs["target"], weight, avg_factor, call["override"])
+    upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(call["seed"]), dtype=F64) + 0.5
+    return out, grad_of(out, pred, upstream.to(out.dtype))
+
+
+def _reference(cfg: dict, inputs: dict, call: dict) -> tuple[Tensor, Tensor]:
+    def reference(pred: Tensor, target: Any, weight: Any, avg_factor: Any, override: Optional[str]) -> Tensor:
+        out = reference_loss(cfg, pred, target, weight, avg_factor, override)
+        # where no sample counts (N = 0, all ignored) the reference's index writes leave its output outside the graph
+        return out if out.requires_grad else out + 0.0 * pred.sum()
+
+    return _value_and_grad(reference, cfg, inputs, call, F64)
+
+
+def _assert_matches_reference(got: Tensor, want: Tensor, rtol: float, atol: float) -> None:
+    """``got`` is finite, and close to ``want`` wherever that is finite. The reference differentiates by autograd,
+    which makes 0 x inf = NaN at exactly saturated probabilities (the slope of ``p ** beta`` at p = 0 for beta < 1,
+    where the loss is flat); those elements are checked as finite here and by value in test_edge_cases."""
+    assert torch.isfinite(got).all(), got
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got.where(finite, 0.0), want.where(finite, 0.0).to(got.dtype), rtol=rtol, atol=atol)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(configured_losses(), calls())
+def test_eager_float64_matches_the_reference_for_any_hyperparameters(configured, call):
+    cfg, variant = configured
+    loss = _build(cfg)
+    if loss is None:
+        return
+    inputs = _inputs(cfg, variant, call, F64)
+    if _rejects_sum_with_avg_factor(loss, cfg, inputs, call):
+        return
+    out, grad = _value_and_grad(loss, cfg, inputs, call, F64)
+    want, want_grad = _reference(cfg, inputs, call)
+    assert out.dtype == F64 and out.shape == want.shape
+    _assert_matches_reference(out, want, rtol=1e-9, atol=1e-12)
+    _assert_matches_reference(grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(configured_losses(), calls())
+def test_eager_float32_is_as_accurate_as_float32_allows(configured, call):
+    """The float32 paths (closed forms, ``exp2`` for ``exp``, the stable softplus) against float64 math on the
+    same float32 inputs: within a few units of float32 rounding of each element's scale."""
+    cfg, variant = configured
+    loss = _build(cfg)
+    if loss is None:
+        return
+    inputs = _inputs(cfg, variant, call, F32)
+    if _rejects_sum_with_avg_factor(loss, cfg, inputs, call):
+        return
+    out, grad = _value_and_grad(loss, cfg, inputs, call, F32)
+    want, want_grad = _reference(cfg, inputs, call)
+    assert out.dtype == F32 and out.shape == want.shape
+    for got, expected in ((out, want), (grad, want_grad)):
+        scale = float(expected.detach()[torch.isfinite(expected)].abs().max()) if expected.numel() else 0.0
+        _assert_matches_reference(got.double(), expected, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
+
+
+def _weight_zero_elements(weight: Tensor, pred: Tensor) -> Tensor:
+    """Where ``pred`` carries weight 0: a per-sample weight (N,) masks whole rows, one of pred's shape elements."""
+    zero = weight == 0
+    return zero if zero.shape == pred.shape else zero.view(-1, *([1] * (pred.dim() - 1))).expand_as(pred)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(configured_losses(), calls(), st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_nan_and_inf_where_the_weight_is_zero_change_nothing(configured, call, poison):
+    cfg, variant = configured
+    loss = _build(cfg)
+    if loss is None or cfg.get("use_mask", False):  # mask mode takes no weight
+        return
+    call = {**call, "weighted": True}
+    inputs = _inputs(cfg, variant, call, F64)
+    if _rejects_sum_with_avg_factor(loss, cfg, inputs, call):
+        return
+    masked = _weight_zero_elements(inputs["weight"], inputs["pred"])
+    poisoned = {**inputs, "pred": inputs["pred"].masked_fill(masked, poison)}
+    out, grad = _value_and_grad(loss, cfg, poisoned, call, F64)
+    clean, clean_grad = _value_and_grad(loss, cfg, inputs, call, F64)
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
+    assert (grad[masked] == 0).all()
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(CONFIG_NAMES),
+    st.sampled_from(RUNTIMES),
+    st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    st.integers(0, 2**31 - 1),
+)
+def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runtime, sizes, seed):
+    """The runtime matrix's cells (the same cached runners, compiled or exported once per session) at sample
+    counts and seeds drawn anew: dynamic shapes and every input draw, not only N in {0, 1, 7, 1000} at seed 0."""
+    key, options = runner_options(name, runtime, backend=compile_backend(name))
+    cell = check_cell(name, runtime, runner_cache, sizes, seed=seed, runner_key=key, runner_options=options)
+    assert cell.status == "pass", cell.reason
