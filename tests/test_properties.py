@@ -35,7 +35,8 @@ from reference import (
     spec_inputs,
 )
 from visdet_export import build_loss
-from visdet_export.check import check_cell, runner_options
+from visdet_export.check import RunnerCache, check_cell, runner_options
+from visdet_export.specs import spec_for
 
 F64 = torch.float64
 F32 = torch.float32
@@ -46,6 +47,8 @@ RUNTIMES = ("compile", "script", "onnx", "pt2")
 settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=600, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+#: examples of the tests that compile or export per example, or run many runtimes: a fifth of the profile's
+SLOW_EXAMPLES = max(1, settings().max_examples // 5)
 
 # --- configurations over the valid hyper-parameter domain ------------------------------------------------------
 
@@ -259,8 +262,39 @@ def test_eager_float32_is_as_accurate_as_float32_allows(configured, call):
     want, want_grad = _reference(cfg, inputs, call)
     assert out.dtype == F32 and out.shape == want.shape
     for got, expected in ((out, want), (grad, want_grad)):
-        scale = float(expected.detach()[torch.isfinite(expected)].abs().max()) if expected.numel() else 0.0
-        _assert_matches_reference(got.double(), expected, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
+        _assert_matches_reference(got.double(), expected, rtol=1e-5, atol=1e-6 * _magnitude(expected))
+
+
+def _magnitude(values: Tensor) -> float:
+    """The largest finite |value|, at least 1: the scale of float rounding in sums of these values."""
+    finite = values.detach()[torch.isfinite(values)]
+    return max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(configured_losses(), calls(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_half_precision_inputs_compute_in_float32(configured, call, dtype):
+    """float16 / bfloat16 inputs give the float32 loss of the same (rounded) values, and its gradient rounded to
+    the input's dtype: the losses compute in float32, so nothing overflows (box areas, exp of large logits)."""
+    cfg, variant = configured
+    loss = _build(cfg)
+    if loss is None:
+        return
+    inputs = _inputs(cfg, variant, call, dtype)
+    if _rejects_sum_with_avg_factor(loss, cfg, inputs, call):
+        return
+    upcast = {key: _cast_floating(value, F32) for key, value in inputs.items()}
+    out, grad = _value_and_grad(loss, cfg, inputs, call, dtype)
+    want, want_grad = _value_and_grad(loss, cfg, upcast, call, F32)
+    assert out.dtype == F32 and grad.dtype == dtype
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7 * _magnitude(want))
+    torch.testing.assert_close(grad, want_grad.to(dtype), rtol=1e-2, atol=1e-5)
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_cast_floating(item, dtype) for item in value)
+    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 def _weight_zero_elements(weight: Tensor, pred: Tensor) -> Tensor:
@@ -289,7 +323,7 @@ def test_nan_and_inf_where_the_weight_is_zero_change_nothing(configured, call, p
     assert (grad[masked] == 0).all()
 
 
-@settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(CONFIG_NAMES),
     st.sampled_from(RUNTIMES),
@@ -302,3 +336,26 @@ def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runti
     key, options = runner_options(name, runtime, backend=compile_backend(name))
     cell = check_cell(name, runtime, runner_cache, sizes, seed=seed, runner_key=key, runner_options=options)
     assert cell.status == "pass", cell.reason
+
+
+@settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    configured_losses(),
+    st.sampled_from(["compile", "script", "onnx"]),
+    st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    st.integers(0, 2**31 - 1),
+)
+def test_any_configuration_runs_in_every_runtime(configured, runtime, sizes, seed):
+    """A drawn configuration (not one of the matrix's rows) compiled (aot_eager: the dynamo graph and the joint
+    forward-backward, without code generation), scripted or exported to ONNX, against eager: the branches that
+    configuration takes in ``__init__`` (integer exponents, alpha -1, class counts, modes) in each runtime."""
+    cfg, variant = configured
+    loss = _build(cfg)
+    if loss is None:
+        return
+    name = "drawn"
+    cache = RunnerCache()
+    cache.losses[name] = (loss, spec_for(loss, variant))
+    key, options = runner_options(name, runtime, backend="aot_eager")
+    cell = check_cell(name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options)
+    assert cell.status == "pass", f"{cfg} ({variant}): {cell.reason}"
