@@ -62,6 +62,8 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "BalancedL1Loss": dict(alpha=0.5, gamma=1.5, beta=1.0, reduction="mean", loss_weight=1.0),
     "IoULoss": dict(linear=False, eps=1e-6, reduction="mean", loss_weight=1.0, mode="log"),
     "GIoULoss": dict(eps=1e-6, reduction="mean", loss_weight=1.0),
+    "KnowledgeDistillationKLDivLoss": dict(reduction="mean", loss_weight=1.0, T=10.0),
+    "LocalizationDistillationLoss": dict(reduction="mean", loss_weight=1.0, T=10.0, reg_max=16),
 }
 
 AvgFactor = Optional[Union[float, int, Tensor]]
@@ -285,6 +287,40 @@ def box_weight(weight: Tensor) -> Tensor:
     return weight.mean(-1) if weight.dim() == 2 else weight
 
 
+def _softmax_reference(logits: Tensor) -> Tensor:
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    exp = shifted.exp()
+    return exp / exp.sum(dim=1, keepdim=True)
+
+
+def kd_elementwise(pred: Tensor, soft_label: Tensor, T: float) -> Tensor:
+    """(N,): (T^2 / C) sum_c p_c (log p_c - log q_c), p = softmax(t / T), q = softmax(s / T), ``0 log 0 = 0``."""
+    pred, soft_label = pred.double(), soft_label.double()
+    p = _softmax_reference(soft_label / T)
+    log_q = torch.log(_softmax_reference(pred / T)) if pred.numel() else pred
+    kl = torch.special.xlogy(p, p) - p * log_q
+    return kl.sum(dim=1) / pred.shape[1] * T * T
+
+
+def ld_elementwise(pred: Tensor, soft_label: Tensor, T: float, reg_max: int) -> Tensor:
+    """(N, 4): :func:`kd_elementwise` on each side's (reg_max + 1) bins."""
+    n = pred.shape[0]
+    rows = kd_elementwise(pred.reshape(n * 4, reg_max + 1), soft_label.reshape(n * 4, reg_max + 1), T)
+    return rows.reshape(n, 4)
+
+
+def kd_reference(pred, soft_label, T, weight=None, reduction="mean", avg_factor=None, loss_weight=1.0):
+    """float64 KnowledgeDistillationKLDivLoss with visdet's reduction."""
+    w = None if weight is None else weight.double()
+    return reduce_reference(kd_elementwise(pred, soft_label, T), w, reduction, avg_factor) * loss_weight
+
+
+def ld_reference(pred, soft_label, T, reg_max, weight=None, reduction="mean", avg_factor=None, loss_weight=1.0):
+    """float64 LocalizationDistillationLoss (weight (N,) or (N, 4)) with visdet's reduction."""
+    w = None if weight is None else (weight.double()[:, None] if weight.dim() == 1 else weight.double())
+    return reduce_reference(ld_elementwise(pred, soft_label, T, reg_max), w, reduction, avg_factor) * loss_weight
+
+
 # --- the module-level reference ---------------------------------------------------------------------------------
 
 
@@ -381,6 +417,10 @@ def reference_loss(
     elif loss_type == "GIoULoss":
         loss = giou_elementwise(pred, target, float(opt["eps"]))
         out = reduce_reference(loss, None if weight is None else box_weight(weight), reduction, avg_factor)
+    elif loss_type == "KnowledgeDistillationKLDivLoss":
+        out = kd_reference(pred, target, float(opt["T"]), weight, reduction, avg_factor)
+    elif loss_type == "LocalizationDistillationLoss":
+        out = ld_reference(pred, target, float(opt["T"]), int(opt["reg_max"]), weight, reduction, avg_factor)
     else:
         raise KeyError(f"no reference for {loss_type}")
     return loss_weight * out
@@ -452,6 +492,6 @@ def spec_inputs(
     loss = build_loss(dict(cfg))
     spec = spec_for(loss, variant)
     drawn = spec.sample(loss, n, seed=seed, options=SampleOptions(dtype=dtype, logit_range=logit_range))
-    target = (drawn["labels"], drawn["scores"]) if "labels" in drawn else drawn["target"]
+    target = (drawn["labels"], drawn["scores"]) if "labels" in drawn else drawn.get("target", drawn.get("soft_label"))
     weight = drawn.get("label", drawn.get("weight"))
     return dict(pred=drawn["pred"], target=target, weight=weight, avg_factor=drawn["avg_factor"])

@@ -1,6 +1,6 @@
 """Distillation losses: KnowledgeDistillationKLDivLoss and LocalizationDistillationLoss.
 
-The float64 references below are written from the formulas (softmax by hand, ``xlogy`` for ``0 log 0 = 0``), and
+The float64 references (``kd_reference`` / ``ld_reference`` in tests/reference.py) are written from the formulas (softmax by hand, ``xlogy`` for ``0 log 0 = 0``), and
 MMDetection's own expression (``F.kl_div(...).mean(1) * T * T``, ``LDHead``'s reshape) is checked separately.
 """
 
@@ -10,50 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import kd_reference, ld_reference
 from visdet_export import ConfigError, build_loss
 from visdet_export.losses import knowledge_distillation_kl_div_loss, localization_distillation_loss
 from visdet_export.specs import SampleOptions, representative_configs, spec_for
 
 REDUCTIONS = ("none", "mean", "sum")
-
-
-# --- references ---------------------------------------------------------------------------------------------------
-
-
-def _softmax_reference(logits: torch.Tensor) -> torch.Tensor:
-    shifted = logits - logits.max(dim=1, keepdim=True).values
-    exp = shifted.exp()
-    return exp / exp.sum(dim=1, keepdim=True)
-
-
-def kd_reference(pred, soft_label, T, weight=None, reduction="mean", avg_factor=None, loss_weight=1.0):
-    """float64: (T^2 / C) sum_c p_c (log p_c - log q_c), p = softmax(t / T), q = softmax(s / T); mmdet reduction."""
-    pred, soft_label = pred.double(), soft_label.double()
-    p = _softmax_reference(soft_label / T)
-    log_q = torch.log(_softmax_reference(pred / T)) if pred.numel() else pred
-    kl = torch.special.xlogy(p, p) - p * log_q
-    loss = kl.sum(dim=1) / pred.shape[1] * T * T
-    return _reduce_reference(loss, weight, reduction, avg_factor) * loss_weight
-
-
-def ld_reference(pred, soft_label, T, reg_max, weight=None, reduction="mean", avg_factor=None, loss_weight=1.0):
-    """float64: the KD reference on each side's (reg_max + 1) bins; loss (N, 4)."""
-    n = pred.shape[0]
-    rows = kd_reference(pred.reshape(n * 4, reg_max + 1), soft_label.reshape(n * 4, reg_max + 1), T, reduction="none")
-    loss = rows.reshape(n, 4)
-    if weight is not None and weight.dim() == 1:
-        weight = weight[:, None]
-    return _reduce_reference(loss, weight, reduction, avg_factor) * loss_weight
-
-
-def _reduce_reference(loss, weight, reduction, avg_factor):
-    if weight is not None:
-        loss = loss * weight.double()
-    if avg_factor is not None:
-        return loss.sum() / (float(avg_factor) + torch.finfo(torch.float32).eps) if reduction == "mean" else loss
-    if reduction == "mean":
-        return loss.sum() / max(loss.numel(), 1)
-    return loss.sum() if reduction == "sum" else loss
 
 
 def mmdet_kd(pred, soft_label, T):
