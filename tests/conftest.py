@@ -14,13 +14,20 @@ Nothing here is autouse: tests that do not ask for these fixtures pay nothing fo
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
+from hypothesis import settings
 
 from visdet_export.check import RunnerCache
 from visdet_export.specs import representative_configs
+
+# hypothesis: fresh examples every run, a reproduction blob on failure; HYPOTHESIS_PROFILE=thorough for 10x
+settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=600, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: Configurations compiled with the inductor backend (code generation); the rest use aot_eager.
 INDUCTOR_CONFIGS = ("focal", "qfl", "giou", "dfl", "ce_softmax")

@@ -8,14 +8,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from visdet_export import build_loss
 from visdet_export.config import (
     collect_losses,
     load_config,
     losses_from_file,
+    parse_json,
     parse_loss_string,
     parse_python_config,
+    parse_toml,
 )
 from visdet_export.recipes import recipe_dir, recipe_losses, recipe_names, recipe_path
 from visdet_export.specs import spec_for
@@ -444,3 +448,22 @@ def test_wheel_ships_the_recipes_and_the_console_script(tmp_path):
 
     for name in SOURCE_FILES:
         assert cpp_sources.get(name) == (REPO / "export_scripts" / "cpp" / name).read_bytes(), name
+
+
+_CONFIG_TOKENS = st.sampled_from(
+    [*"dict()[]{}=,:'\"\\ \n\t#0123456789.eE+-_abcxyz*@!%&|^~<>/;`", "loss_cls", "type", "FocalLoss", "import os",
+     "lambda", "__class__", "nan", "inf", "1e400", "True", "None", "_base_", "_delete_", "\x00", "\ufeff"]
+)
+
+
+@given(
+    st.one_of(st.lists(_CONFIG_TOKENS, max_size=60).map("".join), st.text(max_size=80)),
+    st.sampled_from([parse_python_config, parse_json, parse_toml, parse_loss_string]),
+)
+def test_any_text_parses_or_raises_config_error(text: str, parser) -> None:
+    """Config-like token soup and arbitrary text, in every format: a parsed config or a ConfigError naming the
+    problem, never another exception."""
+    try:
+        parser(text)
+    except ConfigError:
+        pass

@@ -10,10 +10,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reference import SEED_LOSS_NAMES, boxes, single_thread  # noqa: F401  (autouse fixture)
 from visdet_export import ConfigError, build_loss
-from visdet_export.registry import MODELS, loss_config
+from visdet_export.registry import MODELS, config_parameters, loss_config
 from visdet_export.specs import representative_configs
 
 F64 = torch.float64
@@ -334,3 +336,33 @@ def test_loss_config_round_trips(cfg: dict) -> None:
             continue
         assert rebuilt_cfg[key] == value, key
     assert str(rebuilt) == str(loss)  # every hyper-parameter in extra_repr survives
+
+
+# --- any configuration: a loss or a ConfigError, never another exception --------------------------------------------
+
+_ANY_VALUE = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-300, 300),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=8),
+        st.sampled_from(["mean", "sum", "none", "log", "linear", "square"]),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=90), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=100,
+)
+_PARAMETERS = sorted({name for cls in MODELS.module_dict.values() for name in config_parameters(cls)})
+
+
+@given(
+    st.one_of(st.sampled_from(sorted(MODELS.module_dict)), st.text(max_size=10), st.integers()),
+    st.dictionaries(st.one_of(st.sampled_from(_PARAMETERS), st.text(max_size=5)), _ANY_VALUE, max_size=4),
+)
+def test_any_config_builds_or_raises_config_error(loss_type: object, options: dict) -> None:
+    """Every parameter of every loss with any value (wrong types, NaN, nested containers, class-weight lists):
+    build_loss returns a loss or raises ConfigError, never a TypeError or AttributeError from deep inside."""
+    try:
+        build_loss({"type": loss_type, **options})
+    except ConfigError:
+        pass

@@ -12,13 +12,12 @@ DFL reg_max, cross-entropy class weights, class counts and ignore index...), and
 * every runtime of the matrix against eager at fresh sizes and seeds, on the session's cached runners.
 
 A failure prints the falsifying example and a ``@reproduce_failure`` blob. ``HYPOTHESIS_PROFILE=thorough`` runs
-ten times as many examples.
+ten times as many examples (the profiles are in conftest.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Optional
 
 import pytest
@@ -44,9 +43,6 @@ REDUCTIONS = ("none", "mean", "sum")
 # the runtime matrix's columns
 RUNTIMES = ("compile", "script", "onnx", "pt2")
 
-settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
-settings.register_profile("thorough", max_examples=600, deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 #: examples of the tests that compile or export per example, or run many runtimes: a fifth of the profile's
 SLOW_EXAMPLES = max(1, settings().max_examples // 5)
 
