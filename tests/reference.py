@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import pytest
 import torch
@@ -458,6 +458,18 @@ def grad_of(output: Tensor, wrt: Tensor, grad_output: Optional[Tensor] = None) -
         grad_output = torch.full_like(output, 2.0)
     (grad,) = torch.autograd.grad((output * grad_output).sum(), wrt, allow_unused=True)
     return torch.zeros_like(wrt) if grad is None else grad
+
+
+def strided(x: Any) -> Any:
+    """Same values, non-contiguous storage (every other element of a wider buffer); tuples element-wise."""
+    if isinstance(x, tuple):
+        return tuple(strided(t) for t in x)
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return x
+    wide = torch.stack([x, torch.zeros_like(x)], dim=-1)
+    view = wide[..., 0]
+    assert x.numel() <= 1 or not view.is_contiguous()
+    return view
 
 
 def boxes(n: int, seed: int = 0, scale: float = 100.0, dtype: torch.dtype = torch.float64) -> Tensor:

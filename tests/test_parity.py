@@ -25,6 +25,7 @@ from reference import (
     overlapping_boxes,
     reference_loss,
     single_thread,  # noqa: F401  (autouse fixture)
+    strided,
 )
 from visdet_export import build_loss
 from visdet_export.losses import (
@@ -521,18 +522,6 @@ def test_module_equals_functional(case_id: str, reduction: str) -> None:
 # --- memory layout -----------------------------------------------------------------------------------------------
 
 
-def _strided(x):
-    """Same values, non-contiguous storage (every other element of a wider buffer)."""
-    if isinstance(x, tuple):
-        return tuple(_strided(t) for t in x)
-    if x is None or x.dim() == 0:
-        return x
-    wide = torch.stack([x, torch.zeros_like(x)], dim=-1)
-    view = wide[..., 0]
-    assert x.numel() <= 1 or not view.is_contiguous()
-    return view
-
-
 LAYOUT_CASES = [c.id for c in CASES if c.id in MODULE_FUNCTIONAL_CASES or c.id in ("focal_weight_NC", "qfl",
                                                                                        "ce_softmax_spatial")]
 
@@ -546,8 +535,8 @@ def test_non_contiguous_inputs(case_id: str) -> None:
     out = loss(pred, inputs["target"], inputs["weight"])
     grad = grad_of(out, pred, torch.ones_like(out) * 3.0)
 
-    pred_nc = _strided(inputs["pred"].clone()).requires_grad_()
-    out_nc = loss(pred_nc, _strided(inputs["target"]), _strided(inputs["weight"]))
+    pred_nc = strided(inputs["pred"].clone()).requires_grad_()
+    out_nc = loss(pred_nc, strided(inputs["target"]), strided(inputs["weight"]))
     torch.testing.assert_close(out_nc, out, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(grad_of(out_nc, pred_nc, torch.ones_like(out) * 3.0), grad, rtol=1e-13, atol=1e-15)
 
