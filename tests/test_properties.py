@@ -392,10 +392,13 @@ def test_nan_and_inf_where_the_weight_is_zero_change_nothing(configured, call, p
 )
 def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runtime, sizes, seed):
     """The runtime matrix's cells (the same cached runners, compiled or exported once per session) at sample
-    counts and seeds drawn anew: dynamic shapes and every input draw, not only N in {0, 1, 7, 1000} at seed 0."""
+    counts and seeds drawn anew: dynamic shapes and every input draw, not only N in {0, 1, 7, 1000} at seed 0.
+    A compiled loss keeps its one graph through every N drawn, 0 and 1 included."""
     key, options = runner_options(name, runtime, backend=compile_backend(name))
     cell = check_cell(name, runtime, runner_cache, sizes, seed=seed, runner_key=key, runner_options=options)
     assert cell.status == "pass", cell.reason
+    if runtime == "compile":
+        assert runner_cache.runner(name, runtime, key=key, **options).graph_count() == 1
 
 
 @settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
