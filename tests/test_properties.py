@@ -59,7 +59,11 @@ class_weights = st.lists(st.one_of(st.just(0.0), st.floats(0.0, 3.0)), min_size=
 ignore_indices = st.sampled_from([-100, -1, 0, 3, 255])
 
 
-def _focal() -> st.SearchStrategy:
+#: a loss family: the strategy of its configurations and the strategy of its input variant
+Family = tuple[st.SearchStrategy, st.SearchStrategy]
+
+
+def _focal() -> Family:
     return st.fixed_dictionaries(
         dict(
             type=st.just("FocalLoss"),
@@ -70,7 +74,7 @@ def _focal() -> st.SearchStrategy:
     ), st.sampled_from(["labels", "onehot"])
 
 
-def _qfl() -> st.SearchStrategy:
+def _qfl() -> Family:
     return st.fixed_dictionaries(
         dict(
             type=st.just("QualityFocalLoss"),
@@ -80,41 +84,31 @@ def _qfl() -> st.SearchStrategy:
     ), st.sampled_from(["pair", "dense"])
 
 
-def _dfl() -> st.SearchStrategy:
+def _dfl() -> Family:
     reg_max = st.one_of(st.none(), st.integers(1, 16))
     return st.fixed_dictionaries(dict(type=st.just("DistributionFocalLoss"), reg_max=reg_max)), st.just(None)
 
 
-def _softmax_ce() -> st.SearchStrategy:
+def _cross_entropy(use_sigmoid: bool) -> Family:
+    """Softmax, or sigmoid on class labels (C = background)."""
     return st.fixed_dictionaries(
         dict(
             type=st.just("CrossEntropyLoss"),
+            use_sigmoid=st.just(use_sigmoid),
             class_weight=st.one_of(st.none(), class_weights),
             ignore_index=ignore_indices,
             avg_non_ignore=st.booleans(),
         )
-    ), st.just(None)
+    ), st.just("labels" if use_sigmoid else None)
 
 
-def _sigmoid_ce() -> st.SearchStrategy:
-    return st.fixed_dictionaries(
-        dict(
-            type=st.just("CrossEntropyLoss"),
-            use_sigmoid=st.just(True),
-            class_weight=st.one_of(st.none(), class_weights),
-            ignore_index=ignore_indices,
-            avg_non_ignore=st.booleans(),
-        )
-    ), st.just("labels")
-
-
-def _mask_ce() -> st.SearchStrategy:
+def _mask_ce() -> Family:
     return st.fixed_dictionaries(
         dict(type=st.just("CrossEntropyLoss"), use_mask=st.just(True), class_weight=st.one_of(st.none(), class_weights))
     ), st.just(None)
 
 
-def _regression() -> st.SearchStrategy:
+def _regression() -> Family:
     positive = st.floats(0.05, 3.0)
     return st.one_of(
         st.fixed_dictionaries(dict(type=st.sampled_from(["L1Loss", "MSELoss"]))),
@@ -123,7 +117,7 @@ def _regression() -> st.SearchStrategy:
     ), st.just(None)
 
 
-def _boxes() -> st.SearchStrategy:
+def _boxes() -> Family:
     return st.one_of(
         st.fixed_dictionaries(
             dict(type=st.just("IoULoss"), mode=st.sampled_from(["linear", "square", "log"]), eps=box_eps)
@@ -132,7 +126,7 @@ def _boxes() -> st.SearchStrategy:
     ), st.just(None)
 
 
-def _distillation() -> st.SearchStrategy:
+def _distillation() -> Family:
     temperatures = st.one_of(st.sampled_from([1.0, 10.0]), st.floats(0.2, 30.0))
     return st.one_of(
         st.fixed_dictionaries(dict(type=st.just("KnowledgeDistillationKLDivLoss"), T=temperatures)),
@@ -142,13 +136,16 @@ def _distillation() -> st.SearchStrategy:
     ), st.just(None)
 
 
-FAMILIES = (_focal, _qfl, _dfl, _softmax_ce, _sigmoid_ce, _mask_ce, _regression, _boxes, _distillation)
+FAMILIES: tuple[Family, ...] = (
+    _focal(), _qfl(), _dfl(), _cross_entropy(False), _cross_entropy(True), _mask_ce(), _regression(), _boxes(),
+    _distillation(),
+)
 
 
 @st.composite
 def configured_losses(draw: Any) -> tuple[dict, Optional[str]]:
     """``(config, input variant)`` for any registered loss, hyper-parameters anywhere in their domain."""
-    configs, variants = draw(st.sampled_from(FAMILIES))()
+    configs, variants = draw(st.sampled_from(FAMILIES))
     cfg = dict(draw(configs))
     cfg.update(reduction=draw(st.sampled_from(REDUCTIONS)), loss_weight=draw(loss_weights))
     return cfg, draw(variants)
