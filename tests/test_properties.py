@@ -401,14 +401,15 @@ def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runti
 @settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(
     configured_losses(),
-    st.sampled_from(["compile", "script", "onnx"]),
+    st.sampled_from(["compile", "script", "onnx", "onnx joint"]),
     st.lists(st.integers(0, 300), min_size=1, max_size=3),
     st.integers(0, 2**31 - 1),
 )
 def test_any_configuration_runs_in_every_runtime(configured, runtime, sizes, seed):
     """A drawn configuration (not one of the matrix's rows) compiled (aot_eager: the dynamo graph and the joint
-    forward-backward, without code generation), scripted or exported to ONNX, against eager: the branches that
-    configuration takes in ``__init__`` (integer exponents, alpha -1, class counts, modes) in each runtime."""
+    forward-backward, without code generation), scripted, or exported to ONNX with or without its gradient output,
+    against eager: the branches that configuration takes in ``__init__`` (integer exponents, alpha -1, class
+    counts, modes) in each runtime."""
     cfg, variant = configured
     if runtime == "compile":
         assume(not _tiny_exponent(cfg))
@@ -416,9 +417,12 @@ def test_any_configuration_runs_in_every_runtime(configured, runtime, sizes, see
     name = "drawn"
     cache = RunnerCache()
     cache.losses[name] = (loss, spec_for(loss, variant))
+    runtime, _, joint = runtime.partition(" ")
     key, options = runner_options(name, runtime, backend="aot_eager")
+    if joint:  # the loss-and-gradient graph of distillation: its gradient output against eager's
+        key, options = "onnx:joint", {"joint": True}
     cell = check_cell(name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options)
-    assert cell.status == "pass", f"{cfg} ({variant}): {cell.reason}"
+    assert cell.status == "pass", f"{cfg} ({variant}, {runtime} {joint}): {cell.reason}"
 
 
 def _tiny_exponent(cfg: dict) -> bool:

@@ -203,17 +203,27 @@ def _optional_of(spec: LossSpec, names: Sequence[str]) -> list[str]:
     return [t.name for t in spec.inputs if t.optional and t.name in names]
 
 
-def onnx_runner(loss: nn.Module, spec: LossSpec, names: Sequence[str], *, verify: bool = False) -> LossRunner:
-    """Export to ONNX in a temporary directory and run it in onnxruntime (``names`` are the graph inputs)."""
+def onnx_runner(
+    loss: nn.Module, spec: LossSpec, names: Sequence[str], *, joint: bool = False, verify: bool = False
+) -> LossRunner:
+    """Export to ONNX in a temporary directory and run it in onnxruntime (``names`` are the graph inputs); a
+    ``joint`` graph (loss and gradient, for distillation) runs too, the runner returning its loss output."""
     from .export.onnx import export_onnx, load_runner
 
     scratch = tempfile.TemporaryDirectory(prefix="visdet_onnx_")
     path = export_onnx(
-        loss, Path(scratch.name) / "loss.onnx", variant=spec.variant, optional_inputs=_optional_of(spec, names), verify=verify
+        loss, Path(scratch.name) / "loss.onnx", variant=spec.variant, optional_inputs=_optional_of(spec, names),
+        joint=joint, verify=verify,
     )
     run = load_runner(path)
     graph_names = list(getattr(run, "input_names", names))
-    return LossRunner("onnx", lambda inputs, override: run(inputs)[0], graph_names, differentiable=False, fixed_graph=True, keep_alive=scratch)
+    runner = LossRunner(
+        "onnx", lambda inputs, override: run(inputs)[0], graph_names, differentiable=False, fixed_graph=True,
+        keep_alive=scratch,
+    )
+    runner.run_all = run  # type: ignore[attr-defined]  # every output (loss, grad_pred for joint graphs)
+    runner.joint = joint  # type: ignore[attr-defined]
+    return runner
 
 
 def pt2_runner(
