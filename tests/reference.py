@@ -441,15 +441,18 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-def clone_inputs(inputs: Mapping[str, Tensor], dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
-    """Detached copies (floating tensors cast to ``dtype`` if given)."""
-    out = {}
-    for name, value in inputs.items():
+def clone_inputs(inputs: Mapping[str, Any], dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """Detached copies (floating tensors cast to ``dtype`` if given; tuples such as QFL's target element-wise)."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(copy(item) for item in value)
+        if not isinstance(value, Tensor):
+            return value
         value = value.detach().clone()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        out[name] = value
-    return out
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    return {name: copy(value) for name, value in inputs.items()}
 
 
 def grad_of(output: Tensor, wrt: Tensor, grad_output: Optional[Tensor] = None) -> Tensor:

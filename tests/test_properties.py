@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from reference import (
+    clone_inputs,
     grad_of,
     reference_loss,
     single_thread,  # noqa: F401  (autouse fixture)
@@ -203,14 +204,10 @@ def _arguments(cfg: dict, inputs: dict[str, Any], call: dict[str, Any]) -> tuple
     return weight, avg_factor
 
 
-def _effective_reduction(cfg: dict, call: dict[str, Any]) -> str:
-    return call["override"] or cfg["reduction"]
-
-
 def _rejects_sum_with_avg_factor(loss: torch.nn.Module, cfg: dict, inputs: dict, call: dict) -> bool:
     """visdet refuses ``avg_factor`` with reduction "sum"; True (after checking that) when the call is one."""
     weight, avg_factor = _arguments(cfg, inputs, call)
-    if _effective_reduction(cfg, call) != "sum" or avg_factor is None:
+    if (call["override"] or cfg["reduction"]) != "sum" or avg_factor is None:
         return False
     with pytest.raises(ValueError, match="avg_factor"):
         loss(inputs["pred"], inputs["target"], weight, avg_factor, call["override"])
@@ -342,18 +339,12 @@ def test_half_precision_inputs_compute_in_float32(configured, call, dtype):
     if prepared is None:
         return
     cfg, loss, inputs = prepared
-    upcast = {key: _cast_floating(value, F32) for key, value in inputs.items()}
+    upcast = clone_inputs(inputs, F32)
     out, grad = _value_and_grad(loss, cfg, inputs, call, dtype)
     want, want_grad = _value_and_grad(loss, cfg, upcast, call, F32)
     assert out.dtype == F32 and grad.dtype == dtype
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7 * _magnitude(want))
     torch.testing.assert_close(grad, want_grad.to(dtype), rtol=1e-2, atol=1e-5)
-
-
-def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_cast_floating(item, dtype) for item in value)
-    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 def _weight_zero_elements(weight: Tensor, pred: Tensor) -> Tensor:
