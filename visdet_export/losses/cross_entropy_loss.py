@@ -391,6 +391,7 @@ class CrossEntropyLoss(WeightedLoss):
     ignore_index: int
     avg_non_ignore: bool
     class_weight: Optional[Tensor]
+    class_weight_residual: Optional[Tensor]
 
     def __init__(
         self,
@@ -410,10 +411,13 @@ class CrossEntropyLoss(WeightedLoss):
         self.ignore_index = -100 if ignore_index is None else check_int("ignore_index", ignore_index)
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
-        # float64, so that float64 losses use the configured weights unrounded; other dtypes cast it per call
-        self.register_buffer(
-            "class_weight", None if weights is None else torch.tensor(weights, dtype=torch.float64), persistent=False
-        )
+        exact = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        rounded = None if exact is None else exact.float()
+        # float32 buffers, so that the module moves to any device (Apple's MPS holds no float64); float64 losses add
+        # the rounding residual back, which leaves a relative error of at most 2**-48 (class_weight_for)
+        self.register_buffer("class_weight", rounded, persistent=False)
+        residual = None if exact is None or rounded is None else (exact - rounded.double()).float()
+        self.register_buffer("class_weight_residual", residual, persistent=False)
 
     def forward(
         self,
@@ -426,21 +430,29 @@ class CrossEntropyLoss(WeightedLoss):
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
         factor = as_avg_factor(avg_factor, pred)
+        class_weight = self.class_weight_for(pred)
         if self.use_mask:
             if weight is None:
                 raise ValueError("mask cross-entropy needs the RoI class labels as the third argument")
-            loss = mask_cross_entropy(pred, label, weight, self.class_weight, reduction, factor)
+            loss = mask_cross_entropy(pred, label, weight, class_weight, reduction, factor)
         else:
             index = self.ignore_index if ignore_index is None else ignore_index
             if self.use_sigmoid:
                 loss = binary_cross_entropy(
-                    pred, label, weight, self.class_weight, index, self.avg_non_ignore, reduction, factor
+                    pred, label, weight, class_weight, index, self.avg_non_ignore, reduction, factor
                 )
             else:
                 loss = softmax_cross_entropy(
-                    pred, label, weight, self.class_weight, index, self.avg_non_ignore, reduction, factor
+                    pred, label, weight, class_weight, index, self.avg_non_ignore, reduction, factor
                 )
         return self.weighted(loss)
+
+    def class_weight_for(self, pred: Tensor) -> Optional[Tensor]:
+        """The class weights (C,) for ``pred``: float32, or for float64 ``pred`` float64 with the residual added."""
+        rounded, residual = self.class_weight, self.class_weight_residual
+        if rounded is None or residual is None or pred.dtype != torch.float64:
+            return rounded
+        return rounded.double() + residual.double()
 
     def extra_repr(self) -> str:
         return (
