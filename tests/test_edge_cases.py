@@ -23,6 +23,7 @@ from reference import (
 )
 from visdet_export import build_loss
 from visdet_export.export.torchscript import script_loss
+from visdet_export.specs import representative_configs
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -327,6 +328,37 @@ def test_float64_in_float64_out() -> None:
         for reduction in REDUCTIONS:
             out, grad, _ = run(build_loss({**CONFIGS[key][0], "reduction": reduction}), inputs)
             assert out.dtype == F64 and grad.dtype == F64, (key, reduction)
+
+
+def test_no_loss_holds_float64_state() -> None:
+    """Every module moves to a device without float64 (Apple's MPS): buffers and parameters are float32 at most."""
+    for cfg in representative_configs().values():
+        loss = build_loss(cfg)
+        for name, tensor in [*loss.named_buffers(), *loss.named_parameters()]:
+            assert tensor.dtype != F64, (cfg, name)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid_labels", "mask"])
+def test_float64_class_weights_are_exact(mode: str, runtime: str) -> None:
+    """Class weights float32 cannot hold (0.1, 1/3) reach float64 losses unrounded, though the buffer is float32."""
+    weights = [0.1, 1 / 3, 0.7, 2.2, 0.3]
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=mode == "sigmoid_labels", use_mask=mode == "mask",
+               class_weight=weights)
+    loss = build_loss(cfg) if runtime == "eager" else script_loss(build_loss(cfg))
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 5, (8,), generator=g)
+    if mode == "mask":
+        pred = torch.randn(8, 5, 3, 3, generator=g, dtype=F64)
+        args = (torch.rand(8, 3, 3, generator=g, dtype=F64), labels)
+    else:
+        pred = torch.randn(8, 5, generator=g, dtype=F64)
+        args = (labels, torch.rand(8, generator=g, dtype=F64))
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    out = loss(p1, *args)
+    expected = reference_loss(cfg, p2, *args)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(grad_of(out, p1), grad_of(expected, p2), rtol=1e-14, atol=1e-16)
 
 
 # --- 18/19: focal ------------------------------------------------------------------------------------------------
