@@ -5,7 +5,8 @@ least one). Runners come from the session cache, so nothing is compiled or expor
 uses inductor for ``conftest.INDUCTOR_CONFIGS`` and aot_eager elsewhere; the pt2 column runs each
 configuration's entry of one joint AOTInductor bundle of every configuration (see test_pt2 for why). Values are
 compared for every runtime, and gradients with respect to ``pred`` for the differentiable ones (compile, script)
-and the joint pt2 entries, at ``visdet_export.check.TOLERANCES``.
+and the joint pt2 entries, at ``visdet_export.check.TOLERANCES``; the ONNX column runs twice, the loss alone and
+as distillation exports it, with its gradient output (``check --onnx joint``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import CONFIG_NAMES, compile_backend
 
-from visdet_export.check import check_cell, run_matrix, runner_options
+from visdet_export.check import RunnerCache, check_cell, run_matrix, runner_options
 from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
 from visdet_export.specs import representative_configs
@@ -35,6 +36,14 @@ def test_cell(runner_cache, name, runtime):
     assert cell.status == "pass", cell.reason
 
 
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_onnx_joint_cell(runner_cache, name):
+    """The ONNX column as distillation graphs export it (``check --onnx joint``): loss and gradient outputs."""
+    key, options = runner_options(name, "onnx", onnx="joint")
+    cell = check_cell(name, "onnx", runner_cache, runner_key=key, runner_options=options)
+    assert cell.status == "pass", cell.reason
+
+
 def test_pt2_modes():
     (cell,) = run_matrix(["l1"], ["pt2"], pt2="subset")
     assert cell.status == "skip" and "subset" in cell.reason
@@ -42,6 +51,28 @@ def test_pt2_modes():
         run_matrix(["l1"], ["pt2"], pt2="everything")
     assert runner_options("l1", "pt2") == ("pt2:bundle", {"bundle": True})
     assert runner_options("dfl", "pt2", pt2="separate") == ("pt2:joint", {"joint": True})
+
+
+def test_onnx_joint_mode_checks_the_gradient_output():
+    """``check --onnx joint``: the ONNX column exports the loss with its gradient output and checks both; a wrong
+    gradient output fails the cell."""
+    assert runner_options("giou", "onnx", onnx="joint") == ("onnx:joint", {"joint": True})
+    with pytest.raises(ValueError, match="onnx mode"):
+        run_matrix(["giou"], ["onnx"], onnx="gradient")
+    cache = RunnerCache()
+    (cell,) = run_matrix(["giou"], ["onnx"], (0, 7, 300), cache=cache, onnx="joint")
+    assert cell.status == "pass", cell.reason
+    runner = cache.runners[("giou", "onnx:joint")]
+    assert runner.joint
+    exact = runner.run_all
+
+    def perturbed(inputs):
+        value, grad = exact(inputs)[:2]
+        return value, grad * 1.001
+
+    runner.run_all = perturbed
+    cell = check_cell("giou", "onnx", cache, (7,), runner_key="onnx:joint", runner_options={"joint": True})
+    assert cell.status == "fail" and cell.reason.startswith("grad at N=7"), cell.reason
 
 
 DEVICE_CELLS = [("focal", "compile"), ("focal", "script"), ("ce_class_weight", "script"), ("ce_class_weight", "eager")]

@@ -409,9 +409,8 @@ def test_any_configuration_runs_in_every_runtime(configured, runtime, sizes, see
     cache = RunnerCache()
     cache.losses[name] = (loss, spec_for(loss, variant))
     runtime, _, joint = runtime.partition(" ")
-    key, options = runner_options(name, runtime, backend="aot_eager")
-    if joint:  # the loss-and-gradient graph of distillation: its gradient output against eager's
-        key, options = "onnx:joint", {"joint": True}
+    # "onnx joint": the loss-and-gradient graph of distillation, its gradient output against eager's
+    key, options = runner_options(name, runtime, backend="aot_eager", onnx="joint" if joint else "loss")
     cell = check_cell(name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options)
     assert cell.status == "pass", f"{cfg} ({variant}, {runtime} {joint}): {cell.reason}"
 

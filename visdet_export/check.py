@@ -23,6 +23,10 @@ columns are skipped there: their runtimes run on the CPU.
 configuration as separate packages) and checks each configuration's entry in values and gradients.
 ``--pt2 separate`` builds one package per configuration with :func:`~visdet_export.export.pt2.export_pt2`
 instead; ``--pt2 subset`` does that for :data:`PT2_CONFIGS` only and skips the rest.
+
+``--onnx joint`` checks the ONNX column's graphs as distillation and evaluation graphs export them with their
+gradient (``export_onnx(..., joint=True)``: the loss and ``grad_pred``): both outputs against eager's value and
+gradient, where the default (``loss``) exports and checks the loss alone.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ PT2_JOINT = ("dfl",)
 #: How the pt2 column builds its packages: one joint bundle for every configuration, one package per
 #: configuration, or separate packages for :data:`PT2_CONFIGS` only.
 PT2_MODES = ("bundle", "separate", "subset")
+#: What the onnx column exports: the loss alone, or the joint loss + gradient graph of distillation.
+ONNX_MODES = ("loss", "joint")
 TOLERANCES: dict[str, dict[str, float]] = {
     "eager": {"rtol": 0.0, "atol": 0.0},
     "compile": {"rtol": 1e-5, "atol": 1e-5},
@@ -259,6 +265,7 @@ def run_matrix(
     cache: Optional[RunnerCache] = None,
     backend: str = "inductor",
     pt2: str = "bundle",
+    onnx: str = "loss",
     seed: int = 0,
     progress: Optional[Callable[[Cell], None]] = None,
     device: Optional[torch.device] = None,
@@ -275,6 +282,8 @@ def run_matrix(
         pt2: how the ``pt2`` column builds packages (:data:`PT2_MODES`): ``"bundle"`` (one joint package for
             every configuration checked: values and gradients), ``"separate"`` (one package per configuration) or
             ``"subset"`` (separate packages for :data:`PT2_CONFIGS`, "skip" elsewhere).
+        onnx: what the ``onnx`` column exports (:data:`ONNX_MODES`): ``"loss"`` or ``"joint"`` (the loss and its
+            gradient with respect to ``pred`` in one graph: values and gradients are checked).
         progress: called with each finished cell.
         device: where eager, compile and script run (default: the CPU); the reference stays eager on the CPU.
     """
@@ -286,6 +295,8 @@ def run_matrix(
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if pt2 not in PT2_MODES:
         raise ValueError(f"unknown pt2 mode {pt2!r}; choose from {', '.join(PT2_MODES)}")
+    if onnx not in ONNX_MODES:
+        raise ValueError(f"unknown onnx mode {onnx!r}; choose from {', '.join(ONNX_MODES)}")
     pt2_set = set(PT2_CONFIGS) if pt2 == "subset" else None
     if pt2 == "bundle" and cache.bundle_configs is None:
         cache.bundle_configs = names
@@ -296,7 +307,7 @@ def run_matrix(
                 loss, spec = cache.loss(name)
                 cell = Cell(name, spec.loss_type, runtime, "skip", reason="not in the .pt2 subset (--pt2 bundle)")
             else:
-                key, options = runner_options(name, runtime, backend, pt2=pt2)
+                key, options = runner_options(name, runtime, backend, pt2=pt2, onnx=onnx)
                 cell = check_cell(
                     name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options, device=device
                 )
@@ -307,7 +318,7 @@ def run_matrix(
 
 
 def runner_options(
-    name: str, runtime: str, backend: str = "inductor", *, pt2: str = "bundle"
+    name: str, runtime: str, backend: str = "inductor", *, pt2: str = "bundle", onnx: str = "loss"
 ) -> tuple[Optional[str], dict[str, Any]]:
     """The cache key and builder options a matrix cell uses (shared with the tests)."""
     if runtime == "compile":
@@ -316,6 +327,8 @@ def runner_options(
         return "pt2:bundle", {"bundle": True}
     if runtime == "pt2" and name in PT2_JOINT:
         return "pt2:joint", {"joint": True}
+    if runtime == "onnx" and onnx == "joint":
+        return "onnx:joint", {"joint": True}
     return None, {}
 
 
@@ -385,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pt2 column: every configuration in one joint package (bundle, default; 'all' is the same), one "
         f"package per configuration (separate, slow), or separate packages for {', '.join(PT2_CONFIGS)} (subset)",
     )
+    parser.add_argument(
+        "--onnx",
+        choices=ONNX_MODES,
+        default="loss",
+        help="onnx column: export the loss alone (loss, default) or with its gradient output, as distillation "
+        "graphs are (joint: values and gradients are checked)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--device",
@@ -447,6 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cache=cache,
         backend=args.backend,
         pt2="bundle" if args.pt2 == "all" else args.pt2,
+        onnx=args.onnx,
         seed=args.seed,
         progress=progress,
         device=device,
@@ -468,6 +489,7 @@ __all__ = [
     "DEFAULT_RUNTIMES",
     "DEFAULT_SIZES",
     "DEVICE_TOLERANCE",
+    "ONNX_MODES",
     "PT2_CONFIGS",
     "PT2_MODES",
     "RunnerCache",
