@@ -171,3 +171,40 @@ def test_a_run_cut_short_keeps_the_configurations_it_finished(tmp_path, monkeypa
     monkeypatch.setattr(run, "run_config", finished)
     assert run.main(argv) == 0
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize(("name", "variant"), [("FocalLoss", "labels"), ("QualityFocalLoss", "pair"),
+                                                ("CrossEntropyLoss", "labels")])
+def test_positive_fraction_draws_mostly_background(name, variant):
+    """``--positive-fraction 0.01``: labels as a detector's anchors have them (about 1% with a class, the rest
+    background), where the default draws them uniformly over the classes and background."""
+    import torch
+
+    from visdet_export import build_loss
+    from visdet_export.specs import SampleOptions, spec_for
+
+    loss = build_loss(dict(type=name, use_sigmoid=True))
+    spec = spec_for(loss, variant)
+    key = "labels" if "labels" in spec.names else "target"
+    n, classes = 100_000, 80
+    for fraction, expected in ((None, classes / (classes + 1)), (0.01, 0.01), (0.0, 0.0)):
+        labels = spec.sample(loss, n, seed=3, options=SampleOptions(positive_fraction=fraction))[key]
+        labels = labels[labels != getattr(loss, "ignore_index", -100)]
+        positive = ((labels >= 0) & (labels < classes)).double().mean().item()
+        assert abs(positive - expected) < 0.005, (fraction, positive)
+        assert bool(((labels >= 0) & (labels <= classes)).all())
+        if fraction:
+            assert len(torch.unique(labels[labels < classes])) == classes
+
+
+def test_positive_fraction_is_recorded(tmp_path):
+    run = _runner()
+    argv = [
+        "--quick", "--losses", "focal", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
+        "--providers", "baseline,eager", "--allocator", "default", "--positive-fraction", "0.01",
+        "--out", str(tmp_path),
+    ]
+    assert run.main(argv) == 0
+    (record,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert record["positive_fraction"] == 0.01 and not record["errors"]
+    assert "1.0% of the samples with a class" in (tmp_path / "results.md").read_text()

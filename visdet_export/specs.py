@@ -56,11 +56,15 @@ class SampleOptions:
         dtype: floating dtype of predictions, targets and weights.
         logit_range: logits uniform in [-r, r] instead of 2 x standard normal (extreme-logit tests).
         zero_weight_fraction: share of weights set to exactly 0 (masked elements).
+        positive_fraction: share of samples labelled with a class where class labels include background (focal,
+            QFL, sigmoid CE), the rest background; None: labels uniform over the classes and background (about 1%
+            background at 80 classes, where a detector's anchors are mostly background: ``positive_fraction=0.01``).
     """
 
     dtype: torch.dtype = torch.float32
     logit_range: Optional[float] = None
     zero_weight_fraction: float = 0.2
+    positive_fraction: Optional[float] = None
 
 
 Sampler = Callable[[int, torch.Generator, SampleOptions], dict[str, Tensor]]
@@ -153,6 +157,15 @@ def _weights(shape: tuple[int, ...], generator: torch.Generator, options: Sample
     return torch.where(zero, 0.0, weight).to(options.dtype)
 
 
+def _labels_with_background(n: int, c: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
+    """Labels in [0, c], c = background (:attr:`SampleOptions.positive_fraction`)."""
+    if options.positive_fraction is None:
+        return torch.randint(0, c + 1, (n,), generator=generator)
+    classes = torch.randint(0, c, (n,), generator=generator)
+    positive = torch.rand(n, generator=generator, dtype=torch.float64) < options.positive_fraction
+    return torch.where(positive, classes, c)
+
+
 def _avg_factor(n: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
     return (torch.rand((), generator=generator, dtype=torch.float64) * n + 1).to(options.dtype)
 
@@ -233,7 +246,7 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         logits = _logits((n, c), generator, options)
-        labels = torch.randint(0, c + 1, (n,), generator=generator)
+        labels = _labels_with_background(n, c, generator, options)
         target = labels if variant == "labels" else (labels.unsqueeze(1) == torch.arange(c)).to(options.dtype)
         return {
             "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
@@ -260,7 +273,7 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         logits = _logits((n, c), generator, options)
-        labels = torch.randint(0, c + 1, (n,), generator=generator)
+        labels = _labels_with_background(n, c, generator, options)
         scores = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
         drawn = {
             "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
@@ -358,8 +371,10 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             target = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
         else:
             pred = _logits((n, c), generator, options)
-            high = c + 1 if use_sigmoid else c
-            target = torch.randint(0, high, (n,), generator=generator)
+            if use_sigmoid:
+                target = _labels_with_background(n, c, generator, options)
+            else:
+                target = torch.randint(0, c, (n,), generator=generator)
             ignored = torch.rand(n, generator=generator) < 0.1
             target = torch.where(ignored, ignore_index, target)
         return {
