@@ -20,6 +20,14 @@ def _runner():
     return run
 
 
+def _one_round_argv(out, losses: str, providers: str, *extra: str) -> list[str]:
+    """A runner command line of one timed round at N = 64 without the memory pass, writing to ``out``."""
+    return [
+        "--quick", "--losses", losses, "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
+        "--providers", providers, "--allocator", "default", "--out", str(out), *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     run = _runner()
@@ -118,12 +126,7 @@ def test_low_precision_runs_keep_every_loss(tmp_path):
     out there, the exported graphs taking float32), DFL's sampled distances included (rounded to 16 in bfloat16,
     they broke the baseline's bin indexing)."""
     run = _runner()
-    argv = [
-        "--quick", "--losses", "dfl,l1", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
-        "--dtypes", "bfloat16,float16", "--providers", "baseline,eager,onnx", "--allocator", "default",
-        "--out", str(tmp_path),
-    ]
-    assert run.main(argv) == 0
+    assert run.main(_one_round_argv(tmp_path, "dfl,l1", "baseline,eager,onnx", "--dtypes", "bfloat16,float16")) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [r["dtype"] for r in runs] == ["bfloat16", "float16"]
     for run_ in runs:
@@ -160,8 +163,7 @@ def test_a_run_cut_short_keeps_the_configurations_it_finished(tmp_path, monkeypa
         return finished(name, *args, **kwargs)
 
     monkeypatch.setattr(run, "run_config", stop_at_l1)
-    argv = ["--quick", "--losses", "giou,l1", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
-            "--providers", "baseline,eager", "--allocator", "default", "--out", str(tmp_path)]
+    argv = _one_round_argv(tmp_path, "giou,l1", "baseline,eager")
     with pytest.raises(KeyboardInterrupt):
         run.main(argv)
     result = json.loads((tmp_path / "results.json").read_text())
@@ -199,12 +201,7 @@ def test_positive_fraction_draws_mostly_background(name, variant):
 
 def test_positive_fraction_is_recorded(tmp_path):
     run = _runner()
-    argv = [
-        "--quick", "--losses", "focal", "--sizes", "64", "--repeats", "1", "--warmup", "1", "--no-memory",
-        "--providers", "baseline,eager", "--allocator", "default", "--positive-fraction", "0.01",
-        "--out", str(tmp_path),
-    ]
-    assert run.main(argv) == 0
+    assert run.main(_one_round_argv(tmp_path, "focal", "baseline,eager", "--positive-fraction", "0.01")) == 0
     (record,) = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert record["positive_fraction"] == 0.01 and not record["errors"]
     assert "1.0% of the samples with a class" in (tmp_path / "results.md").read_text()
