@@ -22,6 +22,7 @@ from reference import (
     spec_inputs,
 )
 from visdet_export import build_loss
+from visdet_export.registry import loss_config
 from visdet_export.export.torchscript import script_loss
 from visdet_export.specs import representative_configs
 
@@ -336,6 +337,16 @@ def test_no_loss_holds_float64_state() -> None:
         loss = build_loss(cfg)
         for name, tensor in [*loss.named_buffers(), *loss.named_parameters()]:
             assert tensor.dtype != F64, (cfg, name)
+
+
+def test_class_weights_in_float32_buffers_restore_the_configured_values() -> None:
+    """float64 losses and ``loss_config`` (the manifests' config) get back exactly the configured class weights."""
+    weights = [0.1, 1 / 3, 0.7, 2.2, 1e-20, 123456.789, 3e38, 0.0]
+    loss = build_loss(dict(type="CrossEntropyLoss", class_weight=weights))
+    assert loss_config(loss)["class_weight"] == weights
+    for module in (loss, script_loss(loss)):
+        assert module.class_weight_for(torch.zeros(1, dtype=F64)).tolist() == weights
+        assert torch.equal(module.class_weight_for(torch.zeros(1)), torch.tensor(weights, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script"])

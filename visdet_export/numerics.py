@@ -22,6 +22,25 @@ def compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float32
 
 
+def float32_parts(values: list[float]) -> tuple[Tensor, Tensor]:
+    """``values`` as float32 buffers that move to any device (Apple's MPS holds no float64) and still restore them
+    in float64: the rounded values (C,) and the two float32 rounding residuals (2, C) after them.
+
+    :func:`from_float32_parts` adds them back exactly (53 bits in three parts of 24) for values from about 1e-21 (the
+    last part, ~2**-48 of the value, must be a normal float32) to float32's largest.
+    """
+    exact = torch.tensor(values, dtype=torch.float64)
+    rounded = exact.float()
+    first = (exact - rounded.double()).float()
+    second = (exact - rounded.double() - first.double()).float()
+    return rounded, torch.stack([first, second])
+
+
+def from_float32_parts(rounded: Tensor, residual: Tensor) -> Tensor:
+    """The float64 values of :func:`float32_parts`, summed in the order that keeps them exact."""
+    return rounded.double() + residual[0].double() + residual[1].double()
+
+
 def sigmoid_pair(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(sigmoid(x), sigmoid(-x), log1p(exp(-|x|)))`` from one ``exp``.
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 from torch import nn
 
+from .numerics import from_float32_parts
 from .validation import ConfigError
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
@@ -107,13 +108,18 @@ def config_parameters(cls: type[nn.Module]) -> dict[str, object]:
 def loss_config(loss: nn.Module) -> dict[str, object]:
     """The config that rebuilds ``loss``: its type and every constructor argument it stores under the same name.
 
-    Arguments a loss folds into another (``IoULoss(linear=True)`` into ``mode``) are left to their defaults.
+    Arguments a loss folds into another (``IoULoss(linear=True)`` into ``mode``) are left to their defaults. A
+    tensor stored with a ``<name>_residual`` beside it (:func:`visdet_export.numerics.float32_parts`) gives back the
+    configured float64 values.
     """
     cfg: dict[str, object] = {"type": type(loss).__name__}
     for name in config_parameters(type(loss)):
         if hasattr(loss, name):
             value = getattr(loss, name)
-            cfg[name] = value.tolist() if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor):
+                residual = getattr(loss, name + "_residual", None)
+                value = (value if residual is None else from_float32_parts(value, residual)).tolist()
+            cfg[name] = value
     return cfg
 
 

@@ -21,6 +21,8 @@ from ..numerics import (
     eager_closed_form,
     eager_fast_path,
     exp_scaled_,
+    float32_parts,
+    from_float32_parts,
     gather_classes,
     keep_saved_gradient,
     label_column_terms,
@@ -411,12 +413,9 @@ class CrossEntropyLoss(WeightedLoss):
         self.ignore_index = -100 if ignore_index is None else check_int("ignore_index", ignore_index)
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
-        exact = None if weights is None else torch.tensor(weights, dtype=torch.float64)
-        rounded = None if exact is None else exact.float()
-        # float32 buffers, so that the module moves to any device (Apple's MPS holds no float64); float64 losses add
-        # the rounding residual back, which leaves a relative error of at most 2**-48 (class_weight_for)
+        # float32 buffers, which float64 losses and loss_config turn back into the configured values
+        rounded, residual = (None, None) if weights is None else float32_parts(weights)
         self.register_buffer("class_weight", rounded, persistent=False)
-        residual = None if exact is None or rounded is None else (exact - rounded.double()).float()
         self.register_buffer("class_weight_residual", residual, persistent=False)
 
     def forward(
@@ -448,11 +447,11 @@ class CrossEntropyLoss(WeightedLoss):
         return self.weighted(loss)
 
     def class_weight_for(self, pred: Tensor) -> Optional[Tensor]:
-        """The class weights (C,) for ``pred``: float32, or for float64 ``pred`` float64 with the residual added."""
+        """The class weights (C,) for ``pred``: float32, or for float64 ``pred`` the configured values."""
         rounded, residual = self.class_weight, self.class_weight_residual
         if rounded is None or residual is None or pred.dtype != torch.float64:
             return rounded
-        return rounded.double() + residual.double()
+        return from_float32_parts(rounded, residual)
 
     def extra_repr(self) -> str:
         return (
