@@ -60,6 +60,7 @@ BAD_VALUES = [
     pytest.param(dict(type="DistributionFocalLoss", reg_max=0), "reg_max", id="dfl_reg_max_0"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, -1.0]), "class_weight", id="ce_cw_negative"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[]), "class_weight", id="ce_cw_empty"),
+    pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, 1e39]), "<= 3.40", id="ce_cw_above_float32"),
     pytest.param(dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True), "use_sigmoid", id="ce_two_modes"),
     pytest.param(dict(type="FocalLoss", use_sigmoid=False), "use_sigmoid", id="focal_softmax"),
     pytest.param(dict(type="QualityFocalLoss", use_sigmoid=False), "use_sigmoid", id="qfl_softmax"),

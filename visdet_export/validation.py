@@ -63,10 +63,16 @@ def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int
     return value
 
 
+#: The largest float32: class weights are float32 buffers (float32 losses would meet inf beyond it).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_class_weight(value: object) -> Optional[list[float]]:
-    """``None`` or a non-empty list of finite, non-negative numbers (one per class)."""
+    """``None`` or a non-empty list of non-negative numbers up to :data:`FLOAT32_MAX` (one per class)."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         raise ConfigError(f"class_weight must be None or a non-empty list of numbers, got {value!r}")
-    return [check_float(f"class_weight[{i}]", item, minimum=0.0) for i, item in enumerate(value)]
+    return [
+        check_float(f"class_weight[{i}]", item, minimum=0.0, maximum=FLOAT32_MAX) for i, item in enumerate(value)
+    ]
