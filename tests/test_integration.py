@@ -17,7 +17,7 @@ from torch import nn
 
 from visdet_export.integration import PLUGIN_PREFIX, register_losses
 from visdet_export.losses.focal_loss import FocalLoss
-from visdet_export.registry import MODELS, Registry
+from visdet_export.registry import MODELS, Registry, build_loss, loss_config
 
 
 class FrameworkFocalLoss(nn.Module):
@@ -48,6 +48,21 @@ def test_a_clash_registers_nothing_unless_forced():
     assert list(registry.module_dict) == ["FocalLoss"]
     register_losses(registry, force=True, names=["FocalLoss", "GIoULoss"])
     assert registry.get("FocalLoss") is FocalLoss and list(registry.module_dict) == ["FocalLoss", "GIoULoss"]
+
+
+def test_every_bundled_recipe_builds_through_the_framework_registry():
+    """The detector recipes' loss configs, with the plugin's type names, build the losses build_loss builds."""
+    from visdet_export.recipes import recipe_losses, recipe_names
+
+    registry = Registry("model")
+    register_losses(registry, prefix=PLUGIN_PREFIX)
+    built = 0
+    for recipe in recipe_names():
+        for cfg in recipe_losses(recipe).values():
+            loss = registry.build({**cfg, "type": PLUGIN_PREFIX + str(cfg["type"])})
+            assert loss_config(loss) == loss_config(build_loss(cfg)), (recipe, cfg)
+            built += 1
+    assert built >= len(recipe_names())
 
 
 @pytest.mark.parametrize("prefix", ["visdet_export.", "Export-", "a b"])

@@ -99,6 +99,12 @@ def test_exported_columns_are_skipped_on_another_device(runner_cache):
     assert not any(key.endswith("@cuda") for _, key in runner_cache.runners)
 
 
+def test_check_cli_onnx_joint(capsys):
+    assert check_main(["--runtimes", "onnx", "--onnx", "joint", "--configs", "l1", "--sizes", "0,7", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "joint graphs (loss and grad_pred outputs)" in out and "1 passed, 0 failed" in out
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("cuda", "no CUDA device"), ("meta", "only cpu and cuda"), ("gpu0", "device")],

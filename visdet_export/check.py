@@ -473,6 +473,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device=device,
     )
     print(render(cells))
+    if args.onnx == "joint" and "onnx" in runtimes:
+        print("onnx: joint graphs (loss and grad_pred outputs), both checked against eager")
     print(summary(cells))
     if cache.bundles and not args.quiet:
         entries = sum(len(bundle.manifest["entries"]) for bundle in cache.bundles)
