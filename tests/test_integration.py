@@ -99,6 +99,24 @@ def test_custom_imports_plugin_registers_in_the_installed_framework(monkeypatch,
         assert visdet is not None and list(visdet.module_dict) == ["FocalLoss"]
 
 
+def test_plugin_reraises_a_missing_dependency_of_an_installed_framework(monkeypatch):
+    """An installed framework whose registry fails to import a module it needs (here one named "mm", a prefix of
+    "mmdet" as a string) is an error to show, not a framework to skip."""
+    plugin = _import_plugin(monkeypatch, mmdet=framework_models())
+
+    visdet = types.ModuleType("visdet.registry")
+    visdet.MODELS = framework_models()
+
+    def registry_needing_mm(name: str):
+        if name == "visdet.registry":
+            return visdet  # installed too: skipping mmdet would silently register there
+        raise ModuleNotFoundError("No module named 'mm'", name="mm")
+
+    monkeypatch.setattr(plugin.importlib, "import_module", registry_needing_mm)
+    with pytest.raises(ModuleNotFoundError, match="'mm'"):
+        plugin.framework_registry()
+
+
 def test_plugin_without_a_framework_says_so(monkeypatch):
     with pytest.raises(ImportError, match="neither mmdet.registry nor visdet.registry"):
         _import_plugin(monkeypatch, mmdet=None, visdet=None)

@@ -25,8 +25,8 @@ def framework_registry() -> Any:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name is not None and module_name.startswith(exc.name):
-                continue  # that framework is not installed
+            if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+                continue  # that framework is not installed (not a module it imports in turn)
             raise
         return module.MODELS
     raise ImportError(
