@@ -143,9 +143,13 @@ def masked_path(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return list(model.graph.node)
 
 
-def selects_reading(nodes: list[onnx.NodeProto], graph_input: str) -> list[onnx.NodeProto]:
-    """The selects whose value input is ``graph_input`` or a slice / (un)squeeze of it (in the same nodes)."""
-    producer = {output: node for node in nodes for output in node.output}
+def selects_reading(
+    nodes: list[onnx.NodeProto], graph_input: str, model: onnx.ModelProto
+) -> list[onnx.NodeProto]:
+    """The weight-0 selects among ``nodes`` (their condition computed from the ``weight`` input, in ``nodes`` or
+    ``model``'s graph) whose value input is ``graph_input`` or a slice / (un)squeeze of it. Selects on other
+    conditions are not masks: the activated BCE's ``Where(p (1 - p) >= eps, p, 1/2)`` is arithmetic."""
+    producer = {output: node for node in [*model.graph.node, *nodes] for output in node.output}
 
     def reads(name: str) -> bool:
         while name.removesuffix("__visdet_masked") != graph_input:
@@ -155,7 +159,18 @@ def selects_reading(nodes: list[onnx.NodeProto], graph_input: str) -> list[onnx.
             name = node.input[0]
         return True
 
-    return [node for node in nodes if node.op_type == "Where" and reads(node.input[1])]
+    def from_weight(name: str) -> bool:
+        pending, seen = [name], set()
+        while pending:
+            name = pending.pop()
+            if name == "weight":
+                return True
+            if name in producer and name not in seen:
+                seen.add(name)
+                pending.extend(producer[name].input)
+        return False
+
+    return [node for node in nodes if node.op_type == "Where" and reads(node.input[1]) and from_weight(node.input[0])]
 
 
 @pytest.mark.parametrize("key", MOVED)
@@ -165,7 +180,7 @@ def test_input_selects_moved(exports: Any, key: str) -> None:
         if art is None:
             continue
         nodes = masked_path(art.model)
-        assert "Where" in {node.op_type for node in nodes} and not selects_reading(nodes, "pred")
+        assert "Where" in {node.op_type for node in nodes} and not selects_reading(nodes, "pred", art.model)
 
 
 @pytest.mark.parametrize("key", UNMOVED)
@@ -188,7 +203,7 @@ def test_unmasked_pass_selects_less(exports: Any, key: str) -> None:
     assert [node.op_type for node in main].count("If") == 1
     selects = [node for node in main if node.op_type == "Where"]
     assert len(selects) < sum(node.op_type == "Where" for node in masked_path(model))
-    assert not selects_reading(main, "pred")
+    assert not selects_reading(main, "pred", model)
 
 
 # --- hand-built graphs ---------------------------------------------------------------------------------------------

@@ -88,8 +88,24 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
 
 
 def bce_with_probabilities(probs: Tensor, target: Tensor) -> Tensor:
-    """``F.binary_cross_entropy`` element-wise: logs clamped at -100, gradient finite at 0 and 1."""
-    return F.binary_cross_entropy(probs, target, reduction="none")
+    """``F.binary_cross_entropy`` element-wise, value and gradient: logs clamped at -100, and ATen's slope
+    ``(p - t) / max(p (1 - p), 1e-12)``, finite at 0 and 1.
+
+    Built without ``aten::binary_cross_entropy``: autocast refuses that operator on CUDA, and TorchScript refuses it
+    under any autocast, float32 inputs and untaken branches included ("Unsafe to autocast" at a scripted focal
+    loss's first call). Where ``p (1 - p) >= 1e-12`` (in float32 everywhere but 0, 1 and subnormals) autograd
+    differentiates the logs, second derivatives included; at the ends, where their slope is infinite, the value
+    takes the clamped logs and the gradient ATen's slope. The differentiated logs read 1/2 there ("double where":
+    TorchScript's derivative of a select multiplies, so an infinite slope behind it would still give NaN).
+    """
+    slope_floor = 9.999999960041972e-13  # ATen's binary_cross_entropy_backward: 1e-12 as a float32, in every dtype
+    interior = probs * (1.0 - probs) >= slope_floor
+    inside = torch.where(interior, probs, 0.5)
+    with torch.no_grad():
+        ends = (target - 1.0) * torch.log1p(-probs).clamp(min=-100.0) - target * torch.log(probs).clamp(min=-100.0)
+        slope = (probs - target) / slope_floor
+    at_ends = ends + (probs - probs.detach()) * slope
+    return torch.where(interior, (target - 1.0) * torch.log1p(-inside) - target * torch.log(inside), at_ends)
 
 
 def pow_nonnegative(base: Tensor, exponent: float) -> Tensor:

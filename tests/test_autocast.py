@@ -1,0 +1,51 @@
+"""Mixed precision: every loss called inside ``torch.autocast``, as MMDetection's ``AmpOptimWrapper`` and
+``torch.amp`` training loops call it, computes exactly as outside it, in eager, compiled and scripted runtimes.
+
+The losses compute in float32 (float64 for float64 inputs) whatever autocast says: no operator of theirs is one
+autocast lowers, and none is one it refuses. Each runtime is compared with itself outside autocast, so the test is
+exact where runtimes legitimately differ from one another. CPU autocast (bfloat16) runs the same dispatcher keys
+and the same TorchScript autocast pass as CUDA's; the pass refused ``aten::binary_cross_entropy`` under either,
+even on float32 inputs in a branch not taken, so scripted focal and QFL losses failed at their first call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import pytest
+import torch
+from conftest import CONFIG_NAMES
+from torch import Tensor
+
+from visdet_export.check import runner_options
+
+RUNTIMES = ("eager", "compile", "script")
+CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
+N = 37
+
+
+def _value_and_grad(
+    run: Callable[[Mapping[str, Tensor]], Tensor], inputs: Mapping[str, Tensor], pred: str, autocast: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    leaf = inputs[pred].detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = run({**inputs, pred: leaf})
+    (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "runtime"), CELLS, ids=[f"{n}-{r}" for n, r in CELLS])
+def test_autocast_changes_nothing(runner_cache, name, runtime, dtype):
+    loss, spec = runner_cache.loss(name)
+    # aot_eager: autocast acts while dynamo and AOT autograd trace, before any code generation
+    key, options = runner_options(name, runtime, backend="aot_eager")
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    drawn = spec.sample(loss, N, seed=3, include=list(runner.names))
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in drawn.items()}
+    expected, expected_grad = _value_and_grad(runner, inputs, spec.pred, autocast=False)
+    value, grad = _value_and_grad(runner, inputs, spec.pred, autocast=True)
+    assert value.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=0.0, atol=0.0)
+    assert grad is not None and expected_grad is not None and grad.dtype == dtype
+    torch.testing.assert_close(grad, expected_grad, rtol=0.0, atol=0.0)
