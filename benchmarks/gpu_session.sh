@@ -27,8 +27,13 @@ timeout 90 "$python" -m visdet_export check --device "$device" --runtimes eager,
 timeout 120 "$python" -m visdet_export check --device "$device" --runtimes compile -q \
     --configs focal,qfl,giou,dfl,ce_softmax,ce_sigmoid_labels 2>&1 | tee -a "$out/check.txt"
 
+# mixed precision: every configuration in eager and TorchScript inside CUDA's float16 autocast, against eager outside
+# it (CUDA autocast refuses operators CPU autocast allows: tests/test_autocast.py runs on the CPU only)
+timeout 45 "$python" -m visdet_export check --device "$device" --runtimes eager,script --autocast float16 -q 2>&1 \
+    | tee "$out/check_autocast.txt"
+
 # the named losses in float32, then bfloat16 (RESULTS.md, GPU); results.json / results.md are rewritten
 # after every configuration, so a run the timeout cuts short keeps what it measured ("complete": false)
-timeout 330 "$python" benchmarks/run.py --device "$device" --dtypes float32,bfloat16 \
+timeout 290 "$python" benchmarks/run.py --device "$device" --dtypes float32,bfloat16 \
     --losses focal,qfl,giou,ce_sigmoid_labels --repeats 5 --cell-budget-s 4 --out "$out/bench" ${BENCH_EXTRA:-} \
     2>"$out/bench.log" | tail -n 40

@@ -18,6 +18,7 @@ from conftest import CONFIG_NAMES, compile_backend
 from visdet_export.check import RunnerCache, check_cell, run_matrix, runner_options
 from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
+from visdet_export.runtimes import LossRunner
 from visdet_export.specs import representative_configs
 
 RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
@@ -114,3 +115,34 @@ def test_check_refuses_devices_it_cannot_run_on(device, message, capsys):
         pytest.skip("this torch has a CUDA device")
     assert check_main(["--device", device, "--configs", "l1", "-q"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_autocast_cells_run_inside_autocast_and_skip_the_artifacts():
+    """``check --autocast``: the runtime runs inside ``torch.autocast`` (a runner that lets autocast lower its
+    arithmetic, a matmul, fails there and passes outside it); the exported artifacts' columns are skipped."""
+    cache = RunnerCache()
+    cells = run_matrix(["l1"], ["eager", "script", "onnx"], (0, 7), cache=cache, autocast=torch.bfloat16)
+    assert [(c.runtime, c.status) for c in cells] == [("eager", "pass"), ("script", "pass"), ("onnx", "skip")]
+    assert "autocast does not reach" in cells[2].reason
+    loss, spec = cache.loss("l1")
+    eager = cache.runner("l1", "eager")
+    lowered = LossRunner(
+        "script",
+        lambda inputs, _: eager({**inputs, "pred": inputs["pred"] @ torch.eye(4)}),
+        eager.names,
+        differentiable=True,
+        fixed_graph=False,
+    )
+    cache.runners[("l1", "script")] = lowered
+    assert check_cell("l1", "script", cache, (7,)).status == "pass"
+    cell = check_cell("l1", "script", cache, (7,), autocast=torch.bfloat16)
+    assert cell.status == "fail" and cell.reason.startswith("loss at N=7"), cell.reason
+
+
+def test_check_cli_autocast(capsys):
+    argv = ["--runtimes", "eager,pt2", "--configs", "focal_activated", "--sizes", "0,7", "-q"]
+    assert check_main([*argv, "--autocast", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.autocast('cpu', bfloat16)" in out and "1 passed, 0 failed, 1 skipped" in out
+    with pytest.raises(SystemExit):
+        check_main([*argv, "--autocast", "float64"])

@@ -27,6 +27,11 @@ instead; ``--pt2 subset`` does that for :data:`PT2_CONFIGS` only and skips the r
 ``--onnx joint`` checks the ONNX column's graphs as distillation and evaluation graphs export them with their
 gradient (``export_onnx(..., joint=True)``: the loss and ``grad_pred``): both outputs against eager's value and
 gradient, where the default (``loss``) exports and checks the loss alone.
+
+``--autocast float16`` (``autocast=`` of :func:`run_matrix`) runs the differentiable runtimes inside
+``torch.autocast`` on their device, as mixed-precision training calls the losses, against eager outside it: the
+losses compute in float32 either way, so the tolerances stay. The exported artifacts' columns are skipped:
+autocast does not reach their runtimes.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ PT2_JOINT = ("dfl",)
 PT2_MODES = ("bundle", "separate", "subset")
 #: What the onnx column exports: the loss alone, or the joint loss + gradient graph of distillation.
 ONNX_MODES = ("loss", "joint")
+#: The ``--autocast`` dtypes: mixed-precision training's lower precisions.
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCES: dict[str, dict[str, float]] = {
     "eager": {"rtol": 0.0, "atol": 0.0},
     "compile": {"rtol": 1e-5, "atol": 1e-5},
@@ -213,9 +220,11 @@ def check_cell(
     runner_options: Optional[Mapping[str, Any]] = None,
     tolerance: Optional[Mapping[str, float]] = None,
     device: Optional[torch.device] = None,
+    autocast: Optional[torch.dtype] = None,
 ) -> Cell:
     """Compare configuration ``name`` in ``runtime`` with eager at every size (values, and gradients where the
-    runtime is differentiable); with ``device``, ``runtime`` runs there against eager on the CPU."""
+    runtime is differentiable); with ``device``, ``runtime`` runs there against eager on the CPU; with
+    ``autocast``, inside ``torch.autocast`` of that dtype against eager outside it."""
     start = time.perf_counter()
     loss, spec = cache.loss(name)
     cell = Cell(name, spec.loss_type, runtime, "pass")
@@ -225,6 +234,10 @@ def check_cell(
             cell.status, cell.reason = "skip", f"the {runtime} artifact runs on the CPU, not on {device}"
             return cell
         tol = {bound: max(value, DEVICE_TOLERANCE[bound]) for bound, value in tol.items()}
+    if autocast is not None and RUNTIMES[runtime].fixed_graph:
+        cell.status, cell.reason = "skip", f"autocast does not reach the {runtime} artifact's runtime"
+        return cell
+    device_type = "cpu" if device is None else torch.device(device).type
     try:
         runner = cache.runner(name, runtime, key=runner_key, device=device, **dict(runner_options or {}))
         eager = cache.runner(name, "eager")
@@ -237,7 +250,8 @@ def check_cell(
             want, want_grad = _value_and_grad(eager, inputs, spec.pred, grad)
             if runner.differentiable or not grad:
                 placed = inputs if device is None else {key: value.to(device) for key, value in inputs.items()}
-                got, got_grad = _value_and_grad(runner, placed, spec.pred, grad)
+                with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+                    got, got_grad = _value_and_grad(runner, placed, spec.pred, grad)
             else:  # a joint artifact: its second output is d loss.sum() / d pred
                 got, got_grad = runner.run_all(inputs)[:2]  # type: ignore[attr-defined]
             pairs = [("loss", got, want)] + ([("grad", got_grad, want_grad)] if grad else [])
@@ -269,6 +283,7 @@ def run_matrix(
     seed: int = 0,
     progress: Optional[Callable[[Cell], None]] = None,
     device: Optional[torch.device] = None,
+    autocast: Optional[torch.dtype] = None,
 ) -> list[Cell]:
     """Run the matrix and return its cells (configuration-major).
 
@@ -286,6 +301,8 @@ def run_matrix(
             gradient with respect to ``pred`` in one graph: values and gradients are checked).
         progress: called with each finished cell.
         device: where eager, compile and script run (default: the CPU); the reference stays eager on the CPU.
+        autocast: run eager, compile and script inside ``torch.autocast`` of this dtype on their device (the
+            reference stays outside it); the exported artifacts' columns are skipped.
     """
     cache = RunnerCache() if cache is None else cache
     names = select_configs(configs)
@@ -309,7 +326,8 @@ def run_matrix(
             else:
                 key, options = runner_options(name, runtime, backend, pt2=pt2, onnx=onnx)
                 cell = check_cell(
-                    name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options, device=device
+                    name, runtime, cache, sizes, seed=seed, runner_key=key, runner_options=options, device=device,
+                    autocast=autocast,
                 )
             cells.append(cell)
             if progress is not None:
@@ -411,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run eager, compile and script on this device (e.g. cuda) against eager on the CPU; the exported "
         "artifacts' columns are skipped",
     )
+    parser.add_argument(
+        "--autocast",
+        choices=tuple(AUTOCAST_DTYPES),
+        help="run eager, compile and script inside torch.autocast of this dtype, as mixed-precision training does, "
+        "against eager outside it; the exported artifacts' columns are skipped",
+    )
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
@@ -471,10 +495,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seed=args.seed,
         progress=progress,
         device=device,
+        autocast=None if args.autocast is None else AUTOCAST_DTYPES[args.autocast],
     )
     print(render(cells))
     if args.onnx == "joint" and "onnx" in runtimes:
         print("onnx: joint graphs (loss and grad_pred outputs), both checked against eager")
+    if args.autocast is not None:
+        where = "cpu" if device is None else device.type
+        print(f"autocast: eager, compile and script ran inside torch.autocast({where!r}, {args.autocast}); eager "
+              "outside it is the reference")
     print(summary(cells))
     if cache.bundles and not args.quiet:
         entries = sum(len(bundle.manifest["entries"]) for bundle in cache.bundles)
@@ -487,6 +516,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "Cell",
     "DEFAULT_RUNTIMES",
     "DEFAULT_SIZES",
