@@ -5,12 +5,16 @@ The losses compute in float32 (float64 for float64 inputs) whatever autocast say
 autocast lowers, and none is one it refuses. Each runtime is compared with itself outside autocast, so the test is
 exact where runtimes legitimately differ from one another. CPU autocast (bfloat16) runs the same dispatcher keys
 and the same TorchScript autocast pass as CUDA's; the pass refused ``aten::binary_cross_entropy`` under either,
-even on float32 inputs in a branch not taken, so scripted focal and QFL losses failed at their first call.
+even on float32 inputs in a branch not taken, so scripted focal and QFL losses failed at their first call. CUDA
+autocast also refuses that operator in eager and compiled code, where CPU autocast lets it through: these tests
+refuse it on the CPU too.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
+
+import warnings
 
 import pytest
 import torch
@@ -22,6 +26,27 @@ from visdet_export.check import runner_options
 RUNTIMES = ("eager", "compile", "script")
 CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
 N = 37
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cuda_autocast_bans():
+    """CUDA autocast's refusal of ``aten::binary_cross_entropy`` (``binary_cross_entropy_banned``), on the CPU."""
+
+    def banned(*args: object) -> Tensor:
+        raise RuntimeError("binary_cross_entropy is unsafe to autocast (CUDA's refusal, on the CPU)")
+
+    library = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # overriding CPU autocast's kernel is the point
+        library.impl("binary_cross_entropy", banned, "AutocastCPU")
+    yield
+    library._destroy()
+
+
+def test_the_refusal_is_in_place():
+    probs = torch.rand(3)
+    with pytest.raises(RuntimeError, match="unsafe to autocast"), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.binary_cross_entropy(probs, probs)
 
 
 def _value_and_grad(

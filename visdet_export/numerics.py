@@ -6,7 +6,7 @@ fractional powers, degenerate boxes, and masked-out elements whose inputs are Na
 """
 
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,24 +88,67 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
 
 
 def bce_with_probabilities(probs: Tensor, target: Tensor) -> Tensor:
-    """``F.binary_cross_entropy`` element-wise, value and gradient: logs clamped at -100, and ATen's slope
-    ``(p - t) / max(p (1 - p), 1e-12)``, finite at 0 and 1.
+    """``F.binary_cross_entropy`` element-wise without ``aten::binary_cross_entropy``: ATen's value (logs clamped at
+    -100) and slope ``(p - t) / max(p (1 - p), 1e-12)``, finite at 0 and 1.
 
-    Built without ``aten::binary_cross_entropy``: autocast refuses that operator on CUDA, and TorchScript refuses it
-    under any autocast, float32 inputs and untaken branches included ("Unsafe to autocast" at a scripted focal
-    loss's first call). Where ``p (1 - p) >= 1e-12`` (in float32 everywhere but 0, 1 and subnormals) autograd
-    differentiates the logs, second derivatives included; at the ends, where their slope is infinite, the value
-    takes the clamped logs and the gradient ATen's slope. The differentiated logs read 1/2 there ("double where":
-    TorchScript's derivative of a select multiplies, so an infinite slope behind it would still give NaN).
+    Autocast refuses that operator on CUDA, and TorchScript's autocast pass refuses it on any device, float32 inputs
+    and untaken branches included ("Unsafe to autocast" at a scripted focal loss's first call). Its kernel also
+    checks the range of every input (NaN raises on the CPU, a device-side assert on CUDA kills the process); here
+    NaN propagates, as with every other loss input.
     """
-    slope_floor = 9.999999960041972e-13  # ATen's binary_cross_entropy_backward: 1e-12 as a float32, in every dtype
-    interior = probs * (1.0 - probs) >= slope_floor
-    inside = torch.where(interior, probs, 0.5)
+    if eager_fast_path(probs) or compiling_graph():
+        return _bce_with_saved_inputs(probs, target)
+    if probs.requires_grad:
+        return _bce_differentiated(probs, target)
+    return _clamped_log_bce(probs, target)  # exported loss graphs, scripted inference: the value alone
+
+
+def _clamped_log_bce(probs: Tensor, target: Tensor) -> Tensor:
+    """ATen's binary cross-entropy value, ``(t - 1) max(log(1 - p), -100) - t max(log p, -100)``."""
+    return (target - 1.0) * torch.log1p(-probs).clamp(min=-100.0) - target * torch.log(probs).clamp(min=-100.0)
+
+
+def _bce_slope_floor() -> float:
+    return 9.999999960041972e-13  # binary_cross_entropy_backward's 1e-12, a float32, in every dtype
+
+
+def _bce_slope(probs: Tensor, target: Tensor) -> Tensor:
+    """ATen's derivative of the binary cross-entropy with respect to ``probs``."""
+    return (probs - target) / (probs * (1.0 - probs)).clamp(min=_bce_slope_floor())
+
+
+@torch.jit.unused
+def _bce_with_saved_inputs(probs: Tensor, target: Tensor) -> Tensor:
+    return _BceOnProbabilities.apply(probs, target)
+
+
+class _BceOnProbabilities(torch.autograd.Function):
+    """Eager and compiled: the value in the forward, ATen's slope from the saved inputs in a backward that is itself
+    differentiable (double backward); the target's slope is the difference of the clamped logs."""
+
+    @staticmethod
+    def forward(ctx: Any, probs: Tensor, target: Tensor) -> Tensor:
+        ctx.save_for_backward(probs, target)
+        return _clamped_log_bce(probs, target)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        probs, target = ctx.saved_tensors
+        grad_probs = grad * _bce_slope(probs, target) if ctx.needs_input_grad[0] else None
+        grad_target = None
+        if ctx.needs_input_grad[1]:
+            grad_target = grad * (torch.log1p(-probs).clamp(min=-100.0) - torch.log(probs).clamp(min=-100.0))
+        return grad_probs, grad_target
+
+
+def _bce_differentiated(probs: Tensor, target: Tensor) -> Tensor:
+    """:class:`_BceOnProbabilities` as an autograd formulation (TorchScript, joint export graphs, torch.func): the
+    value without autograd plus ``(p - p) * slope``, whose derivative is ATen's slope (first derivatives only: the
+    second derivative with respect to ``probs`` is 0 here). Differentiating the logs instead took ~2.3x the
+    MMDetection-style eager step when scripted (focal at 100k x 80), and a double where at 0 and 1."""
     with torch.no_grad():
-        ends = (target - 1.0) * torch.log1p(-probs).clamp(min=-100.0) - target * torch.log(probs).clamp(min=-100.0)
-        slope = (probs - target) / slope_floor
-    at_ends = ends + (probs - probs.detach()) * slope
-    return torch.where(interior, (target - 1.0) * torch.log1p(-inside) - target * torch.log(inside), at_ends)
+        slope = _bce_slope(probs, target)
+    return _clamped_log_bce(probs.detach(), target) + (probs - probs.detach()) * slope
 
 
 def pow_nonnegative(base: Tensor, exponent: float) -> Tensor:
