@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Optional
 
 import pytest
 import torch
 from hypothesis import settings
 
-from visdet_export.check import RunnerCache
+from visdet_export.check import RunnerCache, runner_options
 from visdet_export.specs import representative_configs
 
 # hypothesis: fresh examples every run, a reproduction blob on failure; HYPOTHESIS_PROFILE=thorough for 10x
@@ -36,6 +37,14 @@ CONFIG_NAMES = tuple(representative_configs())
 
 def compile_backend(name: str) -> str:
     return "inductor" if name in INDUCTOR_CONFIGS else "aot_eager"
+
+
+def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
+    """Cache key and options of a runner for tests that call it under other guards (autocast, inputs that require
+    grad): compiled with aot_eager into graphs of its own, so the matrix's compiled runners keep the one graph
+    test_properties asserts."""
+    key, options = runner_options(name, runtime, backend="aot_eager")
+    return (f"{key}:guard-variants" if runtime == "compile" else key), options
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES
+from conftest import CONFIG_NAMES, guard_variant_runner
 from torch import Tensor
 
-from visdet_export.check import runner_options
 
 RUNTIMES = ("eager", "compile", "script")
 CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
@@ -64,7 +63,7 @@ def _value_and_grad(
 def test_autocast_changes_nothing(runner_cache, name, runtime, dtype):
     loss, spec = runner_cache.loss(name)
     # aot_eager: autocast acts while dynamo and AOT autograd trace, before any code generation
-    key, options = runner_options(name, runtime, backend="aot_eager")
+    key, options = guard_variant_runner(name, runtime)
     runner = runner_cache.runner(name, runtime, key=key, **options)
     drawn = spec.sample(loss, N, seed=3, include=list(runner.names))
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in drawn.items()}

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES, compile_backend
+from conftest import CONFIG_NAMES, compile_backend, guard_variant_runner
 
-from visdet_export.check import RunnerCache, check_cell, run_matrix, runner_options
+from visdet_export.check import TOLERANCES, RunnerCache, check_cell, run_matrix, runner_options
 from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
 from visdet_export.runtimes import LossRunner
@@ -146,3 +146,31 @@ def test_check_cli_autocast(capsys):
     assert "torch.autocast('cpu', bfloat16)" in out and "1 passed, 0 failed, 1 skipped" in out
     with pytest.raises(SystemExit):
         check_main([*argv, "--autocast", "float64"])
+
+
+TRAINED_CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in ("compile", "script")]
+
+
+@pytest.mark.parametrize(("name", "runtime"), TRAINED_CELLS, ids=[f"{n}-{r}" for n, r in TRAINED_CELLS])
+def test_trained_inputs_get_eager_gradients(runner_cache, name, runtime):
+    """Targets, scores, soft labels and weights that require grad (distillation, learned weights) get eager's
+    gradients, weight-0 elements included (eager's against the reference: test_parity)."""
+    loss, spec = runner_cache.loss(name)
+    key, options = guard_variant_runner(name, runtime)
+    runners = {
+        "eager": runner_cache.runner(name, "eager"),
+        runtime: runner_cache.runner(name, runtime, key=key, **options),
+    }
+    drawn = spec.sample(loss, 29, seed=8, include=list(runners[runtime].names))
+    trained = [k for k in runners[runtime].names if k in drawn and drawn[k].is_floating_point() and drawn[k].dim() > 0]
+    assert len(trained) > 1 or name == "ce_mask"  # mask mode: the third argument is the RoI labels
+    results = {}
+    for label, runner in runners.items():
+        leaves = {k: drawn[k].clone().requires_grad_(k in trained) for k in runners[runtime].names if k in drawn}
+        value = runner(leaves)
+        grads = torch.autograd.grad(value.sum(), [leaves[k] for k in trained], allow_unused=True)  # KD: detach_target
+        results[label] = (value, *(torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(trained, grads)))
+    assert name == "ce_mask" or any(g.abs().sum() > 0 for k, g in zip(trained, results["eager"][1:]) if k != spec.pred)
+    tolerance = TOLERANCES[runtime]
+    for got, want, what in zip(results[runtime], results["eager"], ["value", *trained]):
+        torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{what}: {m}")

@@ -465,6 +465,58 @@ def test_gradgradcheck(case_id: str) -> None:
     assert torch.autograd.gradgradcheck(fn, (pred,), fast_mode=True)
 
 
+def _trained(inputs: Inputs, case: Case) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], tuple]]:
+    """The floating inputs a model could train with the loss (predictions, soft targets, scores, weights; weights
+    kept away from 0, where masking takes over) as leaves, and a function rebuilding the call's arguments from them."""
+    target = inputs["target"]
+    leaves = {"pred": inputs["pred"]}
+    if isinstance(target, tuple):
+        leaves["scores"] = target[1]
+    elif target.is_floating_point():
+        leaves["target"] = target
+    if case.has_weight and inputs["weight"] is not None:
+        leaves["weight"] = inputs["weight"].abs() + 0.25
+    leaves = {name: value.detach().clone().requires_grad_() for name, value in leaves.items()}
+
+    def arguments(trained: dict[str, Tensor]) -> tuple:
+        call_target = (target[0], trained["scores"]) if "scores" in trained else trained.get("target", target)
+        return trained["pred"], call_target, trained.get("weight", inputs["weight"]), inputs["avg_factor"]
+
+    return leaves, arguments
+
+
+@pytest.mark.parametrize("case_id", GRADCHECK_CASES)
+def test_gradients_of_trained_targets_and_weights(case_id: str) -> None:
+    """Soft targets, quality scores and weights trained with the model (distillation, learned weights) get the
+    reference's gradients, and ``gradcheck`` passes with respect to all of them at once. (A weight of exactly 0
+    masks its element: the weight's gradient there is the loss of the masked inputs, NaN-safe.)"""
+    case = CASE_BY_ID[case_id]
+    inputs = _small(_interior(case), 4)
+    loss = build_loss(case.cfg)
+    leaves, arguments = _trained(inputs, case)
+    assert len(leaves) > 1, "a case with nothing but pred to train checks nothing new"
+    reference_leaves = {name: value.detach().clone().requires_grad_() for name, value in leaves.items()}
+    out = loss(*arguments(leaves))
+    expected = reference_loss(case.cfg, *arguments(reference_leaves))
+    torch.testing.assert_close(out, expected, **TOL)
+    got = torch.autograd.grad(out, list(leaves.values()))
+    want = torch.autograd.grad(expected, list(reference_leaves.values()), allow_unused=True)
+    for name, g, w in zip(leaves, got, want):
+        w = torch.zeros_like(g) if w is None else w
+        if name == "target" and case.cfg["type"] in ("QualityFocalLoss", "DistributionFocalLoss"):
+            # where the reference's indexing, not the loss, decides (gradcheck below covers these): QFL's dense
+            # scores of exactly 0 are its negatives, which get no gradient; DFL's targets at reg_max step to a bin
+            # past the last one, where the derivative from inside [0, reg_max] is ours
+            t = leaves["target"].detach()
+            beside = (t == 0) if case.cfg["type"] == "QualityFocalLoss" else (t == inputs["pred"].size(1) - 1)
+            g, w = g.where(~beside, 0.0), w.where(~beside, 0.0)
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{name}: {m}")
+    names = list(leaves)
+    assert torch.autograd.gradcheck(
+        lambda *xs: loss(*arguments(dict(zip(names, xs)))), tuple(leaves.values()), fast_mode=True
+    )
+
+
 # --- module == functional ------------------------------------------------------------------------------------
 
 

@@ -292,7 +292,9 @@ def distribution_focal_loss(
         target = zero_where_unweighted(target, keep)
         keep_rows = None if keep is None else keep.unsqueeze(1)
     reg_max = pred.size(1) - 1
-    left_bin = target.floor().clamp(0, reg_max)
+    # a target at reg_max takes the last two bins, all its mass on the last: its derivative is the one from inside
+    # [0, reg_max] (with the last bin twice it was 0)
+    left_bin = target.floor().clamp(0, max(reg_max - 1, 0))
     # (N, 1) columns: the two bins around the target and their weights, which sum to 1
     left_weight = (left_bin + 1.0 - target).unsqueeze(1)
     right_weight = (target - left_bin).unsqueeze(1)
