@@ -131,7 +131,12 @@ class _BceOnProbabilities(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         probs, target = ctx.saved_tensors
-        grad_probs = grad * _bce_slope(probs, target) if ctx.needs_input_grad[0] else None
+        grad_probs: Optional[Tensor] = None
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # create_graph: differentiable
+            grad_probs = grad * _bce_slope(probs, target)
+        elif ctx.needs_input_grad[0]:  # two fresh tensors where the expression takes six
+            floor = torch.sub(1.0, probs).mul_(probs).clamp_(min=9.999999960041972e-13)
+            grad_probs = torch.sub(probs, target).div_(floor).mul_(grad)
         grad_target = None
         if ctx.needs_input_grad[1]:
             grad_target = grad * (torch.log1p(-probs).clamp(min=-100.0) - torch.log(probs).clamp(min=-100.0))
