@@ -437,7 +437,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.recipes:
         from .recipes import recipe_description, recipe_losses, recipe_names
 
-        records = {
+        recipes: dict[str, dict[str, Any]] = {
             name: {
                 "description": recipe_description(name),
                 "losses": {path: cfg for path, cfg in recipe_losses(name).items()},
@@ -445,9 +445,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             for name in recipe_names()
         }
         if args.json:
-            print(json.dumps(records, indent=2))
+            print(json.dumps(recipes, indent=2))
             return EXIT_OK
-        for name, record in records.items():
+        for name, record in recipes.items():
             print(f"{name}: {record['description']}")
             for path, cfg in record["losses"].items():
                 options = ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "type")

@@ -732,7 +732,7 @@ def check_pt2_bundle(
         run = run_program(program, "pt2", package, write_cases(directory / "cases.pt", cases), threads=threads)
     results: dict[str, list[CaseResult]] = {e[0]: [] for e in entries}
     for k, (call, want) in enumerate(zip(calls, expected)):
-        got = run["cases"][k] if k < len(run["cases"]) else {"error": "no result for this call", "outputs": []}
+        got: dict[str, Any] = run["cases"][k] if k < len(run["cases"]) else {"error": "no result for this call", "outputs": []}
         outputs = dict(zip(flat_outputs, got["outputs"]))
         count_error = (
             None

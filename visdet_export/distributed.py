@@ -29,6 +29,8 @@ are the identity (``reduce_mean``) and a clamp (``reduce_avg_factor``).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -80,7 +82,7 @@ def reduce_mean(tensor: Tensor | float, group: dist.ProcessGroup | None = None) 
     if not is_distributed():
         return value
     if group is None:
-        group = dist.group.WORLD
+        group = cast(dist.ProcessGroup, dist.group.WORLD)  # set whenever a process group is initialised
     # Why functional collectives: ``dist.all_reduce`` mutates its argument in place and returns a work handle; only
     # some Dynamo versions rewrite it into a graph op (2.13 does), the others break the graph. The functional
     # ``all_reduce`` is a pure op (``_c10d_functional.all_reduce`` + ``wait_tensor``) that Dynamo and AOTAutograd

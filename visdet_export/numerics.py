@@ -296,9 +296,9 @@ def _box_columns(pred: Tensor, target: Tensor, stacked: bool) -> list[Tensor]:
     eight saved (N,) columns (peak memory 1.9 -> 3.0 x pred + grad). GIoU has arithmetic enough to stay vectorised
     and would only pay for the buffer (1.5 -> 2.7 x floor).
     """
-    columns = pred.unbind(1) + target.unbind(1)
+    columns = list(pred.unbind(1)) + list(target.unbind(1))
     if stacked and compiling_graph():
-        return torch.stack(columns).unbind(0)
+        return list(torch.stack(columns).unbind(0))
     return columns
 
 
@@ -711,21 +711,23 @@ def closed_form_regression(
         loss = _SavedRegressionGradient.apply(masked_difference(pred, target, weight), terms, grad_scale)
         return loss if weight is None else loss * weight
     with_grad = needs_grad(pred)
-    weighted = (
-        weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
+    folded_weight = (  # weighted inside the terms rather than multiplied by the result
+        weight
+        if weighted_terms is not None and weight is not None and weight.shape == pred.shape and not needs_grad(weight)
+        else None
     )
     with torch.no_grad():
         diff = _kept_difference(pred, target, weight)
-        if weighted:
-            value, grad = weighted_terms(diff, weight, with_grad)
+        if weighted_terms is not None and folded_weight is not None:
+            value, grad = weighted_terms(diff, folded_weight, with_grad)
         else:
             value, grad = terms(diff, with_grad)
 
     def differentiable(x: Tensor) -> Tensor:
         loss = elementwise(masked_difference(x, target, weight))
-        return loss * weight if weighted else loss
+        return loss if folded_weight is None else loss * folded_weight
 
-    return attach_gradient(value, grad, pred, None if weighted else weight, differentiable, grad_scale)
+    return attach_gradient(value, grad, pred, weight if folded_weight is None else None, differentiable, grad_scale)
 
 
 @torch.jit.unused
@@ -773,11 +775,18 @@ def attach_gradient(
     return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, grad_scale, differentiable)
 
 
-def _sigmoid_terms(
-    logits: Tensor, target: Optional[Tensor], with_negative: bool = True
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors, ``bce`` as :func:`bce_with_logits` (target None:
-    all 0); ``sigmoid(-x)`` is None unless ``with_negative``.
+def _bce_and_sigmoid(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(bce, sigmoid(x))``, two fresh tensors, ``bce`` as :func:`bce_with_logits` (target None: all 0)."""
+    decay = exp_scaled_(logits.abs(), -1.0)
+    bce = logits.clamp(min=0)
+    if target is not None:
+        bce = bce.addcmul_(logits, target, value=-1.0)
+    bce = bce.add_(decay.log1p_())
+    return bce, torch.sigmoid(logits, out=decay)
+
+
+def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors (:func:`_bce_and_sigmoid`).
 
     ATen's sigmoid, ``1 / (1 + exp(-x))``, keeps its relative precision on both sides (it only flushes values
     below the float range to 0), so ``sigmoid(-x)`` needs neither ``1 - sigmoid(x)`` (which cancels for confident
@@ -785,12 +794,8 @@ def _sigmoid_terms(
     formulation took seven: at 100k x 80 every fresh 32 MB block costs ~10 ms of page faults (glibc serves
     blocks of that size with a new mmap each time).
     """
-    decay = exp_scaled_(logits.abs(), -1.0)
-    bce = logits.clamp(min=0)
-    if target is not None:
-        bce = bce.addcmul_(logits, target, value=-1.0)
-    bce = bce.add_(decay.log1p_())
-    return bce, torch.sigmoid(logits, out=decay), torch.neg(logits).sigmoid_() if with_negative else None
+    bce, prob = _bce_and_sigmoid(logits, target)
+    return bce, prob, torch.neg(logits).sigmoid_()
 
 
 def negative_focal_terms(
@@ -803,9 +808,9 @@ def negative_focal_terms(
     """
     grad: Optional[Tensor] = None
     with torch.no_grad():
-        bce, prob, neg_prob = _sigmoid_terms(logits, None, with_negative=with_grad)
-        if neg_prob is not None:
-            grad = neg_prob.mul_(bce).mul_(gamma).add_(prob) if gamma != 0.0 else prob.clone()
+        bce, prob = _bce_and_sigmoid(logits, None)
+        if with_grad:
+            grad = torch.neg(logits).sigmoid_().mul_(bce).mul_(gamma).add_(prob) if gamma != 0.0 else prob.clone()
         modulating: Optional[Tensor] = None  # a s^g, None for 1
         if gamma == 2.0:
             modulating = prob.mul_(prob)

@@ -486,7 +486,7 @@ def save_samples(path: PathLike, samples: Iterable[Sample], *, overwrite: bool =
     }
     out = Path(path)
     with atomic_output(out, overwrite) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stubs fear a key "allow_pickle"; ours have "/"
     return out
 
 

@@ -378,10 +378,10 @@ def logistic_of_magnitude(model: Any) -> int:
         for made_node in replaced.get(id(node), [node]):
             if made_node.op_type == "Add" and made_node.domain in ("", "ai.onnx"):
                 for position in (0, 1):
-                    log_r = negated_logs.get(made_node.input[position])
-                    if log_r is not None:
+                    negated_log = negated_logs.get(made_node.input[position])
+                    if negated_log is not None:
                         made_node = helper.make_node(
-                            "Sub", [made_node.input[1 - position], log_r], list(made_node.output), name=made_node.name
+                            "Sub", [made_node.input[1 - position], negated_log], list(made_node.output), name=made_node.name
                         )
                         break
             nodes.append(made_node)
@@ -613,10 +613,10 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
                 )
             elif op in _REDUCTIONS or op in _ROW_LOCAL or (op in _ALONG_AXIS and not tainted[1]):
                 axes = axes_of(node, rank(node.input[0]) or 0)
-                safe = bool(axes) and min(axes) >= mask_rank and out_rank >= mask_rank
+                safe = axes is not None and len(axes) > 0 and min(axes) >= mask_rank and out_rank >= mask_rank
             elif op in ("Squeeze", "Unsqueeze") and tainted == [True, False][: len(tainted)]:
                 axes = axes_of(node, max(rank(node.input[0]) or 0, out_rank))
-                safe = bool(axes) and min(axes) >= mask_rank
+                safe = axes is not None and len(axes) > 0 and min(axes) >= mask_rank
             if not safe:
                 failed = sources
                 break

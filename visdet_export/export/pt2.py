@@ -83,7 +83,8 @@ def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str
     """``torch.export`` (non-strict) with sizes 0 and 1 treated like any other N (``backed_size_oblivious``)."""
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+    # ``patch`` is installed at import by torch's config-module machinery, which type checkers do not see
+    with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         try:
             return torch.export.export(module.eval(), tuple(example), dynamic_shapes=shapes, strict=False)

@@ -20,7 +20,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,18 @@ Runner = Callable[[Mapping[str, Tensor]], list[Tensor]]
 #: ``load_runner(path, manifest) -> Runner`` (and optionally ``embedded_config(path) -> dict | None``).
 FORMATS = ("onnx", "torchscript", "pt2")
 
+
+class Tolerance(TypedDict):
+    """``torch.testing.assert_close``'s bounds."""
+
+    rtol: float
+    atol: float
+
+
 #: Per-format tolerances against eager float32. onnxruntime reorders reductions and uses its own kernels
 #: (rtol 1e-4, atol 1e-5, as the design asks); TorchScript runs the same aten kernels as eager, so it gets
 #: ``assert_close``'s float32 defaults; AOTInductor fuses and may reorder sums, so a little more.
-TOLERANCES: dict[str, dict[str, float]] = {
+TOLERANCES: dict[str, Tolerance] = {
     "onnx": {"rtol": 1e-4, "atol": 1e-5},
     "torchscript": {"rtol": 1.3e-6, "atol": 1e-5},
     "pt2": {"rtol": 1e-5, "atol": 1e-5},
@@ -207,7 +215,7 @@ def verify(
     if dtype != "float32":
         raise ArtifactError(f"only float32 artifacts can be verified, the manifest says {dtype!r}")
     joint = bool(manifest.get("joint", False))
-    tolerance = TOLERANCES[fmt]
+    tolerance = TOLERANCES[str(fmt)]
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
 
     runner = module.load_runner(path, manifest)

@@ -112,9 +112,9 @@ def _quality_focal_eager(pred: Tensor, target: Tensor, keep: Optional[Tensor], b
     """Rows of weight 0 are zeroed in the outputs (value and gradient, NaN/inf inputs there included) rather than in
     the inputs: two in-place passes where masking ``pred`` and ``target`` took three (N, C) temporaries."""
     value, grad = quality_focal_terms(pred, target, beta)
-    value, grad = select_kept_outputs_(value, grad if needs_grad(pred) else None, keep)
+    value, kept_grad = select_kept_outputs_(value, grad if needs_grad(pred) else None, keep)
     return attach_gradient(
-        value, grad, pred, None,
+        value, kept_grad, pred, None,
         lambda logits: _quality_focal_elementwise(
             zero_where_unweighted(logits, keep), zero_where_unweighted(target, keep), beta, False
         ),
