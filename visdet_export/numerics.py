@@ -339,26 +339,26 @@ def _extremum_eager(a: Tensor, b: Tensor, take_max: bool) -> Tensor:
 
 class _ClampMin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bound):  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, bound: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.bound = bound
         return x.clamp(min=bound)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
         return grad_output * (x >= ctx.bound).to(grad_output.dtype), None
 
 
 class _Extremum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, take_max):  # type: ignore[override]
+    def forward(ctx: Any, a: Tensor, b: Tensor, take_max: bool) -> Tensor:
         ctx.save_for_backward(a, b)
         ctx.take_max = take_max
         return torch.maximum(a, b) if take_max else torch.minimum(a, b)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:
         a, b = ctx.saved_tensors
         grad_a = (max_side_weight(a, b) if ctx.take_max else max_side_weight(b, a)).mul_(grad_output)
         return grad_a, grad_output - grad_a, None
@@ -452,7 +452,16 @@ class _ClosedFormGradient(torch.autograd.Function):
     it differentiates the autograd formulation ``differentiable(x) * weight`` instead, so higher derivatives hold."""
 
     @staticmethod
-    def forward(ctx, x, value, grad, weight, weight_deferred, grad_scale, differentiable):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        value: Tensor,
+        grad: Tensor,
+        weight: Optional[Tensor],
+        weight_deferred: bool,
+        grad_scale: float,
+        differentiable: Callable[[Tensor], Tensor],
+    ) -> Tensor:
         ctx.save_for_backward(x, grad, weight)
         ctx.weight_deferred = weight_deferred
         ctx.grad_scale = grad_scale
@@ -460,7 +469,7 @@ class _ClosedFormGradient(torch.autograd.Function):
         return value
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
         x, grad, weight = ctx.saved_tensors
         unused = (None, None, None, None, None, None)
         if torch.is_grad_enabled():
@@ -522,12 +531,12 @@ class _SelectKept(torch.autograd.Function):
     (a differentiable backward, so double backward holds)."""
 
     @staticmethod
-    def forward(ctx, x, keep_ones):  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, keep_ones: Tensor) -> Tensor:
         ctx.save_for_backward(keep_ones)
         return _select_bits(x, keep_ones)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (keep_ones,) = ctx.saved_tensors
         return _SelectKept.apply(grad_output, keep_ones), None
 
@@ -1074,7 +1083,9 @@ class _SavedClosedForm(torch.autograd.Function):
     derivative of ``grad``."""
 
     @staticmethod
-    def forward(ctx, logits, target, kind, p0, p1, saved_dtype):  # type: ignore[override]
+    def forward(
+        ctx: Any, logits: Tensor, target: Tensor, kind: str, p0: float, p1: float, saved_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         if kind == "focal":
             value, grad = focal_closed_form(logits, target, p0, p1)
         elif kind == "quality":
@@ -1088,7 +1099,9 @@ class _SavedClosedForm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_value, grad_grad):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_value: Tensor, grad_grad: Optional[Tensor]
+    ) -> tuple[Tensor, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
         return grad * grad_value, None, None, None, None, None
 
@@ -1126,7 +1139,9 @@ class _SavedRegressionGradient(torch.autograd.Function):
     partitioner keeps these derivatives as they are."""
 
     @staticmethod
-    def forward(ctx, diff, terms, grad_scale):  # type: ignore[override]
+    def forward(
+        ctx: Any, diff: Tensor, terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]], grad_scale: float
+    ) -> Tensor:
         value, grad = terms(diff.clone(), True)
         ctx.save_for_backward(grad)
         ctx.grad_scale = grad_scale
@@ -1134,7 +1149,7 @@ class _SavedRegressionGradient(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
         (grad,) = ctx.saved_tensors
         return grad * (grad_output * ctx.grad_scale), None, None
 

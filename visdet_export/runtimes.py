@@ -250,7 +250,7 @@ def pt2_runner(
         if entry is None:
             raise ValueError("a bundle runner needs the entry name")
         run = entry_runner(bundle, entry)
-        recorded = run.entry  # type: ignore[attr-defined]
+        recorded = run.entry
         if recorded["loss_type"] != spec.loss_type or recorded["variant"] != spec.variant:
             raise ValueError(
                 f"bundle entry {entry!r} is {recorded['loss_type']} ({recorded['variant']}), not "

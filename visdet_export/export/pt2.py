@@ -165,8 +165,8 @@ def load_runner(
     except Exception as exc:
         raise ArtifactError(f"{path.name} does not load as an AOTInductor package: {exc}") from exc
     runner = _runner(package, names, outputs, path.name)
-    runner.manifest = dict(manifest)  # type: ignore[attr-defined]
-    runner.path = path  # type: ignore[attr-defined]
+    runner.manifest = dict(manifest)
+    runner.path = path
     return runner if entry is None else entry_runner(runner, entry)
 
 
