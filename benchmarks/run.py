@@ -241,7 +241,7 @@ def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.
     loss = build_loss(cfg).to(device)
     spec = spec_for(loss, CONFIG_VARIANTS.get(name))
     names = spec.names
-    pred_shape = spec.inputs[0].shape
+    pred_shape = ("N", *spec.inputs[0].concrete_shape(1, spec.sizes)[1:])  # free sizes at their defaults
     kind = size_kind(pred_shape)
     full, quick = SIZES[kind]
     cell_sizes = sizes or (quick if args.quick else full)

@@ -550,7 +550,7 @@ def test_list_inputs_shows_names_dtypes_and_symbolic_shapes(capsys):
     code, out, _ = run(capsys, "list", "--inputs")
     assert code == 0
     assert "FocalLoss(use_sigmoid=True, gamma=2.0" in out
-    assert "pred        float[N, 80]  required  logits" in out
+    assert "pred        float[N, C]   required  logits" in out
     assert "labels      int64[N]      required" in out  # QualityFocalLoss
     assert "avg_factor  float[]       optional" in out
     code, out, _ = run(capsys, "list", "--inputs", "--json")

@@ -123,10 +123,7 @@ def test_inductor_matches_eager(runner_cache, name):
 def _step_sizes(spec, steps: int, rng: random.Random) -> list[int]:
     """N per step, drawn from [4096, 200000]; for (N, 80) class scores the top is 20000 (1.6M logits a step) to
     keep 20 eager + compiled steps quick on 2 cores: guards and graph counts do not depend on how large N is."""
-    per_sample = 1
-    for dim in spec.inputs[0].shape:
-        per_sample *= 1 if dim == "N" else int(dim)
-    high = 200_000 if per_sample <= 17 else 20_000
+    high = 200_000 if spec.per_sample_elements() <= 17 else 20_000
     return [rng.randint(4096, high) for _ in range(steps)]
 
 

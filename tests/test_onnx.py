@@ -124,11 +124,7 @@ def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def large_n(spec: LossSpec) -> int:
-    per_sample = 1
-    for dim in spec.inputs[0].shape:
-        if dim != "N":
-            per_sample *= int(dim)
-    return min(LARGE_N, max(64, LARGE_ELEMENTS // per_sample))
+    return min(LARGE_N, max(64, LARGE_ELEMENTS // spec.per_sample_elements()))
 
 
 def saturate(inputs: dict[str, Tensor], logit: float) -> dict[str, Tensor]:
@@ -160,6 +156,13 @@ def test_export_is_valid_and_described(exports: Exports, key: str) -> None:
     assert m["config"] == json.loads(props["visdet_export.config"])
     assert [entry["name"] for entry in m["inputs"]] == art.spec.names and m["outputs"] == ["loss"]
     assert m["inputs"][0]["shape"][0] == "N"
+    # Free sizes (classes, bins, mask sizes) stay symbolic in the graph; sizes the configuration fixes do not.
+    assert [entry["shape"] for entry in m["inputs"]] == [list(t.shape) for t in art.spec.inputs if t.name in art.names]
+    assert m["dynamic_dims"] == {s: {"min": 0 if s == "N" else 1} for s in art.spec.symbols(art.names)}
+    graph_inputs = {value.name: value for value in art.model.graph.input}
+    for entry in m["inputs"]:
+        dims = graph_inputs[entry["name"]].type.tensor_type.shape.dim
+        assert [isinstance(d, str) for d in entry["shape"]] == [d.HasField("dim_param") for d in dims], entry
     parity = m["parity"]
     assert parity["sizes"][:3] == [0, 1, 7] and parity["rtol"] == RTOL and parity["atol"] == ATOL
     assert 0.0 <= parity["max_abs_err"] and 0.0 <= parity["max_rel_err"]

@@ -32,6 +32,7 @@ from visdet_export.export.pt2 import (
 )
 from visdet_export.export.verify import TOLERANCES, verify
 from visdet_export.runtimes import default_names
+from visdet_export.specs import SampleOptions
 
 SIZES = (0, 64, 1000)
 TOL = TOLERANCES["pt2"]
@@ -78,19 +79,25 @@ def test_bundle_manifest_and_independent_sizes(runner_cache):
     assert manifest["bundle"] and manifest["format"] == "pt2"
     assert [entry["name"] for entry in manifest["entries"]] == list(CONFIG_NAMES)
     assert all(entry["joint"] for entry in manifest["entries"])
-    assert manifest["dynamic_dims"] == {f"N_{name}": {"min": 0} for name in CONFIG_NAMES}
+    assert manifest["dynamic_dims"] == {
+        f"{symbol}_{name}": {"min": 0 if symbol == "N" else 1}
+        for name in CONFIG_NAMES
+        for symbol in runner_cache.loss(name)[1].symbols()
+    }
     focal = next(entry for entry in manifest["entries"] if entry["name"] == "focal")
     assert [item["name"] for item in focal["inputs"]] == ["pred", "target", "weight", "avg_factor"]
     assert "focal/pred" in bundle.input_names and "focal/grad_pred" in bundle.output_names
-    assert next(i for i in manifest["inputs"] if i["name"] == "focal/pred")["shape"] == ["N_focal", 80]
+    assert next(i for i in manifest["inputs"] if i["name"] == "focal/pred")["shape"] == ["N_focal", "C_focal"]
 
-    # One call, every entry at its own N (a detector's loss_cls over all anchors, loss_bbox over positives).
+    # One call, every entry at its own N (a detector's loss_cls over all anchors, loss_bbox over positives) and, every
+    # other entry, its own class / bin / mask sizes.
     feed, expected = {}, {}
     for index, name in enumerate(CONFIG_NAMES):
         loss, spec = runner_cache.loss(name)
         entry = next(e for e in manifest["entries"] if e["name"] == name)
         names = [item["name"] for item in entry["inputs"]]
-        inputs = spec.sample(loss, spec.capped(3 * index), seed=index, include=names)
+        options = SampleOptions(sizes=spec.smaller_sizes() if index % 2 else {})
+        inputs = spec.sample(loss, spec.capped(3 * index), seed=index, options=options, include=names)
         feed.update({f"{name}/{key}": inputs[key] for key in names})
         value, grad = eager_joint(loss, spec, inputs)
         expected.update({f"{name}/loss": value, f"{name}/grad_pred": grad})
@@ -122,7 +129,7 @@ def test_single_joint_package_manifest_and_verify(runner_cache):
     key, options = runner_options("dfl", "pt2", pt2="separate")
     package = runner_cache.runner("dfl", "pt2", key=key, **options)
     manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
-    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}}
+    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 1}}  # DFL bins
     assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
     assert [entry["name"] for entry in manifest["inputs"]] == ["pred", "target", "weight", "avg_factor"]
     report = verify(package.path, sizes=SIZES, seed=3)

@@ -47,8 +47,11 @@ def test_verify_passes_on_good_artifacts(artifacts: dict[str, Path], name: str) 
     assert report["rtol"] == TOLERANCES["onnx"]["rtol"] and report["atol"] == TOLERANCES["onnx"]["atol"]
     assert report["joint"] is (name == "giou_joint")
     assert 0.0 <= report["max_abs_err"] <= 1e-3
-    outputs = {key for entry in report["per_size"] for key in entry if key != "n"}
+    outputs = {key for entry in report["per_size"] for key in entry if key not in ("n", "free_sizes")}
     assert outputs == ({"loss", "grad_pred"} if name == "giou_joint" else {"loss"})
+    # focal's class count is free: checked once more at another than the exported one; GIoU's shapes are fixed
+    free = [entry["free_sizes"] for entry in report["per_size"] if "free_sizes" in entry]
+    assert free == ([{"C": 20}] if name == "focal" else []) and report.get("free_sizes") == (free or [None])[0]
     # A fresh seed each time when none is given, reported back.
     assert isinstance(verify(artifacts[name], sizes=(3,))["seed"], int)
 

@@ -384,6 +384,9 @@ def format_parity(parity: Any, verified: bool = True) -> str:
         sizes = parity.get("sizes")
         if isinstance(sizes, Sequence) and not isinstance(sizes, str):
             text += f" at N={','.join(str(n) for n in sizes)}"
+        free = parity.get("free_sizes")
+        if isinstance(free, Mapping) and free:
+            text += " and " + ", ".join(f"{symbol}={size}" for symbol, size in free.items())
         if "seed" in parity:
             text += f", seed {parity['seed']}"
         return text
@@ -498,8 +501,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         blocks.append(f"{name}({parameters})\n{block}")
     print("\n\n".join(blocks))
     print(
-        "\nN: the number of samples (symbolic); float: the data's floating dtype (float32 by default); "
-        "fixed sizes are those of the default config (80 classes, reg_max 16)"
+        "\nN: the number of samples; C: classes, B: DFL bins (reg_max + 1), H x W: mask size (free: exported "
+        "graphs take any, random inputs draw 80, 17, 28 x 28); integers: fixed by the configuration; float: the "
+        "data's floating dtype (float32 by default)"
     )
     return EXIT_OK
 

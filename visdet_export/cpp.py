@@ -333,10 +333,7 @@ def forward_args(spec: LossSpec, inputs: Mapping[str, Any], reduction_override: 
 
 def default_sizes(spec: LossSpec, budget: int = 20_000) -> tuple[int, ...]:
     """N values to test: one "large" N (at most ``budget`` prediction elements, so the JSON stays small), 1, 0."""
-    per_sample = 1
-    for dim in spec.inputs[0].concrete_shape(1):
-        per_sample *= dim
-    return (max(2, min(37, budget // max(1, per_sample))), 1, 0)
+    return (max(2, min(37, budget // max(1, spec.per_sample_elements()))), 1, 0)
 
 
 def torchscript_cases(
@@ -635,10 +632,7 @@ BUNDLE_BUDGET = 8_000
 
 def large_size(spec: LossSpec, budget: int = BUNDLE_BUDGET, most: int = 1000) -> int:
     """The largest N (at most ``most``, at least 2) whose prediction holds at most ``budget`` elements."""
-    per_sample = 1
-    for dim in spec.inputs[0].concrete_shape(1):
-        per_sample *= dim
-    return max(2, min(most, budget // max(1, per_sample)))
+    return max(2, min(most, budget // max(1, spec.per_sample_elements())))
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """Input specs: for every registered loss, one source of truth for its inputs.
 
-A :class:`LossSpec` names each input, gives its dtype and its shape with the symbolic sample count ``"N"`` (and
-fixed class, bin or mask sizes taken from the configuration), says how the inputs map onto the loss's
-``forward``, and draws valid random inputs. Tests, export, verification and benchmarks all use it, so a loss
+A :class:`LossSpec` names each input, gives its dtype and its shape, and says how the inputs map onto the loss's
+``forward``, and draws valid random inputs. A shape holds the symbolic sample count ``"N"``, symbols for the sizes
+the configuration leaves free (``"C"`` classes, ``"B"`` DFL bins, ``"H"`` / ``"W"`` mask sizes: exported graphs
+take any value, random inputs a default of :attr:`LossSpec.sizes`), and the sizes the configuration fixes as
+integers (a class weight fixes the classes, four box coordinates). Tests, export, verification and benchmarks all use it, so a loss
 registered later with a spec is covered by all of them.
 
 >>> from visdet_export import build_loss
@@ -16,7 +18,7 @@ True
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -26,6 +28,8 @@ Dim = Union[str, int]
 
 #: Largest ``pred`` drawn for one parity or matrix check (see :meth:`LossSpec.capped`).
 MAX_CHECK_ELEMENTS = 1 << 22
+#: The symbol of the sample count; every other symbol of a shape is a size of at least 1.
+SAMPLES = "N"
 
 FLOAT = "float"  # the dtype chosen for the sample (float32 by default)
 INT64 = "int64"
@@ -33,7 +37,8 @@ INT64 = "int64"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input: ``kind`` is "float" (the sample's floating dtype) or "int64"; ``shape`` uses "N"."""
+    """One input: ``kind`` is "float" (the sample's floating dtype) or "int64"; ``shape`` holds integers and
+    symbols ("N", and the free sizes of :attr:`LossSpec.sizes`)."""
 
     name: str
     shape: tuple[Dim, ...]
@@ -44,8 +49,8 @@ class TensorSpec:
     def dtype(self, float_dtype: torch.dtype) -> torch.dtype:
         return torch.int64 if self.kind == INT64 else float_dtype
 
-    def concrete_shape(self, n: int) -> tuple[int, ...]:
-        return tuple(n if dim == "N" else int(dim) for dim in self.shape)
+    def concrete_shape(self, n: int, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(n if dim == SAMPLES else sizes[dim] if isinstance(dim, str) else dim for dim in self.shape)
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,14 @@ class SampleOptions:
         positive_fraction: share of samples labelled with a class where class labels include background (focal,
             QFL, sigmoid CE), the rest background; None: labels uniform over the classes and background (about 1%
             background at 80 classes, where a detector's anchors are mostly background: ``positive_fraction=0.01``).
+        sizes: values of the spec's free sizes (``{"C": 20}``: 20 classes); the others take the spec's defaults.
     """
 
     dtype: torch.dtype = torch.float32
     logit_range: Optional[float] = None
     zero_weight_fraction: float = 0.2
     positive_fraction: Optional[float] = None
+    sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 Sampler = Callable[[int, torch.Generator, SampleOptions], dict[str, Tensor]]
@@ -80,6 +87,8 @@ class LossSpec:
     inputs: tuple[TensorSpec, ...]
     sampler: Sampler = field(repr=False, compare=False)
     caller: Caller = field(repr=False, compare=False)
+    #: The default of every free size the shapes name (random inputs take it unless told otherwise).
+    sizes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -89,14 +98,27 @@ class LossSpec:
     def pred(self) -> str:
         return self.inputs[0].name
 
+    def symbols(self, names: Optional[Sequence[str]] = None) -> list[str]:
+        """The symbols of the shapes of the named inputs (all by default), "N" first where present."""
+        chosen = [t for t in self.inputs if names is None or t.name in names]
+        found = {dim for t in chosen for dim in t.shape if isinstance(dim, str)}
+        return sorted(found, key=lambda symbol: (symbol != SAMPLES, symbol))
+
+    def per_sample_elements(self) -> int:
+        """Elements of ``pred`` per sample at the default sizes."""
+        elements = 1
+        for dim in self.inputs[0].concrete_shape(1, self.sizes):
+            elements *= dim
+        return elements
+
+    def smaller_sizes(self) -> dict[str, int]:
+        """Free sizes other than the defaults (a quarter of each, at least 2), to check that a graph takes them."""
+        return {symbol: max(2, size // 4) for symbol, size in self.sizes.items()}
+
     def capped(self, n: int, max_elements: int = MAX_CHECK_ELEMENTS) -> int:
         """``n`` capped so that ``pred`` holds at most ``max_elements`` elements (but at least 7 samples):
         a mask loss's prediction is 62720 values per sample."""
-        per_sample = 1
-        for dim in self.inputs[0].shape:
-            if dim != "N":
-                per_sample *= int(dim)
-        return min(int(n), max(7, max_elements // max(per_sample, 1)))
+        return min(int(n), max(7, max_elements // max(self.per_sample_elements(), 1)))
 
     def capped_sizes(self, sizes: Sequence[int], max_elements: int = MAX_CHECK_ELEMENTS) -> list[int]:
         """The distinct :meth:`capped` sizes, sorted."""
@@ -114,8 +136,11 @@ class LossSpec:
         """Valid random inputs for ``n`` samples, in spec order; ``include`` keeps only the named inputs
         (required inputs are always kept)."""
         del loss  # the spec already holds what the configuration fixes
+        unknown = sorted(set(options.sizes) - set(self.sizes))
+        if unknown:
+            raise ValueError(f"{self.loss_type} ({self.variant}) has no free size {unknown}; it has {dict(self.sizes)}")
         generator = torch.Generator().manual_seed(seed)
-        drawn = self.sampler(n, generator, options)
+        drawn = self.sampler(n, generator, replace(options, sizes={**self.sizes, **options.sizes}))
         keep = {t.name for t in self.inputs if not t.optional or include is None or t.name in include}
         return {t.name: drawn[t.name] for t in self.inputs if t.name in keep}
 
@@ -207,6 +232,7 @@ def _standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_ov
 NUM_CLASSES = 80
 MASK_SIZE = 28
 DEFAULT_REG_MAX = 16
+CLASSES = {"C": NUM_CLASSES}
 
 SpecBuilder = Callable[[nn.Module, Optional[str]], LossSpec]
 SPEC_BUILDERS: dict[str, SpecBuilder] = {}
@@ -242,9 +268,9 @@ def _check_variant(loss_type: str, variant: Optional[str], choices: tuple[str, .
 def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     variant = _check_variant("FocalLoss", variant, ("labels", "onehot"))
     activated = bool(getattr(loss, "activated", False))
-    c = NUM_CLASSES
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        c = options.sizes["C"]
         logits = _logits((n, c), generator, options)
         labels = _labels_with_background(n, c, generator, options)
         target = labels if variant == "labels" else (labels.unsqueeze(1) == torch.arange(c)).to(options.dtype)
@@ -256,22 +282,22 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         }
 
     target = (
-        TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {c}], {c} = background")
+        TensorSpec("target", ("N",), INT64, doc="labels in [0, C], C = background")
         if variant == "labels"
-        else TensorSpec("target", ("N", c), doc="one-hot targets")
+        else TensorSpec("target", ("N", "C"), doc="one-hot targets")
     )
     pred_doc = "probabilities" if activated else "logits"
-    inputs = (TensorSpec("pred", ("N", c), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("FocalLoss", variant, inputs, sample, _standard_caller)
+    inputs = (TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    return LossSpec("FocalLoss", variant, inputs, sample, _standard_caller, CLASSES)
 
 
 @register_spec("QualityFocalLoss")
 def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     variant = _check_variant("QualityFocalLoss", variant, ("pair", "dense"))
     activated = bool(getattr(loss, "activated", False))
-    c = NUM_CLASSES
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        c = options.sizes["C"]
         logits = _logits((n, c), generator, options)
         labels = _labels_with_background(n, c, generator, options)
         scores = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
@@ -292,22 +318,25 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     targets = (
         (
-            TensorSpec("labels", ("N",), INT64, doc=f"labels in [0, {c}], {c} = background"),
+            TensorSpec("labels", ("N",), INT64, doc="labels in [0, C], C = background"),
             TensorSpec("scores", ("N",), doc="IoU quality scores in [0, 1]"),
         )
         if variant == "pair"
-        else (TensorSpec("target", ("N", c), doc="dense soft targets"),)
+        else (TensorSpec("target", ("N", "C"), doc="dense soft targets"),)
     )
-    inputs = (TensorSpec("pred", ("N", c)), *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("QualityFocalLoss", variant, inputs, sample, call)
+    inputs = (TensorSpec("pred", ("N", "C")), *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES)
 
 
 @register_spec("DistributionFocalLoss")
 def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     variant = _check_variant("DistributionFocalLoss", variant, ("distances",))
-    reg_max = getattr(loss, "reg_max", None) or DEFAULT_REG_MAX
+    # a configured reg_max fixes the bins (the loss checks them); visdet's default infers them from pred
+    configured = getattr(loss, "reg_max", None)
+    bins: Dim = "B" if configured is None else int(configured) + 1
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        reg_max = (options.sizes["B"] if isinstance(bins, str) else bins) - 1
         return {
             "pred": _logits((n, reg_max + 1), generator, options),
             # below reg_max after rounding to the sample's dtype too (a bfloat16 15.99 is 16, which MMDetection's
@@ -320,12 +349,13 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         }
 
     inputs = (
-        TensorSpec("pred", ("N", reg_max + 1), doc="bin logits"),
-        TensorSpec("target", ("N",), doc=f"distances in [0, {reg_max}]"),
+        TensorSpec("pred", ("N", bins), doc="bin logits, reg_max + 1"),
+        TensorSpec("target", ("N",), doc="distances in [0, reg_max]"),
         _optional("weight", ("N",), "per-sample"),
         AVG_FACTOR,
     )
-    return LossSpec("DistributionFocalLoss", variant, inputs, sample, _standard_caller)
+    sizes = {"B": DEFAULT_REG_MAX + 1} if isinstance(bins, str) else {}
+    return LossSpec("DistributionFocalLoss", variant, inputs, sample, _standard_caller, sizes)
 
 
 @register_spec("CrossEntropyLoss")
@@ -333,13 +363,19 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     use_sigmoid = bool(getattr(loss, "use_sigmoid", False))
     use_mask = bool(getattr(loss, "use_mask", False))
     class_weight = getattr(loss, "class_weight", None)
-    c = NUM_CLASSES if class_weight is None else int(class_weight.numel())
+    # a class weight fixes the classes; otherwise any count
+    classes: Dim = "C" if class_weight is None else int(class_weight.numel())
+    free = dict(CLASSES) if class_weight is None else {}
     ignore_index = int(getattr(loss, "ignore_index", -100))
+
+    def class_count(options: SampleOptions) -> int:
+        return options.sizes["C"] if isinstance(classes, str) else classes
+
     if use_mask:
         variant = _check_variant("CrossEntropyLoss", variant, ("mask",))
-        h = w = MASK_SIZE
 
         def sample_mask(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+            c, h, w = class_count(options), options.sizes["H"], options.sizes["W"]
             return {
                 "pred": _logits((n, c, h, w), generator, options),
                 "target": (torch.rand(n, h, w, generator=generator) > 0.5).to(options.dtype),
@@ -353,12 +389,13 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             )
 
         inputs = (
-            TensorSpec("pred", ("N", c, h, w), doc="mask logits per class"),
-            TensorSpec("target", ("N", h, w), doc="binary masks"),
-            TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {c})"),
+            TensorSpec("pred", ("N", classes, "H", "W"), doc="mask logits per class"),
+            TensorSpec("target", ("N", "H", "W"), doc="binary masks"),
+            TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {classes})"),
             AVG_FACTOR,
         )
-        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask)
+        sizes = {**free, "H": MASK_SIZE, "W": MASK_SIZE}
+        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes)
 
     if use_sigmoid:
         variant = _check_variant("CrossEntropyLoss", variant, ("binary", "labels"))
@@ -370,6 +407,7 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             pred = _logits((n,), generator, options)
             target = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
         else:
+            c = class_count(options)
             pred = _logits((n, c), generator, options)
             if use_sigmoid:
                 target = _labels_with_background(n, c, generator, options)
@@ -386,14 +424,15 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     if variant == "binary":
         head = (TensorSpec("pred", ("N",), doc="logits"), TensorSpec("target", ("N",), doc="soft targets in [0, 1]"))
+        free = {}
     else:
-        bg = f", {c} = background" if use_sigmoid else ""
+        bg = f", {classes} = background" if use_sigmoid else ""
         head = (
-            TensorSpec("pred", ("N", c), doc="logits"),
-            TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {c}){bg}; {ignore_index} = ignored"),
+            TensorSpec("pred", ("N", classes), doc="logits"),
+            TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {classes}){bg}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("CrossEntropyLoss", variant, inputs, sample, _standard_caller)
+    return LossSpec("CrossEntropyLoss", variant, inputs, sample, _standard_caller, free)
 
 
 def _regression_spec(loss_type: str) -> SpecBuilder:
@@ -462,9 +501,9 @@ def _distillation_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reductio
 @register_spec("KnowledgeDistillationKLDivLoss")
 def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     variant = _check_variant("KnowledgeDistillationKLDivLoss", variant, ("logits",))
-    c = NUM_CLASSES
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
+        c = options.sizes["C"]
         return {
             "pred": _logits((n, c), generator, options),
             "soft_label": _logits((n, c), generator, options),
@@ -473,12 +512,12 @@ def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         }
 
     inputs = (
-        TensorSpec("pred", ("N", c), doc="student logits"),
-        TensorSpec("soft_label", ("N", c), doc="teacher logits"),
+        TensorSpec("pred", ("N", "C"), doc="student logits"),
+        TensorSpec("soft_label", ("N", "C"), doc="teacher logits"),
         _optional("weight", ("N",), "per-sample"),
         AVG_FACTOR,
     )
-    return LossSpec("KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller)
+    return LossSpec("KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller, CLASSES)
 
 
 @register_spec("LocalizationDistillationLoss")

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..specs import LossSpec, SampleOptions
+from ..specs import SAMPLES, LossSpec, SampleOptions
 
 #: The sample count exporters trace with. Not 0 or 1, which torch.export would specialise on.
 EXAMPLE_N = 7
@@ -69,15 +69,29 @@ def example_inputs(
     return tuple(drawn[name] for name in names)
 
 
-def dynamic_shapes(spec: LossSpec, names: Sequence[str], dim: Optional[Any] = None) -> tuple[tuple[dict[int, Any], ...]]:
+def dynamic_dims(spec: LossSpec, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """The manifest's record of the dynamic axes: ``{symbol: {"min": m}}`` for every symbol of the named inputs'
+    shapes (N from 0, free sizes such as the class count C from 1)."""
+    return {symbol: {"min": 0 if symbol == SAMPLES else 1} for symbol in spec.symbols(names)}
+
+
+def dynamic_shapes(
+    spec: LossSpec, names: Sequence[str], dim_names: Optional[Mapping[str, str]] = None
+) -> tuple[tuple[dict[int, Any], ...]]:
     """``dynamic_shapes`` for ``torch.export`` / ``torch.onnx.export`` of a ``forward(*tensors)`` module.
 
-    One ``Dim`` (``dim``, default ``torch.export.Dim("N", min=0)``) is shared by every axis the spec calls "N";
-    every other axis is static. The outer 1-tuple is the ``*tensors`` argument.
+    Every symbol of the spec's shapes (the sample count N, the free sizes such as the class count C) is one
+    ``torch.export.Dim``, shared by the axes that name it, called ``dim_names[symbol]`` (the symbol itself by
+    default); integer axes are static. The outer 1-tuple is the ``*tensors`` argument.
     """
-    dim = torch.export.Dim("N", min=0) if dim is None else dim
+    dims = {
+        symbol: torch.export.Dim((dim_names or {}).get(symbol, symbol), min=bounds["min"])
+        for symbol, bounds in dynamic_dims(spec, names).items()
+    }
     by_name = {t.name: t for t in spec.inputs}
-    per_input = tuple({axis: dim for axis, size in enumerate(by_name[name].shape) if size == "N"} for name in names)
+    per_input = tuple(
+        {axis: dims[size] for axis, size in enumerate(by_name[name].shape) if isinstance(size, str)} for name in names
+    )
     return (per_input,)
 
 

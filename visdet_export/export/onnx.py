@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, first_line, write_manifest
-from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_shapes, example_inputs, joint_module
+from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
 
 MIN_OPSET = 18
@@ -978,7 +978,7 @@ def export_onnx(
             runner = load_runner(tmp)
             sizes = spec.capped_sizes(EXPORT_PARITY_SIZES)
             parity = check_parity(runner, loss, spec, names, joint=joint, sizes=sizes, seed=0, **tolerance)
-    fields = plan.manifest_fields("onnx", parity, opset=int(opset), dynamic_dims={"N": {"min": 0}})
+    fields = plan.manifest_fields("onnx", parity, opset=int(opset), dynamic_dims=dynamic_dims(spec, names))
     write_manifest(target, fields, overwrite=True)
     return target
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import loss_config
-from ..specs import LossSpec, spec_for
+from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
 from .artifacts import (
     ArtifactError,
     ExportPlan,
@@ -60,7 +60,7 @@ from .artifacts import (
     manifest_path,
     write_manifest,
 )
-from .joint import DEFAULT_OPTIONAL_INPUTS, dynamic_shapes, example_inputs, joint_module, select_inputs
+from .joint import DEFAULT_OPTIONAL_INPUTS, dynamic_dims, dynamic_shapes, example_inputs, joint_module, select_inputs
 from .verify import TOLERANCES, check_parity
 
 #: Sizes the export-time parity check runs at (capped for inputs with many elements per sample).
@@ -218,7 +218,7 @@ def export_pt2(
         output_names=outputs,
         check=check if verify else None,
     )
-    fields = plan.manifest_fields("pt2", parity, dynamic_dims={"N": {"min": 0}}, runs_code=True)
+    fields = plan.manifest_fields("pt2", parity, dynamic_dims=dynamic_dims(spec, names), runs_code=True)
     write_manifest(target, fields, overwrite=True)
     return target
 
@@ -244,8 +244,9 @@ class BundleEntry:
         return ["loss", f"grad_{self.spec.pred}"] if self.joint else ["loss"]
 
     @property
-    def dim(self) -> str:
-        return "N_" + re.sub(r"\W", "_", self.name)
+    def dims(self) -> dict[str, str]:
+        """The bundle's name of each symbol of the entry's shapes: ``N_<entry>``, ``C_<entry>``, ..."""
+        return {symbol: f"{symbol}_" + re.sub(r"\W", "_", self.name) for symbol in self.spec.symbols(self.names)}
 
 
 class BundleModule(nn.Module):
@@ -295,7 +296,7 @@ def bundle_entries(
         spec = spec_for(loss, variant)
         optional = [n for n in optional_inputs if not (n == "avg_factor" and getattr(loss, "reduction", None) == "sum")]
         entries.append(BundleEntry(name, loss, spec, tuple(select_inputs(spec, optional)), name in joint_names))
-    dims = [entry.dim for entry in entries]
+    dims = [entry.dims[SAMPLES] for entry in entries]
     if len(set(dims)) != len(dims):
         raise ValueError(f"bundle entry names collide once made identifiers: {dims}")
     return entries
@@ -315,7 +316,7 @@ def export_bundle_program(entries: Sequence[BundleEntry]) -> torch.export.Export
             else entry.spec.bind(entry.loss, names)
         )
         example.extend(inputs)
-        shapes.extend(dynamic_shapes(entry.spec, names, dim=torch.export.Dim(entry.dim, min=0))[0])
+        shapes.extend(dynamic_shapes(entry.spec, names, entry.dims)[0])
     module = BundleModule(parts, [len(entry.names) for entry in entries])
     return _export(module, example, (tuple(shapes),), f"the bundle ({', '.join(e.name for e in entries)})")
 
@@ -328,12 +329,18 @@ def _bundle_manifest_entries(entries: Sequence[BundleEntry]) -> list[dict[str, A
             "loss_type": entry.spec.loss_type,
             "variant": entry.spec.variant,
             "joint": entry.joint,
-            "dim": entry.dim,
+            "dim": entry.dims[SAMPLES],
+            "dims": entry.dims,
             "inputs": describe_inputs(entry.spec, list(entry.names), torch.float32),
             "outputs": entry.outputs,
         }
         for entry in entries
     ]
+
+
+def _entry_dims(entry: Mapping[str, Any]) -> dict[str, str]:
+    """A bundle manifest entry's names of its symbols (manifests before the free sizes name N alone)."""
+    return dict(entry.get("dims", {SAMPLES: entry["dim"]}))
 
 
 def _namespaced(entry_name: str, name: str) -> str:
@@ -345,7 +352,7 @@ def _flat_io(manifest_entries: Sequence[Mapping[str, Any]]) -> tuple[list[dict[s
         {
             **item,
             "name": _namespaced(entry["name"], item["name"]),
-            "shape": [entry["dim"] if d == "N" else d for d in item["shape"]],
+            "shape": [_entry_dims(entry).get(d, d) if isinstance(d, str) else d for d in item["shape"]],
         }
         for entry in manifest_entries
         for item in entry["inputs"]
@@ -364,19 +371,29 @@ def bundle_parity(
     atol: float,
 ) -> dict[str, Any]:
     """Run the bundle at each size (every entry at that size, capped per entry as :meth:`LossSpec.capped`) and
-    compare every output with eager (autograd for joint entries). Returns the parity record per entry; raises
+    compare every output with eager (autograd for joint entries), and once more at N = 7 with every entry's
+    :meth:`LossSpec.smaller_sizes` where an entry has free sizes. Returns the parity record per entry; raises
     :class:`ArtifactError` naming the entry, size and output that differ."""
     from .joint import eager_joint
-    from .verify import compare
+    from .verify import SMALLER_SIZES_N, compare
 
     record: dict[str, Any] = {entry.name: {"sizes": [], "max_abs_err": 0.0, "max_rel_err": 0.0} for entry in entries}
-    for index, n in enumerate(sizes):
+    checks = [(int(n), False) for n in sizes]
+    if any(entry.spec.sizes for entry in entries):
+        checks.append((SMALLER_SIZES_N, True))
+    for index, (n, smaller) in enumerate(checks):
         feed: dict[str, Tensor] = {}
         expected: dict[str, Tensor] = {}
         for entry in entries:
-            count = min(int(n), entry.spec.capped(1 << 62))
-            record[entry.name]["sizes"].append(count)
-            drawn = entry.spec.sample(entry.loss, count, seed=seed + index, include=list(entry.names))
+            count = min(n, entry.spec.capped(1 << 62))
+            options = SampleOptions(sizes=entry.spec.smaller_sizes() if smaller else {})
+            if smaller:
+                record[entry.name]["free_sizes"] = options.sizes
+            else:
+                record[entry.name]["sizes"].append(count)
+            drawn = entry.spec.sample(
+                entry.loss, count, seed=seed + index, options=options, include=list(entry.names)
+            )
             inputs = {name: drawn[name] for name in entry.names}
             if entry.joint:
                 values = list(eager_joint(entry.loss, entry.spec, inputs))
@@ -397,7 +414,8 @@ def bundle_parity(
                         else f" (shape {tuple(actual[key].shape)} vs {tuple(expected[key].shape)})"
                     )
                     raise ArtifactError(
-                        f"bundle output {key!r} at N={n} differs from eager beyond rtol={rtol}, atol={atol}{shape}: "
+                        f"bundle output {key!r} at N={n}{' (smaller free sizes)' if smaller else ''} differs from "
+                        f"eager beyond rtol={rtol}, atol={atol}{shape}: "
                         f"max abs error {result['max_abs_err']:.3g}, max rel error {result['max_rel_err']:.3g}"
                     )
                 entry_record = record[entry.name]
@@ -475,15 +493,20 @@ def export_pt2_bundle(
         "inputs": inputs,
         "outputs": outputs,
         "dtype": "float32",
-        "dynamic_dims": {item["dim"]: {"min": 0} for item in manifest_entries},
+        "dynamic_dims": {
+            name: {"min": 0 if symbol == SAMPLES else 1}
+            for item in manifest_entries
+            for symbol, name in _entry_dims(item).items()
+        },
         "runs_code": True,
     }
     write_manifest(target, fields, overwrite=True)
     return target
 
 
-def _empty_input(item: Mapping[str, Any]) -> Tensor:
-    shape = [0 if not isinstance(d, int) else d for d in item["shape"]]
+def _empty_input(item: Mapping[str, Any], samples: str) -> Tensor:
+    """An input of no samples (the sample count ``samples`` 0, every free size 1)."""
+    shape = [0 if d == samples else 1 if isinstance(d, str) else d for d in item["shape"]]
     if not shape:  # avg_factor: any positive value
         return torch.ones((), dtype=getattr(torch, item["dtype"]))
     return torch.zeros(shape, dtype=getattr(torch, item["dtype"]))
@@ -502,7 +525,7 @@ def entry_runner(bundle: Runner, entry: str) -> Runner:
     own = by_name[entry]
     names = [str(item["name"]) for item in own["inputs"]]
     fillers = {
-        item["name"]: _empty_input(item)
+        item["name"]: _empty_input(item, _entry_dims(other)[SAMPLES])
         for other in manifest["entries"]
         if other["name"] != entry
         for item in _flat_io([other])[0]

@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, TypedDict
 
@@ -54,6 +55,8 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 DEFAULT_SIZES = (0, 1, 7, 257)
+#: The sample count of the check at other free sizes than the defaults.
+SMALLER_SIZES_N = 7
 
 
 def _as_float64(tensor: Tensor) -> Tensor:
@@ -97,17 +100,25 @@ def check_parity(
     atol: float,
     options: SampleOptions = SampleOptions(),
 ) -> dict[str, Any]:
-    """Run ``runner`` and eager ``loss`` on the same random inputs at each size and compare every output.
+    """Run ``runner`` and eager ``loss`` on the same random inputs at each size and compare every output; where
+    the spec has free sizes (classes, bins), once more at N = 7 with :meth:`LossSpec.smaller_sizes`.
 
-    Returns the parity record (``sizes``, ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``seed`` and one
-    entry per size); raises :class:`ArtifactError` naming the size and output that differ.
+    Returns the parity record (``sizes``, ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``seed``, the
+    ``free_sizes`` of the last check where there is one, and one entry per check); raises :class:`ArtifactError`
+    naming the sizes and output that differ.
     """
     outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
     per_size: list[dict[str, Any]] = []
     max_abs = max_rel = 0.0
-    for index, n in enumerate(sizes):
-        drawn = spec.sample(loss, int(n), seed=seed + index, options=options, include=list(names))
+    checks: list[tuple[int, dict[str, int]]] = [(int(n), {}) for n in sizes]
+    if spec.sizes:
+        checks.append((SMALLER_SIZES_N, spec.smaller_sizes()))
+    for index, (n, free) in enumerate(checks):
+        drawn = spec.sample(
+            loss, n, seed=seed + index, options=replace(options, sizes={**options.sizes, **free}), include=list(names)
+        )
         inputs = {name: drawn[name] for name in names}
+        at = f"N={n}" + "".join(f", {symbol}={size}" for symbol, size in free.items())
         if joint:
             expected = list(eager_joint(loss, spec, inputs))
         else:
@@ -116,17 +127,17 @@ def check_parity(
         actual = runner(inputs)
         if len(actual) != len(expected):
             raise ArtifactError(f"the artifact returned {len(actual)} output(s), expected {len(expected)} ({outputs})")
-        entry: dict[str, Any] = {"n": int(n)}
+        entry: dict[str, Any] = {"n": n, **({"free_sizes": free} if free else {})}
         for name, got, want in zip(outputs, actual, expected):
             result = compare(got, want, rtol=rtol, atol=atol)
             if not result["shape_ok"]:
                 raise ArtifactError(
-                    f"{spec.loss_type}: output {name!r} at N={n} has shape {tuple(got.shape)}, "
+                    f"{spec.loss_type}: output {name!r} at {at} has shape {tuple(got.shape)}, "
                     f"eager has {tuple(want.shape)}"
                 )
             if not result["ok"]:
                 raise ArtifactError(
-                    f"{spec.loss_type}: output {name!r} at N={n} differs from eager beyond rtol={rtol}, atol={atol}: "
+                    f"{spec.loss_type}: output {name!r} at {at} differs from eager beyond rtol={rtol}, atol={atol}: "
                     f"max abs error {result['max_abs_err']:.3g}, max rel error {result['max_rel_err']:.3g}"
                 )
             entry[name] = {"max_abs_err": result["max_abs_err"], "max_rel_err": result["max_rel_err"]}
@@ -135,6 +146,7 @@ def check_parity(
         per_size.append(entry)
     return {
         "sizes": [int(n) for n in sizes],
+        **({"free_sizes": spec.smaller_sizes()} if spec.sizes else {}),
         "max_abs_err": max_abs,
         "max_rel_err": max_rel,
         "rtol": rtol,

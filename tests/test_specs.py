@@ -1,0 +1,45 @@
+"""Input specs: which sizes a configuration fixes and which it leaves free (exported graphs take any value of a
+free size; random inputs draw its default or the one asked for)."""
+
+import pytest
+import torch
+
+from visdet_export import build_loss
+from visdet_export.specs import CONFIG_VARIANTS, SampleOptions, representative_configs, spec_for
+
+CONFIGS = representative_configs()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_drawn_inputs_have_the_spec_shapes_at_default_and_other_free_sizes(name):
+    loss = build_loss(CONFIGS[name])
+    spec = spec_for(loss, CONFIG_VARIANTS.get(name))
+    assert set(spec.symbols()) == {"N", *spec.sizes}  # every free size has a default, and only those
+    assert spec.symbols()[0] == "N"
+    for sizes in ({}, spec.smaller_sizes()):
+        drawn = spec.sample(loss, 5, seed=1, options=SampleOptions(sizes=sizes))
+        for tensor_spec in spec.inputs:
+            want = tensor_spec.concrete_shape(5, {**spec.sizes, **sizes})
+            assert tuple(drawn[tensor_spec.name].shape) == want, (tensor_spec.name, sizes)
+        assert torch.isfinite(spec.call(loss, drawn)), sizes
+
+
+def test_the_configuration_fixes_what_the_loss_checks():
+    focal = spec_for(build_loss(dict(type="FocalLoss")))
+    assert focal.inputs[0].shape == ("N", "C") and focal.sizes == {"C": 80}
+    weighted = spec_for(build_loss(dict(type="CrossEntropyLoss", class_weight=[1.0, 2.0, 3.0])))
+    assert weighted.inputs[0].shape == ("N", 3) and weighted.sizes == {}
+    assert spec_for(build_loss(dict(type="DistributionFocalLoss"))).inputs[0].shape == ("N", "B")
+    fixed_bins = spec_for(build_loss(dict(type="DistributionFocalLoss", reg_max=7)))
+    assert fixed_bins.inputs[0].shape == ("N", 8) and fixed_bins.sizes == {}
+    ld = spec_for(build_loss(dict(type="LocalizationDistillationLoss", reg_max=7)))
+    assert ld.inputs[0].shape == ("N", 32)
+    mask = spec_for(build_loss(dict(type="CrossEntropyLoss", use_mask=True)))
+    assert mask.inputs[0].shape == ("N", "C", "H", "W") and mask.inputs[1].shape == ("N", "H", "W")
+    assert spec_for(build_loss(dict(type="GIoULoss"))).symbols() == ["N"]
+
+
+def test_an_unknown_free_size_is_refused():
+    loss = build_loss(dict(type="GIoULoss"))
+    with pytest.raises(ValueError, match="no free size"):
+        spec_for(loss).sample(loss, 3, options=SampleOptions(sizes={"C": 3}))
