@@ -198,6 +198,18 @@ def test_attach_converts_opset_and_ir_and_accepts_loss_graph_paths(kd_graph, wor
     assert float(empty[0]) == 0.0
 
 
+def test_a_loss_graph_takes_the_class_count_of_the_model(kd_graph, workdir):
+    """kd_graph was exported and verified with 80 classes; its class axis is free, so a 68-class model feeds it."""
+    narrow = _identity_model(workdir / "narrow68.onnx", opset=18, ir_version=10, width=68)
+    mapping = {"pred": "y", "soft_label": "teacher", "weight": "w"}
+    out = attach_losses(narrow, [("loss_kd", kd_graph, mapping)], workdir / "kd68.onnx")
+    x, teacher, w = torch.randn(5, 68), torch.randn(5, 68), torch.rand(5)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (value,) = session.run(["loss_kd"], {"x": x.numpy(), "teacher": teacher.numpy(), "w": w.numpy()})
+    ref = build_loss(dict(type="KnowledgeDistillationKLDivLoss", T=2.0))(2 * x, teacher, w)
+    np.testing.assert_allclose(value, float(ref), rtol=RTOL, atol=ATOL)
+
+
 def test_attach_refuses_bad_requests(kd_graph, workdir, merged):
     model_path = _identity_model(workdir / "double.onnx", opset=18, ir_version=10)
     out = workdir / "never.onnx"
@@ -209,9 +221,9 @@ def test_attach_refuses_bad_requests(kd_graph, workdir, merged):
         attach_losses(model_path, [("a/b", kd_graph, {"pred": "y"})], out)
     with pytest.raises(AttachError, match="already used"):
         attach_losses(model_path, [("y", kd_graph, {"pred": "y"})], out)
-    with pytest.raises(AttachError, match="shape"):  # (N, 68) model output into a (N, 80) loss input
-        narrow = _identity_model(workdir / "narrow.onnx", opset=18, ir_version=10, width=68)
-        attach_losses(narrow, [("l", kd_graph, {"pred": "y"})], out)
+    narrow = _identity_model(workdir / "narrow.onnx", opset=18, ir_version=10, width=68)
+    with pytest.raises(AttachError, match="shape"):  # (N, 68) model output into a (N, 4) loss input
+        attach_losses(narrow, [("l", dict(type="GIoULoss"), {"pred": "y"})], out)
     with pytest.raises(AttachError, match="at least one"):
         attach_losses(model_path, [], out)
     assert not out.exists()

@@ -138,10 +138,35 @@ def saturate(inputs: dict[str, Tensor], logit: float) -> dict[str, Tensor]:
 # --- the matrix: every representative configuration ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("key", "symbol", "size"),
+    [
+        ("ce_sigmoid_labels", "C", 1),  # RPN: (N, 1) objectness logits, label 1 = background
+        ("ce_softmax", "C", 81),  # Faster R-CNN's RoI head: C + 1 columns
+        ("focal", "C", 20),  # a VOC head
+        ("qfl", "C", 3),
+        ("kd_kl_div", "C", 2),
+        ("dfl", "B", 8),  # reg_max 7
+        ("ce_mask", "H", 14),
+    ],
+)
+def test_one_export_serves_every_size_the_config_leaves_free(exports: Exports, key: str, symbol: str, size: int) -> None:
+    art = exports.get(key)
+    for n in (0, 7, 300):
+        inputs = art.draw(n, seed=n, options=SampleOptions(sizes={symbol: size}))
+        axis = art.spec.inputs[0].shape.index(symbol)
+        assert inputs[art.spec.pred].shape[axis] == size
+        (got,) = art.run(inputs)
+        torch.testing.assert_close(got, art.eager(inputs), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_export_is_valid_and_described(exports: Exports, key: str) -> None:
     art = exports.get(key)
     onnx.checker.check_model(art.model, full_check=True)
+    # every initializer is read: onnxruntime warns at each session about those that are not
+    read = {name for node in art.model.graph.node for name in node.input} | {o.name for o in art.model.graph.output}
+    assert [init.name for init in art.model.graph.initializer if init.name not in read] == []
     assert [i.name for i in art.model.graph.input] == art.spec.names  # all inputs, spec order, spec names
     assert [o.name for o in art.model.graph.output] == ["loss"]
     assert art.model.opset_import[0].version >= 18

@@ -56,6 +56,16 @@ def test_verify_passes_on_good_artifacts(artifacts: dict[str, Path], name: str) 
     assert isinstance(verify(artifacts[name], sizes=(3,))["seed"], int)
 
 
+def test_an_artifact_whose_manifest_fixes_the_classes_is_checked_at_its_own_sizes(artifacts, tmp_path) -> None:
+    """Artifacts of earlier versions fixed the class count (their manifests write 80): verify keeps to it."""
+    path = copy_artifact(artifacts["focal"], tmp_path)
+    inputs = json.loads(manifest_path(path).read_text())["inputs"]
+    edit_manifest(path, inputs=[{**item, "shape": [80 if d == "C" else d for d in item["shape"]]} for item in inputs])
+    report = verify(path, seed=3)
+    assert report["passed"] and "free_sizes" not in report
+    assert all("free_sizes" not in entry for entry in report["per_size"])
+
+
 def test_tampered_artifact_fails_its_checksum(artifacts: dict[str, Path], tmp_path: Path) -> None:
     path = copy_artifact(artifacts["focal"], tmp_path)
     data = bytearray(path.read_bytes())

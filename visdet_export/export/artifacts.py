@@ -138,7 +138,7 @@ def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], 
 LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 
 #: The parity fields a manifest keeps (the full record, per size, stays with the caller).
-PARITY_FIELDS = ("sizes", "max_abs_err", "max_rel_err", "rtol", "atol")
+PARITY_FIELDS = ("sizes", "free_sizes", "max_abs_err", "max_rel_err", "rtol", "atol")
 
 
 def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
@@ -204,7 +204,7 @@ class ExportPlan:
             "outputs": self.outputs,
             "joint": self.joint,
             "dtype": "float32",
-            "parity": None if parity is None else {key: parity[key] for key in PARITY_FIELDS},
+            "parity": None if parity is None else {key: parity[key] for key in PARITY_FIELDS if key in parity},
             **extra,
         }
 

@@ -48,14 +48,12 @@ from torch import nn
 from ..registry import loss_config
 from ..specs import spec_for
 from .artifacts import ArtifactError, as_loss, atomic_output, write_manifest
-from .onnx import check_external_data, export_onnx
+from .onnx import MIN_OPSET, check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
 LossLike = Union[nn.Module, Mapping[str, object], PathLike]
 Attachment = tuple[str, LossLike, Mapping[str, str]]
 
-# The lowest opset the loss graphs are exported at (torch's dynamo exporter targets 18 and later).
-MIN_OPSET = 18
 # protobuf's hard limit: a larger merged model is written with its initializers in ``<out>.data``.
 PROTOBUF_LIMIT = 2**31 - 1
 ATTACHED_METADATA_KEY = "visdet_export.attached_losses"

@@ -38,6 +38,7 @@ from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, f
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
 
+#: The lowest opset the loss graphs are exported at (torch's dynamo exporter targets 18 and later).
 MIN_OPSET = 18
 #: Sizes the export-time parity check runs at; the largest is capped for inputs with many elements per sample.
 EXPORT_PARITY_SIZES = (0, 1, EXAMPLE_N, 1024)
@@ -822,6 +823,18 @@ def unmasked_while_finite(model: Any) -> int:
     return len(trace.removed)
 
 
+def drop_unused_initializers(model: Any) -> int:
+    """Remove the initializers nothing reads (the exporter's and the rewrites' leftovers), for which onnxruntime
+    prints a warning at every session it opens. Returns how many went."""
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | _subgraph_inputs(graph)
+    used |= {output.name for output in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return len(unused)
+
+
 def _subgraph_inputs(graph: Any) -> set[str]:
     """Names read inside the subgraphs (If / Loop / Scan bodies) of ``graph``'s nodes, which may be outer values."""
     import onnx
@@ -965,6 +978,7 @@ def export_onnx(
         late_weight_masks(model)
         accurate_total_sums(model)
         unmasked_while_finite(model)
+        drop_unused_initializers(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = METADATA_PREFIX + key, value

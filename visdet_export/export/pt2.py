@@ -369,28 +369,33 @@ def bundle_parity(
     seed: int = 0,
     rtol: float,
     atol: float,
+    free_sizes: Optional[Mapping[str, Mapping[str, int]]] = None,
 ) -> dict[str, Any]:
     """Run the bundle at each size (every entry at that size, capped per entry as :meth:`LossSpec.capped`) and
     compare every output with eager (autograd for joint entries), and once more at N = 7 with every entry's
-    :meth:`LossSpec.smaller_sizes` where an entry has free sizes. Returns the parity record per entry; raises
-    :class:`ArtifactError` naming the entry, size and output that differ."""
+    ``free_sizes[entry]`` (by default :meth:`LossSpec.smaller_sizes`) where an entry has some. Returns the parity
+    record per entry; raises :class:`ArtifactError` naming the entry, size and output that differ."""
     from .joint import eager_joint
     from .verify import SMALLER_SIZES_N, compare
 
+    other = {
+        entry.name: dict(entry.spec.smaller_sizes() if free_sizes is None else free_sizes.get(entry.name, {}))
+        for entry in entries
+    }
     record: dict[str, Any] = {entry.name: {"sizes": [], "max_abs_err": 0.0, "max_rel_err": 0.0} for entry in entries}
     checks = [(int(n), False) for n in sizes]
-    if any(entry.spec.sizes for entry in entries):
+    if any(other.values()):
         checks.append((SMALLER_SIZES_N, True))
     for index, (n, smaller) in enumerate(checks):
         feed: dict[str, Tensor] = {}
         expected: dict[str, Tensor] = {}
         for entry in entries:
             count = min(n, entry.spec.capped(1 << 62))
-            options = SampleOptions(sizes=entry.spec.smaller_sizes() if smaller else {})
-            if smaller:
-                record[entry.name]["free_sizes"] = options.sizes
-            else:
+            options = SampleOptions(sizes=other[entry.name] if smaller else {})
+            if not smaller:
                 record[entry.name]["sizes"].append(count)
+            elif options.sizes:
+                record[entry.name]["free_sizes"] = options.sizes
             drawn = entry.spec.sample(
                 entry.loss, count, seed=seed + index, options=options, include=list(entry.names)
             )
@@ -554,6 +559,7 @@ def verify_bundle(
     import secrets
 
     from .artifacts import read_manifest
+    from .verify import declared_free_sizes
 
     manifest = read_manifest(path)
     if not manifest.get("bundle"):
@@ -569,7 +575,11 @@ def verify_bundle(
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
     runner = load_runner(path, manifest)
     try:
-        report = bundle_parity(runner, entries, sizes, seed=seed, **TOLERANCES["pt2"])
+        declared = {
+            entry.name: declared_free_sizes(item, entry.spec)
+            for entry, item in zip(entries, manifest["entries"], strict=True)
+        }
+        report = bundle_parity(runner, entries, sizes, seed=seed, free_sizes=declared, **TOLERANCES["pt2"])
     except ArtifactError as exc:
         raise ArtifactError(f"{Path(path).name} does not match its manifest's losses (seed {seed}): {exc}") from exc
     return {"path": str(path), "format": "pt2", "bundle": True, **report, "passed": True}
