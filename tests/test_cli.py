@@ -178,17 +178,37 @@ def test_export_only_selects_losses_and_opset_reaches_onnx(fake, capsys, tmp_pat
         "--format",
         "onnx",
         "--opset",
-        "17",
+        "19",
         "--out",
         str(tmp_path),
         "--no-verify",
         "-q",
     )
     assert code == 0, err
-    assert fake.calls == [("onnx", "roi_head.bbox_head.loss_cls.onnx", {"opset": 17})]
+    assert fake.calls == [("onnx", "roi_head.bbox_head.loss_cls.onnx", {"opset": 19})]
     assert err == ""  # --quiet
     code, _, err = run(capsys, "export", "--recipe", "faster_rcnn", "--only", "loss_cls", "--out", str(tmp_path / "x"))
     assert code == 2 and "no loss named loss_cls" in err and "rpn_head.loss_cls" in err
+
+
+def test_export_gives_each_loss_the_input_layout_of_its_head(fake, capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--recipe", "fcos", "--format", "onnx", "--out", str(tmp_path), "-q")
+    assert code == 0, err
+    options = {target: opts for _, target, opts in fake.calls}
+    assert options["loss_centerness.onnx"] == {} and options["loss_cls.onnx"] == {}  # FocalLoss: its default
+    code, _, err = run(capsys, "export", "--recipe", "rpn", "--format", "onnx", "--out", str(tmp_path / "rpn"), "-q")
+    assert code == 0, err
+    assert fake.calls[-2:] == [
+        ("onnx", "rpn_head.loss_cls.onnx", {"variant": "labels"}),  # (N, 1) logits and labels, as the RPN has them
+        ("onnx", "rpn_head.loss_bbox.onnx", {}),
+    ]
+
+
+def test_an_opset_below_the_exporters_is_refused_before_anything_is_written(fake, capsys, tmp_path):
+    argv = ["export", "--recipe", "gfl", "--format", "torchscript,onnx", "--opset", "12", "--out", str(tmp_path)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--opset 12 is not supported" in err and "opset >= 18" in err
+    assert files(tmp_path) == [] and fake.calls == []
 
 
 def test_existing_output_refused_before_anything_is_written(fake, capsys, tmp_path):
@@ -826,6 +846,7 @@ def test_attach_input_mistakes_exit_2(capsys, tmp_path):
         (["attach", str(spec), out, "--spec", str(spec)], "is not an ONNX model"),
         (["attach", str(model), str(model), "--spec", str(spec), "--overwrite"], "is the model itself"),
         (["attach", str(model), str(tmp_path / "no" / "out.onnx"), "--spec", str(spec)], "does not exist"),
+        (["attach", str(model), out, "--spec", str(spec), "--opset", "17"], "--opset 17 is not supported"),
     ]
     (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
     cases.append((["attach", str(model), str(tmp_path / "link.onnx"), "--spec", str(spec), "--overwrite"], "symlink"))

@@ -117,6 +117,12 @@ def test_check_refuses_devices_it_cannot_run_on(device, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("sizes", "message"), [("abc", "--sizes takes sample counts"), ("3,-1", "sizes must be >= 0")])
+def test_check_refuses_sizes_that_are_not_counts(sizes, message, capsys):
+    assert check_main(["--sizes", sizes, "--configs", "l1", "-q"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_autocast_cells_run_inside_autocast_and_skip_the_artifacts():
     """``check --autocast``: the runtime runs inside ``torch.autocast`` (a runner that lets autocast lower its
     arithmetic, a matmul, fails there and passes outside it); the exported artifacts' columns are skipped."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from visdet_export import build_loss
-from visdet_export.specs import CONFIG_VARIANTS, SampleOptions, representative_configs, spec_for
+from visdet_export.specs import CONFIG_VARIANTS, SampleOptions, head_variant, representative_configs, spec_for
 
 CONFIGS = representative_configs()
 
@@ -43,3 +43,20 @@ def test_an_unknown_free_size_is_refused():
     loss = build_loss(dict(type="GIoULoss"))
     with pytest.raises(ValueError, match="no free size"):
         spec_for(loss).sample(loss, 3, options=SampleOptions(sizes={"C": 3}))
+
+
+@pytest.mark.parametrize(
+    ("path", "config", "variant"),
+    [
+        ("rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),  # (N, 1), background 1
+        ("bbox_head.loss_centerness", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # one logit, soft target
+        ("roi_head.bbox_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=False), None),
+        ("roi_head.mask_head.loss_mask", dict(type="CrossEntropyLoss", use_mask=True), None),
+        ("bbox_head.loss_cls", dict(type="FocalLoss"), None),
+    ],
+)
+def test_head_variant_is_the_layout_the_head_calls_the_loss_with(path, config, variant):
+    assert head_variant(path, config) == variant
+    spec = spec_for(build_loss(config), variant)
+    if variant == "labels":
+        assert spec.inputs[0].shape == ("N", "C") and spec.inputs[1].kind == "int64"

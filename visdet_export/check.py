@@ -463,7 +463,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:24s} {cfg}")
         return 0
     try:
-        sizes = [int(n) for n in _split(args.sizes) or []]
+        try:
+            sizes = [int(n) for n in _split(args.sizes) or []]
+        except ValueError:
+            raise ValueError(f"--sizes takes sample counts separated by commas, got {args.sizes!r}") from None
         if any(n < 0 for n in sizes):
             raise ValueError("sizes must be >= 0")
         configs = select_configs(_split(args.configs))

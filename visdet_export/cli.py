@@ -217,11 +217,15 @@ def resolve_exporter(fmt: Format) -> Callable[..., Any]:
 
 def _run_job(job: Job, *, verify: bool, overwrite: bool, opset: int | None) -> Result:
     from .export.artifacts import read_manifest
+    from .specs import head_variant
 
     exporter = resolve_exporter(job.fmt)
     options: dict[str, Any] = dict(job.fmt.options)
     if opset is not None and job.fmt.exporter == "export_onnx":
         options["opset"] = opset
+    variant = head_variant(job.path, job.config)
+    if variant is not None:
+        options["variant"] = variant
     start = time.perf_counter()
     exporter(dict(job.config), job.target, verify=verify, overwrite=overwrite, **options)
     seconds = time.perf_counter() - start
@@ -439,6 +443,7 @@ def _format_default(value: object) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.recipes:
         from .recipes import recipe_description, recipe_losses, recipe_names
+        from .specs import head_variant
 
         recipes: dict[str, dict[str, Any]] = {
             name: {
@@ -447,6 +452,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             }
             for name in recipe_names()
         }
+        if args.inputs:  # per recipe, {"inputs": {path: [...]}} beside its losses
+            for record in recipes.values():
+                record["inputs"] = {
+                    path: input_spec(str(cfg["type"]), cfg, head_variant(path, cfg))
+                    for path, cfg in record["losses"].items()
+                }
         if args.json:
             print(json.dumps(recipes, indent=2))
             return EXIT_OK
@@ -455,6 +466,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             for path, cfg in record["losses"].items():
                 options = ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "type")
                 print(f"    {path} = {cfg['type']}({options})")
+                if args.inputs:
+                    print(f"        {format_inputs(record['inputs'][path])}")
         return EXIT_OK
 
     import inspect
@@ -508,14 +521,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def input_spec(loss_type: str, config: Mapping[str, Any] | None = None) -> list[dict[str, Any]] | str:
-    """The inputs of ``loss_type`` built with ``config`` (its defaults by default): name, dtype, symbolic shape,
-    optional; or the reason there is no spec (a string)."""
+def input_spec(
+    loss_type: str, config: Mapping[str, Any] | None = None, variant: str | None = None
+) -> list[dict[str, Any]] | str:
+    """The inputs of ``loss_type`` built with ``config`` (its defaults by default) in input ``variant``: name,
+    dtype, symbolic shape, optional; or the reason there is no spec (a string)."""
     from .registry import build_loss
     from .specs import spec_for
 
     try:
-        spec = spec_for(build_loss({"type": loss_type, **(config or {})}))
+        spec = spec_for(build_loss({"type": loss_type, **(config or {})}), variant)
     except (KeyError, TypeError, ValueError) as error:
         return f"(no input spec: {_one_line(error)})"
     return [
@@ -567,11 +582,21 @@ def losses_from_args(args: argparse.Namespace) -> tuple[str, dict[str, dict[str,
     return f"config {args.config}", losses_from_file(args.config)
 
 
+def check_opset(opset: int | None) -> None:
+    """An ``--opset`` the ONNX exporters refuse is a usage mistake, reported before anything is written."""
+    from .export.onnx import MIN_OPSET
+
+    if opset is not None and opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset} is not supported; the loss graphs need opset >= {MIN_OPSET}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     source, losses = losses_from_args(args)
     losses = _select(losses, args.only)
     build_checked(losses)  # every mistake is reported before the announcement below
+    if any(fmt.exporter == "export_onnx" for fmt in formats):
+        check_opset(args.opset)
     plan_exports(losses, args.out, formats, args.overwrite)
     for fmt in formats:
         resolve_exporter(fmt)
@@ -888,6 +913,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             raise UsageError(f"nothing was written: {error}") from None
     if out.resolve() == model.resolve():
         raise UsageError(f"the output {out} is the model itself; write the merged model to another file")
+    check_opset(args.opset)
     check_attach_plan(model, entries)
     if not args.quiet:
         print(

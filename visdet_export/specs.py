@@ -578,6 +578,19 @@ OPTION_CONFIGS: dict[str, dict[str, object]] = {
 CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels"}
 
 
+def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
+    """The input variant a detector's head calls the loss at dotted ``path`` with (None: the loss's default).
+
+    A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: (N, C) logits against class labels, C the
+    background (RPN: one class); named otherwise (FCOS's ``loss_centerness``) it takes one logit per sample and
+    soft targets, the default.
+    """
+    classifies = path.rsplit(".", 1)[-1] == "loss_cls" and config.get("type") == "CrossEntropyLoss"
+    if classifies and config.get("use_sigmoid") and not config.get("use_mask"):
+        return "labels"
+    return None
+
+
 def representative_configs() -> dict[str, dict[str, object]]:
     """Named configurations covering every registered seed loss and option: the runtime matrix's rows."""
     return {**SEED_CONFIGS, **OPTION_CONFIGS}
@@ -591,6 +604,7 @@ __all__ = [
     "SEED_CONFIGS",
     "SampleOptions",
     "TensorSpec",
+    "head_variant",
     "register_spec",
     "representative_configs",
     "spec_for",
