@@ -249,6 +249,21 @@ def test_float_labels_rejected(cfg: dict) -> None:
             loss(torch.randn(3, 4), labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.bool])
+@pytest.mark.parametrize("loss_type", ["FocalLoss", "QualityFocalLoss"])
+def test_labels_of_an_index_dtype_only(loss_type: str, dtype: torch.dtype) -> None:
+    """int64 and int32 labels index the classes; narrower integers get a message rather than gather's error."""
+    loss = build_loss(dict(type=loss_type))
+    pred, labels, scores = torch.randn(3, 4), torch.tensor([0, 1, 4]), torch.rand(3)
+
+    def call(module: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        return module(pred, (labels, scores)) if loss_type == "QualityFocalLoss" else module(pred, labels)
+
+    with pytest.raises(ValueError, match=f"must be int64 \\(or int32\\), got {dtype}"):
+        call(loss, labels.to(dtype))
+    assert torch.equal(call(loss, labels.int()), call(loss, labels))
+
+
 def test_float_mask_labels_rejected() -> None:
     with pytest.raises(ValueError, match="integer|floating"):
         build_loss(dict(type="CrossEntropyLoss", use_mask=True))(
@@ -300,9 +315,10 @@ def test_invalid_reduction_override(name: str, override: str) -> None:
 
 
 def test_iou_linear_true_is_deprecated_and_linear() -> None:
-    with pytest.warns(DeprecationWarning, match="linear"):
+    with pytest.warns(DeprecationWarning, match="linear") as record:
         legacy = build_loss(dict(type="IoULoss", linear=True))
     assert legacy.mode == "linear"
+    assert [w.filename for w in record] == [__file__]  # the caller's line, through the registry
     pred, target = boxes(6, seed=1), boxes(6, seed=2)
     linear = build_loss(dict(type="IoULoss", mode="linear"))
     torch.testing.assert_close(legacy(pred, target), linear(pred, target), rtol=0, atol=0)

@@ -489,9 +489,9 @@ def test_dfl_targets_exact() -> None:
     reg_max = 16
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(4, reg_max + 1, generator=g, dtype=F64, requires_grad=True)
-    target = torch.tensor([0.0, 7.3, reg_max - 1e-6, float(reg_max)], dtype=F64)
+    target = torch.tensor([0.0, 7.3, reg_max - 1e-6, float(reg_max)], dtype=F64, requires_grad=True)
     out = build_loss(dict(type="DistributionFocalLoss", reg_max=reg_max, reduction="none"))(pred, target)
-    (grad,) = torch.autograd.grad(out.sum(), pred)
+    grad, target_grad = torch.autograd.grad(out.sum(), (pred, target))
     assert_finite(out)
     assert_finite(grad)
     logp = torch.log_softmax(pred.detach(), dim=1)
@@ -505,6 +505,28 @@ def test_dfl_targets_exact() -> None:
     # at reg_max the gradient is the one of CE towards the last bin
     onehot = F.one_hot(torch.tensor(reg_max), reg_max + 1).double()
     torch.testing.assert_close(grad[3], torch.softmax(pred.detach()[3], 0) - onehot, **TOL)
+    # a trained target's derivative, log S_l - log S_(l+1) of its two bins: at 0 and at reg_max the one from inside
+    left = [0, 7, reg_max - 1, reg_max - 1]
+    want = torch.stack([logp[row, bin_] - logp[row, bin_ + 1] for row, bin_ in enumerate(left)])
+    torch.testing.assert_close(target_grad, want, **TOL)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_dfl_targets_outside_the_bins_give_nan_not_a_negative_loss(runtime: str) -> None:
+    """visdet indexes past the bins and fails; a loss from weights outside [0, 1] would be negative and train."""
+    cfg = dict(type="DistributionFocalLoss", reduction="none")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    pred = torch.randn(6, 17, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    target = torch.tensor([30.0, 16.5, -0.5, float("nan"), 0.0, 16.0])
+    out = loss(pred, target)
+    assert out[:4].isnan().all() and out[4:].isfinite().all() and (out[4:] > 0).all()
+    # weight 0 masks them, value and gradient
+    weight = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    masked = loss(pred, target, weight)
+    (grad,) = torch.autograd.grad(masked.sum(), pred)
+    assert masked.isfinite().all() and grad.isfinite().all() and (grad[:4] == 0).all()
 
 
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------

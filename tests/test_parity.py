@@ -504,14 +504,18 @@ def test_gradients_of_trained_targets_and_weights(case_id: str) -> None:
     for name, g, w in zip(leaves, got, want):
         w = torch.zeros_like(g) if w is None else w
         if name == "target" and case.cfg["type"] in ("QualityFocalLoss", "DistributionFocalLoss"):
-            # where the reference's indexing, not the loss, decides (gradcheck below covers these): QFL's dense
-            # scores of exactly 0 are its negatives, which get no gradient; DFL's targets at reg_max step to a bin
-            # past the last one, where the derivative from inside [0, reg_max] is ours
+            # where the reference's indexing, not the loss, decides: QFL's dense scores of exactly 0 are its
+            # negatives, which get no gradient (gradcheck below covers them); DFL's targets at reg_max step to a bin
+            # past the last one, where the derivative from inside [0, reg_max] is ours (test_edge_cases)
             t = leaves["target"].detach()
             beside = (t == 0) if case.cfg["type"] == "QualityFocalLoss" else (t == inputs["pred"].size(1) - 1)
             g, w = g.where(~beside, 0.0), w.where(~beside, 0.0)
         torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{name}: {m}")
     names = list(leaves)
+    if case.cfg["type"] == "DistributionFocalLoss":
+        # a numerical derivative at exactly 0 or reg_max steps outside [0, reg_max], where the loss is NaN
+        reg_max = inputs["pred"].size(1) - 1
+        leaves["target"] = leaves["target"].detach().clamp(1e-3, reg_max - 1e-3).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda *xs: loss(*arguments(dict(zip(names, xs)))), tuple(leaves.values()), fast_mode=True
     )

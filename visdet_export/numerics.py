@@ -244,6 +244,13 @@ def check_same_shape(pred: Tensor, target: Tensor, target_name: str) -> None:
         )
 
 
+def check_index_dtype(labels: Tensor, what: str) -> None:
+    """Labels that index classes (``gather``) are int64, as MMDetection's, or int32."""
+    if labels.dtype != torch.int64 and labels.dtype != torch.int32:
+        got = "another dtype" if torch.jit.is_scripting() else str(labels.dtype)  # scripted dtypes print as numbers
+        raise ValueError(what + " must be int64 (or int32), got " + got)
+
+
 def aligned_box_iou(
     pred: Tensor, target: Tensor, eps: float, generalized: bool = False, keep: Optional[Tensor] = None
 ) -> Tensor:

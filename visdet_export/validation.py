@@ -7,6 +7,9 @@ allowed, so a bad config fails once, when the loss is built, and never inside a 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Optional
 
@@ -76,3 +79,13 @@ def check_class_weight(value: object) -> Optional[list[float]]:
     return [
         check_float(f"class_weight[{i}]", item, minimum=0.0, maximum=FLOAT32_MAX) for i, item in enumerate(value)
     ]
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside this package: the user's line, whether the loss was
+    built directly or through the registry, so that Python's default filters show a DeprecationWarning there."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -14,6 +14,7 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    check_index_dtype,
     class_matches,
     compiled_training,
     compiling_graph,
@@ -51,6 +52,7 @@ def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
         )
     if labels.is_floating_point():
         raise ValueError("QualityFocalLoss labels must be integers, got a floating-point tensor")
+    check_index_dtype(labels, "QualityFocalLoss labels")
 
 
 def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
@@ -267,7 +269,7 @@ def distribution_focal_loss(
         \mathrm{DFL} = -\big((y_{i+1} - y)\log S_i + (y - y_i)\log S_{i+1}\big), \quad y_i = \lfloor y \rfloor
 
     A target exactly at ``reg_max`` puts all its mass on the last bin (visdet indexes bin ``reg_max + 1`` there
-    and fails). Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
+    and fails); a target outside [0, reg_max] gives a NaN loss (visdet fails, and a negative loss would train). Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
     node that onnxruntime rejects at N = 0.
 
     Args:
@@ -292,12 +294,16 @@ def distribution_focal_loss(
         target = zero_where_unweighted(target, keep)
         keep_rows = None if keep is None else keep.unsqueeze(1)
     reg_max = pred.size(1) - 1
+    # A target outside [0, reg_max] (or NaN) has no two bins around it (visdet indexes past the bins and fails):
+    # its bins are read at 0 and its weights are NaN, so that its loss is NaN rather than a negative number.
+    in_range = (target >= 0) & (target <= reg_max)
+    binned = torch.where(in_range, target, 0.0)
     # a target at reg_max takes the last two bins, all its mass on the last: its derivative is the one from inside
     # [0, reg_max] (with the last bin twice it was 0)
-    left_bin = target.floor().clamp(0, max(reg_max - 1, 0))
+    left_bin = binned.floor().clamp(0, max(reg_max - 1, 0))
     # (N, 1) columns: the two bins around the target and their weights, which sum to 1
-    left_weight = (left_bin + 1.0 - target).unsqueeze(1)
-    right_weight = (target - left_bin).unsqueeze(1)
+    left_weight = torch.where(in_range, left_bin + 1.0 - target, float("nan")).unsqueeze(1)
+    right_weight = torch.where(in_range, target - left_bin, float("nan")).unsqueeze(1)
     # the right bin computed on (N,): onnxruntime broadcasts a scalar into (N, 1) element by element (see
     # numerics.label_positions)
     left = left_bin.long()

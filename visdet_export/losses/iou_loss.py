@@ -7,7 +7,6 @@ early return on all-zero weights.
 """
 
 
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from ..numerics import (
     weight_keep_mask,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_bool, check_choice, check_float
+from ..validation import check_bool, check_choice, check_float, warn_caller
 from .base import WeightedLoss
 
 IOU_MODES = ("linear", "square", "log")
@@ -305,9 +304,7 @@ class IoULoss(WeightedLoss):
         super().__init__(reduction, loss_weight)
         self.mode = check_choice("mode", mode, IOU_MODES)
         if check_bool("linear", linear):
-            warnings.warn(
-                'IoULoss(linear=True) is deprecated; use mode="linear"', DeprecationWarning, stacklevel=2
-            )
+            warn_caller('IoULoss(linear=True) is deprecated; use mode="linear"', DeprecationWarning)
             self.mode = "linear"
         self.eps = check_float("eps", eps, minimum=0.0, min_inclusive=False)
 
