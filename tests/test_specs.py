@@ -49,7 +49,9 @@ def test_an_unknown_free_size_is_refused():
     ("path", "config", "variant"),
     [
         ("rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),  # (N, 1), background 1
+        ("model.rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),
         ("bbox_head.loss_centerness", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # one logit, soft target
+        ("loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # YOLOv3: one-hot float targets
         ("roi_head.bbox_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=False), None),
         ("roi_head.mask_head.loss_mask", dict(type="CrossEntropyLoss", use_mask=True), None),
         ("bbox_head.loss_cls", dict(type="FocalLoss"), None),

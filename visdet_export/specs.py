@@ -581,12 +581,12 @@ CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels"}
 def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     """The input variant a detector's head calls the loss at dotted ``path`` with (None: the loss's default).
 
-    A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: (N, C) logits against class labels, C the
-    background (RPN: one class); named otherwise (FCOS's ``loss_centerness``) it takes one logit per sample and
-    soft targets, the default.
+    The RPN head (``rpn_head.loss_cls``, a sigmoid ``CrossEntropyLoss``) classifies (N, 1) objectness logits against
+    labels, 1 the background: the labels layout. Elsewhere a sigmoid CE takes targets of the logits' shape (FCOS's
+    centerness; YOLOv3's one-hot, possibly smoothed, class targets, flattened), the default layout.
     """
-    classifies = path.rsplit(".", 1)[-1] == "loss_cls" and config.get("type") == "CrossEntropyLoss"
-    if classifies and config.get("use_sigmoid") and not config.get("use_mask"):
+    rpn = path == "rpn_head.loss_cls" or path.endswith(".rpn_head.loss_cls")
+    if rpn and config.get("type") == "CrossEntropyLoss" and config.get("use_sigmoid") and not config.get("use_mask"):
         return "labels"
     return None
 
