@@ -146,9 +146,11 @@ def pt2_bundle_check(cpp_program: cpp.BuiltRunner, runner_cache) -> cpp.BundleCh
 def test_pt2_bundle_in_cpp_covers_every_config_at_mixed_sizes(pt2_bundle_check: cpp.BundleCheck) -> None:
     assert set(pt2_bundle_check.entries) == set(CONFIG_NAMES)
     calls = pt2_bundle_check.calls
-    assert all(len(set(call.values())) > 1 for call in calls[:-1])  # entries at different N in one call
-    assert all(0 in call.values() and any(call.values()) for call in calls[:-1])  # some entries at N = 0
-    assert not any(calls[-1].values())  # and one call with every entry empty
+    rotation, empty, smaller = calls[:-2], calls[-2], calls[-1]
+    assert all(len(set(call.values())) > 1 for call in rotation)  # entries at different N in one call
+    assert all(0 in call.values() and any(call.values()) for call in rotation)  # some entries at N = 0
+    assert not any(empty.values())  # one call with every entry empty
+    assert set(smaller.values()) == {7}  # and one at other class / bin / mask sizes than the exported ones
     for name in CONFIG_NAMES:
         assert {0, 1, 2, 7} <= {call[name] for call in calls}
         assert max(call[name] for call in calls) >= 2
@@ -156,12 +158,14 @@ def test_pt2_bundle_in_cpp_covers_every_config_at_mixed_sizes(pt2_bundle_check: 
 
 @needs_pt2
 @pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_pt2_bundle_in_cpp_matches_eager(pt2_bundle_check: cpp.BundleCheck, name: str) -> None:
+def test_pt2_bundle_in_cpp_matches_eager(pt2_bundle_check: cpp.BundleCheck, runner_cache, name: str) -> None:
     """Loss and d loss / d pred of every entry, C++ (AOTIModelPackageLoader) vs eager autograd, rtol 1e-6."""
     report = pt2_bundle_check.entries[name]
     assert report.ok, f"{name}: " + "\n".join(report.failures())
     assert len(report.cases) == len(pt2_bundle_check.calls)
     assert all(case.forward is not None and case.backward is not None for case in report.cases)
+    free = ",".join(f"{symbol}={size}" for symbol, size in runner_cache.loss(name)[1].smaller_sizes().items())
+    assert report.cases[-1].name == f"call{len(report.cases) - 1}/N=7" + (f",{free}" if free else "")
 
 
 @needs_pt2

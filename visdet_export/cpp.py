@@ -688,25 +688,30 @@ def check_pt2_bundle(
 
     The losses are rebuilt from the manifest's configurations. Each call feeds every entry at its own N
     (:func:`bundle_calls`: a rotation of ``sizes``, where ``"large"`` is :func:`large_size` within ``budget``
-    prediction elements, then all entries at N = 0), positionally in the manifest's input order.
+    prediction elements, then all entries at N = 0), positionally in the manifest's input order; a last call feeds
+    every entry N = 7 at the smaller free sizes its manifest names (20 classes, 4 DFL bins, 7 x 7 masks).
     """
     from .export.artifacts import read_manifest
+    from .export.verify import SMALLER_SIZES_N, declared_free_sizes
 
     package = Path(path)
     manifest = read_manifest(package)
     if not manifest.get("bundle"):
         raise ValueError(f"{package.name} is not a bundle (export_pt2_bundle); use check_pt2")
     entries = []
+    free_sizes: dict[str, dict[str, int]] = {}
     for item in manifest["entries"]:
         module = build_loss(dict(item["config"]))
         spec = spec_for(module, item.get("variant"))
         names = [str(i["name"]) for i in item["inputs"]]
         entries.append((str(item["name"]), module, spec, names, bool(item.get("joint")), list(item["outputs"])))
+        free_sizes[str(item["name"])] = declared_free_sizes(item, spec)
     per_entry = {
         name: [large_size(spec, budget) if n == "large" else int(n) for n in sizes]
         for name, _, spec, _, _, _ in entries
     }
     calls = bundle_calls([e[0] for e in entries], per_entry)
+    calls.append({e[0]: SMALLER_SIZES_N for e in entries})
     flat_inputs = [str(i["name"]) for i in manifest["inputs"]]
     flat_outputs = [str(name) for name in manifest["outputs"]]
     start = time.perf_counter()
@@ -715,8 +720,10 @@ def check_pt2_bundle(
     for k, call in enumerate(calls):
         feed: dict[str, Tensor] = {}
         want: dict[str, list[Tensor] | Exception] = {}
+        last = k == len(calls) - 1
         for i, (name, module, spec, names, joint, _) in enumerate(entries):
-            drawn = spec.sample(module, call[name], seed=seed + 1000 * k + i, include=names)
+            options = SampleOptions(sizes=free_sizes[name] if last else {})
+            drawn = spec.sample(module, call[name], seed=seed + 1000 * k + i, options=options, include=names)
             case = Case(name, [drawn[n] for n in names], grad=False)
             feed.update({f"{name}/{n}": drawn[n] for n in names})
             want[name] = _expect(pt2_eager_outputs, module, spec, names, case, joint)
@@ -735,6 +742,8 @@ def check_pt2_bundle(
         )
         for name, _, _, _, _, outs in entries:
             label = f"call{k}/N={call[name]}"
+            if k == len(calls) - 1:
+                label += "".join(f",{symbol}={size}" for symbol, size in free_sizes[name].items())
             value = want[name]
             if isinstance(value, BaseException):
                 note = None if got["error"] else f"eager PyTorch raised ({value}) but C++ returned a result"

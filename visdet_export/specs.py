@@ -1,11 +1,11 @@
 """Input specs: for every registered loss, one source of truth for its inputs.
 
-A :class:`LossSpec` names each input, gives its dtype and its shape, and says how the inputs map onto the loss's
+A :class:`LossSpec` names each input, gives its dtype and its shape, says how the inputs map onto the loss's
 ``forward``, and draws valid random inputs. A shape holds the symbolic sample count ``"N"``, symbols for the sizes
 the configuration leaves free (``"C"`` classes, ``"B"`` DFL bins, ``"H"`` / ``"W"`` mask sizes: exported graphs
 take any value, random inputs a default of :attr:`LossSpec.sizes`), and the sizes the configuration fixes as
-integers (a class weight fixes the classes, four box coordinates). Tests, export, verification and benchmarks all use it, so a loss
-registered later with a spec is covered by all of them.
+integers (a class weight fixes the classes; boxes have four coordinates). Tests, export, verification and
+benchmarks all use it, so a loss registered later with a spec is covered by all of them.
 
 >>> from visdet_export import build_loss
 >>> loss = build_loss(dict(type="FocalLoss"))
