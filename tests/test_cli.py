@@ -204,6 +204,20 @@ def test_export_gives_each_loss_the_input_layout_of_its_head(fake, capsys, tmp_p
     ]
 
 
+def test_export_loss_variant_reaches_the_exporter_and_is_checked_first(fake, capsys, tmp_path):
+    argv = ["export", "--loss", "QualityFocalLoss", "--variant", "dense", "--format", "onnx,ts", "--out", str(tmp_path)]
+    code, _, err = run(capsys, *argv, "-q")
+    assert code == 0, err
+    assert fake.calls == [
+        ("onnx", "QualityFocalLoss.onnx", {"variant": "dense"}),
+        ("torchscript", "QualityFocalLoss.ts.pt", {"variant": "dense"}),
+    ]
+    code, _, err = run(capsys, "export", "--loss", "GIoULoss", "--variant", "dense", "--out", str(tmp_path / "x"))
+    assert code == 2 and "GIoULoss has no input variant 'dense'" in err and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "export", "--recipe", "gfl", "--variant", "dense", "--out", str(tmp_path / "y"))
+    assert code == 2 and "--variant applies to --loss only" in err
+
+
 def test_an_opset_below_the_exporters_is_refused_before_anything_is_written(fake, capsys, tmp_path):
     argv = ["export", "--recipe", "gfl", "--format", "torchscript,onnx", "--opset", "12", "--out", str(tmp_path)]
     code, _, err = run(capsys, *argv)

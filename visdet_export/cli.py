@@ -4,7 +4,7 @@ Commands::
 
     visdet-export export (--loss CFG | --recipe NAME | --config FILE) --out DIR
                          [--format onnx,torchscript,pt2,onnx-joint,pt2-joint] [--only PATH,...] [--name NAME]
-                         [--overwrite] [--no-verify] [--opset N] [--quiet]
+                         [--variant NAME] [--overwrite] [--no-verify] [--opset N] [--quiet]
     visdet-export list [--recipes] [--inputs] [--json]
     visdet-export verify PATH... [--seed N]
     visdet-export attach MODEL.onnx OUT.onnx --spec ATTACH.json [--opset N] [--overwrite]
@@ -89,12 +89,14 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 @dataclass(frozen=True)
 class Job:
-    """One artifact to write: the loss at ``path`` in ``fmt`` to ``target``."""
+    """One artifact to write: the loss at ``path`` in ``fmt`` to ``target``, in input ``variant`` (None: the
+    loss's default)."""
 
     path: str
     config: Mapping[str, Any]
     fmt: Format
     target: Path
+    variant: str | None = None
 
 
 @dataclass
@@ -139,11 +141,23 @@ def artifact_name(path: str, fmt: Format) -> str:
     return f"{path}{fmt.suffix}"
 
 
-def build_checked(losses: Mapping[str, Mapping[str, Any]]) -> None:
-    """Build every loss and look up its input spec, so a bad entry fails before anything is written."""
+def input_variants(
+    losses: Mapping[str, Mapping[str, Any]], variants: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
+    """The input variant each loss is exported in: ``variants[path]`` where given, else the layout its detector
+    head calls it with (:func:`visdet_export.specs.head_variant`)."""
+    from .specs import head_variant
+
+    return {path: (variants or {}).get(path, head_variant(path, cfg)) for path, cfg in losses.items()}
+
+
+def build_checked(losses: Mapping[str, Mapping[str, Any]], variants: Mapping[str, str] | None = None) -> None:
+    """Build every loss and look up its input spec (in its variant), so a bad entry fails before anything is
+    written."""
     from .registry import build_loss
     from .specs import spec_for
 
+    chosen = input_variants(losses, variants)
     for path, cfg in losses.items():
         try:
             loss = build_loss(dict(cfg))
@@ -152,16 +166,20 @@ def build_checked(losses: Mapping[str, Mapping[str, Any]]) -> None:
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{path}: {cfg!r} cannot be built: {error}") from None
         try:
-            spec_for(loss)
+            spec_for(loss, chosen[path])
         except (KeyError, ValueError) as error:
             message = error.args[0] if error.args else str(error)
             raise ConfigError(f"{path}: {message}") from None
 
 
 def plan_exports(
-    losses: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike[str], formats: Sequence[Format], overwrite: bool
+    losses: Mapping[str, Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[Format],
+    overwrite: bool,
+    variants: Mapping[str, str] | None = None,
 ) -> list[Job]:
-    """The artifacts to write, after checking every target up front.
+    """The artifacts to write, after checking every target up front (``variants``: see :func:`input_variants`).
 
     Raises:
         UsageError: ``out_dir`` is a symlink or a file, a target (or its manifest) exists and ``overwrite`` is
@@ -174,10 +192,11 @@ def plan_exports(
         raise UsageError(f"--out {out} exists and is not a directory")
     jobs: list[Job] = []
     problems: list[str] = []
+    chosen = input_variants(losses, variants)
     for path, cfg in losses.items():
         for fmt in formats:
             target = out / artifact_name(path, fmt)
-            jobs.append(Job(path, cfg, fmt, target))
+            jobs.append(Job(path, cfg, fmt, target, chosen[path]))
             for candidate in (target, Path(f"{target}.json")):
                 if candidate.is_symlink():
                     problems.append(f"{candidate} is a symlink (refused even with --overwrite)")
@@ -217,15 +236,13 @@ def resolve_exporter(fmt: Format) -> Callable[..., Any]:
 
 def _run_job(job: Job, *, verify: bool, overwrite: bool, opset: int | None) -> Result:
     from .export.artifacts import read_manifest
-    from .specs import head_variant
 
     exporter = resolve_exporter(job.fmt)
     options: dict[str, Any] = dict(job.fmt.options)
     if opset is not None and job.fmt.exporter == "export_onnx":
         options["opset"] = opset
-    variant = head_variant(job.path, job.config)
-    if variant is not None:
-        options["variant"] = variant
+    if job.variant is not None:
+        options["variant"] = job.variant
     start = time.perf_counter()
     exporter(dict(job.config), job.target, verify=verify, overwrite=overwrite, **options)
     seconds = time.perf_counter() - start
@@ -251,19 +268,21 @@ def export_losses(
     progress: bool = True,
     debug: bool = False,
     stream: TextIO | None = None,
+    variants: Mapping[str, str] | None = None,
 ) -> list[Result]:
     """Export every loss (dotted path -> config) in every format into ``out_dir``; one :class:`Result` each.
 
     Every loss is built and every target checked before the first file is written (see :func:`plan_exports`).
-    A failing artifact is reported in its result and the others still run.
+    A failing artifact is reported in its result and the others still run. ``variants``: see
+    :func:`input_variants`.
 
     Raises:
         ConfigError: a loss cannot be built. UsageError: an output path cannot be used.
     """
     if isinstance(formats, str):
         formats = parse_formats(formats)
-    build_checked(losses)
-    jobs = plan_exports(losses, out_dir, formats, overwrite)
+    build_checked(losses, variants)
+    jobs = plan_exports(losses, out_dir, formats, overwrite, variants)
     for fmt in formats:  # a missing exporter fails before anything is written
         resolve_exporter(fmt)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -574,6 +593,8 @@ def losses_from_args(args: argparse.Namespace) -> tuple[str, dict[str, dict[str,
         return "--loss", {name: cfg}
     if args.name:
         raise UsageError("--name applies to --loss only (a recipe or config names its losses by their paths)")
+    if args.variant:
+        raise UsageError("--variant applies to --loss only (a recipe or config gives each loss its head's layout)")
     if args.recipe is not None:
         from .recipes import recipe_losses, recipe_path
 
@@ -594,10 +615,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     source, losses = losses_from_args(args)
     losses = _select(losses, args.only)
-    build_checked(losses)  # every mistake is reported before the announcement below
+    variants = {path: args.variant for path in losses} if args.variant else None
+    build_checked(losses, variants)  # every mistake is reported before the announcement below
     if any(fmt.exporter == "export_onnx" for fmt in formats):
         check_opset(args.opset)
-    plan_exports(losses, args.out, formats, args.overwrite)
+    plan_exports(losses, args.out, formats, args.overwrite, variants)
     for fmt in formats:
         resolve_exporter(fmt)
     if not args.quiet:
@@ -616,6 +638,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         progress=not args.quiet,
         debug=args.debug,
+        variants=variants,
     )
     print(summary_table(results))
     failed = [r for r in results if not r.ok]
@@ -1040,6 +1063,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p_export.add_argument("--only", metavar="PATH[,PATH]", help="export only these loss paths of the config")
     p_export.add_argument("--name", help="file name stem for --loss (default: its type)")
+    p_export.add_argument(
+        "--variant",
+        help="input layout for --loss, e.g. onehot (FocalLoss), dense (QualityFocalLoss), labels (sigmoid "
+        "CrossEntropyLoss); default: the loss's first (see: list --inputs)",
+    )
     p_export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     p_export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     p_export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
