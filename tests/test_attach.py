@@ -210,6 +210,22 @@ def test_a_loss_graph_takes_the_class_count_of_the_model(kd_graph, workdir):
     np.testing.assert_allclose(value, float(ref), rtol=RTOL, atol=ATOL)
 
 
+def test_one_class_count_fed_two_sizes_is_refused(kd_graph, workdir):
+    """Student logits of 68 classes against teacher logits of 80: both fill the KD graph's C."""
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", width]) for name, width in
+              (("x", 68), ("t", 80), ("student", 68), ("teacher", 80))]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["student"]), helper.make_node("Identity", ["t"], ["teacher"])],
+        "two_heads", values[:2], values[2:],
+    )
+    path = workdir / "two_heads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    mapping = {"pred": "student", "soft_label": "teacher"}
+    with pytest.raises(AttachError, match="'teacher' gives C = 80 but 'student' gives C = 68"):
+        attach_losses(path, [("loss_kd", kd_graph, mapping)], workdir / "never_two.onnx")
+    assert not (workdir / "never_two.onnx").exists()
+
+
 def test_attach_refuses_bad_requests(kd_graph, workdir, merged):
     model_path = _identity_model(workdir / "double.onnx", opset=18, ir_version=10)
     out = workdir / "never.onnx"

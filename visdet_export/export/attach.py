@@ -145,6 +145,26 @@ def _check_compatible(source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, 
         raise AttachError(f"{what}: {source.name!r} has shape {shown[0]} but the loss expects {shown[1]}")
 
 
+def _bind_sizes(
+    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, bound: dict[str, tuple[int, str]], what: str, prefix: str
+) -> None:
+    """Record the static sizes ``source`` gives the symbolic axes of loss input ``target`` (its N, C, ...); one
+    symbol given two sizes (student logits of 68 classes, teacher logits of 80) fails here rather than when run."""
+    _, source_shape = _value_type(source)
+    if source_shape is None:
+        return
+    for dim, size in zip(target.type.tensor_type.shape.dim, source_shape):
+        if not dim.HasField("dim_param") or size is None:
+            continue
+        size_and_source = bound.setdefault(dim.dim_param, (size, source.name))
+        if size_and_source[0] != size:
+            symbol = dim.dim_param.removeprefix(prefix)
+            raise AttachError(
+                f"{what}: {source.name!r} gives {symbol} = {size} but {size_and_source[1]!r} gives "
+                f"{symbol} = {size_and_source[0]}"
+            )
+
+
 # --- loss graphs --------------------------------------------------------------------------------------------------
 
 
@@ -301,14 +321,18 @@ def _merge_one(
     existing_inputs = {value.name: value for value in merged.graph.input}
     io_map: list[tuple[str, str]] = []
     passthrough: list[str] = []
+    bound: dict[str, tuple[int, str]] = {}
     for input_name, source in mapping.items():
         target = loss_inputs[input_name]
+        what = f"loss {name!r} input {input_name!r}"
         if source in model_outputs:
-            _check_compatible(model_outputs[source], target, f"loss {name!r} input {input_name!r}")
+            _check_compatible(model_outputs[source], target, what)
+            _bind_sizes(model_outputs[source], target, bound, what, prefix)
             io_map.append((source, prefix + input_name))
         elif source in existing_inputs:
             # A graph input another loss (or the model) already declared: route it through a temporary output.
-            _check_compatible(existing_inputs[source], target, f"loss {name!r} input {input_name!r}")
+            _check_compatible(existing_inputs[source], target, what)
+            _bind_sizes(existing_inputs[source], target, bound, what, prefix)
             if source not in {value.name for value in merged.graph.output}:
                 merged = _with_output(merged, existing_inputs[source])
                 passthrough.append(source)
