@@ -202,6 +202,11 @@ def test_export_gives_each_loss_the_input_layout_of_its_head(fake, capsys, tmp_p
         ("onnx", "rpn_head.loss_cls.onnx", {"variant": "labels"}),  # (N, 1) logits and labels, as the RPN has them
         ("onnx", "rpn_head.loss_bbox.onnx", {}),
     ]
+    code, _, err = run(capsys, "export", "--recipe", "yolov3", "--format", "onnx", "--out", str(tmp_path / "y"), "-q")
+    assert code == 0, err
+    options = {target: opts for _, target, opts in fake.calls[-4:]}
+    assert options["loss_cls.onnx"] == {"variant": "dense"}  # (N, C) logits, one-hot (smoothed) float targets
+    assert options["loss_conf.onnx"] == options["loss_xy.onnx"] == {}
 
 
 def test_export_loss_variant_reaches_the_exporter_and_is_checked_first(fake, capsys, tmp_path):

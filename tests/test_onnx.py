@@ -160,6 +160,15 @@ def test_one_export_serves_every_size_the_config_leaves_free(exports: Exports, k
         torch.testing.assert_close(got, art.eager(inputs), rtol=RTOL, atol=ATOL)
 
 
+def test_dense_sigmoid_cross_entropy_exports_with_its_gradient(tmp_path: Path) -> None:
+    """YOLOv3 / YOLOX class targets: (N, C) logits and soft targets; the export verifies value and d loss / d pred
+    at its default sizes and at C = 20 (``parity.free_sizes``)."""
+    path = export_onnx(dict(type="CrossEntropyLoss", use_sigmoid=True), tmp_path / "dense.onnx", variant="dense", joint=True)
+    manifest = read_manifest(path)
+    assert manifest["variant"] == "dense" and [item["shape"] for item in manifest["inputs"][:2]] == [["N", "C"]] * 2
+    assert manifest["parity"]["free_sizes"] == {"C": 20}
+
+
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_export_is_valid_and_described(exports: Exports, key: str) -> None:
     art = exports.get(key)

@@ -51,7 +51,8 @@ def test_an_unknown_free_size_is_refused():
         ("rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),  # (N, 1), background 1
         ("model.rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),
         ("bbox_head.loss_centerness", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # one logit, soft target
-        ("loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # YOLOv3: one-hot float targets
+        ("loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "dense"),  # YOLOv3: one-hot float targets
+        ("loss_conf", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # YOLOv3's objectness
         ("roi_head.bbox_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=False), None),
         ("roi_head.mask_head.loss_mask", dict(type="CrossEntropyLoss", use_mask=True), None),
         ("bbox_head.loss_cls", dict(type="FocalLoss"), None),
@@ -62,3 +63,16 @@ def test_head_variant_is_the_layout_the_head_calls_the_loss_with(path, config, v
     spec = spec_for(build_loss(config), variant)
     if variant == "labels":
         assert spec.inputs[0].shape == ("N", "C") and spec.inputs[1].kind == "int64"
+    if variant == "dense":
+        assert spec.inputs[0].shape == spec.inputs[1].shape == ("N", "C") and spec.inputs[1].kind == "float"
+
+
+def test_dense_sigmoid_cross_entropy_is_the_per_class_bce_of_soft_targets():
+    """The dense layout (YOLOv3 / YOLOX class targets) in float64 against BCE-with-logits written out."""
+    loss = build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=2.0))
+    spec = spec_for(loss, "dense")
+    inputs = spec.sample(loss, 9, seed=4, options=SampleOptions(dtype=torch.float64, sizes={"C": 6}))
+    pred, target, weight, avg_factor = (inputs[k] for k in ("pred", "target", "weight", "avg_factor"))
+    bce = torch.clamp(pred, min=0) - pred * target + torch.log1p(torch.exp(-pred.abs()))
+    want = 2.0 * (bce * weight[:, None]).sum() / (avg_factor + torch.finfo(torch.float32).eps)  # visdet's eps
+    torch.testing.assert_close(spec.call(loss, inputs), want, rtol=1e-12, atol=1e-12)

@@ -398,7 +398,9 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes)
 
     if use_sigmoid:
-        variant = _check_variant("CrossEntropyLoss", variant, ("binary", "labels"))
+        # binary: one logit per sample (FCOS centerness); labels: class labels (RPN); dense: soft targets per class
+        # (YOLOv3's one-hot, possibly smoothed, targets and YOLOX's IoU-aware ones, flattened to (N, C))
+        variant = _check_variant("CrossEntropyLoss", variant, ("binary", "labels", "dense"))
     else:
         variant = _check_variant("CrossEntropyLoss", variant, ("labels",))
 
@@ -406,6 +408,10 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         if variant == "binary":
             pred = _logits((n,), generator, options)
             target = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
+        elif variant == "dense":
+            c = class_count(options)
+            pred = _logits((n, c), generator, options)
+            target = torch.rand(n, c, generator=generator, dtype=torch.float64).to(options.dtype)
         else:
             c = class_count(options)
             pred = _logits((n, c), generator, options)
@@ -425,6 +431,11 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     if variant == "binary":
         head = (TensorSpec("pred", ("N",), doc="logits"), TensorSpec("target", ("N",), doc="soft targets in [0, 1]"))
         free = {}
+    elif variant == "dense":
+        head = (
+            TensorSpec("pred", ("N", classes), doc="logits"),
+            TensorSpec("target", ("N", classes), doc="soft targets in [0, 1] per class"),
+        )
     else:
         bg = f", {classes} = background" if use_sigmoid else ""
         head = (
@@ -581,14 +592,16 @@ CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels"}
 def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     """The input variant a detector's head calls the loss at dotted ``path`` with (None: the loss's default).
 
-    The RPN head (``rpn_head.loss_cls``, a sigmoid ``CrossEntropyLoss``) classifies (N, 1) objectness logits against
-    labels, 1 the background: the labels layout. Elsewhere a sigmoid CE takes targets of the logits' shape (FCOS's
-    centerness; YOLOv3's one-hot, possibly smoothed, class targets, flattened), the default layout.
+    A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: in the RPN head (``rpn_head.loss_cls``) (N, 1)
+    objectness logits against labels, 1 the background (the labels layout); elsewhere (YOLOv3's and YOLOX's heads)
+    against soft targets of the logits' shape (N, C) (YOLOv3's one-hot, possibly smoothed, flattened; the dense
+    layout). Named otherwise (FCOS's ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its
+    soft target, the default.
     """
-    rpn = path == "rpn_head.loss_cls" or path.endswith(".rpn_head.loss_cls")
-    if rpn and config.get("type") == "CrossEntropyLoss" and config.get("use_sigmoid") and not config.get("use_mask"):
-        return "labels"
-    return None
+    sigmoid_ce = config.get("type") == "CrossEntropyLoss" and config.get("use_sigmoid") and not config.get("use_mask")
+    if not sigmoid_ce or path.rsplit(".", 1)[-1] != "loss_cls":
+        return None
+    return "labels" if path == "rpn_head.loss_cls" or path.endswith(".rpn_head.loss_cls") else "dense"
 
 
 def representative_configs() -> dict[str, dict[str, object]]:
