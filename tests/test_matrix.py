@@ -145,6 +145,23 @@ def test_autocast_cells_run_inside_autocast_and_skip_the_artifacts():
     assert cell.status == "fail" and cell.reason.startswith("loss at N=7"), cell.reason
 
 
+def test_cells_at_other_free_sizes(runner_cache):
+    """``check_cell(free_sizes=)``: the session's exported focal graph fed 3 and 120 classes, against eager."""
+    graph = runner_cache.runner("focal", "onnx")
+    classes_seen = []
+
+    def recording(inputs, reduction_override):
+        classes_seen.append(inputs["pred"].size(1))
+        return graph(inputs, reduction_override)
+
+    cache = RunnerCache()
+    cache.runners[("focal", "onnx")] = LossRunner("onnx", recording, graph.names, differentiable=False, fixed_graph=True)
+    for classes in (3, 120):
+        cell = check_cell("focal", "onnx", cache, (0, 7), free_sizes={"C": classes})
+        assert cell.status == "pass", cell.reason
+    assert classes_seen == [3, 3, 120, 120]
+
+
 def test_check_cli_autocast(capsys):
     argv = ["--runtimes", "eager,pt2", "--configs", "focal_activated", "--sizes", "0,7", "-q"]
     assert check_main([*argv, "--autocast", "bfloat16"]) == 0

@@ -371,19 +371,31 @@ def test_nan_and_inf_where_the_weight_is_zero_change_nothing(configured, call, p
     assert (grad[masked] == 0).all()
 
 
+#: The range each free size is drawn from: classes, DFL bins (reg_max >= 1), mask sides.
+FREE_SIZE_RANGES = {"C": (1, 100), "B": (2, 24), "H": (1, 32), "W": (1, 32)}
+
+
 @settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(CONFIG_NAMES),
     st.sampled_from(RUNTIMES),
     st.lists(st.integers(0, 300), min_size=1, max_size=3),
     st.integers(0, 2**31 - 1),
+    st.data(),
 )
-def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runtime, sizes, seed):
+def test_runtimes_match_eager_at_fresh_sizes_and_seeds(runner_cache, name, runtime, sizes, seed, data):
     """The runtime matrix's cells (the same cached runners, compiled or exported once per session) at sample
     counts and seeds drawn anew: dynamic shapes and every input draw, not only N in {0, 1, 7, 1000} at seed 0.
-    A compiled loss keeps its one graph through every N drawn, 0 and 1 included."""
+    A compiled loss keeps its one graph through every N drawn, 0 and 1 included. Scripted code and the exported
+    graphs also get class / bin / mask sizes drawn anew (a compiled graph recompiles for those, by design)."""
     key, options = runner_options(name, runtime, backend=compile_backend(name))
-    cell = check_cell(name, runtime, runner_cache, sizes, seed=seed, runner_key=key, runner_options=options)
+    free = None
+    if runtime != "compile":
+        symbols = sorted(runner_cache.loss(name)[1].sizes)
+        free = {symbol: data.draw(st.integers(*FREE_SIZE_RANGES[symbol]), label=symbol) for symbol in symbols}
+    cell = check_cell(
+        name, runtime, runner_cache, sizes, seed=seed, runner_key=key, runner_options=options, free_sizes=free
+    )
     assert cell.status == "pass", cell.reason
     if runtime == "compile":
         assert runner_cache.runner(name, runtime, key=key, **options).graph_count() == 1

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .registry import build_loss
 from .runtimes import RUNTIMES, LossRunner, build_runner
-from .specs import CONFIG_VARIANTS, LossSpec, representative_configs, spec_for
+from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
 
 DEFAULT_SIZES = (0, 1, 7, 1000)
 DEFAULT_RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
@@ -221,10 +221,12 @@ def check_cell(
     tolerance: Optional[Mapping[str, float]] = None,
     device: Optional[torch.device] = None,
     autocast: Optional[torch.dtype] = None,
+    free_sizes: Optional[Mapping[str, int]] = None,
 ) -> Cell:
     """Compare configuration ``name`` in ``runtime`` with eager at every size (values, and gradients where the
     runtime is differentiable); with ``device``, ``runtime`` runs there against eager on the CPU; with
-    ``autocast``, inside ``torch.autocast`` of that dtype against eager outside it."""
+    ``autocast``, inside ``torch.autocast`` of that dtype against eager outside it; with ``free_sizes``, inputs
+    of those class / bin / mask sizes (``{"C": 20}``) instead of the spec's defaults."""
     start = time.perf_counter()
     loss, spec = cache.loss(name)
     cell = Cell(name, spec.loss_type, runtime, "pass")
@@ -244,7 +246,9 @@ def check_cell(
         for index, n in enumerate(sizes):
             n = spec.capped(n)
             cell.sizes.append(n)
-            drawn = spec.sample(loss, n, seed=seed + index, include=list(runner.names))
+            drawn = spec.sample(
+                loss, n, seed=seed + index, options=SampleOptions(sizes=free_sizes or {}), include=list(runner.names)
+            )
             inputs = {key: drawn[key] for key in runner.names if key in drawn}
             grad = runner.differentiable or bool(getattr(runner, "joint", False))
             want, want_grad = _value_and_grad(eager, inputs, spec.pred, grad)
