@@ -19,9 +19,10 @@ import pytest
 import torch
 from conftest import CONFIG_NAMES
 
+from visdet_export import build_loss
 from visdet_export.check import runner_options
 from visdet_export.export.artifacts import ArtifactError
-from visdet_export.export.joint import eager_joint
+from visdet_export.export.joint import eager_joint, select_inputs
 from visdet_export.export.pt2 import (
     EXPORT_PARITY_SIZES,
     bundle_entries,
@@ -32,7 +33,7 @@ from visdet_export.export.pt2 import (
 )
 from visdet_export.export.verify import TOLERANCES, verify
 from visdet_export.runtimes import default_names
-from visdet_export.specs import SampleOptions
+from visdet_export.specs import SampleOptions, spec_for
 
 SIZES = (0, 64, 1000)
 TOL = TOLERANCES["pt2"]
@@ -170,3 +171,27 @@ def test_recipe_bundle_export_verifies_and_records_parity(tmp_path):
 def test_bundle_entries_rejects_bad_requests(losses, joint, match):
     with pytest.raises(ValueError, match=match):
         bundle_entries(losses, joint=joint)
+
+
+FREE_SIZE_LAYOUTS = [
+    (dict(type="FocalLoss"), "labels"), (dict(type="FocalLoss"), "onehot"),
+    (dict(type="QualityFocalLoss"), "pair"), (dict(type="QualityFocalLoss"), "dense"),
+    (dict(type="DistributionFocalLoss"), None), (dict(type="CrossEntropyLoss"), None),
+    (dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),
+    (dict(type="CrossEntropyLoss", use_sigmoid=True), "dense"),
+    (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "dense"),
+    (dict(type="CrossEntropyLoss", use_mask=True), None), (dict(type="KnowledgeDistillationKLDivLoss"), None),
+]
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["loss", "joint"])
+@pytest.mark.parametrize(("cfg", "variant"), FREE_SIZE_LAYOUTS, ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_every_layout_with_free_sizes_exports_without_a_guard_on_them(cfg, variant, joint):
+    """torch.export with every free size dynamic: a guard on one (a check that C != 1 in the reduction, say) fails
+    the export ("Constraints violated (C)"), as it did for sigmoid CE's dense layout."""
+    loss = build_loss(cfg)
+    spec = spec_for(loss, variant)
+    summed = cfg.get("reduction") == "sum"  # visdet refuses avg_factor there
+    names = select_inputs(spec, [t.name for t in spec.inputs if t.optional and not (t.name == "avg_factor" and summed)])
+    program = export_program(loss, spec, names, joint=joint)
+    assert program.graph_module is not None and spec.sizes

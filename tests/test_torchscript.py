@@ -151,3 +151,17 @@ def test_existing_file_is_not_overwritten(tmp_path):
     with pytest.raises(ArtifactError, match="exists"):
         export_torchscript("L1Loss", path)
     assert export_torchscript("L1Loss", path, overwrite=True) == path
+
+
+@pytest.mark.parametrize("path", ["loss_cls", "loss_wh"])
+def test_sum_reduction_losses_export_without_avg_factor(tmp_path, path):
+    """YOLOv3's losses sum: visdet refuses avg_factor there, so the parity check feeds none (it fed one and every
+    reduction="sum" export failed)."""
+    from visdet_export.recipes import recipe_losses
+
+    cfg = recipe_losses("yolov3")[path]
+    assert cfg["reduction"] == "sum"
+    target = export_torchscript(cfg, tmp_path / f"{path}.ts.pt")
+    manifest = json.loads((tmp_path / f"{path}.ts.pt.json").read_text())
+    assert [item["name"] for item in manifest["inputs"]] == ["pred", "target", "weight"]
+    assert verify(target, seed=1)["passed"]

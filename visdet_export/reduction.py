@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .numerics import compute_dtype
 
@@ -66,11 +67,19 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
 
 
 def _per_row(loss: Tensor, weight: Tensor) -> bool:
-    """True for a weight constant along ``loss``'s last dimension (a per-sample weight (N, 1) of (N, C) losses)."""
+    """True for a weight constant along ``loss``'s last dimension (a per-sample weight (N, 1) of (N, C) losses),
+    whatever C is (C = 1 included: the row sums are the elements). A weight of a symbolic width (the free class
+    count of an exported graph) is not known to be 1: it takes the general path rather than a guard on C."""
     return (
-        loss.dim() >= 2 and weight.dim() == loss.dim() and weight.size(-1) == 1 and loss.size(-1) > 1
+        loss.dim() >= 2 and weight.dim() == loss.dim() and _known_to_be_one(weight.size(-1))
         and weight.shape[:-1] == loss.shape[:-1]
     )
+
+
+def _known_to_be_one(size: int) -> bool:
+    if torch.jit.is_scripting():
+        return size == 1
+    return statically_known_true(size == 1)
 
 
 def weight_reduce_loss(

@@ -174,20 +174,16 @@ class ExportPlan:
         joint: bool,
         overwrite: bool,
     ) -> "ExportPlan":
-        """``optional_inputs=None`` keeps every input of the spec (a scripted module takes them all); otherwise
-        the requested optional inputs the loss takes, less ``avg_factor`` under ``reduction="sum"`` (which
-        rejects it)."""
+        """The inputs: the required ones and the requested optional ones (``None``: every optional input of the
+        spec, as a scripted module takes them all), less ``avg_factor`` under ``reduction="sum"``, which rejects
+        it."""
         from .joint import select_inputs
 
         loss = as_loss(loss_or_cfg)
         spec = spec_for(loss, variant)
-        if optional_inputs is None:
-            names = spec.names
-        else:
-            rejects_avg_factor = getattr(loss, "reduction", None) == "sum"
-            names = select_inputs(
-                spec, [name for name in optional_inputs if not (name == "avg_factor" and rejects_avg_factor)]
-            )
+        requested = [t.name for t in spec.inputs if t.optional] if optional_inputs is None else list(optional_inputs)
+        rejects_avg_factor = getattr(loss, "reduction", None) == "sum"
+        names = select_inputs(spec, [name for name in requested if not (name == "avg_factor" and rejects_avg_factor)])
         target = check_output_path(Path(path), overwrite)
         check_output_path(manifest_path(target), overwrite)
         outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]

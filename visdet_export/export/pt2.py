@@ -72,7 +72,8 @@ Runner = Any  # Callable[[Mapping[str, Tensor]], list[Tensor]] with ``input_name
 def export_program(
     loss: nn.Module, spec: LossSpec, names: Sequence[str], *, joint: bool = False
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of the loss (or its joint loss + gradient graph) with a dynamic N in [0, inf)."""
+    """``torch.export`` of the loss (or its joint loss + gradient graph) with a dynamic N in [0, inf) and dynamic
+    free sizes (classes, bins, mask sides) in [1, inf)."""
     names = list(names)
     example = example_inputs(loss, spec, names)
     module = joint_module(loss, spec, names, example=example) if joint else spec.bind(loss, names)
