@@ -190,6 +190,7 @@ def test_export_is_valid_and_described(exports: Exports, key: str) -> None:
     assert m["config"] == json.loads(props["visdet_export.config"])
     assert [entry["name"] for entry in m["inputs"]] == art.spec.names and m["outputs"] == ["loss"]
     assert m["inputs"][0]["shape"][0] == "N"
+    assert not any(entry["optional"] for entry in m["inputs"])  # the graph needs every input it lists
     # Free sizes (classes, bins, mask sizes) stay symbolic in the graph; sizes the configuration fixes do not.
     assert [entry["shape"] for entry in m["inputs"]] == [list(t.shape) for t in art.spec.inputs if t.name in art.names]
     assert m["dynamic_dims"] == {s: {"min": 0 if s == "N" else 1} for s in art.spec.symbols(art.names)}

@@ -123,6 +123,8 @@ def test_manifest_config_and_verify(runner_cache, scripted_files, name):
     assert manifest["format"] == "torchscript" and manifest["loss_type"] == spec.loss_type
     assert manifest["config"] == embedded_config(path) == json.loads(json.dumps(loss_config(loss)))
     assert [entry["name"] for entry in manifest["inputs"]] == spec.names
+    # a scripted module's optional arguments may be left out
+    assert [entry["optional"] for entry in manifest["inputs"]] == [t.optional for t in spec.inputs]
     assert manifest["parity"]["sizes"][0] == 0
     report = verify(path, seed=1)
     assert report["passed"]

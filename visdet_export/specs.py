@@ -437,10 +437,11 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("target", ("N", classes), doc="soft targets in [0, 1] per class"),
         )
     else:
-        bg = f", {classes} = background" if use_sigmoid else ""
+        # sigmoid: C itself is the background (an all-zero row); softmax: every label in [0, C) is a class
+        labels = f"labels in [0, {classes}], {classes} = background" if use_sigmoid else f"labels in [0, {classes})"
         head = (
             TensorSpec("pred", ("N", classes), doc="logits"),
-            TensorSpec("target", ("N",), INT64, doc=f"labels in [0, {classes}){bg}; {ignore_index} = ignored"),
+            TensorSpec("target", ("N",), INT64, doc=f"{labels}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
     return LossSpec("CrossEntropyLoss", variant, inputs, sample, _standard_caller, free)

@@ -102,14 +102,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def describe_inputs(spec: LossSpec, names: list[str], float_dtype: torch.dtype) -> list[dict[str, Any]]:
+def describe_inputs(
+    spec: LossSpec, names: list[str], float_dtype: torch.dtype, fixed_graph: bool
+) -> list[dict[str, Any]]:
+    """The manifest's inputs. ``optional``: the artifact runs without it (a scripted module's optional argument);
+    a fixed graph (ONNX, ``.pt2``) needs every input it lists."""
     by_name = {t.name: t for t in spec.inputs}
     return [
         {
             "name": name,
             "dtype": str(by_name[name].dtype(float_dtype)).replace("torch.", ""),
             "shape": list(by_name[name].shape),
-            "optional": by_name[name].optional,
+            "optional": by_name[name].optional and not fixed_graph,
             "doc": by_name[name].doc,
         }
         for name in names
@@ -196,7 +200,7 @@ class ExportPlan:
             "config": self.config,
             "loss_type": self.spec.loss_type,
             "variant": self.spec.variant,
-            "inputs": describe_inputs(self.spec, self.names, torch.float32),
+            "inputs": describe_inputs(self.spec, self.names, torch.float32, fixed_graph=fmt != "torchscript"),
             "outputs": self.outputs,
             "joint": self.joint,
             "dtype": "float32",

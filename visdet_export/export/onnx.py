@@ -1,7 +1,8 @@
 """ONNX export of a loss (optionally with its gradient), and an onnxruntime runner for the written files.
 
 :func:`export_onnx` traces the loss with ``torch.onnx.export(..., dynamo=True)``: one dynamic sample count N
-(min 0) shared by every N-sized input, class / bin / mask sizes fixed, the hyper-parameters as constants (and, as
+(min 0) shared by every N-sized input, the free class / bin / mask sizes dynamic too (min 1; those a configuration
+fixes, such as a class weight's classes, static), the hyper-parameters as constants (and, as
 the loss config in JSON, in the model's ``metadata_props``). Graph inputs are the spec's input names (the
 included optional ones among them: ``weight``, and ``avg_factor`` as a 0-d float tensor); outputs are ``loss``
 and, for ``joint=True``, ``grad_pred`` (see :mod:`.joint`). The file is written atomically, checked with
@@ -16,7 +17,8 @@ on the exported graphs.
 
 Post-export passes then make the written graphs faster in onnxruntime (CPU) without changing their values:
 :func:`branch_free_selects`, :func:`late_weight_masks`, :func:`accurate_total_sums` (precision) and
-:func:`unmasked_while_finite`; each documents what it rewrites and why.
+:func:`unmasked_while_finite`; each documents what it rewrites and why. :func:`drop_unused_initializers` removes
+what the exporter and the passes leave unread.
 """
 
 from __future__ import annotations

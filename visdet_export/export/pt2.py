@@ -332,7 +332,7 @@ def _bundle_manifest_entries(entries: Sequence[BundleEntry]) -> list[dict[str, A
             "joint": entry.joint,
             "dim": entry.dims[SAMPLES],
             "dims": entry.dims,
-            "inputs": describe_inputs(entry.spec, list(entry.names), torch.float32),
+            "inputs": describe_inputs(entry.spec, list(entry.names), torch.float32, fixed_graph=True),
             "outputs": entry.outputs,
         }
         for entry in entries
