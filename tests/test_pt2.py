@@ -195,3 +195,20 @@ def test_every_layout_with_free_sizes_exports_without_a_guard_on_them(cfg, varia
     names = select_inputs(spec, [t.name for t in spec.inputs if t.optional and not (t.name == "avg_factor" and summed)])
     program = export_program(loss, spec, names, joint=joint)
     assert program.graph_module is not None and spec.sizes
+
+
+def test_a_loaded_package_checks_its_inputs(runner_cache):
+    """AOTInductor reads whatever memory it is given: the runner refuses what the package was not compiled for."""
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    run = load_runner(runner_cache.runner("dfl", "pt2", key=key, **options).path)
+    loss, spec = runner_cache.loss("dfl")
+    inputs = spec.sample(loss, 6, seed=0, include=run.input_names)
+    assert run(inputs)[0].isfinite().all()
+    mistakes = [
+        ({"pred": inputs["pred"].double()}, "input 'pred' is float64; the package takes float32"),
+        ({"weight": inputs["weight"][:5]}, "input 'weight' has N = 5 but 'pred' has N = 6"),
+        ({"target": inputs["target"][:, None]}, r"input 'target' has shape \(6, 1\); the package takes \['N'\]"),
+    ]
+    for change, message in mistakes:
+        with pytest.raises(ArtifactError, match=message):
+            run({**inputs, **change})

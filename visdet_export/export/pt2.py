@@ -125,19 +125,54 @@ def write_package(
     return parity
 
 
-def _runner(package: Any, names: Sequence[str], outputs: Sequence[str], label: str) -> Runner:
+def _runner(
+    package: Any,
+    names: Sequence[str],
+    outputs: Sequence[str],
+    label: str,
+    described: Optional[Sequence[Mapping[str, Any]]] = None,
+) -> Runner:
+    """A runner over ``package``; with the manifest's ``described`` inputs, each call checks its inputs first."""
     names = list(names)
 
     def run(inputs: Mapping[str, Tensor]) -> list[Tensor]:
         missing = [name for name in names if name not in inputs]
         if missing:
             raise ArtifactError(f"missing input(s) {missing} for {label} (inputs: {names})")
+        if described is not None:
+            check_inputs(described, [inputs[name] for name in names], label)
         result = package(*[inputs[name].contiguous() for name in names])
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
     run.input_names = names  # type: ignore[attr-defined]
     run.output_names = list(outputs)  # type: ignore[attr-defined]
     return run
+
+
+def check_inputs(described: Sequence[Mapping[str, Any]], tensors: Sequence[Tensor], label: str) -> None:
+    """Raise :class:`ArtifactError` unless ``tensors`` have the dtypes and sizes ``described`` (manifest inputs)
+    give, each symbol (N, C, ...) one size across them. An AOTInductor package reads its inputs' memory as what
+    it was compiled for and checks nothing (unless ``AOTI_RUNTIME_CHECK_INPUTS=1``): int32 labels, float64
+    logits or a weight one row short give wrong numbers, not an error."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for item, tensor in zip(described, tensors, strict=True):
+        name, shape = item["name"], list(item["shape"])
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != item["dtype"]:
+            raise ArtifactError(f"{label}: input {name!r} is {dtype}; the package takes {item['dtype']}")
+        if tensor.dim() != len(shape):
+            raise ArtifactError(f"{label}: input {name!r} has shape {tuple(tensor.shape)}; the package takes {shape}")
+        for dim, size in zip(shape, tensor.shape):
+            if isinstance(dim, int) and size != dim:
+                raise ArtifactError(
+                    f"{label}: input {name!r} has shape {tuple(tensor.shape)}; the package takes {shape}"
+                )
+            if isinstance(dim, str):
+                first = sizes.setdefault(dim, (int(size), name))
+                if first[0] != size:
+                    raise ArtifactError(
+                        f"{label}: input {name!r} has {dim} = {size} but {first[1]!r} has {dim} = {first[0]}"
+                    )
 
 
 def load_runner(
@@ -165,7 +200,7 @@ def load_runner(
         package = torch._inductor.aoti_load_package(source)
     except Exception as exc:
         raise ArtifactError(f"{path.name} does not load as an AOTInductor package: {exc}") from exc
-    runner = _runner(package, names, outputs, path.name)
+    runner = _runner(package, names, outputs, path.name, manifest["inputs"])
     runner.manifest = dict(manifest)
     runner.path = path
     return runner if entry is None else entry_runner(runner, entry)
