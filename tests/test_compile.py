@@ -250,3 +250,54 @@ def test_compiled_distribution_focal_bins_and_masked_rows():
     assert (grad[[5, 7, 8]] == 0).all() and (value[[5, 7, 8]] == 0).all()
     logp = torch.log_softmax(pred[4], 0)
     torch.testing.assert_close(value[4], -logp[reg_max], rtol=1e-12, atol=1e-12)
+
+
+# Losses whose compiled training path is an autograd.Function (the closed forms saved by the forward), twice in one
+# graph: a head's focal + QFL (TOOD), Cascade R-CNN's three SmoothL1 stages, student and teacher terms.
+FUNCTION_PAIRS = [
+    (dict(type="FocalLoss"), dict(type="FocalLoss")),
+    (dict(type="FocalLoss"), dict(type="QualityFocalLoss")),
+    (dict(type="QualityFocalLoss", beta=1.5), dict(type="CrossEntropyLoss", use_sigmoid=True)),
+    (dict(type="L1Loss"), dict(type="L1Loss")),
+    (dict(type="SmoothL1Loss", beta=0.5), dict(type="SmoothL1Loss", beta=0.5)),
+    (dict(type="BalancedL1Loss"), dict(type="BalancedL1Loss")),
+    (dict(type="MSELoss"), dict(type="IoULoss")),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), FUNCTION_PAIRS, ids=lambda c: c["type"])
+def test_two_closed_form_losses_in_one_compiled_graph(first, second):
+    """With dynamic=True, a float that reaches an autograd.Function's forward from outside it is symbolic, and
+    Dynamo failed to lift it when the second loss traced the same Function (an AssertionError, no graph)."""
+    from visdet_export import build_loss
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 21, (8,), generator=g)
+    boxes = torch.rand(8, 2, generator=g) * 50
+    boxes = torch.cat([boxes, boxes + 5 + torch.rand(8, 2, generator=g) * 20], 1)
+
+    def arguments(cfg, pred):
+        if cfg["type"] == "QualityFocalLoss":
+            return pred, (labels, torch.rand(8, generator=torch.Generator().manual_seed(1))), torch.rand(8)
+        if cfg["type"] in ("FocalLoss", "CrossEntropyLoss"):
+            return pred, labels, torch.rand(8)
+        return pred, boxes, torch.rand(8) if cfg["type"] == "IoULoss" else torch.rand(8, 4)
+
+    def draw(cfg):
+        classes = cfg["type"] in ("FocalLoss", "QualityFocalLoss", "CrossEntropyLoss")
+        return (torch.randn(8, 20, generator=g) if classes else boxes + torch.randn(8, 4, generator=g)).requires_grad_()
+
+    losses = [build_loss(cfg) for cfg in (first, second)]
+    preds = [draw(cfg) for cfg in (first, second)]
+    calls = [arguments(cfg, pred) for cfg, pred in zip((first, second), preds)]
+
+    def step():
+        return losses[0](*calls[0]) + losses[1](*calls[1])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")()
+    got = torch.autograd.grad(compiled, preds)
+    want = torch.autograd.grad(step(), preds)
+    torch.testing.assert_close(compiled, step())
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want)

@@ -724,7 +724,8 @@ def closed_form_regression(
             when they take no gradient (eager only).
     """
     if compiling_graph():
-        loss = _SavedRegressionGradient.apply(masked_difference(pred, target, weight), terms, grad_scale)
+        fused_terms = terms if grad_scale == 1.0 else _scaled_terms(terms, grad_scale)
+        loss = _SavedRegressionGradient.apply(masked_difference(pred, target, weight), fused_terms)
         return loss if weight is None else loss * weight
     with_grad = needs_grad(pred)
     folded_weight = (  # weighted inside the terms rather than multiplied by the result
@@ -980,30 +981,34 @@ def closed_form_path(pred: Tensor, target: Tensor) -> bool:
     return eager_closed_form(pred, target, None) or compiled_training(pred, target)
 
 
-# log1p(e) / e on [0, 1] as a degree-8 polynomial (least squares on 4000 Chebyshev nodes, reweighted towards the
-# minimax fit; relative error 3.3e-8 in float64, at most 2.0e-7 evaluated in float32 by Horner, against 1.2e-7 for
-# ATen's log1p). log1p is the costliest call of the focal kernels in inductor's C++ (a compiled pass over 8M floats,
-# 1 thread: ~7 ms with log1p, ~3 ms with exp, ~2.3 ms reading alone; fused after the exp, 12-20 ms); the
-# polynomial is 9 multiply-adds. Multiplying by e keeps the relative precision of small e (confident predictions).
-_LOG1P_UNIT_COEFFICIENTS = (
-    0.9999999726842322,
-    -0.4999952752291577,
-    0.33319796351268216,
-    -0.2484844412005971,
-    0.19127053545411968,
-    -0.13707443816676126,
-    0.07874149384701012,
-    -0.029819001867156917,
-    0.0053103944643550964,
-)
-
-
 def log1p_unit(decay: Tensor) -> Tensor:
-    """``log1p(e)`` for ``e`` in [0, 1]: the polynomial above in float32, ATen's log1p in other dtypes."""
+    """``log1p(e)`` for ``e`` in [0, 1]: a polynomial in float32, ATen's log1p in other dtypes.
+
+    ``log1p(e) / e`` on [0, 1] as a degree-8 polynomial (least squares on 4000 Chebyshev nodes, reweighted towards
+    the minimax fit; relative error 3.3e-8 in float64, at most 2.0e-7 evaluated in float32 by Horner, against
+    1.2e-7 for ATen's log1p). log1p is the costliest call of the focal kernels in inductor's C++ (a compiled pass
+    over 8M floats, 1 thread: ~7 ms with log1p, ~3 ms with exp, ~2.3 ms reading alone; fused after the exp, 12-20
+    ms); the polynomial is 9 multiply-adds. Multiplying by e keeps the relative precision of small e (confident
+    predictions).
+    """
     if decay.dtype != torch.float32:
         return torch.log1p(decay)
-    poly = decay * _LOG1P_UNIT_COEFFICIENTS[-1] + _LOG1P_UNIT_COEFFICIENTS[-2]
-    for coefficient in _LOG1P_UNIT_COEFFICIENTS[-3::-1]:
+    # A local constant, not a module global: Dynamo lifts a global tuple read inside an autograd.Function into the
+    # root graph on the first Function it traces and fails on the second (two focal / QFL losses in one compiled
+    # function with dynamic=True: "lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
+    coefficients = (
+        0.9999999726842322,
+        -0.4999952752291577,
+        0.33319796351268216,
+        -0.2484844412005971,
+        0.19127053545411968,
+        -0.13707443816676126,
+        0.07874149384701012,
+        -0.029819001867156917,
+        0.0053103944643550964,
+    )
+    poly = decay * coefficients[-1] + coefficients[-2]
+    for coefficient in coefficients[-3::-1]:
         poly = poly * decay + coefficient
     return decay * poly
 
@@ -1146,19 +1151,30 @@ class _SavedRegressionGradient(torch.autograd.Function):
     partitioner keeps these derivatives as they are."""
 
     @staticmethod
-    def forward(
-        ctx: Any, diff: Tensor, terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]], grad_scale: float
-    ) -> Tensor:
+    def forward(ctx: Any, diff: Tensor, terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]]) -> Tensor:
         value, grad = terms(diff.clone(), True)
         ctx.save_for_backward(grad)
-        ctx.grad_scale = grad_scale
         return value
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (grad,) = ctx.saved_tensors
-        return grad * (grad_output * ctx.grad_scale), None, None
+        return grad * grad_output, None
+
+
+def _scaled_terms(
+    terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]], scale: float
+) -> Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]]:
+    """``terms`` whose derivative comes out times ``scale``, for :class:`_SavedRegressionGradient`: a float given
+    to ``apply`` (or kept on ``ctx``) is symbolic under ``dynamic=True``, and Dynamo fails to lift it when a second
+    loss traces the Function in the same graph ("lift_tracked_freevar_to_input should not be called on root")."""
+
+    def scaled(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+        value, grad = terms(diff, with_grad)
+        return value, None if grad is None else grad * scale
+
+    return scaled
 
 
 def keep_saved_gradient(loss: Tensor, grad: Tensor, reduction: str) -> Tensor:

@@ -58,9 +58,10 @@ def _balanced_l1(diff: Tensor, alpha: float, gamma: float, beta: float) -> Tenso
 def _balanced_l1_closed_form(
     pred: Tensor, target: Tensor, weight: Optional[Tensor], alpha: float, gamma: float, beta: float
 ) -> Tensor:
-    b = math.exp(gamma / alpha) - 1.0
-
     def terms(diff: Tensor, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+        # computed here, inside numerics' autograd Function under torch.compile: a float computed outside and
+        # read inside is symbolic there, which Dynamo fails to lift when a second loss traces the Function
+        b = math.exp(gamma / alpha) - 1.0
         sign = diff.sign() if with_grad else None
         distance = diff.abs_()
         inlier = distance.clamp(max=beta)
