@@ -301,3 +301,23 @@ def test_two_closed_form_losses_in_one_compiled_graph(first, second):
     torch.testing.assert_close(compiled, step())
     for g_got, g_want in zip(got, want):
         torch.testing.assert_close(g_got, g_want)
+
+
+def test_dfl_bins_reshaped_from_an_unbacked_head_output():
+    """A GFL head's DFL bins are ``reg.reshape(-1, reg_max + 1)`` of an N-row output: with N unbacked, 4 N rows
+    against a target of its own unbacked length. The input checks assert equal sizes when the graph runs instead
+    of guarding while tracing ("Could not guard on data-dependent expression Ne(40, 4*u0)" before)."""
+    from visdet_export import build_loss
+
+    dfl = build_loss(dict(type="DistributionFocalLoss"))
+    compiled = torch.compile(lambda r, t: dfl(r.reshape(-1, 8), t), fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (10, 3):
+        reg = torch.randn(n, 32, requires_grad=True)
+        target = torch.rand(4 * n) * 6.9
+        torch._dynamo.decorators.mark_unbacked(reg, 0)
+        torch._dynamo.decorators.mark_unbacked(target, 0)
+        got = compiled(reg, target)
+        (grad,) = torch.autograd.grad(got, reg)
+        want = dfl(reg.reshape(-1, 8), target)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, reg)[0])

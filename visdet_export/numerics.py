@@ -227,7 +227,7 @@ def row_weighted_inputs(
     pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None
-    if weight.dim() != 1 or weight.size(0) != pred.size(0):
+    if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
         raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
     keep = weight_keep_mask(weight.unsqueeze(1))
     if mask and keep is not None:
@@ -236,9 +236,36 @@ def row_weighted_inputs(
     return pred, target, weight, keep
 
 
+def same_size(a: int, b: int) -> bool:
+    """``a == b`` for the input checks. Under torch.compile it is asserted when the graph runs instead of guarded
+    while tracing: sizes the compiler cannot compare (an unbacked N against 4 N from a reshape, DFL's bins of a
+    GFL head) need no guard, which fails the trace ("Could not guard on data-dependent expression")."""
+    if torch.jit.is_scripting():
+        return a == b
+    return _asserted_equal(a, b)
+
+
+@torch.jit.unused
+def _asserted_equal(a: int, b: int) -> bool:
+    if torch.compiler.is_compiling():
+        torch._check(a == b, lambda: "the sizes of two inputs of a loss differ")
+        return True
+    return a == b
+
+
+def same_shape(x: Tensor, y: Tensor) -> bool:
+    """The same number of dimensions, each :func:`same_size`."""
+    if x.dim() != y.dim():
+        return False
+    for dim in range(x.dim()):
+        if not same_size(x.size(dim), y.size(dim)):
+            return False
+    return True
+
+
 def check_same_shape(pred: Tensor, target: Tensor, target_name: str) -> None:
     """Shapes must match exactly: a silent (N, 1) against (N,) broadcast would give an (N, N) loss."""
-    if pred.shape != target.shape:
+    if not same_shape(pred, target):
         raise ValueError(
             "pred and " + target_name + " must have the same shape, got " + str(pred.shape) + " and " + str(target.shape)
         )

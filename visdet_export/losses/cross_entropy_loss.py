@@ -31,6 +31,8 @@ from ..numerics import (
     masked_inputs,
     needs_grad,
     replace_at_labels,
+    same_shape,
+    same_size,
     select_kept_outputs_,
     softplus,
     weight_keep_mask,
@@ -78,7 +80,7 @@ def softmax_cross_entropy(
     Returns:
         Tensor[N, *] for "none", else Tensor[].
     """
-    if pred.dim() < 2 or label.dim() != pred.dim() - 1 or label.size(0) != pred.size(0):
+    if pred.dim() < 2 or label.dim() != pred.dim() - 1 or not same_size(label.size(0), pred.size(0)):
         raise ValueError(
             "expected pred (N, C, ...) and label (N, ...), got " + str(pred.shape) + " and " + str(label.shape)
         )
@@ -180,7 +182,7 @@ def binary_cross_entropy(
     pred = pred.to(dtype)
     index_labels = pred.dim() != label.dim()
     if index_labels:
-        if pred.dim() != 2 or label.dim() != 1 or label.size(0) != pred.size(0):
+        if pred.dim() != 2 or label.dim() != 1 or not same_size(label.size(0), pred.size(0)):
             raise ValueError(
                 "expected pred (N, C) with labels (N,) or targets of pred's shape, got "
                 + str(pred.shape) + " and " + str(label.shape)
@@ -189,11 +191,11 @@ def binary_cross_entropy(
         # one row of the (N, C) problem per label: masks and weights stay (N, 1) and broadcast
         valid = _not_ignored(label, ignore_index).unsqueeze(1)
         if weight is not None:
-            if weight.dim() != 1 or weight.size(0) != pred.size(0):
+            if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
                 raise ValueError("weight must have shape (N,) with index labels, got " + str(weight.shape))
             weight = weight.unsqueeze(1)
     else:
-        if pred.shape != label.shape:
+        if not same_shape(pred, label):
             raise ValueError("pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape))
         # masked once below by ``keep``, which implies ``valid`` (where it does not, the element weight is NaN)
         valid = _not_ignored(label, ignore_index)
@@ -355,7 +357,13 @@ def mask_cross_entropy(
             "expected pred (R, C, H, W), target (R, H, W) and label (R,), got "
             + str(pred.shape) + ", " + str(target.shape) + " and " + str(label.shape)
         )
-    if target.shape != (pred.size(0), pred.size(2), pred.size(3)) or label.size(0) != pred.size(0):
+    if (
+        target.dim() != 3
+        or not same_size(target.size(0), pred.size(0))
+        or not same_size(target.size(1), pred.size(2))
+        or not same_size(target.size(2), pred.size(3))
+        or not same_size(label.size(0), pred.size(0))
+    ):
         raise ValueError(
             "mask target must be (R, H, W) and label (R,) for pred " + str(pred.shape) + ", got "
             + str(target.shape) + " and " + str(label.shape)

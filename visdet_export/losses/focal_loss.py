@@ -30,6 +30,8 @@ from ..numerics import (
     negative_focal_terms,
     pow_nonnegative,
     replace_at_labels,
+    same_shape,
+    same_size,
     scatter_class_values,
     select_kept_outputs_,
     sigmoid_pair,
@@ -44,7 +46,7 @@ from .base import WeightedLoss
 
 def check_class_labels(pred: Tensor, target: Tensor) -> None:
     """Raise unless ``pred`` is (N, C) and ``target`` (N,) integer class labels."""
-    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
+    if pred.dim() != 2 or target.dim() != 1 or not same_size(target.size(0), pred.size(0)):
         raise ValueError(
             "expected pred (N, C) with labels (N,) or one-hot targets (N, C), got "
             + str(pred.shape) + " and " + str(target.shape)
@@ -64,7 +66,7 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
         pred (Tensor[N, C]), target (Tensor[N] int or Tensor[N, C]).
     """
     if target.dim() == pred.dim():
-        if target.shape != pred.shape:
+        if not same_shape(target, pred):
             raise ValueError(
                 "one-hot target must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
             )
@@ -80,7 +82,7 @@ def per_class_weight(weight: Tensor, pred: Tensor) -> Tensor:
     """A weight of shape (N,), (N, C) or flattened (N * C,) as a tensor broadcastable to ``pred`` (N, C)."""
     if weight.dim() == pred.dim():
         return weight
-    if weight.dim() == 1 and weight.size(0) == pred.size(0):
+    if weight.dim() == 1 and same_size(weight.size(0), pred.size(0)):
         return weight.unsqueeze(1)
     if weight.numel() != pred.numel():
         raise ValueError(

@@ -32,6 +32,8 @@ from ..numerics import (
     quality_focal_with_saved_gradient,
     replace_at_labels,
     row_weighted_inputs,
+    same_shape,
+    same_size,
     scatter_class_values,
     select_kept_outputs_,
     sigmoid_pair,
@@ -45,7 +47,7 @@ from .base import WeightedLoss
 
 
 def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
-    if labels.dim() != 1 or scores.shape != labels.shape or pred.dim() != 2 or pred.size(0) != labels.size(0):
+    if labels.dim() != 1 or not same_shape(scores, labels) or pred.dim() != 2 or not same_size(pred.size(0), labels.size(0)):
         raise ValueError(
             "expected pred (N, C), labels (N,) and scores (N,), got "
             + str(pred.shape) + ", " + str(labels.shape) + " and " + str(scores.shape)
@@ -239,7 +241,7 @@ class QualityFocalLoss(WeightedLoss):
     ) -> Tensor:
         reduction = resolve_reduction(self.reduction, reduction_override)
         if isinstance(target, Tensor):
-            if target.shape != pred.shape:
+            if not same_shape(target, pred):
                 raise ValueError(
                     "dense targets must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
                 )
@@ -280,7 +282,7 @@ def distribution_focal_loss(
     Returns:
         Tensor[N] for "none", else Tensor[].
     """
-    if pred.dim() != 2 or target.dim() != 1 or target.size(0) != pred.size(0):
+    if pred.dim() != 2 or target.dim() != 1 or not same_size(target.size(0), pred.size(0)):
         raise ValueError(
             "expected pred (N, reg_max + 1) and target (N,), got " + str(pred.shape) + " and " + str(target.shape)
         )

@@ -21,6 +21,7 @@ from ..numerics import (
     eager_closed_form,
     max_side_weight,
     needs_grad,
+    same_size,
     saved_gradient_dtype,
     select_kept_,
     upcast_inputs,
@@ -54,7 +55,7 @@ def box_inputs(
     if weight.dim() == 2:
         check_same_shape(pred, weight, "weight")
         weight = weight.mean(-1)
-    elif weight.dim() != 1 or weight.size(0) != pred.size(0):
+    elif weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
         raise ValueError("weight must have shape (N,) or (N, 4), got " + str(weight.shape))
     return pred, target, weight, weight_keep_mask(weight)
 

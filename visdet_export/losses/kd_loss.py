@@ -15,7 +15,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import compute_dtype, row_weighted_inputs, weight_keep_mask, zero_where_unweighted
+from ..numerics import (
+    compute_dtype,
+    row_weighted_inputs,
+    same_shape,
+    same_size,
+    weight_keep_mask,
+    zero_where_unweighted,
+)
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, check_int
 from .base import WeightedLoss
@@ -83,7 +90,7 @@ def knowledge_distillation_kl_div_loss(
         >>> loss = knowledge_distillation_kl_div_loss(pred, torch.randn(6, 5), T=2.0)
         >>> loss.backward()
     """
-    if pred.dim() != 2 or soft_label.shape != pred.shape:
+    if pred.dim() != 2 or not same_shape(soft_label, pred):
         raise ValueError(
             "expected pred (N, C) and soft_label of the same shape, got "
             + str(pred.shape) + " and " + str(soft_label.shape)
@@ -159,7 +166,7 @@ def localization_distillation_loss(
         Tensor[N, 4] for "none", else Tensor[].
     """
     bins = reg_max + 1
-    if pred.dim() != 2 or pred.size(1) != 4 * bins or soft_label.shape != pred.shape:
+    if pred.dim() != 2 or pred.size(1) != 4 * bins or not same_shape(soft_label, pred):
         raise ValueError(
             "expected pred and soft_label of shape (N, 4 * (reg_max + 1)) = (N, " + str(4 * bins) + "), got "
             + str(pred.shape) + " and " + str(soft_label.shape)
@@ -171,9 +178,9 @@ def localization_distillation_loss(
     soft_label = soft_label.to(dtype).reshape(n, 4, bins)
     if weight is not None:
         weight = weight.to(dtype)
-        if weight.dim() == 1 and weight.size(0) == pred.size(0):
+        if weight.dim() == 1 and same_size(weight.size(0), pred.size(0)):
             weight = weight.unsqueeze(1)
-        elif weight.dim() != 2 or weight.size(0) != pred.size(0) or weight.size(1) != 4:
+        elif weight.dim() != 2 or not same_size(weight.size(0), pred.size(0)) or weight.size(1) != 4:
             raise ValueError(
                 "weight must have shape (N,) or (N, 4) for pred " + str(pred.shape) + ", got " + str(weight.shape)
             )
