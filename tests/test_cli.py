@@ -206,7 +206,8 @@ def test_export_gives_each_loss_the_input_layout_of_its_head(fake, capsys, tmp_p
     assert code == 0, err
     options = {target: opts for _, target, opts in fake.calls[-4:]}
     assert options["loss_cls.onnx"] == {"variant": "dense"}  # (N, C) logits, one-hot (smoothed) float targets
-    assert options["loss_conf.onnx"] == options["loss_xy.onnx"] == {}
+    assert options["loss_xy.onnx"] == {"variant": "dense"}  # (N, 2) centre offsets and their soft targets
+    assert options["loss_conf.onnx"] == options["loss_wh.onnx"] == {}
 
 
 def test_export_loss_variant_reaches_the_exporter_and_is_checked_first(fake, capsys, tmp_path):

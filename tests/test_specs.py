@@ -53,6 +53,7 @@ def test_an_unknown_free_size_is_refused():
         ("bbox_head.loss_centerness", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # one logit, soft target
         ("loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "dense"),  # YOLOv3: one-hot float targets
         ("loss_conf", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # YOLOv3's objectness
+        ("bbox_head.loss_xy", dict(type="CrossEntropyLoss", use_sigmoid=True), "dense"),  # YOLOv3's (N, 2) offsets
         ("roi_head.bbox_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=False), None),
         ("roi_head.mask_head.loss_mask", dict(type="CrossEntropyLoss", use_mask=True), None),
         ("bbox_head.loss_cls", dict(type="FocalLoss"), None),

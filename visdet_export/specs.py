@@ -596,11 +596,12 @@ def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: in the RPN head (``rpn_head.loss_cls``) (N, 1)
     objectness logits against labels, 1 the background (the labels layout); elsewhere (YOLOv3's and YOLOX's heads)
     against soft targets of the logits' shape (N, C) (YOLOv3's one-hot, possibly smoothed, flattened; the dense
-    layout). Named otherwise (FCOS's ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its
-    soft target, the default.
+    layout), as YOLOv3's ``loss_xy`` does for its (N, 2) centre offsets. Named otherwise (FCOS's
+    ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its soft target, the default.
     """
     sigmoid_ce = config.get("type") == "CrossEntropyLoss" and config.get("use_sigmoid") and not config.get("use_mask")
-    if not sigmoid_ce or path.rsplit(".", 1)[-1] != "loss_cls":
+    name = path.rsplit(".", 1)[-1]
+    if not sigmoid_ce or name not in ("loss_cls", "loss_xy"):
         return None
     return "labels" if path == "rpn_head.loss_cls" or path.endswith(".rpn_head.loss_cls") else "dense"
 
