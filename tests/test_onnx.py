@@ -148,6 +148,7 @@ def saturate(inputs: dict[str, Tensor], logit: float) -> dict[str, Tensor]:
         ("kd_kl_div", "C", 2),
         ("dfl", "B", 8),  # reg_max 7
         ("ce_mask", "H", 14),
+        ("mse", "D", 2),  # YOLOv3's wh
     ],
 )
 def test_one_export_serves_every_size_the_config_leaves_free(exports: Exports, key: str, symbol: str, size: int) -> None:

@@ -371,8 +371,8 @@ def test_nan_and_inf_where_the_weight_is_zero_change_nothing(configured, call, p
     assert (grad[masked] == 0).all()
 
 
-#: The range each free size is drawn from: classes, DFL bins (reg_max >= 1), mask sides.
-FREE_SIZE_RANGES = {"C": (1, 100), "B": (2, 24), "H": (1, 32), "W": (1, 32)}
+#: The range each free size is drawn from: classes, DFL bins (reg_max >= 1), mask sides, regression values.
+FREE_SIZE_RANGES = {"C": (1, 100), "B": (2, 24), "H": (1, 32), "W": (1, 32), "D": (1, 8)}
 
 
 @settings(max_examples=SLOW_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])

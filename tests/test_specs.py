@@ -36,7 +36,8 @@ def test_the_configuration_fixes_what_the_loss_checks():
     assert ld.inputs[0].shape == ("N", 32)
     mask = spec_for(build_loss(dict(type="CrossEntropyLoss", use_mask=True)))
     assert mask.inputs[0].shape == ("N", "C", "H", "W") and mask.inputs[1].shape == ("N", "H", "W")
-    assert spec_for(build_loss(dict(type="GIoULoss"))).symbols() == ["N"]
+    assert spec_for(build_loss(dict(type="GIoULoss"))).symbols() == ["N"]  # boxes: four coordinates
+    assert spec_for(build_loss(dict(type="MSELoss"))).inputs[0].shape == ("N", "D")  # 4 deltas, YOLOv3's 2 wh
 
 
 def test_an_unknown_free_size_is_refused():

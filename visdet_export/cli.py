@@ -533,9 +533,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         blocks.append(f"{name}({parameters})\n{block}")
     print("\n\n".join(blocks))
     print(
-        "\nN: the number of samples; C: classes, B: DFL bins (reg_max + 1), H x W: mask size (free: exported "
-        "graphs take any, random inputs draw 80, 17, 28 x 28); integers: fixed by the configuration; float: the "
-        "data's floating dtype (float32 by default)"
+        "\nN: the number of samples; C: classes, B: DFL bins (reg_max + 1), H x W: mask size, D: values per sample "
+        "(free: exported graphs take any, random inputs draw 80, 17, 28 x 28, 4); integers: fixed by the "
+        "configuration; float: the data's floating dtype (float32 by default)"
     )
     return EXIT_OK
 

@@ -2,9 +2,9 @@
 
 A :class:`LossSpec` names each input, gives its dtype and its shape, says how the inputs map onto the loss's
 ``forward``, and draws valid random inputs. A shape holds the symbolic sample count ``"N"``, symbols for the sizes
-the configuration leaves free (``"C"`` classes, ``"B"`` DFL bins, ``"H"`` / ``"W"`` mask sizes: exported graphs
-take any value, random inputs a default of :attr:`LossSpec.sizes`), and the sizes the configuration fixes as
-integers (a class weight fixes the classes; boxes have four coordinates). Tests, export, verification and
+the configuration leaves free (``"C"`` classes, ``"B"`` DFL bins, ``"H"`` / ``"W"`` mask sizes, ``"D"`` values per
+sample of a regression loss: exported graphs take any value, random inputs a default of :attr:`LossSpec.sizes`),
+and the sizes the configuration fixes as integers (a class weight fixes the classes; boxes have four coordinates). Tests, export, verification and
 benchmarks all use it, so a loss registered later with a spec is covered by all of them.
 
 >>> from visdet_export import build_loss
@@ -452,22 +452,24 @@ def _regression_spec(loss_type: str) -> SpecBuilder:
         variant = _check_variant(loss_type, variant, ("deltas",))
 
         def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
-            target = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-            pred = target + torch.randn(n, 4, generator=generator, dtype=torch.float64) * 1.5
+            d = options.sizes["D"]
+            target = torch.randn(n, d, generator=generator, dtype=torch.float64)
+            pred = target + torch.randn(n, d, generator=generator, dtype=torch.float64) * 1.5
             return {
                 "pred": pred.to(options.dtype),
                 "target": target.to(options.dtype),
-                "weight": _weights((n, 4), generator, options),
+                "weight": _weights((n, d), generator, options),
                 "avg_factor": _avg_factor(n, generator, options),
             }
 
+        # D: the values per sample, 4 box deltas by default (YOLOv3's wh: 2)
         inputs = (
-            TensorSpec("pred", ("N", 4), doc="box deltas"),
-            TensorSpec("target", ("N", 4), doc="target deltas"),
-            _optional("weight", ("N", 4), "per-coordinate"),
+            TensorSpec("pred", ("N", "D"), doc="deltas (4 per box)"),
+            TensorSpec("target", ("N", "D"), doc="target deltas"),
+            _optional("weight", ("N", "D"), "per value"),
             AVG_FACTOR,
         )
-        return LossSpec(loss_type, variant, inputs, sample, _standard_caller)
+        return LossSpec(loss_type, variant, inputs, sample, _standard_caller, {"D": 4})
 
     return build
 
