@@ -31,6 +31,12 @@ MAX_CHECK_ELEMENTS = 1 << 22
 #: The symbol of the sample count; every other symbol of a shape is a size of at least 1.
 SAMPLES = "N"
 
+
+def smallest_size(symbol: str) -> int:
+    """The least value of a shape symbol: no samples is valid input, an axis of no classes or bins is not."""
+    return 0 if symbol == SAMPLES else 1
+
+
 FLOAT = "float"  # the dtype chosen for the sample (float32 by default)
 INT64 = "int64"
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..specs import SAMPLES, LossSpec, SampleOptions
+from ..specs import LossSpec, SampleOptions, smallest_size
 
 #: The sample count exporters trace with. Not 0 or 1, which torch.export would specialise on.
 EXAMPLE_N = 7
@@ -72,7 +72,7 @@ def example_inputs(
 def dynamic_dims(spec: LossSpec, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """The manifest's record of the dynamic axes: ``{symbol: {"min": m}}`` for every symbol of the named inputs'
     shapes (N from 0, free sizes such as the class count C from 1)."""
-    return {symbol: {"min": 0 if symbol == SAMPLES else 1} for symbol in spec.symbols(names)}
+    return {symbol: {"min": smallest_size(symbol)} for symbol in spec.symbols(names)}
 
 
 def dynamic_shapes(

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import loss_config
-from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
+from ..specs import SAMPLES, LossSpec, SampleOptions, smallest_size, spec_for
 from .artifacts import (
     ArtifactError,
     ExportPlan,
@@ -535,7 +535,7 @@ def export_pt2_bundle(
         "outputs": outputs,
         "dtype": "float32",
         "dynamic_dims": {
-            name: {"min": 0 if symbol == SAMPLES else 1}
+            name: {"min": smallest_size(symbol)}
             for item in manifest_entries
             for symbol, name in _entry_dims(item).items()
         },
