@@ -65,12 +65,12 @@ def kd_graph(workdir):
     return export_onnx(cfg, workdir / "kd.onnx", optional_inputs=("weight",))
 
 
-def _identity_model(path: Path, opset: int, ir_version: int, width: int = 80) -> Path:
-    """A hand-written model: y = x * 2 with x (N, width) float, at the given opset / IR version."""
+def _identity_model(path: Path, opset: int, ir_version: int, width: int = 80, output: str = "y") -> Path:
+    """A hand-written model: output = x * 2 with x (N, width) float, at the given opset / IR version."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", width])
     two = helper.make_tensor("two", TensorProto.FLOAT, [], np.float32(2.0).tobytes(), raw=True)
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double", [x], [y], [two])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], [output])], "double", [x], [y], [two])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -251,6 +251,38 @@ def test_attach_refuses_dtype_mismatch(workdir):
     assert spec_for(loss).names[1] == "target"  # int64 labels
     with pytest.raises(AttachError, match="int64"):
         attach_losses(model_path, [("l", loss, {"pred": "y", "target": "y"})], workdir / "never2.onnx")
+
+
+def test_a_name_close_to_a_model_output_is_refused_unless_declared_new(workdir):
+    """'cls_scores' beside the model's 'cls_score' is a typo until new_inputs says it is a new graph input."""
+    model_path = _identity_model(workdir / "double_typo.onnx", opset=18, ir_version=10, output="cls_score")
+    loss, mapping = dict(type="KnowledgeDistillationKLDivLoss"), {"pred": "cls_score", "soft_label": "cls_scores"}
+    typo = r"'cls_scores' is not an output of model .* \(did you mean 'cls_score'\?.*new_inputs"
+    with pytest.raises(AttachError, match=typo):
+        attach_losses(model_path, [("l", loss, mapping)], workdir / "never_typo.onnx")
+    assert not (workdir / "never_typo.onnx").exists()
+    out = attach_losses(model_path, [("l", loss, mapping)], workdir / "typo_ok.onnx", new_inputs=["cls_scores"])
+    assert [value.name for value in onnx.load(str(out)).graph.input] == ["x", "cls_scores"]
+    with pytest.raises(AttachError, match="'cls_score' is an output of model .* so it cannot be a new graph input"):
+        attach_losses(model_path, [("l", loss, mapping)], workdir / "never_typo.onnx", new_inputs=["cls_score"])
+
+
+def test_two_inputs_of_one_loss_share_a_new_graph_input(workdir):
+    """target and weight both read 'gt' (one graph input), as the same tensor does in PyTorch."""
+    model_path = _identity_model(workdir / "double_shared.onnx", opset=18, ir_version=10)
+    mapping = {"pred": "y", "target": "gt", "weight": "gt"}
+    out = attach_losses(model_path, [("l", dict(type="L1Loss"), mapping)], workdir / "shared.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [value.name for value in session.get_inputs()] == ["x", "gt"]
+    x, gt = torch.randn(6, 80), torch.rand(6, 80)
+    (value,) = session.run(["l"], {"x": x.numpy(), "gt": gt.numpy()})
+    np.testing.assert_allclose(value, float(build_loss(dict(type="L1Loss"))(2 * x, gt, gt)), rtol=RTOL, atol=ATOL)
+    with pytest.raises(AttachError, match="input 'weight': 'gt' is int64 but the loss expects float32"):
+        attach_losses(
+            model_path,
+            [("l", dict(type="FocalLoss"), {"pred": "y", "target": "gt", "weight": "gt"})],
+            workdir / "never_shared.onnx",
+        )
 
 
 def test_attach_refuses_external_data_outside_the_model_directory(kd_graph, tmp_path):

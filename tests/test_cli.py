@@ -732,6 +732,18 @@ def attached(tmp_path_factory):
     return folder, model, spec, merged, code
 
 
+def test_attach_passes_declared_new_inputs_to_attach_losses(capsys, tmp_path):
+    """{"input": "cls_scores"} declares a new graph input the library would otherwise refuse as a typo."""
+    import onnx
+
+    model = tiny_model(tmp_path / "model.onnx")
+    spec = [{"name": "l", "loss": "KnowledgeDistillationKLDivLoss",
+             "inputs": {"pred": "cls_score", "soft_label": {"input": "cls_scores"}}}]
+    code, _, err = run(capsys, "attach", str(model), str(tmp_path / "out.onnx"), "--spec", str(write_spec(tmp_path, spec)))
+    assert code == 0, err
+    assert [value.name for value in onnx.load(str(tmp_path / "out.onnx")).graph.input] == ["feats", "cls_scores"]
+
+
 def test_attach_writes_a_merged_model_with_a_manifest(attached, capsys):
     folder, _, _, _, code = attached
     assert code == 0

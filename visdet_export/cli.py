@@ -876,6 +876,11 @@ def _model_io(path: Path) -> tuple[list[str], list[str]]:
     return [v.name for v in model.graph.input], [v.name for v in model.graph.output]
 
 
+def declared_new_inputs(entries: Sequence[AttachEntry]) -> frozenset[str]:
+    """The names any entry marks ``{"input": ...}``: a new graph input is shared by every loss that names it."""
+    return frozenset().union(*(entry.inputs for entry in entries))
+
+
 def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
     """Every mistake :func:`attach_losses` would find only after exporting some losses, reported up front.
 
@@ -883,14 +888,13 @@ def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
     loss name, a name marked ``{"output": ...}`` that the model lacks (or ``{"input": ...}`` that it has as an
     output), and a bare name that is not a model output but looks like a misspelled one.
     """
-    import difflib
-
+    from .export.attach import check_sources
     from .registry import build_loss
     from .specs import spec_for
 
     model_inputs, model_outputs = _model_io(model)
     taken = set(model_inputs) | set(model_outputs)
-    shown = ", ".join(model_outputs)
+    new_inputs = declared_new_inputs(entries)
     for entry in entries:
         if entry.name in taken:
             raise UsageError(f"loss name {entry.name!r} is already used by the model or another loss; choose another")
@@ -905,22 +909,12 @@ def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
                     f"its inputs are {', '.join(spec.names)}"
                 )
         for key, source in entry.mapping.items():
-            what = f"loss {entry.name!r} input {key!r}"
             if source in entry.outputs and source not in model_outputs:
-                raise UsageError(f"{what}: {source!r} is not an output of {model.name}; its outputs are {shown}")
-            if source in entry.inputs and source in model_outputs:
                 raise UsageError(
-                    f"{what}: {source!r} is an output of {model.name}, so it cannot be a new graph input; "
-                    "give the input another name"
+                    f"loss {entry.name!r} input {key!r}: {source!r} is not an output of {model.name}; "
+                    f"its outputs are {', '.join(model_outputs)}"
                 )
-            if source in model_outputs or source in model_inputs or source in entry.inputs:
-                continue
-            close = difflib.get_close_matches(source, model_outputs, n=1, cutoff=0.8)
-            if close:
-                raise UsageError(
-                    f"{what}: {source!r} is not an output of {model.name} (did you mean {close[0]!r}? its outputs "
-                    f'are {shown}); to add it as a new graph input write {{"input": "{source}"}}'
-                )
+        check_sources(entry.name, entry.mapping, model_inputs, model_outputs, new_inputs, model.name)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -952,6 +946,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             out,
             overwrite=args.overwrite,
             opset=args.opset,
+            new_inputs=declared_new_inputs(entries),
         )
     except AttachError as error:
         if error.__cause__ is None:  # a mistake in the spec or the model (mapping, names, types, shapes)

@@ -27,13 +27,14 @@ iterable of dicts and returns per-sample values and means of its scalar outputs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
@@ -210,6 +211,38 @@ def _check_name(name: object, taken: set[str]) -> str:
     return name
 
 
+def check_sources(
+    name: str,
+    mapping: Mapping[str, str],
+    model_inputs: Collection[str],
+    model_outputs: Sequence[str],
+    new_inputs: Collection[str],
+    model_label: str,
+) -> None:
+    """Refuse the names of ``mapping`` that more likely misspell a model output than name a new graph input.
+
+    A name that is neither a model input nor output becomes a new graph input; undeclared (not in
+    ``new_inputs``), one that is close to a model output is refused, as is a declared one that is a model output.
+    """
+    shown = ", ".join(model_outputs)
+    for key, source in mapping.items():
+        what = f"loss {name!r} input {key!r}"
+        if source in new_inputs and source in model_outputs:
+            raise AttachError(
+                f"{what}: {source!r} is an output of {model_label}, so it cannot be a new graph input; "
+                "give the input another name"
+            )
+        if source in model_outputs or source in model_inputs or source in new_inputs:
+            continue
+        close = difflib.get_close_matches(source, model_outputs, n=1, cutoff=0.8)
+        if close:
+            raise AttachError(
+                f"{what}: {source!r} is not an output of {model_label} (did you mean {close[0]!r}? its outputs "
+                f'are {shown}); to make it a new graph input, declare it: new_inputs=["{source}"] in Python, '
+                f'{{"input": "{source}"}} in an attach spec'
+            )
+
+
 def attach_losses(
     model_onnx_path: PathLike,
     losses: Sequence[Attachment],
@@ -218,6 +251,7 @@ def attach_losses(
     overwrite: bool = False,
     opset: Optional[int] = None,
     manifest: bool = True,
+    new_inputs: Collection[str] = (),
 ) -> Path:
     """Write ``model_onnx_path`` merged with one loss graph per entry of ``losses`` to ``out_path``.
 
@@ -226,20 +260,23 @@ def attach_losses(
         losses: ``(name, loss, mapping)`` triples. ``loss`` is a built loss, a loss config
             (``dict(type=..., ...)``) or the path of an exported loss graph; ``mapping`` takes the loss's input
             names (see :func:`visdet_export.specs.spec_for`) to a model output name (connected) or to any other
-            name (a new graph input, shared by every loss that names it). The loss's 0-d value becomes the
-            output ``name``.
+            name (a new graph input, shared by every loss that names it, and by the inputs of one loss that
+            name it). The loss's 0-d value becomes the output ``name``.
         out_path: the merged model; written atomically, never over an existing file unless ``overwrite``.
         opset: the default-domain opset of the result; by default the model's (at least 18). The model is
             converted with ``onnx.version_converter`` when it differs, loss graphs are exported at it.
         manifest: also write ``<out_path>.json`` (losses, mappings, versions, checksum).
+        new_inputs: names that are meant as new graph inputs. Only needed for a name close to a model output
+            (``"cls_scores"`` beside ``"cls_score"``), which is otherwise refused as a likely typo.
 
     Returns:
         ``out_path``.
 
     Raises:
         AttachError: unsafe external data, unknown or duplicate names, a mapping to an input the loss does not
-            have, an element type or static shape mismatch between a model output and a loss input, or a model
-            that cannot be converted to the opset.
+            have, a name that looks like a misspelled model output, an element type or static shape mismatch
+            between a model output (or a shared new input) and a loss input, or a model that cannot be converted
+            to the opset.
     """
     out = Path(out_path)
     if out.exists() and not overwrite:  # fail before spending time on exports
@@ -253,22 +290,24 @@ def attach_losses(
     model = _to_opset(model, target_opset, f"model {model_onnx_path}")
 
     model_outputs = {value.name: value for value in model.graph.output}
+    model_inputs = {value.name for value in model.graph.input}
     keep_outputs = list(model_outputs)
-    taken = set(model_outputs) | {value.name for value in model.graph.input}
+    taken = set(model_outputs) | model_inputs
+    for entry in losses:  # every mistake in the request before the first export
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
+            raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
+        name, _, mapping = entry
+        taken.add(_check_name(name, taken))
+        if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
+            raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
+        check_sources(name, mapping, model_inputs, list(model_outputs), new_inputs, f"model {model_onnx_path}")
     described: dict[str, Any] = {}
     merged = model
     with tempfile.TemporaryDirectory(prefix="visdet-attach-") as scratch:
-        for entry in losses:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
-                raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
-            name, loss, mapping = entry
-            name = _check_name(name, taken)
-            if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
-                raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
+        for name, loss, mapping in losses:
             graph, description = _loss_graph(name, loss, mapping, target_opset, Path(scratch))
             merged = _merge_one(merged, graph, name, mapping, model_outputs, keep_outputs)
             keep_outputs.append(name)
-            taken.add(name)
             described[name] = {**description, "inputs": dict(mapping)}
 
     onnx.helper.set_model_props(
@@ -320,7 +359,7 @@ def _merge_one(
 
     existing_inputs = {value.name: value for value in merged.graph.input}
     io_map: list[tuple[str, str]] = []
-    passthrough: list[str] = []
+    new_here: dict[str, onnx.ValueInfoProto] = {}
     bound: dict[str, tuple[int, str]] = {}
     for input_name, source in mapping.items():
         target = loss_inputs[input_name]
@@ -335,12 +374,17 @@ def _merge_one(
             _bind_sizes(existing_inputs[source], target, bound, what, prefix)
             if source not in {value.name for value in merged.graph.output}:
                 merged = _with_output(merged, existing_inputs[source])
-                passthrough.append(source)
             io_map.append((source, prefix + input_name))
+        elif source in new_here:  # a second input of this loss fed by the same new graph input
+            _check_compatible(new_here[source], target, what)
+            graph_inputs = loss_graph.graph.input
+            del graph_inputs[[value.name for value in graph_inputs].index(prefix + input_name)]
+            _rename_value(loss_graph.graph, prefix + input_name, source)
         else:
             if source in keep_outputs:
                 raise AttachError(f"loss {name!r}: {source!r} is another loss's output, not an input")
             _rename_value(loss_graph.graph, prefix + input_name, source)
+            new_here[source] = onnx.helper.make_value_info(source, target.type)
             for dim in next(v for v in loss_graph.graph.input if v.name == source).type.tensor_type.shape.dim:
                 if dim.HasField("dim_param"):
                     dim.dim_param = source + SEPARATOR + dim.dim_param.removeprefix(prefix)
