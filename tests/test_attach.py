@@ -121,6 +121,11 @@ def test_merged_graph_structure(merged):
         "bbox_avg_factor", "dfl_targets", "dfl_weight", "dfl_avg_factor", "ld_avg_factor",
     }
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    # new inputs take the model's sizes and symbols for the loss's N and C (labels: one per anchor)
+    dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in [*model.graph.input, *model.graph.output]}
+    assert dims["labels"] == dims["label_scores"] == dims["cls_score"][:1]
+    assert dims["bbox_targets"] == [dims["bbox_pred"][0], 4] and isinstance(dims["bbox_pred"][0], str)
     for value in model.graph.output[len(example.MODEL_OUTPUTS):]:
         assert len(value.type.tensor_type.shape.dim) == 0  # every loss is 0-d
     described = attached_losses(merged)
@@ -172,6 +177,12 @@ def test_evaluate_stacked_npz_and_errors(kd_graph, workdir):
         evaluate(kd_graph, [{**one, "target": one["weight"]}], progress=False)
     with pytest.raises(AttachError, match="no output"):
         evaluate(kd_graph, [one], outputs=["loss_cls"], progress=False)
+    with pytest.raises(AttachError, match="sample 1: input 'weight' has N = 4 but 'pred' has N = 5"):
+        evaluate(kd_graph, [one, {**one, "weight": one["weight"][:4]}], progress=False)
+    with pytest.raises(AttachError, match="input 'soft_label' has C = 81 but 'pred' has C = 80"):
+        evaluate(kd_graph, [{**one, "soft_label": np.zeros((5, 81), np.float32)}], progress=False)
+    with pytest.raises(AttachError, match=r"input 'weight' has shape \(5, 1\); it takes \['N'\]"):
+        evaluate(kd_graph, [{**one, "weight": one["weight"][:, None]}], progress=False)
 
 
 # --- attach: options and errors -----------------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def test_one_class_count_fed_two_sizes_is_refused(kd_graph, workdir):
     path = workdir / "two_heads.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     mapping = {"pred": "student", "soft_label": "teacher"}
-    with pytest.raises(AttachError, match="'teacher' gives C = 80 but 'student' gives C = 68"):
+    with pytest.raises(AttachError, match="'teacher' has C = 80 but 'student' has C = 68"):
         attach_losses(path, [("loss_kd", kd_graph, mapping)], workdir / "never_two.onnx")
     assert not (workdir / "never_two.onnx").exists()
 

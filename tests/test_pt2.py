@@ -207,7 +207,7 @@ def test_a_loaded_package_checks_its_inputs(runner_cache):
     mistakes = [
         ({"pred": inputs["pred"].double()}, "input 'pred' is float64; the package takes float32"),
         ({"weight": inputs["weight"][:5]}, "input 'weight' has N = 5 but 'pred' has N = 6"),
-        ({"target": inputs["target"][:, None]}, r"input 'target' has shape \(6, 1\); the package takes \['N'\]"),
+        ({"target": inputs["target"][:, None]}, r"input 'target' has shape \(6, 1\); it takes \['N'\]"),
     ]
     for change, message in mistakes:
         with pytest.raises(ArtifactError, match=message):

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..registry import loss_config
 from ..specs import spec_for
-from .artifacts import ArtifactError, as_loss, atomic_output, write_manifest
+from .artifacts import ArtifactError, as_loss, atomic_output, shape_mismatch, write_manifest
 from .onnx import MIN_OPSET, check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -122,48 +122,62 @@ def _prefix_dim_params(graph: onnx.GraphProto, prefix: str) -> None:
                         dim.dim_param = prefix + dim.dim_param
 
 
-def _value_type(value: onnx.ValueInfoProto) -> tuple[int, Optional[list[Optional[int]]]]:
+def _dims(value: onnx.ValueInfoProto) -> Optional[list[object]]:
+    """A value's shape: ints (fixed), strings (symbols) and None (unknown); None when it has no shape."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
-        return tensor.elem_type, None
-    return tensor.elem_type, [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim]
+        return None
+    return [
+        dim.dim_value if dim.HasField("dim_value") else dim.dim_param if dim.HasField("dim_param") else None
+        for dim in tensor.shape.dim
+    ]
 
 
-def _check_compatible(source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, what: str) -> None:
-    source_type, source_shape = _value_type(source)
-    target_type, target_shape = _value_type(target)
+def _check_compatible(
+    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, what: str, symbols: dict[str, tuple[int, str]]
+) -> None:
+    """``source`` can feed loss input ``target``: same element type, and static sizes that fit its shape, one
+    size per symbol of the loss (N, C, ...) across the inputs checked with ``symbols`` (student logits of 68
+    classes and teacher logits of 80 are refused here rather than when run)."""
+    source_type, target_type = source.type.tensor_type.elem_type, target.type.tensor_type.elem_type
     if source_type != target_type:
         raise AttachError(
             f"{what}: {source.name!r} is {onnx.helper.tensor_dtype_to_np_dtype(source_type)} but the loss expects "
             f"{onnx.helper.tensor_dtype_to_np_dtype(target_type)}"
         )
-    if source_shape is None or target_shape is None:
+    source_dims, target_dims = _dims(source), _dims(target)
+    if source_dims is None or target_dims is None:
         return
-    if len(source_shape) != len(target_shape) or any(
-        a is not None and b is not None and a != b for a, b in zip(source_shape, target_shape)
-    ):
-        shown = [["?" if d is None else d for d in shape] for shape in (source_shape, target_shape)]
-        raise AttachError(f"{what}: {source.name!r} has shape {shown[0]} but the loss expects {shown[1]}")
+    sizes = [dim if isinstance(dim, int) else None for dim in source_dims]
+    mismatch = shape_mismatch(source.name, target_dims, sizes, symbols)
+    if mismatch:
+        raise AttachError(f"{what}: {mismatch}")
 
 
-def _bind_sizes(
-    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, bound: dict[str, tuple[int, str]], what: str, prefix: str
+def _record_model_symbols(
+    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, model_symbols: dict[str, str]
 ) -> None:
-    """Record the static sizes ``source`` gives the symbolic axes of loss input ``target`` (its N, C, ...); one
-    symbol given two sizes (student logits of 68 classes, teacher logits of 80) fails here rather than when run."""
-    _, source_shape = _value_type(source)
-    if source_shape is None:
-        return
-    for dim, size in zip(target.type.tensor_type.shape.dim, source_shape):
-        if not dim.HasField("dim_param") or size is None:
+    """Record which symbol of the model (its N) each symbolic axis of loss input ``target`` (the loss's N) has."""
+    for source_dim, target_dim in zip(_dims(source) or (), _dims(target) or ()):
+        if isinstance(source_dim, str) and isinstance(target_dim, str):
+            model_symbols.setdefault(target_dim, source_dim)
+
+
+def _name_new_input_axes(
+    value: onnx.ValueInfoProto, prefix: str, symbols: dict[str, tuple[int, str]], model_symbols: dict[str, str]
+) -> None:
+    """A new graph input's axes take what the model's outputs give the same symbols of the loss: a static size
+    (soft labels of 80 classes) or the model's symbol (labels of the model's N); else a symbol of their own."""
+    for dim in value.type.tensor_type.shape.dim:
+        if not dim.HasField("dim_param"):
             continue
-        size_and_source = bound.setdefault(dim.dim_param, (size, source.name))
-        if size_and_source[0] != size:
-            symbol = dim.dim_param.removeprefix(prefix)
-            raise AttachError(
-                f"{what}: {source.name!r} gives {symbol} = {size} but {size_and_source[1]!r} gives "
-                f"{symbol} = {size_and_source[0]}"
-            )
+        symbol = dim.dim_param.removeprefix(prefix)
+        if symbol in symbols:
+            dim.dim_value = symbols[symbol][0]
+        elif symbol in model_symbols:
+            dim.dim_param = model_symbols[symbol]
+        else:
+            dim.dim_param = value.name + SEPARATOR + symbol
 
 
 # --- loss graphs --------------------------------------------------------------------------------------------------
@@ -360,23 +374,26 @@ def _merge_one(
     existing_inputs = {value.name: value for value in merged.graph.input}
     io_map: list[tuple[str, str]] = []
     new_here: dict[str, onnx.ValueInfoProto] = {}
-    bound: dict[str, tuple[int, str]] = {}
-    for input_name, source in mapping.items():
+    symbols: dict[str, tuple[int, str]] = {}
+    model_symbols: dict[str, str] = {}
+
+    def is_new(item: tuple[str, str]) -> bool:
+        return item[1] not in model_outputs and item[1] not in existing_inputs
+
+    # Connected inputs first: they give the sizes and symbols that name the new inputs' axes.
+    for input_name, source in sorted(mapping.items(), key=is_new):
         target = loss_inputs[input_name]
         what = f"loss {name!r} input {input_name!r}"
-        if source in model_outputs:
-            _check_compatible(model_outputs[source], target, what)
-            _bind_sizes(model_outputs[source], target, bound, what, prefix)
-            io_map.append((source, prefix + input_name))
-        elif source in existing_inputs:
-            # A graph input another loss (or the model) already declared: route it through a temporary output.
-            _check_compatible(existing_inputs[source], target, what)
-            _bind_sizes(existing_inputs[source], target, bound, what, prefix)
-            if source not in {value.name for value in merged.graph.output}:
-                merged = _with_output(merged, existing_inputs[source])
+        if source in model_outputs or source in existing_inputs:
+            value = model_outputs[source] if source in model_outputs else existing_inputs[source]
+            _check_compatible(value, target, what, symbols)
+            _record_model_symbols(value, target, model_symbols)
+            if source not in model_outputs and source not in {value.name for value in merged.graph.output}:
+                # A graph input another loss (or the model) declared: route it through a temporary output.
+                merged = _with_output(merged, value)
             io_map.append((source, prefix + input_name))
         elif source in new_here:  # a second input of this loss fed by the same new graph input
-            _check_compatible(new_here[source], target, what)
+            _check_compatible(new_here[source], target, what, symbols)
             graph_inputs = loss_graph.graph.input
             del graph_inputs[[value.name for value in graph_inputs].index(prefix + input_name)]
             _rename_value(loss_graph.graph, prefix + input_name, source)
@@ -385,9 +402,8 @@ def _merge_one(
                 raise AttachError(f"loss {name!r}: {source!r} is another loss's output, not an input")
             _rename_value(loss_graph.graph, prefix + input_name, source)
             new_here[source] = onnx.helper.make_value_info(source, target.type)
-            for dim in next(v for v in loss_graph.graph.input if v.name == source).type.tensor_type.shape.dim:
-                if dim.HasField("dim_param"):
-                    dim.dim_param = source + SEPARATOR + dim.dim_param.removeprefix(prefix)
+            new_input = next(value for value in loss_graph.graph.input if value.name == source)
+            _name_new_input_axes(new_input, prefix, symbols, model_symbols)
 
     merged, loss_graph = _reconcile_ir(merged, loss_graph)
     try:
@@ -563,7 +579,7 @@ def _to_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _feeds(sample: Sample, graph_inputs: Mapping[str, np.dtype], index: int) -> dict[str, np.ndarray]:
+def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], index: int) -> dict[str, np.ndarray]:
     missing = sorted(set(graph_inputs) - set(sample))
     extra = sorted(set(sample) - set(graph_inputs))
     if missing or extra:
@@ -575,11 +591,17 @@ def _feeds(sample: Sample, graph_inputs: Mapping[str, np.dtype], index: int) -> 
             + f"; the graph takes {', '.join(graph_inputs)}"
         )
     feeds = {}
-    for name, dtype in graph_inputs.items():
-        value = sample[name]
-        array = _to_array(value)
+    symbols: dict[str, tuple[int, str]] = {}
+    for name, value in graph_inputs.items():
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        array = _to_array(sample[name])
         if array.dtype.kind == "f" and dtype.kind in "iub":
             raise AttachError(f"sample {index}: input {name!r} is floating point but the graph takes {dtype}")
+        dims = _dims(value)
+        # onnxruntime reads one symbol as one size when it plans buffers: a mismatch fails there unexplained
+        mismatch = None if dims is None else shape_mismatch(name, dims, array.shape, symbols)
+        if mismatch:
+            raise AttachError(f"sample {index}: input {mismatch}")
         # not np.ascontiguousarray: it turns a 0-d avg_factor into shape (1,), which onnxruntime accepts silently
         feeds[name] = np.require(array.astype(dtype, copy=False), requirements="C")
     return feeds
@@ -626,10 +648,7 @@ def evaluate(
         if unknown:
             raise AttachError(f"{path} has no output(s) {', '.join(unknown)}; it has {', '.join(all_outputs)}")
     session = ort.InferenceSession(str(path), providers=list(providers))
-    graph_inputs = {
-        value.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-        for value in model.graph.input
-    }
+    graph_inputs = {value.name: value for value in model.graph.input}
     if isinstance(samples, (str, os.PathLike)):
         samples = load_samples(samples)
     total = len(samples) if isinstance(samples, Sequence) else None

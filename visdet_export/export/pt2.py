@@ -58,6 +58,7 @@ from .artifacts import (
     describe_inputs,
     first_line,
     manifest_path,
+    shape_mismatch,
     write_manifest,
 )
 from .joint import DEFAULT_OPTIONAL_INPUTS, dynamic_dims, dynamic_shapes, example_inputs, joint_module, select_inputs
@@ -154,25 +155,14 @@ def check_inputs(described: Sequence[Mapping[str, Any]], tensors: Sequence[Tenso
     give, each symbol (N, C, ...) one size across them. An AOTInductor package reads its inputs' memory as what
     it was compiled for and checks nothing (unless ``AOTI_RUNTIME_CHECK_INPUTS=1``): int32 labels, float64
     logits or a weight one row short give wrong numbers, not an error."""
-    sizes: dict[str, tuple[int, str]] = {}
+    symbols: dict[str, tuple[int, str]] = {}
     for item, tensor in zip(described, tensors, strict=True):
-        name, shape = item["name"], list(item["shape"])
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype != item["dtype"]:
-            raise ArtifactError(f"{label}: input {name!r} is {dtype}; the package takes {item['dtype']}")
-        if tensor.dim() != len(shape):
-            raise ArtifactError(f"{label}: input {name!r} has shape {tuple(tensor.shape)}; the package takes {shape}")
-        for dim, size in zip(shape, tensor.shape):
-            if isinstance(dim, int) and size != dim:
-                raise ArtifactError(
-                    f"{label}: input {name!r} has shape {tuple(tensor.shape)}; the package takes {shape}"
-                )
-            if isinstance(dim, str):
-                first = sizes.setdefault(dim, (int(size), name))
-                if first[0] != size:
-                    raise ArtifactError(
-                        f"{label}: input {name!r} has {dim} = {size} but {first[1]!r} has {dim} = {first[0]}"
-                    )
+            raise ArtifactError(f"{label}: input {item['name']!r} is {dtype}; the package takes {item['dtype']}")
+        mismatch = shape_mismatch(item["name"], item["shape"], tensor.shape, symbols)
+        if mismatch:
+            raise ArtifactError(f"{label}: input {mismatch}")
 
 
 def load_runner(
