@@ -212,3 +212,20 @@ def test_a_loaded_package_checks_its_inputs(runner_cache):
     for change, message in mistakes:
         with pytest.raises(ArtifactError, match=message):
             run({**inputs, **change})
+
+
+def test_the_compiled_input_checks_accept_every_size_the_manifest_allows(runner_cache, monkeypatch):
+    """AOTI_RUNTIME_CHECK_INPUTS=1 turns on the checks compiled into a package, from the ranges inductor kept:
+    they must not hold the example's sizes (AOTInductor guarded N >= 2 and N, B <= 4096 from them)."""
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    path = runner_cache.runner("dfl", "pt2", key=key, **options).path
+    loss, spec = runner_cache.loss("dfl")
+    names = load_runner(path).input_names
+    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")  # read when the package loads
+    package = torch._inductor.aoti_load_package(str(path))
+    for n, sizes in ((0, {}), (1, {}), (5000, {}), (3, {"B": 2}), (2, {"B": 5000})):
+        inputs = spec.sample(loss, n, seed=n, options=SampleOptions(sizes={**spec.sizes, **sizes}), include=names)
+        loss_value, grad = package(*(inputs[name] for name in names))
+        assert loss_value.isfinite() and grad.shape == inputs["pred"].shape, (n, sizes)
+    with pytest.raises(RuntimeError, match="unmatched dtype"):  # the checks are on
+        package(*(inputs[name].double() if name == "pred" else inputs[name] for name in names))

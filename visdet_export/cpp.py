@@ -291,11 +291,15 @@ def run_program(
     threads: int | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Run the C++ program; returns its JSON with every case's ``outputs`` turned into tensors."""
+    """Run the C++ program; returns its JSON with every case's ``outputs`` turned into tensors.
+
+    ``.pt2`` packages run with their compiled input checks on (``AOTI_RUNTIME_CHECK_INPUTS=1``, as the C++
+    README advises while integrating), so every size the check feeds must pass them too."""
     command = [str(program), runtime, str(artifact), str(cases_path)]
     if threads is not None:
         command += ["--threads", str(threads)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"} if runtime == "pt2" else None
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError as error:

@@ -178,7 +178,7 @@ std::vector<at::Tensor> run_pt2(torch::inductor::AOTIModelPackageLoader& loader,
   std::vector<at::Tensor> inputs;
   for (const c10::IValue& a : c.args) {
     if (!a.isTensor()) throw std::runtime_error(".pt2 packages take tensors only; got " + a.tagKind());
-    inputs.push_back(a.toTensor());
+    inputs.push_back(a.toTensor().contiguous());  // a package reads its inputs as row-major, whatever their strides
   }
   return loader.run(inputs);
 }

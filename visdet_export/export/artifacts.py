@@ -102,6 +102,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# What a fixed graph (every input required) takes for an input the loss could do without.
+WITHOUT_ONE = {
+    "weight": "all ones for no weight",
+    "avg_factor": "for a plain mean, the number of elements reduction='none' returns",
+}
+
+
 def describe_inputs(
     spec: LossSpec, names: list[str], float_dtype: torch.dtype, fixed_graph: bool
 ) -> list[dict[str, Any]]:
@@ -114,7 +121,7 @@ def describe_inputs(
             "dtype": str(by_name[name].dtype(float_dtype)).replace("torch.", ""),
             "shape": list(by_name[name].shape),
             "optional": by_name[name].optional and not fixed_graph,
-            "doc": by_name[name].doc,
+            "doc": by_name[name].doc + (f"; {WITHOUT_ONE[name]}" if fixed_graph and name in WITHOUT_ONE else ""),
         }
         for name in names
     ]
@@ -173,6 +180,13 @@ def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
     raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
 
 
+def usable_optional_inputs(loss: nn.Module, requested: Sequence[str]) -> list[str]:
+    """``requested`` less ``avg_factor`` under ``reduction="sum"``, which rejects it, and ``"none"``, which
+    ignores it."""
+    no_mean = getattr(loss, "reduction", None) in ("sum", "none")
+    return [name for name in requested if not (name == "avg_factor" and no_mean)]
+
+
 @dataclass(frozen=True)
 class ExportPlan:
     """What one single-loss export writes: the loss, its config and input spec, the artifact's input and output
@@ -198,15 +212,13 @@ class ExportPlan:
         overwrite: bool,
     ) -> "ExportPlan":
         """The inputs: the required ones and the requested optional ones (``None``: every optional input of the
-        spec, as a scripted module takes them all), less ``avg_factor`` under ``reduction="sum"``, which rejects
-        it."""
+        spec, as a scripted module takes them all) that the loss uses (:func:`usable_optional_inputs`)."""
         from .joint import select_inputs
 
         loss = as_loss(loss_or_cfg)
         spec = spec_for(loss, variant)
         requested = [t.name for t in spec.inputs if t.optional] if optional_inputs is None else list(optional_inputs)
-        rejects_avg_factor = getattr(loss, "reduction", None) == "sum"
-        names = select_inputs(spec, [name for name in requested if not (name == "avg_factor" and rejects_avg_factor)])
+        names = select_inputs(spec, usable_optional_inputs(loss, requested))
         target = check_output_path(Path(path), overwrite)
         check_output_path(manifest_path(target), overwrite)
         outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]

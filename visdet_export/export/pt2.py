@@ -32,13 +32,14 @@ only about 60 s.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -59,6 +60,7 @@ from .artifacts import (
     first_line,
     manifest_path,
     shape_mismatch,
+    usable_optional_inputs,
     write_manifest,
 )
 from .joint import DEFAULT_OPTIONAL_INPUTS, dynamic_dims, dynamic_shapes, example_inputs, joint_module, select_inputs
@@ -81,13 +83,24 @@ def export_program(
     return _export(module, example, dynamic_shapes(spec, names), f"{spec.loss_type} ({spec.variant})")
 
 
-def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) with sizes 0 and 1 treated like any other N (``backed_size_oblivious``)."""
+@contextlib.contextmanager
+def _size_oblivious() -> Iterator[None]:
+    """Sizes 0 and 1 treated like any other (``backed_size_oblivious``), and no guard from the example's sizes.
+
+    Around AOTInductor's compile too: its code generation otherwise guards on the example (``C <= 4096`` from
+    a choice of summation helper, ``N >= 2`` from broadcast strides), which the package's optional input checks
+    (``AOTI_RUNTIME_CHECK_INPUTS=1``) then enforce, refusing N = 0, N = 1, C = 1 and sizes past 4096."""
     from torch.fx.experimental import _config as fx_config
 
     # ``patch`` is installed at import by torch's config-module machinery, which type checkers do not see
     with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        yield
+
+
+def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) under :func:`_size_oblivious`."""
+    with _size_oblivious():
         try:
             return torch.export.export(module.eval(), tuple(example), dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # torch.export raises many types; say which loss and why
@@ -111,8 +124,9 @@ def write_package(
     (None without ``check``).
     """
     with tempfile.TemporaryDirectory(prefix="visdet_pt2_") as scratch:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        # Lowering guards N >= 2 even so (a view's strides in `unbind`); verification covers N = 0 and 1, and
+        # the manifest states the least sizes, which load_runner checks.
+        with _size_oblivious(), torch._inductor.config.patch({"aot_inductor.check_lowerbound": False}):
             try:
                 built = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(scratch, "p.pt2"))
             except Exception as exc:
@@ -320,8 +334,8 @@ def bundle_entries(
             source, variant = source
         loss = as_loss(source)
         spec = spec_for(loss, variant)
-        optional = [n for n in optional_inputs if not (n == "avg_factor" and getattr(loss, "reduction", None) == "sum")]
-        entries.append(BundleEntry(name, loss, spec, tuple(select_inputs(spec, optional)), name in joint_names))
+        names = tuple(select_inputs(spec, usable_optional_inputs(loss, optional_inputs)))
+        entries.append(BundleEntry(name, loss, spec, names, name in joint_names))
     dims = [entry.dims[SAMPLES] for entry in entries]
     if len(set(dims)) != len(dims):
         raise ValueError(f"bundle entry names collide once made identifiers: {dims}")
