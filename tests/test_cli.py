@@ -224,6 +224,23 @@ def test_export_loss_variant_reaches_the_exporter_and_is_checked_first(fake, cap
     assert code == 2 and "--variant applies to --loss only" in err
 
 
+def test_export_optional_inputs_reach_the_graph_exporters_and_are_checked_first(fake, capsys, tmp_path):
+    argv = ["export", "--loss", "FocalLoss", "--format", "onnx,ts,pt2", "--optional", "", "--out", str(tmp_path)]
+    code, _, err = run(capsys, *argv, "-q")
+    assert code == 0, err
+    assert fake.calls == [  # a scripted module takes every optional input as an optional argument
+        ("onnx", "FocalLoss.onnx", {"optional_inputs": ()}),
+        ("torchscript", "FocalLoss.ts.pt", {}),
+        ("pt2", "FocalLoss.pt2", {"optional_inputs": ()}),
+    ]
+    code, _, err = run(capsys, "export", "--recipe", "gfl", "--optional", "weight", "--out", str(tmp_path / "w"), "-q")
+    assert code == 0, err
+    assert {opts.get("optional_inputs") for fmt, _, opts in fake.calls[3:] if fmt == "onnx"} == {("weight",)}
+    code, _, err = run(capsys, "export", "--loss", "FocalLoss", "--optional", "wieght", "--out", str(tmp_path / "x"))
+    assert code == 2 and "wieght is not an optional input of these losses; they have avg_factor, weight" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_opset_below_the_exporters_is_refused_before_anything_is_written(fake, capsys, tmp_path):
     argv = ["export", "--recipe", "gfl", "--format", "torchscript,onnx", "--opset", "12", "--out", str(tmp_path)]
     code, _, err = run(capsys, *argv)

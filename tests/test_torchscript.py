@@ -126,6 +126,12 @@ def test_manifest_config_and_verify(runner_cache, scripted_files, name):
     # a scripted module's optional arguments may be left out
     assert [entry["optional"] for entry in manifest["inputs"]] == [t.optional for t in spec.inputs]
     assert manifest["parity"]["sizes"][0] == 0
+    # the scripted forward as a C++ caller passes it: QFL's labels and scores are one tuple
+    signature = {"focal": "forward(Tensor pred, Tensor target, Tensor? weight=None, ",
+                 "qfl": "forward(Tensor pred, Union(Tensor, (Tensor, Tensor)) target, Tensor? weight=None, ",
+                 # MMDetection's mask head passes the RoI labels in CrossEntropyLoss's weight position
+                 "ce_mask": "forward(Tensor pred, Tensor label, Tensor? weight=None, "}
+    assert manifest["forward"].startswith(signature[name]) and manifest["forward"].endswith(") -> Tensor")
     report = verify(path, seed=1)
     assert report["passed"]
     runner = load_runner(path, manifest)
@@ -167,3 +173,16 @@ def test_sum_reduction_losses_export_without_avg_factor(tmp_path, path):
     manifest = json.loads((tmp_path / f"{path}.ts.pt.json").read_text())
     assert [item["name"] for item in manifest["inputs"]] == ["pred", "target", "weight"]
     assert verify(target, seed=1)["passed"]
+
+
+def test_reduction_none_exports_leave_out_the_avg_factor_it_ignores(tmp_path):
+    """A fixed graph of reduction="none" took an avg_factor input that changed nothing."""
+    from visdet_export.export.onnx import export_onnx
+
+    cfg = {"type": "FocalLoss", "reduction": "none"}
+    for exporter, suffix in ((export_torchscript, ".ts.pt"), (export_onnx, ".onnx")):
+        target = exporter(cfg, tmp_path / f"focal_none{suffix}")
+        manifest = json.loads(target.with_name(target.name + ".json").read_text())
+        assert [item["name"] for item in manifest["inputs"]] == ["pred", "target", "weight"], suffix
+    weight = manifest["inputs"][2]
+    assert not weight["optional"] and weight["doc"].endswith("all ones for no weight")  # the ONNX graph needs it

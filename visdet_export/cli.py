@@ -4,7 +4,7 @@ Commands::
 
     visdet-export export (--loss CFG | --recipe NAME | --config FILE) --out DIR
                          [--format onnx,torchscript,pt2,onnx-joint,pt2-joint] [--only PATH,...] [--name NAME]
-                         [--variant NAME] [--overwrite] [--no-verify] [--opset N] [--quiet]
+                         [--variant NAME] [--optional NAMES] [--overwrite] [--no-verify] [--opset N] [--quiet]
     visdet-export list [--recipes] [--inputs] [--json]
     visdet-export verify PATH... [--seed N]
     visdet-export attach MODEL.onnx OUT.onnx --spec ATTACH.json [--opset N] [--overwrite]
@@ -234,13 +234,17 @@ def resolve_exporter(fmt: Format) -> Callable[..., Any]:
     return exporter
 
 
-def _run_job(job: Job, *, verify: bool, overwrite: bool, opset: int | None) -> Result:
+def _run_job(
+    job: Job, *, verify: bool, overwrite: bool, opset: int | None, optional_inputs: Sequence[str] | None
+) -> Result:
     from .export.artifacts import read_manifest
 
     exporter = resolve_exporter(job.fmt)
     options: dict[str, Any] = dict(job.fmt.options)
     if opset is not None and job.fmt.exporter == "export_onnx":
         options["opset"] = opset
+    if optional_inputs is not None and job.fmt.exporter != "export_torchscript":  # scripted: optional arguments
+        options["optional_inputs"] = tuple(optional_inputs)
     if job.variant is not None:
         options["variant"] = job.variant
     start = time.perf_counter()
@@ -269,12 +273,14 @@ def export_losses(
     debug: bool = False,
     stream: TextIO | None = None,
     variants: Mapping[str, str] | None = None,
+    optional_inputs: Sequence[str] | None = None,
 ) -> list[Result]:
     """Export every loss (dotted path -> config) in every format into ``out_dir``; one :class:`Result` each.
 
     Every loss is built and every target checked before the first file is written (see :func:`plan_exports`).
     A failing artifact is reported in its result and the others still run. ``variants``: see
-    :func:`input_variants`.
+    :func:`input_variants`. ``optional_inputs``: the optional inputs ONNX graphs and ``.pt2`` packages take
+    (None: ``weight`` and ``avg_factor``); scripted modules take every one as an optional argument.
 
     Raises:
         ConfigError: a loss cannot be built. UsageError: an output path cannot be used.
@@ -292,7 +298,9 @@ def export_losses(
         for index, job in enumerate(jobs, 1):
             bar.describe(f"{job.path} [{job.fmt.name}]")
             try:
-                result = _run_job(job, verify=verify, overwrite=overwrite, opset=opset)
+                result = _run_job(
+                    job, verify=verify, overwrite=overwrite, opset=opset, optional_inputs=optional_inputs
+                )
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - reported per artifact, the batch goes on
@@ -611,12 +619,37 @@ def check_opset(opset: int | None) -> None:
         raise UsageError(f"--opset {opset} is not supported; the loss graphs need opset >= {MIN_OPSET}")
 
 
+def check_optional(
+    value: str | None, losses: Mapping[str, Mapping[str, Any]], variants: Mapping[str, str] | None
+) -> list[str] | None:
+    """``--optional NAMES`` as a list (``""``: none), each name an optional input of at least one loss."""
+    from .registry import build_loss
+    from .specs import spec_for
+
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    chosen = input_variants(losses, variants)
+    known = {
+        t.name for path, cfg in losses.items() for t in spec_for(build_loss(dict(cfg)), chosen[path]).inputs
+        if t.optional
+    }
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise UsageError(
+            f"--optional {value}: {', '.join(unknown)} is not an optional input of these losses; "
+            f"they have {', '.join(sorted(known))} ('' for none)"
+        )
+    return names
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     source, losses = losses_from_args(args)
     losses = _select(losses, args.only)
     variants = {path: args.variant for path in losses} if args.variant else None
     build_checked(losses, variants)  # every mistake is reported before the announcement below
+    optional = check_optional(args.optional, losses, variants)
     if any(fmt.exporter == "export_onnx" for fmt in formats):
         check_opset(args.opset)
     plan_exports(losses, args.out, formats, args.overwrite, variants)
@@ -639,6 +672,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         debug=args.debug,
         variants=variants,
+        optional_inputs=optional,
     )
     print(summary_table(results))
     failed = [r for r in results if not r.ok]
@@ -1062,6 +1096,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         help="input layout for --loss, e.g. onehot (FocalLoss), dense (QualityFocalLoss), labels (sigmoid "
         "CrossEntropyLoss); default: the loss's first (see: list --inputs)",
+    )
+    p_export.add_argument(
+        "--optional",
+        metavar="NAMES",
+        help="optional inputs that ONNX graphs and .pt2 packages take (default weight,avg_factor; '' for none: a "
+        "plain mean); TorchScript modules take every one as an optional argument",
     )
     p_export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     p_export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,6 +126,13 @@ def load_runner(path: str | os.PathLike[str], manifest: Optional[Mapping[str, An
     return _runner(load_scripted(path), spec, names, path.name)
 
 
+def forward_signature(scripted: torch.jit.ScriptModule) -> str:
+    """The scripted ``forward``'s schema without ``self``: what a C++ caller passes, in order, with defaults
+    (``Union(Tensor, (Tensor, Tensor)) target``: QFL's labels and scores as one tuple)."""
+    schema = scripted.forward.schema  # type: ignore[attr-defined]  # a ScriptMethod's, which stubs do not declare
+    return re.sub(r"^forward\([^,)]* self(, )?", "forward(", str(schema))
+
+
 def export_torchscript(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],
@@ -165,7 +173,9 @@ def export_torchscript(
             runner = _runner(load_scripted(tmp), spec, names, target.name)
             sizes = spec.capped_sizes(DEFAULT_SIZES)
             parity = check_parity(runner, loss, spec, names, sizes=sizes, seed=0, **TOLERANCES["torchscript"])
-    fields = plan.manifest_fields("torchscript", parity, extra_files=[CONFIG_FILE], runs_code=True)
+    fields = plan.manifest_fields(
+        "torchscript", parity, extra_files=[CONFIG_FILE], runs_code=True, forward=forward_signature(scripted)
+    )
     write_manifest(target, fields, overwrite=True)
     return target
 
