@@ -529,6 +529,25 @@ def test_dfl_targets_outside_the_bins_give_nan_not_a_negative_loss(runtime: str)
     assert masked.isfinite().all() and grad.isfinite().all() and (grad[:4] == 0).all()
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_focal_integer_targets_of_preds_shape_are_one_hot_or_nan(runtime: str) -> None:
+    """Integer targets of pred's shape are one-hot (labels (N,) beside a 1-d pred read so, as in visdet); a class
+    index there gave large negative losses, and eager and TorchScript disagreed even on the sign."""
+    cfg = dict(type="FocalLoss", reduction="none")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    pred = torch.randn(6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    target = torch.tensor([2, 80, 0, 1, 0, 1])
+    out = loss(pred, target)
+    assert out[:2].isnan().all() and (out[2:] > 0).all()
+    torch.testing.assert_close(out[2:], loss(pred, target.float())[2:])  # {0, 1} integers are float one-hot
+    weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    masked = loss(pred, target, weight)
+    (grad,) = torch.autograd.grad(masked.sum(), pred)
+    assert masked.isfinite().all() and grad.isfinite().all() and (grad[:2] == 0).all()
+
+
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------
 
 

@@ -35,3 +35,14 @@ def test_row_weight_keeps_the_contract() -> None:
     # a weight that broadcasts the loss to more rows counts the elements of the product, as visdet does
     broadcast = weight_reduce_loss(torch.ones(1, 3, dtype=F64), torch.ones(4, 1, dtype=F64), "mean")
     assert float(broadcast) == 1.0
+
+
+def test_avg_factor_is_one_number() -> None:
+    """A per-sample avg_factor (a count per image left unsummed) failed in reshape with "shape '[]' is invalid"."""
+    from visdet_export import build_loss
+
+    loss = build_loss({"type": "FocalLoss"})
+    pred, labels = torch.randn(6, 80), torch.randint(0, 81, (6,))
+    with pytest.raises(ValueError, match=r"avg_factor must be a number or a one-element tensor, got shape \[6\]"):
+        loss(pred, labels, None, torch.ones(6))
+    torch.testing.assert_close(loss(pred, labels, None, torch.tensor([4.0])), loss(pred, labels, None, 4.0))

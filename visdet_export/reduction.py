@@ -47,6 +47,8 @@ def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor)
     if isinstance(avg_factor, Tensor):
         if avg_factor.dtype == dtype and avg_factor.device == like.device and avg_factor.dim() == 0:
             return avg_factor  # the usual case: two dispatches less per call, which small batches notice
+        if avg_factor.numel() != 1:
+            raise ValueError(f"avg_factor must be a number or a one-element tensor, got shape {list(avg_factor.shape)}")
         return avg_factor.to(dtype=dtype, device=like.device).reshape(())
     return torch.scalar_tensor(float(avg_factor), dtype=dtype, device=like.device)
 

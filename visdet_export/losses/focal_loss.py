@@ -70,7 +70,12 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
             raise ValueError(
                 "one-hot target must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
             )
-        return target.to(pred.dtype)
+        if target.is_floating_point():
+            return target.to(pred.dtype)
+        # Integer targets of pred's shape are one-hot, as visdet reads them (labels (N,) beside a 1-d pred too):
+        # any other value is NaN, where the formulations gave different garbage.
+        one_hot = (target == 0) | (target == 1)
+        return torch.where(one_hot, target.to(pred.dtype), torch.full_like(pred, float("nan")))
     check_class_labels(pred, target)
     if eager_fast_path(pred):
         return scatter_class_values(pred, target, torch.ones_like(target, dtype=pred.dtype))
@@ -111,7 +116,8 @@ def sigmoid_focal_loss(
 
     Args:
         pred (Tensor[N, C]): logits, or probabilities when ``activated``.
-        target (Tensor[N] int in [0, C], C = background, or Tensor[N, C] one-hot).
+        target (Tensor[N] int in [0, C], C = background, or Tensor[N, C] one-hot: float, or integer in {0, 1}, any
+            other integer giving NaN).
         weight (Tensor[N], Tensor[N, C] or Tensor[N * C], optional): elements with weight 0 are masked out,
             NaN/inf inputs there included.
         avg_factor (Tensor[], optional): denominator of the mean.
@@ -134,7 +140,7 @@ def sigmoid_focal_loss(
             check_class_labels(pred, target)
             loss = _focal_labels_eager(pred, target, weights, keep, gamma, alpha)
         else:
-            loss = _focal_eager(pred, class_targets(pred, target), weights, keep, target.is_floating_point(), gamma, alpha)
+            loss = _focal_eager(pred, class_targets(pred, target), weights, keep, True, gamma, alpha)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     labels_given = target.dim() != pred.dim()
     if labels_given and not activated and not compiled_training(pred, target):
@@ -142,7 +148,7 @@ def sigmoid_focal_loss(
         loss = _focal_on_labels(zero_where_unweighted(pred, keep), target, gamma, alpha)
         return weight_reduce_loss(loss, weights, reduction, avg_factor)
     targets = class_targets(pred, target)
-    pred, targets = masked_inputs(pred, targets, keep, target.is_floating_point())
+    pred, targets = masked_inputs(pred, targets, keep, not labels_given)
     if not activated and compiled_training(pred, targets):  # closed-form derivative saved by the forward
         loss, grad = focal_with_saved_gradient(pred, targets, gamma, alpha, input_dtype)
         return keep_saved_gradient(weight_reduce_loss(loss, weights, reduction, avg_factor), grad, reduction)
