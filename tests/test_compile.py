@@ -321,3 +321,23 @@ def test_dfl_bins_reshaped_from_an_unbacked_head_output():
         want = dfl(reg.reshape(-1, 8), target)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(grad, torch.autograd.grad(want, reg)[0])
+
+
+@pytest.mark.parametrize("cfg", [{"type": "FocalLoss"}, {"type": "GIoULoss"}])
+def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
+    """MMDetection heads pass `.item()` counts: each new float recompiled, and fullgraph=True failed after 8."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from visdet_export import build_loss
+    from visdet_export.specs import spec_for
+
+    loss = build_loss(cfg)
+    inputs = spec_for(loss).sample(loss, 6, seed=0)
+    pred, target = inputs["pred"], inputs["target"]
+    for dynamic in (True, None):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")  # the float is specialised below dynamo (tensorify)
+        step = torch.compile(lambda p, t, a: loss(p, t, avg_factor=a), fullgraph=True, dynamic=dynamic, backend=counter)
+        for count in range(1, 13):
+            torch.testing.assert_close(step(pred, target, count + 0.5), loss(pred, target, avg_factor=count + 0.5))
+        assert counter.frame_count == 2, dynamic  # one recompile makes the float symbolic (12 before the 8th failed)

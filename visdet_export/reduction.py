@@ -50,6 +50,10 @@ def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor)
         if avg_factor.numel() != 1:
             raise ValueError(f"avg_factor must be a number or a one-element tensor, got shape {list(avg_factor.shape)}")
         return avg_factor.to(dtype=dtype, device=like.device).reshape(())
+    if torch.compiler.is_compiling():
+        # a symbolic float (MMDetection heads pass `.item()` counts): scalar_tensor would specialise on its value
+        # and recompile at every new one, which fullgraph=True turns into a failure after 8 steps
+        return like.new_ones((), dtype=dtype) * avg_factor
     return torch.scalar_tensor(float(avg_factor), dtype=dtype, device=like.device)
 
 
