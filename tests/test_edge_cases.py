@@ -548,6 +548,12 @@ def test_focal_integer_targets_of_preds_shape_are_one_hot_or_nan(runtime: str) -
     assert masked.isfinite().all() and grad.isfinite().all() and (grad[:2] == 0).all()
 
 
+def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:
+    loss = build_loss(dict(type="QualityFocalLoss"))
+    with pytest.raises(ValueError, match=r"go together as one tuple: loss\(pred, \(labels, scores\)\)"):
+        loss(torch.randn(5, 80), torch.randint(0, 81, (5,)))
+
+
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------
 
 

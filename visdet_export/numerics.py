@@ -236,19 +236,20 @@ def row_weighted_inputs(
     return pred, target, weight, keep
 
 
-def same_size(a: int, b: int) -> bool:
+def same_size(a: int, b: int, what: str = "the sizes of two inputs of a loss") -> bool:
     """``a == b`` for the input checks. Under torch.compile it is asserted when the graph runs instead of guarded
     while tracing: sizes the compiler cannot compare (an unbacked N against 4 N from a reshape, DFL's bins of a
-    GFL head) need no guard, which fails the trace ("Could not guard on data-dependent expression")."""
+    GFL head) need no guard, which fails the trace ("Could not guard on data-dependent expression"), and the
+    caller's message, which would format symbolic sizes, is not built. ``what`` names the sizes there."""
     if torch.jit.is_scripting():
         return a == b
-    return _asserted_equal(a, b)
+    return _asserted_equal(a, b, what)
 
 
 @torch.jit.unused
-def _asserted_equal(a: int, b: int) -> bool:
+def _asserted_equal(a: int, b: int, what: str) -> bool:
     if torch.compiler.is_compiling():
-        torch._check(a == b, lambda: "the sizes of two inputs of a loss differ")
+        torch._check(a == b, lambda: what + " differ")
         return True
     return a == b
 

@@ -244,6 +244,7 @@ class QualityFocalLoss(WeightedLoss):
             if not same_shape(target, pred):
                 raise ValueError(
                     "dense targets must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
+                    + "; labels (N,) and scores (N,) go together as one tuple: loss(pred, (labels, scores))"
                 )
             loss = quality_focal_loss(
                 pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
@@ -384,7 +385,7 @@ class DistributionFocalLoss(WeightedLoss):
         reduction_override: Optional[str] = None,
     ) -> Tensor:
         reg_max = self.reg_max
-        if reg_max is not None and pred.size(-1) != reg_max + 1:
+        if reg_max is not None and not same_size(pred.size(-1), reg_max + 1, "pred's bins and reg_max + 1"):
             raise ValueError(
                 "pred has " + str(pred.size(-1)) + " bins but reg_max=" + str(reg_max) + " needs " + str(reg_max + 1)
             )
