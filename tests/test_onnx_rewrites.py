@@ -121,7 +121,7 @@ def test_weight_zero_elements_stay_masked(exports: Any, key: str, poison: str) -
 def test_weight_zero_elements_stay_masked_elementwise_and_joint(exports: Any, key: str) -> None:
     none, joint = exports(key, reduction="none"), exports(key, joint=True)
     for n in SIZES:
-        inputs = poisoned(none.draw(n, seed=30 + n), float("nan"))
+        inputs = poisoned(joint.draw(n, seed=30 + n), float("nan"))  # "none" takes no avg_factor
         (out,) = none.run(inputs)
         with torch.no_grad():
             expected = none.spec.call(none.loss, inputs)
