@@ -132,6 +132,7 @@ def test_single_joint_package_manifest_and_verify(runner_cache):
     manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
     assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 1}}  # DFL bins
     assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
+    assert manifest["output_shapes"] == {"loss": [], "grad_pred": ["N", "B"]}
     assert [entry["name"] for entry in manifest["inputs"]] == ["pred", "target", "weight", "avg_factor"]
     report = verify(package.path, sizes=SIZES, seed=3)
     assert report["passed"] and report["sizes"] == list(SIZES)
@@ -151,6 +152,9 @@ def test_recipe_bundle_export_verifies_and_records_parity(tmp_path):
     assert written == path and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     manifest = json.loads(path.with_name(path.name + ".json").read_text())
     assert manifest["outputs"] == ["loss_cls/loss", "loss_cls/grad_pred", "loss_bbox/loss"]
+    assert [entry["output_shapes"] for entry in manifest["entries"]] == [
+        {"loss": [], "grad_pred": ["N", "C"]}, {"loss": []}  # in the entry's symbols (N_loss_cls: entry["dims"])
+    ]
     assert [i["name"] for i in manifest["inputs"][:3]] == ["loss_cls/pred", "loss_cls/labels", "loss_cls/scores"]
     for entry in manifest["entries"]:
         assert entry["parity"]["sizes"] == list(EXPORT_PARITY_SIZES)

@@ -132,6 +132,7 @@ def test_manifest_config_and_verify(runner_cache, scripted_files, name):
                  # MMDetection's mask head passes the RoI labels in CrossEntropyLoss's weight position
                  "ce_mask": "forward(Tensor pred, Tensor label, Tensor? weight=None, "}
     assert manifest["forward"].startswith(signature[name]) and manifest["forward"].endswith(") -> Tensor")
+    assert manifest["output_shapes"] == {"loss": []}
     report = verify(path, seed=1)
     assert report["passed"]
     runner = load_runner(path, manifest)
@@ -184,5 +185,6 @@ def test_reduction_none_exports_leave_out_the_avg_factor_it_ignores(tmp_path):
         target = exporter(cfg, tmp_path / f"focal_none{suffix}")
         manifest = json.loads(target.with_name(target.name + ".json").read_text())
         assert [item["name"] for item in manifest["inputs"]] == ["pred", "target", "weight"], suffix
+        assert manifest["output_shapes"] == {"loss": ["N", "C"]}, suffix
     weight = manifest["inputs"][2]
     assert not weight["optional"] and weight["doc"].endswith("all ones for no weight")  # the ONNX graph needs it

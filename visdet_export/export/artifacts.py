@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..registry import build_loss, loss_config
-from ..specs import LossSpec, spec_for
+from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
 
 MANIFEST_SUFFIX = ".json"
 MANIFEST_VERSION = 1
@@ -146,6 +146,34 @@ def shape_mismatch(
     return None
 
 
+def output_shapes(
+    loss: nn.Module, spec: LossSpec, names: Sequence[str], outputs: Sequence[str]
+) -> dict[str, list[object]]:
+    """Each output's shape in the inputs' symbols: ``loss`` ``[]`` for a mean or a sum, per element for "none"
+    (``["N", "C"]`` for focal, ``["N"]`` for QFL), ``grad_<pred>`` ``pred``'s. The loss's is read from two eager
+    calls at sizes that tell every symbol apart; an axis no symbol gives is a number, or None where it varies."""
+    runs = []
+    for step, n in enumerate((7, 57)):  # the other sizes grow by 1, 2, ...: no two symbols change alike
+        sizes = {symbol: size + step * index for index, (symbol, size) in enumerate(sorted(spec.sizes.items()), 1)}
+        inputs = spec.sample(loss, n, seed=step, options=SampleOptions(sizes=sizes), include=list(names))
+        with torch.no_grad():
+            runs.append(({SAMPLES: n, **sizes}, tuple(spec.call(loss, inputs).shape)))
+    (first_sizes, first_shape), (second_sizes, second_shape) = runs
+    shapes: dict[str, list[object]] = {
+        "loss": [
+            next(
+                (symbol for symbol, size in first_sizes.items() if size == a and second_sizes[symbol] == b),
+                a if a == b else None,
+            )
+            for a, b in zip(first_shape, second_shape)
+        ]
+    }
+    for name in outputs:
+        if name == f"grad_{spec.pred}":
+            shapes[name] = list(spec.inputs[0].shape)
+    return shapes
+
+
 def manifest_path(artifact: str | os.PathLike[str]) -> Path:
     return Path(f"{artifact}{MANIFEST_SUFFIX}")
 
@@ -233,6 +261,7 @@ class ExportPlan:
             "variant": self.spec.variant,
             "inputs": describe_inputs(self.spec, self.names, torch.float32, fixed_graph=fmt != "torchscript"),
             "outputs": self.outputs,
+            "output_shapes": output_shapes(self.loss, self.spec, self.names, self.outputs),
             "joint": self.joint,
             "dtype": "float32",
             "parity": None if parity is None else {key: parity[key] for key in PARITY_FIELDS if key in parity},

@@ -59,6 +59,7 @@ from .artifacts import (
     describe_inputs,
     first_line,
     manifest_path,
+    output_shapes,
     shape_mismatch,
     usable_optional_inputs,
     write_manifest,
@@ -373,6 +374,7 @@ def _bundle_manifest_entries(entries: Sequence[BundleEntry]) -> list[dict[str, A
             "dims": entry.dims,
             "inputs": describe_inputs(entry.spec, list(entry.names), torch.float32, fixed_graph=True),
             "outputs": entry.outputs,
+            "output_shapes": output_shapes(entry.loss, entry.spec, entry.names, entry.outputs),
         }
         for entry in entries
     ]
