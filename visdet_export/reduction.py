@@ -77,12 +77,13 @@ def _per_row(loss: Tensor, weight: Tensor) -> bool:
     whatever C is (C = 1 included: the row sums are the elements). A weight of a symbolic width (the free class
     count of an exported graph) is not known to be 1: it takes the general path rather than a guard on C."""
     return (
-        loss.dim() >= 2 and weight.dim() == loss.dim() and _known_to_be_one(weight.size(-1))
+        loss.dim() >= 2 and weight.dim() == loss.dim() and known_to_be_one(weight.size(-1))
         and weight.shape[:-1] == loss.shape[:-1]
     )
 
 
-def _known_to_be_one(size: int) -> bool:
+def known_to_be_one(size: int) -> bool:
+    """``size == 1``, where the compiler knows it without a guard (a symbolic size is not known to be 1)."""
     if torch.jit.is_scripting():
         return size == 1
     return statically_known_true(size == 1)

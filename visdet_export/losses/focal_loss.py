@@ -39,7 +39,7 @@ from ..numerics import (
     weight_keep_mask,
     zero_where_unweighted,
 )
-from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from ..reduction import AvgFactor, as_avg_factor, known_to_be_one, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float
 from .base import WeightedLoss
 
@@ -84,14 +84,22 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def per_class_weight(weight: Tensor, pred: Tensor) -> Tensor:
-    """A weight of shape (N,), (N, C) or flattened (N * C,) as a tensor broadcastable to ``pred`` (N, C)."""
+    """A weight of shape (N,), (N, 1), (N, C) or flattened (N * C,) as a tensor broadcastable to ``pred`` (N, C)."""
     if weight.dim() == pred.dim():
-        return weight
+        if same_size(weight.size(0), pred.size(0), "the weight's and pred's rows") and (
+            known_to_be_one(weight.size(-1)) or same_size(weight.size(-1), pred.size(-1), "the weight's and pred's columns")
+        ):
+            return weight
+        raise ValueError(
+            "weight must have shape (N,), (N, 1), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got "
+            + str(weight.shape)
+        )
     if weight.dim() == 1 and same_size(weight.size(0), pred.size(0)):
         return weight.unsqueeze(1)
     if weight.numel() != pred.numel():
         raise ValueError(
-            "weight must have shape (N,), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got " + str(weight.shape)
+            "weight must have shape (N,), (N, 1), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got "
+            + str(weight.shape)
         )
     return weight.reshape(pred.shape)
 
