@@ -183,6 +183,12 @@ def test_evaluate_stacked_npz_and_errors(kd_graph, workdir):
         evaluate(kd_graph, [{**one, "soft_label": np.zeros((5, 81), np.float32)}], progress=False)
     with pytest.raises(AttachError, match=r"input 'weight' has shape \(5, 1\); it takes \['N'\]"):
         evaluate(kd_graph, [{**one, "weight": one["weight"][:, None]}], progress=False)
+    with pytest.raises(AttachError, match="no samples to evaluate"):
+        evaluate(kd_graph, [], progress=False)
+    with pytest.raises(AttachError, match="is not a file"):
+        evaluate(workdir / "missing.onnx", [one], progress=False)
+    with pytest.raises(AttachError, match="cannot run CUDAExecutionProvider here"):  # CI has no GPU
+        evaluate(kd_graph, [one], progress=False, providers=["CUDAExecutionProvider"])
 
 
 # --- attach: options and errors -----------------------------------------------------------------------------------

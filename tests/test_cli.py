@@ -781,6 +781,23 @@ def test_attach_writes_a_merged_model_with_a_manifest(attached, capsys):
     ]  # no temporary files
 
 
+def test_verify_checks_a_merged_model_without_its_inputs(attached, capsys, tmp_path):
+    """verify reported FAILED ("no loss config") on what attach wrote; it checks what it can without inputs."""
+    import shutil
+
+    folder, _, _, merged, _ = attached
+    code, out, err = run(capsys, "verify", str(merged), "-q")
+    assert code == 0, err
+    assert "1 attached loss(es), checked when attached; the graph and checksum are intact" in out
+    copy = tmp_path / "merged.onnx"
+    shutil.copy(merged, copy)
+    manifest = json.loads((folder / "merged.onnx.json").read_text())
+    manifest["losses"]["loss_cls"]["config"]["gamma"] = 3.0
+    (tmp_path / "merged.onnx.json").write_text(json.dumps(manifest))
+    code, out, _ = run(capsys, "verify", str(copy), "-q")
+    assert code == 1 and "differ from its manifest's" in out
+
+
 def test_evaluate_matches_the_model_and_loss_in_pytorch(attached, capsys, tmp_path):
     import numpy as np
     import onnx

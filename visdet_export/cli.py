@@ -408,6 +408,8 @@ def format_parity(parity: Any, verified: bool = True) -> str:
         return "not verified"
     if parity is None or parity == {}:
         return "-"
+    if isinstance(parity, Mapping) and "summary" in parity:
+        return str(parity["summary"])
     if isinstance(parity, Mapping) and "max_abs_err" in parity:
         text = f"max abs err {_g(parity['max_abs_err'])}, rel {_g(parity.get('max_rel_err'))}"
         if "rtol" in parity or "atol" in parity:

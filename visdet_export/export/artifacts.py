@@ -105,7 +105,8 @@ def library_versions() -> dict[str, str]:
 # What a fixed graph (every input required) takes for an input the loss could do without.
 WITHOUT_ONE = {
     "weight": "all ones for no weight",
-    "avg_factor": "for a plain mean, the number of elements reduction='none' returns",
+    "avg_factor": "for a plain mean, the number of elements reduction='none' returns (CrossEntropyLoss with "
+    "avg_non_ignore: the labels other than ignore_index)",
 }
 
 

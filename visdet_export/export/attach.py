@@ -46,9 +46,9 @@ import onnx.version_converter
 from onnx import external_data_helper
 from torch import nn
 
-from ..registry import loss_config
+from ..registry import build_loss, loss_config
 from ..specs import spec_for
-from .artifacts import ArtifactError, as_loss, atomic_output, shape_mismatch, write_manifest
+from .artifacts import ArtifactError, as_loss, atomic_output, first_line, shape_mismatch, write_manifest
 from .onnx import MIN_OPSET, check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -467,6 +467,36 @@ def attached_losses(path: PathLike) -> dict[str, Any]:
     return {}
 
 
+def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``verify`` checks of a model with attached losses, which runs only on the model's own inputs: its
+    checksum (read with the manifest), the merged graph (``onnx.checker``), and that each loss the manifest lists
+    is embedded with the same config and is a 0-d output. Each loss graph was checked against eager PyTorch in
+    onnxruntime when it was attached; ``evaluate`` runs the model on samples."""
+    path = Path(path)
+    check_external_data(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise AttachError(f"{path.name} is not a valid ONNX model: {first_line(error)}") from None
+    embedded = attached_losses(path)
+    if embedded != manifest.get("losses"):
+        raise AttachError(f"the losses embedded in {path.name} differ from its manifest's")
+    outputs = {value.name: _dims(value) for value in onnx.load(str(path), load_external_data=False).graph.output}
+    not_scalar = sorted(name for name in embedded if outputs.get(name, [None]) != [])
+    if not_scalar:
+        raise AttachError(f"{path.name} has no 0-d output for the attached loss(es) {', '.join(not_scalar)}")
+    for name, description in embedded.items():
+        if "config" in description:
+            build_loss(dict(description["config"]))
+    return {
+        "path": str(path),
+        "format": "onnx",
+        "attached": sorted(embedded),
+        "summary": f"{len(embedded)} attached loss(es), checked when attached; the graph and checksum are intact",
+        "passed": True,
+    }
+
+
 # --- batch evaluation ---------------------------------------------------------------------------------------------
 
 
@@ -595,8 +625,8 @@ def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], inde
     for name, value in graph_inputs.items():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
         array = _to_array(sample[name])
-        if array.dtype.kind == "f" and dtype.kind in "iub":
-            raise AttachError(f"sample {index}: input {name!r} is floating point but the graph takes {dtype}")
+        if (array.dtype.kind == "f" and dtype.kind in "iub") or (array.dtype.kind == "b" and dtype.kind != "b"):
+            raise AttachError(f"sample {index}: input {name!r} is {array.dtype} but the graph takes {dtype}")
         dims = _dims(value)
         # onnxruntime reads one symbol as one size when it plans buffers: a mismatch fails there unexplained
         mismatch = None if dims is None else shape_mismatch(name, dims, array.shape, symbols)
@@ -625,11 +655,14 @@ def evaluate(
         progress: show a progress counter on stderr.
 
     Returns:
-        :class:`EvaluationSummary` with per-sample values and means (non-finite values are counted, not dropped).
+        :class:`EvaluationSummary` with per-sample values and means (non-finite values are counted, not dropped;
+        every sample counts once in a mean, an empty one too).
     """
     import onnxruntime as ort
 
     path = Path(onnx_path)
+    if not path.is_file():
+        raise AttachError(f"{path} is not a file")
     check_external_data(path)
     model = onnx.load(str(path), load_external_data=False)
     scalar_outputs = [
@@ -648,6 +681,10 @@ def evaluate(
         if unknown:
             raise AttachError(f"{path} has no output(s) {', '.join(unknown)}; it has {', '.join(all_outputs)}")
     session = ort.InferenceSession(str(path), providers=list(providers))
+    if providers and providers[0] not in session.get_providers():  # onnxruntime falls back with a warning only
+        raise AttachError(
+            f"onnxruntime cannot run {providers[0]} here; it has {', '.join(ort.get_available_providers())}"
+        )
     graph_inputs = {value.name: value for value in model.graph.input}
     if isinstance(samples, (str, os.PathLike)):
         samples = load_samples(samples)
@@ -667,6 +704,8 @@ def evaluate(
             bar.update()
     finally:
         bar.close()
+    if not summary.values[names[0]]:
+        raise AttachError("no samples to evaluate")
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -198,7 +198,8 @@ def verify(
 
     Only ``path`` and its manifest ``<path>.json`` are read (ONNX external data must lie in the model's
     directory). Note that verifying a TorchScript artifact loads it, and TorchScript is code. A ``.pt2`` bundle of
-    several losses (:func:`~visdet_export.export.pt2.export_pt2_bundle`) is checked entry by entry.
+    several losses (:func:`~visdet_export.export.pt2.export_pt2_bundle`) is checked entry by entry; a model with
+    attached losses as :func:`~visdet_export.export.attach.verify_attached` says.
 
     Args:
         path: the artifact.
@@ -218,6 +219,10 @@ def verify(
     if not path.is_file():
         raise ArtifactError(f"{path} is not a file")
     manifest = read_manifest(path)
+    if manifest.get("kind") == "attached_losses":
+        from .attach import verify_attached
+
+        return verify_attached(path, manifest)
     fmt = manifest.get("format")
     module = format_module(fmt)
     if manifest.get("bundle"):  # several losses in one package: each entry is checked against its own config
