@@ -129,18 +129,18 @@ def describe_inputs(
 
 
 def shape_mismatch(
-    name: str, declared: Sequence[object], shape: Sequence[Optional[int]], symbols: dict[str, tuple[int, str]]
+    name: str, declared: Sequence[object], shape: Sequence[object], symbols: dict[str, tuple[int, str]]
 ) -> Optional[str]:
     """Why the input ``name`` of ``shape`` does not fit ``declared`` (ints: fixed sizes; strings: symbols such as N
     or C, each one size across the inputs checked with the same ``symbols``, which records them), or None.
-    A None in ``shape`` is a size not known yet."""
+    In ``shape``, a string (a model's own symbol) or None is a size not known yet."""
     if len(shape) != len(declared) or any(
-        isinstance(dim, int) and size is not None and dim != size for dim, size in zip(declared, shape)
+        isinstance(dim, int) and isinstance(size, int) and dim != size for dim, size in zip(declared, shape)
     ):
         shown = tuple("?" if size is None else size for size in shape)
         return f"{name!r} has shape {shown}; it takes {list(declared)}"
     for dim, size in zip(declared, shape):
-        if isinstance(dim, str) and size is not None:
+        if isinstance(dim, str) and isinstance(size, int):
             first_size, first_name = symbols.setdefault(dim, (size, name))
             if first_size != size:
                 return f"{name!r} has {dim} = {size} but {first_name!r} has {dim} = {first_size}"

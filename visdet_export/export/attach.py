@@ -148,8 +148,7 @@ def _check_compatible(
     source_dims, target_dims = _dims(source), _dims(target)
     if source_dims is None or target_dims is None:
         return
-    sizes = [dim if isinstance(dim, int) else None for dim in source_dims]
-    mismatch = shape_mismatch(source.name, target_dims, sizes, symbols)
+    mismatch = shape_mismatch(source.name, target_dims, source_dims, symbols)
     if mismatch:
         raise AttachError(f"{what}: {mismatch}")
 
