@@ -140,10 +140,20 @@ def test_unknown_type_suggests_close_matches(typo: str, suggestion: str) -> None
     assert typo in message and "Did you mean" in message and suggestion in message
 
 
+def test_scoped_and_plugin_names_build_our_losses() -> None:
+    """MMEngine configs write type="mmdet.FocalLoss"; the plugin's own config form is type="ExportFocalLoss"."""
+    for name in ("mmdet.FocalLoss", "visdet.FocalLoss", "ExportFocalLoss", "mmdet.ExportFocalLoss"):
+        assert loss_config(build_loss(dict(type=name, gamma=1.5)))["gamma"] == 1.5, name
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) gama \(did you mean 'gamma' for 'gama'\?\)"):
+        build_loss(dict(type="FocalLoss", gama=2.0))
+
+
 @pytest.mark.parametrize("cfg", [
-    dict(type="os.system"), dict(type="torch.nn.L1Loss"), dict(type="__import__('os')"), dict(type=""),
+    dict(type="os.system"), dict(type="torch.L1Loss"), dict(type="mm.det.L1Loss"), dict(type="torch.nn.L1Loss"),
+    dict(type="__import__('os')"), dict(type=""),
     dict(type=None), dict(type=42), dict(gamma=2.0), "NoSuchLoss",
-], ids=["dotted", "torch_path", "code", "empty", "None", "int", "missing_type", "string"])
+], ids=["dotted", "torch_scope", "nested_scope", "torch_path", "code", "empty", "None", "int", "missing_type",
+        "string"])
 def test_unregistered_types_are_never_imported(cfg: object) -> None:
     with pytest.raises(ConfigError):
         build_loss(cfg)  # type: ignore[arg-type]

@@ -21,10 +21,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .registry import MODELS
-
-#: The prefix ``visdet_export.mmdet`` registers under: ``type="ExportFocalLoss"``.
-PLUGIN_PREFIX = "Export"
+from .registry import MODELS, PLUGIN_PREFIX
 
 
 def register_losses(

@@ -21,6 +21,9 @@ from torch import nn
 from .numerics import from_float32_parts
 from .validation import ConfigError
 
+# The prefix of the names the MMDetection / visdet plugin registers our losses under ("ExportFocalLoss").
+PLUGIN_PREFIX = "Export"
+
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
 
@@ -65,14 +68,17 @@ class Registry:
         """The class registered as ``name``; unknown names raise :class:`ConfigError` with close matches."""
         if not isinstance(name, str):
             raise ConfigError(f"type must be a registered name (a string), got {name!r}")
-        try:
-            return self._modules[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self._modules), n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"unknown {self.name} type {name!r}.{hint} Registered: {', '.join(sorted(self._modules))}"
-            ) from None
+        # An MMEngine scope of OpenMMLab's or visdet's ("mmdet.FocalLoss") and the plugin's names
+        # ("ExportFocalLoss") read as ours; other dotted names ("torch.nn.L1Loss") do not.
+        scope, _, bare = name.rpartition(".")
+        if scope and not (scope.isidentifier() and scope.startswith(("mm", "visdet"))):
+            bare = name
+        for candidate in (name, bare, bare.removeprefix(PLUGIN_PREFIX)):
+            if candidate in self._modules:
+                return self._modules[candidate]
+        close = difflib.get_close_matches(name, list(self._modules), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown {self.name} type {name!r}.{hint} Registered: {', '.join(sorted(self._modules))}")
 
     def build(self, cfg: Mapping[str, object]) -> nn.Module:
         """Build ``cfg["type"]`` with the remaining keys as constructor arguments.
@@ -89,8 +95,11 @@ class Registry:
         accepted = config_parameters(cls)
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
+            close = {key: difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6) for key in unknown}
+            hints = "".join(f" (did you mean {close[key][0]!r} for {key!r}?)" for key in unknown if close[key])
             raise ConfigError(
-                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; valid arguments: {', '.join(accepted)}"
+                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}{hints}; valid arguments: "
+                f"{', '.join(accepted)}"
             )
         return cls(**kwargs)
 

@@ -602,7 +602,7 @@ def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     """The input variant a detector's head calls the loss at dotted ``path`` with (None: the loss's default).
 
     A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: in the RPN head (``rpn_head.loss_cls``) (N, 1)
-    objectness logits against labels, 1 the background (the labels layout); elsewhere (YOLOv3's and YOLOX's heads)
+    objectness logits against labels, 1 the background (the labels layout; Cascade RPN's stages too); elsewhere (YOLOv3's and YOLOX's heads)
     against soft targets of the logits' shape (N, C) (YOLOv3's one-hot, possibly smoothed, flattened; the dense
     layout), as YOLOv3's ``loss_xy`` does for its (N, 2) centre offsets. Named otherwise (FCOS's
     ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its soft target, the default.
@@ -611,7 +611,9 @@ def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     name = path.rsplit(".", 1)[-1]
     if not sigmoid_ce or name not in ("loss_cls", "loss_xy"):
         return None
-    return "labels" if path == "rpn_head.loss_cls" or path.endswith(".rpn_head.loss_cls") else "dense"
+    # the RPN head's own loss, or a stage of Cascade RPN's (rpn_head.stages.0.loss_cls)
+    in_rpn_head = path.startswith("rpn_head.") or ".rpn_head." in path
+    return "labels" if in_rpn_head else "dense"
 
 
 def representative_configs() -> dict[str, dict[str, object]]:
