@@ -3,18 +3,23 @@
 MMEngine's ``Config.fromfile`` executes ``.py`` configs; this module never does. A Python config is parsed with
 :mod:`ast` and only these constructs are accepted:
 
-* literals (numbers, strings, ``True``/``False``/``None``) and a minus sign in front of a number;
+* literals (numbers, strings, ``True``/``False``/``None``) and a sign in front of a number;
 * ``dict(key=value, ...)``, and list / tuple / dict displays (``[...]``, ``(...)``, ``{"key": value}``) of those;
 * plain ``name = value`` assignments at the top level (``_base_ = "base.py"`` or a list of such paths included),
-  and string expressions (docstrings).
+  and string expressions (docstrings);
+* names assigned above in the same file (``num_classes = 80`` ... ``num_classes=num_classes``);
+* arithmetic on numbers (``beta=1.0 / 9.0``: ``+ - * / // % **``, a power's exponent at most 64 in size), ``+`` of
+  two strings or two lists, and a list of numbers or strings times a number (``[1.0] * 80``); a string or list
+  so made has at most 100000 items.
 
-Anything else -- imports, calls other than ``dict``, attribute access, names that refer to variables, f-strings,
-lambdas, comprehensions, arithmetic -- is refused with a :class:`ConfigError` that names the file, the line and the
-construct, before any of the config is used. Numbers must be finite everywhere (NaN and infinity are refused in
-every format).
+Anything else -- imports, calls other than ``dict``, attribute access, names a ``_base_`` file defines, f-strings,
+lambdas, comprehensions, ``{{_base_.x}}`` references -- is refused with a :class:`ConfigError` that names the file,
+the line and the construct, before any of the config is used. Numbers must be finite everywhere (NaN and infinity
+are refused in every format).
 
-``_base_`` files are followed only inside the directory tree of the config that was opened (after resolving
-symlinks) and merged the way MMEngine merges them: a child's keys override its bases', dicts are merged
+``_base_`` files are followed only inside the directory tree of the config that was opened, or of its parent
+when that holds a ``_base_`` folder (MMDetection's ``configs/<model>/x.py`` with ``../_base_/...``), after
+resolving symlinks, and merged the way MMEngine merges them: a child's keys override its bases', dicts are merged
 recursively, and a dict with ``_delete_=True`` replaces the base's dict instead of being merged into it.
 
 Every ``loss_*`` entry at any depth (also keys such as ``initial_loss_cls``) is collected with its dotted path,
@@ -30,8 +35,10 @@ list positions included: ``model.roi_head.bbox_head.0.loss_cls``.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Mapping
@@ -47,9 +54,15 @@ DELETE_KEY = "_delete_"
 BASE_KEY = "_base_"
 
 _ALLOWED = (
-    "literals, dict(...), list/tuple/dict displays of literals, a minus sign before a number "
+    "literals, dict(...), list/tuple/dict displays of literals, arithmetic on numbers, names assigned above "
     "and `name = value` assignments"
 )
+MAX_EXPONENT = 64
+MAX_LIST_ITEMS = 100_000
+_ARITHMETIC = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
 
 _CONSTRUCTS: dict[type, str] = {
     ast.Import: "an import",
@@ -97,11 +110,16 @@ def _describe(node: ast.AST) -> str:
     if isinstance(node, ast.Call):
         return f"a call to {ast.unparse(node.func)}()"
     if isinstance(node, ast.Name):
-        return f"the variable reference {node.id!r} (values must be written out; variables are not resolved)"
+        return (
+            f"the variable reference {node.id!r} (only names assigned above in the same file are resolved; "
+            "write the value of a name from a _base_ file)"
+        )
+    if isinstance(node, ast.Set) and len(node.elts) == 1 and isinstance(node.elts[0], ast.Set):
+        return f"the reference {{{{{ast.unparse(node.elts[0].elts[0])}}}}} (write its value)"
     if isinstance(node, ast.Attribute):
         return f"attribute access ({ast.unparse(node)})"
     if isinstance(node, ast.UnaryOp):
-        return f"the operator {type(node.op).__name__} (only a minus sign before a number is allowed)"
+        return f"the operator {type(node.op).__name__} (only a sign before a number is allowed)"
     if isinstance(node, ast.Constant):
         return f"the constant {node.value!r} of type {type(node.value).__name__}"
     return _CONSTRUCTS.get(type(node), f"a {type(node).__name__} node")
@@ -128,6 +146,7 @@ class _Evaluator:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.names: dict[str, Any] = {}  # the top-level assignments read so far
 
     def value(self, node: ast.expr, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -138,16 +157,15 @@ class _Evaluator:
                 return _finite(value, _where(self.source, node), "the number")
             raise _refuse(self.source, node)
         if isinstance(node, ast.UnaryOp):
-            if (
-                isinstance(node.op, (ast.USub, ast.UAdd))
-                and isinstance(node.operand, ast.Constant)
-                and isinstance(node.operand.value, (int, float))
-                and not isinstance(node.operand.value, bool)
-            ):
-                number = node.operand.value
-                signed = -number if isinstance(node.op, ast.USub) else number
-                return _finite(signed, _where(self.source, node), "the number")
+            if isinstance(node.op, (ast.USub, ast.UAdd)):
+                number = self.value(node.operand, depth + 1)
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    return -number if isinstance(node.op, ast.USub) else number
             raise _refuse(self.source, node)
+        if isinstance(node, ast.Name) and node.id in self.names:
+            return copy.deepcopy(self.names[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return self.arithmetic(node, self.value(node.left, depth + 1), self.value(node.right, depth + 1))
         if isinstance(node, ast.List):
             return [self.value(item, depth + 1) for item in node.elts]
         if isinstance(node, ast.Tuple):
@@ -183,6 +201,42 @@ class _Evaluator:
         raise _refuse(self.source, node)
 
 
+    def arithmetic(self, node: ast.BinOp, left: Any, right: Any) -> Any:
+        """``left <op> right`` for numbers, ``+`` of two strings or lists, a list times a number; bounded."""
+        where = _where(self.source, node)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if isinstance(node.op, ast.Mult) and {type(left), type(right)} & {list} and (number(left) or number(right)):
+            items, times = (left, right) if isinstance(left, list) else (right, left)
+            flat = all(item is None or isinstance(item, (bool, int, float, str)) for item in items)
+            if not (flat and isinstance(times, int)) or len(items) * max(times, 0) > MAX_LIST_ITEMS:
+                raise ConfigError(
+                    f"{where}: a list of numbers or strings may be repeated an integer number of times, to "
+                    f"{MAX_LIST_ITEMS} items"
+                )
+            return items * times
+        if isinstance(node.op, ast.Add) and type(left) is type(right) and isinstance(left, (str, list)):
+            if len(left) + len(right) > MAX_LIST_ITEMS:
+                raise ConfigError(f"{where}: a string or list may be at most {MAX_LIST_ITEMS} long")
+            return left + right
+        if not (number(left) and number(right)):
+            raise ConfigError(
+                f"{where}: {type(node.op).__name__} of {type(left).__name__} and {type(right).__name__} is not allowed "
+                "in a config; arithmetic takes numbers (and + two strings or lists, a list times a number)"
+            )
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ConfigError(f"{where}: a power's exponent must be at most {MAX_EXPONENT} in size, got {right!r}")
+        try:
+            result = _ARITHMETIC[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError) as error:
+            raise ConfigError(f"{where}: {ast.unparse(node)} fails: {error}") from None
+        if isinstance(result, complex):
+            raise ConfigError(f"{where}: {ast.unparse(node)} is not a real number")
+        return _finite(result, where, "the number")
+
+
 def parse_python_config(text: str, source: str = "<config>") -> dict[str, Any]:
     """The top-level assignments of an MMDetection-style Python config, read with :mod:`ast` (never executed)."""
     try:
@@ -212,7 +266,8 @@ def parse_python_config(text: str, source: str = "<config>") -> dict[str, Any]:
                 f"{ast.unparse(target) if isinstance(target, ast.expr) else 'a chained assignment'} as the target"
             )
         try:
-            result[statement.targets[0].id] = evaluator.value(statement.value)
+            name = statement.targets[0].id
+            result[name] = evaluator.names[name] = evaluator.value(statement.value)
         except RecursionError:
             raise ConfigError(f"{_where(source, statement)}: the config is nested too deeply") from None
     return result
@@ -384,7 +439,8 @@ def _load(path: Path, root: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         if not resolved.is_relative_to(root):
             raise ConfigError(
                 f"{path}: {BASE_KEY} entry {base!r} resolves to {resolved}, outside the config's directory {root}; "
-                "base files are followed only inside the directory tree of the config that was opened"
+                "base files are followed only inside the directory tree of the config that was opened (or of its "
+                f"parent, when that holds a {BASE_KEY} folder)"
             )
         if resolved in chain:
             cycle = " -> ".join(str(p) for p in (*chain, resolved))
@@ -408,7 +464,10 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not given.exists():
         raise ConfigError(f"config file {given} does not exist")
     resolved = given.resolve()
-    data = _load(resolved, resolved.parent, (resolved,))
+    root = resolved.parent
+    if (root.parent / BASE_KEY).is_dir():  # MMDetection's configs/<model>/x.py with ../_base_/...
+        root = root.parent
+    data = _load(resolved, root, (resolved,))
     return _strip_delete(data, str(given))
 
 
@@ -421,15 +480,19 @@ def collect_losses(cfg: Any, prefix: str = "") -> dict[str, dict[str, Any]]:
     """Every ``loss_*`` dict at any depth, keyed by its dotted path (list positions as numbers).
 
     Raises:
-        ConfigError: a ``loss_*`` entry that is a dict without a ``type``.
+        ConfigError: a ``loss_*`` entry that is a dict without a ``type`` but with a loss's arguments
+            (``loss_cls=dict(gamma=2.0)``); one without either (``loss_weights=dict(cls=1.0)``) is not a loss.
     """
+    from .registry import MODELS, config_parameters
+
+    loss_arguments = {name for cls in MODELS.module_dict.values() for name in config_parameters(cls)}
     found: dict[str, dict[str, Any]] = {}
 
     def walk(value: Any, path: str) -> None:
         if isinstance(value, Mapping):
             for key, item in value.items():
                 child = f"{path}.{key}" if path else str(key)
-                if is_loss_key(key) and isinstance(item, Mapping):
+                if is_loss_key(key) and isinstance(item, Mapping) and ("type" in item or loss_arguments & set(item)):
                     if "type" not in item:
                         raise ConfigError(f"the loss entry {child} has no 'type': {dict(item)!r}")
                     found[child] = dict(item)
