@@ -188,7 +188,28 @@ def test_export_only_selects_losses_and_opset_reaches_onnx(fake, capsys, tmp_pat
     assert fake.calls == [("onnx", "roi_head.bbox_head.loss_cls.onnx", {"opset": 19})]
     assert err == ""  # --quiet
     code, _, err = run(capsys, "export", "--recipe", "faster_rcnn", "--only", "loss_cls", "--out", str(tmp_path / "x"))
-    assert code == 2 and "no loss named loss_cls" in err and "rpn_head.loss_cls" in err
+    assert code == 2 and "--only: loss_cls names rpn_head.loss_cls, roi_head.bbox_head.loss_cls; give one" in err
+    code, _, err = run(capsys, "export", "--recipe", "faster_rcnn", "--only", "loss_clss", "--out", str(tmp_path / "x"))
+    assert code == 2 and "no loss named loss_clss" in err
+    argv = ["export", "--recipe", "faster_rcnn", "--only", "bbox_head.loss_cls", "--format", "onnx", "-q"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "y"))  # the unique end of a path
+    assert code == 0, err
+    assert fake.calls[-1][:2] == ("onnx", "roi_head.bbox_head.loss_cls.onnx")
+
+
+def test_export_skip_unknown_leaves_out_losses_this_package_lacks(fake, capsys, tmp_path):
+    config = tmp_path / "vfnet.py"
+    config.write_text(
+        "model = dict(bbox_head=dict(loss_cls=dict(type='VarifocalLoss', use_sigmoid=True),\n"
+        "                            loss_bbox=dict(type='GIoULoss', loss_weight=1.5)))\n"
+    )
+    argv = ["export", "--config", str(config), "--format", "onnx", "-q"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "a"))
+    assert code == 2 and "VarifocalLoss is an MMDetection loss that visdet-export does not implement" in err
+    code, _, err = run(capsys, *argv, "--skip-unknown", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "skipped model.bbox_head.loss_cls: 'VarifocalLoss' is not a loss of this package" in err
+    assert [call[:2] for call in fake.calls] == [("onnx", "model.bbox_head.loss_bbox.onnx")]
 
 
 def test_export_gives_each_loss_the_input_layout_of_its_head(fake, capsys, tmp_path):

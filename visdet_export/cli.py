@@ -4,7 +4,8 @@ Commands::
 
     visdet-export export (--loss CFG | --recipe NAME | --config FILE) --out DIR
                          [--format onnx,torchscript,pt2,onnx-joint,pt2-joint] [--only PATH,...] [--name NAME]
-                         [--variant NAME] [--optional NAMES] [--overwrite] [--no-verify] [--opset N] [--quiet]
+                         [--variant NAME] [--optional NAMES] [--skip-unknown] [--overwrite] [--no-verify]
+                         [--opset N] [--quiet]
     visdet-export list [--recipes] [--inputs] [--json]
     visdet-export verify PATH... [--seed N]
     visdet-export attach MODEL.onnx OUT.onnx --spec ATTACH.json [--opset N] [--overwrite]
@@ -586,11 +587,34 @@ def format_inputs(inputs: list[dict[str, Any]] | str) -> str:
 def _select(losses: dict[str, dict[str, Any]], only: str | None) -> dict[str, dict[str, Any]]:
     if not only:
         return losses
-    wanted = [item.strip() for item in only.split(",") if item.strip()]
-    unknown = [w for w in wanted if w not in losses]
-    if unknown:
-        raise UsageError(f"--only: no loss named {', '.join(unknown)}; this config has {', '.join(losses)}")
-    return {w: losses[w] for w in wanted}
+    chosen: dict[str, dict[str, Any]] = {}
+    for wanted in (item.strip() for item in only.split(",") if item.strip()):
+        # a full dotted path, or its end when one path ends so (loss_bbox for model.bbox_head.loss_bbox)
+        matches = [wanted] if wanted in losses else [path for path in losses if path.endswith("." + wanted)]
+        if len(matches) != 1:
+            problem = f"{wanted} names {', '.join(matches)}; give one" if matches else f"no loss named {wanted}"
+            raise UsageError(f"--only: {problem}; this config has {', '.join(losses)}")
+        chosen[matches[0]] = losses[matches[0]]
+    return chosen
+
+
+def _known_losses(losses: dict[str, dict[str, Any]], skip_unknown: bool) -> dict[str, dict[str, Any]]:
+    """With ``--skip-unknown``, ``losses`` less those whose type this package does not register (said on stderr)."""
+    from .registry import MODELS
+
+    if not skip_unknown:
+        return losses
+    known = {}
+    for path, cfg in losses.items():
+        try:
+            MODELS.get(cfg.get("type"))  # type: ignore[arg-type]
+        except ConfigError:
+            print(f"{PROG}: skipped {path}: {cfg.get('type')!r} is not a loss of this package", file=sys.stderr)
+            continue
+        known[path] = cfg
+    if not known:
+        raise UsageError("--skip-unknown left no loss to export")
+    return known
 
 
 def losses_from_args(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -648,7 +672,7 @@ def check_optional(
 def cmd_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     source, losses = losses_from_args(args)
-    losses = _select(losses, args.only)
+    losses = _known_losses(_select(losses, args.only), args.skip_unknown)
     variants = {path: args.variant for path in losses} if args.variant else None
     build_checked(losses, variants)  # every mistake is reported before the announcement below
     optional = check_optional(args.optional, losses, variants)
@@ -1092,7 +1116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default=DEFAULT_FORMATS, help=f"comma-separated, or all: {format_help} (default: {DEFAULT_FORMATS})"
     )
     p_export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    p_export.add_argument("--only", metavar="PATH[,PATH]", help="export only these loss paths of the config")
+    p_export.add_argument(
+        "--only", metavar="PATH[,PATH]", help="export only these loss paths of the config (or a path's unique end)"
+    )
+    p_export.add_argument(
+        "--skip-unknown", action="store_true", help="leave out losses of types this package does not implement"
+    )
     p_export.add_argument("--name", help="file name stem for --loss (default: its type)")
     p_export.add_argument(
         "--variant",
