@@ -64,6 +64,7 @@ BAD_VALUES = [
     pytest.param(dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True), "use_sigmoid", id="ce_two_modes"),
     pytest.param(dict(type="FocalLoss", use_sigmoid=False), "use_sigmoid", id="focal_softmax"),
     pytest.param(dict(type="QualityFocalLoss", use_sigmoid=False), "use_sigmoid", id="qfl_softmax"),
+    pytest.param(dict(type="CrossEntropyLoss", use_mask=True, ignore_index=0), "ignore_index", id="mask_ignore_index"),
 ]
 
 

@@ -419,6 +419,8 @@ class CrossEntropyLoss(WeightedLoss):
         if self.use_sigmoid and self.use_mask:
             raise ConfigError("use_sigmoid and use_mask can not both be True; choose at most one")
         self.ignore_index = -100 if ignore_index is None else check_int("ignore_index", ignore_index)
+        if self.use_mask and self.ignore_index != -100:  # MMDetection asserts it too
+            raise ConfigError(f"use_mask=True takes no ignore_index (got {ignore_index}): every mask pixel counts")
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
         # float32 buffers, which float64 losses and loss_config turn back into the configured values
