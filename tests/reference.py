@@ -216,9 +216,9 @@ def sigmoid_ce_parts(
 
 
 def mask_ce_elementwise(pred: Tensor, target: Tensor, label: Tensor) -> Tensor:
-    """BCE of each RoI's mask logits at its class: (R, H, W)."""
+    """BCE of each RoI's mask logits at its class: (R, H, W), or (R, P) for PointRend's points."""
     slices = [pred[r, int(label[r])] for r in range(pred.size(0))]
-    logits = torch.stack(slices) if slices else pred.new_zeros((0, pred.size(2), pred.size(3)))
+    logits = torch.stack(slices) if slices else pred.new_zeros((0, *pred.shape[2:]))
     return F.binary_cross_entropy_with_logits(logits, target.double(), reduction="none")
 
 
@@ -386,7 +386,7 @@ def reference_loss(
         if opt["use_mask"]:
             labels = weight
             loss = mask_ce_elementwise(pred, target, labels)
-            w = None if class_weight is None else class_weight[labels.long()].view(-1, 1, 1)
+            w = None if class_weight is None else class_weight[labels.long()].view(-1, *[1] * (loss.dim() - 1))
             out = reduce_reference(loss, w, reduction, avg_factor)
         elif opt["use_sigmoid"]:
             loss, element_weight, valid = sigmoid_ce_parts(pred, target, weight, class_weight, index)

@@ -554,6 +554,28 @@ def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:
         loss(torch.randn(5, 80), torch.randint(0, 81, (5,)))
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+@pytest.mark.parametrize("n", [0, 1, 9])
+def test_mask_ce_takes_pointrends_point_logits(runtime: str, n: int) -> None:
+    """PointRend's loss_point: a mask CrossEntropyLoss on (R, C, P) point logits and (R, P) targets."""
+    cfg = dict(type="CrossEntropyLoss", use_mask=True, class_weight=[1.0, 2.0, 0.5, 3.0, 1.5])
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        torch._dynamo.reset()  # a graph per reduction and size: stay under the recompile limit
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(n)
+    pred = torch.randn(n, 5, 37, generator=generator, dtype=F64, requires_grad=True)
+    target = (torch.rand(n, 37, generator=generator) > 0.5).double()
+    label = torch.randint(0, 5, (n,), generator=generator)
+    for reduction in ("mean", "none"):
+        value = loss(pred, target, label, None, reduction)
+        torch.testing.assert_close(value, reference_loss(cfg, pred, target, label, None, reduction), **TOL)
+    (grad,) = torch.autograd.grad(loss(pred, target, label), pred)
+    # the reference at n = 0 is a constant (its empty mean), whose gradient is zero
+    want = grad_of(reference_loss(cfg, pred, target, label), pred, torch.tensor(1.0, dtype=F64)) if n else 0 * pred
+    torch.testing.assert_close(grad, want, **TOL)
+
+
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------
 
 

@@ -52,6 +52,8 @@ def test_an_unknown_free_size_is_refused():
         ("rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),  # (N, 1), background 1
         ("model.rpn_head.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),
         ("model.rpn_head.stages.0.loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "labels"),  # Cascade RPN
+        ("model.roi_head.point_head.loss_point", dict(type="CrossEntropyLoss", use_mask=True), "points"),  # PointRend
+        ("model.roi_head.mask_head.loss_mask", dict(type="CrossEntropyLoss", use_mask=True), None),
         ("bbox_head.loss_centerness", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # one logit, soft target
         ("loss_cls", dict(type="CrossEntropyLoss", use_sigmoid=True), "dense"),  # YOLOv3: one-hot float targets
         ("loss_conf", dict(type="CrossEntropyLoss", use_sigmoid=True), None),  # YOLOv3's objectness

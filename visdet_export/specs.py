@@ -17,6 +17,7 @@ benchmarks all use it, so a loss registered later with a spec is covered by all 
 True
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
@@ -237,6 +238,7 @@ def _standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_ov
 
 NUM_CLASSES = 80
 MASK_SIZE = 28
+POINTS = 196  # PointRend's training points per RoI (14 x 14)
 DEFAULT_REG_MAX = 16
 CLASSES = {"C": NUM_CLASSES}
 
@@ -378,15 +380,18 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         return options.sizes["C"] if isinstance(classes, str) else classes
 
     if use_mask:
-        variant = _check_variant("CrossEntropyLoss", variant, ("mask",))
+        # Mask R-CNN's (H, W) masks, or PointRend's P sampled points (loss_point)
+        variant = _check_variant("CrossEntropyLoss", variant, ("mask", "points"))
+        spatial = ("H", "W") if variant == "mask" else ("P",)
 
         def sample_mask(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
-            c, h, w = class_count(options), options.sizes["H"], options.sizes["W"]
+            c, where = class_count(options), tuple(options.sizes[symbol] for symbol in spatial)
+            pixels = math.prod(where)
             return {
-                "pred": _logits((n, c, h, w), generator, options),
-                "target": (torch.rand(n, h, w, generator=generator) > 0.5).to(options.dtype),
+                "pred": _logits((n, c, *where), generator, options),
+                "target": (torch.rand((n, *where), generator=generator) > 0.5).to(options.dtype),
                 "label": torch.randint(0, c, (n,), generator=generator),
-                "avg_factor": _avg_factor(n * h * w, generator, options),
+                "avg_factor": _avg_factor(n * pixels, generator, options),
             }
 
         def call_mask(module: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
@@ -395,12 +400,12 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             )
 
         inputs = (
-            TensorSpec("pred", ("N", classes, "H", "W"), doc="mask logits per class"),
-            TensorSpec("target", ("N", "H", "W"), doc="binary masks"),
+            TensorSpec("pred", ("N", classes, *spatial), doc="mask logits per class"),
+            TensorSpec("target", ("N", *spatial), doc="binary masks"),
             TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {classes})"),
             AVG_FACTOR,
         )
-        sizes = {**free, "H": MASK_SIZE, "W": MASK_SIZE}
+        sizes = {**free, **({"H": MASK_SIZE, "W": MASK_SIZE} if variant == "mask" else {"P": POINTS})}
         return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes)
 
     if use_sigmoid:
@@ -602,14 +607,18 @@ def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:
     """The input variant a detector's head calls the loss at dotted ``path`` with (None: the loss's default).
 
     A sigmoid ``CrossEntropyLoss`` named ``loss_cls`` classifies: in the RPN head (``rpn_head.loss_cls``) (N, 1)
-    objectness logits against labels, 1 the background (the labels layout; Cascade RPN's stages too); elsewhere (YOLOv3's and YOLOX's heads)
-    against soft targets of the logits' shape (N, C) (YOLOv3's one-hot, possibly smoothed, flattened; the dense
-    layout), as YOLOv3's ``loss_xy`` does for its (N, 2) centre offsets. Named otherwise (FCOS's
-    ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its soft target, the default.
+    objectness logits against labels, 1 the background (the labels layout; Cascade RPN's stages too); elsewhere
+    (YOLOv3's and YOLOX's heads) against soft targets of the logits' shape (N, C) (YOLOv3's one-hot, possibly
+    smoothed, flattened; the dense layout), as YOLOv3's ``loss_xy`` does for its (N, 2) centre offsets. Named
+    otherwise (FCOS's ``loss_centerness``, YOLOv3's ``loss_conf``), one logit per sample and its soft target, the
+    default. A mask ``CrossEntropyLoss`` named ``loss_point`` takes PointRend's (N, C, P) point logits.
     """
-    sigmoid_ce = config.get("type") == "CrossEntropyLoss" and config.get("use_sigmoid") and not config.get("use_mask")
     name = path.rsplit(".", 1)[-1]
-    if not sigmoid_ce or name not in ("loss_cls", "loss_xy"):
+    if config.get("type") != "CrossEntropyLoss":
+        return None
+    if config.get("use_mask"):
+        return "points" if name == "loss_point" else None
+    if not config.get("use_sigmoid") or name not in ("loss_cls", "loss_xy"):
         return None
     # the RPN head's own loss, or a stage of Cascade RPN's (rpn_head.stages.0.loss_cls)
     in_rpn_head = path.startswith("rpn_head.") or ".rpn_head." in path

@@ -339,46 +339,42 @@ def mask_cross_entropy(
     reduction: str = "mean",
     avg_factor: Optional[Tensor] = None,
 ) -> Tensor:
-    """Binary cross-entropy of each RoI's mask logits at its class (Mask R-CNN).
+    """Binary cross-entropy of each RoI's mask logits at its class (Mask R-CNN; PointRend's point logits too).
 
     Args:
-        pred (Tensor[R, C, H, W]): mask logits, one map per class.
-        target (Tensor[R, H, W]): binary mask targets.
+        pred (Tensor[R, C, *S]): mask logits, one map per class: S = (H, W) for masks, (P,) for PointRend's points.
+        target (Tensor[R, *S]): binary mask targets.
         label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``; labels outside [0, C) are
             clamped into it (a graph cannot raise on tensor values).
         class_weight (Tensor[C], optional): weight of each RoI by its class (visdet passes it to
             ``F.binary_cross_entropy_with_logits`` as an element weight, which only broadcasts when C == W).
 
     Returns:
-        Tensor[R, H, W] for "none", else Tensor[] (visdet returns shape (1,), mean only).
+        Tensor[R, *S] for "none", else Tensor[] (visdet returns shape (1,), mean only).
     """
-    if pred.dim() != 4 or target.dim() != 3 or label.dim() != 1:
+    matching = pred.dim() >= 3 and target.dim() == pred.dim() - 1 and label.dim() == 1
+    if matching:
+        matching = same_size(target.size(0), pred.size(0)) and same_size(label.size(0), pred.size(0))
+        for dim in range(1, target.dim()):
+            matching = matching and same_size(target.size(dim), pred.size(dim + 1))
+    if not matching:
         raise ValueError(
-            "expected pred (R, C, H, W), target (R, H, W) and label (R,), got "
+            "expected pred (R, C, H, W) or (R, C, P), target (R, H, W) or (R, P) and label (R,), got "
             + str(pred.shape) + ", " + str(target.shape) + " and " + str(label.shape)
-        )
-    if (
-        target.dim() != 3
-        or not same_size(target.size(0), pred.size(0))
-        or not same_size(target.size(1), pred.size(2))
-        or not same_size(target.size(2), pred.size(3))
-        or not same_size(label.size(0), pred.size(0))
-    ):
-        raise ValueError(
-            "mask target must be (R, H, W) and label (R,) for pred " + str(pred.shape) + ", got "
-            + str(target.shape) + " and " + str(label.shape)
         )
     label = _labels_to_int(label)
     _check_class_count(class_weight, pred.size(1))
     dtype = compute_dtype(pred)
     safe_label = label.clamp(0, pred.size(1) - 1)
-    index = safe_label.view(-1, 1, 1, 1).expand(pred.size(0), 1, pred.size(2), pred.size(3))
-    logits = pred.gather(1, index).squeeze(1).to(dtype)
+    one_per_roi = [-1] + [1] * (pred.dim() - 1)
+    map_shape = list(pred.shape)
+    map_shape[1] = 1
+    logits = pred.gather(1, safe_label.reshape(one_per_roi).expand(map_shape)).squeeze(1).to(dtype)
     log1p_decay = log1p_exp_neg_abs(logits)
     loss = bce_with_logits(logits, target.to(dtype), log1p_decay)
     weight: Optional[Tensor] = None
     if class_weight is not None:
-        weight = class_weight.to(pred.device, dtype)[safe_label].view(-1, 1, 1)
+        weight = class_weight.to(pred.device, dtype)[safe_label].reshape([-1] + [1] * (target.dim() - 1))
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
