@@ -197,6 +197,16 @@ def test_export_only_selects_losses_and_opset_reaches_onnx(fake, capsys, tmp_pat
     assert fake.calls[-1][:2] == ("onnx", "roi_head.bbox_head.loss_cls.onnx")
 
 
+def test_warnings_are_one_line_of_ours_each_once(fake, capsys, tmp_path):
+    config = tmp_path / "iou.py"
+    entry = "dict(loss_bbox=dict(type='IoULoss', linear=True))"
+    config.write_text(f"a = {entry}\nb = {entry}\n")
+    code, _, err = run(capsys, "export", "--config", str(config), "--format", "onnx", "-q", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    message = 'visdet-export: warning: IoULoss(linear=True) is deprecated; use mode="linear"'
+    assert err.count(message) == 1 and "sys.exit" not in err
+
+
 def test_export_skip_unknown_leaves_out_losses_this_package_lacks(fake, capsys, tmp_path):
     config = tmp_path / "vfnet.py"
     config.write_text(

@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1219,11 +1220,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guard(lambda: args.func(args), args.debug)
 
 
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints each warning text once as one line of ours: the script's line
+    (``visdet-export:8``) and the source line told a user nothing."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+        text = f"{PROG}: warning: {message}"
+        if text not in shown:
+            shown.add(text)
+            print(text, file=sys.stderr)
+
+    return show
+
+
 def _guard(run: Callable[[], int], debug: bool) -> int:
     from .export.artifacts import ArtifactError
 
     try:
-        return run()
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings()
+            return run()
     except (UsageError, ConfigError, ArtifactError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
