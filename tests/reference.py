@@ -162,7 +162,7 @@ def dfl_elementwise(pred: Tensor, target: Tensor) -> Tensor:
     """MMDetection's ``distribution_focal_loss``; target == reg_max puts all the mass on the last bin: (N,)."""
     reg_max = pred.size(1) - 1
     target = target.double()
-    left = target.long()  # targets are >= 0, so truncation is floor
+    left = target.long()  # truncation, as MMDetection: a target in (-1, 0) weighs bins 0 and 1 by 1 - y and y
     right = left + 1
     weight_left = right.double() - target
     weight_right = target - left.double()
@@ -182,7 +182,10 @@ def softmax_ce_elementwise(pred: Tensor, label: Tensor, class_weight: Optional[T
     logits = pred.movedim(1, -1)  # (N, *, C)
     loss = torch.zeros(label.shape, dtype=pred.dtype)
     if bool(valid.any()):
-        loss[valid] = F.cross_entropy(logits[valid], label[valid].long(), weight=class_weight, reduction="none")
+        kept = label[valid].long()
+        loss[valid] = F.cross_entropy(logits[valid], kept, reduction="none")
+        if class_weight is not None:  # multiplied here, not passed to ATen, so that a trained weight gets its gradient
+            loss[valid] = loss[valid] * class_weight[kept]
     return loss
 
 
@@ -211,7 +214,9 @@ def sigmoid_ce_parts(
             if weight.dim() == pred.dim() - 1 and pred.dim() > 1:
                 weight = weight.unsqueeze(-1)
             element_weight = weight * valid
-    loss = F.binary_cross_entropy_with_logits(pred, targets, pos_weight=class_weight, reduction="none")
+    # ``pos_weight`` written out (ATen's cannot differentiate a trained one)
+    positive_weight = 1.0 if class_weight is None else class_weight
+    loss = -(positive_weight * targets * F.logsigmoid(pred) + (1.0 - targets) * F.logsigmoid(-pred))
     return loss, element_weight, valid
 
 
@@ -382,7 +387,7 @@ def reference_loss(
         if ignore_index is not None:
             index = ignore_index
         cw = opt["class_weight"]
-        class_weight = None if cw is None else torch.tensor(cw, dtype=torch.float64)
+        class_weight = None if cw is None else torch.as_tensor(cw, dtype=torch.float64)
         if opt["use_mask"]:
             labels = weight
             loss = mask_ce_elementwise(pred, target, labels)

@@ -102,7 +102,8 @@ def softmax_cross_entropy(
     label_weight = None if class_weight is None else class_weight.to(pred.device, dtype)[safe_label.squeeze(1)]
     if avg_factor is None and avg_non_ignore and reduction == "mean":
         avg_factor = (label != ignore_index).sum().to(dtype)
-    if eager_fast_path(pred):  # closed-form gradient, in place (see numerics)
+    trained_class_weight = class_weight is not None and needs_grad(class_weight)  # learned class weights: autograd
+    if eager_fast_path(pred) and not trained_class_weight:  # closed-form gradient, in place (see numerics)
         loss = _softmax_cross_entropy_eager(pred, safe_label, valid, label_weight, weight)
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     loss = _softmax_cross_entropy(zero_where_unweighted(pred, valid.unsqueeze(1)), safe_label, valid, label_weight)
@@ -212,7 +213,7 @@ def binary_cross_entropy(
             avg_factor = avg_factor * pred.size(1)
     # closed-form gradient, in place (see numerics); a weight that is trained keeps autograd, whose gradient at
     # masked elements is the loss of the masked inputs (log 2), where the fast path zeroes the outputs
-    if eager_closed_form(pred, label, weight):
+    if eager_closed_form(pred, label, weight) and not (pos_weight is not None and needs_grad(pos_weight)):
         # the outputs are zeroed outside ``keep``, so the weight applies as given, with no (valid * weight) tensor
         keep_weighted = weight_keep_mask(weight)
         keep_eager = valid if keep_weighted is None else valid & keep_weighted

@@ -1,0 +1,140 @@
+"""Autograd beyond ``loss.backward()``: forward-mode AD, batched gradients (``is_grads_batched``, vectorized
+jacobians), ``torch.func`` second derivatives and learned class weights.
+
+The eager fast paths compute gradients in closed form (custom ``autograd.Function``s, in-place updates, bit-pattern
+selects). These setups must either reach the same numbers as the float64 reference or take the autograd
+formulation; a dropped tangent or a wrong second derivative is silent, so every case compares values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+from reference import (
+    boxes,
+    overlapping_boxes,
+    reference_loss,
+    single_thread,  # noqa: F401  (autouse fixture)
+    spec_inputs,
+)
+from torch import Tensor
+from torch.func import functional_call
+
+from visdet_export import build_loss
+from visdet_export.specs import CONFIG_VARIANTS, representative_configs
+
+F64 = torch.float64
+CONFIGS = representative_configs()
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+Case = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor]
+
+
+def _case(name: str, reduction: str, n: int = 3) -> Case:
+    """(loss of pred, float64 reference of pred, pred) for one representative config, weights kept away from 0 so
+    that no gradient is masked."""
+    cfg = dict(CONFIGS[name])
+    inputs: dict[str, Any] = spec_inputs(cfg, n, seed=0, variant=CONFIG_VARIANTS.get(name), dtype=F64)
+    pred, target, weight = inputs["pred"], inputs["target"], inputs["weight"]
+    if cfg["type"] in ("IoULoss", "GIoULoss"):  # overlapping boxes: away from the clamps' kinks
+        target = boxes(n, 0)
+        pred = overlapping_boxes(target)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        weight = weight.abs() + 0.25
+    avg_factor = inputs["avg_factor"] if reduction == "mean" else None
+    loss = build_loss({**cfg, "reduction": reduction})
+    return (
+        lambda p: loss(p, target, weight, avg_factor),
+        lambda p: reference_loss(cfg, p, target, weight, avg_factor, reduction),
+        pred.detach(),
+    )
+
+
+def _close(actual: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_mode_tangent_equals_reference(name: str, reduction: str) -> None:
+    loss, reference, pred = _case(name, reduction)
+    direction = torch.randn(pred.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _, expected = torch.func.jvp(reference, (pred,), (direction,))
+    with forward_ad.dual_level():
+        out = loss(forward_ad.make_dual(pred, direction))
+        value, tangent = forward_ad.unpack_dual(out)
+    assert tangent is not None, "the tangent was dropped (a zero JVP)"
+    _close(value, reference(pred))
+    _close(tangent, expected)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batched_gradients_equal_reference(name: str, reduction: str) -> None:
+    loss, reference, pred = _case(name, reduction)
+    grad_outputs = torch.randn((4, *reference(pred).shape), dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def batched(fn: Callable[[Tensor], Tensor]) -> Tensor:
+        p = pred.clone().requires_grad_()
+        out = fn(p)
+        first = torch.autograd.grad(out, p, grad_outputs, is_grads_batched=True, retain_graph=True)[0]
+        again = torch.autograd.grad(out, p, 2 * grad_outputs, is_grads_batched=True)[0]  # after retain_graph
+        return torch.cat([first, again])
+
+    _close(batched(loss), batched(reference))
+
+
+@pytest.mark.parametrize("name", ["focal", "ce_sigmoid_labels", "giou"])
+def test_vectorized_jacobian_equals_reference(name: str) -> None:
+    loss, reference, pred = _case(name, "none")
+    jacobian = torch.autograd.functional.jacobian
+    _close(jacobian(loss, pred, vectorize=True), jacobian(reference, pred))
+
+
+@pytest.mark.parametrize("loss_type", ["FocalLoss", "QualityFocalLoss"])
+def test_func_grad_of_grad_of_probability_inputs(loss_type: str) -> None:
+    """``activated=True`` differentiates BCE on probabilities with a slope taken without autograd; under
+    ``torch.func`` reverse-over-reverse that slope must still be differentiable (a plain ``create_graph`` HVP
+    already is)."""
+    loss = build_loss(dict(type=loss_type, activated=True, reduction="sum"))
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.rand(4, 3, dtype=F64, generator=generator) * 0.8 + 0.1
+    labels = torch.tensor([0, 1, 2, 3])  # 3 is background
+    target: Any = labels if loss_type == "FocalLoss" else (labels, torch.rand(4, dtype=F64, generator=generator))
+    direction = torch.randn(4, 3, dtype=F64, generator=generator)
+
+    def value(p: Tensor) -> Tensor:
+        return loss(p, target)
+
+    p = probs.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(value(p), p, create_graph=True)
+    (expected,) = torch.autograd.grad((grad * direction).sum(), p)
+    reference = torch.func.grad(lambda q: (torch.func.grad(value)(q) * direction).sum())(probs)
+    _close(reference, expected)
+    _close(torch.func.jacrev(torch.func.jacrev(value))(probs), torch.func.hessian(value)(probs))
+
+
+@pytest.mark.parametrize("use_sigmoid", [False, True])
+def test_learned_class_weight_gets_its_gradient(use_sigmoid: bool) -> None:
+    """Learning-to-reweight setups swap in a trained ``class_weight`` with ``functional_call``."""
+    num_classes = 4
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=use_sigmoid, class_weight=[1.0] * num_classes)
+    loss = build_loss(cfg)
+    generator = torch.Generator().manual_seed(4)
+    pred = torch.randn(6, num_classes, dtype=F64, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0]) if use_sigmoid else torch.tensor([0, 1, 2, 3, 1, 0])
+    class_weight = torch.tensor([0.5, 2.0, 1.5, 0.3], dtype=F64, requires_grad=True)
+    out = functional_call(loss, {"class_weight": class_weight}, (pred, labels))
+    grads = torch.autograd.grad(out, (class_weight, pred), allow_unused=True)
+    assert grads[0] is not None, "the class weights' gradient was dropped"
+
+    weights = class_weight.detach().clone().requires_grad_()
+    logits = pred.detach().clone().requires_grad_()
+    expected = reference_loss({**cfg, "class_weight": weights}, logits, labels)
+    _close(out.detach(), expected.detach())
+    for actual, wanted in zip(grads, torch.autograd.grad(expected, (weights, logits))):
+        _close(actual, wanted)
