@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .registry import build_loss
+from .registry import MODELS, build_loss
 from .runtimes import RUNTIMES, LossRunner, build_runner
 from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
 
@@ -145,7 +145,7 @@ class RunnerCache:
 
     def loss(self, name: str, cfg: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, LossSpec]:
         if name not in self.losses:
-            cfg = representative_configs()[name] if cfg is None else cfg
+            cfg = representative_configs().get(name, {"type": name}) if cfg is None else cfg
             loss = build_loss(cfg)
             self.losses[name] = (loss, spec_for(loss, CONFIG_VARIANTS.get(name)))
         return self.losses[name]
@@ -364,6 +364,8 @@ def select_configs(configs: Optional[Iterable[str]]) -> list[str]:
             names.append(item)
             continue
         matches = [name for name, cfg in known.items() if cfg["type"] == item]
+        if not matches and item in MODELS:  # a loss registered without a representative configuration (a
+            matches = [item]  # plugin's): its defaults
         if not matches:
             types = sorted({str(cfg["type"]) for cfg in known.values()})
             raise ValueError(

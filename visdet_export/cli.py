@@ -422,6 +422,8 @@ def format_parity(parity: Any, verified: bool = True) -> str:
         free = parity.get("free_sizes")
         if isinstance(free, Mapping) and free:
             text += " and " + ", ".join(f"{symbol}={size}" for symbol, size in free.items())
+        if "extreme_logits" in parity:
+            text += f", logits to ±{parity['extreme_logits']:g}"
         if "seed" in parity:
             text += f", seed {parity['seed']}"
         return text
@@ -1209,6 +1211,11 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _load_plugins(argv)
+    except ImportError as error:
+        print(f"{PROG}: error: --plugin: {error}", file=sys.stderr)
+        return EXIT_USAGE
     debug = "--debug" in argv
     # `check`, `bench` and `cpp` have their own options: hand everything after the name over untouched.
     rest = [a for a in argv if a != "--debug"]
@@ -1218,6 +1225,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return _guard(lambda: args.func(args), args.debug)
+
+
+def _load_plugins(argv: list[str]) -> list[str]:
+    """Import the modules named by ``--plugin MODULE`` (before the command; repeatable) and by the environment
+    variable ``VISDET_EXPORT_PLUGINS`` (comma-separated): a user's own losses register themselves (and their input
+    specs) on import, so that every command builds, exports, verifies and checks them. Returns ``argv`` without
+    those options. Plugins are code: name only modules you trust."""
+    import importlib
+
+    names = [name.strip() for name in os.environ.get("VISDET_EXPORT_PLUGINS", "").split(",") if name.strip()]
+    rest: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--plugin":
+            names.append(next(items, ""))
+        elif item.startswith("--plugin="):
+            names.append(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    for name in names:
+        if not name:
+            raise ImportError("--plugin needs a module name")
+        importlib.import_module(name)
+    return rest
 
 
 def _one_line_warnings() -> Callable[..., None]:

@@ -117,13 +117,28 @@ class Registry:
 
 
 def config_parameters(cls: type[nn.Module]) -> dict[str, object]:
-    """The constructor arguments of ``cls`` with their defaults (``inspect.Parameter.empty`` if required)."""
-    signature = inspect.signature(cls.__init__)
-    return {
-        name: parameter.default
-        for name, parameter in signature.parameters.items()
-        if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-    }
+    """The constructor arguments of ``cls`` with their defaults (``inspect.Parameter.empty`` if required).
+
+    A constructor that forwards ``**kwargs`` (a subclass presetting one default) also takes its bases' arguments:
+    they are collected along the MRO until a constructor without ``**kwargs``."""
+    parameters: dict[str, object] = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__)  # type: ignore[misc]
+        for name, parameter in signature.parameters.items():
+            if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                parameters.setdefault(name, parameter.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            break
+    return parameters
+
+
+def registered_name(cls: type[nn.Module]) -> Optional[str]:
+    """The name ``cls`` is registered under in :data:`MODELS` (its class name first), or None."""
+    if MODELS.module_dict.get(cls.__name__) is cls:
+        return cls.__name__
+    return next((name for name, klass in MODELS.module_dict.items() if klass is cls), None)
 
 
 def loss_config(loss: nn.Module) -> dict[str, object]:
@@ -133,15 +148,44 @@ def loss_config(loss: nn.Module) -> dict[str, object]:
     tensor stored with a ``<name>_residual`` beside it (:func:`visdet_export.numerics.float32_parts`) gives back the
     configured float64 values.
     """
-    cfg: dict[str, object] = {"type": type(loss).__name__}
+    cfg: dict[str, object] = {"type": registered_name(type(loss)) or type(loss).__name__}
     for name in config_parameters(type(loss)):
         if hasattr(loss, name):
             value = getattr(loss, name)
             if isinstance(value, torch.Tensor):
                 residual = getattr(loss, name + "_residual", None)
                 value = (value if residual is None else from_float32_parts(value, residual)).tolist()
+            elif isinstance(value, nn.Module):  # a sub-loss built from a config argument (MMDetection's heads)
+                value = loss_config(value)
             cfg[name] = value
     return cfg
+
+
+def check_rebuilds(loss: nn.Module, cfg: Mapping[str, object]) -> None:
+    """Raise :class:`ConfigError` unless ``build_loss(cfg)`` rebuilds ``loss``: same class, same config. An
+    artifact's manifest records ``cfg``; verification and ``load_runner`` rebuild the loss from it."""
+    import json
+
+    cls = type(loss)
+    hint = (
+        "; register the class (visdet_export.registry.MODELS.register_module) and keep every constructor argument "
+        "as an attribute of the same name"
+    )
+    try:
+        json.dumps(cfg)
+    except TypeError as exc:
+        raise ConfigError(f"the config of {cls.__name__} is not JSON: {exc}{hint}") from None
+    try:
+        rebuilt = build_loss(cfg)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{cls.__name__}'s config {dict(cfg)} does not rebuild it: {exc}{hint}") from None
+    if type(rebuilt) is not cls:
+        raise ConfigError(
+            f"{cls.__module__}.{cls.__qualname__}'s config {dict(cfg)} builds "
+            f"{type(rebuilt).__module__}.{type(rebuilt).__qualname__}, another class{hint}"
+        )
+    if loss_config(rebuilt) != dict(cfg):
+        raise ConfigError(f"{cls.__name__}'s config {dict(cfg)} rebuilds {loss_config(rebuilt)}{hint}")
 
 
 MODELS = Registry("loss")

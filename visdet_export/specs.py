@@ -97,6 +97,23 @@ class LossSpec:
     #: The default of every free size the shapes name (random inputs take it unless told otherwise).
     sizes: Mapping[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a spec written outside the package (a plugin's) fails here, naming what is missing, rather than with a
+        # KeyError deep inside an exporter
+        if not self.inputs:
+            raise ValueError(f"the input spec of {self.loss_type} has no inputs")
+        names = [t.name for t in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the input spec of {self.loss_type} repeats an input name: {names}")
+        missing = sorted(
+            {dim for t in self.inputs for dim in t.shape if isinstance(dim, str) and dim != SAMPLES} - set(self.sizes)
+        )
+        if missing:
+            raise ValueError(
+                f"the input spec of {self.loss_type} names the free size(s) {missing} in its shapes but gives no "
+                f"default for them: pass sizes={{{', '.join(repr(m) + ': ...' for m in missing)}}} to LossSpec"
+            )
+
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -173,23 +190,26 @@ class PositionalLoss(nn.Module):
         return self.spec.call(self.loss, dict(zip(self.names, tensors)), None)
 
 
-# --- drawing helpers -------------------------------------------------------------------------------------------
+# --- drawing helpers (public: the specs of losses registered outside the package use them too) ----------------
 
 
-def _logits(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+def sample_logits(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+    """Logits ~ N(0, 2), or uniform in [-r, r] with ``options.logit_range`` r (verification's extreme check draws
+    r = 100: a spec of one's own should draw its logits here so that it gets that check)."""
     if options.logit_range is not None:
         r = options.logit_range
         return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(r).to(options.dtype)
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * 2).to(options.dtype)
 
 
-def _weights(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+def sample_weights(shape: tuple[int, ...], generator: torch.Generator, options: SampleOptions) -> Tensor:
+    """Weights in [0.1, 1.1), a share ``options.zero_weight_fraction`` of them 0 (masked)."""
     weight = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.1
     zero = torch.rand(shape, generator=generator, dtype=torch.float64) < options.zero_weight_fraction
     return torch.where(zero, 0.0, weight).to(options.dtype)
 
 
-def _labels_with_background(n: int, c: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
+def sample_labels(n: int, c: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
     """Labels in [0, c], c = background (:attr:`SampleOptions.positive_fraction`)."""
     if options.positive_fraction is None:
         return torch.randint(0, c + 1, (n,), generator=generator)
@@ -198,7 +218,8 @@ def _labels_with_background(n: int, c: int, generator: torch.Generator, options:
     return torch.where(positive, classes, c)
 
 
-def _avg_factor(n: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
+def sample_avg_factor(n: int, generator: torch.Generator, options: SampleOptions) -> Tensor:
+    """A 0-d ``avg_factor`` in [1, n + 1)."""
     return (torch.rand((), generator=generator, dtype=torch.float64) * n + 1).to(options.dtype)
 
 
@@ -208,13 +229,14 @@ def _below(bound: float, dtype: torch.dtype) -> float:
     return bound * (1.0 - torch.finfo(dtype).eps)
 
 
-def _boxes(n: int, generator: torch.Generator, dtype: torch.dtype, scale: float = 100.0) -> Tensor:
+def sample_boxes(n: int, generator: torch.Generator, dtype: torch.dtype, scale: float = 100.0) -> Tensor:
+    """(n, 4) boxes (x1, y1, x2, y2) of sides 1 to ``scale / 2 + 1``."""
     xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale
     wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * scale * 0.5 + 1.0
     return torch.cat([xy, xy + wh], dim=1).to(dtype)
 
 
-def _jitter_boxes(boxes: Tensor, generator: torch.Generator) -> Tensor:
+def jitter_boxes(boxes: Tensor, generator: torch.Generator) -> Tensor:
     """Predictions near the targets, so IoUs spread over (0, 1]."""
     wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2).double()
     noise = torch.randn(boxes.shape, generator=generator, dtype=torch.float64) * 0.2 * wh
@@ -228,7 +250,9 @@ def _optional(name: str, shape: tuple[Dim, ...], doc: str) -> TensorSpec:
 AVG_FACTOR = _optional("avg_factor", (), "denominator of the mean (0-d)")
 
 
-def _standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+def standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
+    """``LossSpec.call`` of a loss whose ``forward`` is visdet's ``(pred, target, weight, avg_factor,
+    reduction_override)``."""
     return loss(
         inputs["pred"], inputs["target"], inputs.get("weight"), inputs.get("avg_factor"), reduction_override
     )
@@ -258,10 +282,16 @@ def register_spec(loss_type: str) -> Callable[[SpecBuilder], SpecBuilder]:
 
 def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
     """The input spec of a built loss (``variant`` picks another target layout where a loss has several)."""
-    loss_type = type(loss).__name__
-    if loss_type not in SPEC_BUILDERS:
-        raise KeyError(f"no input spec is registered for {loss_type}; add one with visdet_export.specs.register_spec")
-    return SPEC_BUILDERS[loss_type](loss, variant)
+    from .registry import registered_name
+
+    # the registered name, the class name, then a base class's (a subclass presetting defaults takes its spec)
+    candidates = [registered_name(type(loss)), *(klass.__name__ for klass in type(loss).__mro__)]
+    for loss_type in candidates:
+        if loss_type is not None and loss_type in SPEC_BUILDERS:
+            return SPEC_BUILDERS[loss_type](loss, variant)
+    raise KeyError(
+        f"no input spec is registered for {type(loss).__name__}; add one with visdet_export.specs.register_spec"
+    )
 
 
 def _check_variant(loss_type: str, variant: Optional[str], choices: tuple[str, ...]) -> str:
@@ -279,14 +309,14 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         c = options.sizes["C"]
-        logits = _logits((n, c), generator, options)
-        labels = _labels_with_background(n, c, generator, options)
+        logits = sample_logits((n, c), generator, options)
+        labels = sample_labels(n, c, generator, options)
         target = labels if variant == "labels" else (labels.unsqueeze(1) == torch.arange(c)).to(options.dtype)
         return {
             "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
             "target": target,
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
 
     target = (
@@ -296,7 +326,7 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     )
     pred_doc = "probabilities" if activated else "logits"
     inputs = (TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("FocalLoss", variant, inputs, sample, _standard_caller, CLASSES)
+    return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES)
 
 
 @register_spec("QualityFocalLoss")
@@ -306,13 +336,13 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         c = options.sizes["C"]
-        logits = _logits((n, c), generator, options)
-        labels = _labels_with_background(n, c, generator, options)
+        logits = sample_logits((n, c), generator, options)
+        labels = sample_labels(n, c, generator, options)
         scores = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
         drawn = {
             "pred": torch.sigmoid(logits.float()).to(options.dtype) if activated else logits,
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
         if variant == "pair":
             drawn.update(labels=labels, scores=scores)
@@ -346,14 +376,14 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         reg_max = (options.sizes["B"] if isinstance(bins, str) else bins) - 1
         return {
-            "pred": _logits((n, reg_max + 1), generator, options),
+            "pred": sample_logits((n, reg_max + 1), generator, options),
             # below reg_max after rounding to the sample's dtype too (a bfloat16 15.99 is 16, which MMDetection's
             # formulation, reading bin floor(t) + 1, cannot take)
             "target": (torch.rand(n, generator=generator, dtype=torch.float64) * _below(reg_max, options.dtype)).to(
                 options.dtype
             ),
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
 
     inputs = (
@@ -363,7 +393,7 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         AVG_FACTOR,
     )
     sizes = {"B": DEFAULT_REG_MAX + 1} if isinstance(bins, str) else {}
-    return LossSpec("DistributionFocalLoss", variant, inputs, sample, _standard_caller, sizes)
+    return LossSpec("DistributionFocalLoss", variant, inputs, sample, standard_caller, sizes)
 
 
 @register_spec("CrossEntropyLoss")
@@ -388,10 +418,10 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             c, where = class_count(options), tuple(options.sizes[symbol] for symbol in spatial)
             pixels = math.prod(where)
             return {
-                "pred": _logits((n, c, *where), generator, options),
+                "pred": sample_logits((n, c, *where), generator, options),
                 "target": (torch.rand((n, *where), generator=generator) > 0.5).to(options.dtype),
                 "label": torch.randint(0, c, (n,), generator=generator),
-                "avg_factor": _avg_factor(n * pixels, generator, options),
+                "avg_factor": sample_avg_factor(n * pixels, generator, options),
             }
 
         def call_mask(module: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
@@ -417,17 +447,17 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         if variant == "binary":
-            pred = _logits((n,), generator, options)
+            pred = sample_logits((n,), generator, options)
             target = torch.rand(n, generator=generator, dtype=torch.float64).to(options.dtype)
         elif variant == "dense":
             c = class_count(options)
-            pred = _logits((n, c), generator, options)
+            pred = sample_logits((n, c), generator, options)
             target = torch.rand(n, c, generator=generator, dtype=torch.float64).to(options.dtype)
         else:
             c = class_count(options)
-            pred = _logits((n, c), generator, options)
+            pred = sample_logits((n, c), generator, options)
             if use_sigmoid:
-                target = _labels_with_background(n, c, generator, options)
+                target = sample_labels(n, c, generator, options)
             else:
                 target = torch.randint(0, c, (n,), generator=generator)
             ignored = torch.rand(n, generator=generator) < 0.1
@@ -435,8 +465,8 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         return {
             "pred": pred,
             "target": target,
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
 
     if variant == "binary":
@@ -455,7 +485,7 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("target", ("N",), INT64, doc=f"{labels}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("CrossEntropyLoss", variant, inputs, sample, _standard_caller, free)
+    return LossSpec("CrossEntropyLoss", variant, inputs, sample, standard_caller, free)
 
 
 def _regression_spec(loss_type: str) -> SpecBuilder:
@@ -469,8 +499,8 @@ def _regression_spec(loss_type: str) -> SpecBuilder:
             return {
                 "pred": pred.to(options.dtype),
                 "target": target.to(options.dtype),
-                "weight": _weights((n, d), generator, options),
-                "avg_factor": _avg_factor(n, generator, options),
+                "weight": sample_weights((n, d), generator, options),
+                "avg_factor": sample_avg_factor(n, generator, options),
             }
 
         # D: the values per sample, 4 box deltas by default (YOLOv3's wh: 2)
@@ -480,7 +510,7 @@ def _regression_spec(loss_type: str) -> SpecBuilder:
             _optional("weight", ("N", "D"), "per value"),
             AVG_FACTOR,
         )
-        return LossSpec(loss_type, variant, inputs, sample, _standard_caller, {"D": 4})
+        return LossSpec(loss_type, variant, inputs, sample, standard_caller, {"D": 4})
 
     return build
 
@@ -494,12 +524,12 @@ def _box_spec(loss_type: str) -> SpecBuilder:
         variant = _check_variant(loss_type, variant, ("boxes",))
 
         def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
-            target = _boxes(n, generator, torch.float64)
+            target = sample_boxes(n, generator, torch.float64)
             return {
-                "pred": _jitter_boxes(target, generator).to(options.dtype),
+                "pred": jitter_boxes(target, generator).to(options.dtype),
                 "target": target.to(options.dtype),
-                "weight": _weights((n,), generator, options),
-                "avg_factor": _avg_factor(n, generator, options),
+                "weight": sample_weights((n,), generator, options),
+                "avg_factor": sample_avg_factor(n, generator, options),
             }
 
         inputs = (
@@ -508,7 +538,7 @@ def _box_spec(loss_type: str) -> SpecBuilder:
             _optional("weight", ("N",), "per-box"),
             AVG_FACTOR,
         )
-        return LossSpec(loss_type, variant, inputs, sample, _standard_caller)
+        return LossSpec(loss_type, variant, inputs, sample, standard_caller)
 
     return build
 
@@ -530,10 +560,10 @@ def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         c = options.sizes["C"]
         return {
-            "pred": _logits((n, c), generator, options),
-            "soft_label": _logits((n, c), generator, options),
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "pred": sample_logits((n, c), generator, options),
+            "soft_label": sample_logits((n, c), generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
 
     inputs = (
@@ -552,10 +582,10 @@ def _ld_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         return {
-            "pred": _logits((n, width), generator, options),
-            "soft_label": _logits((n, width), generator, options),
-            "weight": _weights((n,), generator, options),
-            "avg_factor": _avg_factor(n, generator, options),
+            "pred": sample_logits((n, width), generator, options),
+            "soft_label": sample_logits((n, width), generator, options),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
         }
 
     inputs = (

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..registry import build_loss, loss_config
+from ..registry import build_loss, check_rebuilds, loss_config
 from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
+from ..validation import ConfigError
 
 MANIFEST_SUFFIX = ".json"
 MANIFEST_VERSION = 1
@@ -37,10 +39,25 @@ class ArtifactError(RuntimeError):
     """An artifact could not be written, read or verified (the message says which and why)."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (exporters raise pages of context), or its type's name."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of an exception's message (exporters raise pages of context), or its type's name.
+
+    torch.onnx's exporter opens with boilerplate ("Failed to export the model with torch.export. This is step 1/3
+    ...") and gives the cause under "## Exception summary" with its source line ("Caused by: (file.py:33 in
+    forward)"): those are returned instead, without the terminal colour codes."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    lines = [line.strip() for line in text.splitlines()]
+    if "## Exception summary" in lines:
+        after = [line for line in lines[lines.index("## Exception summary") + 1 :] if line]
+        summary = after[0] if after else lines[0]
+        where = next((line for line in after if line.startswith("Caused by:")), "")
+        return f"{summary} {where}".strip()
+    return lines[0]
 
 
 def check_output_path(path: Path, overwrite: bool) -> Path:
@@ -197,7 +214,7 @@ def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], 
 LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 
 #: The parity fields a manifest keeps (the full record, per size, stays with the caller).
-PARITY_FIELDS = ("sizes", "free_sizes", "max_abs_err", "max_rel_err", "rtol", "atol")
+PARITY_FIELDS = ("sizes", "free_sizes", "extreme_logits", "max_abs_err", "max_rel_err", "rtol", "atol")
 
 
 def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
@@ -245,13 +262,18 @@ class ExportPlan:
         from .joint import select_inputs
 
         loss = as_loss(loss_or_cfg)
+        config = loss_config(loss)
+        try:
+            check_rebuilds(loss, config)
+        except ConfigError as exc:
+            raise ArtifactError(f"cannot export {type(loss).__name__}: {exc}") from exc
         spec = spec_for(loss, variant)
         requested = [t.name for t in spec.inputs if t.optional] if optional_inputs is None else list(optional_inputs)
         names = select_inputs(spec, usable_optional_inputs(loss, requested))
         target = check_output_path(Path(path), overwrite)
         check_output_path(manifest_path(target), overwrite)
         outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
-        return cls(loss, loss_config(loss), spec, names, outputs, joint, target)
+        return cls(loss, config, spec, names, outputs, joint, target)
 
     def manifest_fields(self, fmt: str, parity: Optional[Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
         """The manifest of the artifact in format ``fmt``, with the parity it reached (None: not verified)."""

@@ -59,7 +59,13 @@ def script_loss(loss: nn.Module) -> torch.jit.ScriptModule:
         try:
             return torch.jit.script(loss)
         except Exception as exc:  # torch.jit raises several types; say which loss
-            raise ArtifactError(f"torch.jit.script failed for {type(loss).__name__}: {exc}") from exc
+            # torch's message opens with a newline (the CLI shows first lines) and names no cause for super()
+            text = str(exc).strip()
+            hint = (
+                " (TorchScript has no super(): hold the base loss as a submodule and call it, or call its function)"
+                if "super()" in text else ""
+            )
+            raise ArtifactError(f"torch.jit.script failed for {type(loss).__name__}{hint}: {text}") from exc
 
 
 def save_scripted(module: torch.jit.ScriptModule, target: Union[str, os.PathLike[str], io.BytesIO], config: Mapping[str, Any]) -> None:

@@ -55,6 +55,10 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 DEFAULT_SIZES = (0, 1, 7, 257)
+#: Logits of the extreme-input check (uniform in [-r, r]): past onnxruntime's Log(Sigmoid) overflow at |x| ~ 18
+#: and float32's exp overflow at ~88, where a loss written with the textbook formulas turns inf/NaN in one runtime.
+EXTREME_LOGITS = 100.0
+EXTREME_N = 64
 #: The sample count of the check at other free sizes than the defaults.
 SMALLER_SIZES_N = 7
 
@@ -82,9 +86,19 @@ def compare(actual: Tensor, expected: Tensor, *, rtol: float, atol: float) -> di
     return {
         "shape_ok": True,
         "ok": nonfinite_ok and within,
+        "nonfinite_ok": nonfinite_ok,
         "max_abs_err": float(diff.max()) if diff.numel() else 0.0,
         "max_rel_err": float(rel.max()) if rel.numel() else 0.0,
     }
+
+
+def _draws_logits(loss: nn.Module, spec: LossSpec, options: SampleOptions) -> bool:
+    """Whether the spec's sampler takes ``logit_range`` (draws logits): box and regression losses do not."""
+    drawn = [
+        spec.sample(loss, 2, seed=0, options=replace(options, logit_range=logit_range))[spec.pred]
+        for logit_range in (None, EXTREME_LOGITS)
+    ]
+    return not torch.equal(drawn[0], drawn[1])
 
 
 def check_parity(
@@ -100,28 +114,37 @@ def check_parity(
     atol: float,
     options: SampleOptions = SampleOptions(),
     free_sizes: Optional[Mapping[str, int]] = None,
+    extreme: bool = True,
 ) -> dict[str, Any]:
     """Run ``runner`` and eager ``loss`` on the same random inputs at each size and compare every output; where
     the spec has free sizes (classes, bins), once more at N = 7 with ``free_sizes`` (by default
-    :meth:`LossSpec.smaller_sizes`; ``{}``: no such check, for an artifact whose sizes are fixed).
+    :meth:`LossSpec.smaller_sizes`; ``{}``: no such check, for an artifact whose sizes are fixed); with ``extreme``,
+    once more at N = :data:`EXTREME_N` with logits in [-:data:`EXTREME_LOGITS`, :data:`EXTREME_LOGITS`] (for specs
+    whose sampler draws logits: ``SampleOptions.logit_range``).
 
     Returns the parity record (``sizes``, ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``seed``, the
-    ``free_sizes`` of the last check where there is one, and one entry per check); raises :class:`ArtifactError`
-    naming the sizes and output that differ.
+    ``free_sizes`` of the last check where there is one, ``extreme_logits`` where that check ran, and one entry per
+    check); raises :class:`ArtifactError` naming the sizes and output that differ.
     """
     outputs = ["loss", f"grad_{spec.pred}"] if joint else ["loss"]
     per_size: list[dict[str, Any]] = []
     max_abs = max_rel = 0.0
     other = dict(spec.smaller_sizes() if free_sizes is None else free_sizes)
-    checks: list[tuple[int, dict[str, int]]] = [(int(n), {}) for n in sizes]
+    checks: list[tuple[int, dict[str, int], Optional[float]]] = [(int(n), {}, options.logit_range) for n in sizes]
     if other:
-        checks.append((SMALLER_SIZES_N, other))
-    for index, (n, free) in enumerate(checks):
+        checks.append((SMALLER_SIZES_N, other, options.logit_range))
+    extreme = extreme and options.logit_range is None and _draws_logits(loss, spec, options)
+    if extreme:
+        checks.append((EXTREME_N, {}, EXTREME_LOGITS))
+    for index, (n, free, logit_range) in enumerate(checks):
         drawn = spec.sample(
-            loss, n, seed=seed + index, options=replace(options, sizes={**options.sizes, **free}), include=list(names)
+            loss, n, seed=seed + index,
+            options=replace(options, sizes={**options.sizes, **free}, logit_range=logit_range), include=list(names),
         )
         inputs = {name: drawn[name] for name in names}
         at = f"N={n}" + "".join(f", {symbol}={size}" for symbol, size in free.items())
+        if logit_range != options.logit_range:
+            at += f", logits in [-{logit_range:g}, {logit_range:g}]"
         if joint:
             expected = list(eager_joint(loss, spec, inputs))
         else:
@@ -131,6 +154,8 @@ def check_parity(
         if len(actual) != len(expected):
             raise ArtifactError(f"the artifact returned {len(actual)} output(s), expected {len(expected)} ({outputs})")
         entry: dict[str, Any] = {"n": n, **({"free_sizes": free} if free else {})}
+        if logit_range != options.logit_range:
+            entry["logit_range"] = logit_range
         for name, got, want in zip(outputs, actual, expected):
             result = compare(got, want, rtol=rtol, atol=atol)
             if not result["shape_ok"]:
@@ -139,6 +164,11 @@ def check_parity(
                     f"eager has {tuple(want.shape)}"
                 )
             if not result["ok"]:
+                if not result["nonfinite_ok"]:
+                    raise ArtifactError(
+                        f"{spec.loss_type}: output {name!r} at {at} is NaN or inf where eager's is not (or the "
+                        f"reverse): {got.flatten()[:4].tolist()} against eager's {want.flatten()[:4].tolist()}"
+                    )
                 raise ArtifactError(
                     f"{spec.loss_type}: output {name!r} at {at} differs from eager beyond rtol={rtol}, atol={atol}: "
                     f"max abs error {result['max_abs_err']:.3g}, max rel error {result['max_rel_err']:.3g}"
@@ -150,6 +180,7 @@ def check_parity(
     return {
         "sizes": [int(n) for n in sizes],
         **({"free_sizes": other} if other else {}),
+        **({"extreme_logits": EXTREME_LOGITS} if extreme else {}),
         "max_abs_err": max_abs,
         "max_rel_err": max_rel,
         "rtol": rtol,

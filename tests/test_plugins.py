@@ -1,0 +1,237 @@
+"""Losses of one's own (a plugin module registering losses and their input specs): build, export, verify and
+check them with the package's tools, from Python and from the CLI (``--plugin``)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import pytest
+from torch import Tensor
+
+from visdet_export import build_loss, cli
+from visdet_export.check import RunnerCache, check_cell
+from visdet_export.export import ArtifactError, export_onnx, export_torchscript, read_manifest, verify
+from visdet_export.export.artifacts import first_line
+from visdet_export.export.torchscript import script_loss
+from visdet_export.losses import FocalLoss
+from visdet_export.registry import MODELS, loss_config
+from visdet_export.specs import SPEC_BUILDERS, LossSpec, TensorSpec, spec_for
+
+PLUGIN_SOURCE = '''
+"""Losses of a user's own, as README "Losses of your own" writes them."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visdet_export.losses import FocalLoss, GIoULoss
+from visdet_export.losses.base import WeightedLoss
+from visdet_export.reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from visdet_export.registry import MODELS, build_loss
+from visdet_export.specs import (
+    AVG_FACTOR, LossSpec, SampleOptions, TensorSpec, register_spec, sample_avg_factor, sample_logits,
+    sample_weights, standard_caller,
+)
+from visdet_export.validation import check_float
+
+
+def varifocal(pred: Tensor, target: Tensor, stable: bool) -> Tensor:
+    focal_weight = torch.where(target > 0, target, 0.75 * (pred.sigmoid() - target).abs().pow(2.0)).detach()
+    if stable:
+        bce = F.softplus(pred) - pred * target
+    else:  # exported as Log(Sigmoid): inf / NaN in onnxruntime past |x| ~ 18
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+    return bce * focal_weight
+
+
+class {prefix}Varifocal(WeightedLoss):
+    stable: bool
+
+    def __init__(self, stable: bool = True, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        self.stable = stable
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None, avg_factor: AvgFactor = None,
+                reduction_override: Optional[str] = None) -> Tensor:
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        row_weight = None if weight is None else weight.unsqueeze(1)
+        loss = varifocal(pred, target, self.stable)
+        return self.weighted(weight_reduce_loss(loss, row_weight, reduction, as_avg_factor(avg_factor, pred)))
+
+
+MODELS.register_module({prefix}Varifocal, name="{prefix}VarifocalLoss")
+
+
+@register_spec("{prefix}VarifocalLoss")
+def _varifocal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict:
+        c = options.sizes["C"]
+        positive = torch.rand(n, c, generator=generator) < 0.05
+        scores = torch.rand(n, c, generator=generator, dtype=torch.float64)
+        return {{
+            "pred": sample_logits((n, c), generator, options),
+            "target": torch.where(positive, scores, 0.0).to(options.dtype),
+            "weight": sample_weights((n,), generator, options),
+            "avg_factor": sample_avg_factor(n, generator, options),
+        }}
+
+    inputs = (TensorSpec("pred", ("N", "C")), TensorSpec("target", ("N", "C")),
+              TensorSpec("weight", ("N",), optional=True), AVG_FACTOR)
+    return LossSpec("{prefix}VarifocalLoss", variant or "dense", inputs, sample, standard_caller, {{"C": 80}})
+
+
+@MODELS.register_module()
+class {prefix}SoftFocalLoss(FocalLoss):
+    """A preset default, the rest passed through."""
+
+    def __init__(self, alpha: float = 0.5, **kwargs) -> None:
+        super().__init__(alpha=alpha, **kwargs)
+
+
+class {prefix}UnregisteredFocalLoss(FocalLoss):
+    pass
+
+
+@MODELS.register_module()
+class {prefix}ScaledGIoULoss(WeightedLoss):
+    """A module holding a loss built from a config argument, as MMDetection heads hold theirs."""
+
+    def __init__(self, loss_bbox: dict = dict(type="GIoULoss"), scale: float = 2.0) -> None:
+        super().__init__()
+        self.loss_bbox = build_loss(loss_bbox)
+        self.scale = check_float("scale", scale)
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None, avg_factor: AvgFactor = None,
+                reduction_override: Optional[str] = None) -> Tensor:
+        return self.scale * self.loss_bbox(pred, target, weight, avg_factor, reduction_override)
+
+
+@register_spec("{prefix}ScaledGIoULoss")
+def _scaled_giou_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
+    from visdet_export.specs import spec_for
+
+    return spec_for(loss.loss_bbox, variant)
+'''
+
+
+def _load_plugin(directory: Path, module_name: str, prefix: str) -> ModuleType:
+    (directory / f"{module_name}.py").write_text(PLUGIN_SOURCE.format(prefix=prefix))
+    sys.path.insert(0, str(directory))
+    return importlib.import_module(module_name)
+
+
+def _unload_plugin(module_name: str, prefix: str, directory: Path) -> None:
+    """Leave the registry as the package has it: other tests cover every registered loss."""
+    sys.modules.pop(module_name, None)
+    sys.path.remove(str(directory))
+    for name in [name for name in MODELS.module_dict if name.startswith(prefix)]:
+        MODELS._modules.pop(name)
+    for name in [name for name in SPEC_BUILDERS if name.startswith(prefix)]:
+        SPEC_BUILDERS.pop(name)
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    directory = tmp_path_factory.mktemp("plugin")
+    yield _load_plugin(directory, "visdet_test_plugin", "Plugin")
+    _unload_plugin("visdet_test_plugin", "Plugin", directory)
+
+
+def test_a_registered_loss_of_ones_own_exports_verifies_and_checks(plugin: ModuleType, tmp_path: Path) -> None:
+    loss = build_loss(dict(type="PluginVarifocalLoss", loss_weight=2.0))
+    for path in (export_onnx(loss, tmp_path / "vfl.onnx"), export_torchscript(loss, tmp_path / "vfl.ts.pt")):
+        assert read_manifest(path)["config"] == {"type": "PluginVarifocalLoss", "stable": True,
+                                                 "reduction": "mean", "loss_weight": 2.0}
+        assert verify(path)["passed"]
+    cache = RunnerCache()
+    cache.loss("vfl", dict(type="PluginVarifocalLoss"))
+    for runtime in ("eager", "compile", "script", "onnx"):
+        assert check_cell("vfl", runtime, cache, sizes=(0, 1, 7)).status == "pass", runtime
+
+
+def test_verification_draws_extreme_logits(plugin: ModuleType, tmp_path: Path) -> None:
+    """BCE written with ATen's function exports as Log(Sigmoid), which onnxruntime turns to inf past |x| ~ 18:
+    logits drawn around 0 never show it."""
+    with pytest.raises(ArtifactError, match=r"logits in \[-100, 100\].*NaN or inf where eager's is not"):
+        export_onnx(dict(type="PluginVarifocalLoss", stable=False), tmp_path / "naive.onnx")
+    export_onnx(dict(type="PluginVarifocalLoss", stable=False), tmp_path / "unverified.onnx", verify=False)
+    with pytest.raises(ArtifactError, match="NaN or inf"):
+        verify(tmp_path / "unverified.onnx")
+
+
+def test_a_subclass_passing_kwargs_records_every_argument(plugin: ModuleType, tmp_path: Path) -> None:
+    loss = build_loss(dict(type="PluginSoftFocalLoss", gamma=0.0, loss_weight=3.0))
+    config = loss_config(loss)
+    assert config["type"] == "PluginSoftFocalLoss"
+    assert (config["alpha"], config["gamma"], config["loss_weight"]) == (0.5, 0.0, 3.0)
+    assert spec_for(loss).loss_type == "FocalLoss"  # the base class's spec
+    assert verify(export_onnx(loss, tmp_path / "soft.onnx"))["passed"]
+
+
+def test_an_unregistered_subclass_is_refused_before_writing(plugin: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="does not rebuild it.*register the class"):
+        export_onnx(plugin.PluginUnregisteredFocalLoss(), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_module_holding_a_built_loss_records_its_config(plugin: ModuleType, tmp_path: Path) -> None:
+    loss = build_loss(dict(type="PluginScaledGIoULoss", loss_bbox=dict(type="GIoULoss", eps=1e-5)))
+    assert loss_config(loss)["loss_bbox"] == {"type": "GIoULoss", "eps": 1e-5, "reduction": "mean", "loss_weight": 1.0}
+    assert verify(export_torchscript(loss, tmp_path / "giou.ts.pt"))["passed"]
+
+
+def test_a_spec_naming_a_size_without_default_is_refused() -> None:
+    inputs = (TensorSpec("pred", ("N", "C")), TensorSpec("pred", ("N",)))
+    with pytest.raises(ValueError, match="repeats an input name"):
+        LossSpec("X", "v", inputs, lambda n, g, o: {}, lambda m, i, r: m(i), {"C": 3})
+    with pytest.raises(ValueError, match=r"free size\(s\) \['C'\].*sizes="):
+        LossSpec("X", "v", inputs[:1], lambda n, g, o: {}, lambda m, i, r: m(i))
+
+
+def test_script_errors_say_what_to_do() -> None:
+    class SuperFocalLoss(FocalLoss):
+        def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+            return 2.0 * super().forward(pred, target, weight)
+
+    with pytest.raises(ArtifactError, match=r"TorchScript has no super\(\).*submodule.*: \S"):
+        script_loss(SuperFocalLoss())
+
+
+def test_onnx_exporter_messages_keep_their_cause() -> None:
+    message = (
+        "\x1b[96mFailed to export the model with torch.export. This is step 1/3 of exporting the model to ONNX.\n"
+        "## Exception summary\n\n<class 'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>: "
+        "Could not guard on data-dependent expression Eq(u0, 0)\n\nCaused by: (my_losses.py:33 in forward)\n(Refer...)"
+    )
+    assert first_line(RuntimeError(message)) == (
+        "<class 'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>: Could not guard on "
+        "data-dependent expression Eq(u0, 0) Caused by: (my_losses.py:33 in forward)"
+    )
+    assert first_line(RuntimeError("\n  one\ntwo")) == "one"
+
+
+def test_the_cli_loads_plugins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "plugin"
+    directory.mkdir()
+    (directory / "visdet_cli_plugin.py").write_text(PLUGIN_SOURCE.format(prefix="Cli"))
+    sys.path.insert(0, str(directory))
+    try:
+        out = tmp_path / "out"
+        config = json.dumps({"type": "CliVarifocalLoss"})
+        assert cli.main(["--plugin", "visdet_cli_plugin", "export", "--loss", config, "--out", str(out), "-q"]) == 0
+        artifacts = sorted(str(path) for path in out.iterdir() if path.suffix != ".json")
+        assert len(artifacts) == 2
+        assert cli.main(["verify", *artifacts]) == 0  # imported once: registered for the process
+        assert cli.main(["check", "--configs", "CliVarifocalLoss", "--runtimes", "eager,script", "--sizes", "0,7"]) == 0
+        capsys.readouterr()
+        assert cli.main(["--plugin", "visdet_no_such_plugin", "list"]) == cli.EXIT_USAGE
+        assert "visdet_no_such_plugin" in capsys.readouterr().err
+    finally:
+        _unload_plugin("visdet_cli_plugin", "Cli", directory)
