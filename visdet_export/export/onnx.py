@@ -17,8 +17,9 @@ on the exported graphs.
 
 Post-export passes then make the written graphs faster in onnxruntime (CPU) without changing their values:
 :func:`branch_free_selects`, :func:`late_weight_masks`, :func:`accurate_total_sums` (precision) and
-:func:`unmasked_while_finite`; each documents what it rewrites and why. :func:`drop_unused_initializers` removes
-what the exporter and the passes leave unread.
+:func:`unmasked_while_finite`; each documents what it rewrites and why. :func:`nonnegative_reduce_axes` lets
+onnxruntime releases before 1.32 run the graphs at N = 0, and :func:`drop_unused_initializers` removes what the
+exporter and the passes leave unread.
 """
 
 from __future__ import annotations
@@ -825,6 +826,41 @@ def unmasked_while_finite(model: Any) -> int:
     return len(trace.removed)
 
 
+def nonnegative_reduce_axes(model: Any) -> int:
+    """Write the constant axes of every ``Reduce*`` node non-negative (``[-1]`` of a rank-2 input becomes ``[1]``).
+
+    onnxruntime before 1.32 returns a reduction over a negative axis of an empty tensor unreduced ((0, C) stays
+    (0, C)), so graphs with ``sum(-1)`` failed at N = 0 there; the graphs are deployed in runtimes older than the
+    one that verified them. Returns the number of nodes rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+        if info.type.tensor_type.HasField("shape")
+    }
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and [attribute.name for attribute in node.attribute] == ["value"]:
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    rewritten = 0
+    for node in model.graph.node:
+        if not (node.op_type.startswith("Reduce") and node.domain in ("", "ai.onnx") and len(node.input) > 1):
+            continue
+        axes, rank = constants.get(node.input[1]), ranks.get(node.input[0])
+        if axes is None or rank is None or not (axes < 0).any():
+            continue
+        name = f"{node.input[1]}__visdet_rank{rank}"
+        if name not in constants:
+            constants[name] = (axes % rank).astype(np.int64)
+            model.graph.initializer.append(numpy_helper.from_array(constants[name], name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
 def drop_unused_initializers(model: Any) -> int:
     """Remove the initializers nothing reads (the exporter's and the rewrites' leftovers), for which onnxruntime
     prints a warning at every session it opens. Returns how many went."""
@@ -980,6 +1016,7 @@ def export_onnx(
         late_weight_masks(model)
         accurate_total_sums(model)
         unmasked_while_finite(model)
+        nonnegative_reduce_axes(model)
         drop_unused_initializers(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
