@@ -65,8 +65,8 @@ if str(HERE) not in sys.path:
 from baselines import BASELINES  # noqa: E402
 
 from visdet_export import build_loss  # noqa: E402
-from visdet_export.registry import loss_config  # noqa: E402
 from visdet_export.export.torchscript import script_loss  # noqa: E402
+from visdet_export.registry import loss_config  # noqa: E402
 from visdet_export.specs import (  # noqa: E402
     CONFIG_VARIANTS,
     OPTION_CONFIGS,
@@ -674,7 +674,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="share of samples with a class label for focal / QFL / sigmoid CE, the rest background "
                         "(e.g. 0.01, as a detector's anchors; default: labels uniform over the 80 classes and "
                         "background)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="output folder for results.json / results.md")
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.json / results.md (default: benchmarks/results, and "
+                        "benchmarks/results/quick for --quick, so that a smoke run keeps the recorded results)")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -685,6 +687,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.min_cell_s = 0.0 if args.quick else 1.0
     if args.allocator is None:  # glibc's state matters to CPU timings only
         args.allocator = "default" if args.quick or args.device != "cpu" else "both"
+    if args.out is None:
+        args.out = str(HERE / "results" / "quick" if args.quick else HERE / "results")
     return args
 
 

@@ -678,7 +678,18 @@ def test_bench_outside_a_source_checkout_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench, "runner_path", lambda: tmp_path / "benchmarks" / "run.py")
     code, _, err = run(capsys, "bench", "--quick")
     assert code == 2
-    assert "visdet-export bench needs a source checkout" in err
+    assert "visdet-export bench needs a source checkout" in err and "from the root of a clone" in err
+
+
+def test_bench_finds_the_runner_of_the_clone_it_runs_in(monkeypatch, tmp_path):
+    """An installed wheel has no benchmarks/ beside the package; run from a clone's root, it takes the clone's."""
+    from visdet_export import bench
+
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "visdet_export" / "bench.py"))
+    (tmp_path / "clone" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "clone" / "benchmarks" / "run.py").write_text("def main(argv):\n    return 0\n")
+    monkeypatch.chdir(tmp_path / "clone")
+    assert bench.runner_path() == tmp_path / "clone" / "benchmarks" / "run.py"
 
 
 def test_bench_usage_mistakes_exit_2(capsys):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from visdet_export import build_loss
+from visdet_export import build_loss, recipes
 from visdet_export.config import (
     collect_losses,
     load_config,
@@ -100,6 +100,22 @@ def test_recipes_ship_from_the_top_level_losses_folder_without_a_copy():
     assert sorted(p.stem for p in (REPO / "losses").glob("*.py")) == recipe_names()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"recipes/*.py"' in pyproject
+
+
+def test_recipes_of_a_checkout_without_symlinks(tmp_path, monkeypatch):
+    """Without symlinks git writes ``recipes`` as a text file: a source checkout reads losses/ beside the package;
+    a wheel built from it has neither, and says why instead of listing no recipes."""
+    package = tmp_path / "visdet_export"
+    package.mkdir()
+    (package / "recipes").write_text("../losses")
+    (tmp_path / "losses").mkdir()
+    (tmp_path / "losses" / "gfl.py").write_text("loss_cls = dict(type='FocalLoss')\n")
+    monkeypatch.setattr(recipes, "PACKAGE_DIR", package)
+    assert recipe_names() == ["gfl"]
+    (tmp_path / "losses" / "gfl.py").unlink()
+    (tmp_path / "losses").rmdir()
+    with pytest.raises(ConfigError, match="recipes are missing.*without symbolic links"):
+        recipe_names()
 
 
 def test_unknown_recipe_suggests_close_names():

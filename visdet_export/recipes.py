@@ -24,16 +24,26 @@ from .validation import ConfigError
 _NAME = re.compile(r"[a-z0-9_]+")
 
 
+#: The installed package's folder.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 def recipe_dir() -> Path:
-    """The folder that holds the bundled recipes (inside the installed package)."""
-    return Path(__file__).resolve().parent / "recipes"
+    """The folder that holds the bundled recipes: inside the installed package, else (a source checkout without
+    symbolic links, where ``recipes`` is a text file) the top-level ``losses/`` beside it."""
+    for folder in (PACKAGE_DIR / "recipes", PACKAGE_DIR.parent / "losses"):
+        if folder.is_dir():
+            return folder
+    raise ConfigError(
+        f"the bundled recipes are missing ({PACKAGE_DIR / 'recipes'} is not a folder): this copy of visdet-export "
+        "was built from a git checkout without symbolic links (git config core.symlinks false), which leaves them "
+        "out of the wheel; install it from a checkout with symlinks (git clone -c core.symlinks=true)"
+    )
 
 
 def recipe_names() -> list[str]:
     """The names of the bundled recipes, sorted (``retinanet``, ``fcos``, ...)."""
     folder = recipe_dir()
-    if not folder.is_dir():
-        return []
     return sorted(p.stem for p in folder.glob("*.py") if _NAME.fullmatch(p.stem) and not p.stem.startswith("_"))
 
 
@@ -70,4 +80,6 @@ def recipe_description(name: str) -> str:
     return text.split(": ", 1)[0] if ": " in text else text
 
 
-__all__ = ["recipe_config", "recipe_description", "recipe_dir", "recipe_losses", "recipe_names", "recipe_path"]
+__all__ = [
+    "PACKAGE_DIR", "recipe_config", "recipe_description", "recipe_dir", "recipe_losses", "recipe_names", "recipe_path",
+]
