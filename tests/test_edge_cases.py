@@ -11,20 +11,21 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from reference import (
     FLOAT32_EPS,
     boxes,
+    dfl_elementwise,
     grad_of,
     reference_loss,
     single_thread,  # noqa: F401  (autouse fixture)
     spec_inputs,
 )
+from torch import Tensor
+
 from visdet_export import build_loss
+from visdet_export.export.torchscript import quiet_jit, script_loss
 from visdet_export.numerics import bce_with_probabilities
 from visdet_export.registry import loss_config
-from visdet_export.export.torchscript import quiet_jit, script_loss
 from visdet_export.specs import representative_configs
 
 F64 = torch.float64
@@ -519,9 +520,12 @@ def test_dfl_targets_outside_the_bins_give_nan_not_a_negative_loss(runtime: str)
     if runtime == "compile":
         loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
     pred = torch.randn(6, 17, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    target = torch.tensor([30.0, 16.5, -0.5, float("nan"), 0.0, 16.0])
+    target = torch.tensor([30.0, 16.5, -1.0, float("nan"), 0.0, 16.0])
     out = loss(pred, target)
     assert out[:4].isnan().all() and out[4:].isfinite().all() and (out[4:] > 0).all()
+    # in (-1, 0) visdet truncates to bin 0 and weighs bins 0 and 1 by 1 - y and y: a target rounded below 0 counts
+    below = torch.tensor([-1e-7, -0.3, -0.999])
+    torch.testing.assert_close(loss(pred[:3], below).double(), dfl_elementwise(pred[:3].detach(), below))
     # weight 0 masks them, value and gradient
     weight = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     masked = loss(pred, target, weight)

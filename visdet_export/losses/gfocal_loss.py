@@ -272,7 +272,8 @@ def distribution_focal_loss(
         \mathrm{DFL} = -\big((y_{i+1} - y)\log S_i + (y - y_i)\log S_{i+1}\big), \quad y_i = \lfloor y \rfloor
 
     A target exactly at ``reg_max`` puts all its mass on the last bin (visdet indexes bin ``reg_max + 1`` there
-    and fails); a target outside [0, reg_max] gives a NaN loss (visdet fails, and a negative loss would train). Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
+    and fails); a target outside (-1, reg_max] gives a NaN loss (visdet fails, and a negative loss would train);
+    one in (-1, 0) weighs bins 0 and 1 by ``1 - y`` and ``y``, as visdet's truncation does. Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
     node that onnxruntime rejects at N = 0.
 
     Args:
@@ -297,9 +298,11 @@ def distribution_focal_loss(
         target = zero_where_unweighted(target, keep)
         keep_rows = None if keep is None else keep.unsqueeze(1)
     reg_max = pred.size(1) - 1
-    # A target outside [0, reg_max] (or NaN) has no two bins around it (visdet indexes past the bins and fails):
-    # its bins are read at 0 and its weights are NaN, so that its loss is NaN rather than a negative number.
-    in_range = (target >= 0) & (target <= reg_max)
+    # A target outside (-1, reg_max] (or NaN) has no two bins around it (visdet indexes past the bins and fails):
+    # its bins are read at 0 and its weights are NaN, so that its loss is NaN rather than a negative number. In
+    # (-1, 0) visdet truncates towards 0 and weighs bins 0 and 1 by 1 - y and y, as the floor clamped to 0 does
+    # here: a target that rounding took just below 0 keeps its loss.
+    in_range = (target > -1) & (target <= reg_max)
     binned = torch.where(in_range, target, 0.0)
     # a target at reg_max takes the last two bins, all its mass on the last: its derivative is the one from inside
     # [0, reg_max] (with the last bin twice it was 0)

@@ -37,7 +37,7 @@ IOU_MODES = ("linear", "square", "log")
 def box_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Upcast and check (N, 4) boxes; a weight (N,) or (N, 4) (averaged over the last axis, as visdet does)
+    """Upcast and check (N, 4) boxes; a weight (N,) or (N, 4) (averaged over the last axis, as MMDetection does)
     masks the boxes of weight 0, NaN/inf coordinates included.
 
     Returns:
