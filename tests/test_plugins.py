@@ -217,11 +217,17 @@ def test_onnx_exporter_messages_keep_their_cause() -> None:
     assert first_line(RuntimeError("\n  one\ntwo")) == "one"
 
 
-def test_the_cli_loads_plugins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_loads_plugins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = tmp_path / "plugin"
     directory.mkdir()
     (directory / "visdet_cli_plugin.py").write_text(PLUGIN_SOURCE.format(prefix="Cli"))
-    sys.path.insert(0, str(directory))
+    (directory / "visdet_clashing_plugin.py").write_text(
+        "from visdet_export.losses import FocalLoss\nfrom visdet_export.registry import MODELS\n"
+        "MODELS.register_module(FocalLoss)\n"
+    )
+    monkeypatch.chdir(directory)  # found in the working directory, as `python -m` finds modules
     try:
         out = tmp_path / "out"
         config = json.dumps({"type": "CliVarifocalLoss"})
@@ -233,5 +239,10 @@ def test_the_cli_loads_plugins(tmp_path: Path, capsys: pytest.CaptureFixture[str
         capsys.readouterr()
         assert cli.main(["--plugin", "visdet_no_such_plugin", "list"]) == cli.EXIT_USAGE
         assert "visdet_no_such_plugin" in capsys.readouterr().err
+        # a plugin's own error is a usage mistake: one line, no traceback
+        monkeypatch.setenv("VISDET_EXPORT_PLUGINS", "visdet_clashing_plugin")
+        assert cli.main(["list"]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "plugin 'visdet_clashing_plugin' failed to import: KeyError" in err and "Traceback" not in err
     finally:
         _unload_plugin("visdet_cli_plugin", "Cli", directory)

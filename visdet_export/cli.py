@@ -1213,8 +1213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = _load_plugins(argv)
-    except ImportError as error:
-        print(f"{PROG}: error: --plugin: {error}", file=sys.stderr)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     debug = "--debug" in argv
     # `check`, `bench` and `cpp` have their own options: hand everything after the name over untouched.
@@ -1232,9 +1232,9 @@ def _load_plugins(argv: list[str]) -> list[str]:
     variable ``VISDET_EXPORT_PLUGINS`` (comma-separated): a user's own losses register themselves (and their input
     specs) on import, so that every command builds, exports, verifies and checks them. Returns ``argv`` without
     those options. Plugins are code: name only modules you trust."""
-    import importlib
+    from .registry import load_plugins
 
-    names = [name.strip() for name in os.environ.get("VISDET_EXPORT_PLUGINS", "").split(",") if name.strip()]
+    names: list[str] = []
     rest: list[str] = []
     items = iter(argv)
     for item in items:
@@ -1244,10 +1244,7 @@ def _load_plugins(argv: list[str]) -> list[str]:
             names.append(item.split("=", 1)[1])
         else:
             rest.append(item)
-    for name in names:
-        if not name:
-            raise ImportError("--plugin needs a module name")
-        importlib.import_module(name)
+    load_plugins(names)
     return rest
 
 

@@ -790,6 +790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 the program could not be built.
     """
+    from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
+    from .validation import ConfigError
+
+    try:
+        load_plugins()
+    except ConfigError as error:
+        print(f"visdet-export cpp: error: {error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="visdet-export cpp", description=main.__doc__)
     parser.add_argument("--build-dir", help=f"where to build (default {default_build_dir()})")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")

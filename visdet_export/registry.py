@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Callable, Optional, TypeVar
 
@@ -86,7 +86,8 @@ class Registry:
         if bare in MMDET_LOSSES_NOT_IMPLEMENTED:
             raise ConfigError(
                 f"{name} is an MMDetection loss that visdet-export does not implement; it has "
-                f"{', '.join(sorted(self._modules))} (`visdet-export export --skip-unknown` leaves such losses out)"
+                f"{', '.join(sorted(self._modules))} (`visdet-export export --skip-unknown` leaves such losses out; a loss of your own of that name: name "
+                "the module registering it with --plugin or $VISDET_EXPORT_PLUGINS)"
             )
         close = difflib.get_close_matches(name, list(self._modules), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -189,6 +190,29 @@ def check_rebuilds(loss: nn.Module, cfg: Mapping[str, object]) -> None:
 
 
 MODELS = Registry("loss")
+#: Modules to import before a command runs (comma-separated): losses of one's own register themselves on import.
+PLUGINS_VARIABLE = "VISDET_EXPORT_PLUGINS"
+
+
+def load_plugins(names: Sequence[str] = ()) -> None:
+    """Import the modules ``names`` and those of ``$VISDET_EXPORT_PLUGINS``, found on ``sys.path`` and, as
+    ``python -m`` finds them, in the working directory. Any failure is a :class:`ConfigError` naming the module.
+    Plugins are code: name only modules you trust."""
+    import importlib
+    import os
+    import sys
+
+    listed = [name.strip() for name in os.environ.get(PLUGINS_VARIABLE, "").split(",") if name.strip()]
+    wanted = [*listed, *names]
+    if wanted and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    for name in wanted:
+        if not name:
+            raise ConfigError("--plugin needs a module name")
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a plugin's own error (a clash, a typo) is the user's input mistake
+            raise ConfigError(f"plugin {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
 def build_loss(cfg: Mapping[str, object] | str) -> nn.Module:
