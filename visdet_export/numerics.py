@@ -158,6 +158,7 @@ def _bce_differentiated(probs: Tensor, target: Tensor) -> Tensor:
 
 @torch.jit.unused
 def _functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
     return bool(torch._C._are_functorch_transforms_active())
 
 
@@ -483,7 +484,7 @@ def _tracing(tensor: Tensor) -> bool:
         or torch.onnx.is_in_onnx_export()
         or torch.jit.is_tracing()
         or is_fake(tensor)
-        or torch._C._are_functorch_transforms_active()
+        or _functorch_active()
         or _forward_ad_active()
     )
 

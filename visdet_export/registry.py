@@ -10,7 +10,11 @@ The seed's listing snippet works unchanged::
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Callable, Optional, TypeVar
@@ -86,8 +90,9 @@ class Registry:
         if bare in MMDET_LOSSES_NOT_IMPLEMENTED:
             raise ConfigError(
                 f"{name} is an MMDetection loss that visdet-export does not implement; it has "
-                f"{', '.join(sorted(self._modules))} (`visdet-export export --skip-unknown` leaves such losses out; a loss of your own of that name: name "
-                "the module registering it with --plugin or $VISDET_EXPORT_PLUGINS)"
+                f"{', '.join(sorted(self._modules))} (`visdet-export export --skip-unknown` leaves such losses out; "
+                "a loss of your own of that name: name the module registering it with --plugin or "
+                "$VISDET_EXPORT_PLUGINS)"
             )
         close = difflib.get_close_matches(name, list(self._modules), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -165,8 +170,6 @@ def loss_config(loss: nn.Module) -> dict[str, object]:
 def check_rebuilds(loss: nn.Module, cfg: Mapping[str, object]) -> None:
     """Raise :class:`ConfigError` unless ``build_loss(cfg)`` rebuilds ``loss``: same class, same config. An
     artifact's manifest records ``cfg``; verification and ``load_runner`` rebuild the loss from it."""
-    import json
-
     cls = type(loss)
     hint = (
         "; register the class (visdet_export.registry.MODELS.register_module) and keep every constructor argument "
@@ -198,10 +201,6 @@ def load_plugins(names: Sequence[str] = ()) -> None:
     """Import the modules ``names`` and those of ``$VISDET_EXPORT_PLUGINS``, found on ``sys.path`` and, as
     ``python -m`` finds them, in the working directory. Any failure is a :class:`ConfigError` naming the module.
     Plugins are code: name only modules you trust."""
-    import importlib
-    import os
-    import sys
-
     listed = [name.strip() for name in os.environ.get(PLUGINS_VARIABLE, "").split(",") if name.strip()]
     wanted = [*listed, *names]
     if wanted and os.getcwd() not in sys.path:

@@ -273,8 +273,9 @@ def distribution_focal_loss(
 
     A target exactly at ``reg_max`` puts all its mass on the last bin (visdet indexes bin ``reg_max + 1`` there
     and fails); a target outside (-1, reg_max] gives a NaN loss (visdet fails, and a negative loss would train);
-    one in (-1, 0) weighs bins 0 and 1 by ``1 - y`` and ``y``, as visdet's truncation does. Written with ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss
-    node that onnxruntime rejects at N = 0.
+    one in (-1, 0) weighs bins 0 and 1 by ``1 - y`` and ``y``, as visdet's truncation does. Written with
+    ``log_softmax`` + ``gather``: ``F.cross_entropy`` exports to a SoftmaxCrossEntropyLoss node that onnxruntime
+    rejects at N = 0.
 
     Args:
         pred (Tensor[N, reg_max + 1]): bin logits.
