@@ -6,22 +6,25 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 import pytest
+import torch
 from torch import Tensor
 
 from visdet_export import build_loss, cli
-from visdet_export.check import RunnerCache, check_cell
+from visdet_export.check import UNBACKED_HINT, RunnerCache, check_cell
 from visdet_export.export import ArtifactError, export_onnx, export_torchscript, read_manifest, verify
 from visdet_export.export.artifacts import first_line
 from visdet_export.export.torchscript import script_loss
+from visdet_export.export.verify import check_parity
 from visdet_export.losses import FocalLoss
 from visdet_export.registry import MODELS, loss_config
-from visdet_export.specs import SPEC_BUILDERS, LossSpec, TensorSpec, spec_for
+from visdet_export.specs import INT64, SPEC_BUILDERS, LossSpec, TensorSpec, spec_for
 
 PLUGIN_SOURCE = '''
 """Losses of a user's own, as README "Losses of your own" writes them."""
@@ -97,6 +100,21 @@ class {prefix}SoftFocalLoss(FocalLoss):
 
 class {prefix}UnregisteredFocalLoss(FocalLoss):
     pass
+
+
+@MODELS.register_module()
+class {prefix}RenamedAlphaFocalLoss(FocalLoss):
+    """Keeps its argument under another name (``alpha``): the config it writes cannot give it back."""
+
+    def __init__(self, positive_weight: float = 0.25) -> None:
+        super().__init__(alpha=positive_weight)
+
+
+class L1Loss(WeightedLoss):
+    """Shares a built-in's class name, registered under another and without a spec of its own."""
+
+
+MODELS.register_module(L1Loss, name="{prefix}OddL1Loss")
 
 
 @MODELS.register_module()
@@ -179,6 +197,71 @@ def test_an_unregistered_subclass_is_refused_before_writing(plugin: ModuleType, 
     with pytest.raises(ArtifactError, match="does not rebuild it.*register the class"):
         export_onnx(plugin.PluginUnregisteredFocalLoss(), tmp_path / "x.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_argument_kept_under_another_name_is_refused(plugin: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match=r"differs: alpha is 0.5, rebuilt 0.25.*same name"):
+        export_onnx(dict(type="PluginRenamedAlphaFocalLoss", positive_weight=0.5), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+    assert verify(export_onnx(dict(type="PluginRenamedAlphaFocalLoss"), tmp_path / "x.onnx"))["passed"]
+
+
+def test_a_class_sharing_a_built_in_name_does_not_take_its_spec(plugin: ModuleType) -> None:
+    with pytest.raises(KeyError, match="no input spec is registered for L1Loss"):
+        spec_for(build_loss(dict(type="PluginOddL1Loss")))
+
+
+def _spec_drawing(draw: Callable[[int], dict[str, Tensor]], doc: str = "") -> LossSpec:
+    inputs = (TensorSpec("pred", ("N", "C"), doc=doc), TensorSpec("target", ("N",), INT64))
+    return LossSpec("X", "v", inputs, lambda n, g, o: draw(n), lambda m, i, r: m(i), {"C": 3})
+
+
+@pytest.mark.parametrize(
+    "draw, message",
+    [
+        (lambda n: {"pred": torch.zeros(n, 3, dtype=torch.float64), "target": torch.zeros(n, dtype=torch.long)},
+         r"drew 'pred' as torch.float64 \(5, 3\); its spec says torch.float32 \(5, 3\)"),
+        (lambda n: {"pred": torch.zeros(n, 4), "target": torch.zeros(n, dtype=torch.long)},
+         r"drew 'pred' as torch.float32 \(5, 4\); its spec says torch.float32 \(5, 3\)"),
+        (lambda n: {"pred": torch.zeros(n, 3), "target": torch.zeros(n, 1, dtype=torch.long)}, r"'target'.*\(5, 1\)"),
+        (lambda n: {"pred": torch.zeros(n, 3)}, r"missing \['target'\], unknown \[\]"),
+        (lambda n: {"pred": torch.zeros(n, 3), "target": torch.zeros(n, dtype=torch.long), "wieght": torch.ones(n)},
+         r"unknown \['wieght'\]"),
+    ],
+)
+def test_a_sampler_must_draw_what_its_spec_says(draw: Callable[[int], dict[str, Tensor]], message: str) -> None:
+    """A manifest describes the spec: an artifact traced from other inputs would be fed what it never saw."""
+    with pytest.raises(ValueError, match=message):
+        _spec_drawing(draw).sample(torch.nn.Identity(), 5)
+
+
+def test_a_spec_documenting_logits_it_does_not_draw_warns() -> None:
+    spec = replace(
+        _spec_drawing(lambda n: {"pred": torch.zeros(n, 3), "target": torch.zeros(n, dtype=torch.long)}, "logits"),
+        caller=lambda module, inputs, reduction: inputs["pred"].sum(),
+    )
+    with pytest.warns(UserWarning, match="documents logits but its sampler ignores SampleOptions.logit_range"):
+        record = check_parity(lambda inputs: [inputs["pred"].sum()], torch.nn.Identity(), spec, ["pred", "target"],
+                              rtol=0.0, atol=0.0, free_sizes={})
+    assert "extreme_logits" not in record
+
+
+class _LogSumExpLoss(torch.nn.Module):
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (torch.logsumexp(pred, dim=1) - (pred * target).sum(1)).mean()
+
+
+def test_the_compile_runtime_says_why_a_size_decision_fails(plugin: ModuleType) -> None:
+    MODELS.register_module(_LogSumExpLoss, name="PluginLogSumExpLoss")
+    SPEC_BUILDERS["PluginLogSumExpLoss"] = lambda loss, variant: LossSpec(
+        "PluginLogSumExpLoss", "v", (TensorSpec("pred", ("N", "C")), TensorSpec("target", ("N", "C"))),
+        lambda n, g, o: {"pred": torch.randn(n, o.sizes["C"], generator=g), "target": torch.rand(n, o.sizes["C"])},
+        lambda module, inputs, reduction: module(inputs["pred"], inputs["target"]), {"C": 3},
+    )
+    cache = RunnerCache()
+    cache.loss("lse", dict(type="PluginLogSumExpLoss"))
+    cell = check_cell("lse", "compile", cache, sizes=(0, 7))
+    assert cell.status == "fail" and "data-dependent" in cell.reason and UNBACKED_HINT in cell.reason
 
 
 def test_a_module_holding_a_built_loss_records_its_config(plugin: ModuleType, tmp_path: Path) -> None:

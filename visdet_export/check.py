@@ -271,8 +271,17 @@ def check_cell(
         cell.status = "fail"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         cell.reason = f"{type(exc).__name__}: {first}"[:300]
+        if runtime == "compile" and "data-dependent" in first:
+            cell.reason = cell.reason[:200] + f" [{UNBACKED_HINT}]"
     cell.seconds = time.perf_counter() - start
     return cell
+
+
+#: Why a loss that compiles with plain ``torch.compile`` can fail the matrix's compile runtime.
+UNBACKED_HINT = (
+    "N is unbacked here, one graph for every N: an operation deciding on the size (torch.logsumexp; use "
+    "torch.log_softmax) cannot trace"
+)
 
 
 def run_matrix(
@@ -490,7 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def progress(cell: Cell) -> None:
         done[0] += 1
         if not args.quiet:
-            print(f"[{done[0]}/{total}] {cell.config} {cell.runtime}: {cell.status} ({cell.seconds:.1f}s)", file=sys.stderr)
+            progress = f"[{done[0]}/{total}] {cell.config} {cell.runtime}: {cell.status} ({cell.seconds:.1f}s)"
+            print(progress, file=sys.stderr)
 
     cache = RunnerCache()
     cells = run_matrix(

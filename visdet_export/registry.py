@@ -190,6 +190,50 @@ def check_rebuilds(loss: nn.Module, cfg: Mapping[str, object]) -> None:
         )
     if loss_config(rebuilt) != dict(cfg):
         raise ConfigError(f"{cls.__name__}'s config {dict(cfg)} rebuilds {loss_config(rebuilt)}{hint}")
+    difference = state_difference(loss, rebuilt)
+    if difference is not None:
+        # a hyper-parameter kept under another name (self.focal_alpha = alpha) is missing from the config
+        raise ConfigError(f"{cls.__name__} rebuilt from its config {dict(cfg)} differs: {difference}{hint}")
+
+
+def state_difference(loss: nn.Module, other: nn.Module, prefix: str = "") -> Optional[str]:
+    """The first public attribute, parameter or buffer (sub-losses' included) whose value differs between the two
+    modules, described, or None where they hold the same state."""
+    mine, theirs = _state(loss), _state(other)
+    for name in sorted(set(mine) | set(theirs)):
+        where = prefix + name
+        if name not in mine or name not in theirs:
+            return f"{where} is set on {'the loss' if name in mine else 'the rebuilt loss'} only"
+        value, rebuilt = mine[name], theirs[name]
+        if isinstance(value, nn.Module) and isinstance(rebuilt, nn.Module):
+            inner = state_difference(value, rebuilt, where + ".")
+            if inner is not None:
+                return inner
+        elif not _same_value(value, rebuilt):
+            return f"{where} is {_shown(value)}, rebuilt {_shown(rebuilt)}"
+    return None
+
+
+def _state(module: nn.Module) -> dict[str, object]:
+    public = {name: value for name, value in vars(module).items() if not name.startswith("_") and name != "training"}
+    return {**public, **dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False)),
+            **dict(module.named_children())}
+
+
+def _same_value(value: object, other: object) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+        return (
+            isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.dtype == other.dtype
+            and value.shape == other.shape and bool(torch.equal(value.detach(), other.detach()))
+        )
+    try:
+        return type(value) is type(other) and bool(value == other)
+    except Exception:  # a value without a truthful ==: only the object itself is the same
+        return value is other
+
+
+def _shown(value: object) -> str:
+    return f"tensor {value.detach().flatten()[:4].tolist()}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 MODELS = Registry("loss")

@@ -4,8 +4,8 @@ A :class:`LossSpec` names each input, gives its dtype and its shape, says how th
 ``forward``, and draws valid random inputs. A shape holds the symbolic sample count ``"N"``, symbols for the sizes
 the configuration leaves free (``"C"`` classes, ``"B"`` DFL bins, ``"H"`` / ``"W"`` mask sizes, ``"D"`` values per
 sample of a regression loss: exported graphs take any value, random inputs a default of :attr:`LossSpec.sizes`),
-and the sizes the configuration fixes as integers (a class weight fixes the classes; boxes have four coordinates). Tests, export, verification and
-benchmarks all use it, so a loss registered later with a spec is covered by all of them.
+and the sizes the configuration fixes as integers (a class weight fixes the classes; boxes have four coordinates).
+Tests, export, verification and benchmarks all use it, so a loss registered later with a spec is covered by all of them.
 
 >>> from visdet_export import build_loss
 >>> loss = build_loss(dict(type="FocalLoss"))
@@ -164,9 +164,30 @@ class LossSpec:
         if unknown:
             raise ValueError(f"{self.loss_type} ({self.variant}) has no free size {unknown}; it has {dict(self.sizes)}")
         generator = torch.Generator().manual_seed(seed)
-        drawn = self.sampler(n, generator, replace(options, sizes={**self.sizes, **options.sizes}))
+        sizes = {**self.sizes, **options.sizes}
+        drawn = self.sampler(n, generator, replace(options, sizes=sizes))
+        self._check_drawn(drawn, n, sizes, options.dtype)
         keep = {t.name for t in self.inputs if not t.optional or include is None or t.name in include}
         return {t.name: drawn[t.name] for t in self.inputs if t.name in keep}
+
+    def _check_drawn(self, drawn: Mapping[str, Tensor], n: int, sizes: Mapping[str, int], dtype: torch.dtype) -> None:
+        """Raise ValueError unless the sampler drew every input, and only those, with the spec's dtype and shape:
+        a manifest describes the spec, so an artifact traced from other inputs would be fed what it never saw."""
+        where = f"the sampler of {self.loss_type} ({self.variant})"
+        extra = sorted(set(drawn) - set(self.names))
+        missing = [name for name in self.names if name not in drawn]
+        if extra or missing:
+            raise ValueError(
+                f"{where} drew {sorted(drawn)}; its spec lists {self.names} (missing {missing}, unknown {extra})"
+            )
+        for t in self.inputs:
+            value, shape = drawn[t.name], t.concrete_shape(n, sizes)
+            if not isinstance(value, Tensor) or value.dtype != t.dtype(dtype) or tuple(value.shape) != shape:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{where} drew {t.name!r} as {got}; its spec says {t.dtype(dtype)} {shape} "
+                    f"(shape {t.shape} at N={n}, sizes {dict(sizes)})"
+                )
 
     def call(self, loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str] = None) -> Tensor:
         """Call ``loss`` with named inputs; absent optional inputs are passed as None."""
@@ -284,10 +305,12 @@ def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
     """The input spec of a built loss (``variant`` picks another target layout where a loss has several)."""
     from .registry import registered_name
 
-    # the registered name, the class name, then a base class's (a subclass presetting defaults takes its spec)
-    candidates = [registered_name(type(loss)), *(klass.__name__ for klass in type(loss).__mro__)]
-    for loss_type in candidates:
-        if loss_type is not None and loss_type in SPEC_BUILDERS:
+    # each class of the MRO by the name it is registered under (its class name if unregistered): a subclass
+    # presetting defaults takes its base's spec, a class registered under a name of its own never takes the spec of
+    # a built-in whose class name it shares
+    for klass in type(loss).__mro__:
+        loss_type = registered_name(klass) or klass.__name__
+        if loss_type in SPEC_BUILDERS:
             return SPEC_BUILDERS[loss_type](loss, variant)
     raise KeyError(
         f"no input spec is registered for {type(loss).__name__}; add one with visdet_export.specs.register_spec"
@@ -325,7 +348,9 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         else TensorSpec("target", ("N", "C"), doc="one-hot targets")
     )
     pred_doc = "probabilities" if activated else "logits"
-    inputs = (TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    inputs = (
+        TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR
+    )
     return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES)
 
 
@@ -362,7 +387,8 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         if variant == "pair"
         else (TensorSpec("target", ("N", "C"), doc="dense soft targets"),)
     )
-    inputs = (TensorSpec("pred", ("N", "C")), *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
+    pred = TensorSpec("pred", ("N", "C"), doc="probabilities" if activated else "logits")
+    inputs = (pred, *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
     return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES)
 
 

@@ -18,6 +18,7 @@ import importlib
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -133,7 +134,16 @@ def check_parity(
     checks: list[tuple[int, dict[str, int], Optional[float]]] = [(int(n), {}, options.logit_range) for n in sizes]
     if other:
         checks.append((SMALLER_SIZES_N, other, options.logit_range))
-    extreme = extreme and options.logit_range is None and _draws_logits(loss, spec, options)
+    extreme = extreme and options.logit_range is None
+    if extreme and not _draws_logits(loss, spec, options):
+        extreme = False
+        if any("logit" in t.doc.lower() for t in spec.inputs):
+            warnings.warn(
+                f"the spec of {spec.loss_type} documents logits but its sampler ignores SampleOptions.logit_range: "
+                f"artifacts are not checked at logits to ±{EXTREME_LOGITS:g} (where onnxruntime's Log(Sigmoid) "
+                "overflows); draw logits with visdet_export.specs.sample_logits",
+                stacklevel=2,
+            )
     if extreme:
         checks.append((EXTREME_N, {}, EXTREME_LOGITS))
     for index, (n, free, logit_range) in enumerate(checks):
@@ -267,7 +277,9 @@ def verify(
     except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
         raise ArtifactError(f"the manifest's config does not build a loss: {exc}") from exc
     if manifest.get("loss_type", spec.loss_type) != spec.loss_type:
-        raise ArtifactError(f"the manifest says loss_type {manifest.get('loss_type')!r} but its config builds {spec.loss_type}")
+        raise ArtifactError(
+            f"the manifest says loss_type {manifest.get('loss_type')!r} but its config builds {spec.loss_type}"
+        )
     names = _manifest_names(manifest, spec)
     dtype = manifest.get("dtype", "float32")
     if dtype != "float32":
@@ -287,8 +299,8 @@ def verify(
     }
     try:
         parity = check_parity(
-            runner, loss, spec, names, joint=joint, sizes=sizes, seed=seed, free_sizes=declared_free_sizes(manifest, spec),
-            **tolerance,
+            runner, loss, spec, names, joint=joint, sizes=sizes, seed=seed,
+            free_sizes=declared_free_sizes(manifest, spec), **tolerance,
         )
     except ArtifactError as exc:
         raise ArtifactError(f"{path.name} does not match its manifest's loss (seed {seed}): {exc}") from exc
