@@ -12,9 +12,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from reference import SEED_LOSS_NAMES, boxes, single_thread  # noqa: F401  (autouse fixture)
+
 from visdet_export import ConfigError, build_loss
+from visdet_export.export.torchscript import script_loss
 from visdet_export.registry import MODELS, config_parameters, loss_config
 from visdet_export.specs import representative_configs
 
@@ -244,6 +245,45 @@ def test_shape_mismatch_ce_modes(cfg: dict, pred: torch.Tensor, target: torch.Te
             loss(pred, target, torch.tensor([0, 1]))
         else:
             loss(pred, target)
+
+
+# weights that broadcast into another loss: (N, 1) against (N,) gives (N, N), (2, N, ...) doubles the mean, a 0-d or
+# (1, D) weight weighs every row alike
+SIGMOID_CE = dict(type="CrossEntropyLoss", use_sigmoid=True)
+WEIGHT_SHAPE_ERRORS = [
+    pytest.param(SIGMOID_CE, torch.randn(4), torch.rand(4), (4, 1), id="centerness_N1"),
+    pytest.param(SIGMOID_CE, torch.randn(4), torch.rand(4), (), id="centerness_0d"),
+    pytest.param(SIGMOID_CE, torch.randn(4, 3), torch.rand(4, 3), (1, 3), id="ce_dense_columns"),
+    pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (4, 1), id="softmax_N1"),
+    pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (2, 4), id="softmax_2N"),
+    pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (), id="softmax_0d"),
+    pytest.param(dict(type="L1Loss"), torch.randn(4, 4), torch.randn(4, 4), (2, 4, 4), id="l1_expanded"),
+    pytest.param(dict(type="SmoothL1Loss"), torch.randn(4, 4), torch.randn(4, 4), (1, 4), id="smooth_l1_columns"),
+    pytest.param(dict(type="MSELoss"), torch.randn(4, 4), torch.randn(4, 4), (), id="mse_0d"),
+    pytest.param(dict(type="DistributionFocalLoss"), torch.randn(4, 17), torch.rand(4), (4, 1), id="dfl_N1"),
+    pytest.param(dict(type="GIoULoss"), boxes(4, dtype=torch.float32), boxes(4, seed=1, dtype=torch.float32), (4, 1),
+                 id="giou_N1"),
+]
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+@pytest.mark.parametrize(("cfg", "pred", "target", "weight_shape"), WEIGHT_SHAPE_ERRORS)
+def test_weight_shape_mismatch(cfg: dict, pred: torch.Tensor, target: torch.Tensor, weight_shape: tuple,
+                               runtime: str) -> None:
+    loss = build_loss(cfg)
+    module = loss if runtime == "eager" else script_loss(loss)
+    with pytest.raises((ValueError, torch.jit.Error), match="weight must have"):
+        module(pred, target, torch.rand(weight_shape))
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "CrossEntropyLoss"])
+def test_a_weight_per_row_broadcasts_over_the_last_axis(name: str) -> None:
+    """(N, D), (N,) and YOLOv3's (N, 1) masks: one value per row of the last axis, as MMDetection broadcasts them."""
+    cfg = dict(type=name, **({"use_sigmoid": True} if name == "CrossEntropyLoss" else {}))
+    loss, pred, target, weight = build_loss(cfg), torch.randn(3, 5, 4), torch.rand(3, 5, 4), torch.rand(3, 5)
+    expected = loss(pred, target, weight.unsqueeze(-1).expand(3, 5, 4).contiguous())
+    torch.testing.assert_close(loss(pred, target, weight), expected)
+    torch.testing.assert_close(loss(pred, target, weight.unsqueeze(-1)), expected)
 
 
 @pytest.mark.parametrize("cfg", [

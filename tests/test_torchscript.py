@@ -145,7 +145,8 @@ def test_export_silences_jit_deprecation_only_inside(tmp_path):
         warnings.simplefilter("always")
         export_torchscript(dict(type="L1Loss"), tmp_path / "l1.pt")
         load_runner(tmp_path / "l1.pt")
-    leaked = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning)) and "jit" in str(w.message)]
+    deprecations = (DeprecationWarning, FutureWarning)
+    leaked = [w for w in caught if issubclass(w.category, deprecations) and "jit" in str(w.message)]
     assert leaked == []
     from visdet_export import build_loss
 
@@ -188,3 +189,31 @@ def test_reduction_none_exports_leave_out_the_avg_factor_it_ignores(tmp_path):
         assert manifest["output_shapes"] == {"loss": ["N", "C"]}, suffix
     weight = manifest["inputs"][2]
     assert not weight["optional"] and weight["doc"].endswith("all ones for no weight")  # the ONNX graph needs it
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_torch_jit_trace_with_every_input(name: str) -> None:
+    """``torch.jit.trace`` (not a runtime of ours, but how some deployments capture a model): a trace with every
+    input, weights included, runs at another N as eager does, gradients too."""
+    from visdet_export import build_loss
+    from visdet_export.specs import representative_configs, spec_for
+
+    loss = build_loss(representative_configs()[name])
+    spec = spec_for(loss)
+    example = spec.sample(loss, 16, seed=0)
+
+    def call(*tensors: torch.Tensor) -> torch.Tensor:
+        return spec.call(loss, dict(zip(example, tensors)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape checks, decided at the example
+        warnings.filterwarnings("ignore", r".*torch\.jit\.trace.* is deprecated", DeprecationWarning)
+        traced = torch.jit.trace(call, tuple(example.values()), check_trace=False)
+    inputs = spec.sample(loss, 9, seed=1)
+    for run in range(2):  # the profiling executor optimises the graph at the second run
+        grads = []
+        for fn in (call, traced):
+            pred = inputs[spec.pred].clone().requires_grad_(True)
+            value = fn(pred, *[inputs[key] for key in list(inputs)[1:]])
+            grads.append((value, torch.autograd.grad(value, pred)[0]))
+        torch.testing.assert_close(grads[1], grads[0], msg=f"run {run}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -98,7 +99,9 @@ def bce_with_probabilities(probs: Tensor, target: Tensor) -> Tensor:
     """
     if eager_fast_path(probs) or compiling_graph():
         return _bce_with_saved_inputs(probs, target)
-    if probs.requires_grad:
+    if probs.requires_grad or (not torch.jit.is_scripting() and torch.jit.is_tracing()):
+        # torch.jit.trace keeps the branch its example took: a trace from probabilities without grad, differentiated
+        # later, would take the clamped logs' slope (NaN at the masked 0s)
         return _bce_differentiated(probs, target)
     return _clamped_log_bce(probs, target)  # exported loss graphs, scripted inference: the value alone
 
@@ -249,13 +252,22 @@ def row_weighted_inputs(
     pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None
-    if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
+    if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
         raise ValueError("weight must have shape (N,) for pred " + str(pred.shape) + ", got " + str(weight.shape))
     keep = weight_keep_mask(weight.unsqueeze(1))
     if mask and keep is not None:
         pred = zero_where_unweighted(pred, keep)
         target = zero_where_unweighted(target, keep if target.dim() == pred.dim() else keep.squeeze(1))
     return pred, target, weight, keep
+
+
+def known_to_be_one(size: int) -> bool:
+    """``size == 1``, where the compiler knows it without a guard (a symbolic size is not known to be 1)."""
+    if torch.jit.is_scripting():
+        return size == 1
+    if not isinstance(size, torch.SymInt):  # an int, or torch.jit.trace's size tensor (the trace keeps the answer)
+        return bool(size == 1)
+    return statically_known_true(size == 1)
 
 
 def same_size(a: int, b: int, what: str = "the sizes of two inputs of a loss") -> bool:
@@ -276,22 +288,58 @@ def _asserted_equal(a: int, b: int, what: str) -> bool:
     return a == b
 
 
-def same_shape(x: Tensor, y: Tensor) -> bool:
+def same_shape(x: Tensor, y: Tensor, what: str = "the shapes of two inputs of a loss") -> bool:
     """The same number of dimensions, each :func:`same_size`."""
     if x.dim() != y.dim():
         return False
     for dim in range(x.dim()):
-        if not same_size(x.size(dim), y.size(dim)):
+        if not same_size(x.size(dim), y.size(dim), what):
             return False
     return True
 
 
 def check_same_shape(pred: Tensor, target: Tensor, target_name: str) -> None:
     """Shapes must match exactly: a silent (N, 1) against (N,) broadcast would give an (N, N) loss."""
-    if not same_shape(pred, target):
+    if not same_shape(pred, target, "the shapes of pred and " + target_name):
         raise ValueError(
-            "pred and " + target_name + " must have the same shape, got " + str(pred.shape) + " and " + str(target.shape)
+            "pred and " + target_name + " must have the same shape, got " + str(pred.shape) + " and "
+            + str(target.shape)
         )
+
+
+def check_weight_like(weight: Tensor, like: Tensor, like_name: str) -> None:
+    """One weight per element of ``like`` (the labels or targets): any other shape would broadcast the loss."""
+    if not same_shape(weight, like, "the shapes of weight and " + like_name):
+        raise ValueError(
+            "weight must have the shape of " + like_name + " " + str(like.shape) + ", got " + str(weight.shape)
+        )
+
+
+def element_weight(weight: Tensor, pred: Tensor) -> Tensor:
+    """``weight`` of ``pred``'s shape, or of one value per row of its last axis (``pred.shape[:-1]``, or that with
+    a last axis of 1: YOLOv3's (N, 1) masks), as a tensor broadcastable to ``pred``. Other shapes raise: they would
+    broadcast into a larger loss (a (2, N, 4) weight doubles the mean) or weigh columns (a (1, 4) one)."""
+    what = "the shapes of weight and pred"
+    if pred.dim() >= 2 and weight.dim() + 1 == pred.dim():
+        if _same_leading_sizes(weight, pred, what):
+            return weight.unsqueeze(-1)
+    elif weight.dim() == pred.dim() and _same_leading_sizes(weight, pred, what):
+        if pred.dim() == 0 or (pred.dim() >= 2 and known_to_be_one(weight.size(-1))):
+            return weight
+        if same_size(weight.size(-1), pred.size(-1), what):
+            return weight
+    raise ValueError(
+        "weight must have pred's shape " + str(pred.shape) + " or one value per row (that shape without its last "
+        "axis, or with a last axis of 1), got " + str(weight.shape)
+    )
+
+
+def _same_leading_sizes(weight: Tensor, pred: Tensor, what: str) -> bool:
+    """The sizes of every axis of ``pred`` but the last match ``weight``'s."""
+    for dim in range(pred.dim() - 1):
+        if not same_size(weight.size(dim), pred.size(dim), what):
+            return False
+    return True
 
 
 def check_index_dtype(labels: Tensor, what: str) -> None:
@@ -436,7 +484,8 @@ def regression_inputs(
 
     Args:
         pred (Tensor[*]), target (Tensor[*]): same shape.
-        weight (Tensor[*] or Tensor[*][:-1], optional): element weights, or one weight per row of the last axis.
+        weight (Tensor[*], Tensor[*][:-1] or Tensor[*][:-1] + [1], optional): element weights, or one weight per
+            row of the last axis.
 
     Returns:
         ``(pred, target, weight)`` in the compute dtype, ``weight`` broadcastable to ``pred``.
@@ -447,9 +496,7 @@ def regression_inputs(
     pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None
-    if weight.dim() + 1 == pred.dim():
-        weight = weight.unsqueeze(-1)
-    return pred, target, weight
+    return pred, target, element_weight(weight, pred)
 
 
 def masked_difference(pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:

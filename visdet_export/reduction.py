@@ -16,9 +16,8 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .numerics import compute_dtype
+from .numerics import compute_dtype, known_to_be_one
 
 REDUCTIONS = ("none", "mean", "sum")
 # torch.finfo(torch.float32).eps, written out because TorchScript has no torch.finfo (nor float globals, hence
@@ -80,13 +79,6 @@ def _per_row(loss: Tensor, weight: Tensor) -> bool:
         loss.dim() >= 2 and weight.dim() == loss.dim() and known_to_be_one(weight.size(-1))
         and weight.shape[:-1] == loss.shape[:-1]
     )
-
-
-def known_to_be_one(size: int) -> bool:
-    """``size == 1``, where the compiler knows it without a guard (a symbolic size is not known to be 1)."""
-    if torch.jit.is_scripting():
-        return size == 1
-    return statically_known_true(size == 1)
 
 
 def weight_reduce_loss(

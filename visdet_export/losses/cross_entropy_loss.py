@@ -16,10 +16,12 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_saved_gradient,
+    check_weight_like,
     compiled_training,
     compute_dtype,
     eager_closed_form,
     eager_fast_path,
+    element_weight,
     exp_scaled_,
     float32_parts,
     from_float32_parts,
@@ -80,7 +82,10 @@ def softmax_cross_entropy(
     Returns:
         Tensor[N, *] for "none", else Tensor[].
     """
-    if pred.dim() < 2 or label.dim() != pred.dim() - 1 or not same_size(label.size(0), pred.size(0)):
+    if (
+        pred.dim() < 2 or label.dim() != pred.dim() - 1
+        or not same_size(label.size(0), pred.size(0), "the labels' and pred's rows")
+    ):
         raise ValueError(
             "expected pred (N, C, ...) and label (N, ...), got " + str(pred.shape) + " and " + str(label.shape)
         )
@@ -94,6 +99,7 @@ def softmax_cross_entropy(
     if ignore_index >= 0:
         valid = valid & (label != ignore_index)
     if weight is not None:
+        check_weight_like(weight, label, "label")
         weight = weight.to(dtype)
         keep_weighted = weight_keep_mask(weight)
         if keep_weighted is not None:
@@ -183,7 +189,10 @@ def binary_cross_entropy(
     pred = pred.to(dtype)
     index_labels = pred.dim() != label.dim()
     if index_labels:
-        if pred.dim() != 2 or label.dim() != 1 or not same_size(label.size(0), pred.size(0)):
+        if (
+            pred.dim() != 2 or label.dim() != 1
+            or not same_size(label.size(0), pred.size(0), "the labels' and pred's rows")
+        ):
             raise ValueError(
                 "expected pred (N, C) with labels (N,) or targets of pred's shape, got "
                 + str(pred.shape) + " and " + str(label.shape)
@@ -192,16 +201,18 @@ def binary_cross_entropy(
         # one row of the (N, C) problem per label: masks and weights stay (N, 1) and broadcast
         valid = _not_ignored(label, ignore_index).unsqueeze(1)
         if weight is not None:
-            if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
+            if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
                 raise ValueError("weight must have shape (N,) with index labels, got " + str(weight.shape))
             weight = weight.unsqueeze(1)
     else:
         if not same_shape(pred, label):
-            raise ValueError("pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape))
+            raise ValueError(
+                "pred and label must have the same shape, got " + str(pred.shape) + " and " + str(label.shape)
+            )
         # masked once below by ``keep``, which implies ``valid`` (where it does not, the element weight is NaN)
         valid = _not_ignored(label, ignore_index)
-        if weight is not None and weight.dim() == pred.dim() - 1 and pred.dim() > 1:
-            weight = weight.unsqueeze(-1)
+        if weight is not None:
+            weight = element_weight(weight, pred)
     if class_weight is not None:
         _check_class_count(class_weight, pred.size(-1))
     if weight is not None:

@@ -23,6 +23,7 @@ from ..numerics import (
     focal_terms,
     focal_with_saved_gradient,
     keep_saved_gradient,
+    known_to_be_one,
     label_column_terms,
     logits_at_labels,
     masked_inputs,
@@ -39,14 +40,17 @@ from ..numerics import (
     weight_keep_mask,
     zero_where_unweighted,
 )
-from ..reduction import AvgFactor, as_avg_factor, known_to_be_one, resolve_reduction, weight_reduce_loss
+from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float
 from .base import WeightedLoss
 
 
 def check_class_labels(pred: Tensor, target: Tensor) -> None:
     """Raise unless ``pred`` is (N, C) and ``target`` (N,) integer class labels."""
-    if pred.dim() != 2 or target.dim() != 1 or not same_size(target.size(0), pred.size(0)):
+    if (
+        pred.dim() != 2 or target.dim() != 1
+        or not same_size(target.size(0), pred.size(0), "the labels' and pred's rows")
+    ):
         raise ValueError(
             "expected pred (N, C) with labels (N,) or one-hot targets (N, C), got "
             + str(pred.shape) + " and " + str(target.shape)
@@ -87,14 +91,15 @@ def per_class_weight(weight: Tensor, pred: Tensor) -> Tensor:
     """A weight of shape (N,), (N, 1), (N, C) or flattened (N * C,) as a tensor broadcastable to ``pred`` (N, C)."""
     if weight.dim() == pred.dim():
         if same_size(weight.size(0), pred.size(0), "the weight's and pred's rows") and (
-            known_to_be_one(weight.size(-1)) or same_size(weight.size(-1), pred.size(-1), "the weight's and pred's columns")
+            known_to_be_one(weight.size(-1))
+            or same_size(weight.size(-1), pred.size(-1), "the weight's and pred's columns")
         ):
             return weight
         raise ValueError(
             "weight must have shape (N,), (N, 1), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got "
             + str(weight.shape)
         )
-    if weight.dim() == 1 and same_size(weight.size(0), pred.size(0)):
+    if weight.dim() == 1 and same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
         return weight.unsqueeze(1)
     if weight.numel() != pred.numel():
         raise ValueError(

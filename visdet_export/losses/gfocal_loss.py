@@ -15,6 +15,7 @@ from ..numerics import (
     bce_with_logits,
     bce_with_probabilities,
     check_index_dtype,
+    check_weight_like,
     class_matches,
     compiled_training,
     compiling_graph,
@@ -47,7 +48,10 @@ from .base import WeightedLoss
 
 
 def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
-    if labels.dim() != 1 or not same_shape(scores, labels) or pred.dim() != 2 or not same_size(pred.size(0), labels.size(0)):
+    if (
+        labels.dim() != 1 or not same_shape(scores, labels, "the shapes of scores and labels") or pred.dim() != 2
+        or not same_size(pred.size(0), labels.size(0), "the labels' and pred's rows")
+    ):
         raise ValueError(
             "expected pred (N, C), labels (N,) and scores (N,), got "
             + str(pred.shape) + ", " + str(labels.shape) + " and " + str(scores.shape)
@@ -251,7 +255,8 @@ class QualityFocalLoss(WeightedLoss):
             )
         else:
             loss = quality_focal_loss_on_labels(
-                pred, target[0], target[1], weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
+                pred, target[0], target[1], weight, self.beta, reduction, as_avg_factor(avg_factor, pred),
+                self.activated,
             )
         return self.weighted(loss)
 
@@ -285,7 +290,10 @@ def distribution_focal_loss(
     Returns:
         Tensor[N] for "none", else Tensor[].
     """
-    if pred.dim() != 2 or target.dim() != 1 or not same_size(target.size(0), pred.size(0)):
+    if (
+        pred.dim() != 2 or target.dim() != 1
+        or not same_size(target.size(0), pred.size(0), "the target's and pred's rows")
+    ):
         raise ValueError(
             "expected pred (N, reg_max + 1) and target (N,), got " + str(pred.shape) + " and " + str(target.shape)
         )
@@ -294,6 +302,7 @@ def distribution_focal_loss(
     target = target.to(dtype)
     keep_rows: Optional[Tensor] = None
     if weight is not None:
+        check_weight_like(weight, target, "target")
         weight = weight.to(dtype)
         keep = weight_keep_mask(weight)
         target = zero_where_unweighted(target, keep)

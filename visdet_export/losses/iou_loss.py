@@ -21,6 +21,7 @@ from ..numerics import (
     eager_closed_form,
     max_side_weight,
     needs_grad,
+    same_shape,
     same_size,
     saved_gradient_dtype,
     select_kept_,
@@ -52,10 +53,9 @@ def box_inputs(
     pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None
-    if weight.dim() == 2:
-        check_same_shape(pred, weight, "weight")
+    if weight.dim() == 2 and same_shape(weight, pred, "the shapes of weight and pred"):
         weight = weight.mean(-1)
-    elif weight.dim() != 1 or not same_size(weight.size(0), pred.size(0)):
+    elif weight.dim() != 1 or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
         raise ValueError("weight must have shape (N,) or (N, 4), got " + str(weight.shape))
     return pred, target, weight, weight_keep_mask(weight)
 
