@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -238,6 +239,39 @@ def test_reductions_name_nonnegative_axes(exports: Exports, key: str) -> None:
     reductions = [node for node in model.graph.node if node.op_type.startswith("Reduce") and len(node.input) > 1]
     for node in reductions:
         assert (constants[node.input[1]] >= 0).all(), node.name
+
+
+@pytest.mark.parametrize(
+    ("key", "joint"), [(key, False) for key in CONFIGS] + [(key, True) for key in JOINT_KEYS],
+    ids=[*CONFIGS, *(f"{key}-joint" for key in JOINT_KEYS)],
+)
+def test_onnxruntime_refuses_inputs_whose_shapes_disagree(exports: Exports, key: str, joint: bool) -> None:
+    """onnxruntime only warns about shapes that differ from the declared ones: without the graph's own checks a
+    target of fewer rows, a (2,) avg_factor, regression targets of one column were a number, no error."""
+    import onnxruntime as ort
+
+    art = exports.get(key, joint=joint)
+    session = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    feeds = {name: value.numpy() for name, value in art.draw(5, seed=3).items()}
+    expected = session.run(None, feeds)
+    shapes = {t.name: t.shape for t in art.spec.inputs}
+    mismatches = 0
+    for name in art.names:
+        for axis, symbol in enumerate(shapes[name]):
+            first = next(other for other in art.names if symbol in shapes[other])
+            if not isinstance(symbol, str) or first == name:
+                continue
+            shrunk = {**feeds, name: np.take(feeds[name], range(feeds[name].shape[axis] - 1), axis=axis)}
+            with pytest.raises(Exception, match=rf"input check: {name}.shape\[{axis}\] must equal {first}"):
+                session.run(None, shrunk)
+            mismatches += 1
+    assert mismatches, "every loss graph takes two inputs of N rows"
+    if "avg_factor" in feeds:
+        one_element = session.run(None, {**feeds, "avg_factor": feeds["avg_factor"].reshape(1)})
+        for got, want in zip(one_element, expected):
+            np.testing.assert_array_equal(got, want)
+        with pytest.raises(Exception, match="input check: avg_factor must be 0-d"):
+            session.run(None, {**feeds, "avg_factor": np.repeat(feeds["avg_factor"].reshape(1), 2)})
 
 
 @pytest.mark.parametrize("n", SMALL_SIZES)

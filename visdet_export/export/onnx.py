@@ -18,8 +18,9 @@ on the exported graphs.
 Post-export passes then make the written graphs faster in onnxruntime (CPU) without changing their values:
 :func:`branch_free_selects`, :func:`late_weight_masks`, :func:`accurate_total_sums` (precision) and
 :func:`unmasked_while_finite`; each documents what it rewrites and why. :func:`nonnegative_reduce_axes` lets
-onnxruntime releases before 1.32 run the graphs at N = 0, and :func:`drop_unused_initializers` removes what the
-exporter and the passes leave unread.
+onnxruntime releases before 1.32 run the graphs at N = 0, :func:`checked_input_shapes` makes onnxruntime refuse
+inputs whose sizes disagree (it only warns about declared shapes), and :func:`drop_unused_initializers` removes what
+the exporter and the passes leave unread.
 """
 
 from __future__ import annotations
@@ -861,6 +862,89 @@ def nonnegative_reduce_axes(model: Any) -> int:
     return rewritten
 
 
+def checked_input_shapes(model: Any) -> int:
+    """Make onnxruntime refuse inputs whose shapes disagree where the graph's symbolic shapes tie them together.
+
+    onnxruntime only logs a warning when an input's shape differs from the declared one, and the graphs do not
+    look at most of the sizes they are fed: a target of fewer rows than ``pred`` made softmax CE and DFL gather
+    the first rows, regression targets of one column broadcast, a ``(2,)`` ``avg_factor`` made the loss ``(2,)``,
+    each a number without an error. Every 0-d input is reshaped to ``[]`` (one element, or onnxruntime's Reshape
+    error), and every input axis whose symbol (``N``, ``C``, ...) an earlier input's axis has is checked equal to
+    it: zeros of the one length reshaped to the other, which fails unless they are equal, summed into each floating
+    output (adding 0 changes no value). Returns the number of checks written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    outputs = [o for o in graph.output if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+    if not outputs:
+        return 0
+    checks = 0
+    first: dict[str, tuple[str, int]] = {}
+    ties: list[tuple[str, int, str, int, str]] = []
+    for info in graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and len(dims) == 0:
+            _reshape_to_scalar(graph, info.name)
+            checks += 1
+        for axis, dim in enumerate(dims):
+            if dim.dim_param in first:
+                ties.append((info.name, axis, *first[dim.dim_param], dim.dim_param))
+            elif dim.dim_param:
+                first[dim.dim_param] = (info.name, axis)
+    if not ties:
+        return checks
+    nodes: list[Any] = []
+
+    def size(name: str, axis: int) -> str:
+        out = f"{name}__visdet_size{axis}"
+        if out not in {n.output[0] for n in nodes}:
+            nodes.append(helper.make_node("Shape", [name], [out], start=axis, end=axis + 1))
+        return out
+
+    for elem_type in sorted({o.type.tensor_type.elem_type for o in outputs}):
+        zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(elem_type)), "value")
+        terms = []
+        for name, axis, tied_name, tied_axis, symbol in ties:
+            stem = f"{name}__visdet_tie{axis}_{elem_type}"
+            # onnxruntime's error names the failing node: the name says what the inputs got wrong
+            check = f"input check: {name}.shape[{axis}] must equal {tied_name}.shape[{tied_axis}] ({symbol})"
+            nodes.append(helper.make_node("ConstantOfShape", [size(name, axis)], [stem + "_zeros"], value=zero))
+            nodes.append(
+                helper.make_node("Reshape", [stem + "_zeros", size(tied_name, tied_axis)], [stem + "_tied"], name=check)
+            )
+            nodes.append(helper.make_node("ReduceSum", [stem + "_tied"], [stem], keepdims=0))
+            terms.append(stem)
+        total = f"visdet_shape_checks_{elem_type}"
+        nodes.append(helper.make_node("Sum", terms, [total]))
+        for output in outputs:
+            if output.type.tensor_type.elem_type == elem_type:
+                unchecked = _rename_output(graph, output.name)
+                nodes.append(helper.make_node("Add", [unchecked, total], [output.name]))
+    graph.node.extend(nodes)
+    return checks + len(ties)
+
+
+def _reshape_to_scalar(graph: Any, name: str) -> None:
+    """Read graph input ``name`` through ``Reshape(name, [])`` (the first node), wherever it is read."""
+    from onnx import helper, numpy_helper
+
+    scalar, shape = f"{name}__visdet_scalar", f"{name}__visdet_scalar_shape"
+    for node in graph.node:
+        node.input[:] = [scalar if value == name else value for value in node.input]
+    graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), shape))
+    check = f"input check: {name} must be 0-d (or hold one element)"
+    graph.node.insert(0, helper.make_node("Reshape", [name, shape], [scalar], name=check))
+
+
+def _rename_output(graph: Any, name: str) -> str:
+    """Have the node producing graph output ``name`` (and its readers) use another name; returns it."""
+    renamed = f"{name}__visdet_unchecked"
+    for node in graph.node:
+        node.output[:] = [renamed if value == name else value for value in node.output]
+        node.input[:] = [renamed if value == name else value for value in node.input]
+    return renamed
+
+
 def drop_unused_initializers(model: Any) -> int:
     """Remove the initializers nothing reads (the exporter's and the rewrites' leftovers), for which onnxruntime
     prints a warning at every session it opens. Returns how many went."""
@@ -1017,6 +1101,7 @@ def export_onnx(
         accurate_total_sums(model)
         unmasked_while_finite(model)
         nonnegative_reduce_axes(model)
+        checked_input_shapes(model)
         drop_unused_initializers(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
