@@ -651,6 +651,10 @@ def select_configs(args: argparse.Namespace) -> dict[str, dict]:
     return unique
 
 
+#: The floating dtypes a run can measure (``--dtypes``).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="visdet-export bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run")
@@ -680,6 +684,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    # mistakes in the options are usage errors (exit 2) before anything runs, not a failed or empty run
+    unknown = [p for p in args.providers if p not in ALL_PROVIDERS]
+    if unknown or not args.providers:
+        parser.error(f"--providers {','.join(unknown) or '(none)'}: choose from {','.join(ALL_PROVIDERS)}")
+    if not all(s.strip().isdigit() for s in args.sizes.split(",") if s.strip()):
+        parser.error(f"--sizes {args.sizes!r}: comma-separated sample counts (integers >= 0)")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - set(DTYPES):
+        parser.error(f"--dtypes {args.dtypes!r}: choose from {','.join(DTYPES)}")
+    if args.threads < 1 or args.repeats is not None and args.repeats < 1:
+        parser.error("--threads and --repeats take a positive integer")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     args.min_repeats = min(args.min_repeats, args.repeats)

@@ -9,7 +9,7 @@
 3. The merged graph runs in onnxruntime on generated samples, N = 0 positives included, next to the PyTorch model
    and the eager losses.
 
-Run: ``python export_scripts/distill_gfl_example.py [--out DIR] [--samples K]``.
+Run: ``python export_scripts/distill_gfl_example.py [--out DIR] [--positives N ...]``.
 """
 
 from __future__ import annotations
@@ -217,6 +217,10 @@ def compare(
     return rows
 
 
+#: How close onnxruntime's values must be to PyTorch's (the ONNX artifacts' tolerance, with a floor for tiny values).
+RTOL, ATOL = 1e-4, 1e-6
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for the ONNX files (default: a temporary one)")
@@ -229,15 +233,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         merged = build_merged(model, directory, overwrite=True)
         print(f"merged model: {merged}")
-        worst = 0.0
+        outside = 0
         for n, row in zip(args.positives, compare(model, merged, samples)):
             print(f"N = {n} positives")
             for name, (ort_value, torch_value) in row.items():
                 rel = abs(ort_value - torch_value) / max(abs(torch_value), 1e-12)
-                worst = max(worst, rel if torch_value != 0 else abs(ort_value))
-                print(f"  {name:<10} onnxruntime {ort_value:>14.8f}   pytorch {torch_value:>14.8f}   rel.err {rel:.1e}")
-        print(f"largest relative error: {worst:.2e}")
-    return 0 if worst <= 1e-4 and math.isfinite(worst) else 1
+                # float32 sums of a few hundred terms: an absolute floor for values near 0 (LD at ~2e-4)
+                close = math.isfinite(ort_value) and abs(ort_value - torch_value) <= ATOL + RTOL * abs(torch_value)
+                outside += not close
+                mark = "" if close else f"   outside rtol={RTOL:g}, atol={ATOL:g}"
+                print(f"  {name:<10} onnxruntime {ort_value:>14.8f}   pytorch {torch_value:>14.8f}   rel.err {rel:.1e}"
+                      + mark)
+        print(f"{outside} value(s) outside rtol={RTOL:g}, atol={ATOL:g}")
+    return 0 if outside == 0 else 1
 
 
 if __name__ == "__main__":

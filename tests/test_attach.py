@@ -34,7 +34,7 @@ example = importlib.util.module_from_spec(_spec)
 sys.modules["distill_gfl_example"] = example
 _spec.loader.exec_module(example)
 
-RTOL, ATOL = 1e-4, 1e-6
+RTOL, ATOL = example.RTOL, example.ATOL
 POSITIVES = (0, 1, 9, 40)
 
 
@@ -91,11 +91,12 @@ def test_merged_losses_match_pytorch(model, merged, samples):
     assert zero["loss_cls"][0] > 0 and zero["loss_kd"][0] > 0
 
 
-def test_example_main_passes(model, merged, capsys, monkeypatch):
+@pytest.mark.parametrize("argv", [[], ["--positives", "0", "3"]], ids=["as_the_readme_runs_it", "positives"])
+def test_example_main_passes(model, merged, capsys, monkeypatch, argv):
     monkeypatch.setattr(example, "build_merged", lambda _model, _directory, overwrite=False: merged)
-    assert example.main(["--positives", "0", "3"]) == 0
+    assert example.main(argv) == 0
     out = capsys.readouterr().out
-    assert "loss_ld" in out and "N = 0 positives" in out
+    assert "loss_ld" in out and "N = 0 positives" in out and "0 value(s) outside" in out
 
 
 def test_model_outputs_are_kept(model, merged, samples):

@@ -429,6 +429,8 @@ def test_refused_paths_and_arguments(tmp_path: Path) -> None:
         export_onnx(dict(type="L1Loss"), link, overwrite=True)
     with pytest.raises(ValueError, match="opset"):
         export_onnx(dict(type="L1Loss"), tmp_path / "a.onnx", opset=17)
+    with pytest.raises(ArtifactError, match="opset 99 is not supported by torch's ONNX exporter"):
+        export_onnx(dict(type="L1Loss"), tmp_path / "a.onnx", opset=99)  # it writes its default, 18
     with pytest.raises(ValueError, match="optional input"):
         export_onnx(dict(type="L1Loss"), tmp_path / "a.onnx", optional_inputs=("weights",))
     with pytest.raises(ValueError, match="variant"):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visdet_export.losses import FocalLoss, GIoULoss
+from visdet_export.losses import FocalLoss, GIoULoss, L1Loss
 from visdet_export.losses.base import WeightedLoss
 from visdet_export.reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from visdet_export.registry import MODELS, build_loss
@@ -110,6 +110,15 @@ class {prefix}RenamedAlphaFocalLoss(FocalLoss):
         super().__init__(alpha=positive_weight)
 
 
+@MODELS.register_module()
+class {prefix}PrivateScaleL1Loss(L1Loss):
+    """Keeps its argument in a private attribute."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self._scale = scale
+
+
 class L1Loss(WeightedLoss):
     """Shares a built-in's class name, registered under another and without a spec of its own."""
 
@@ -171,7 +180,8 @@ def test_a_registered_loss_of_ones_own_exports_verifies_and_checks(plugin: Modul
     cache = RunnerCache()
     cache.loss("vfl", dict(type="PluginVarifocalLoss"))
     for runtime in ("eager", "compile", "script", "onnx"):
-        assert check_cell("vfl", runtime, cache, sizes=(0, 1, 7)).status == "pass", runtime
+        cell = check_cell("vfl", runtime, cache, sizes=(0, 1, 7))
+        assert cell.status == "pass", (runtime, cell.reason)
 
 
 def test_verification_draws_extreme_logits(plugin: ModuleType, tmp_path: Path) -> None:
@@ -204,6 +214,8 @@ def test_an_argument_kept_under_another_name_is_refused(plugin: ModuleType, tmp_
         export_onnx(dict(type="PluginRenamedAlphaFocalLoss", positive_weight=0.5), tmp_path / "x.onnx")
     assert not list(tmp_path.iterdir())
     assert verify(export_onnx(dict(type="PluginRenamedAlphaFocalLoss"), tmp_path / "x.onnx"))["passed"]
+    with pytest.raises(ArtifactError, match=r"differs: _scale is 3.0, rebuilt 1.0"):
+        export_onnx(dict(type="PluginPrivateScaleL1Loss", scale=3.0), tmp_path / "y.onnx")
 
 
 def test_a_class_sharing_a_built_in_name_does_not_take_its_spec(plugin: ModuleType) -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import __version__
+from .registry import PLUGINS_VARIABLE
 from .validation import ConfigError
 
 PROG = "visdet-export"
@@ -1091,6 +1093,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eager PyTorch. Configs are parsed, never executed.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
+    # read (and removed) by main before parsing: listed here for --help
+    parser.add_argument(
+        "--plugin", metavar="MODULE", action="append",
+        help="import MODULE first, a module registering losses of your own and their input specs (repeatable; "
+        f"also ${PLUGINS_VARIABLE}, comma-separated; found on sys.path or in the working directory; plugins are code)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -1212,7 +1221,7 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = _load_plugins(argv)
+        argv = _load_plugins(argv, load=not {"-h", "--help", "--version"} & set(argv))
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -1227,11 +1236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guard(lambda: args.func(args), args.debug)
 
 
-def _load_plugins(argv: list[str]) -> list[str]:
+def _load_plugins(argv: list[str], load: bool = True) -> list[str]:
     """Import the modules named by ``--plugin MODULE`` (before the command; repeatable) and by the environment
     variable ``VISDET_EXPORT_PLUGINS`` (comma-separated): a user's own losses register themselves (and their input
     specs) on import, so that every command builds, exports, verifies and checks them. Returns ``argv`` without
-    those options. Plugins are code: name only modules you trust."""
+    those options (and imports nothing without ``load``: help needs no plugin, and a broken one would hide it).
+    Plugins are code: name only modules you trust."""
     from .registry import load_plugins
 
     names: list[str] = []
@@ -1244,7 +1254,8 @@ def _load_plugins(argv: list[str]) -> list[str]:
             names.append(item.split("=", 1)[1])
         else:
             rest.append(item)
-    load_plugins(names)
+    if load:
+        load_plugins(names)
     return rest
 
 

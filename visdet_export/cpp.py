@@ -737,7 +737,8 @@ def check_pt2_bundle(
         run = run_program(program, "pt2", package, write_cases(directory / "cases.pt", cases), threads=threads)
     results: dict[str, list[CaseResult]] = {e[0]: [] for e in entries}
     for k, (call, want) in enumerate(zip(calls, expected)):
-        got: dict[str, Any] = run["cases"][k] if k < len(run["cases"]) else {"error": "no result for this call", "outputs": []}
+        missing: dict[str, Any] = {"error": "no result for this call", "outputs": []}
+        got: dict[str, Any] = run["cases"][k] if k < len(run["cases"]) else missing
         outputs = dict(zip(flat_outputs, got["outputs"]))
         count_error = (
             None
@@ -788,9 +789,9 @@ def program_info(program: str | os.PathLike[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch.
 
-    Exit status: 0 all parity checks passed, 1 a check failed, 2 the program could not be built.
+    Exit status: 0 all parity checks passed, 1 a check failed, 2 a usage mistake or the program could not be built.
     """
-    from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
+    from .registry import build_loss, load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
     from .validation import ConfigError
 
     try:
@@ -810,6 +811,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--pt2", action="store_true", help="also check joint .pt2 packages (slow: AOTInductor)")
     args = parser.parse_args(argv)
+    # the configs first: a mistake there is reported before a build of a minute
+    known = representative_configs()
+    selected: list[tuple[str, Any, str | None]] = []
+    for item in args.config or list(known):
+        if item in known:
+            selected.append((item, known[item], CONFIG_VARIANTS.get(item)))
+            continue
+        try:
+            selected.append((item, json.loads(item), None))
+            build_loss(selected[-1][1])
+        except json.JSONDecodeError:
+            parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
+        except ConfigError as error:
+            parser.error(f"--config {item!r}: {error}")
 
     try:
         built = build_runner(args.build_dir, jobs=args.jobs, force=args.rebuild)
@@ -820,16 +835,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROGRAM}: {built.path} ({how})")
     print(json.dumps(program_info(built.path)))
 
-    known = representative_configs()
-    selected: list[tuple[str, Any, str | None]] = []
-    for item in args.config or list(known):
-        if item in known:
-            selected.append((item, known[item], CONFIG_VARIANTS.get(item)))
-        else:
-            try:
-                selected.append((item, json.loads(item), None))
-            except json.JSONDecodeError:
-                parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
     failed = False
     for name, cfg, variant in selected:
         reports = [check_torchscript(cfg, built.path, variant=variant)]

@@ -197,12 +197,15 @@ def check_rebuilds(loss: nn.Module, cfg: Mapping[str, object]) -> None:
 
 
 def state_difference(loss: nn.Module, other: nn.Module, prefix: str = "") -> Optional[str]:
-    """The first public attribute, parameter or buffer (sub-losses' included) whose value differs between the two
+    """The first attribute (a private one where both modules have it: ``self._scale = scale`` is a hyper-parameter
+    too), parameter or buffer (sub-losses' included) whose value differs between the two
     modules, described, or None where they hold the same state."""
     mine, theirs = _state(loss), _state(other)
     for name in sorted(set(mine) | set(theirs)):
         where = prefix + name
         if name not in mine or name not in theirs:
+            if name.startswith("_"):  # torch's marks on a module it compiled or scripted (__overloads__, ...)
+                continue
             return f"{where} is set on {'the loss' if name in mine else 'the rebuilt loss'} only"
         value, rebuilt = mine[name], theirs[name]
         if isinstance(value, nn.Module) and isinstance(rebuilt, nn.Module):
@@ -214,9 +217,13 @@ def state_difference(loss: nn.Module, other: nn.Module, prefix: str = "") -> Opt
     return None
 
 
+#: What every nn.Module keeps in its ``__dict__`` (hooks, the parameter / buffer / child tables, ``training``).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
 def _state(module: nn.Module) -> dict[str, object]:
-    public = {name: value for name, value in vars(module).items() if not name.startswith("_") and name != "training"}
-    return {**public, **dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False)),
+    held = {name: value for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
+    return {**held, **dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False)),
             **dict(module.named_children())}
 
 

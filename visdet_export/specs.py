@@ -687,6 +687,7 @@ def representative_configs() -> dict[str, dict[str, object]]:
 
 
 __all__ = [
+    "AVG_FACTOR",
     "CONFIG_VARIANTS",
     "LossSpec",
     "OPTION_CONFIGS",
@@ -695,7 +696,14 @@ __all__ = [
     "SampleOptions",
     "TensorSpec",
     "head_variant",
+    "jitter_boxes",
     "register_spec",
     "representative_configs",
+    "sample_avg_factor",
+    "sample_boxes",
+    "sample_labels",
+    "sample_logits",
+    "sample_weights",
     "spec_for",
+    "standard_caller",
 ]

@@ -1038,8 +1038,9 @@ def export_onnx(
         The path written.
 
     Raises:
-        ArtifactError: the path exists (without ``overwrite``), is a directory or a symlink; the export, the
-            checker or the parity check failed. Nothing is left behind on failure.
+        ArtifactError: the path exists (without ``overwrite``), is a directory or a symlink; the export (an opset
+            torch's exporter does not write included), the checker or the parity check failed. Nothing is left
+            behind on failure.
         ValueError: an opset below 18, an unknown variant or optional input.
     """
     import onnx
@@ -1095,6 +1096,9 @@ def export_onnx(
         if external_data_locations(tmp):
             raise ArtifactError(f"the ONNX model of {spec.loss_type} refers to external data; not supported")
         model = onnx.load(str(tmp))
+        written = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+        if written != int(opset):  # torch's exporter falls back to its default for an opset it does not know
+            raise ArtifactError(f"opset {opset} is not supported by torch's ONNX exporter (it wrote opset {written})")
         branch_free_selects(model)
         logistic_of_magnitude(model)
         late_weight_masks(model)
