@@ -344,6 +344,19 @@ def test_avg_factor_with_sum(how: str, avg_factor: object) -> None:
         loss(torch.randn(4, 4), torch.randn(4, 4), None, avg_factor, None if how == "configured" else "sum")
 
 
+@pytest.mark.parametrize("avg_factor", [True, "3", [3.0]], ids=["bool", "str", "list"])
+def test_avg_factor_that_is_no_number(avg_factor: object) -> None:
+    """``float()`` takes True and "3"; TorchScript refuses them by type, eager says so too."""
+    with pytest.raises(ValueError, match="avg_factor must be a number or a one-element tensor"):
+        build_loss(dict(type="L1Loss"))(torch.randn(4, 4), torch.randn(4, 4), None, avg_factor)
+
+
+@pytest.mark.parametrize("override", [1, False], ids=["int", "bool"])
+def test_reduction_override_that_is_no_string(override: object) -> None:
+    with pytest.raises(ValueError, match=f"reduction_override={override} is not valid"):
+        build_loss(dict(type="L1Loss"))(torch.randn(4, 4), torch.randn(4, 4), reduction_override=override)
+
+
 @pytest.mark.parametrize("name", SEED_LOSS_NAMES)
 @pytest.mark.parametrize("override", ["avg", "MEAN", "batchmean"])
 def test_invalid_reduction_override(name: str, override: str) -> None:

@@ -12,6 +12,7 @@ count of the inputs it is given rather than by the one it was traced with.
 """
 
 
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -33,7 +34,7 @@ def resolve_reduction(reduction: str, reduction_override: Optional[str]) -> str:
         return reduction
     if reduction_override not in ("none", "mean", "sum"):
         raise ValueError(
-            "reduction_override=" + reduction_override + " is not valid; choose one of 'none', 'mean', 'sum'"
+            "reduction_override=" + str(reduction_override) + " is not valid; choose one of 'none', 'mean', 'sum'"
         )
     return reduction_override
 
@@ -53,7 +54,16 @@ def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor)
         # a symbolic float (MMDetection heads pass `.item()` counts): scalar_tensor would specialise on its value
         # and recompile at every new one, which fullgraph=True turns into a failure after 8 steps
         return like.new_ones((), dtype=dtype) * avg_factor
+    if not torch.jit.is_scripting():
+        _check_number(avg_factor)
     return torch.scalar_tensor(float(avg_factor), dtype=dtype, device=like.device)
+
+
+@torch.jit.unused
+def _check_number(avg_factor: object) -> None:
+    """A Python or numpy number: ``float()`` also takes ``True`` and ``"3"``, which TorchScript refuses."""
+    if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
+        raise ValueError(f"avg_factor must be a number or a one-element tensor, got {avg_factor!r}")
 
 
 def element_count(loss: Tensor) -> Tensor:
