@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import SEED_LOSS_NAMES, boxes, single_thread  # noqa: F401  (autouse fixture)
+from reference import SEED_LOSS_NAMES, boxes, reference_loss, single_thread  # noqa: F401  (autouse fixture)
 
 from visdet_export import ConfigError, build_loss
 from visdet_export.export.torchscript import script_loss
@@ -247,18 +247,18 @@ def test_shape_mismatch_ce_modes(cfg: dict, pred: torch.Tensor, target: torch.Te
             loss(pred, target)
 
 
-# weights that broadcast into another loss: (N, 1) against (N,) gives (N, N), (2, N, ...) doubles the mean, a 0-d or
-# (1, D) weight weighs every row alike
+# weights that broadcast into a larger loss: (N, 1) against (N,) gives (N, N), (2, N, ...) doubles the mean; a 0-d
+# weight is no weight of the loss's rank
 SIGMOID_CE = dict(type="CrossEntropyLoss", use_sigmoid=True)
 WEIGHT_SHAPE_ERRORS = [
     pytest.param(SIGMOID_CE, torch.randn(4), torch.rand(4), (4, 1), id="centerness_N1"),
     pytest.param(SIGMOID_CE, torch.randn(4), torch.rand(4), (), id="centerness_0d"),
-    pytest.param(SIGMOID_CE, torch.randn(4, 3), torch.rand(4, 3), (1, 3), id="ce_dense_columns"),
+    pytest.param(SIGMOID_CE, torch.randn(4, 3), torch.rand(4, 3), (3,), id="ce_dense_one_per_column"),
     pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (4, 1), id="softmax_N1"),
     pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (2, 4), id="softmax_2N"),
     pytest.param(dict(type="CrossEntropyLoss"), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (), id="softmax_0d"),
     pytest.param(dict(type="L1Loss"), torch.randn(4, 4), torch.randn(4, 4), (2, 4, 4), id="l1_expanded"),
-    pytest.param(dict(type="SmoothL1Loss"), torch.randn(4, 4), torch.randn(4, 4), (1, 4), id="smooth_l1_columns"),
+    pytest.param(dict(type="SmoothL1Loss"), torch.randn(4, 4), torch.randn(4, 4), (4, 4, 1), id="smooth_l1_rank"),
     pytest.param(dict(type="MSELoss"), torch.randn(4, 4), torch.randn(4, 4), (), id="mse_0d"),
     pytest.param(dict(type="DistributionFocalLoss"), torch.randn(4, 17), torch.rand(4), (4, 1), id="dfl_N1"),
     pytest.param(dict(type="GIoULoss"), boxes(4, dtype=torch.float32), boxes(4, seed=1, dtype=torch.float32), (4, 1),
@@ -274,6 +274,31 @@ def test_weight_shape_mismatch(cfg: dict, pred: torch.Tensor, target: torch.Tens
     module = loss if runtime == "eager" else script_loss(loss)
     with pytest.raises((ValueError, torch.jit.Error), match="weight must have"):
         module(pred, target, torch.rand(weight_shape))
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "CrossEntropyLoss"])
+@pytest.mark.parametrize(("pred_shape", "weight_shape"), [((2, 2, 5, 5), (2, 1, 5, 5)), ((6, 4), (1, 4))],
+                         ids=["cornernet_offsets", "per_column"])
+def test_a_weight_of_ones_on_some_axes_broadcasts_as_mmdetection_does(
+    name: str, pred_shape: tuple, weight_shape: tuple
+) -> None:
+    """CornerNet / CentripetalNet weigh their (B, 2, H, W) corner offsets by a (B, 1, H, W) mask: the loss keeps
+    pred's shape, values and gradients as the reference's (float64, and the float32 closed forms)."""
+    cfg = dict(type=name, **({"use_sigmoid": True} if name == "CrossEntropyLoss" else {}))
+    loss = build_loss(cfg)
+    pred, target = torch.randn(pred_shape, dtype=torch.float64), torch.rand(pred_shape, dtype=torch.float64)
+    weight = torch.rand(weight_shape, dtype=torch.float64)
+    weight.view(-1)[0] = 0.0
+    for reduction in ("mean", "none"):
+        leaf = pred.clone().requires_grad_()
+        expected = reference_loss(cfg, leaf, target, weight, None, reduction)
+        expected_grad = torch.autograd.grad(expected.sum(), leaf)[0]
+        for dtype in (torch.float64, torch.float32):
+            leaf = pred.to(dtype).requires_grad_()
+            got = loss(leaf, target.to(dtype), weight.to(dtype), None, reduction)
+            got_grad = torch.autograd.grad(got.sum(), leaf)[0]
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "CrossEntropyLoss"])

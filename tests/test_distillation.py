@@ -99,6 +99,28 @@ def test_ld_equals_mmdetection_ld_head():
     torch.testing.assert_close(ld(pred, soft, weight, avg_factor=4.0), 0.25 * literal)
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_ld_takes_ld_heads_own_call(runtime: str) -> None:
+    """LDHead's default ``loss_ld`` is ``LocalizationDistillationLoss`` (a name MMDetection itself does not register):
+    with ours registered in its place, the head calls it with one side per row, (N * 4, reg_max + 1), the weight of
+    each side and avg_factor=4; that is KD on those rows, values, gradients and the "none" shape."""
+    reg_max, n = 16, 13
+    pred, soft, weight = _inputs(4 * n, reg_max + 1, seed=9, dtype=torch.float64)
+    kd = build_loss(dict(type="KnowledgeDistillationKLDivLoss", loss_weight=0.25, T=10))
+    ld = build_loss(dict(type="LocalizationDistillationLoss", loss_weight=0.25, T=10, reg_max=reg_max))
+    module = ld if runtime == "eager" else torch.jit.script(ld)
+    for reduction in ("mean", "none"):
+        leaves = [pred.clone().requires_grad_() for _ in range(2)]
+        got = module(leaves[0], soft, weight, 4.0 if reduction == "mean" else None, reduction)
+        want = kd(leaves[1], soft, weight, 4.0 if reduction == "mean" else None, reduction)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(leaves[0].grad, leaves[1].grad)
+    with pytest.raises((ValueError, torch.jit.Error), match="with four sides per row, \\(N, 4\\)"):
+        module(pred, soft, torch.ones(4 * n, 4))
+
+
 def test_avg_factor_tensor_and_number_agree():
     pred, soft, weight = _inputs(9, 6)
     loss = build_loss(dict(type="KnowledgeDistillationKLDivLoss", T=2.0))

@@ -316,22 +316,28 @@ def check_weight_like(weight: Tensor, like: Tensor, like_name: str) -> None:
 
 
 def element_weight(weight: Tensor, pred: Tensor) -> Tensor:
-    """``weight`` of ``pred``'s shape, or of one value per row of its last axis (``pred.shape[:-1]``, or that with
-    a last axis of 1: YOLOv3's (N, 1) masks), as a tensor broadcastable to ``pred``. Other shapes raise: they would
-    broadcast into a larger loss (a (2, N, 4) weight doubles the mean) or weigh columns (a (1, 4) one)."""
+    """``weight`` as a tensor broadcastable to ``pred`` that leaves the loss ``pred``'s shape: of ``pred``'s rank,
+    each axis ``pred``'s size or 1 (YOLOv3's (N, 1) masks, CornerNet's (B, 1, H, W) mask over (B, 2, H, W)
+    offsets), or ``pred``'s shape without its last axis (one value per row). Other shapes raise: they would
+    broadcast into a larger loss (a (2, N, 4) weight doubles the mean, (N, 1) against (N,) gives (N, N))."""
     what = "the shapes of weight and pred"
     if pred.dim() >= 2 and weight.dim() + 1 == pred.dim():
         if _same_leading_sizes(weight, pred, what):
             return weight.unsqueeze(-1)
-    elif weight.dim() == pred.dim() and _same_leading_sizes(weight, pred, what):
-        if pred.dim() == 0 or (pred.dim() >= 2 and known_to_be_one(weight.size(-1))):
-            return weight
-        if same_size(weight.size(-1), pred.size(-1), what):
-            return weight
+    elif weight.dim() == pred.dim() and _axes_one_or_equal(weight, pred, what):
+        return weight
     raise ValueError(
-        "weight must have pred's shape " + str(pred.shape) + " or one value per row (that shape without its last "
-        "axis, or with a last axis of 1), got " + str(weight.shape)
+        "weight must have pred's shape " + str(pred.shape) + " (or 1 on some axes), or one value per row (that "
+        "shape without its last axis), got " + str(weight.shape)
     )
+
+
+def _axes_one_or_equal(weight: Tensor, pred: Tensor, what: str) -> bool:
+    """Each axis of ``weight`` (of ``pred``'s rank) is 1 or ``pred``'s size."""
+    for dim in range(pred.dim()):
+        if not (known_to_be_one(weight.size(dim)) or same_size(weight.size(dim), pred.size(dim), what)):
+            return False
+    return True
 
 
 def _same_leading_sizes(weight: Tensor, pred: Tensor, what: str) -> bool:

@@ -154,40 +154,53 @@ def localization_distillation_loss(
     ``avg_factor=4.0``; pass ``weight`` (N,) and ``avg_factor=4`` here for the same value.
 
     Args:
-        pred (Tensor[N, 4 * (reg_max + 1)]): student bin logits.
-        soft_label (Tensor[N, 4 * (reg_max + 1)]): teacher bin logits.
-        weight (Tensor[N] or Tensor[N, 4], optional): per-box or per-side weight; weight 0 masks the box (side),
+        pred (Tensor[N, 4 * (reg_max + 1)] or Tensor[N * 4, reg_max + 1]): student bin logits, four sides per row
+            or, as ``LDHead`` passes them, one.
+        soft_label (Tensor of ``pred``'s shape): teacher bin logits.
+        weight (Tensor[N] or Tensor[N, 4], optional): per-row or per-side weight; weight 0 masks the box (side),
             NaN/inf inputs there included.
         T: temperature, > 0 (LD uses 10).
         reg_max: the largest bin index.
         avg_factor (Tensor[], optional): denominator of the mean.
 
     Returns:
-        Tensor[N, 4] for "none", else Tensor[].
+        Tensor[N, 4] (four sides per row) or Tensor[N * 4] for "none", else Tensor[].
     """
     bins = reg_max + 1
-    if pred.dim() != 2 or pred.size(1) != 4 * bins or not same_shape(soft_label, pred):
+    # MMDetection's LDHead reshapes both to one side per row, (N * 4, reg_max + 1), before calling its loss
+    sides = 1 if pred.dim() == 2 and pred.size(1) == bins else 4
+    if (
+        pred.dim() != 2 or pred.size(1) != sides * bins
+        or not same_shape(soft_label, pred, "the shapes of pred and soft_label")
+    ):
         raise ValueError(
-            "expected pred and soft_label of shape (N, 4 * (reg_max + 1)) = (N, " + str(4 * bins) + "), got "
-            + str(pred.shape) + " and " + str(soft_label.shape)
+            "expected pred and soft_label of shape (N, 4 * (reg_max + 1)) = (N, " + str(4 * bins) + "), or one side "
+            "per row (N * 4, " + str(bins) + "), got " + str(pred.shape) + " and " + str(soft_label.shape)
         )
     dtype = compute_dtype(pred)
-    # (N, 4, bins): the last axis is the distribution of one side
+    # (N, sides, bins): the last axis is the distribution of one side
     n = pred.size(0)  # not -1: a reshape cannot infer -1 from 0 elements
-    pred = pred.to(dtype).reshape(n, 4, bins)
-    soft_label = soft_label.to(dtype).reshape(n, 4, bins)
+    pred = pred.to(dtype).reshape(n, sides, bins)
+    soft_label = soft_label.to(dtype).reshape(n, sides, bins)
     if weight is not None:
         weight = weight.to(dtype)
-        if weight.dim() == 1 and same_size(weight.size(0), pred.size(0)):
+        if weight.dim() == 1 and same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
             weight = weight.unsqueeze(1)
-        elif weight.dim() != 2 or not same_size(weight.size(0), pred.size(0)) or weight.size(1) != 4:
+        elif (
+            sides == 1 or weight.dim() != 2 or weight.size(1) != 4
+            or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows")
+        ):
             raise ValueError(
-                "weight must have shape (N,) or (N, 4) for pred " + str(pred.shape) + ", got " + str(weight.shape)
+                "weight must have shape (N,) or, with four sides per row, (N, 4) for pred " + str(pred.shape)
+                + ", got " + str(weight.shape)
             )
         keep = weight_keep_mask(weight.unsqueeze(2))
         pred = zero_where_unweighted(pred, keep)
         soft_label = zero_where_unweighted(soft_label, keep)
     loss = soft_label_kl_div(pred, soft_label, T, detach_target)
+    if sides == 1:
+        loss = loss.squeeze(1)
+        weight = None if weight is None else weight.squeeze(1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
