@@ -641,11 +641,13 @@ def test_list_inputs_shows_names_dtypes_and_symbolic_shapes(capsys):
     assert "pred        float[N, C]   required  logits" in out
     assert "labels      int64[N]      required" in out  # QualityFocalLoss
     assert "avg_factor  float[]       optional" in out
+    assert "input variants (export --variant): labels (default), onehot" in out  # FocalLoss
     code, out, _ = run(capsys, "list", "--inputs", "--json")
     records = json.loads(out)
     assert set(records) == set(MODELS.module_dict)
     for name, record in records.items():
         spec = spec_for(build_loss(name))
+        assert record["variants"][0] == spec.variant
         assert [t["name"] for t in record["inputs"]] == spec.names
         assert [tuple(t["shape"]) for t in record["inputs"]] == [t.shape for t in spec.inputs]
     assert records["FocalLoss"]["parameters"]["gamma"] == 2.0

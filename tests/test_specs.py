@@ -81,3 +81,16 @@ def test_dense_sigmoid_cross_entropy_is_the_per_class_bce_of_soft_targets():
     bce = torch.clamp(pred, min=0) - pred * target + torch.log1p(torch.exp(-pred.abs()))
     want = 2.0 * (bce * weight[:, None]).sum() / (avg_factor + torch.finfo(torch.float32).eps)  # visdet's eps
     torch.testing.assert_close(spec.call(loss, inputs), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(representative_configs()))
+def test_every_listed_variant_builds_and_the_default_comes_first(name):
+    loss = build_loss(representative_configs()[name])
+    variants = spec_for(loss).variants
+    assert variants and spec_for(loss).variant == variants[0]
+    for variant in variants:
+        spec = spec_for(loss, variant)
+        assert spec.variant == variant and spec.variants == variants
+        spec.sample(loss, 3)
+    with pytest.raises(ValueError, match=", ".join(variants)):
+        spec_for(loss, "no-such-layout")

@@ -515,8 +515,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             name: {k: (None if v is inspect.Parameter.empty else v) for k, v in params.items()}
             for name, params in losses.items()
         }
-        if args.inputs:  # {"parameters": {...}, "inputs": [...]} per loss; without --inputs: the parameters alone
-            records = {name: {"parameters": params, "inputs": input_spec(name)} for name, params in records.items()}
+        if args.inputs:  # {"parameters": {...}, "inputs": [...], "variants": [...]} per loss; else the parameters
+            records = {
+                name: {"parameters": params, "inputs": input_spec(name), "variants": list(variants_of(name))}
+                for name, params in records.items()
+            }
         print(json.dumps(records, indent=2, default=repr))
         return EXIT_OK
     rows = [
@@ -546,12 +549,16 @@ def cmd_list(args: argparse.Namespace) -> int:
                     ],
                 ).splitlines()
             )
+        variants = variants_of(name)
+        if len(variants) > 1:
+            block += f"\n    input variants (export --variant): {variants[0]} (default), {', '.join(variants[1:])}"
         blocks.append(f"{name}({parameters})\n{block}")
     print("\n\n".join(blocks))
     print(
         "\nN: the number of samples; C: classes, B: DFL bins (reg_max + 1), H x W: mask size, D: values per sample "
         "(free: exported graphs take any, random inputs draw 80, 17, 28 x 28, 4); integers: fixed by the "
-        "configuration; float: the data's floating dtype (float32 by default)"
+        "configuration; float: the data's floating dtype (float32 by default). CrossEntropyLoss with use_sigmoid=True "
+        "takes the variants binary (default), labels and dense; with use_mask=True, mask (default) and points"
     )
     return EXIT_OK
 
@@ -578,6 +585,17 @@ def input_spec(
         }
         for t in spec.inputs
     ]
+
+
+def variants_of(loss_type: str, config: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The input variants of ``loss_type`` built with ``config``, the default first (none without a spec)."""
+    from .registry import build_loss
+    from .specs import spec_for
+
+    try:
+        return spec_for(build_loss({"type": loss_type, **(config or {})})).variants
+    except (KeyError, TypeError, ValueError):
+        return ()
 
 
 def format_inputs(inputs: list[dict[str, Any]] | str) -> str:

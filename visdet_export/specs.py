@@ -96,6 +96,8 @@ class LossSpec:
     caller: Caller = field(repr=False, compare=False)
     #: The default of every free size the shapes name (random inputs take it unless told otherwise).
     sizes: Mapping[str, int] = field(default_factory=dict)
+    #: Every input layout the configured loss takes (``spec_for(loss, variant)``), the default first.
+    variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # a spec written outside the package (a plugin's) fails here, naming what is missing, rather than with a
@@ -327,7 +329,8 @@ def _check_variant(loss_type: str, variant: Optional[str], choices: tuple[str, .
 
 @register_spec("FocalLoss")
 def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-    variant = _check_variant("FocalLoss", variant, ("labels", "onehot"))
+    choices = ("labels", "onehot")
+    variant = _check_variant("FocalLoss", variant, choices)
     activated = bool(getattr(loss, "activated", False))
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
@@ -351,12 +354,13 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     inputs = (
         TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR
     )
-    return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES)
+    return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES, variants=choices)
 
 
 @register_spec("QualityFocalLoss")
 def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-    variant = _check_variant("QualityFocalLoss", variant, ("pair", "dense"))
+    choices = ("pair", "dense")
+    variant = _check_variant("QualityFocalLoss", variant, choices)
     activated = bool(getattr(loss, "activated", False))
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
@@ -389,12 +393,13 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     )
     pred = TensorSpec("pred", ("N", "C"), doc="probabilities" if activated else "logits")
     inputs = (pred, *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES)
+    return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES, variants=choices)
 
 
 @register_spec("DistributionFocalLoss")
 def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-    variant = _check_variant("DistributionFocalLoss", variant, ("distances",))
+    choices = ("distances",)
+    variant = _check_variant("DistributionFocalLoss", variant, choices)
     # a configured reg_max fixes the bins (the loss checks them); visdet's default infers them from pred
     configured = getattr(loss, "reg_max", None)
     bins: Dim = "B" if configured is None else int(configured) + 1
@@ -419,7 +424,7 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         AVG_FACTOR,
     )
     sizes = {"B": DEFAULT_REG_MAX + 1} if isinstance(bins, str) else {}
-    return LossSpec("DistributionFocalLoss", variant, inputs, sample, standard_caller, sizes)
+    return LossSpec("DistributionFocalLoss", variant, inputs, sample, standard_caller, sizes, variants=choices)
 
 
 @register_spec("CrossEntropyLoss")
@@ -437,7 +442,8 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     if use_mask:
         # Mask R-CNN's (H, W) masks, or PointRend's P sampled points (loss_point)
-        variant = _check_variant("CrossEntropyLoss", variant, ("mask", "points"))
+        choices = ("mask", "points")
+        variant = _check_variant("CrossEntropyLoss", variant, choices)
         spatial = ("H", "W") if variant == "mask" else ("P",)
 
         def sample_mask(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
@@ -462,14 +468,15 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             AVG_FACTOR,
         )
         sizes = {**free, **({"H": MASK_SIZE, "W": MASK_SIZE} if variant == "mask" else {"P": POINTS})}
-        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes)
+        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes, variants=choices)
 
     if use_sigmoid:
         # binary: one logit per sample (FCOS centerness); labels: class labels (RPN); dense: soft targets per class
         # (YOLOv3's one-hot, possibly smoothed, targets and YOLOX's IoU-aware ones, flattened to (N, C))
-        variant = _check_variant("CrossEntropyLoss", variant, ("binary", "labels", "dense"))
+        choices = ("binary", "labels", "dense")
     else:
-        variant = _check_variant("CrossEntropyLoss", variant, ("labels",))
+        choices = ("labels",)
+    variant = _check_variant("CrossEntropyLoss", variant, choices)
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         if variant == "binary":
@@ -511,12 +518,13 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("target", ("N",), INT64, doc=f"{labels}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("CrossEntropyLoss", variant, inputs, sample, standard_caller, free)
+    return LossSpec("CrossEntropyLoss", variant, inputs, sample, standard_caller, free, variants=choices)
 
 
 def _regression_spec(loss_type: str) -> SpecBuilder:
     def build(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-        variant = _check_variant(loss_type, variant, ("deltas",))
+        choices = ("deltas",)
+        variant = _check_variant(loss_type, variant, choices)
 
         def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
             d = options.sizes["D"]
@@ -536,7 +544,7 @@ def _regression_spec(loss_type: str) -> SpecBuilder:
             _optional("weight", ("N", "D"), "per value"),
             AVG_FACTOR,
         )
-        return LossSpec(loss_type, variant, inputs, sample, standard_caller, {"D": 4})
+        return LossSpec(loss_type, variant, inputs, sample, standard_caller, {"D": 4}, variants=choices)
 
     return build
 
@@ -547,7 +555,8 @@ for _name in ("L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"):
 
 def _box_spec(loss_type: str) -> SpecBuilder:
     def build(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-        variant = _check_variant(loss_type, variant, ("boxes",))
+        choices = ("boxes",)
+        variant = _check_variant(loss_type, variant, choices)
 
         def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
             target = sample_boxes(n, generator, torch.float64)
@@ -564,7 +573,7 @@ def _box_spec(loss_type: str) -> SpecBuilder:
             _optional("weight", ("N",), "per-box"),
             AVG_FACTOR,
         )
-        return LossSpec(loss_type, variant, inputs, sample, standard_caller)
+        return LossSpec(loss_type, variant, inputs, sample, standard_caller, variants=choices)
 
     return build
 
@@ -581,7 +590,8 @@ def _distillation_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reductio
 
 @register_spec("KnowledgeDistillationKLDivLoss")
 def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-    variant = _check_variant("KnowledgeDistillationKLDivLoss", variant, ("logits",))
+    choices = ("logits",)
+    variant = _check_variant("KnowledgeDistillationKLDivLoss", variant, choices)
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
         c = options.sizes["C"]
@@ -598,12 +608,15 @@ def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         _optional("weight", ("N",), "per-sample"),
         AVG_FACTOR,
     )
-    return LossSpec("KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller, CLASSES)
+    return LossSpec(
+        "KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller, CLASSES, variants=choices
+    )
 
 
 @register_spec("LocalizationDistillationLoss")
 def _ld_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
-    variant = _check_variant("LocalizationDistillationLoss", variant, ("distributions",))
+    choices = ("distributions",)
+    variant = _check_variant("LocalizationDistillationLoss", variant, choices)
     width = 4 * (int(getattr(loss, "reg_max", DEFAULT_REG_MAX)) + 1)
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
@@ -620,7 +633,7 @@ def _ld_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         _optional("weight", ("N",), "per-box"),
         AVG_FACTOR,
     )
-    return LossSpec("LocalizationDistillationLoss", variant, inputs, sample, _distillation_caller)
+    return LossSpec("LocalizationDistillationLoss", variant, inputs, sample, _distillation_caller, variants=choices)
 
 
 # --- representative configurations ----------------------------------------------------------------------------
