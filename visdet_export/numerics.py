@@ -265,7 +265,7 @@ def known_to_be_one(size: int) -> bool:
     """``size == 1``, where the compiler knows it without a guard (a symbolic size is not known to be 1)."""
     if torch.jit.is_scripting():
         return size == 1
-    if not isinstance(size, torch.SymInt):  # an int, or torch.jit.trace's size tensor (the trace keeps the answer)
+    if isinstance(size, Tensor):  # torch.jit.trace's size (the trace keeps the answer)
         return bool(size == 1)
     return statically_known_true(size == 1)
 
