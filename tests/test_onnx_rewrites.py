@@ -434,3 +434,43 @@ def test_exported_sigmoids_only_see_magnitudes(exports: Any, key: str) -> None:
         assert all(producers[n.input[0]].op_type == "Abs" for n in sigmoids)
         if rewritten:
             assert sigmoids and "Reciprocal" not in {n.op_type for n in nodes}
+
+
+def _tied_graph() -> onnx.ModelProto:
+    """out = a * b and total = sum(a) * s, with a, b of N values and s 0-d: the shapes checked_input_shapes ties."""
+    floats = [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["a", "b"], ["out"]),
+        helper.make_node("ReduceSum", ["a"], ["sum"], keepdims=0),
+        helper.make_node("Mul", ["sum", "s"], ["total"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+    ]
+    graph = helper.make_graph(nodes, "tied", floats, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_checked_input_shapes_refuse_disagreeing_sizes_and_change_no_bit() -> None:
+    model = _tied_graph()
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert onnx_export.checked_input_shapes(model) == 2  # s is 0-d, b's axis is a's
+    onnx.checker.check_model(model, full_check=True)
+    checked = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"a": np.array([-0.0, 1.5, -2.0], np.float32), "b": np.array([1.0, np.nan, np.inf], np.float32),
+             "s": np.array(-1.0, np.float32)}
+    for want, got in zip(plain.run(None, feeds), checked.run(None, feeds)):
+        assert want.shape == got.shape
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # -0.0 stays -0.0
+        np.testing.assert_array_equal(got, want)
+    empty = {"a": np.zeros(0, np.float32), "b": np.zeros(0, np.float32), "s": np.array(2.0, np.float32)}
+    assert [out.shape for out in checked.run(None, empty)] == [(0,), ()]
+    for name, wrong in [("b", np.zeros(2, np.float32)), ("b", np.zeros(4, np.float32)),
+                        ("b", np.zeros(1, np.float32)), ("s", np.zeros(2, np.float32))]:
+        with pytest.raises(Exception, match=f"input check: {name}"):
+            checked.run(None, {**feeds, name: wrong})

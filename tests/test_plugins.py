@@ -3,6 +3,7 @@ check them with the package's tools, from Python and from the CLI (``--plugin``)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -22,8 +24,8 @@ from visdet_export.export import ArtifactError, export_onnx, export_torchscript,
 from visdet_export.export.artifacts import first_line
 from visdet_export.export.torchscript import script_loss
 from visdet_export.export.verify import check_parity
-from visdet_export.losses import FocalLoss
-from visdet_export.registry import MODELS, loss_config
+from visdet_export.losses import FocalLoss, L1Loss
+from visdet_export.registry import MODELS, check_rebuilds, loss_config, state_difference
 from visdet_export.specs import INT64, SPEC_BUILDERS, LossSpec, TensorSpec, spec_for
 
 PLUGIN_SOURCE = '''
@@ -221,6 +223,30 @@ def test_an_argument_kept_under_another_name_is_refused(plugin: ModuleType, tmp_
 def test_a_class_sharing_a_built_in_name_does_not_take_its_spec(plugin: ModuleType) -> None:
     with pytest.raises(KeyError, match="no input spec is registered for L1Loss"):
         spec_for(build_loss(dict(type="PluginOddL1Loss")))
+
+
+def test_a_spec_may_name_the_class_registered_under_an_alias(plugin: ModuleType) -> None:
+    class PluginAliasedL1(L1Loss):
+        pass
+
+    MODELS.register_module(PluginAliasedL1, name="PluginAliasL1")
+    SPEC_BUILDERS["PluginAliasedL1"] = lambda loss, variant: replace(spec_for(L1Loss(), variant), loss_type="alias")
+    assert spec_for(build_loss(dict(type="PluginAliasL1"))).loss_type == "alias"
+
+
+def test_rebuilding_compares_values_not_dtypes_or_identities(plugin: ModuleType) -> None:
+    """model.double() / .half() move a loss's class weights; arrays, callables and lists of tensors have no plain
+    ==: none of that is a difference of configuration."""
+    loss = build_loss(dict(type="CrossEntropyLoss", class_weight=[0.1, 0.2, 0.3]))
+    for moved in (loss.double(), loss.half()):
+        check_rebuilds(moved, loss_config(moved))
+    one, other = FocalLoss(), FocalLoss()
+    for module in (one, other):
+        module._array, module._call, module._tensors = np.ones(2), functools.partial(abs), [torch.ones(2)]
+        module._nan = float("nan")
+    assert state_difference(one, other) is None
+    other._tensors = [torch.zeros(2)]
+    assert state_difference(one, other) == "_tensors is [tensor([1., 1.])], rebuilt [tensor([0., 0.])]"
 
 
 def _spec_drawing(draw: Callable[[int], dict[str, Tensor]], doc: str = "") -> LossSpec:

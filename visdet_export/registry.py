@@ -13,6 +13,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -212,7 +213,7 @@ def state_difference(loss: nn.Module, other: nn.Module, prefix: str = "") -> Opt
             inner = state_difference(value, rebuilt, where + ".")
             if inner is not None:
                 return inner
-        elif not _same_value(value, rebuilt):
+        elif _same_value(value, rebuilt) is False:
             return f"{where} is {_shown(value)}, rebuilt {_shown(rebuilt)}"
     return None
 
@@ -227,16 +228,32 @@ def _state(module: nn.Module) -> dict[str, object]:
             **dict(module.named_children())}
 
 
-def _same_value(value: object, other: object) -> bool:
+def _same_value(value: object, other: object) -> Optional[bool]:
+    """Whether two attribute values are the same configuration; None where that cannot be told (a callable, an
+    object whose ``==`` is no truth value): the check refuses only a difference it can show."""
     if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
-        return (
-            isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.dtype == other.dtype
-            and value.shape == other.shape and bool(torch.equal(value.detach(), other.detach()))
-        )
+        if not (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)) or value.shape != other.shape:
+            return False
+        # by value: model.double() / .half() moves a loss's buffers too, and its config rebuilds float32 ones
+        mine, theirs = value.detach().double().cpu(), other.detach().double().cpu()
+        return bool(((mine == theirs) | (mine.isnan() & theirs.isnan())).all())
+    if isinstance(value, (list, tuple)) and isinstance(other, (list, tuple)):
+        if len(value) != len(other):
+            return False
+        same = [_same_value(a, b) for a, b in zip(value, other)]
+        return False if False in same else None if None in same else True
+    if isinstance(value, dict) and isinstance(other, dict):
+        if value.keys() != other.keys():
+            return False
+        return _same_value(list(value.values()), [other[key] for key in value])
+    if isinstance(value, float) and isinstance(other, float) and math.isnan(value) and math.isnan(other):
+        return True
+    if callable(value) and callable(other):
+        return None
     try:
-        return type(value) is type(other) and bool(value == other)
-    except Exception:  # a value without a truthful ==: only the object itself is the same
-        return value is other
+        return bool(value == other)
+    except Exception:  # an array's elementwise ==, or no == at all
+        return None
 
 
 def _shown(value: object) -> str:

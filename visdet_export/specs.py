@@ -305,15 +305,16 @@ def register_spec(loss_type: str) -> Callable[[SpecBuilder], SpecBuilder]:
 
 def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
     """The input spec of a built loss (``variant`` picks another target layout where a loss has several)."""
-    from .registry import registered_name
+    from .registry import MODELS, registered_name
 
-    # each class of the MRO by the name it is registered under (its class name if unregistered): a subclass
-    # presetting defaults takes its base's spec, a class registered under a name of its own never takes the spec of
-    # a built-in whose class name it shares
+    # each class of the MRO by the name it is registered under, then by its class name unless another class is
+    # registered under that name: a subclass presetting defaults takes its base's spec, a spec may name the class
+    # rather than its registered alias, and a class named like a built-in never takes the built-in's spec
     for klass in type(loss).__mro__:
-        loss_type = registered_name(klass) or klass.__name__
-        if loss_type in SPEC_BUILDERS:
-            return SPEC_BUILDERS[loss_type](loss, variant)
+        own_name = MODELS.module_dict.get(klass.__name__) in (None, klass)
+        for loss_type in (registered_name(klass), klass.__name__ if own_name else None):
+            if loss_type is not None and loss_type in SPEC_BUILDERS:
+                return SPEC_BUILDERS[loss_type](loss, variant)
     raise KeyError(
         f"no input spec is registered for {type(loss).__name__}; add one with visdet_export.specs.register_spec"
     )

@@ -870,14 +870,13 @@ def checked_input_shapes(model: Any) -> int:
     the first rows, regression targets of one column broadcast, a ``(2,)`` ``avg_factor`` made the loss ``(2,)``,
     each a number without an error. Every 0-d input is reshaped to ``[]`` (one element, or onnxruntime's Reshape
     error), and every input axis whose symbol (``N``, ``C``, ...) an earlier input's axis has is checked equal to
-    it: zeros of the one length reshaped to the other, which fails unless they are equal, summed into each floating
-    output (adding 0 changes no value). Returns the number of checks written."""
-    from onnx import TensorProto, helper, numpy_helper
+    it: the difference of the two sizes, doubled, indexes a one-element tensor, which fails unless it is 0. The
+    checks' zeros are added to each input's shape, which reshapes the input to itself before the loss reads it: no
+    element is copied or changed, and each check costs a few operations on one integer whatever N. Returns the
+    number of checks written."""
+    from onnx import helper, numpy_helper
 
     graph = model.graph
-    outputs = [o for o in graph.output if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
-    if not outputs:
-        return 0
     checks = 0
     first: dict[str, tuple[str, int]] = {}
     ties: list[tuple[str, int, str, int, str]] = []
@@ -893,34 +892,48 @@ def checked_input_shapes(model: Any) -> int:
                 first[dim.dim_param] = (info.name, axis)
     if not ties:
         return checks
-    nodes: list[Any] = []
+    single, two = "visdet_check_single_zero", "visdet_check_two"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.zeros(1, np.int64), single), numpy_helper.from_array(np.array(2, np.int64), two)
+    ])
+    checking: list[Any] = []
+    sizes: set[str] = set()
 
     def size(name: str, axis: int) -> str:
         out = f"{name}__visdet_size{axis}"
-        if out not in {n.output[0] for n in nodes}:
-            nodes.append(helper.make_node("Shape", [name], [out], start=axis, end=axis + 1))
+        if out not in sizes:
+            sizes.add(out)
+            checking.append(helper.make_node("Shape", [name], [out], start=axis, end=axis + 1))
         return out
 
-    for elem_type in sorted({o.type.tensor_type.elem_type for o in outputs}):
-        zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(elem_type)), "value")
-        terms = []
-        for name, axis, tied_name, tied_axis, symbol in ties:
-            stem = f"{name}__visdet_tie{axis}_{elem_type}"
-            # onnxruntime's error names the failing node: the name says what the inputs got wrong
-            check = f"input check: {name}.shape[{axis}] must equal {tied_name}.shape[{tied_axis}] ({symbol})"
-            nodes.append(helper.make_node("ConstantOfShape", [size(name, axis)], [stem + "_zeros"], value=zero))
-            nodes.append(
-                helper.make_node("Reshape", [stem + "_zeros", size(tied_name, tied_axis)], [stem + "_tied"], name=check)
-            )
-            nodes.append(helper.make_node("ReduceSum", [stem + "_tied"], [stem], keepdims=0))
-            terms.append(stem)
-        total = f"visdet_shape_checks_{elem_type}"
-        nodes.append(helper.make_node("Sum", terms, [total]))
-        for output in outputs:
-            if output.type.tensor_type.elem_type == elem_type:
-                unchecked = _rename_output(graph, output.name)
-                nodes.append(helper.make_node("Add", [unchecked, total], [output.name]))
-    graph.node.extend(nodes)
+    zeros = []
+    for name, axis, tied_name, tied_axis, symbol in ties:
+        stem = f"{name}__visdet_tie{axis}"
+        # onnxruntime's error names the failing node: the name says what the inputs got wrong
+        check = f"input check: {name}.shape[{axis}] must equal {tied_name}.shape[{tied_axis}] ({symbol})"
+        checking.append(helper.make_node("Sub", [size(name, axis), size(tied_name, tied_axis)], [stem + "_diff"]))
+        checking.append(helper.make_node("Mul", [stem + "_diff", two], [stem + "_index"]))  # -1 would index too
+        checking.append(helper.make_node("Gather", [single, stem + "_index"], [stem], name=check, axis=0))
+        zeros.append(stem)
+    total = zeros[0]
+    for index, zero in enumerate(zeros[1:]):  # Sum takes floats only
+        checking.append(helper.make_node("Add", [total, zero], [f"visdet_shape_checks_{index}"]))
+        total = f"visdet_shape_checks_{index}"
+    # every input with axes is read through a reshape to its own shape plus the checks' zeros: onnxruntime runs no
+    # node of the loss before the checks (a wrong size is named by its check, not by the gather it breaks), and
+    # the reshape copies nothing
+    loss_nodes = list(graph.node)
+    for info in graph.input:
+        if len(info.type.tensor_type.shape.dim) == 0:
+            continue
+        checked, shape = f"{info.name}__visdet_checked", f"{info.name}__visdet_checked_shape"
+        for node in loss_nodes:
+            node.input[:] = [checked if value == info.name else value for value in node.input]
+        checking.append(helper.make_node("Shape", [info.name], [shape + "_unchecked"]))
+        checking.append(helper.make_node("Add", [shape + "_unchecked", total], [shape]))
+        checking.append(helper.make_node("Reshape", [info.name, shape], [checked], allowzero=1))
+    del graph.node[:]
+    graph.node.extend([*checking, *loss_nodes])
     return checks + len(ties)
 
 
@@ -934,15 +947,6 @@ def _reshape_to_scalar(graph: Any, name: str) -> None:
     graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), shape))
     check = f"input check: {name} must be 0-d (or hold one element)"
     graph.node.insert(0, helper.make_node("Reshape", [name, shape], [scalar], name=check))
-
-
-def _rename_output(graph: Any, name: str) -> str:
-    """Have the node producing graph output ``name`` (and its readers) use another name; returns it."""
-    renamed = f"{name}__visdet_unchecked"
-    for node in graph.node:
-        node.output[:] = [renamed if value == name else value for value in node.output]
-        node.input[:] = [renamed if value == name else value for value in node.input]
-    return renamed
 
 
 def drop_unused_initializers(model: Any) -> int:
