@@ -323,6 +323,28 @@ def test_dfl_bins_reshaped_from_an_unbacked_head_output():
         torch.testing.assert_close(grad, torch.autograd.grad(want, reg)[0])
 
 
+@pytest.mark.parametrize(
+    ("cfg", "weight_last"), [({"type": "CrossEntropyLoss", "use_sigmoid": True}, "N"), ({"type": "SmoothL1Loss"}, 1)],
+    ids=["yolov3_conf", "yolov3_wh"],
+)
+def test_unbacked_samples_on_an_inner_axis(cfg, weight_last) -> None:
+    """YOLOv3's (B, K) objectness and (B, K, 2) offsets with (B, K) / (B, K, 1) weights, K unbacked: the weight
+    shape checks decide on an axis of size 1 without a guard ("Could not guard on ... Eq(u0, 1)" before)."""
+    from visdet_export import build_loss
+
+    loss = build_loss(cfg)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k in (5, 9):
+        inner = () if weight_last == "N" else (2,)
+        pred, target = torch.randn(2, k, *inner, requires_grad=True), torch.rand(2, k, *inner)
+        weight = torch.rand(2, k, *((1,) if inner else ()))
+        for tensor in (pred, target, weight):
+            torch._dynamo.decorators.mark_unbacked(tensor, 1)
+        got, want = compiled(pred, target, weight), loss(pred, target, weight)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(want, pred)[0])
+
+
 @pytest.mark.parametrize("cfg", [{"type": "FocalLoss"}, {"type": "GIoULoss"}])
 def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
     """MMDetection heads pass `.item()` counts: each new float recompiled, and fullgraph=True failed after 8."""
