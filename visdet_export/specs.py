@@ -443,7 +443,7 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
 
     if use_mask:
         # Mask R-CNN's (H, W) masks, or PointRend's P sampled points (loss_point)
-        choices = ("mask", "points")
+        choices: tuple[str, ...] = ("mask", "points")
         variant = _check_variant("CrossEntropyLoss", variant, choices)
         spatial = ("H", "W") if variant == "mask" else ("P",)
 
