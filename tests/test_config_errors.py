@@ -472,3 +472,18 @@ def test_any_config_builds_or_raises_config_error(loss_type: object, options: di
         build_loss({"type": loss_type, **options})
     except ConfigError:
         pass
+
+
+def test_the_registry_takes_mmengines_calling_conventions() -> None:
+    """``@register_module("Name")`` names the class as MMEngine's registry does; ``MODELS[name]`` looks one up."""
+    from visdet_export.registry import Registry
+
+    registry = Registry("loss")
+
+    @registry.register_module("Renamed")
+    class Mine(torch.nn.Module):
+        pass
+
+    assert registry["Renamed"] is Mine and "Mine" not in registry
+    with pytest.raises(ConfigError, match="unknown loss type 'Mine'"):
+        registry["Mine"]

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar, overload
 
 import torch
 from torch import nn
@@ -54,16 +54,30 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._modules
 
+    def __getitem__(self, name: str) -> type[nn.Module]:
+        return self.get(name)
+
     def __len__(self) -> int:
         return len(self._modules)
 
     def __repr__(self) -> str:
         return f"Registry({self.name!r}, {sorted(self._modules)})"
 
+    @overload
+    def register_module(self, module: ModuleT, name: Optional[str] = None, force: bool = False) -> ModuleT: ...
+
+    @overload
     def register_module(
-        self, module: Optional[ModuleT] = None, name: Optional[str] = None, force: bool = False
+        self, module: Optional[str] = None, name: Optional[str] = None, force: bool = False
+    ) -> Callable[[ModuleT], ModuleT]: ...
+
+    def register_module(
+        self, module: Optional[ModuleT | str] = None, name: Optional[str] = None, force: bool = False
     ) -> ModuleT | Callable[[ModuleT], ModuleT]:
-        """Register ``module`` (or, used as ``@register_module()``, the decorated class) under its class name."""
+        """Register ``module`` (or, used as ``@register_module()``, the decorated class) under its class name, or
+        ``name``. ``@register_module("Name")`` names it as MMEngine's registry takes its first argument."""
+        if isinstance(module, str):
+            module, name = None, module
 
         def register(cls: ModuleT) -> ModuleT:
             if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):

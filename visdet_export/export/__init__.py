@@ -12,7 +12,7 @@ Every exporter writes atomically and leaves a JSON manifest beside the artifact 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import ArtifactError, atomic_output, manifest_path, read_manifest, write_manifest
 from .joint import JointLoss, dynamic_shapes, eager_joint, example_inputs, joint_module, select_inputs
@@ -26,13 +26,23 @@ from .verify import TOLERANCES, check_parity, verify
 _LAZY_EXPORTERS = {"export_torchscript": "torchscript", "export_pt2": "pt2", "export_pt2_bundle": "pt2"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_EXPORTERS:
-        module = importlib.import_module(f"{__name__}.{_LAZY_EXPORTERS[name]}")
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:  # type checkers see the exporters' signatures; at run time they load on first use
+    from .pt2 import export_pt2 as export_pt2
+    from .pt2 import export_pt2_bundle as export_pt2_bundle
+    from .torchscript import export_torchscript as export_torchscript
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY_EXPORTERS:
+            module = importlib.import_module(f"{__name__}.{_LAZY_EXPORTERS[name]}")
+            value = getattr(module, name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_EXPORTERS})
 
 
 __all__ = [

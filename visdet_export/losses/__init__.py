@@ -3,7 +3,13 @@
 from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
 from .cross_entropy_loss import CrossEntropyLoss, binary_cross_entropy, mask_cross_entropy, softmax_cross_entropy
 from .focal_loss import FocalLoss, sigmoid_focal_loss
-from .gfocal_loss import DistributionFocalLoss, QualityFocalLoss, distribution_focal_loss, quality_focal_loss
+from .gfocal_loss import (
+    DistributionFocalLoss,
+    QualityFocalLoss,
+    distribution_focal_loss,
+    quality_focal_loss,
+    quality_focal_loss_on_labels,
+)
 from .iou_loss import GIoULoss, IoULoss, giou_loss, iou_loss
 from .kd_loss import (
     KnowledgeDistillationKLDivLoss,
@@ -29,8 +35,21 @@ LOSS_CLASSES = (
     LocalizationDistillationLoss,
 )
 
-__all__ = [cls.__name__ for cls in LOSS_CLASSES] + [
+# a literal list: type checkers read it as the module's exports
+__all__ = [
+    "BalancedL1Loss",
+    "CrossEntropyLoss",
+    "DistributionFocalLoss",
+    "FocalLoss",
+    "GIoULoss",
+    "IoULoss",
+    "KnowledgeDistillationKLDivLoss",
+    "L1Loss",
     "LOSS_CLASSES",
+    "LocalizationDistillationLoss",
+    "MSELoss",
+    "QualityFocalLoss",
+    "SmoothL1Loss",
     "balanced_l1_loss",
     "binary_cross_entropy",
     "distribution_focal_loss",
@@ -42,6 +61,7 @@ __all__ = [cls.__name__ for cls in LOSS_CLASSES] + [
     "mask_cross_entropy",
     "mse_loss",
     "quality_focal_loss",
+    "quality_focal_loss_on_labels",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "softmax_cross_entropy",
