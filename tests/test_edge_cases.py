@@ -5,6 +5,7 @@ F = finite value and gradient, P = equals the float64 reference (``tests/referen
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -349,6 +350,19 @@ def test_class_weights_in_float32_buffers_restore_the_configured_values() -> Non
     for module in (loss, script_loss(loss)):
         assert module.class_weight_for(torch.zeros(1, dtype=F64)).tolist() == weights
         assert torch.equal(module.class_weight_for(torch.zeros(1)), torch.tensor(weights, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "float"])
+def test_class_weights_survive_a_models_dtype_cast(cast: str) -> None:
+    """``model.half()`` casts every buffer: the loss keeps its configured class weights (and computes in float32
+    for half inputs), its repr shows them, and an export records them."""
+    weights = [0.1, 1 / 3, 3.3]
+    loss = build_loss(dict(type="CrossEntropyLoss", class_weight=weights))
+    pred, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    cast_loss = getattr(copy.deepcopy(loss), cast)()
+    assert torch.equal(cast_loss(pred, labels), loss(pred, labels))
+    assert loss_config(cast_loss)["class_weight"] == weights
+    assert "class_weight=[0.1, 0.333333, 3.3]" in repr(cast_loss)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script"])

@@ -217,3 +217,15 @@ def test_torch_jit_trace_with_every_input(name: str) -> None:
             value = fn(pred, *[inputs[key] for key in list(inputs)[1:]])
             grads.append((value, torch.autograd.grad(value, pred)[0]))
         torch.testing.assert_close(grads[1], grads[0], msg=f"run {run}")
+
+
+def test_exporting_leaves_the_modules_training_flag(tmp_path):
+    """A head's loss exported in the middle of training stays in training mode (the artifact is in eval mode)."""
+    from visdet_export import build_loss
+    from visdet_export.export import export_onnx
+
+    loss = build_loss(dict(type="L1Loss")).train()
+    export_onnx(loss, tmp_path / "l1.onnx", verify=False)
+    assert loss.training
+    path = export_torchscript(loss, tmp_path / "l1.ts.pt", verify=False)
+    assert loss.training and not load_scripted(path).training

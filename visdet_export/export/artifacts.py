@@ -217,6 +217,19 @@ LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
 PARITY_FIELDS = ("sizes", "free_sizes", "extreme_logits", "max_abs_err", "max_rel_err", "rtol", "atol")
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block, every submodule's training flag restored after: exporting a head's
+    loss in the middle of training leaves it as it was."""
+    flags = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in flags:
+            submodule.training = training
+
+
 def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
     """A built loss module as is, or the loss a config mapping (or a bare type name) builds."""
     if isinstance(loss_or_cfg, nn.Module):

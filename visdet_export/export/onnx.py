@@ -38,7 +38,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, first_line, write_manifest
+from .artifacts import (
+    ArtifactError,
+    ExportPlan,
+    LossOrConfig,
+    atomic_output,
+    evaluation_mode,
+    first_line,
+    write_manifest,
+)
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
 
@@ -1060,19 +1068,20 @@ def export_onnx(
     with quiet_exporter():
         try:
             module = joint_module(loss, spec, names, example=example) if joint else spec.bind(loss, names)
-            program = torch.onnx.export(
-                module.eval(),
-                example,
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes(spec, names),
-                input_names=names,
-                output_names=outputs,
-                opset_version=int(opset),
-                external_data=False,
-                optimize=True,
-                verbose=False,
-                report=False,
-            )
+            with evaluation_mode(module):
+                program = torch.onnx.export(
+                    module,
+                    example,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes(spec, names),
+                    input_names=names,
+                    output_names=outputs,
+                    opset_version=int(opset),
+                    external_data=False,
+                    optimize=True,
+                    verbose=False,
+                    report=False,
+                )
         except Exception as exc:  # the exporter raises many types; say which loss and why
             raise ArtifactError(f"ONNX export of {spec.loss_type} ({spec.variant}) failed: {first_line(exc)}") from exc
     if program is None:  # pragma: no cover - only with f=..., which we never pass

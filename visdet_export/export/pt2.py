@@ -57,6 +57,7 @@ from .artifacts import (
     atomic_output,
     check_output_path,
     describe_inputs,
+    evaluation_mode,
     first_line,
     manifest_path,
     output_shapes,
@@ -103,7 +104,8 @@ def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str
     """``torch.export`` (non-strict) under :func:`_size_oblivious`."""
     with _size_oblivious():
         try:
-            return torch.export.export(module.eval(), tuple(example), dynamic_shapes=shapes, strict=False)
+            with evaluation_mode(module):
+                return torch.export.export(module, tuple(example), dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # torch.export raises many types; say which loss and why
             raise ArtifactError(f"torch.export of {what} failed: {first_line(exc)}") from exc
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..registry import build_loss
 from ..specs import LossSpec, spec_for
-from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, write_manifest
+from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, evaluation_mode, write_manifest
 from .verify import DEFAULT_SIZES, TOLERANCES, check_parity
 
 #: Name of the config inside the archive (``torch.jit.save`` stores extra files under ``<archive>/extra/``).
@@ -171,7 +171,8 @@ def export_torchscript(
     plan = ExportPlan.prepare(loss_or_cfg, path, variant=variant, optional_inputs=None, joint=False, overwrite=overwrite)
     loss, config, spec, names, target = plan.loss, plan.config, plan.spec, plan.names, plan.target
 
-    scripted = script_loss(loss.eval())
+    with evaluation_mode(loss):
+        scripted = script_loss(loss)
     parity: Optional[dict[str, Any]] = None
     with atomic_output(target, overwrite) as tmp:
         save_scripted(scripted, tmp, config)

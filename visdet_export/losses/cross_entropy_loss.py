@@ -6,7 +6,7 @@ Semantics follow visdet / MMDetection 3.x ``cross_entropy_loss.py`` (``cross_ent
 """
 
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -471,8 +471,29 @@ class CrossEntropyLoss(WeightedLoss):
             return rounded
         return from_float32_parts(rounded, residual)
 
+    @torch.jit.unused
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "CrossEntropyLoss":
+        # model.half() / .double() cast every buffer: the class weights stay the configured values' float32 parts,
+        # on the device the buffers moved to (half-precision weights would round 0.1 to 0.09998)
+        configured = self._configured_class_weight()
+        super()._apply(fn, recurse)
+        moved = self.class_weight
+        if configured is not None and moved is not None and moved.device.type != "meta":
+            rounded, residual = float32_parts(configured)
+            self.class_weight, self.class_weight_residual = rounded.to(moved.device), residual.to(moved.device)
+        return self
+
+    @torch.jit.unused
+    def _configured_class_weight(self) -> Optional[list[float]]:
+        rounded, residual = self.class_weight, self.class_weight_residual
+        if rounded is None or residual is None or rounded.device.type == "meta":
+            return None
+        return from_float32_parts(rounded, residual).tolist()
+
     def extra_repr(self) -> str:
+        configured = self._configured_class_weight()
+        weights = "" if configured is None else f"class_weight={[round(w, 6) for w in configured]}, "
         return (
             f"use_sigmoid={self.use_sigmoid}, use_mask={self.use_mask}, ignore_index={self.ignore_index}, "
-            f"avg_non_ignore={self.avg_non_ignore}, " + super().extra_repr()
+            f"avg_non_ignore={self.avg_non_ignore}, {weights}" + super().extra_repr()
         )
