@@ -487,3 +487,32 @@ def test_the_registry_takes_mmengines_calling_conventions() -> None:
     assert registry["Renamed"] is Mine and "Mine" not in registry
     with pytest.raises(ConfigError, match="unknown loss type 'Mine'"):
         registry["Mine"]
+
+
+def test_api_misuse_says_what_to_write(tmp_path) -> None:
+    """A first-time user's mistakes with the Python API: a string where a list of names goes, a compiled module,
+    a QFL target tuple of the wrong length, a loss type where attach reads a graph path, no verification sizes."""
+    from visdet_export.check import RunnerCache, check_cell, run_matrix
+    from visdet_export.export import export_onnx, verify
+    from visdet_export.export.attach import AttachError, attach_losses
+    from visdet_export.integration import register_losses
+    from visdet_export.registry import Registry
+    from visdet_export.specs import spec_for
+
+    with pytest.raises(ConfigError, match=r"optional_inputs takes a list of names, got the string 'weight'"):
+        export_onnx("FocalLoss", tmp_path / "x.onnx", optional_inputs="weight")
+    with pytest.raises(ConfigError, match="runtimes takes a list of names"):
+        run_matrix(configs=["focal"], runtimes="eager")
+    with pytest.raises(ConfigError, match="names takes a list of names"):
+        register_losses(Registry("x"), names="FocalLoss")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        check_cell("giou", "tensorrt", RunnerCache())
+    compiled = torch.compile(build_loss(dict(type="L1Loss")))
+    assert spec_for(compiled).loss_type == "L1Loss"
+    path = export_onnx(compiled, tmp_path / "l1.onnx", verify=False)
+    with pytest.raises(ValueError, match="sizes must be sample counts >= 0"):
+        verify(path, sizes=[-1])
+    with pytest.raises(ValueError, match="dense targets or one tuple"):
+        build_loss(dict(type="QualityFocalLoss"))(torch.randn(3, 4), (torch.tensor([0, 1, 4]),))
+    with pytest.raises(AttachError, match=r"is a loss type, read here as a graph path; pass dict\(type='L1Loss'\)"):
+        attach_losses(path, [("loss_l1", "L1Loss", {})], tmp_path / "out.onnx")

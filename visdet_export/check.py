@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .registry import MODELS, build_loss
 from .runtimes import RUNTIMES, LossRunner, build_runner
 from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
+from .validation import check_names
 
 DEFAULT_SIZES = (0, 1, 7, 1000)
 DEFAULT_RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
@@ -229,6 +230,7 @@ def check_cell(
     of those class / bin / mask sizes (``{"C": 20}``) instead of the spec's defaults."""
     start = time.perf_counter()
     loss, spec = cache.loss(name)
+    check_runtime(runtime)
     cell = Cell(name, spec.loss_type, runtime, "pass")
     tol = dict(TOLERANCES[runtime] if tolerance is None else tolerance)
     if device is not None and torch.device(device).type != "cpu":
@@ -319,10 +321,9 @@ def run_matrix(
     """
     cache = RunnerCache() if cache is None else cache
     names = select_configs(configs)
-    chosen = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)
+    chosen = list(DEFAULT_RUNTIMES) if runtimes is None else check_names("runtimes", runtimes)
     for runtime in chosen:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        check_runtime(runtime)
     if pt2 not in PT2_MODES:
         raise ValueError(f"unknown pt2 mode {pt2!r}; choose from {', '.join(PT2_MODES)}")
     if onnx not in ONNX_MODES:
@@ -363,12 +364,17 @@ def runner_options(
     return None, {}
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
 def select_configs(configs: Optional[Iterable[str]]) -> list[str]:
     known = representative_configs()
     if configs is None:
         return list(known)
     names: list[str] = []
-    for item in configs:
+    for item in check_names("configs", configs):
         if item in known:
             names.append(item)
             continue

@@ -22,6 +22,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .registry import MODELS, PLUGIN_PREFIX
+from .validation import check_names
 
 
 def register_losses(
@@ -42,7 +43,7 @@ def register_losses(
     """
     if not (prefix == "" or prefix.replace("_", "a").isalnum()):
         raise ValueError(f"prefix must be letters, digits and underscores, got {prefix!r}")
-    chosen = list(MODELS.module_dict) if names is None else list(names)
+    chosen = list(MODELS.module_dict) if names is None else check_names("names", names)
     registered = {prefix + name: MODELS.get(name) for name in chosen}
     held = [name for name in registered if name in getattr(registry, "module_dict", {})]
     if held and not force:  # checked first, so that a clash leaves the registry as it was

@@ -130,3 +130,15 @@ def weight_reduce_loss(
     if reduction == "none":
         return loss
     raise ValueError('avg_factor can not be used with reduction="sum"; use "mean" or "none"')
+
+
+__all__ = [
+    "FLOAT32_EPS",
+    "REDUCTIONS",
+    "AvgFactor",
+    "as_avg_factor",
+    "element_count",
+    "reduce_loss",
+    "resolve_reduction",
+    "weight_reduce_loss",
+]

@@ -301,3 +301,18 @@ def build_loss(cfg: Mapping[str, object] | str) -> nn.Module:
     if isinstance(cfg, str):
         cfg = {"type": cfg}
     return MODELS.build(cfg)
+
+
+__all__ = [
+    "MODELS",
+    "PLUGINS_VARIABLE",
+    "PLUGIN_PREFIX",
+    "Registry",
+    "build_loss",
+    "check_rebuilds",
+    "config_parameters",
+    "load_plugins",
+    "loss_config",
+    "registered_name",
+    "state_difference",
+]

@@ -90,9 +90,11 @@ class Runtime:
 
 
 def default_names(loss: nn.Module, spec: LossSpec, optional_inputs: Sequence[str] = DEFAULT_OPTIONAL_INPUTS) -> list[str]:
-    """Required inputs plus the optional ones requested, in spec order (no ``avg_factor`` for reduction "sum")."""
-    reduction = getattr(loss, "reduction", None)
-    wanted = {name for name in optional_inputs if not (name == "avg_factor" and reduction == "sum")}
+    """Required inputs plus the optional ones requested, in spec order, as exports take them (no ``avg_factor``
+    for reduction "sum", which refuses it, or "none", which ignores it)."""
+    from .export.artifacts import usable_optional_inputs
+
+    wanted = set(usable_optional_inputs(loss, optional_inputs))
     return [t.name for t in spec.inputs if not t.optional or t.name in wanted]
 
 

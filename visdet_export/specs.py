@@ -310,6 +310,7 @@ def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
     # each class of the MRO by the name it is registered under, then by its class name unless another class is
     # registered under that name: a subclass presetting defaults takes its base's spec, a spec may name the class
     # rather than its registered alias, and a class named like a built-in never takes the built-in's spec
+    loss = getattr(loss, "_orig_mod", loss)  # the module a torch.compile wrapper holds
     for klass in type(loss).__mro__:
         own_name = MODELS.module_dict.get(klass.__name__) in (None, klass)
         for loss_type in (registered_name(klass), klass.__name__ if own_name else None):

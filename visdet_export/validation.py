@@ -7,10 +7,11 @@ allowed, so a bad config fails once, when the loss is built, and never inside a 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Optional
 
 
@@ -33,8 +34,9 @@ def check_float(
     min_inclusive: bool = True,
     allowed: Sequence[float] = (),
 ) -> float:
-    """A finite real number within bounds; ``allowed`` lists sentinel values accepted outside them."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number within bounds (numpy's included: configs read through numpy), as a float; ``allowed``
+    lists sentinel values accepted outside them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     number = float(value)
     if not math.isfinite(number):
@@ -59,11 +61,19 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (numpy's included), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={value} is out of range; it must be >= {minimum}")
-    return value
+    return int(value)
+
+
+def check_names(what: str, value: Iterable[str]) -> list[str]:
+    """A list of names: a single string would read as its characters (``"weight"`` as w, e, i, ...)."""
+    if isinstance(value, str):
+        raise ConfigError(f"{what} takes a list of names, got the string {value!r}; write [{value!r}]")
+    return [str(name) for name in value]
 
 
 #: The largest float32: class weights are float32 buffers (float32 losses would meet inf beyond it).
@@ -89,3 +99,16 @@ def warn_caller(message: str, category: type[Warning]) -> None:
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+__all__ = [
+    "FLOAT32_MAX",
+    "ConfigError",
+    "check_bool",
+    "check_choice",
+    "check_class_weight",
+    "check_float",
+    "check_int",
+    "check_names",
+    "warn_caller",
+]

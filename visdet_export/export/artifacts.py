@@ -29,7 +29,7 @@ from torch import nn
 
 from ..registry import build_loss, check_rebuilds, loss_config
 from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
-from ..validation import ConfigError
+from ..validation import ConfigError, check_names
 
 MANIFEST_SUFFIX = ".json"
 MANIFEST_VERSION = 1
@@ -231,9 +231,10 @@ def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def as_loss(loss_or_cfg: LossOrConfig) -> nn.Module:
-    """A built loss module as is, or the loss a config mapping (or a bare type name) builds."""
+    """A built loss module as is (the module a ``torch.compile`` wrapper holds), or the loss a config mapping (or a
+    bare type name) builds."""
     if isinstance(loss_or_cfg, nn.Module):
-        return loss_or_cfg
+        return getattr(loss_or_cfg, "_orig_mod", loss_or_cfg)
     if isinstance(loss_or_cfg, (Mapping, str)):
         return build_loss(loss_or_cfg)
     raise TypeError(f"expected a loss module or a config mapping, got {type(loss_or_cfg).__name__}")
@@ -281,7 +282,10 @@ class ExportPlan:
         except ConfigError as exc:
             raise ArtifactError(f"cannot export {type(loss).__name__}: {exc}") from exc
         spec = spec_for(loss, variant)
-        requested = [t.name for t in spec.inputs if t.optional] if optional_inputs is None else list(optional_inputs)
+        requested = (
+            [t.name for t in spec.inputs if t.optional] if optional_inputs is None
+            else check_names("optional_inputs", optional_inputs)
+        )
         names = select_inputs(spec, usable_optional_inputs(loss, requested))
         target = check_output_path(Path(path), overwrite)
         check_output_path(manifest_path(target), overwrite)

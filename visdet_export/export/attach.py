@@ -46,7 +46,7 @@ import onnx.version_converter
 from onnx import external_data_helper
 from torch import nn
 
-from ..registry import build_loss, loss_config
+from ..registry import MODELS, build_loss, loss_config
 from ..specs import spec_for
 from .artifacts import ArtifactError, as_loss, atomic_output, first_line, shape_mismatch, write_manifest
 from .onnx import MIN_OPSET, check_external_data, export_onnx
@@ -193,6 +193,10 @@ def _loss_graph(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata."""
     if isinstance(loss, (str, os.PathLike)):
+        if isinstance(loss, str) and loss in MODELS and not Path(loss).exists():
+            raise AttachError(
+                f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
+            )
         graph = _to_opset(load_model(loss), opset, f"loss graph {name!r}")
         known = {value.name for value in graph.graph.input}
         unknown = sorted(set(mapping) - known)

@@ -1039,7 +1039,7 @@ def export_onnx(
         variant: the input layout where a loss has several (``spec_for``), e.g. "onehot" for FocalLoss.
         optional_inputs: optional inputs that become graph inputs (default ``weight`` and ``avg_factor``; those
             a loss does not take are skipped, and ``avg_factor`` is dropped for ``reduction="sum"``, which
-            rejects it).
+            rejects it, and ``"none"``, which ignores it).
         opset: ONNX opset, at least 18.
         joint: also output ``grad_pred``, the gradient of ``loss.sum()`` with respect to ``pred``.
         verify: compare with eager in onnxruntime at N = 0, 1, 7 and 1024 (capped for large samples) before

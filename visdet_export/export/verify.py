@@ -252,10 +252,13 @@ def verify(
         ``max_abs_err``, ``max_rel_err``, ``rtol``, ``atol``, ``per_size`` and ``passed`` (True).
 
     Raises:
+        ValueError: no sizes, or a negative one.
         ArtifactError: missing or mismatching manifest (checksum), unknown format, a config that does not build,
             or outputs that differ from eager (or, for ONNX, a config embedded in the model that differs from
             the manifest's).
     """
+    if not sizes or any(int(n) < 0 for n in sizes):
+        raise ValueError(f"sizes must be sample counts >= 0, at least one, got {list(sizes)}")
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} is not a file")

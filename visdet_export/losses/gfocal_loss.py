@@ -254,6 +254,8 @@ class QualityFocalLoss(WeightedLoss):
                 pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
             )
         else:
+            if len(target) != 2:
+                raise ValueError("QualityFocalLoss takes dense targets or one tuple (labels, scores)")
             loss = quality_focal_loss_on_labels(
                 pred, target[0], target[1], weight, self.beta, reduction, as_avg_factor(avg_factor, pred),
                 self.activated,
