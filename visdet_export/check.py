@@ -370,6 +370,9 @@ def check_runtime(runtime: str) -> None:
 
 
 def select_configs(configs: Optional[Iterable[str]]) -> list[str]:
+    """The configuration names of the matrix's rows: names of :func:`~visdet_export.specs.representative_configs`
+    as given, a loss type as every configuration of that type (or its defaults, for a loss registered without
+    one); None: all. Raises ValueError for a name that is neither."""
     known = representative_configs()
     if configs is None:
         return list(known)
@@ -413,6 +416,7 @@ def render(cells: Sequence[Cell]) -> str:
 
 
 def summary(cells: Sequence[Cell]) -> str:
+    """One line: how many cells passed, failed and were skipped."""
     passed = sum(c.status == "pass" for c in cells)
     failed = sum(c.status == "fail" for c in cells)
     skipped = sum(c.status == "skip" for c in cells)

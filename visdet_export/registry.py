@@ -297,7 +297,16 @@ def load_plugins(names: Sequence[str] = ()) -> None:
 
 
 def build_loss(cfg: Mapping[str, object] | str) -> nn.Module:
-    """Build a registered loss from a config mapping, or from a bare type name with default arguments."""
+    """Build a registered loss from a config mapping (``dict(type="FocalLoss", gamma=2.0)``), or from a bare type
+    name with default arguments.
+
+    Returns:
+        The loss module.
+
+    Raises:
+        ConfigError (a ValueError): an unknown type (close matches named), unknown arguments (the valid ones
+            listed) or invalid values.
+    """
     if isinstance(cfg, str):
         cfg = {"type": cfg}
     return MODELS.build(cfg)

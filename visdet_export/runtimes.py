@@ -102,6 +102,7 @@ def default_names(loss: nn.Module, spec: LossSpec, optional_inputs: Sequence[str
 
 
 def eager_runner(loss: nn.Module, spec: LossSpec, names: Sequence[str]) -> LossRunner:
+    """The loss itself as a runner: the reference every other runtime is compared with."""
     return LossRunner(
         "eager", lambda inputs, override: spec.call(loss, inputs, override), names, differentiable=True, fixed_graph=False
     )
@@ -302,6 +303,7 @@ RUNTIMES: dict[str, Runtime] = {
 
 
 def get_runtime(name: str) -> Runtime:
+    """The :class:`Runtime` named ``name`` (:data:`RUNTIMES`); ValueError naming the choices otherwise."""
     try:
         return RUNTIMES[name]
     except KeyError:

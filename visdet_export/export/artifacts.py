@@ -193,6 +193,7 @@ def output_shapes(
 
 
 def manifest_path(artifact: str | os.PathLike[str]) -> Path:
+    """Where the manifest of ``artifact`` lies: beside it, ``<artifact>.json``."""
     return Path(f"{artifact}{MANIFEST_SUFFIX}")
 
 
