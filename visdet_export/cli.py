@@ -29,7 +29,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -306,6 +308,7 @@ def export_losses(
                     job, verify=verify, overwrite=overwrite, opset=opset, optional_inputs=optional_inputs
                 )
             except KeyboardInterrupt:
+                _remove_unfinished(job.target)
                 raise
             except Exception as error:  # noqa: BLE001 - reported per artifact, the batch goes on
                 if debug:
@@ -315,6 +318,19 @@ def export_losses(
             status = "ok" if result.ok else f"FAILED: {result.error}"
             bar.step(f"[{index}/{len(jobs)}] {job.target.name}: {status} ({result.seconds:.1f} s)")
     return results
+
+
+def _remove_unfinished(target: Path) -> None:
+    """An export interrupted between putting its artifact in place and writing the manifest leaves an artifact its
+    manifest does not describe: remove both, so that what is left is complete."""
+    from .export.artifacts import ArtifactError, manifest_path, read_manifest
+
+    if target.exists():
+        try:
+            read_manifest(target)
+        except ArtifactError:
+            target.unlink(missing_ok=True)
+            manifest_path(target).unlink(missing_ok=True)
 
 
 class _Progress:
@@ -736,14 +752,23 @@ def _artifact_suffixes() -> list[str]:
 
 
 def collect_artifacts(paths: Sequence[str]) -> list[Path]:
-    """Artifacts named on the command line: files (a manifest names its artifact) and directories (searched)."""
+    """Artifacts named on the command line: files (a manifest names its artifact) and directories (searched for
+    artifacts, manifests and temporary files)."""
     found: dict[Path, None] = {}
     suffixes = tuple(f".{s}" for s in _artifact_suffixes())
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
+            # what an interrupted or concurrent export can leave is listed too, and fails verification: an
+            # artifact without its manifest, a manifest without its artifact, a temporary file
             for candidate in sorted(path.rglob("*")):
-                if candidate.is_file() and candidate.name.endswith(suffixes) and Path(f"{candidate}.json").is_file():
+                name = candidate.name
+                described = Path(str(candidate)[: -len(".json")])
+                if candidate.is_file() and name.endswith(suffixes):
+                    found[candidate] = None
+                elif name.endswith(".json") and described.name.endswith(suffixes) and not described.exists():
+                    found[described] = None
+                elif candidate.is_file() and name.startswith(".") and name.endswith(".tmp"):
                     found[candidate] = None
             continue
         if path.name.endswith(".json") and Path(str(path)[: -len(".json")]).is_file():
@@ -755,7 +780,7 @@ def collect_artifacts(paths: Sequence[str]) -> list[Path]:
         found[path] = None
     if not found:
         raise UsageError(
-            f"no artifacts found in {', '.join(paths)} (looked for files with a .json manifest beside them)"
+            f"no artifacts found in {', '.join(paths)} (looked for .onnx, .pt and .pt2 files and their manifests)"
         )
     return list(found)
 
@@ -1237,7 +1262,21 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (timeout, CI cancellation, docker stop) cleans up as Ctrl-C does: no temporary files are left
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _main(argv: list[str]) -> int:
     try:
         argv = _load_plugins(argv, load=not {"-h", "--help", "--version"} & set(argv))
     except ConfigError as error:

@@ -13,16 +13,18 @@ and the parity reached when it was verified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import platform
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, ParamSpec, TypeVar, Union
 
 import torch
 from torch import nn
@@ -33,6 +35,8 @@ from ..validation import ConfigError, check_names
 
 MANIFEST_SUFFIX = ".json"
 MANIFEST_VERSION = 1
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ArtifactError(RuntimeError):
@@ -87,9 +91,16 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         check_output_path(target, overwrite)  # nothing appeared there meanwhile
+        written = sha256(tmp)
         os.replace(tmp, target)
+        _WRITTEN[target.resolve()] = written
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: The checksum of the file this process last put at each path: :func:`write_manifest` describes that file, not
+#: one another process put there in between (two exports to one path at once).
+_WRITTEN: dict[Path, str] = {}
 
 
 def _current_umask() -> int:
@@ -198,18 +209,42 @@ def manifest_path(artifact: str | os.PathLike[str]) -> Path:
 
 
 def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Write ``<artifact>.json`` atomically with ``fields`` plus the checksum, versions and format version."""
+    """Write ``<artifact>.json`` atomically with ``fields`` plus the checksum, versions and format version.
+
+    Raises :class:`ArtifactError` if the artifact is no longer the file this process wrote there (another export
+    to the same path replaced it meanwhile): the other export's manifest describes it."""
+    checksum = sha256(artifact)
+    written = _WRITTEN.pop(Path(artifact).resolve(), checksum)
+    if checksum != written:
+        raise ArtifactError(f"{artifact} was replaced while it was exported (another export to the same path?)")
     record = {
         "manifest_version": MANIFEST_VERSION,
         "artifact": Path(artifact).name,
-        "sha256": sha256(artifact),
+        "sha256": checksum,
         "versions": library_versions(),
         **fields,
     }
     target = manifest_path(artifact)
     with atomic_output(target, overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _WRITTEN.pop(target.resolve(), None)
     return target
+
+
+#: Held while a graph is captured: torch.export and the TorchScript compiler are not thread-safe (exports from
+#: several threads failed, and left the process unable to export or compile).
+EXPORT_LOCK = threading.RLock()
+
+
+def one_export_at_a_time(export: Callable[P, R]) -> Callable[P, R]:
+    """``export`` holding :data:`EXPORT_LOCK`: exporters called from several threads run one after another."""
+
+    @functools.wraps(export)
+    def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+        with EXPORT_LOCK:
+            return export(*args, **kwargs)
+
+    return locked
 
 
 LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
@@ -315,7 +350,10 @@ def read_manifest(artifact: str | os.PathLike[str]) -> dict[str, Any]:
     path = manifest_path(artifact)
     if not path.is_file():
         raise ArtifactError(f"{artifact} has no manifest ({path.name} is missing)")
-    record = json.loads(path.read_text())
-    if record.get("sha256") != sha256(artifact):
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"the manifest {path.name} is not valid JSON ({exc}); export {artifact} again") from exc
+    if not isinstance(record, dict) or record.get("sha256") != sha256(artifact):
         raise ArtifactError(f"{artifact} does not match the checksum in {path.name}; it changed after export")
     return record

@@ -48,7 +48,15 @@ from torch import nn
 
 from ..registry import MODELS, build_loss, loss_config
 from ..specs import spec_for
-from .artifacts import ArtifactError, as_loss, atomic_output, first_line, shape_mismatch, write_manifest
+from .artifacts import (
+    ArtifactError,
+    as_loss,
+    atomic_output,
+    first_line,
+    one_export_at_a_time,
+    shape_mismatch,
+    write_manifest,
+)
 from .onnx import MIN_OPSET, check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -260,6 +268,7 @@ def check_sources(
             )
 
 
+@one_export_at_a_time
 def attach_losses(
     model_onnx_path: PathLike,
     losses: Sequence[Attachment],

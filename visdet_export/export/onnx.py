@@ -45,6 +45,7 @@ from .artifacts import (
     atomic_output,
     evaluation_mode,
     first_line,
+    one_export_at_a_time,
     write_manifest,
 )
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
@@ -1020,6 +1021,7 @@ def load_runner(path: str | os.PathLike[str], manifest: Optional[Mapping[str, An
     return run
 
 
+@one_export_at_a_time
 def export_onnx(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],

@@ -60,6 +60,7 @@ from .artifacts import (
     evaluation_mode,
     first_line,
     manifest_path,
+    one_export_at_a_time,
     output_shapes,
     shape_mismatch,
     usable_optional_inputs,
@@ -213,6 +214,7 @@ def load_runner(
     return runner if entry is None else entry_runner(runner, entry)
 
 
+@one_export_at_a_time
 def export_pt2(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],
@@ -481,6 +483,7 @@ def _outputs(runner: Runner, feed: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(runner.output_names, values, strict=True))
 
 
+@one_export_at_a_time
 def export_pt2_bundle(
     losses: Mapping[str, BundleSource],
     path: str | os.PathLike[str],

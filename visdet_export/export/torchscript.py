@@ -32,7 +32,15 @@ from torch import Tensor, nn
 
 from ..registry import build_loss
 from ..specs import LossSpec, spec_for
-from .artifacts import ArtifactError, ExportPlan, LossOrConfig, atomic_output, evaluation_mode, write_manifest
+from .artifacts import (
+    ArtifactError,
+    ExportPlan,
+    LossOrConfig,
+    atomic_output,
+    evaluation_mode,
+    one_export_at_a_time,
+    write_manifest,
+)
 from .verify import DEFAULT_SIZES, TOLERANCES, check_parity
 
 #: Name of the config inside the archive (``torch.jit.save`` stores extra files under ``<archive>/extra/``).
@@ -139,6 +147,7 @@ def forward_signature(scripted: torch.jit.ScriptModule) -> str:
     return re.sub(r"^forward\([^,)]* self(, )?", "forward(", str(schema))
 
 
+@one_export_at_a_time
 def export_torchscript(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],
