@@ -276,3 +276,14 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
     assert not [name for name in left if name.endswith(".tmp")], left
     artifacts = [name for name in left if name.endswith(".onnx")]
     assert sorted(f"{name}.json" for name in artifacts) == [name for name in left if name.endswith(".json")]
+
+
+def test_an_onnx_runner_can_keep_to_one_thread(tmp_path: Path) -> None:
+    """A service holding many runners: each session otherwise starts about one thread per core."""
+    import os
+
+    path = export_onnx(dict(type="L1Loss"), tmp_path / "l1.onnx", verify=False)
+    before = len(os.listdir("/proc/self/task"))
+    runners = [onnx_export.load_runner(path, threads=1) for _ in range(5)]
+    assert len(os.listdir("/proc/self/task")) == before
+    assert len(runners) == 5

@@ -988,11 +988,15 @@ def _to_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().numpy()
 
 
-def load_runner(path: str | os.PathLike[str], manifest: Optional[Mapping[str, Any]] = None) -> Any:
+def load_runner(
+    path: str | os.PathLike[str], manifest: Optional[Mapping[str, Any]] = None, *, threads: Optional[int] = None
+) -> Any:
     """An onnxruntime (CPUExecutionProvider) runner for the model at ``path``.
 
     The runner takes named tensors (inputs the graph does not have are ignored) and returns the outputs as
-    tensors, in graph order. Models with external data outside their directory are refused.
+    tensors, in graph order. Models with external data outside their directory are refused. ``threads``: the
+    session's intra-op threads (default onnxruntime's, about one per core for each live runner: a service holding
+    many runners sets 1).
     """
     import onnxruntime as ort
 
@@ -1002,6 +1006,8 @@ def load_runner(path: str | os.PathLike[str], manifest: Optional[Mapping[str, An
     check_external_data(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     graph_inputs = [node.name for node in session.get_inputs()]
     if manifest is not None:
