@@ -663,11 +663,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--sizes", default="", help="comma-separated N overriding every loss's sizes")
     parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="subset of " + ",".join(ALL_PROVIDERS))
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 7, quick 3)")
-    parser.add_argument("--min-repeats", type=int, default=3)
-    parser.add_argument("--cell-budget-s", type=float, default=30.0, help="stop repeating a cell after this")
+    parser.add_argument("--min-repeats", type=int, default=3, help="timed repeats per cell at least (default 3)")
+    parser.add_argument(
+        "--cell-budget-s", type=float, default=30.0, help="stop repeating a cell after this many seconds (default 30)"
+    )
     parser.add_argument("--min-cell-s", type=float, default=None,
                         help="repeat short cells past --repeats (up to 10x) until they ran this long (default 1, quick 0)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per cell first (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")

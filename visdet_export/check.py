@@ -432,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES)}"
     )
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="sample counts N")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+        help="comma-separated sample counts N (default %(default)s)",
+    )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument(
         "--pt2",
@@ -448,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx column: export the loss alone (loss, default) or with its gradient output, as distillation "
         "graphs are (joint: values and gradients are checked)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default %(default)s)")
     parser.add_argument(
         "--device",
         help="run eager, compile and script on this device (e.g. cuda) against eager on the CPU; the exported "
