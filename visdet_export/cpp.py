@@ -153,8 +153,21 @@ def _build_key(sources: Path) -> dict[str, str]:
         "torch": torch.__version__,
         "torch_prefix": str(torch_cmake_prefix()),
         "compiler": str(_compiler()),
+        "compiler_version": _compiler_version(),
         "cxx11_abi": str(cxx11_abi()),
     }
+
+
+def _compiler_version() -> str:
+    """The first line of ``<compiler> --version``: an upgraded compiler at the same path rebuilds too."""
+    compiler = _compiler()
+    if compiler is None:
+        return "none"
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (result.stdout.strip().splitlines() or ["unknown"])[0]
 
 
 @contextlib.contextmanager
