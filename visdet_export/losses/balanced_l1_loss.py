@@ -117,6 +117,8 @@ class BalancedL1Loss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` and ``target`` of one shape (box deltas (N, 4), or any); ``weight`` of that shape (1 on some axes)
+        or one value per row. Returns the loss times ``loss_weight``: 0-d, or ``pred``'s shape under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = balanced_l1_loss(
             pred, target, weight, self.alpha, self.gamma, self.beta, reduction, as_avg_factor(avg_factor, pred)

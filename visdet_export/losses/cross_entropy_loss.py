@@ -445,6 +445,10 @@ class CrossEntropyLoss(WeightedLoss):
         reduction_override: Optional[str] = None,
         ignore_index: Optional[int] = None,
     ) -> Tensor:
+        """Softmax: ``pred`` (N, C) logits, ``label`` (N,) classes. Sigmoid: (N, C) logits with (N,) labels in [0, C]
+        (C = background), or targets of ``pred``'s shape. Mask: (R, C, H, W) logits, (R, H, W) targets, and the RoIs'
+        class labels as the third argument. ``ignore_index`` overrides the configured one for this call. Returns the
+        loss times ``loss_weight``: 0-d, or per element under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         factor = as_avg_factor(avg_factor, pred)
         class_weight = self.class_weight_for(pred)

@@ -290,6 +290,9 @@ class FocalLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` (N, C) logits (probabilities with ``activated=True``); ``target`` (N,) labels in [0, C] (C =
+        background) or (N, C) one-hot; ``weight`` (N,), (N, 1), (N, C) or (N * C,). Returns the loss times
+        ``loss_weight``: 0-d, or (N, C) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = sigmoid_focal_loss(
             pred, target, weight, self.gamma, self.alpha, reduction, as_avg_factor(avg_factor, pred), self.activated

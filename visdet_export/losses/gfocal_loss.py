@@ -243,6 +243,9 @@ class QualityFocalLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` (N, C) logits (probabilities with ``activated=True``); ``target`` a tuple (labels (N,) in [0, C],
+        C = background; IoU scores (N,)) or dense (N, C) soft targets; ``weight`` (N,). Returns the loss times
+        ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         if isinstance(target, Tensor):
             if not same_shape(target, pred):
@@ -399,6 +402,8 @@ class DistributionFocalLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` (N, reg_max + 1) bin logits; ``target`` (N,) distances in [0, reg_max]; ``weight`` (N,). Returns
+        the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reg_max = self.reg_max
         if reg_max is not None and not same_size(pred.size(-1), reg_max + 1, "pred's bins and reg_max + 1"):
             raise ValueError(

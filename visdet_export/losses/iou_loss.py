@@ -317,6 +317,8 @@ class IoULoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
+        Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = iou_loss(pred, target, weight, self.mode, self.eps, reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
@@ -346,6 +348,8 @@ class GIoULoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
+        Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = giou_loss(pred, target, weight, self.eps, reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)

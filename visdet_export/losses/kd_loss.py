@@ -125,6 +125,8 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` (N, C) student logits, ``soft_label`` (N, C) teacher logits (no gradient); ``weight`` (N,).
+        Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = knowledge_distillation_kl_div_loss(
             pred, soft_label, weight, self.T, reduction, as_avg_factor(avg_factor, pred)
@@ -234,6 +236,9 @@ class LocalizationDistillationLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        """``pred`` and ``soft_label`` (N, 4 * (reg_max + 1)) student and teacher bin logits, or one side per row
+        (N * 4, reg_max + 1); ``weight`` (N,) or (N, 4). Returns the loss times ``loss_weight``: 0-d, or (N, 4)
+        (one side per row: (N * 4,)) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = localization_distillation_loss(
             pred, soft_label, weight, self.T, self.reg_max, reduction, as_avg_factor(avg_factor, pred)
