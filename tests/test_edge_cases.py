@@ -782,3 +782,36 @@ def test_balanced_l1_breakpoints(params: dict) -> None:
     # continuous at the breakpoint
     torch.testing.assert_close(out[0, 1], out[0, 3], rtol=1e-7, atol=1e-9)
     assert float(out[0, 0].detach()) == 0.0
+
+
+def test_balanced_l1_gradient_with_a_small_beta_is_float32_accurate() -> None:
+    """The closed form's b m + beta was (b m + 1) + (beta - 1), which cancels: 7.5e-4 of the largest gradient at
+    beta = 1e-4 (float32's own rounding allows ~1e-7)."""
+    cfg = dict(type="BalancedL1Loss", beta=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.rand(20000, 4, generator=generator, dtype=F64) * 1.2e-4
+    target = torch.zeros_like(pred)
+    leaf = pred.clone().requires_grad_()
+    expected = grad_of(reference_loss(cfg, leaf, target, None, None, "mean"), leaf)
+    leaf32 = pred.float().requires_grad_()
+    got = grad_of(build_loss(cfg)(leaf32, target.float()), leaf32)
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_sigmoid_cross_entropy_with_class_weights_on_confident_negatives(runtime: str) -> None:
+    """pos_weight's (1 - t) x + (1 + (p - 1) t) softplus(-x) cancels at x << 0 (7e-3 relative at x in [-20, -10]):
+    the loss is written as (1 - t) softplus(x) + p t softplus(-x)."""
+    generator = torch.Generator().manual_seed(0)
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[0.5, 2.0, 3.0])
+    pred = -10.0 - 10.0 * torch.rand(500, 3, generator=generator, dtype=F64)
+    target = torch.zeros_like(pred)  # all negatives: the loss is the sum of the tiny softplus(x)
+    leaf = pred.clone().requires_grad_()
+    expected = reference_loss(cfg, leaf, target, None, None, "mean")
+    expected_grad = grad_of(expected, leaf)
+    loss = build_loss(cfg)
+    module = loss if runtime == "eager" else script_loss(loss)
+    leaf32 = pred.float().requires_grad_()
+    got = module(leaf32, target.float())
+    assert abs(float(got) - float(expected)) < 1e-6 * abs(float(expected))
+    assert float((grad_of(got, leaf32).double() - expected_grad).abs().max() / expected_grad.abs().max()) < 1e-6

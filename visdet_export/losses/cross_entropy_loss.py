@@ -285,7 +285,7 @@ def _binary_cross_entropy_eager(
     pred: Tensor, targets: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], pos_weight: Optional[Tensor]
 ) -> Tensor:
     """BCE on logits times a frozen weight with the gradient in closed form, ``sigmoid(x) - t`` (with
-    ``pos_weight`` p: ``1 - t - (1 + (p - 1) t) sigmoid(-x)``; slope ``1/2 - t`` at 0 either way), as
+    ``pos_weight`` p: ``(1 - t) sigmoid(x) - p t sigmoid(-x)``; slope ``(1 - t - p t) / 2`` at 0), as
     ``softplus(x) - x t``: two vectorised passes where the built-in takes five. The built-ins' ONNX lowering
     (Log(Sigmoid)) overflows, hence eager only. Elements of weight 0 are zeroed in the outputs rather than in the
     inputs: two in-place passes where masking logits and targets took three full-size temporaries."""
@@ -296,11 +296,11 @@ def _binary_cross_entropy_eager(
             value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).addcmul_(pred, targets, value=-1.0)
             if with_grad:
                 grad = torch.sigmoid(pred).sub_(targets)
-        else:
-            value = F.binary_cross_entropy_with_logits(pred, targets, pos_weight=pos_weight, reduction="none")
+        else:  # (1 - t) softplus(x) + p t softplus(-x): no difference of near-equal terms (see bce_with_logits)
+            negative, positive = torch.sub(1.0, targets), targets * pos_weight
+            value = F.softplus(pred).mul_(negative).add_(F.softplus(-pred).mul_(positive))
             if with_grad:
-                positive_scale = targets.mul(pos_weight - 1.0).add_(1.0)
-                grad = torch.neg(pred).sigmoid_().mul_(positive_scale).neg_().add_(1.0).sub_(targets)
+                grad = torch.sigmoid(pred).mul_(negative).sub_(torch.neg(pred).sigmoid_().mul_(positive))
         value, grad = select_kept_outputs_(value, grad, keep)
     return attach_gradient(
         value, grad, pred, weights,
