@@ -815,3 +815,16 @@ def test_sigmoid_cross_entropy_with_class_weights_on_confident_negatives(runtime
     got = module(leaf32, target.float())
     assert abs(float(got) - float(expected)) < 1e-6 * abs(float(expected))
     assert float((grad_of(got, leaf32).double() - expected_grad).abs().max() / expected_grad.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_one_logit_per_sample_takes_one_class_weight(runtime: str) -> None:
+    """FCOS-style centerness (N,) with ``class_weight=[w]``: the weight of the positives, as pos_weight in
+    MMDetection (it raised 'class_weight has 1 entries but pred has N classes')."""
+    loss = build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[2.0]))
+    module = loss if runtime == "eager" else script_loss(loss)
+    pred, target = torch.randn(7, dtype=F64), torch.rand(7, dtype=F64)
+    expected = F.binary_cross_entropy_with_logits(pred, target, pos_weight=torch.tensor([2.0], dtype=F64))
+    torch.testing.assert_close(module(pred, target), expected)
+    with pytest.raises((ValueError, torch.jit.Error), match="class_weight has 2 entries but pred has 1 classes"):
+        build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[1.0, 2.0]))(pred, target)

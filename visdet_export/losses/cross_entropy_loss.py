@@ -214,7 +214,8 @@ def binary_cross_entropy(
         if weight is not None:
             weight = element_weight(weight, pred)
     if class_weight is not None:
-        _check_class_count(class_weight, pred.size(-1))
+        # one logit per sample (FCOS centerness) has no class axis: one weight for the positives, as pos_weight
+        _check_class_count(class_weight, pred.size(-1) if pred.dim() > 1 else 1)
     if weight is not None:
         weight = weight.to(dtype)
     pos_weight = None if class_weight is None else class_weight.to(pred.device, dtype)
