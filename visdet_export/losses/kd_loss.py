@@ -37,7 +37,9 @@ def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target:
 
     Both logs come from ``log_softmax`` and ``p = exp(log p)``, so a teacher probability that underflows to 0
     contributes exactly ``0 * finite = 0`` (MMDetection's ``F.kl_div`` convention ``0 log 0 = 0``) and no log of 0
-    is ever taken, in the value or in either gradient.
+    is ever taken, in the value or in either gradient. In float32 the value is off by up to about
+    ``4 * 2**-24 * T**2 / C * (max |log p| + max |log q|)`` per row (README, Mixed precision): a student close to its
+    teacher keeps few digits, as with ``F.kl_div``.
 
     Args:
         pred (Tensor[*, C]): student logits (compute dtype).
