@@ -566,6 +566,38 @@ def test_focal_integer_targets_of_preds_shape_are_one_hot_or_nan(runtime: str) -
     assert masked.isfinite().all() and grad.isfinite().all() and (grad[:2] == 0).all()
 
 
+_NO_CLASSES = {
+    "ce_softmax": (dict(type="CrossEntropyLoss"), (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))),
+    "ce_sigmoid_labels": (
+        dict(type="CrossEntropyLoss", use_sigmoid=True), (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
+    ),
+    "ce_mask": (
+        dict(type="CrossEntropyLoss", use_mask=True),
+        (torch.zeros(3, 0, 2, 2), torch.zeros(3, 2, 2), torch.zeros(3, dtype=torch.long)),
+    ),
+    "focal_labels": (dict(type="FocalLoss"), (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))),
+    "qfl_pair": (
+        dict(type="QualityFocalLoss"), (torch.zeros(3, 0), (torch.zeros(3, dtype=torch.long), torch.zeros(3)))
+    ),
+    "kd": (dict(type="KnowledgeDistillationKLDivLoss"), (torch.zeros(3, 0), torch.zeros(3, 0))),
+    "dfl_one_bin": (dict(type="DistributionFocalLoss"), (torch.zeros(3, 1), torch.zeros(3))),
+}
+
+
+@pytest.mark.parametrize("key", list(_NO_CLASSES))
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_no_classes_is_a_value_error_naming_the_axis(key: str, runtime: str) -> None:
+    """pred without classes (C = 0; DFL with one bin) gave index errors naming neither input (or a NaN for KD)."""
+    cfg, args = _NO_CLASSES[key]
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="eager")
+    # fullgraph compile reports the ValueError inside its own error ("Observed exception"), shape left out
+    error = {"eager": ValueError, "script": torch.jit.Error, "compile": Exception}[runtime]
+    with pytest.raises(error, match=r"needs (classes|bins) along pred's axis 1 \(at least [12]"):
+        loss(*args)
+
+
 def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:
     loss = build_loss(dict(type="QualityFocalLoss"))
     with pytest.raises(ValueError, match=r"go together as one tuple: loss\(pred, \(labels, scores\)\)"):

@@ -265,13 +265,31 @@ def row_weighted_inputs(
     return pred, target, weight, keep
 
 
+def known_within(size: int, low: int, high: int) -> bool:
+    """``low <= size <= high``, where the compiler knows it without a guard (a symbolic size only through the
+    bounds it has been given, 0 / 1 specialisation included)."""
+    if torch.jit.is_scripting():
+        return low <= size and size <= high
+    if isinstance(size, Tensor):  # torch.jit.trace's size (the trace keeps the answer)
+        return bool(low <= size) and bool(size <= high)
+    return statically_known_true(size >= low) and statically_known_true(size <= high)
+
+
 def known_to_be_one(size: int) -> bool:
     """``size == 1``, where the compiler knows it without a guard (a symbolic size is not known to be 1)."""
-    if torch.jit.is_scripting():
-        return size == 1
-    if isinstance(size, Tensor):  # torch.jit.trace's size (the trace keeps the answer)
-        return bool(size == 1)
-    return statically_known_true(size == 1)
+    return known_within(size, 1, 1)
+
+
+def check_class_axis(pred: Tensor, minimum: int, loss_name: str, axis_name: str = "classes") -> None:
+    """``pred``'s axis 1 (classes, bins) holds at least ``minimum``: with fewer, label lookups index out of range
+    and KD averages over nothing, errors that name neither input. A symbolic size the compiler cannot bound passes
+    (a graph is not refused for the sizes it might be given)."""
+    if pred.dim() < 2 or not known_within(pred.size(1), 0, minimum - 1):
+        return
+    message = loss_name + " needs " + axis_name + " along pred's axis 1 (at least " + str(minimum) + ")"
+    if torch.jit.is_scripting() or eager_fast_path(pred):  # a compiler cannot format symbolic shapes
+        message = message + ", got pred of shape " + str(pred.shape)
+    raise ValueError(message)
 
 
 def same_size(a: int, b: int, what: str = "the sizes of two inputs of a loss") -> bool:

@@ -16,6 +16,7 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_saved_gradient,
+    check_class_axis,
     check_weight_like,
     compiled_training,
     compute_dtype,
@@ -90,6 +91,7 @@ def softmax_cross_entropy(
             "expected pred (N, C, ...) and label (N, ...), got " + str(pred.shape) + " and " + str(label.shape)
         )
     label = _labels_to_int(label)
+    check_class_axis(pred, 1, "softmax cross-entropy")
     _check_class_count(class_weight, pred.size(1))
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
@@ -198,6 +200,7 @@ def binary_cross_entropy(
                 + str(pred.shape) + " and " + str(label.shape)
             )
         label = _labels_to_int(label)
+        check_class_axis(pred, 1, "sigmoid cross-entropy on class labels")
         # one row of the (N, C) problem per label: masks and weights stay (N, 1) and broadcast
         valid = _not_ignored(label, ignore_index).unsqueeze(1)
         if weight is not None:
@@ -376,6 +379,7 @@ def mask_cross_entropy(
             + str(pred.shape) + ", " + str(target.shape) + " and " + str(label.shape)
         )
     label = _labels_to_int(label)
+    check_class_axis(pred, 1, "mask cross-entropy")
     _check_class_count(class_weight, pred.size(1))
     dtype = compute_dtype(pred)
     safe_label = label.clamp(0, pred.size(1) - 1)

@@ -15,6 +15,7 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    check_class_axis,
     check_index_dtype,
     compiled_training,
     compute_dtype,
@@ -58,6 +59,7 @@ def check_class_labels(pred: Tensor, target: Tensor) -> None:
     if target.is_floating_point():
         raise ValueError("integer class labels are expected, got a floating-point tensor of shape (N,)")
     check_index_dtype(target, "class labels")
+    check_class_axis(pred, 1, "FocalLoss on class labels")
 
 
 def class_targets(pred: Tensor, target: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from ..numerics import (
     attach_gradient,
     bce_with_logits,
     bce_with_probabilities,
+    check_class_axis,
     check_index_dtype,
     check_weight_like,
     class_matches,
@@ -59,6 +60,7 @@ def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
     if labels.is_floating_point():
         raise ValueError("QualityFocalLoss labels must be integers, got a floating-point tensor")
     check_index_dtype(labels, "QualityFocalLoss labels")
+    check_class_axis(pred, 1, "QualityFocalLoss on class labels")
 
 
 def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
@@ -302,6 +304,7 @@ def distribution_focal_loss(
         raise ValueError(
             "expected pred (N, reg_max + 1) and target (N,), got " + str(pred.shape) + " and " + str(target.shape)
         )
+    check_class_axis(pred, 2, "DistributionFocalLoss", "bins")
     dtype = compute_dtype(pred)
     pred = pred.to(dtype)
     target = target.to(dtype)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..numerics import (
+    check_class_axis,
     compute_dtype,
     row_weighted_inputs,
     same_shape,
@@ -97,6 +98,7 @@ def knowledge_distillation_kl_div_loss(
             "expected pred (N, C) and soft_label of the same shape, got "
             + str(pred.shape) + " and " + str(soft_label.shape)
         )
+    check_class_axis(pred, 1, "KnowledgeDistillationKLDivLoss")
     pred, soft_label, weight, _ = row_weighted_inputs(pred, soft_label, weight)
     loss = soft_label_kl_div(pred, soft_label, T, detach_target)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
