@@ -598,6 +598,32 @@ def test_no_classes_is_a_value_error_naming_the_axis(key: str, runtime: str) -> 
         loss(*args)
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+@pytest.mark.parametrize(
+    "activated, dtype",
+    [(True, torch.int64), (True, torch.float16), (True, torch.bfloat16),
+     (False, torch.float16), (False, torch.bfloat16)],
+)
+def test_qfl_scores_keep_their_precision_whatever_preds_dtype(runtime: str, activated: bool, dtype) -> None:
+    """The dense targets of QFL on (labels, scores) were built in pred's dtype: integer probabilities (0 / 1)
+    turned every score into 0 when scripted (a loss of 0; eager failed in its scatter), half precision rounded them
+    (6e-5 off)."""
+    cfg = dict(type="QualityFocalLoss", activated=activated, reduction="none")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":  # compiled training builds the dense targets
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randint(0, 2, (6, 4), generator=g) if dtype == torch.int64 else torch.rand(6, 4, generator=g)
+    pred = pred.to(dtype)
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    scores = torch.tensor([0.1234567, 0.7654321, 0.3333333, 0.9876543, 0.0, 0.5000001])
+    float_pred = pred.float().requires_grad_(runtime == "compile")
+    trained = pred.requires_grad_(True) if pred.is_floating_point() and runtime == "compile" else pred
+    out = loss(trained, (labels, scores))
+    torch.testing.assert_close(out, loss(float_pred, (labels, scores)), rtol=1e-6, atol=0)
+    assert out.dtype == torch.float32 and bool((out > 0).all())
+
+
 def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:
     loss = build_loss(dict(type="QualityFocalLoss"))
     with pytest.raises(ValueError, match=r"go together as one tuple: loss\(pred, \(labels, scores\)\)"):

@@ -70,10 +70,12 @@ def quality_targets(pred: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
         pred (Tensor[N, C]), labels (Tensor[N] int in [0, C]), scores (Tensor[N] in [0, 1]).
     """
     _check_quality_labels(pred, labels, scores)
+    # in the compute dtype: integer or half-precision probabilities would round the scores (to 0, or to 3 digits)
+    scores = scores.to(compute_dtype(pred))
     if eager_fast_path(pred):
-        return scatter_class_values(pred, labels, scores.to(pred.dtype))
+        return scatter_class_values(pred, labels, scores)
     classes = torch.arange(pred.size(1), device=pred.device)
-    return torch.where(labels.unsqueeze(1) == classes, scores.to(pred.dtype).unsqueeze(1), 0.0)
+    return torch.where(labels.unsqueeze(1) == classes, scores.unsqueeze(1), 0.0)
 
 
 def quality_focal_loss(
