@@ -89,13 +89,18 @@ def source_dir() -> Path:
     return here / "cpp_project"
 
 
-def default_build_dir() -> Path:
-    """``$VISDET_EXPORT_CPP_BUILD_DIR``, else ``$XDG_CACHE_HOME/visdet-export/cpp`` (``~/.cache/...``)."""
+def default_build_dir(sources: str | os.PathLike[str] | None = None) -> Path:
+    """``$VISDET_EXPORT_CPP_BUILD_DIR``, else ``$XDG_CACHE_HOME/visdet-export/cpp/<environment>`` (``~/.cache/...``):
+    one build per torch installation and source folder (``sources``, default :func:`source_dir`), so virtual
+    environments and checkouts sharing the cache neither rebuild over each other's program nor replace it while
+    the other runs it."""
     env = os.environ.get("VISDET_EXPORT_CPP_BUILD_DIR")
     if env:
         return Path(env)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "visdet-export" / "cpp"
+    source_path = Path(sources) if sources is not None else source_dir()
+    where = f"{torch_cmake_prefix()}\0{source_path.resolve()}"
+    return cache / "visdet-export" / "cpp" / hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 def _compiler() -> str | None:
@@ -210,7 +215,7 @@ def build_runner(
     problem = toolchain_problem(source_path)
     if problem:
         raise ToolchainUnavailable(problem)
-    directory = Path(build_dir) if build_dir is not None else default_build_dir()
+    directory = Path(build_dir) if build_dir is not None else default_build_dir(source_path)
     directory.mkdir(parents=True, exist_ok=True)
     program = directory / PROGRAM
     key = _build_key(source_path)
