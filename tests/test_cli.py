@@ -681,17 +681,30 @@ def test_bench_outside_a_source_checkout_says_so(monkeypatch, capsys, tmp_path):
     code, _, err = run(capsys, "bench", "--quick")
     assert code == 2
     assert "visdet-export bench needs a source checkout" in err and "from the root of a clone" in err
+    code, out, _ = run(capsys, "bench", "--help")  # help is an answer, not a failure (the top-level help names it)
+    assert code == 0 and "usage: visdet-export bench" in out and "needs a source checkout" in out
 
 
 def test_bench_finds_the_runner_of_the_clone_it_runs_in(monkeypatch, tmp_path):
-    """An installed wheel has no benchmarks/ beside the package; run from a clone's root, it takes the clone's."""
+    """An installed wheel has no benchmarks/ beside the package; run from a clone's root, it takes the clone's, and
+    no other folder's benchmarks/run.py (someone else's code)."""
     from visdet_export import bench
 
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "visdet_export" / "bench.py"))
-    (tmp_path / "clone" / "benchmarks").mkdir(parents=True)
-    (tmp_path / "clone" / "benchmarks" / "run.py").write_text("def main(argv):\n    return 0\n")
+    for folder, project in (("clone", "visdet-export"), ("other", "other-project")):
+        (tmp_path / folder / "benchmarks").mkdir(parents=True)
+        (tmp_path / folder / "benchmarks" / "run.py").write_text("def main(argv):\n    return 0\n")
+        (tmp_path / folder / "pyproject.toml").write_text(f'[project]\nname = "{project}"\n')
     monkeypatch.chdir(tmp_path / "clone")
     assert bench.runner_path() == tmp_path / "clone" / "benchmarks" / "run.py"
+    monkeypatch.chdir(tmp_path / "other")
+    assert not bench.runner_path().is_file()
+
+
+def test_no_command_prints_the_commands(capsys):
+    """argparse said only "the following arguments are required: COMMAND"."""
+    code, out, err = run(capsys)
+    assert code == 2 and "usage: visdet-export" in err and "    export " in err and "    check " in err
 
 
 def test_bench_usage_mistakes_exit_2(capsys):

@@ -1144,7 +1144,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
 
     p_list = commands.add_parser(
         "list", help="list the registered losses with their parameters and inputs (or the bundled recipes)"
@@ -1290,6 +1289,9 @@ def _main(argv: list[str]) -> int:
         return _guard(lambda: command(rest[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # the commands and what they do, rather than argparse's "COMMAND is required"
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     return _guard(lambda: args.func(args), args.debug)
 
 
