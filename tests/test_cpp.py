@@ -190,3 +190,23 @@ def test_pt2_single_package_in_cpp_matches_eager(cpp_program: cpp.BuiltRunner, r
     with pytest.raises(ValueError, match="not a bundle"):
         cpp.check_pt2_bundle(package.path, cpp_program.path)
     assert all(case.backward is not None for case in report.cases)
+
+
+@needs_pt2
+def test_pt2_package_in_cpp_refuses_one_symbol_fed_two_sizes(cpp_program: cpp.BuiltRunner, runner_cache,
+                                                              tmp_path) -> None:
+    """The C++ README's promise: with ``AOTI_RUNTIME_CHECK_INPUTS=1`` (which run_program sets) a package refuses
+    inputs whose sizes of one symbol disagree (a target one row short is otherwise read past its end)."""
+    from visdet_export.export.artifacts import read_manifest
+
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    package = runner_cache.runner("dfl", "pt2", key=key, **options)
+    loss = build_loss(CONFIGS["dfl"])
+    names = [entry["name"] for entry in read_manifest(package.path)["inputs"]]
+    (case,) = cpp.pt2_cases(loss, spec_for(loss), names, sizes=[7])
+    assert cpp.run_program(cpp_program.path, "pt2", package.path, cpp.write_cases(tmp_path / "ok.pt", [case]))[
+        "returncode"] == 0
+    short = [arg[:6] if name == "target" else arg for name, arg in zip(names, case.args)]
+    run = cpp.run_program(cpp_program.path, "pt2", package.path,
+                          cpp.write_cases(tmp_path / "short.pt", [cpp.Case("short", short)]))
+    assert "expected size 6==7" in str(run["cases"][0]["error"]), run

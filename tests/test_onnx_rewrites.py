@@ -456,6 +456,27 @@ def _tied_graph() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
+def test_checked_input_shapes_refuse_axes_below_their_least_size() -> None:
+    """A class axis of 0 (DFL: fewer than 2 bins) failed in a gather of the loss, naming no input; N = 0 is valid."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C"]),
+              helper.make_tensor_value_info("bins", TensorProto.FLOAT, ["N", "B"])]
+    nodes = [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0), helper.make_node("ReduceSum", ["bins"], ["sb"],
+                                                                                         keepdims=0),
+             helper.make_node("Add", ["sx", "sb"], ["total"])]
+    graph = helper.make_graph(nodes, "least", inputs, [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    assert onnx_export.checked_input_shapes(model) == 3  # bins' N is x's; C >= 1, B >= 2
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ones = {"x": np.ones((3, 1), np.float32), "bins": np.ones((3, 2), np.float32)}
+    assert session.run(None, ones)[0] == 9.0
+    assert session.run(None, {"x": np.ones((0, 1), np.float32), "bins": np.ones((0, 2), np.float32)})[0] == 0.0
+    with pytest.raises(Exception, match=r"input check: x.shape\[1\] must be at least 1 \(C\)"):
+        session.run(None, {**ones, "x": np.ones((3, 0), np.float32)})
+    with pytest.raises(Exception, match=r"input check: bins.shape\[1\] must be at least 2 \(B\)"):
+        session.run(None, {**ones, "bins": np.ones((3, 1), np.float32)})
+
+
 def test_checked_input_shapes_refuse_disagreeing_sizes_and_change_no_bit() -> None:
     model = _tied_graph()
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -81,7 +81,7 @@ def test_bundle_manifest_and_independent_sizes(runner_cache):
     assert [entry["name"] for entry in manifest["entries"]] == list(CONFIG_NAMES)
     assert all(entry["joint"] for entry in manifest["entries"])
     assert manifest["dynamic_dims"] == {
-        f"{symbol}_{name}": {"min": 0 if symbol == "N" else 1}
+        f"{symbol}_{name}": {"min": {"N": 0, "B": 2}.get(symbol, 1)}  # DFL needs two bins
         for name in CONFIG_NAMES
         for symbol in runner_cache.loss(name)[1].symbols()
     }
@@ -130,7 +130,7 @@ def test_single_joint_package_manifest_and_verify(runner_cache):
     key, options = runner_options("dfl", "pt2", pt2="separate")
     package = runner_cache.runner("dfl", "pt2", key=key, **options)
     manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
-    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 1}}  # DFL bins
+    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 2}}  # DFL: two bins
     assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
     assert manifest["output_shapes"] == {"loss": [], "grad_pred": ["N", "B"]}
     assert [entry["name"] for entry in manifest["inputs"]] == ["pred", "target", "weight", "avg_factor"]

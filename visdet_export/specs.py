@@ -34,8 +34,9 @@ SAMPLES = "N"
 
 
 def smallest_size(symbol: str) -> int:
-    """The least value of a shape symbol: no samples is valid input, an axis of no classes or bins is not."""
-    return 0 if symbol == SAMPLES else 1
+    """The least value of a shape symbol: no samples is valid input, an axis of no classes is not, and DFL needs
+    two bins (reg_max >= 1)."""
+    return {SAMPLES: 0, "B": 2}.get(symbol, 1)
 
 
 FLOAT = "float"  # the dtype chosen for the sample (float32 by default)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..specs import smallest_size
 from .artifacts import (
     ArtifactError,
     ExportPlan,
@@ -881,14 +882,17 @@ def checked_input_shapes(model: Any) -> int:
     error), and every input axis whose symbol (``N``, ``C``, ...) an earlier input's axis has is checked equal to
     it: the difference of the two sizes, doubled, indexes a one-element tensor, which fails unless it is 0. The
     checks' zeros are added to each input's shape, which reshapes the input to itself before the loss reads it: no
-    element is copied or changed, and each check costs a few operations on one integer whatever N. Returns the
-    number of checks written."""
+    element is copied or changed, and each check costs a few operations on one integer whatever N. The first axis
+    of each symbol is also checked against the symbol's least size (:func:`~visdet_export.specs.smallest_size`:
+    at least one class, two DFL bins), where a gather out of range named no input. Returns the number of checks
+    written."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     checks = 0
     first: dict[str, tuple[str, int]] = {}
     ties: list[tuple[str, int, str, int, str]] = []
+    bounds: list[tuple[str, int, str, int]] = []
     for info in graph.input:
         dims = info.type.tensor_type.shape.dim
         if info.type.tensor_type.HasField("shape") and len(dims) == 0:
@@ -899,11 +903,14 @@ def checked_input_shapes(model: Any) -> int:
                 ties.append((info.name, axis, *first[dim.dim_param], dim.dim_param))
             elif dim.dim_param:
                 first[dim.dim_param] = (info.name, axis)
-    if not ties:
+                if smallest_size(dim.dim_param) > 0:
+                    bounds.append((info.name, axis, dim.dim_param, smallest_size(dim.dim_param)))
+    if not ties and not bounds:
         return checks
-    single, two = "visdet_check_single_zero", "visdet_check_two"
+    single, two, zero = "visdet_check_single_zero", "visdet_check_two", "visdet_check_zero"
     graph.initializer.extend([
-        numpy_helper.from_array(np.zeros(1, np.int64), single), numpy_helper.from_array(np.array(2, np.int64), two)
+        numpy_helper.from_array(np.zeros(1, np.int64), single), numpy_helper.from_array(np.array(2, np.int64), two),
+        numpy_helper.from_array(np.array(0, np.int64), zero),
     ])
     checking: list[Any] = []
     sizes: set[str] = set()
@@ -922,6 +929,16 @@ def checked_input_shapes(model: Any) -> int:
         check = f"input check: {name}.shape[{axis}] must equal {tied_name}.shape[{tied_axis}] ({symbol})"
         checking.append(helper.make_node("Sub", [size(name, axis), size(tied_name, tied_axis)], [stem + "_diff"]))
         checking.append(helper.make_node("Mul", [stem + "_diff", two], [stem + "_index"]))  # -1 would index too
+        checking.append(helper.make_node("Gather", [single, stem + "_index"], [stem], name=check, axis=0))
+        zeros.append(stem)
+    for name, axis, symbol, least in bounds:
+        stem = f"{name}__visdet_least{axis}"
+        check = f"input check: {name}.shape[{axis}] must be at least {least} ({symbol})"
+        least_name = stem + "_value"
+        graph.initializer.append(numpy_helper.from_array(np.array(least, np.int64), least_name))
+        checking.append(helper.make_node("Sub", [size(name, axis), least_name], [stem + "_excess"]))
+        checking.append(helper.make_node("Min", [stem + "_excess", zero], [stem + "_shortfall"]))
+        checking.append(helper.make_node("Mul", [stem + "_shortfall", two], [stem + "_index"]))
         checking.append(helper.make_node("Gather", [single, stem + "_index"], [stem], name=check, axis=0))
         zeros.append(stem)
     total = zeros[0]
@@ -943,7 +960,7 @@ def checked_input_shapes(model: Any) -> int:
         checking.append(helper.make_node("Reshape", [info.name, shape], [checked], allowzero=1))
     del graph.node[:]
     graph.node.extend([*checking, *loss_nodes])
-    return checks + len(ties)
+    return checks + len(ties) + len(bounds)
 
 
 def _reshape_to_scalar(graph: Any, name: str) -> None:

@@ -171,8 +171,8 @@ def _runner(
 def check_inputs(described: Sequence[Mapping[str, Any]], tensors: Sequence[Tensor], label: str) -> None:
     """Raise :class:`ArtifactError` unless ``tensors`` have the dtypes and sizes ``described`` (manifest inputs)
     give, each symbol (N, C, ...) one size across them. An AOTInductor package reads its inputs' memory as what
-    it was compiled for and checks nothing (unless ``AOTI_RUNTIME_CHECK_INPUTS=1``): int32 labels, float64
-    logits or a weight one row short give wrong numbers, not an error."""
+    it was compiled for and checks nothing unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set: int32 labels, float64
+    logits or a weight one row short give wrong numbers (or reads past an input's end), not an error."""
     symbols: dict[str, tuple[int, str]] = {}
     for item, tensor in zip(described, tensors, strict=True):
         dtype = str(tensor.dtype).removeprefix("torch.")
