@@ -330,3 +330,119 @@ def test_attach_reads_external_data_inside_the_model_directory(kd_graph, tmp_pat
     assert [i.name for i in session.get_inputs()] == ["x", "t", "l/weight"]
     (y,) = session.run(["y"], {"x": x, "t": x, "l/weight": np.ones(2, np.float32)})
     np.testing.assert_allclose(y, 2 * x)
+
+
+# --- a detection engineer's own model (audit): dtypes, axes, re-attaching, mistakes found before any export ----------
+
+
+def _two_head_model(path: Path, cls_type: int = TensorProto.FLOAT, internal: bool = False) -> Path:
+    """cls = x (A, C) of ``cls_type`` and box = b (P, 4): two heads whose sample axes are different symbols; with
+    ``internal`` cls goes through a Relu named "feat" that is no output."""
+    source = "x"
+    nodes = []
+    if internal:
+        nodes.append(helper.make_node("Relu", ["x"], ["feat"]))
+        source = "feat"
+    nodes += [helper.make_node("Identity", [source], ["cls"]), helper.make_node("Identity", ["b"], ["box"])]
+    graph = helper.make_graph(
+        nodes, "heads",
+        [helper.make_tensor_value_info("x", cls_type, ["A", 5]), helper.make_tensor_value_info("b", TensorProto.FLOAT,
+                                                                                              ["P", 4])],
+        [helper.make_tensor_value_info("cls", cls_type, ["A", 5]), helper.make_tensor_value_info("box",
+                                                                                                TensorProto.FLOAT,
+                                                                                                ["P", 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+def _dims_of(path: Path) -> dict[str, list]:
+    graph = onnx.load(str(path)).graph
+    return {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.input}
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE])
+def test_half_and_double_model_outputs_are_cast_to_the_loss_graphs_float32(tmp_path, dtype):
+    """They were refused ("'cls' is float16 but the loss expects float32"); eager losses take them."""
+    model = _two_head_model(tmp_path / "m.onnx", dtype)
+    out = attach_losses(model, [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "o.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    torch_dtype = {TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}.get(dtype, torch.float64)
+    x, labels = (torch.randn(7, 5) * 4).to(torch_dtype), torch.randint(0, 6, (7,))
+    if dtype == TensorProto.BFLOAT16:  # numpy has no bfloat16: onnxruntime takes its bits
+        feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(torch.int16).numpy().view(np.uint16), dtype)
+    else:
+        feed = x.numpy()
+    (value,) = session.run(["lf"], {"x": feed, "b": np.zeros((0, 4), np.float32), "y": labels.numpy()})
+    np.testing.assert_allclose(value, float(build_loss(dict(type="FocalLoss"))(x, labels)), rtol=RTOL, atol=ATOL)
+
+
+def test_attaching_again_keeps_the_first_losses_on_record(tmp_path):
+    """The second attach replaced the record: verify checked only the new loss."""
+    model = _two_head_model(tmp_path / "m.onnx")
+    first = attach_losses(model, [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "a.onnx")
+    second = attach_losses(
+        first, [("lg", dict(type="GIoULoss"), {"pred": "box", "target": "gt"})], tmp_path / "b.onnx"
+    )
+    assert list(attached_losses(second)) == ["lf", "lg"]
+    assert list(json.loads(Path(f"{second}.json").read_text())["losses"]) == ["lf", "lg"]
+    assert [value.name for value in onnx.load(str(second)).graph.output] == ["cls", "box", "lf", "lg"]
+
+
+def test_new_inputs_share_the_losss_symbols_and_unmapped_graph_inputs_take_the_models(tmp_path, kd_graph):
+    """Without a model output fixing N, each new input had its own symbol (lab/N, sc/N), and a loss graph's
+    unmapped inputs (<loss>/weight) were not tied to the model's N at all."""
+    model = _two_head_model(tmp_path / "m.onnx")
+    out = attach_losses(
+        model,
+        [("q", dict(type="QualityFocalLoss"), {"pred": "p", "labels": "lab", "scores": "sc"}),
+         ("kd", kd_graph, {"pred": "cls", "soft_label": "teacher"})],
+        tmp_path / "o.onnx",
+    )
+    dims = _dims_of(out)
+    assert dims["p"][0] == dims["lab"][0] == dims["sc"][0] == "q/N"
+    assert dims["teacher"] == ["A", 5] and dims["kd/weight"] == ["A"]
+
+
+def test_one_symbol_fed_two_model_axes_is_warned_about(tmp_path):
+    """A weight per anchor (A) given to a loss on positive boxes (P): the merged model fails whenever A != P."""
+    model = _two_head_model(tmp_path / "m.onnx")
+    with pytest.warns(UserWarning, match=r"loss 'lg': its N is 'P' of 'box' and 'A' of 'w'"):
+        attach_losses(
+            model,
+            [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y", "weight": "w"}),
+             ("lg", dict(type="GIoULoss"), {"pred": "box", "target": "gt", "weight": "w"})],
+            tmp_path / "o.onnx",
+        )
+
+
+@pytest.mark.parametrize(
+    "loss, mapping, match",
+    [
+        (dict(type="FocalLoss", reduction="none"), {"pred": "cls", "target": "y"}, "reduction='none' gives no 0-d"),
+        (dict(type="FocalLoss", reduction="sum"), {"pred": "cls", "target": "y", "avg_factor": "n"},
+         "reduction='sum' takes no avg_factor"),
+        (dict(type="KnowledgeDistillationKLDivLoss"), {"pred": "cls", "soft_label": "feat"},
+         "'feat' is an internal value of model .*, not one of its outputs"),
+        (dict(type="FocalLoss"), {"pred": "cls", "target": "box"}, "'box' is float32 but the loss expects int64"),
+    ],
+    ids=["none", "sum-avg-factor", "internal", "dtype"],
+)
+def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, mapping, match):
+    """Each was found only after every earlier loss had been exported (or, for 'none', by verify afterwards)."""
+    from visdet_export.export import attach
+
+    model = _two_head_model(tmp_path / "m.onnx", internal=True)
+    exported = []
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: exported.append(args))
+    with pytest.raises(AttachError, match=match):
+        attach_losses(model, [("first", dict(type="GIoULoss"), {"pred": "box", "target": "gt"}), ("l", loss, mapping)],
+                      tmp_path / "o.onnx")
+    assert exported == []
+
+
+def test_an_opset_newer_than_onnx_knows_is_named(tmp_path):
+    with pytest.raises(AttachError, match=f"at most {onnx.defs.onnx_opset_version()}"):
+        attach_losses(_two_head_model(tmp_path / "m.onnx"),
+                      [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "o.onnx",
+                      opset=onnx.defs.onnx_opset_version() + 5)

@@ -678,10 +678,17 @@ def losses_from_args(args: argparse.Namespace) -> tuple[str, dict[str, dict[str,
 
 def check_opset(opset: int | None) -> None:
     """An ``--opset`` the ONNX exporters refuse is a usage mistake, reported before anything is written."""
+    import onnx
+
     from .export.onnx import MIN_OPSET
 
     if opset is not None and opset < MIN_OPSET:
         raise UsageError(f"--opset {opset} is not supported; the loss graphs need opset >= {MIN_OPSET}")
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        raise UsageError(
+            f"--opset {opset} is newer than this onnx {onnx.__version__} knows (at most "
+            f"{onnx.defs.onnx_opset_version()})"
+        )
 
 
 def check_optional(
@@ -966,8 +973,8 @@ def read_attach_spec(path: str | os.PathLike[str]) -> list[AttachEntry]:
     return entries
 
 
-def _model_io(path: Path) -> tuple[list[str], list[str]]:
-    """The graph input and output names of an ONNX model, read without its external data (after checking it)."""
+def _load_graph(path: Path) -> Any:
+    """An ONNX model read without its external data (after checking where that lies): its graph and types."""
     import onnx
 
     from .export.onnx import check_external_data
@@ -981,7 +988,7 @@ def _model_io(path: Path) -> tuple[list[str], list[str]]:
     except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise UsageError(f"{path} is not an ONNX model ({type(error).__name__}: {_one_line(error)})") from None
     check_external_data(path)  # RELIABILITY 36: its locations must stay inside the model's folder
-    return [v.name for v in model.graph.input], [v.name for v in model.graph.output]
+    return model
 
 
 def declared_new_inputs(entries: Sequence[AttachEntry]) -> frozenset[str]:
@@ -990,39 +997,27 @@ def declared_new_inputs(entries: Sequence[AttachEntry]) -> frozenset[str]:
 
 
 def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
-    """Every mistake :func:`attach_losses` would find only after exporting some losses, reported up front.
-
-    Refuses: a loss that cannot be built, a mapping to an input the loss does not have, a duplicate or clashing
-    loss name, a name marked ``{"output": ...}`` that the model lacks (or ``{"input": ...}`` that it has as an
-    output), and a bare name that is not a model output but looks like a misspelled one.
+    """Every mistake :func:`attach_losses` would find only after exporting some losses, reported up front as a
+    usage mistake: a loss that cannot be built, a name marked ``{"output": ...}`` that the model lacks (or
+    ``{"input": ...}`` that it has as an output), and what :func:`~visdet_export.export.attach.check_plan` finds.
     """
-    from .export.attach import check_sources
-    from .registry import build_loss
-    from .specs import spec_for
+    from .export.attach import AttachError, check_plan
 
-    model_inputs, model_outputs = _model_io(model)
-    taken = set(model_inputs) | set(model_outputs)
-    new_inputs = declared_new_inputs(entries)
+    graph = _load_graph(model)
+    model_outputs = [value.name for value in graph.graph.output]
     for entry in entries:
-        if entry.name in taken:
-            raise UsageError(f"loss name {entry.name!r} is already used by the model or another loss; choose another")
-        taken.add(entry.name)
         if isinstance(entry.loss, dict):
             build_checked({entry.name: entry.loss})
-            spec = spec_for(build_loss(dict(entry.loss)))
-            unknown = sorted(set(entry.mapping) - set(spec.names))
-            if unknown:
-                raise UsageError(
-                    f"loss {entry.name!r} ({entry.loss['type']}) has no input(s) {', '.join(unknown)}; "
-                    f"its inputs are {', '.join(spec.names)}"
-                )
         for key, source in entry.mapping.items():
             if source in entry.outputs and source not in model_outputs:
                 raise UsageError(
                     f"loss {entry.name!r} input {key!r}: {source!r} is not an output of {model.name}; "
                     f"its outputs are {', '.join(model_outputs)}"
                 )
-        check_sources(entry.name, entry.mapping, model_inputs, model_outputs, new_inputs, model.name)
+    try:
+        check_plan(graph, [(e.name, e.loss, e.mapping) for e in entries], declared_new_inputs(entries), model.name)
+    except AttachError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -1105,7 +1100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError(f"the {what} {path} does not exist")
         if not path.is_file():
             raise UsageError(f"the {what} {path} is not a file")
-    _model_io(graph)  # a readable ONNX model with safe external data
+    _load_graph(graph)  # a readable ONNX model with safe external data
     try:
         samples = load_samples(samples_path)  # allow_pickle=False: object arrays are refused, never unpickled
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:

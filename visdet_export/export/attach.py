@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from onnx import external_data_helper
 from torch import nn
 
 from ..registry import MODELS, build_loss, loss_config
-from ..specs import spec_for
+from ..specs import INT64, spec_for
 from .artifacts import (
     ArtifactError,
     as_loss,
@@ -97,6 +98,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _to_opset(model: onnx.ModelProto, opset: int, what: str) -> onnx.ModelProto:
     if _default_opset(model) == opset:
         return model
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise AttachError(f"opset {opset} is newer than this onnx {onnx.__version__} knows (at most {newest})")
     try:
         return onnx.version_converter.convert_version(model, opset)
     except Exception as error:  # the converter raises bare RuntimeErrors per unsupported op
@@ -141,6 +145,29 @@ def _dims(value: onnx.ValueInfoProto) -> Optional[list[object]]:
     ]
 
 
+#: Floating-point model outputs a float32 loss input reads through a Cast, as eager losses compute half precision
+#: in float32 (float64 is rounded: the loss graphs are float32).
+CAST_TO_FLOAT32 = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _dtype_name(elem_type: int) -> str:
+    """numpy's name of an ONNX element type (bfloat16, which numpy lacks, too)."""
+    name = onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _read_as_float32(graph: onnx.GraphProto, name: str, source_type: int) -> None:
+    """Loss graph input ``name`` takes ``source_type`` (one of :data:`CAST_TO_FLOAT32`) and casts it to float32
+    before anything reads it."""
+    cast = name + "__float32"
+    for node in graph.node:
+        node.input[:] = [cast if value == name else value for value in node.input]
+    graph.node.insert(
+        0, onnx.helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT, name=f"{name} to float32")
+    )
+    next(value for value in graph.input if value.name == name).type.tensor_type.elem_type = source_type
+
+
 def _check_compatible(
     source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, what: str, symbols: dict[str, tuple[int, str]]
 ) -> None:
@@ -150,8 +177,7 @@ def _check_compatible(
     source_type, target_type = source.type.tensor_type.elem_type, target.type.tensor_type.elem_type
     if source_type != target_type:
         raise AttachError(
-            f"{what}: {source.name!r} is {onnx.helper.tensor_dtype_to_np_dtype(source_type)} but the loss expects "
-            f"{onnx.helper.tensor_dtype_to_np_dtype(target_type)}"
+            f"{what}: {source.name!r} is {_dtype_name(source_type)} but the loss expects {_dtype_name(target_type)}"
         )
     source_dims, target_dims = _dims(source), _dims(target)
     if source_dims is None or target_dims is None:
@@ -162,19 +188,32 @@ def _check_compatible(
 
 
 def _record_model_symbols(
-    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, model_symbols: dict[str, str]
+    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, model_symbols: dict[str, tuple[str, str]], loss: str
 ) -> None:
-    """Record which symbol of the model (its N) each symbolic axis of loss input ``target`` (the loss's N) has."""
+    """Record which symbol of the model (its N) each symbolic axis of loss input ``target`` (the loss's N) has, and
+    which value gave it. One loss symbol fed two model symbols is warned about: the loss graph's input checks
+    refuse every run where the two differ (a weight given per anchor to a loss on positive boxes)."""
     for source_dim, target_dim in zip(_dims(source) or (), _dims(target) or ()):
-        if isinstance(source_dim, str) and isinstance(target_dim, str):
-            model_symbols.setdefault(target_dim, source_dim)
+        if not (isinstance(source_dim, str) and isinstance(target_dim, str)):
+            continue
+        known, given_by = model_symbols.setdefault(target_dim, (source_dim, source.name))
+        if known != source_dim:
+            warnings.warn(
+                f"loss {loss!r}: its {target_dim} is {known!r} of {given_by!r} and {source_dim!r} of {source.name!r}; "
+                "the merged model runs only where they are equal",
+                stacklevel=4,
+            )
 
 
 def _name_new_input_axes(
-    value: onnx.ValueInfoProto, prefix: str, symbols: dict[str, tuple[int, str]], model_symbols: dict[str, str]
+    value: onnx.ValueInfoProto,
+    prefix: str,
+    symbols: dict[str, tuple[int, str]],
+    model_symbols: Mapping[str, tuple[str, str]],
 ) -> None:
     """A new graph input's axes take what the model's outputs give the same symbols of the loss: a static size
-    (soft labels of 80 classes) or the model's symbol (labels of the model's N); else a symbol of their own."""
+    (soft labels of 80 classes) or the model's symbol (labels of the model's N); else the loss's own symbol
+    (``<loss>/N``), one for all its inputs."""
     for dim in value.type.tensor_type.shape.dim:
         if not dim.HasField("dim_param"):
             continue
@@ -182,9 +221,7 @@ def _name_new_input_axes(
         if symbol in symbols:
             dim.dim_value = symbols[symbol][0]
         elif symbol in model_symbols:
-            dim.dim_param = model_symbols[symbol]
-        else:
-            dim.dim_param = value.name + SEPARATOR + symbol
+            dim.dim_param = model_symbols[symbol][0]
 
 
 # --- loss graphs --------------------------------------------------------------------------------------------------
@@ -201,25 +238,16 @@ def _loss_graph(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata."""
     if isinstance(loss, (str, os.PathLike)):
-        if isinstance(loss, str) and loss in MODELS and not Path(loss).exists():
-            raise AttachError(
-                f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
-            )
         graph = _to_opset(load_model(loss), opset, f"loss graph {name!r}")
         known = {value.name for value in graph.graph.input}
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise AttachError(f"loss {name!r} ({loss}) has no input(s) {', '.join(unknown)}; it has {sorted(known)}")
+        if [_dims(value) for value in graph.graph.output] != [[]]:
+            raise AttachError(f"loss graph {name!r} ({loss}) must have one 0-d output, the reduced loss")
         return graph, {"graph": str(loss)}
     module = as_loss(loss)
     spec = spec_for(module)
-    known = {t.name for t in spec.inputs}
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise AttachError(
-            f"loss {name!r} ({type(module).__name__}) has no input(s) {', '.join(unknown)}; "
-            f"its inputs are {', '.join(spec.names)}"
-        )
     optional = tuple(t.name for t in spec.inputs if t.optional and t.name in mapping)
     path = _export_loss_graph(module, optional, opset, directory)
     return _to_opset(load_model(path), opset, f"loss graph {name!r}"), {"config": loss_config(module)}
@@ -232,7 +260,7 @@ def _check_name(name: object, taken: set[str]) -> str:
     if not isinstance(name, str) or not name or SEPARATOR in name:
         raise AttachError(f"a loss name must be a non-empty string without {SEPARATOR!r}, got {name!r}")
     if name in taken:
-        raise AttachError(f"the name {name!r} is already used by the model or another loss; choose another")
+        raise AttachError(f"loss name {name!r} is already used by the model or another loss; choose another")
     return name
 
 
@@ -266,6 +294,82 @@ def check_sources(
                 f'are {shown}); to make it a new graph input, declare it: new_inputs=["{source}"] in Python, '
                 f'{{"input": "{source}"}} in an attach spec'
             )
+
+
+def check_plan(
+    model: onnx.ModelProto, losses: Sequence[Attachment], new_inputs: Collection[str], model_label: str
+) -> list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]]:
+    """Every mistake of an attach request that needs no export, found before the first one: malformed entries,
+    duplicate names, names that look like misspelled model outputs (:func:`check_sources`) or are the model's
+    internal values, configs that do not build, inputs a loss does not have, a loss that reduces nothing
+    (``reduction="none"``: no 0-d output) or takes no ``avg_factor`` ("sum"), and model outputs of a dtype the
+    loss input cannot read (floating outputs of any precision go to float inputs, through a Cast).
+
+    Returns:
+        The entries with each config built into its loss module (graph paths stay paths).
+    """
+    graph = model.graph
+    model_outputs = {value.name: value for value in graph.output}
+    model_inputs = {value.name for value in graph.input}
+    internal = {name for node in graph.node for name in node.output} | {value.name for value in graph.initializer}
+    internal -= set(model_outputs) | model_inputs
+    taken = set(model_outputs) | model_inputs | internal
+    planned: list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]] = []
+    for entry in losses:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
+            raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
+        name, loss, mapping = entry
+        taken.add(_check_name(name, taken))
+        if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
+            raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
+        check_sources(name, mapping, model_inputs, list(model_outputs), new_inputs, model_label)
+        for key, source in mapping.items():
+            if source in internal:
+                raise AttachError(
+                    f"loss {name!r} input {key!r}: {source!r} is an internal value of {model_label}, not one of its "
+                    "outputs; make it an output of the model, or name the new input otherwise"
+                )
+        if isinstance(loss, str) and loss in MODELS and not Path(loss).exists():
+            raise AttachError(
+                f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
+            )
+        if not isinstance(loss, (str, os.PathLike)):
+            loss = _checked_loss(name, as_loss(loss), mapping, model_outputs)
+        planned.append((name, loss, mapping))
+    return planned
+
+
+def _checked_loss(
+    name: str, module: nn.Module, mapping: Mapping[str, str], model_outputs: Mapping[str, onnx.ValueInfoProto]
+) -> nn.Module:
+    spec = spec_for(module)
+    inputs = {t.name: t for t in spec.inputs}
+    unknown = sorted(set(mapping) - set(inputs))
+    if unknown:
+        raise AttachError(
+            f"loss {name!r} ({type(module).__name__}) has no input(s) {', '.join(unknown)}; "
+            f"its inputs are {', '.join(spec.names)}"
+        )
+    reduction = getattr(module, "reduction", None)
+    if reduction == "none":
+        raise AttachError(
+            f"loss {name!r}: reduction='none' gives no 0-d output to attach; use 'mean' or 'sum' (or export the "
+            "loss with export_onnx and run it beside the model)"
+        )
+    if reduction == "sum" and "avg_factor" in mapping:
+        raise AttachError(f"loss {name!r}: reduction='sum' takes no avg_factor (as in MMDetection); leave it out")
+    for key, source in mapping.items():
+        if source not in model_outputs:
+            continue
+        source_type = model_outputs[source].type.tensor_type.elem_type
+        integer = inputs[key].kind == INT64
+        readable = (onnx.TensorProto.INT64,) if integer else (onnx.TensorProto.FLOAT, *CAST_TO_FLOAT32)
+        if source_type not in readable:
+            raise AttachError(
+                f"loss {name!r} input {key!r}: {source!r} is {_dtype_name(source_type)} but the loss expects "
+                f"{'int64' if integer else 'a floating-point tensor'}"
+            )
+    return module
 
 
 @one_export_at_a_time
@@ -316,21 +420,13 @@ def attach_losses(
     model = _to_opset(model, target_opset, f"model {model_onnx_path}")
 
     model_outputs = {value.name: value for value in model.graph.output}
-    model_inputs = {value.name for value in model.graph.input}
     keep_outputs = list(model_outputs)
-    taken = set(model_outputs) | model_inputs
-    for entry in losses:  # every mistake in the request before the first export
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
-            raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
-        name, _, mapping = entry
-        taken.add(_check_name(name, taken))
-        if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
-            raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
-        check_sources(name, mapping, model_inputs, list(model_outputs), new_inputs, f"model {model_onnx_path}")
-    described: dict[str, Any] = {}
+    planned = check_plan(model, losses, new_inputs, f"model {model_onnx_path}")
+    # a model with losses attached before keeps them on record (verify checks every one)
+    described: dict[str, Any] = attached_losses_of(model)
     merged = model
     with tempfile.TemporaryDirectory(prefix="visdet-attach-") as scratch:
-        for name, loss, mapping in losses:
+        for name, loss, mapping in planned:
             graph, description = _loss_graph(name, loss, mapping, target_opset, Path(scratch))
             merged = _merge_one(merged, graph, name, mapping, model_outputs, keep_outputs)
             keep_outputs.append(name)
@@ -387,7 +483,7 @@ def _merge_one(
     io_map: list[tuple[str, str]] = []
     new_here: dict[str, onnx.ValueInfoProto] = {}
     symbols: dict[str, tuple[int, str]] = {}
-    model_symbols: dict[str, str] = {}
+    model_symbols: dict[str, tuple[str, str]] = {}
 
     def is_new(item: tuple[str, str]) -> bool:
         return item[1] not in model_outputs and item[1] not in existing_inputs
@@ -398,8 +494,15 @@ def _merge_one(
         what = f"loss {name!r} input {input_name!r}"
         if source in model_outputs or source in existing_inputs:
             value = model_outputs[source] if source in model_outputs else existing_inputs[source]
+            source_type = value.type.tensor_type.elem_type
+            if source_type in CAST_TO_FLOAT32 and target.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+                _read_as_float32(loss_graph.graph, prefix + input_name, source_type)
+                cast = onnx.ValueInfoProto()
+                cast.CopyFrom(target)
+                cast.type.tensor_type.elem_type = source_type
+                target = cast
             _check_compatible(value, target, what, symbols)
-            _record_model_symbols(value, target, model_symbols)
+            _record_model_symbols(value, target, model_symbols, name)
             if source not in model_outputs and source not in {value.name for value in merged.graph.output}:
                 # A graph input another loss (or the model) declared: route it through a temporary output.
                 merged = _with_output(merged, value)
@@ -416,6 +519,10 @@ def _merge_one(
             new_here[source] = onnx.helper.make_value_info(source, target.type)
             new_input = next(value for value in loss_graph.graph.input if value.name == source)
             _name_new_input_axes(new_input, prefix, symbols, model_symbols)
+    connected = {loss_input for _, loss_input in io_map}
+    for value in loss_graph.graph.input:  # a loss graph's inputs the mapping leaves out: new inputs "<loss>/<input>"
+        if value.name.startswith(prefix) and value.name not in connected:
+            _name_new_input_axes(value, prefix, symbols, model_symbols)
 
     merged, loss_graph = _reconcile_ir(merged, loss_graph)
     try:
@@ -470,13 +577,15 @@ def _save_checked(model: onnx.ModelProto, out: Path, overwrite: bool) -> None:
             os.replace(model_file, tmp)
 
 
+def attached_losses_of(model: onnx.ModelProto) -> dict[str, Any]:
+    """The losses attached to ``model`` (names, configs, mappings), from its metadata; empty if none."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return dict(json.loads(props[ATTACHED_METADATA_KEY])) if ATTACHED_METADATA_KEY in props else {}
+
+
 def attached_losses(path: PathLike) -> dict[str, Any]:
     """The losses an :func:`attach_losses` model carries (name -> config/graph and input mapping)."""
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == ATTACHED_METADATA_KEY:
-            return dict(json.loads(prop.value))
-    return {}
+    return attached_losses_of(onnx.load(str(path), load_external_data=False))
 
 
 def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, Any]:
