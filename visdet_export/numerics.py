@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -270,8 +269,19 @@ def known_within(size: int, low: int, high: int) -> bool:
     bounds it has been given, 0 / 1 specialisation included)."""
     if torch.jit.is_scripting():
         return low <= size and size <= high
+    return _known_within(size, low, high)
+
+
+@torch.jit.unused
+def _known_within(size: int, low: int, high: int) -> bool:
     if isinstance(size, Tensor):  # torch.jit.trace's size (the trace keeps the answer)
         return bool(low <= size) and bool(size <= high)
+    if isinstance(size, int) and not torch.compiler.is_compiling():  # eager: a plain size
+        return low <= size <= high
+    # imported here: symbolic_shapes loads sympy (0.3 s of `import visdet_export`), and it is loaded wherever a size
+    # is symbolic
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     return statically_known_true(size >= low) and statically_known_true(size <= high)
 
 
