@@ -75,6 +75,19 @@ def test_out_of_range_values(cfg: dict, word: str) -> None:
         build_loss(cfg)
 
 
+def test_the_ends_of_every_closed_range_build() -> None:
+    """The bounds are inclusive where the range is closed: alpha 1 and 0, gamma and beta 0, a class weight of
+    float32's largest value, BalancedL1's gamma / alpha of 80 (refused just past it)."""
+    assert build_loss(dict(type="FocalLoss", alpha=1.0)).alpha == 1.0
+    assert build_loss(dict(type="FocalLoss", alpha=0.0, gamma=0.0)).alpha == 0.0
+    largest = float(torch.finfo(torch.float32).max)
+    assert build_loss(dict(type="CrossEntropyLoss", class_weight=[largest, 0.0])).class_weight_for(
+        torch.zeros(1)).tolist() == [largest, 0.0]
+    assert build_loss(dict(type="BalancedL1Loss", alpha=0.5, gamma=40.0)).gamma == 40.0
+    with pytest.raises(ConfigError, match="keep it <= 80"):
+        build_loss(dict(type="BalancedL1Loss", alpha=0.5, gamma=40.5))
+
+
 def test_focal_alpha_minus1_is_the_only_sentinel() -> None:
     assert build_loss(dict(type="FocalLoss", alpha=-1)).alpha == -1.0
     assert build_loss(dict(type="FocalLoss", alpha=0.0, gamma=0.0)).gamma == 0.0

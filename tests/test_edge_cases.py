@@ -170,11 +170,11 @@ def test_all_labels_ignored(use_sigmoid: bool, avg_non_ignore: bool, class_weigh
     assert (grad == 0).all()
 
 
-@pytest.mark.parametrize("ignore_index", [-1, -100, 5, 7, 255])
+@pytest.mark.parametrize("ignore_index", [-1, -100, 0, 5, 7, 255])
 @pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["avg_all", "avg_non_ignore"])
 @pytest.mark.parametrize("use_sigmoid", [False, True], ids=["softmax", "sigmoid"])
 def test_ignore_index_values(use_sigmoid: bool, avg_non_ignore: bool, ignore_index: int) -> None:
-    """ignore_index -1, -100 and >= C (C = 5) against the reference, values and gradients."""
+    """ignore_index -1, -100, a class (0) and >= C (C = 5) against the reference, values and gradients."""
     cfg = dict(type="CrossEntropyLoss", use_sigmoid=use_sigmoid, avg_non_ignore=avg_non_ignore,
                ignore_index=ignore_index, class_weight=[0.5, 2.0, 1.0, 3.0, 1.5])
     g = torch.Generator().manual_seed(3)
@@ -391,16 +391,19 @@ def test_float64_class_weights_are_exact(mode: str, runtime: str) -> None:
 # --- 18/19: focal ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script"])
 @pytest.mark.parametrize("activated", [False, True], ids=["logits", "probs"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-def test_focal_saturated_gradients_finite(gamma: float, activated: bool) -> None:
+def test_focal_saturated_gradients_finite(gamma: float, activated: bool, runtime: str) -> None:
+    """RELIABILITY 18: fractional powers of 0 have an infinite slope (scripted code has its own formulation)."""
     values = [0.0, 1.0, 1e-30, 1 - 1e-16] if activated else [-120.0, 120.0, -20.0, 20.0, -800.0, 800.0]
     pred = torch.tensor(values, dtype=F64).repeat(4, 1).T.contiguous()  # (k, 4)
     k = pred.size(0)
+    loss = build_in(runtime, dict(type="FocalLoss", gamma=gamma, activated=activated))
     for labels in (torch.zeros(k, dtype=torch.long), torch.full((k,), 4), torch.arange(k) % 5):
         for dtype in (F64, torch.float32):
             p = pred.to(dtype).requires_grad_()
-            out = build_loss(dict(type="FocalLoss", gamma=gamma, activated=activated))(p, labels)
+            out = loss(p, labels)
             (grad,) = torch.autograd.grad(out, p)
             assert_finite(out)
             assert_finite(grad)
@@ -622,6 +625,61 @@ def test_qfl_scores_keep_their_precision_whatever_preds_dtype(runtime: str, acti
     out = loss(trained, (labels, scores))
     torch.testing.assert_close(out, loss(float_pred, (labels, scores)), rtol=1e-6, atol=0)
     assert out.dtype == torch.float32 and bool((out > 0).all())
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_confident_focal_values_keep_their_relative_precision(runtime: str) -> None:
+    """1 - p of confident correct predictions (logits 8-20, target 1) is 3e-4 to 2e-9: written 1 - sigmoid(x), it
+    loses its digits (1.8% off at 14, all of them past 17), values so small that every atol hides them. The
+    gradient (3e-11 at 8 .. 7e-27 at 20) is exact to 1.5e-5 of the largest only: with float one-hot targets its
+    sigmoid(x) - t rounds where p is near 1 (1.5e-4 relative at 8, 0.3 at 20; integer labels take sigmoid(-x)),
+    a precision no optimiser step can tell from exact, kept for the cost of the hottest kernel."""
+    cfg = dict(type="FocalLoss", reduction="none")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    pred = torch.tensor([[8.0, 10.0, 12.0, 14.0, 16.0, 20.0]], requires_grad=True)
+    target = torch.ones_like(pred)
+    out = loss(pred, target)
+    (grad,) = torch.autograd.grad(out.sum(), pred)
+    reference = pred.detach().double().requires_grad_()
+    exact = build_loss(cfg)(reference, target.double())  # float64 math
+    (exact_grad,) = torch.autograd.grad(exact.sum(), reference)
+    torch.testing.assert_close(out.double(), exact.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=3e-5 * float(exact_grad.abs().max()))
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_negative_weights_weigh_like_any_other(runtime: str) -> None:
+    """Only weight 0 masks: a negative weight (a penalty some samplers give) multiplies, in every runtime (the
+    compiled mask is ``weight != 0``, eager's a cast to bool)."""
+    cfg = dict(type="L1Loss", reduction="none")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = loss(pred, torch.zeros(2, 2), torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(out, torch.tensor([[-1.0, -2.0], [3.0, 4.0]]))
+
+
+@pytest.mark.parametrize("mode", ["linear", "square", "log"])
+def test_iou_union_clamp_is_bbox_overlaps_default_not_the_losss_eps(mode: str) -> None:
+    """MMDetection's IoULoss calls ``bbox_overlaps`` with its default eps (1e-6) for the union and clamps the IoU at
+    the loss's ``eps``; GIoU passes its eps to both. Identical boxes smaller than eps are a perfect match (loss 0),
+    not IoU area / eps."""
+    loss = build_loss(dict(type="IoULoss", mode=mode, eps=0.05, reduction="none"))
+    boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.2, 0.2, 0.4, 0.3]])  # areas 0.01 and 0.02 < eps
+    for pred in (boxes, boxes.clone().requires_grad_()):
+        torch.testing.assert_close(loss(pred, boxes), torch.zeros(2), rtol=0, atol=1e-6)
+    giou = build_loss(dict(type="GIoULoss", eps=0.05, reduction="none"))(boxes, boxes).double()
+    torch.testing.assert_close(giou, 1 - torch.tensor([0.01, 0.02], dtype=F64) / 0.05, rtol=1e-6, atol=1e-7)
+
+
+def test_float64_softplus_is_exact_where_float32_would_round() -> None:
+    """float64 sigmoid CE keeps log1p(exp(-x)) past x = 20 (~1e-9 .. 4e-18 of x): exact to the last digit."""
+    x = torch.tensor([20.0, 25.0, 30.0, 39.9], dtype=F64)
+    out = build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="none"))(x, torch.zeros_like(x))
+    torch.testing.assert_close(out, x + torch.log1p(torch.exp(-x)), rtol=1e-15, atol=0)
 
 
 def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:

@@ -456,6 +456,24 @@ def _tied_graph() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
+def test_accurate_total_sums_sum_as_precisely_as_float64() -> None:
+    """onnxruntime's float32 whole-tensor ReduceSum loses ~6e-4 relative over 8M positive values; the pass sums rows
+    first and the row sums in float64 (a sum-reduced loss without per-row weight sums its (N, C) elements so)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C"])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [])
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)], "sum", [x], [total])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    # BCE-like elements, softplus of logits 3 x N(0, 1)
+    values = np.log1p(np.exp(np.random.default_rng(0).standard_normal((100_000, 80)) * 3)).astype(np.float32)
+    exact = values.astype(np.float64).sum()
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert onnx_export.accurate_total_sums(model) == 1
+    assert any(n.op_type == "Cast" and n.attribute[0].i == TensorProto.DOUBLE for n in model.graph.node)
+    accurate = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert abs(float(accurate.run(None, {"x": values})[0]) / exact - 1) < 1e-7
+    assert abs(float(plain.run(None, {"x": values})[0]) / exact - 1) > 1e-4  # what the pass is for
+
+
 def test_checked_input_shapes_refuse_axes_below_their_least_size() -> None:
     """A class axis of 0 (DFL: fewer than 2 bins) failed in a gather of the loss, naming no input; N = 0 is valid."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C"]),

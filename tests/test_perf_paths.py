@@ -138,6 +138,7 @@ def test_trained_weight_nan_inputs_masked(loss_type, module, monkeypatch):
 REGRESSION_CASES = [
     ("smooth_l1_loss", L1Loss()),
     ("smooth_l1_loss", SmoothL1Loss(beta=0.5)),
+    ("smooth_l1_loss", SmoothL1Loss(beta=2.0)),  # beta > 1: the autograd formulation's other branch
     ("mse_loss", MSELoss()),
     ("balanced_l1_loss", BalancedL1Loss(alpha=0.5, gamma=1.5, beta=0.7)),
     ("balanced_l1_loss", BalancedL1Loss(alpha=0.4, gamma=1.0, beta=1.0)),
@@ -192,7 +193,8 @@ def test_mse_frozen_weight_double_backward(weight_shape):
     assert torch.autograd.gradgradcheck(lambda p: MSELoss()(p, target, weight.detach(), avg_factor=3.0), (live,))
 
 
-@pytest.mark.parametrize("owner, module", REGRESSION_CASES[:3], ids=["L1Loss", "SmoothL1Loss", "MSELoss"])
+@pytest.mark.parametrize("owner, module", REGRESSION_CASES[:4], ids=["L1Loss", "SmoothL1Loss", "SmoothL1Loss_beta2",
+                                                                  "MSELoss"])
 def test_regression_target_with_gradient_takes_autograd_path(owner, module):
     """The closed form differentiates pred only: a target that needs a gradient (distillation) still gets one."""
     g = torch.Generator().manual_seed(4)

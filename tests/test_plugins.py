@@ -243,7 +243,7 @@ def test_rebuilding_compares_values_not_dtypes_or_identities(plugin: ModuleType)
     one, other = FocalLoss(), FocalLoss()
     for module in (one, other):
         module._array, module._call, module._tensors = np.ones(2), functools.partial(abs), [torch.ones(2)]
-        module._nan = float("nan")
+        module._nan, module._nan_tensor = float("nan"), torch.tensor([float("nan"), 1.0])
     assert state_difference(one, other) is None
     other._tensors = [torch.zeros(2)]
     assert state_difference(one, other) == "_tensors is [tensor([1., 1.])], rebuilt [tensor([0., 0.])]"
