@@ -375,6 +375,10 @@ def test_half_and_double_model_outputs_are_cast_to_the_loss_graphs_float32(tmp_p
         feed = x.numpy()
     (value,) = session.run(["lf"], {"x": feed, "b": np.zeros((0, 4), np.float32), "y": labels.numpy()})
     np.testing.assert_allclose(value, float(build_loss(dict(type="FocalLoss"))(x, labels)), rtol=RTOL, atol=ATOL)
+    # evaluate feeds the model's own dtype (bfloat16 through onnxruntime's bits), from float32 samples
+    summary = evaluate(out, [{"x": x.float().numpy(), "b": np.zeros((0, 4), np.float32), "y": labels.numpy()}],
+                       progress=False)
+    np.testing.assert_allclose(summary.mean["lf"], value, rtol=1e-6)
 
 
 def test_attaching_again_keeps_the_first_losses_on_record(tmp_path):
@@ -425,14 +429,22 @@ def test_one_symbol_fed_two_model_axes_is_warned_about(tmp_path):
         (dict(type="KnowledgeDistillationKLDivLoss"), {"pred": "cls", "soft_label": "feat"},
          "'feat' is an internal value of model .*, not one of its outputs"),
         (dict(type="FocalLoss"), {"pred": "cls", "target": "box"}, "'box' is float32 but the loss expects int64"),
+        (dict(type="FocalLoss"), {"pred": "cls", "target": "b"}, "'b' is float32 but the loss expects int64"),
+        ("graph", {"pred": "cls", "soft": "t"}, r"has no input\(s\) soft"),
+        ("graph", {"pred": "cls", "soft_label": "box"}, r"'box' has C = 4 but 'cls' has C = 5"),
+        ("graph-none", {"pred": "cls", "soft_label": "t"}, "must have one 0-d output"),
     ],
-    ids=["none", "sum-avg-factor", "internal", "dtype"],
+    ids=["none", "sum-avg-factor", "internal", "dtype", "dtype-of-model-input", "graph-input", "graph-shape",
+         "graph-none"],
 )
 def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, mapping, match):
     """Each was found only after every earlier loss had been exported (or, for 'none', by verify afterwards)."""
     from visdet_export.export import attach
 
     model = _two_head_model(tmp_path / "m.onnx", internal=True)
+    if isinstance(loss, str):  # a loss graph exported beforehand
+        kd = dict(type="KnowledgeDistillationKLDivLoss", reduction="none" if loss == "graph-none" else "mean")
+        loss = export_onnx(kd, tmp_path / "kd.onnx", optional_inputs=())
     exported = []
     monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: exported.append(args))
     with pytest.raises(AttachError, match=match):

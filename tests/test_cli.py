@@ -698,7 +698,11 @@ def test_bench_finds_the_runner_of_the_clone_it_runs_in(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path / "clone")
     assert bench.runner_path() == tmp_path / "clone" / "benchmarks" / "run.py"
     monkeypatch.chdir(tmp_path / "other")
-    assert not bench.runner_path().is_file()
+    assert bench.runner_path() is None
+    # another distribution's top-level benchmarks/ beside the installed package
+    (tmp_path / "site-packages" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "site-packages" / "benchmarks" / "run.py").write_text("raise SystemExit('not ours')\n")
+    assert bench.runner_path() is None
 
 
 def test_no_command_prints_the_commands(capsys):
@@ -1037,6 +1041,19 @@ def test_evaluate_mistakes_exit_2(attached, capsys, tmp_path):
         assert code == 2 and message in err and len(err.splitlines()) == 1 and out == "", (argv, err)
 
 
+def _loss_graph_of_two_inputs(path: Path) -> Path:
+    """A stand-in loss graph: pred and soft_label (N, C) in, their summed difference out (0-d)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", "C"]) for name in ("pred", "soft_label")]
+    nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]), helper.make_node("ReduceSum", ["d"], ["loss"],
+                                                                                      keepdims=0)]
+    graph = helper.make_graph(nodes, "loss", inputs, [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
 def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
     """Loss strings, pre-exported loss graphs (relative to the spec) and {"losses": [...]} are handed over."""
     import visdet_export.export.attach as attach_api
@@ -1052,7 +1069,7 @@ def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(attach_api, "attach_losses", fake_attach)
     model = tiny_model(tmp_path / "model.onnx")
     (tmp_path / "specs").mkdir()
-    (tmp_path / "specs" / "kd.onnx").write_bytes(b"graph")
+    _loss_graph_of_two_inputs(tmp_path / "specs" / "kd.onnx")  # read before the (faked) attach: a real graph
     spec = {
         "losses": [
             {"name": "loss_a", "loss": "FocalLoss", "inputs": {"pred": "cls_score"}},

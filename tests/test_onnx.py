@@ -563,3 +563,30 @@ def test_branch_free_selects_leave_other_selects_alone() -> None:
     before = model.SerializeToString()
     assert onnx_export.branch_free_selects(model) == 0
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize(
+    "cfg, variant, inputs, refused",
+    [
+        (dict(type="FocalLoss"), "onehot", {"pred": torch.zeros(3, 0), "target": torch.zeros(3, 0)}, None),
+        (dict(type="SmoothL1Loss"), None, {"pred": torch.zeros(3, 0), "target": torch.zeros(3, 0)}, None),
+        (dict(type="FocalLoss"), "labels", {"pred": torch.zeros(3, 0), "target": torch.zeros(3, dtype=torch.long)},
+         r"input check: pred.shape\[1\] must be at least 1 \(C\)"),
+        (dict(type="DistributionFocalLoss"), None, {"pred": torch.zeros(3, 1), "target": torch.zeros(3)},
+         r"input check: pred.shape\[1\] must be at least 2 \(B\)"),
+    ],
+    ids=["focal-onehot-C0", "smoothl1-D0", "focal-labels-C0", "dfl-one-bin"],
+)
+def test_graphs_refuse_the_sizes_eager_refuses_and_no_other(tmp_path, cfg, variant, inputs, refused):
+    """Sizes below the spec's least sizes (no classes where labels index them, one DFL bin) fail by the input's
+    name, as eager's ValueError does; an empty class or value axis that eager reduces to 0 stays valid."""
+    loss = build_loss(cfg)
+    path = export_onnx(loss, tmp_path / "loss.onnx", variant=variant, optional_inputs=())
+    run = onnx_export.load_runner(path)
+    if refused is None:
+        assert float(run(inputs)[0]) == float(loss(*inputs.values())) == 0.0
+        return
+    with pytest.raises(ValueError, match="along pred's axis 1"):
+        loss(*inputs.values())
+    with pytest.raises(Exception, match=refused):
+        run(inputs)

@@ -483,7 +483,7 @@ def test_checked_input_shapes_refuse_axes_below_their_least_size() -> None:
              helper.make_node("Add", ["sx", "sb"], ["total"])]
     graph = helper.make_graph(nodes, "least", inputs, [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    assert onnx_export.checked_input_shapes(model) == 3  # bins' N is x's; C >= 1, B >= 2
+    assert onnx_export.checked_input_shapes(model, {"C": 1, "B": 2}) == 3  # bins' N is x's; C >= 1, B >= 2
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ones = {"x": np.ones((3, 1), np.float32), "bins": np.ones((3, 2), np.float32)}

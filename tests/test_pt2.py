@@ -110,6 +110,12 @@ def test_bundle_manifest_and_independent_sizes(runner_cache):
 
 def test_bundle_entry_runner_and_verify(runner_cache):
     bundle = _bundle(runner_cache)
+    dfl = load_runner(bundle.path, entry="dfl")  # the other entries' empty inputs take their least sizes (2 bins)
+    loss, spec = runner_cache.loss("dfl")
+    inputs = spec.sample(loss, 4, seed=2, include=dfl.input_names)
+    torch.testing.assert_close(dfl(inputs)[0], eager_joint(loss, spec, inputs)[0], **TOL)
+    with pytest.raises(ArtifactError, match=r"input 'dfl/pred' has B_dfl = 1; the package takes B_dfl >= 2"):
+        dfl({**inputs, "pred": inputs["pred"][:, :1]})
     run = load_runner(bundle.path, entry="giou")
     assert run.input_names == ["pred", "target", "weight", "avg_factor"] and run.output_names == ["loss", "grad_pred"]
     loss, spec = runner_cache.loss("giou")
@@ -212,6 +218,8 @@ def test_a_loaded_package_checks_its_inputs(runner_cache):
         ({"pred": inputs["pred"].double()}, "input 'pred' is float64; the package takes float32"),
         ({"weight": inputs["weight"][:5]}, "input 'weight' has N = 5 but 'pred' has N = 6"),
         ({"target": inputs["target"][:, None]}, r"input 'target' has shape \(6, 1\); it takes \['N'\]"),
+        # below the compiled range (an index error inside the package, or a silent 0 in a bundle's entry)
+        ({"pred": inputs["pred"][:, :1]}, "input 'pred' has B = 1; the package takes B >= 2"),
     ]
     for change, message in mistakes:
         with pytest.raises(ArtifactError, match=message):

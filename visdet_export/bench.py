@@ -9,20 +9,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-
 NEEDS_CHECKOUT = (
     "visdet-export bench needs a source checkout: it runs benchmarks/run.py, which the wheel does not ship; run it "
     "from the root of a clone of the repository (its --help lists the runner's options)"
 )
 
 
-def runner_path() -> Path:
-    """``benchmarks/run.py`` beside the package (a source checkout or an editable install), else in the working
-    directory when that is a clone of this project (an installed wheel run from its root): any other folder's
-    ``benchmarks/run.py`` is someone else's code."""
-    beside = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    here = Path.cwd() / "benchmarks" / "run.py"
-    return here if not beside.is_file() and here.is_file() and _is_this_project(Path.cwd()) else beside
+def runner_path() -> Optional[Path]:
+    """``benchmarks/run.py`` of this project's checkout: the one beside the package (a source checkout or an
+    editable install), else the working directory's (an installed wheel run from the root of a clone); None
+    without one. Any other ``benchmarks/run.py`` (a folder's, another distribution's top-level ``benchmarks`` in
+    site-packages) is someone else's code."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "run.py").is_file() and _is_this_project(root):
+            return root / "benchmarks" / "run.py"
+    return None
 
 
 def _is_this_project(root: Path) -> bool:
@@ -35,7 +36,7 @@ def _is_this_project(root: Path) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     path = runner_path()
-    if not path.exists():
+    if path is None or not path.is_file():
         asked_for_help = bool({"-h", "--help"} & set(arguments))
         print("usage: visdet-export bench [runner options]\n\n" + NEEDS_CHECKOUT if asked_for_help else NEEDS_CHECKOUT,
               file=sys.stdout if asked_for_help else sys.stderr)

@@ -29,14 +29,9 @@ Dim = Union[str, int]
 
 #: Largest ``pred`` drawn for one parity or matrix check (see :meth:`LossSpec.capped`).
 MAX_CHECK_ELEMENTS = 1 << 22
-#: The symbol of the sample count; every other symbol of a shape is a size of at least 1.
+#: The symbol of the sample count; every other symbol of a shape is a size of at least 1 in exported programs
+#: (:meth:`LossSpec.smallest_size`).
 SAMPLES = "N"
-
-
-def smallest_size(symbol: str) -> int:
-    """The least value of a shape symbol: no samples is valid input, an axis of no classes is not, and DFL needs
-    two bins (reg_max >= 1)."""
-    return {SAMPLES: 0, "B": 2}.get(symbol, 1)
 
 
 FLOAT = "float"  # the dtype chosen for the sample (float32 by default)
@@ -99,6 +94,9 @@ class LossSpec:
     sizes: Mapping[str, int] = field(default_factory=dict)
     #: Every input layout the configured loss takes (``spec_for(loss, variant)``), the default first.
     variants: tuple[str, ...] = ()
+    #: Free sizes below which the loss refuses its inputs (a ValueError in eager, TorchScript and compile), which
+    #: exported graphs refuse too: ``{"C": 1}`` where labels index the classes, ``{"B": 2}`` for DFL's bins.
+    least_sizes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # a spec written outside the package (a plugin's) fails here, naming what is missing, rather than with a
@@ -116,6 +114,14 @@ class LossSpec:
                 f"the input spec of {self.loss_type} names the free size(s) {missing} in its shapes but gives no "
                 f"default for them: pass sizes={{{', '.join(repr(m) + ': ...' for m in missing)}}} to LossSpec"
             )
+        unknown = sorted(set(self.least_sizes) - set(self.sizes))
+        if unknown:
+            raise ValueError(f"the input spec of {self.loss_type} gives least sizes of {unknown}, not free sizes")
+
+    def smallest_size(self, symbol: str) -> int:
+        """The least size exported programs take for ``symbol``: no samples is valid input; a free size is at
+        least 1, or its :attr:`least_sizes` entry."""
+        return 0 if symbol == SAMPLES else max(1, self.least_sizes.get(symbol, 1))
 
     @property
     def names(self) -> list[str]:
@@ -357,7 +363,8 @@ def _focal_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     inputs = (
         TensorSpec("pred", ("N", "C"), doc=pred_doc), target, _optional("weight", ("N",), "per-sample"), AVG_FACTOR
     )
-    return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES, variants=choices)
+    least = {"C": 1} if variant == "labels" else {}  # labels index the classes; one-hot targets of no classes sum to 0
+    return LossSpec("FocalLoss", variant, inputs, sample, standard_caller, CLASSES, variants=choices, least_sizes=least)
 
 
 @register_spec("QualityFocalLoss")
@@ -396,7 +403,8 @@ def _qfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
     )
     pred = TensorSpec("pred", ("N", "C"), doc="probabilities" if activated else "logits")
     inputs = (pred, *targets, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES, variants=choices)
+    least = {"C": 1} if variant == "pair" else {}
+    return LossSpec("QualityFocalLoss", variant, inputs, sample, call, CLASSES, variants=choices, least_sizes=least)
 
 
 @register_spec("DistributionFocalLoss")
@@ -427,7 +435,10 @@ def _dfl_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         AVG_FACTOR,
     )
     sizes = {"B": DEFAULT_REG_MAX + 1} if isinstance(bins, str) else {}
-    return LossSpec("DistributionFocalLoss", variant, inputs, sample, standard_caller, sizes, variants=choices)
+    least = {"B": 2} if isinstance(bins, str) else {}  # reg_max >= 1
+    return LossSpec(
+        "DistributionFocalLoss", variant, inputs, sample, standard_caller, sizes, variants=choices, least_sizes=least
+    )
 
 
 @register_spec("CrossEntropyLoss")
@@ -471,7 +482,10 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             AVG_FACTOR,
         )
         sizes = {**free, **({"H": MASK_SIZE, "W": MASK_SIZE} if variant == "mask" else {"P": POINTS})}
-        return LossSpec("CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes, variants=choices)
+        return LossSpec(
+            "CrossEntropyLoss", variant, inputs, sample_mask, call_mask, sizes, variants=choices,
+            least_sizes={"C": 1} if free else {},
+        )
 
     if use_sigmoid:
         # binary: one logit per sample (FCOS centerness); labels: class labels (RPN); dense: soft targets per class
@@ -521,7 +535,10 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("target", ("N",), INT64, doc=f"{labels}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    return LossSpec("CrossEntropyLoss", variant, inputs, sample, standard_caller, free, variants=choices)
+    least = {"C": 1} if variant == "labels" and free else {}
+    return LossSpec(
+        "CrossEntropyLoss", variant, inputs, sample, standard_caller, free, variants=choices, least_sizes=least
+    )
 
 
 def _regression_spec(loss_type: str) -> SpecBuilder:
@@ -612,7 +629,8 @@ def _kd_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         AVG_FACTOR,
     )
     return LossSpec(
-        "KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller, CLASSES, variants=choices
+        "KnowledgeDistillationKLDivLoss", variant, inputs, sample, _distillation_caller, CLASSES, variants=choices,
+        least_sizes={"C": 1},  # a mean over no classes
     )
 
 

@@ -83,7 +83,10 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise AttachError(f"{path} is not a file")
     check_external_data(path)
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise AttachError(f"{path} is not an ONNX model ({type(error).__name__}: {first_line(error)})") from None
     external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
 
@@ -201,7 +204,7 @@ def _record_model_symbols(
             warnings.warn(
                 f"loss {loss!r}: its {target_dim} is {known!r} of {given_by!r} and {source_dim!r} of {source.name!r}; "
                 "the merged model runs only where they are equal",
-                stacklevel=4,
+                stacklevel=5,  # the caller of attach_losses (through _merge_one and the export lock's wrapper)
             )
 
 
@@ -238,14 +241,7 @@ def _loss_graph(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata."""
     if isinstance(loss, (str, os.PathLike)):
-        graph = _to_opset(load_model(loss), opset, f"loss graph {name!r}")
-        known = {value.name for value in graph.graph.input}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise AttachError(f"loss {name!r} ({loss}) has no input(s) {', '.join(unknown)}; it has {sorted(known)}")
-        if [_dims(value) for value in graph.graph.output] != [[]]:
-            raise AttachError(f"loss graph {name!r} ({loss}) must have one 0-d output, the reduced loss")
-        return graph, {"graph": str(loss)}
+        return _to_opset(load_model(loss), opset, f"loss graph {name!r}"), {"graph": str(loss)}
     module = as_loss(loss)
     spec = spec_for(module)
     optional = tuple(t.name for t in spec.inputs if t.optional and t.name in mapping)
@@ -301,9 +297,10 @@ def check_plan(
 ) -> list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]]:
     """Every mistake of an attach request that needs no export, found before the first one: malformed entries,
     duplicate names, names that look like misspelled model outputs (:func:`check_sources`) or are the model's
-    internal values, configs that do not build, inputs a loss does not have, a loss that reduces nothing
-    (``reduction="none"``: no 0-d output) or takes no ``avg_factor`` ("sum"), and model outputs of a dtype the
-    loss input cannot read (floating outputs of any precision go to float inputs, through a Cast).
+    internal values, configs that do not build, loss graphs that do not load, inputs a loss does not have, a loss
+    that reduces nothing (``reduction="none"``: no 0-d output) or takes no ``avg_factor`` ("sum"), and model
+    outputs or inputs of a dtype the loss input cannot read (floating values of any precision go to float inputs,
+    through a Cast).
 
     Returns:
         The entries with each config built into its loss module (graph paths stay paths).
@@ -311,6 +308,7 @@ def check_plan(
     graph = model.graph
     model_outputs = {value.name: value for value in graph.output}
     model_inputs = {value.name for value in graph.input}
+    model_values = {value.name: value for value in [*graph.input, *graph.output]}
     internal = {name for node in graph.node for name in node.output} | {value.name for value in graph.initializer}
     internal -= set(model_outputs) | model_inputs
     taken = set(model_outputs) | model_inputs | internal
@@ -333,14 +331,60 @@ def check_plan(
             raise AttachError(
                 f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
             )
-        if not isinstance(loss, (str, os.PathLike)):
-            loss = _checked_loss(name, as_loss(loss), mapping, model_outputs)
+        if isinstance(loss, (str, os.PathLike)):
+            _check_loss_graph(name, loss, mapping, model_values)
+        else:
+            loss = _checked_loss(name, as_loss(loss), mapping, model_values)
         planned.append((name, loss, mapping))
     return planned
 
 
+def _check_readable(
+    what: str,
+    source: onnx.ValueInfoProto,
+    target_type: int,
+    target_shape: Optional[Sequence[object]],
+    symbols: dict[str, tuple[int, str]],
+) -> None:
+    """A model value ``source`` can feed a loss input of ``target_type`` (floats of any precision a float32 one)
+    and ``target_shape`` (the loss's symbols, each one size across the inputs checked with ``symbols``)."""
+    source_type = source.type.tensor_type.elem_type
+    readable = (onnx.TensorProto.FLOAT, *CAST_TO_FLOAT32) if target_type == onnx.TensorProto.FLOAT else (target_type,)
+    if source_type not in readable:
+        expected = "a floating-point tensor" if target_type == onnx.TensorProto.FLOAT else _dtype_name(target_type)
+        raise AttachError(f"{what}: {source.name!r} is {_dtype_name(source_type)} but the loss expects {expected}")
+    source_dims = _dims(source)
+    mismatch = None if source_dims is None or target_shape is None else shape_mismatch(
+        source.name, target_shape, source_dims, symbols
+    )
+    if mismatch:
+        raise AttachError(f"{what}: {mismatch}")
+
+
+def _check_loss_graph(
+    name: str, path: Union[str, os.PathLike[str]], mapping: Mapping[str, str], model_values: Mapping[str, Any]
+) -> None:
+    graph = load_model(path).graph
+    inputs = {value.name: value for value in graph.input}
+    unknown = sorted(set(mapping) - set(inputs))
+    if unknown:
+        raise AttachError(f"loss {name!r} ({path}) has no input(s) {', '.join(unknown)}; it has {sorted(inputs)}")
+    output_dims = [_dims(value) for value in graph.output]
+    if output_dims != [[]]:
+        why = "its output's shape is not recorded" if None in output_dims else f"its outputs have shapes {output_dims}"
+        raise AttachError(f"loss graph {name!r} ({path}) must have one 0-d output, the reduced loss; {why}")
+    symbols: dict[str, tuple[int, str]] = {}
+    for key, source in mapping.items():
+        if source in model_values:
+            target = inputs[key]
+            _check_readable(
+                f"loss {name!r} input {key!r}", model_values[source], target.type.tensor_type.elem_type, _dims(target),
+                symbols,
+            )
+
+
 def _checked_loss(
-    name: str, module: nn.Module, mapping: Mapping[str, str], model_outputs: Mapping[str, onnx.ValueInfoProto]
+    name: str, module: nn.Module, mapping: Mapping[str, str], model_values: Mapping[str, onnx.ValueInfoProto]
 ) -> nn.Module:
     spec = spec_for(module)
     inputs = {t.name: t for t in spec.inputs}
@@ -358,17 +402,12 @@ def _checked_loss(
         )
     if reduction == "sum" and "avg_factor" in mapping:
         raise AttachError(f"loss {name!r}: reduction='sum' takes no avg_factor (as in MMDetection); leave it out")
+    symbols: dict[str, tuple[int, str]] = {}
     for key, source in mapping.items():
-        if source not in model_outputs:
-            continue
-        source_type = model_outputs[source].type.tensor_type.elem_type
-        integer = inputs[key].kind == INT64
-        readable = (onnx.TensorProto.INT64,) if integer else (onnx.TensorProto.FLOAT, *CAST_TO_FLOAT32)
-        if source_type not in readable:
-            raise AttachError(
-                f"loss {name!r} input {key!r}: {source!r} is {_dtype_name(source_type)} but the loss expects "
-                f"{'int64' if integer else 'a floating-point tensor'}"
-            )
+        if source in model_values:
+            target_type = onnx.TensorProto.INT64 if inputs[key].kind == INT64 else onnx.TensorProto.FLOAT
+            shape = list(inputs[key].shape)
+            _check_readable(f"loss {name!r} input {key!r}", model_values[source], target_type, shape, symbols)
     return module
 
 
@@ -730,7 +769,7 @@ def _to_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], index: int) -> dict[str, np.ndarray]:
+def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], index: int) -> dict[str, Any]:
     missing = sorted(set(graph_inputs) - set(sample))
     extra = sorted(set(sample) - set(graph_inputs))
     if missing or extra:
@@ -755,6 +794,12 @@ def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], inde
             raise AttachError(f"sample {index}: input {mismatch}")
         # not np.ascontiguousarray: it turns a 0-d avg_factor into shape (1,), which onnxruntime accepts silently
         feeds[name] = np.require(array.astype(dtype, copy=False), requirements="C")
+        if value.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:  # ml_dtypes' array: onnxruntime takes bits
+            import onnxruntime as ort
+
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                feeds[name].view(np.uint16), onnx.TensorProto.BFLOAT16
+            )
     return feeds
 
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..specs import LossSpec, SampleOptions, smallest_size
+from ..specs import LossSpec, SampleOptions
 
 #: The sample count exporters trace with. Not 0 or 1, which torch.export would specialise on.
 EXAMPLE_N = 7
@@ -71,8 +71,9 @@ def example_inputs(
 
 def dynamic_dims(spec: LossSpec, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """The manifest's record of the dynamic axes: ``{symbol: {"min": m}}`` for every symbol of the named inputs'
-    shapes (N from 0, free sizes such as the class count C from 1)."""
-    return {symbol: {"min": smallest_size(symbol)} for symbol in spec.symbols(names)}
+    shapes (N from 0, free sizes such as the class count C from 1, DFL's bins from 2:
+    :meth:`~visdet_export.specs.LossSpec.smallest_size`)."""
+    return {symbol: {"min": spec.smallest_size(symbol)} for symbol in spec.symbols(names)}
 
 
 def dynamic_shapes(

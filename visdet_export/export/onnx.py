@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..specs import smallest_size
 from .artifacts import (
     ArtifactError,
     ExportPlan,
@@ -872,7 +871,7 @@ def nonnegative_reduce_axes(model: Any) -> int:
     return rewritten
 
 
-def checked_input_shapes(model: Any) -> int:
+def checked_input_shapes(model: Any, least_sizes: Optional[Mapping[str, int]] = None) -> int:
     """Make onnxruntime refuse inputs whose shapes disagree where the graph's symbolic shapes tie them together.
 
     onnxruntime only logs a warning when an input's shape differs from the declared one, and the graphs do not
@@ -883,12 +882,13 @@ def checked_input_shapes(model: Any) -> int:
     it: the difference of the two sizes, doubled, indexes a one-element tensor, which fails unless it is 0. The
     checks' zeros are added to each input's shape, which reshapes the input to itself before the loss reads it: no
     element is copied or changed, and each check costs a few operations on one integer whatever N. The first axis
-    of each symbol is also checked against the symbol's least size (:func:`~visdet_export.specs.smallest_size`:
-    at least one class, two DFL bins), where a gather out of range named no input. Returns the number of checks
-    written."""
+    of each symbol in ``least_sizes`` is also checked against its least size (the spec's
+    :attr:`~visdet_export.specs.LossSpec.least_sizes`, what eager refuses: no classes where labels index them,
+    fewer than two DFL bins), where a gather out of range named no input. Returns the number of checks written."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    least_sizes = least_sizes or {}
     checks = 0
     first: dict[str, tuple[str, int]] = {}
     ties: list[tuple[str, int, str, int, str]] = []
@@ -903,8 +903,8 @@ def checked_input_shapes(model: Any) -> int:
                 ties.append((info.name, axis, *first[dim.dim_param], dim.dim_param))
             elif dim.dim_param:
                 first[dim.dim_param] = (info.name, axis)
-                if smallest_size(dim.dim_param) > 0:
-                    bounds.append((info.name, axis, dim.dim_param, smallest_size(dim.dim_param)))
+                if least_sizes.get(dim.dim_param, 0) > 0:
+                    bounds.append((info.name, axis, dim.dim_param, least_sizes[dim.dim_param]))
     if not ties and not bounds:
         return checks
     single, two, zero = "visdet_check_single_zero", "visdet_check_two", "visdet_check_zero"
@@ -942,8 +942,8 @@ def checked_input_shapes(model: Any) -> int:
         checking.append(helper.make_node("Gather", [single, stem + "_index"], [stem], name=check, axis=0))
         zeros.append(stem)
     total = zeros[0]
-    for index, zero in enumerate(zeros[1:]):  # Sum takes floats only
-        checking.append(helper.make_node("Add", [total, zero], [f"visdet_shape_checks_{index}"]))
+    for index, check_zero in enumerate(zeros[1:]):  # Sum takes floats only
+        checking.append(helper.make_node("Add", [total, check_zero], [f"visdet_shape_checks_{index}"]))
         total = f"visdet_shape_checks_{index}"
     # every input with axes is read through a reshape to its own shape plus the checks' zeros: onnxruntime runs no
     # node of the loss before the checks (a wrong size is named by its check, not by the gather it breaks), and
@@ -1143,7 +1143,7 @@ def export_onnx(
         accurate_total_sums(model)
         unmasked_while_finite(model)
         nonnegative_reduce_axes(model)
-        checked_input_shapes(model)
+        checked_input_shapes(model, spec.least_sizes)
         drop_unused_initializers(model)
         for key, value in metadata.items():
             entry = model.metadata_props.add()

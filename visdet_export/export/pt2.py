@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import loss_config
-from ..specs import SAMPLES, LossSpec, SampleOptions, smallest_size, spec_for
+from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
 from .artifacts import (
     ArtifactError,
     ExportPlan,
@@ -79,7 +79,7 @@ def export_program(
     loss: nn.Module, spec: LossSpec, names: Sequence[str], *, joint: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of the loss (or its joint loss + gradient graph) with a dynamic N in [0, inf) and dynamic
-    free sizes (classes, bins, mask sides) in [1, inf)."""
+    free sizes (classes, bins, mask sides) from :meth:`LossSpec.smallest_size` (1; DFL's bins 2)."""
     names = list(names)
     example = example_inputs(loss, spec, names)
     module = joint_module(loss, spec, names, example=example) if joint else spec.bind(loss, names)
@@ -150,8 +150,10 @@ def _runner(
     outputs: Sequence[str],
     label: str,
     described: Optional[Sequence[Mapping[str, Any]]] = None,
+    dynamic_dims: Optional[Mapping[str, Mapping[str, int]]] = None,
 ) -> Runner:
-    """A runner over ``package``; with the manifest's ``described`` inputs, each call checks its inputs first."""
+    """A runner over ``package``; with the manifest's ``described`` inputs (and ``dynamic_dims``), each call checks
+    its inputs first (:func:`check_inputs`)."""
     names = list(names)
 
     def run(inputs: Mapping[str, Tensor]) -> list[Tensor]:
@@ -159,7 +161,7 @@ def _runner(
         if missing:
             raise ArtifactError(f"missing input(s) {missing} for {label} (inputs: {names})")
         if described is not None:
-            check_inputs(described, [inputs[name] for name in names], label)
+            check_inputs(described, [inputs[name] for name in names], label, dynamic_dims)
         result = package(*[inputs[name].contiguous() for name in names])
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
@@ -168,11 +170,18 @@ def _runner(
     return run
 
 
-def check_inputs(described: Sequence[Mapping[str, Any]], tensors: Sequence[Tensor], label: str) -> None:
+def check_inputs(
+    described: Sequence[Mapping[str, Any]],
+    tensors: Sequence[Tensor],
+    label: str,
+    dynamic_dims: Optional[Mapping[str, Mapping[str, int]]] = None,
+) -> None:
     """Raise :class:`ArtifactError` unless ``tensors`` have the dtypes and sizes ``described`` (manifest inputs)
-    give, each symbol (N, C, ...) one size across them. An AOTInductor package reads its inputs' memory as what
-    it was compiled for and checks nothing unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set: int32 labels, float64
-    logits or a weight one row short give wrong numbers (or reads past an input's end), not an error."""
+    give, each symbol (N, C, ...) one size across them and none below its ``dynamic_dims`` minimum (the range
+    the package was compiled for: at least one class, two DFL bins). An AOTInductor package reads its inputs'
+    memory as what it was compiled for and checks nothing unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set (which
+    checks no minimum either): int32 labels, float64 logits, a weight one row short or a DFL of one bin give wrong
+    numbers or index errors (or reads past an input's end), not an error naming the input."""
     symbols: dict[str, tuple[int, str]] = {}
     for item, tensor in zip(described, tensors, strict=True):
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -181,6 +190,10 @@ def check_inputs(described: Sequence[Mapping[str, Any]], tensors: Sequence[Tenso
         mismatch = shape_mismatch(item["name"], item["shape"], tensor.shape, symbols)
         if mismatch:
             raise ArtifactError(f"{label}: input {mismatch}")
+    for symbol, (size, name) in symbols.items():
+        least = int((dynamic_dims or {}).get(symbol, {}).get("min", 0))
+        if size < least:
+            raise ArtifactError(f"{label}: input {name!r} has {symbol} = {size}; the package takes {symbol} >= {least}")
 
 
 def load_runner(
@@ -208,7 +221,7 @@ def load_runner(
         package = torch._inductor.aoti_load_package(source)
     except Exception as exc:
         raise ArtifactError(f"{path.name} does not load as an AOTInductor package: {exc}") from exc
-    runner = _runner(package, names, outputs, path.name, manifest["inputs"])
+    runner = _runner(package, names, outputs, path.name, manifest["inputs"], manifest.get("dynamic_dims"))
     runner.manifest = dict(manifest)
     runner.path = path
     return runner if entry is None else entry_runner(runner, entry)
@@ -546,8 +559,8 @@ def export_pt2_bundle(
         "outputs": outputs,
         "dtype": "float32",
         "dynamic_dims": {
-            name: {"min": smallest_size(symbol)}
-            for item in manifest_entries
+            name: {"min": entry.spec.smallest_size(symbol)}
+            for entry, item in zip(entries, manifest_entries)
             for symbol, name in _entry_dims(item).items()
         },
         "runs_code": True,
@@ -556,9 +569,12 @@ def export_pt2_bundle(
     return target
 
 
-def _empty_input(item: Mapping[str, Any], samples: str) -> Tensor:
-    """An input of no samples (the sample count ``samples`` 0, every free size 1)."""
-    shape = [0 if d == samples else 1 if isinstance(d, str) else d for d in item["shape"]]
+def _empty_input(item: Mapping[str, Any], samples: str, dynamic_dims: Mapping[str, Mapping[str, int]]) -> Tensor:
+    """An input of no samples (the sample count ``samples`` 0, every free size its least, 1 or DFL's 2 bins)."""
+    shape = [
+        0 if d == samples else max(1, int(dynamic_dims.get(d, {}).get("min", 1))) if isinstance(d, str) else d
+        for d in item["shape"]
+    ]
     if not shape:  # avg_factor: any positive value
         return torch.ones((), dtype=getattr(torch, item["dtype"]))
     return torch.zeros(shape, dtype=getattr(torch, item["dtype"]))
@@ -577,7 +593,7 @@ def entry_runner(bundle: Runner, entry: str) -> Runner:
     own = by_name[entry]
     names = [str(item["name"]) for item in own["inputs"]]
     fillers = {
-        item["name"]: _empty_input(item, _entry_dims(other)[SAMPLES])
+        item["name"]: _empty_input(item, _entry_dims(other)[SAMPLES], manifest.get("dynamic_dims", {}))
         for other in manifest["entries"]
         if other["name"] != entry
         for item in _flat_io([other])[0]
