@@ -136,7 +136,7 @@ def test_single_joint_package_manifest_and_verify(runner_cache):
     key, options = runner_options("dfl", "pt2", pt2="separate")
     package = runner_cache.runner("dfl", "pt2", key=key, **options)
     manifest = json.loads(package.path.with_name(package.path.name + ".json").read_text())
-    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 2}}  # DFL: two bins
+    assert manifest["format"] == "pt2" and manifest["dynamic_dims"] == {"N": {"min": 0}, "B": {"min": 2}}
     assert manifest["joint"] and manifest["outputs"] == ["loss", "grad_pred"]
     assert manifest["output_shapes"] == {"loss": [], "grad_pred": ["N", "B"]}
     assert [entry["name"] for entry in manifest["inputs"]] == ["pred", "target", "weight", "avg_factor"]
