@@ -250,3 +250,58 @@ def test_identity_without_process_group() -> None:
         assert compiled(torch.tensor(n)).item() == 2 * max(n, 1.0)
     assert counter.frame_count == 1
     assert math.isfinite(reduce_avg_factor(torch.tensor(0.0)).reciprocal().item())
+
+
+def test_helpers_work_in_a_process_that_loaded_neither_ddp_nor_dynamo(tmp_path: Path) -> None:
+    """torch.distributed._functional_collectives is loaded by DDP or Dynamo, not by ``import torch.distributed``:
+    a head unit-tested (or gradients all-reduced by hand) in a plain process got an AttributeError."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, torch.distributed as dist\n"
+        "from visdet_export.distributed import reduce_avg_factor\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
+        "print(float(reduce_avg_factor(torch.tensor(3))))\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "3.0", result.stderr[-2000:]
+
+
+def _helper_worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # compiled before the group exists (a warm-up, a smoke test): it must not keep skipping the all-reduce after
+    compiled = torch.compile(lambda n: reduce_avg_factor(n), fullgraph=True, dynamic=True, backend="aot_eager")
+    local = compiled(torch.tensor([6.0, 2.0][rank]))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        solo = dist.new_group([0])
+        results = dict(
+            local=local,
+            after_init=compiled(torch.tensor([6.0, 2.0][rank])),
+            # 33000 float16 positives per rank: the world's sum (66000) is past float16's 65504
+            float16=reduce_avg_factor(torch.tensor(33000.0, dtype=torch.float16)),
+            outside_group=reduce_mean(torch.tensor(4.0 + rank), group=solo),
+        )
+        dist.barrier()
+        torch.save(results, Path(out_dir) / f"helper{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_helpers_across_ranks_recompile_after_init_keep_float16_finite_and_skip_non_members(tmp_path: Path) -> None:
+    """A caller compiled before ``init_process_group`` returned each rank's own count forever after (Dynamo folded
+    ``is_initialized()`` without a guard); float16 counts summed before the division overflowed to inf (the loss
+    then 0); a rank outside ``group`` got an unrelated error (it gets its own value, as ``dist.all_reduce`` is a
+    no-op there)."""
+    mp.spawn(_helper_worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"helper{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    assert [float(r["local"]) for r in results] == [6.0, 2.0]
+    assert [float(r["after_init"]) for r in results] == [4.0, 4.0]
+    assert all(r["float16"].dtype == torch.float16 and float(r["float16"]) == 32992.0 for r in results)  # 33000
+    assert float(results[0]["outside_group"]) == 4.0 and float(results[1]["outside_group"]) == 5.0

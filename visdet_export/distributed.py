@@ -24,7 +24,9 @@ its negatives' classification loss and divides by the shared ``A >= 1``: no divi
 that disagrees with the other ranks'.
 
 Without an initialised process group (single process, CPU-only builds without ``torch.distributed``) the helpers
-are the identity (``reduce_mean``) and a clamp (``reduce_avg_factor``).
+are the identity (``reduce_mean``) and a clamp (``reduce_avg_factor``). A compiled caller recompiles when a
+default process group is created or destroyed (:func:`is_distributed` reads the group itself, which Dynamo
+guards on), so a warm-up compiled before ``init_process_group`` does not keep skipping the all-reduce.
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+if dist.is_available():
+    # not loaded by ``import torch.distributed``: only DDP or Dynamo did, so a process using neither failed
+    from torch.distributed import _functional_collectives as functional_collectives
+    from torch.distributed import distributed_c10d
+
 __all__ = ["is_distributed", "reduce_avg_factor", "reduce_mean"]
 
 
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is built in and a default process group is initialised.
 
-    A configuration check, evaluated once when ``torch.compile`` traces a caller (it is constant-folded by Dynamo).
+    Read as the default group itself (what ``dist.is_initialized()`` compares with None): Dynamo folds
+    ``is_initialized()`` to a constant without a guard, so a caller compiled before ``init_process_group`` kept
+    skipping the all-reduce; a group read this way is guarded, and creating or destroying one recompiles.
     """
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and distributed_c10d.GroupMember.WORLD is not None
 
 
 def _as_float_tensor(value: Tensor | float) -> Tensor:
@@ -76,7 +85,11 @@ def reduce_mean(tensor: Tensor | float, group: dist.ProcessGroup | None = None) 
     * traces into ``torch.compile(fullgraph=True)`` graphs (no graph break);
     * the result carries no gradient: it is a normaliser (MMDetection drops it anyway with ``.item()``), and the
       functional all-reduce has no autograd formula;
-    * integer counts are accepted (MMDetection's in-place ``div_`` fails on them).
+    * integer counts are accepted (MMDetection's in-place ``div_`` fails on them);
+    * on a rank outside ``group`` it returns ``tensor`` itself, as ``dist.all_reduce`` does nothing there.
+
+    Each rank divides by the world size before the sum, as MMDetection does: a float16 count sums without
+    overflowing where the world's total would (65504).
     """
     value = _as_float_tensor(tensor)
     if not is_distributed():
@@ -90,8 +103,12 @@ def reduce_mean(tensor: Tensor | float, group: dist.ProcessGroup | None = None) 
     # tensor that waits on first use). Gloo has no AVG reduce op, so we sum and divide by the world size (a
     # constant of the process group, folded into the graph).
     world_size = dist.get_world_size(group)
-    total = torch.distributed._functional_collectives.all_reduce(value, "sum", group)
-    return total / world_size
+    if world_size < 1:  # this rank is not in ``group`` (-1)
+        return value
+    total = functional_collectives.all_reduce(value / world_size, "sum", group)
+    # a plain tensor, not the AsyncCollectiveTensor eager returns (what torch.save and weights_only loads refuse);
+    # the wait follows device semantics (a stream wait on CUDA, not a host sync), as its first use would
+    return functional_collectives.wait_tensor(total)
 
 
 def reduce_avg_factor(
