@@ -458,3 +458,24 @@ def test_an_opset_newer_than_onnx_knows_is_named(tmp_path):
         attach_losses(_two_head_model(tmp_path / "m.onnx"),
                       [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "o.onnx",
                       opset=onnx.defs.onnx_opset_version() + 5)
+
+
+def test_broken_or_misnamed_loss_graphs_are_refused_before_any_export(tmp_path, monkeypatch):
+    """A corrupt file escaped as protobuf's DecodeError; an output not named 'loss' was found only after the
+    earlier losses had been exported."""
+    from visdet_export.export import attach
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"graph")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", "C"]) for n in ("pred", "soft_label")]
+    nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]),
+             helper.make_node("ReduceSum", ["d"], ["total"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "total.onnx"))
+    exported = []
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: exported.append(args))
+    for path, match in [(tmp_path / "broken.onnx", "is not an ONNX model"), (tmp_path / "total.onnx", "output 'loss'")]:
+        with pytest.raises(AttachError, match=match):
+            attach_losses(model, [("first", dict(type="GIoULoss"), {"pred": "box", "target": "gt"}),
+                                  ("l", path, {"pred": "cls", "soft_label": "t"})], tmp_path / "o.onnx")
+    assert exported == []

@@ -94,3 +94,12 @@ def test_every_listed_variant_builds_and_the_default_comes_first(name):
         spec.sample(loss, 3)
     with pytest.raises(ValueError, match=", ".join(variants)):
         spec_for(loss, "no-such-layout")
+
+
+def test_smaller_sizes_respect_the_least_sizes() -> None:
+    """A spec whose loss refuses fewer than 8 classes drew 4 for its smaller-size checks, and failed its own export."""
+    from visdet_export.specs import LossSpec, TensorSpec
+
+    spec = LossSpec("X", "v", (TensorSpec("pred", ("N", "C")),), lambda n, g, o: {}, lambda m, i, r: m(i),
+                    {"C": 16, "D": 80}, least_sizes={"C": 8})
+    assert spec.smaller_sizes() == {"C": 8, "D": 20}

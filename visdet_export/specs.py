@@ -145,8 +145,11 @@ class LossSpec:
         return elements
 
     def smaller_sizes(self) -> dict[str, int]:
-        """Free sizes other than the defaults (a quarter of each, at least 2), to check that a graph takes them."""
-        return {symbol: max(2, size // 4) for symbol, size in self.sizes.items()}
+        """Free sizes other than the defaults (a quarter of each, at least 2 and at least the least size), to check
+        that a graph takes them."""
+        return {
+            symbol: min(size, max(2, self.least_sizes.get(symbol, 2), size // 4)) for symbol, size in self.sizes.items()
+        }
 
     def capped(self, n: int, max_elements: int = MAX_CHECK_ELEMENTS) -> int:
         """``n`` capped so that ``pred`` holds at most ``max_elements`` elements (but at least 7 samples):

@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import onnx.compose
 import onnx.version_converter
+import torch
 from onnx import external_data_helper
 from torch import nn
 
@@ -82,11 +83,14 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise AttachError(f"{path} is not a file")
-    check_external_data(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise AttachError(f"{path} is not an ONNX model ({type(error).__name__}: {first_line(error)})") from None
+    try:
+        check_external_data(path)
+    except ArtifactError as error:
+        raise AttachError(str(error)) from None
     external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
 
@@ -369,6 +373,8 @@ def _check_loss_graph(
     unknown = sorted(set(mapping) - set(inputs))
     if unknown:
         raise AttachError(f"loss {name!r} ({path}) has no input(s) {', '.join(unknown)}; it has {sorted(inputs)}")
+    if [value.name for value in graph.output] != ["loss"]:
+        raise AttachError(f"loss graph {name!r} ({path}) must have the single output 'loss' (export_onnx writes it)")
     output_dims = [_dims(value) for value in graph.output]
     if output_dims != [[]]:
         why = "its output's shape is not recorded" if None in output_dims else f"its outputs have shapes {output_dims}"
@@ -765,7 +771,8 @@ def save_samples(path: PathLike, samples: Iterable[Sample], *, overwrite: bool =
 def _to_array(value: Any) -> np.ndarray:
     """A numpy array from an array, a number or a (CPU or device) tensor."""
     if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
     return np.asarray(value)
 
 
