@@ -175,21 +175,28 @@ def _read_as_float32(graph: onnx.GraphProto, name: str, source_type: int) -> Non
     next(value for value in graph.input if value.name == name).type.tensor_type.elem_type = source_type
 
 
-def _check_compatible(
-    source: onnx.ValueInfoProto, target: onnx.ValueInfoProto, what: str, symbols: dict[str, tuple[int, str]]
+def _check_readable(
+    what: str,
+    source: onnx.ValueInfoProto,
+    target_type: int,
+    target_shape: Optional[Sequence[object]],
+    symbols: dict[str, tuple[int, str]],
+    cast: bool = True,
 ) -> None:
-    """``source`` can feed loss input ``target``: same element type, and static sizes that fit its shape, one
-    size per symbol of the loss (N, C, ...) across the inputs checked with ``symbols`` (student logits of 68
-    classes and teacher logits of 80 are refused here rather than when run)."""
-    source_type, target_type = source.type.tensor_type.elem_type, target.type.tensor_type.elem_type
-    if source_type != target_type:
-        raise AttachError(
-            f"{what}: {source.name!r} is {_dtype_name(source_type)} but the loss expects {_dtype_name(target_type)}"
-        )
-    source_dims, target_dims = _dims(source), _dims(target)
-    if source_dims is None or target_dims is None:
-        return
-    mismatch = shape_mismatch(source.name, target_dims, source_dims, symbols)
+    """``source`` can feed a loss input of ``target_type`` (with ``cast``, floats of any precision a float32 one,
+    through :func:`_read_as_float32`) and ``target_shape``: static sizes that fit, one size per symbol of the loss
+    (N, C, ...) across the inputs checked with ``symbols`` (student logits of 68 classes and teacher logits of 80
+    are refused here rather than when run)."""
+    source_type = source.type.tensor_type.elem_type
+    casts = cast and target_type == onnx.TensorProto.FLOAT
+    readable = (onnx.TensorProto.FLOAT, *CAST_TO_FLOAT32) if casts else (target_type,)
+    if source_type not in readable:
+        expected = "a floating-point tensor" if casts else _dtype_name(target_type)
+        raise AttachError(f"{what}: {source.name!r} is {_dtype_name(source_type)} but the loss expects {expected}")
+    source_dims = _dims(source)
+    mismatch = None if source_dims is None or target_shape is None else shape_mismatch(
+        source.name, target_shape, source_dims, symbols
+    )
     if mismatch:
         raise AttachError(f"{what}: {mismatch}")
 
@@ -341,28 +348,6 @@ def check_plan(
             loss = _checked_loss(name, as_loss(loss), mapping, model_values)
         planned.append((name, loss, mapping))
     return planned
-
-
-def _check_readable(
-    what: str,
-    source: onnx.ValueInfoProto,
-    target_type: int,
-    target_shape: Optional[Sequence[object]],
-    symbols: dict[str, tuple[int, str]],
-) -> None:
-    """A model value ``source`` can feed a loss input of ``target_type`` (floats of any precision a float32 one)
-    and ``target_shape`` (the loss's symbols, each one size across the inputs checked with ``symbols``)."""
-    source_type = source.type.tensor_type.elem_type
-    readable = (onnx.TensorProto.FLOAT, *CAST_TO_FLOAT32) if target_type == onnx.TensorProto.FLOAT else (target_type,)
-    if source_type not in readable:
-        expected = "a floating-point tensor" if target_type == onnx.TensorProto.FLOAT else _dtype_name(target_type)
-        raise AttachError(f"{what}: {source.name!r} is {_dtype_name(source_type)} but the loss expects {expected}")
-    source_dims = _dims(source)
-    mismatch = None if source_dims is None or target_shape is None else shape_mismatch(
-        source.name, target_shape, source_dims, symbols
-    )
-    if mismatch:
-        raise AttachError(f"{what}: {mismatch}")
 
 
 def _check_loss_graph(
@@ -539,21 +524,17 @@ def _merge_one(
         what = f"loss {name!r} input {input_name!r}"
         if source in model_outputs or source in existing_inputs:
             value = model_outputs[source] if source in model_outputs else existing_inputs[source]
-            source_type = value.type.tensor_type.elem_type
-            if source_type in CAST_TO_FLOAT32 and target.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-                _read_as_float32(loss_graph.graph, prefix + input_name, source_type)
-                cast = onnx.ValueInfoProto()
-                cast.CopyFrom(target)
-                cast.type.tensor_type.elem_type = source_type
-                target = cast
-            _check_compatible(value, target, what, symbols)
+            _check_readable(what, value, target.type.tensor_type.elem_type, _dims(target), symbols)
+            if value.type.tensor_type.elem_type in CAST_TO_FLOAT32:
+                _read_as_float32(loss_graph.graph, prefix + input_name, value.type.tensor_type.elem_type)
             _record_model_symbols(value, target, model_symbols, name)
             if source not in model_outputs and source not in {value.name for value in merged.graph.output}:
                 # A graph input another loss (or the model) declared: route it through a temporary output.
                 merged = _with_output(merged, value)
             io_map.append((source, prefix + input_name))
         elif source in new_here:  # a second input of this loss fed by the same new graph input
-            _check_compatible(new_here[source], target, what, symbols)
+            # one graph input of the loss's own dtype: no cast
+            _check_readable(what, new_here[source], target.type.tensor_type.elem_type, _dims(target), symbols, False)
             graph_inputs = loss_graph.graph.input
             del graph_inputs[[value.name for value in graph_inputs].index(prefix + input_name)]
             _rename_value(loss_graph.graph, prefix + input_name, source)
