@@ -295,7 +295,8 @@ def test_two_inputs_of_one_loss_share_a_new_graph_input(workdir):
     x, gt = torch.randn(6, 80), torch.rand(6, 80)
     (value,) = session.run(["l"], {"x": x.numpy(), "gt": gt.numpy()})
     np.testing.assert_allclose(value, float(build_loss(dict(type="L1Loss"))(2 * x, gt, gt)), rtol=RTOL, atol=ATOL)
-    with pytest.raises(AttachError, match="input 'weight': 'gt' is int64 but the loss expects float32"):
+    with pytest.raises(AttachError, match="input 'weight': the new input 'gt' would be float32 here but loss 'l' "
+                                          "input 'target' takes int64"):
         attach_losses(
             model_path,
             [("l", dict(type="FocalLoss"), {"pred": "y", "target": "gt", "weight": "gt"})],
@@ -353,6 +354,17 @@ def _two_head_model(path: Path, cls_type: int = TensorProto.FLOAT, internal: boo
                                                                                                 ["P", 4])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+def _kd_like_graph(path: Path, soft_label_dims: list = ["N", "C"], output: str = "loss") -> Path:  # noqa: B006
+    """A hand-written loss graph: ``output`` = sum(pred - soft_label), a 0-d float."""
+    inputs = [helper.make_tensor_value_info("pred", TensorProto.FLOAT, ["N", "C"]),
+              helper.make_tensor_value_info("soft_label", TensorProto.FLOAT, soft_label_dims)]
+    nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]),
+             helper.make_node("ReduceSum", ["d"], [output], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
 
 
@@ -433,16 +445,24 @@ def test_one_symbol_fed_two_model_axes_is_warned_about(tmp_path):
         ("graph", {"pred": "cls", "soft": "t"}, r"has no input\(s\) soft"),
         ("graph", {"pred": "cls", "soft_label": "box"}, r"'box' has C = 4 but 'cls' has C = 5"),
         ("graph-none", {"pred": "cls", "soft_label": "t"}, "must have one 0-d output"),
+        (dict(type="FocalLoss"), {"pred": "cls", "target": "gt"},
+         "the new input 'gt' would be int64 here but loss 'first' input 'target' takes float32"),
+        (dict(type="DistributionFocalLoss"), {"pred": "cls", "target": "gt"},
+         r"the new input 'gt' would have shape \(N,\) here but loss 'first' input 'target' takes \(N, 4\)"),
+        ("graph-3", {"pred": "cls", "soft_label": "gt"},
+         r"the new input 'gt' would have shape \(N, 3\) here but loss 'first' input 'target' takes \(N, 4\)"),
     ],
     ids=["none", "sum-avg-factor", "internal", "dtype", "dtype-of-model-input", "graph-input", "graph-shape",
-         "graph-none"],
+         "graph-none", "new-input-dtype", "new-input-rank", "new-input-size"],
 )
 def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, mapping, match):
     """Each was found only after every earlier loss had been exported (or, for 'none', by verify afterwards)."""
     from visdet_export.export import attach
 
     model = _two_head_model(tmp_path / "m.onnx", internal=True)
-    if isinstance(loss, str):  # a loss graph exported beforehand
+    if loss == "graph-3":  # a loss graph of its own whose soft labels have 3 columns
+        loss = _kd_like_graph(tmp_path / "kd3.onnx", soft_label_dims=["N", 3])
+    elif isinstance(loss, str):  # a loss graph exported beforehand
         kd = dict(type="KnowledgeDistillationKLDivLoss", reduction="none" if loss == "graph-none" else "mean")
         loss = export_onnx(kd, tmp_path / "kd.onnx", optional_inputs=())
     exported = []
@@ -467,11 +487,7 @@ def test_broken_or_misnamed_loss_graphs_are_refused_before_any_export(tmp_path, 
 
     model = _two_head_model(tmp_path / "m.onnx")
     (tmp_path / "broken.onnx").write_bytes(b"graph")
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", "C"]) for n in ("pred", "soft_label")]
-    nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]),
-             helper.make_node("ReduceSum", ["d"], ["total"], keepdims=0)]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "total.onnx"))
+    _kd_like_graph(tmp_path / "total.onnx", output="total")
     exported = []
     monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: exported.append(args))
     for path, match in [(tmp_path / "broken.onnx", "is not an ONNX model"), (tmp_path / "total.onnx", "output 'loss'")]:

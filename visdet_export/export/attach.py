@@ -309,9 +309,10 @@ def check_plan(
     """Every mistake of an attach request that needs no export, found before the first one: malformed entries,
     duplicate names, names that look like misspelled model outputs (:func:`check_sources`) or are the model's
     internal values, configs that do not build, loss graphs that do not load, inputs a loss does not have, a loss
-    that reduces nothing (``reduction="none"``: no 0-d output) or takes no ``avg_factor`` ("sum"), and model
+    that reduces nothing (``reduction="none"``: no 0-d output) or takes no ``avg_factor`` ("sum"), model
     outputs or inputs of a dtype the loss input cannot read (floating values of any precision go to float inputs,
-    through a Cast).
+    through a Cast), and a new graph input that two loss inputs would read with different dtypes, ranks or static
+    sizes.
 
     Returns:
         The entries with each config built into its loss module (graph paths stay paths).
@@ -324,6 +325,7 @@ def check_plan(
     internal -= set(model_outputs) | model_inputs
     taken = set(model_outputs) | model_inputs | internal
     planned: list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]] = []
+    new_input_users: dict[str, tuple[str, int, Optional[list[object]]]] = {}
     for entry in losses:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
             raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
@@ -343,16 +345,58 @@ def check_plan(
                 f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
             )
         if isinstance(loss, (str, os.PathLike)):
-            _check_loss_graph(name, loss, mapping, model_values)
+            loss_inputs = _loss_graph_inputs(name, loss, mapping)
         else:
-            loss = _checked_loss(name, as_loss(loss), mapping, model_values)
+            loss = as_loss(loss)
+            loss_inputs = _loss_module_inputs(name, loss, mapping)
+        symbols: dict[str, tuple[int, str]] = {}
+        for key, source in mapping.items():
+            what = f"loss {name!r} input {key!r}"
+            target_type, target_shape = loss_inputs[key]
+            if source in model_values:
+                _check_readable(what, model_values[source], target_type, target_shape, symbols)
+            else:
+                _check_same_new_input(what, source, (target_type, target_shape), new_input_users)
         planned.append((name, loss, mapping))
     return planned
 
 
-def _check_loss_graph(
-    name: str, path: Union[str, os.PathLike[str]], mapping: Mapping[str, str], model_values: Mapping[str, Any]
+def _check_same_new_input(
+    what: str,
+    source: str,
+    target: tuple[int, Optional[list[object]]],
+    users: dict[str, tuple[str, int, Optional[list[object]]]],
 ) -> None:
+    """Every loss input that new graph input ``source`` feeds takes one dtype, rank and static sizes (integer labels
+    for one loss and soft float labels for another cannot share a name), checked before any export."""
+    first, first_type, first_shape = users.setdefault(source, (what, *target))
+    target_type, target_shape = target
+    if first_type != target_type:
+        raise AttachError(
+            f"{what}: the new input {source!r} would be {_dtype_name(target_type)} here but {first} takes "
+            f"{_dtype_name(first_type)}; give one of them another name"
+        )
+    if first_shape is None or target_shape is None:
+        return
+    clash = len(first_shape) != len(target_shape) or any(
+        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(first_shape, target_shape)
+    )
+    if clash:
+        raise AttachError(
+            f"{what}: the new input {source!r} would have shape {_shown(target_shape)} here but {first} takes "
+            f"{_shown(first_shape)}; give one of them another name"
+        )
+
+
+def _shown(shape: Sequence[object]) -> str:
+    return "(" + ", ".join(str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _loss_graph_inputs(
+    name: str, path: Union[str, os.PathLike[str]], mapping: Mapping[str, str]
+) -> dict[str, tuple[int, Optional[list[object]]]]:
+    """The element type and dims of each input of the loss graph at ``path`` that ``mapping`` names, once the graph
+    is known to load, to have those inputs and to give one 0-d output ``loss``."""
     graph = load_model(path).graph
     inputs = {value.name: value for value in graph.input}
     unknown = sorted(set(mapping) - set(inputs))
@@ -364,19 +408,14 @@ def _check_loss_graph(
     if output_dims != [[]]:
         why = "its output's shape is not recorded" if None in output_dims else f"its outputs have shapes {output_dims}"
         raise AttachError(f"loss graph {name!r} ({path}) must have one 0-d output, the reduced loss; {why}")
-    symbols: dict[str, tuple[int, str]] = {}
-    for key, source in mapping.items():
-        if source in model_values:
-            target = inputs[key]
-            _check_readable(
-                f"loss {name!r} input {key!r}", model_values[source], target.type.tensor_type.elem_type, _dims(target),
-                symbols,
-            )
+    return {key: (inputs[key].type.tensor_type.elem_type, _dims(inputs[key])) for key in mapping}
 
 
-def _checked_loss(
-    name: str, module: nn.Module, mapping: Mapping[str, str], model_values: Mapping[str, onnx.ValueInfoProto]
-) -> nn.Module:
+def _loss_module_inputs(
+    name: str, module: nn.Module, mapping: Mapping[str, str]
+) -> dict[str, tuple[int, Optional[list[object]]]]:
+    """The ONNX element type and shape (its spec's) of each input of ``module`` that ``mapping`` names, once the
+    configuration is known to give a 0-d loss that takes those inputs."""
     spec = spec_for(module)
     inputs = {t.name: t for t in spec.inputs}
     unknown = sorted(set(mapping) - set(inputs))
@@ -393,13 +432,10 @@ def _checked_loss(
         )
     if reduction == "sum" and "avg_factor" in mapping:
         raise AttachError(f"loss {name!r}: reduction='sum' takes no avg_factor (as in MMDetection); leave it out")
-    symbols: dict[str, tuple[int, str]] = {}
-    for key, source in mapping.items():
-        if source in model_values:
-            target_type = onnx.TensorProto.INT64 if inputs[key].kind == INT64 else onnx.TensorProto.FLOAT
-            shape = list(inputs[key].shape)
-            _check_readable(f"loss {name!r} input {key!r}", model_values[source], target_type, shape, symbols)
-    return module
+    return {
+        key: (onnx.TensorProto.INT64 if inputs[key].kind == INT64 else onnx.TensorProto.FLOAT, list(inputs[key].shape))
+        for key in mapping
+    }
 
 
 @one_export_at_a_time
