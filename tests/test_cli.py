@@ -394,6 +394,7 @@ def test_config_with_code_is_refused_by_the_cli_and_never_runs(fake, capsys, tmp
     code, out, err = run(capsys, "export", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 2 and out == ""
     assert f"{config}:2: an import is not allowed in a config" in err
+    assert 'flatten a config that computes its values with MMEngine: Config.fromfile(path).dump("flat.py")' in err
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o").exists()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -132,16 +133,27 @@ def test_wrong_number_types(name: str, field: str, value: object) -> None:
     (dict(type="CrossEntropyLoss", class_weight="1,2"), "class_weight"),
     (dict(type="CrossEntropyLoss", class_weight=[1.0, "2"]), "class_weight"),
     (dict(type="CrossEntropyLoss", class_weight=[1.0, True]), "class_weight"),
+    (dict(type="CrossEntropyLoss", class_weight=np.ones((2, 2))), "class_weight"),
+    (dict(type="CrossEntropyLoss", class_weight=torch.tensor([True, False])), "class_weight"),
     (dict(type="DistributionFocalLoss", reg_max=16.0), "reg_max"),
     (dict(type="IoULoss", linear="True"), "linear"),
 ], ids=["activated_str", "use_sigmoid_int", "avg_non_ignore_int", "ignore_index_float", "ignore_index_bool",
-        "class_weight_str", "class_weight_item_str", "class_weight_item_bool", "reg_max_float", "linear_str"])
+        "class_weight_str", "class_weight_item_str", "class_weight_item_bool", "class_weight_2d_array",
+        "class_weight_bool_tensor", "reg_max_float", "linear_str"])
 def test_wrong_option_types(cfg: dict, word: str) -> None:
     with pytest.raises(ConfigError, match=word):
         build_loss(cfg)
 
 
 # --- 3: registry ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", [(1.0, 2.5), np.array([1.0, 2.5]), torch.tensor([1.0, 2.5], dtype=F64)],
+                         ids=["tuple", "numpy", "tensor"])
+def test_class_weight_takes_the_sequences_mmdetection_takes(given: object) -> None:
+    """MMDetection reads class_weight with torch.tensor: a tuple, a numpy array or a tensor build as the list does."""
+    loss = build_loss(dict(type="CrossEntropyLoss", class_weight=given))
+    assert loss_config(loss)["class_weight"] == [1.0, 2.5]
 
 
 @pytest.mark.parametrize(("typo", "suggestion"), [

@@ -710,6 +710,38 @@ def test_mask_ce_takes_pointrends_point_logits(runtime: str, n: int) -> None:
     torch.testing.assert_close(grad, want, **TOL)
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_sigmoid_ce_on_labels_takes_a_weight_per_row_as_n_by_1(runtime: str) -> None:
+    """MMDetection's ``label_weights.view(-1, 1)`` reads an (N, 1) weight as the (N,) one; it was refused."""
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=True)
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(3)
+    pred = torch.randn(9, 5, generator=generator, dtype=F64, requires_grad=True)
+    label = torch.randint(0, 6, (9,), generator=generator)
+    weight = torch.rand(9, generator=generator, dtype=F64)
+    weight[2] = 0.0
+    for reduction in ("mean", "sum", "none"):
+        want = reference_loss(cfg, pred, label, weight, None, reduction)
+        torch.testing.assert_close(loss(pred, label, weight.unsqueeze(1), None, reduction), want, **TOL)
+    (grad,) = torch.autograd.grad(loss(pred, label, weight.unsqueeze(1)), pred)
+    torch.testing.assert_close(grad, grad_of(reference_loss(cfg, pred, label, weight), pred,
+                                             torch.tensor(1.0, dtype=F64)), **TOL)
+    with pytest.raises(Exception, match=r"shape \(N,\) or \(N, 1\) with index labels"):
+        loss(pred, label, weight.view(9, 1).expand(9, 2))
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_mask_ce_refuses_an_ignore_index_per_call(runtime: str) -> None:
+    """MMDetection asserts 'BCE loss does not support ignore_index'; the argument was dropped without a word."""
+    loss = build_in(runtime, dict(type="CrossEntropyLoss", use_mask=True))
+    pred, target, label = torch.randn(2, 3, 4, 4), (torch.rand(2, 4, 4) > 0.5).float(), torch.tensor([0, 2])
+    with pytest.raises(Exception, match="mask cross-entropy takes no ignore_index"):
+        loss(pred, target, label, None, None, 1)
+    assert torch.isfinite(loss(pred, target, label, None, None, None))
+
+
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------
 
 
@@ -781,6 +813,17 @@ def test_degenerate_boxes(key: str, name: str) -> None:
     else:
         assert float(out.detach()) >= 1.0 - 1e-12  # GIoU <= 0 without overlap
     assert float(out.detach()) > 0.5  # never a perfect score for a nonsense box
+
+
+def test_the_giou_loss_functions_eps_defaults_to_mmdetections() -> None:
+    """MMDetection's giou_loss function defaults to eps 1e-7 (its GIoULoss passes 1e-6): boxes of ~1e-4 tell them
+    apart."""
+    from visdet_export.losses import giou_loss
+
+    pred, target = boxes(6, seed=1, scale=1.0) * 1e-4, boxes(6, seed=2, scale=1.0) * 1e-4
+    want = reference_loss(dict(type="GIoULoss", eps=1e-7), pred, target)
+    torch.testing.assert_close(giou_loss(pred, target), want, **TOL)
+    assert not torch.allclose(giou_loss(pred, target, eps=1e-6), want, rtol=1e-3)
 
 
 def test_inverted_box_is_never_a_perfect_score() -> None:

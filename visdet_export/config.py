@@ -132,7 +132,10 @@ def _where(source: str, node: ast.AST | None) -> str:
 
 def _refuse(source: str, node: ast.AST, context: str = "") -> ConfigError:
     extra = f" {context}" if context else ""
-    return ConfigError(f"{_where(source, node)}: {_describe(node)} is not allowed in a config{extra}; only {_ALLOWED}")
+    return ConfigError(
+        f"{_where(source, node)}: {_describe(node)} is not allowed in a config{extra}; only {_ALLOWED} "
+        f'(flatten a config that computes its values with MMEngine: Config.fromfile(path).dump("flat.py"))'
+    )
 
 
 def _finite(value: Any, source: str, where: str) -> Any:

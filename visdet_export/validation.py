@@ -81,9 +81,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_class_weight(value: object) -> Optional[list[float]]:
-    """``None`` or a non-empty list of non-negative numbers up to :data:`FLOAT32_MAX` (one per class)."""
+    """``None`` or a non-empty list (tuple, 1-d array or tensor) of non-negative numbers up to :data:`FLOAT32_MAX`
+    (one per class)."""
     if value is None:
         return None
+    if callable(getattr(value, "tolist", None)) and getattr(value, "ndim", None) == 1:  # numpy array, tensor
+        value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         raise ConfigError(f"class_weight must be None or a non-empty list of numbers, got {value!r}")
     return [

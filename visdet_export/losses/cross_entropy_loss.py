@@ -204,9 +204,11 @@ def binary_cross_entropy(
         # one row of the (N, C) problem per label: masks and weights stay (N, 1) and broadcast
         valid = _not_ignored(label, ignore_index).unsqueeze(1)
         if weight is not None:
-            if weight.dim() != 1 or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
-                raise ValueError("weight must have shape (N,) with index labels, got " + str(weight.shape))
-            weight = weight.unsqueeze(1)
+            # (N,) or, as MMDetection's view(-1, 1) reads it, (N, 1)
+            per_row = weight.dim() == 1 or (weight.dim() == 2 and weight.size(1) == 1)
+            if not per_row or not same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
+                raise ValueError("weight must have shape (N,) or (N, 1) with index labels, got " + str(weight.shape))
+            weight = weight.reshape(-1, 1)
     else:
         if not same_shape(pred, label):
             raise ValueError(
@@ -460,6 +462,8 @@ class CrossEntropyLoss(WeightedLoss):
         if self.use_mask:
             if weight is None:
                 raise ValueError("mask cross-entropy needs the RoI class labels as the third argument")
+            if ignore_index is not None:  # MMDetection asserts it; ignoring it silently would count the pixels
+                raise ValueError("mask cross-entropy takes no ignore_index: every mask pixel counts")
             loss = mask_cross_entropy(pred, label, weight, class_weight, reduction, factor)
         else:
             index = self.ignore_index if ignore_index is None else ignore_index

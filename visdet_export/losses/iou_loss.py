@@ -91,11 +91,12 @@ def giou_loss(
     pred: Tensor,
     target: Tensor,
     weight: Optional[Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = 1e-7,
     reduction: str = "mean",
     avg_factor: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""GIoU loss :math:`1 - \mathrm{GIoU}`, in [0, 2]; arguments as :func:`iou_loss`."""
+    r"""GIoU loss :math:`1 - \mathrm{GIoU}`, in [0, 2]; arguments as :func:`iou_loss`. ``eps`` defaults to 1e-7,
+    as MMDetection's ``giou_loss`` function (its module and :class:`GIoULoss` pass 1e-6)."""
     return _box_loss(pred, target, weight, "giou", eps, reduction, avg_factor)
 
 
