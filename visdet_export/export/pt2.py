@@ -102,13 +102,27 @@ def _size_oblivious() -> Iterator[None]:
 
 
 def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) under :func:`_size_oblivious`."""
+    """``torch.export`` (non-strict) under :func:`_size_oblivious`, its float32 totals accumulated in float64."""
     with _size_oblivious():
         try:
             with evaluation_mode(module):
-                return torch.export.export(module, tuple(example), dynamic_shapes=shapes, strict=False)
+                program = torch.export.export(module, tuple(example), dynamic_shapes=shapes, strict=False)
+            return program.run_decompositions({torch.ops.aten.sum.default: _sum_accumulated_in_float64})
         except Exception as exc:  # torch.export raises many types; say which loss and why
             raise ArtifactError(f"torch.export of {what} failed: {first_line(exc)}") from exc
+
+
+def _sum_accumulated_in_float64(values: Tensor, dtype: Optional[torch.dtype] = None) -> Any:
+    """A float32 total as ``values.sum(dtype=torch.float64)``, rounded back.
+
+    AOTInductor accumulates a float32 sum of a symbolic size in one float32 accumulator per vector lane: it picks
+    its cascade summation only for sizes known to exceed 4096, which the size-oblivious compile never knows, so a
+    mean over 2M boxes was 2.3e-4 off (eager and ``torch.compile``: ~3e-8). The float64 accumulator keeps it at
+    ~2e-8 at no measurable cost (the reduction is fused into the loss's kernel; GIoU at 2M boxes, focal at
+    100k x 80). Other sums keep ATen's own lowering (``NotImplemented``)."""
+    if dtype is not None or values.dtype != torch.float32:
+        return NotImplemented
+    return torch.ops.aten.sum.default(values, dtype=torch.float64).to(torch.float32)
 
 
 def write_package(
