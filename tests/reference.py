@@ -8,6 +8,7 @@ visdet (see the production docstrings), the reference follows the contract:
 * inverted boxes: widths and heights are clamped at 0 (an empty box), so nonsense boxes get the worst loss;
 * softmax CE: labels outside [0, C) that are not ``ignore_index`` contribute 0 (visdet fails on them);
 * mask CE: ``class_weight`` weights each RoI by its class, the result is a 0-d tensor and every reduction works;
+  a RoI labelled outside [0, C) contributes 0;
 * focal / sigmoid CE: labels outside [0, C) are background (an all-zero one-hot row);
 * DFL: a target exactly at ``reg_max`` puts all its mass on the last bin;
 * a "mean" over zero elements is 0, and elements of weight 0 never contribute (callers of the reference pass
@@ -221,10 +222,16 @@ def sigmoid_ce_parts(
 
 
 def mask_ce_elementwise(pred: Tensor, target: Tensor, label: Tensor) -> Tensor:
-    """BCE of each RoI's mask logits at its class: (R, H, W), or (R, P) for PointRend's points."""
-    slices = [pred[r, int(label[r])] for r in range(pred.size(0))]
-    logits = torch.stack(slices) if slices else pred.new_zeros((0, *pred.shape[2:]))
-    return F.binary_cross_entropy_with_logits(logits, target.double(), reduction="none")
+    """BCE of each RoI's mask logits at its class: (R, H, W), or (R, P) for PointRend's points; zeros for a RoI
+    labelled outside [0, C)."""
+    rows = []
+    for r in range(pred.size(0)):
+        if 0 <= int(label[r]) < pred.size(1):
+            logits = pred[r, int(label[r])]
+            rows.append(F.binary_cross_entropy_with_logits(logits, target[r].double(), reduction="none"))
+        else:
+            rows.append(torch.zeros_like(target[r], dtype=pred.dtype))
+    return torch.stack(rows) if rows else pred.new_zeros((0, *pred.shape[2:]))
 
 
 def smooth_l1_elementwise(diff: Tensor, beta: float) -> Tensor:
@@ -391,7 +398,8 @@ def reference_loss(
         if opt["use_mask"]:
             labels = weight
             loss = mask_ce_elementwise(pred, target, labels)
-            w = None if class_weight is None else class_weight[labels.long()].view(-1, *[1] * (loss.dim() - 1))
+            w = None if class_weight is None else class_weight[labels.long().clamp(0, len(class_weight) - 1)].view(
+                -1, *[1] * (loss.dim() - 1))  # any weight for the zero rows of RoIs labelled outside the classes
             out = reduce_reference(loss, w, reduction, avg_factor)
         elif opt["use_sigmoid"]:
             loss, element_weight, valid = sigmoid_ce_parts(pred, target, weight, class_weight, index)

@@ -742,6 +742,29 @@ def test_mask_ce_refuses_an_ignore_index_per_call(runtime: str) -> None:
     assert torch.isfinite(loss(pred, target, label, None, None, None))
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_mask_ce_rois_labelled_outside_the_classes_contribute_zero(runtime: str) -> None:
+    """They were clamped into [0, C): -1 took class 0's map and C (or 2^40) the last one, silently; now they count 0,
+    as softmax CE's samples do, and NaN in their maps reaches neither the value nor the gradient."""
+    cfg = dict(type="CrossEntropyLoss", use_mask=True, class_weight=[1.0, 2.0, 0.5])
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(5)
+    pred = torch.randn(6, 3, 4, 4, generator=generator, dtype=F64)
+    target = (torch.rand(6, 4, 4, generator=generator) > 0.5).double()
+    label = torch.tensor([0, -1, 2, 3, 2**40, 1])
+    pred[[1, 3, 4]] = float("nan")
+    target[3] = float("nan")
+    pred.requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        clean = pred.detach().nan_to_num(0.0)
+        want = reference_loss(cfg, clean, target.nan_to_num(0.0), label, None, reduction)
+        torch.testing.assert_close(loss(pred, target, label, None, reduction), want, **TOL)
+    (grad,) = torch.autograd.grad(loss(pred, target, label), pred)
+    assert torch.isfinite(grad).all() and not grad[[1, 3, 4]].any() and grad[[0, 2, 5]].abs().sum() > 0
+
+
 # --- 22-25: boxes ----------------------------------------------------------------------------------------------------
 
 

@@ -481,7 +481,7 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         inputs = (
             TensorSpec("pred", ("N", classes, *spatial), doc="mask logits per class"),
             TensorSpec("target", ("N", *spatial), doc="binary masks"),
-            TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {classes})"),
+            TensorSpec("label", ("N",), INT64, doc=f"RoI classes in [0, {classes}) (a RoI labelled outside counts 0)"),
             AVG_FACTOR,
         )
         sizes = {**free, **({"H": MASK_SIZE, "W": MASK_SIZE} if variant == "mask" else {"P": POINTS})}

@@ -362,8 +362,8 @@ def mask_cross_entropy(
     Args:
         pred (Tensor[R, C, *S]): mask logits, one map per class: S = (H, W) for masks, (P,) for PointRend's points.
         target (Tensor[R, *S]): binary mask targets.
-        label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``; labels outside [0, C) are
-            clamped into it (a graph cannot raise on tensor values).
+        label (Tensor[R] int): the RoIs' classes, which select the map of ``pred``; a RoI labelled outside
+            [0, C) contributes 0, as softmax CE's samples do (visdet reads -1 as the last class and fails on C).
         class_weight (Tensor[C], optional): weight of each RoI by its class (visdet passes it to
             ``F.binary_cross_entropy_with_logits`` as an element weight, which only broadcasts when C == W).
 
@@ -389,8 +389,11 @@ def mask_cross_entropy(
     map_shape = list(pred.shape)
     map_shape[1] = 1
     logits = pred.gather(1, safe_label.reshape(one_per_roi).expand(map_shape)).squeeze(1).to(dtype)
-    log1p_decay = log1p_exp_neg_abs(logits)
-    loss = bce_with_logits(logits, target.to(dtype), log1p_decay)
+    target = target.to(dtype)
+    outside = (safe_label != label).reshape([-1] + [1] * (target.dim() - 1))
+    # inputs zeroed before the loss and the loss after it: a NaN map of an unlabelled RoI reaches neither
+    logits, target = logits.masked_fill(outside, 0.0), target.masked_fill(outside, 0.0)
+    loss = bce_with_logits(logits, target, log1p_exp_neg_abs(logits)).masked_fill(outside, 0.0)
     weight: Optional[Tensor] = None
     if class_weight is not None:
         weight = class_weight.to(pred.device, dtype)[safe_label].reshape([-1] + [1] * (target.dim() - 1))
