@@ -138,3 +138,19 @@ def test_learned_class_weight_gets_its_gradient(use_sigmoid: bool) -> None:
     _close(out.detach(), expected.detach())
     for actual, wanted in zip(grads, torch.autograd.grad(expected, (weights, logits))):
         _close(actual, wanted)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_autograd_traces_the_eager_closed_forms_backward(name: str) -> None:
+    """Compiled autograd (an eager forward, its backward traced by Dynamo: DDP / FSDP setups that compile only the
+    backbone) could not trace the closed form's query of retain_graph: a graph break per loss, or under
+    ``fullgraph=True`` an error. The backward now traces whole, to the reference's gradient."""
+    loss_of, reference_of, pred = _case(name, "mean")
+    pred = pred.clone().requires_grad_(True)
+    value = loss_of(pred)
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        value.backward()
+    want = pred.detach().clone().requires_grad_(True)
+    reference_of(want).backward()
+    _close(pred.grad, want.grad)

@@ -644,7 +644,9 @@ class _ClosedFormGradient(torch.autograd.Function):
             # a broadcast weight (one per row) joins the upstream gradient, usually an expanded scalar: the gradient
             # is then scaled in one pass instead of one in the forward and one here
             grad_output = _collapse_broadcast(grad_output) * weight
-        if torch._C._autograd._get_current_graph_task_keep_graph():  # retain_graph: grad is needed again
+        # retain_graph: grad is needed again; compiled autograd (Dynamo tracing this backward, which it cannot
+        # trace the graph-task query in) allocates the product anyway
+        if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
             return (grad_output * grad, *unused)
         # The graph is freed after this pass, so the saved gradient (our own tensor) can be scaled in place: one
         # full-size allocation less per backward (at 100k x 80, 32 MB of fresh pages).
