@@ -365,6 +365,25 @@ def test_class_weights_survive_a_models_dtype_cast(cast: str) -> None:
     assert "class_weight=[0.1, 0.333333, 3.3]" in repr(cast_loss)
 
 
+@pytest.mark.parametrize("built_on_meta", [False, True], ids=["moved_to_meta", "built_on_meta"])
+def test_class_weights_survive_meta_device_initialisation(built_on_meta: bool) -> None:
+    """A model built on (or moved to) the meta device, then materialised with ``to_empty`` and ``load_state_dict``
+    (large-model / FSDP initialisation): the class weights, non-persistent buffers in no state_dict, were left as
+    uninitialised memory (a loss of 66.5 for 1.65)."""
+    weights = [0.1, 1 / 3, 3.3]
+    cfg = dict(type="CrossEntropyLoss", class_weight=weights)
+    if built_on_meta:
+        with torch.device("meta"):
+            model = torch.nn.ModuleDict({"loss": build_loss(cfg), "head": torch.nn.Linear(4, 3)})
+    else:
+        model = torch.nn.ModuleDict({"loss": build_loss(cfg), "head": torch.nn.Linear(4, 3)}).to("meta")
+    model.to_empty(device="cpu")
+    model.load_state_dict(torch.nn.ModuleDict({"loss": build_loss(cfg), "head": torch.nn.Linear(4, 3)}).state_dict())
+    pred, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.equal(model["loss"](pred, labels), build_loss(cfg)(pred, labels))
+    assert loss_config(model["loss"])["class_weight"] == weights
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script"])
 @pytest.mark.parametrize("mode", ["softmax", "sigmoid_labels", "mask"])
 def test_float64_class_weights_are_exact(mode: str, runtime: str) -> None:

@@ -441,6 +441,7 @@ class CrossEntropyLoss(WeightedLoss):
             raise ConfigError(f"use_mask=True takes no ignore_index (got {ignore_index}): every mask pixel counts")
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
+        self._class_weight_values = weights  # what meta-device buffers are rebuilt from (see _apply)
         # float32 buffers, which float64 losses and loss_config turn back into the configured values
         rounded, residual = (None, None) if weights is None else float32_parts(weights)
         self.register_buffer("class_weight", rounded, persistent=False)
@@ -502,8 +503,12 @@ class CrossEntropyLoss(WeightedLoss):
     @torch.jit.unused
     def _configured_class_weight(self) -> Optional[list[float]]:
         rounded, residual = self.class_weight, self.class_weight_residual
-        if rounded is None or residual is None or rounded.device.type == "meta":
+        if rounded is None or residual is None:
             return None
+        if rounded.device.type == "meta":
+            # a model built on the meta device and materialised with to_empty(): non-persistent buffers are in no
+            # state_dict, so the configured values would otherwise stay uninitialised memory
+            return self._class_weight_values
         return from_float32_parts(rounded, residual).tolist()
 
     def extra_repr(self) -> str:
