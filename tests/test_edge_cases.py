@@ -752,6 +752,24 @@ def test_sigmoid_ce_on_labels_takes_a_weight_per_row_as_n_by_1(runtime: str) -> 
         loss(pred, label, weight.view(9, 1).expand(9, 2))
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_focal_takes_a_flattened_weight_in_every_runtime(runtime: str) -> None:
+    """A (N * C,) weight failed to compile ("the weight's and pred's rows differ"): the (N,) layout was asserted
+    before the flattened one was considered."""
+    cfg = dict(type="FocalLoss")
+    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
+    if runtime == "compile":
+        torch._dynamo.reset()
+        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(4)
+    pred = torch.randn(7, 5, generator=generator, dtype=F64, requires_grad=True)
+    label = torch.randint(0, 6, (7,), generator=generator)
+    weight = torch.rand(7, 5, generator=generator, dtype=F64)
+    value = loss(pred, label, weight.flatten())
+    torch.testing.assert_close(value, reference_loss(cfg, pred, label, weight), **TOL)
+    torch.testing.assert_close(loss(pred, label, weight[:, 0]), reference_loss(cfg, pred, label, weight[:, 0]), **TOL)
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script"])
 def test_mask_ce_refuses_an_ignore_index_per_call(runtime: str) -> None:
     """MMDetection asserts 'BCE loss does not support ignore_index'; the argument was dropped without a word."""

@@ -290,6 +290,23 @@ def known_to_be_one(size: int) -> bool:
     return known_within(size, 1, 1)
 
 
+def equal_where_decidable(a: int, b: int) -> bool:
+    """``a == b`` to choose between input layouts: under torch.compile a guard on the sizes it can compare (the
+    graph is specialised on the layout, as on any shape) and False where it cannot without one (an unbacked N)."""
+    if torch.jit.is_scripting():
+        return a == b
+    return _equal_where_decidable(a, b)
+
+
+@torch.jit.unused
+def _equal_where_decidable(a: int, b: int) -> bool:
+    if not torch.compiler.is_compiling():
+        return bool(a == b)
+    from torch.fx.experimental.symbolic_shapes import guard_or_false  # imported here: see _known_within
+
+    return guard_or_false(a == b)
+
+
 def check_class_axis(pred: Tensor, minimum: int, loss_name: str, axis_name: str = "classes") -> None:
     """``pred``'s axis 1 (classes, bins) holds at least ``minimum``: with fewer, label lookups index out of range
     and KD averages over nothing, errors that name neither input. A symbolic size the compiler cannot bound passes

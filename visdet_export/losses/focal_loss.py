@@ -21,6 +21,7 @@ from ..numerics import (
     compute_dtype,
     eager_closed_form,
     eager_fast_path,
+    equal_where_decidable,
     focal_terms,
     focal_with_saved_gradient,
     keep_saved_gradient,
@@ -101,6 +102,10 @@ def per_class_weight(weight: Tensor, pred: Tensor) -> Tensor:
             "weight must have shape (N,), (N, 1), (N, C) or (N * C,) for pred " + str(pred.shape) + ", got "
             + str(weight.shape)
         )
+    # the flattened layout first: where it cannot be told from (N,) (C = 1, N = 0) both mean the same weights, and
+    # a compiled graph asserts the (N,) layout's size only once it is chosen
+    if weight.dim() == 1 and equal_where_decidable(weight.size(0), pred.numel()):
+        return weight.reshape(pred.shape)
     if weight.dim() == 1 and same_size(weight.size(0), pred.size(0), "the weight's and pred's rows"):
         return weight.unsqueeze(1)
     if weight.numel() != pred.numel():
