@@ -59,6 +59,8 @@ BAD_VALUES = [
     pytest.param(dict(type="IoULoss", eps=0.0), "eps", id="iou_eps_0"),
     pytest.param(dict(type="IoULoss", eps=-1e-6), "eps", id="iou_eps_negative"),
     pytest.param(dict(type="GIoULoss", eps=0.0), "eps", id="giou_eps_0"),
+    pytest.param(dict(type="GIoULoss", eps=1e-13), ">= 1e-12", id="giou_eps_below_smallest"),
+    pytest.param(dict(type="IoULoss", eps=1e-13), ">= 1e-12", id="iou_eps_below_smallest"),
     pytest.param(dict(type="DistributionFocalLoss", reg_max=0), "reg_max", id="dfl_reg_max_0"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, -1.0]), "class_weight", id="ce_cw_negative"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[]), "class_weight", id="ce_cw_empty"),

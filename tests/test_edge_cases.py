@@ -888,6 +888,19 @@ def test_the_giou_loss_functions_eps_defaults_to_mmdetections() -> None:
     assert not torch.allclose(giou_loss(pred, target, eps=1e-6), want, rtol=1e-3)
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_giou_gradients_of_point_boxes_stay_finite_at_the_smallest_eps(runtime: str) -> None:
+    """eps down to 1e-20 was accepted, and the squared enclosing area it clamps overflowed float32: NaN gradients for
+    identical or disjoint point boxes (RELIABILITY 23). 1e-12 is the smallest eps taken."""
+    from visdet_export.losses.iou_loss import SMALLEST_EPS
+
+    loss = build_in(runtime, dict(type="GIoULoss", eps=SMALLEST_EPS))
+    pred = torch.tensor([[5.0, 5, 5, 5], [0, 0, 10, 10], [3, 3, 3, 3]], requires_grad=True)
+    target = torch.tensor([[5.0, 5, 5, 5], [0, 0, 10, 10], [7, 7, 7, 7]])
+    (grad,) = torch.autograd.grad(loss(pred, target), pred)
+    assert torch.isfinite(grad).all()
+
+
 def test_inverted_box_is_never_a_perfect_score() -> None:
     """visdet multiplies two negative sides into a positive area; an inverted copy of the target then scores."""
     target = boxes(32, seed=4)

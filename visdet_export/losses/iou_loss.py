@@ -35,6 +35,12 @@ from .base import WeightedLoss
 IOU_MODES = ("linear", "square", "log")
 
 
+#: The smallest ``eps`` the IoU losses take: the GIoU gradient divides by the squared enclosing area, clamped at
+#: ``eps``, which overflows float32 below ~1e-19 (NaN gradients for point boxes at eps = 1e-20 eager, 1e-23
+#: scripted); MMDetection's defaults are 1e-6 and 1e-7.
+SMALLEST_EPS = 1e-12
+
+
 def box_inputs(
     pred: Tensor, target: Tensor, weight: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -288,7 +294,7 @@ class IoULoss(WeightedLoss):
 
     Args:
         linear: deprecated, ``True`` means ``mode="linear"``.
-        eps: lower clamp of the IoU, > 0.
+        eps: lower clamp of the IoU, at least :data:`SMALLEST_EPS`.
         mode: "linear" | "square" | "log".
     """
 
@@ -308,7 +314,7 @@ class IoULoss(WeightedLoss):
         if check_bool("linear", linear):
             warn_caller('IoULoss(linear=True) is deprecated; use mode="linear"', DeprecationWarning)
             self.mode = "linear"
-        self.eps = check_float("eps", eps, minimum=0.0, min_inclusive=False)
+        self.eps = check_float("eps", eps, minimum=SMALLEST_EPS)
 
     def forward(
         self,
@@ -332,14 +338,14 @@ class GIoULoss(WeightedLoss):
     """GIoU loss module; see :func:`giou_loss`.
 
     Args:
-        eps: lower clamp of the union and enclosing areas, > 0.
+        eps: lower clamp of the union and enclosing areas, at least :data:`SMALLEST_EPS`.
     """
 
     eps: float
 
     def __init__(self, eps: float = 1e-6, reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
-        self.eps = check_float("eps", eps, minimum=0.0, min_inclusive=False)
+        self.eps = check_float("eps", eps, minimum=SMALLEST_EPS)
 
     def forward(
         self,
