@@ -85,8 +85,9 @@ def check_class_weight(value: object) -> Optional[list[float]]:
     (one per class)."""
     if value is None:
         return None
-    if callable(getattr(value, "tolist", None)) and getattr(value, "ndim", None) == 1:  # numpy array, tensor
-        value = value.tolist()
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and getattr(value, "ndim", None) == 1:  # a numpy array or tensor
+        value = tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         raise ConfigError(f"class_weight must be None or a non-empty list of numbers, got {value!r}")
     return [
