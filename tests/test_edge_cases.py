@@ -69,10 +69,14 @@ _SCRIPTED: dict[str, torch.nn.Module] = {}
 
 
 def build_in(runtime: str, cfg: dict) -> torch.nn.Module:
-    """The loss of ``cfg`` eager, or scripted (TorchScript runs its own formulation: fused ATen activations, see
-    ``numerics.softplus``); scripted modules are shared across tests."""
+    """The loss of ``cfg`` eager, compiled (fullgraph, dynamic, aot_eager, after a Dynamo reset: a test's graphs per
+    reduction stay under the recompile limit) or scripted (TorchScript runs its own formulation: fused ATen
+    activations, see ``numerics.softplus``); scripted modules are shared across tests."""
     if runtime == "eager":
         return build_loss(cfg)
+    if runtime == "compile":
+        torch._dynamo.reset()
+        return torch.compile(build_loss(cfg), fullgraph=True, dynamic=True, backend="aot_eager")
     key = repr(sorted(cfg.items()))
     if key not in _SCRIPTED:
         _SCRIPTED[key] = script_loss(build_loss(cfg))
@@ -552,9 +556,7 @@ def test_dfl_targets_exact() -> None:
 def test_dfl_targets_outside_the_bins_give_nan_not_a_negative_loss(runtime: str) -> None:
     """visdet indexes past the bins and fails; a loss from weights outside [0, 1] would be negative and train."""
     cfg = dict(type="DistributionFocalLoss", reduction="none")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     pred = torch.randn(6, 17, generator=torch.Generator().manual_seed(3), requires_grad=True)
     target = torch.tensor([30.0, 16.5, -1.0, float("nan"), 0.0, 16.0])
     out = loss(pred, target)
@@ -574,9 +576,7 @@ def test_focal_integer_targets_of_preds_shape_are_one_hot_or_nan(runtime: str) -
     """Integer targets of pred's shape are one-hot (labels (N,) beside a 1-d pred read so, as in visdet); a class
     index there gave large negative losses, and eager and TorchScript disagreed even on the sign."""
     cfg = dict(type="FocalLoss", reduction="none")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     pred = torch.randn(6, generator=torch.Generator().manual_seed(4), requires_grad=True)
     target = torch.tensor([2, 80, 0, 1, 0, 1])
     out = loss(pred, target)
@@ -631,9 +631,7 @@ def test_qfl_scores_keep_their_precision_whatever_preds_dtype(runtime: str, acti
     turned every score into 0 when scripted (a loss of 0; eager failed in its scatter), half precision rounded them
     (6e-5 off)."""
     cfg = dict(type="QualityFocalLoss", activated=activated, reduction="none")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":  # compiled training builds the dense targets
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     g = torch.Generator().manual_seed(3)
     pred = torch.randint(0, 2, (6, 4), generator=g) if dtype == torch.int64 else torch.rand(6, 4, generator=g)
     pred = pred.to(dtype)
@@ -654,9 +652,7 @@ def test_confident_focal_values_keep_their_relative_precision(runtime: str) -> N
     sigmoid(x) - t rounds where p is near 1 (1.5e-4 relative at 8, 0.3 at 20; integer labels take sigmoid(-x)),
     a precision no optimiser step can tell from exact, kept for the cost of the hottest kernel."""
     cfg = dict(type="FocalLoss", reduction="none")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     pred = torch.tensor([[8.0, 10.0, 12.0, 14.0, 16.0, 20.0]], requires_grad=True)
     target = torch.ones_like(pred)
     out = loss(pred, target)
@@ -673,9 +669,7 @@ def test_negative_weights_weigh_like_any_other(runtime: str) -> None:
     """Only weight 0 masks: a negative weight (a penalty some samplers give) multiplies, in every runtime (the
     compiled mask is ``weight != 0``, eager's a cast to bool)."""
     cfg = dict(type="L1Loss", reduction="none")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     out = loss(pred, torch.zeros(2, 2), torch.tensor([-1.0, 1.0]))
     torch.testing.assert_close(out, torch.tensor([[-1.0, -2.0], [3.0, 4.0]]))
@@ -712,10 +706,7 @@ def test_qfl_labels_without_their_scores_say_how_to_pass_both() -> None:
 def test_mask_ce_takes_pointrends_point_logits(runtime: str, n: int) -> None:
     """PointRend's loss_point: a mask CrossEntropyLoss on (R, C, P) point logits and (R, P) targets."""
     cfg = dict(type="CrossEntropyLoss", use_mask=True, class_weight=[1.0, 2.0, 0.5, 3.0, 1.5])
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        torch._dynamo.reset()  # a graph per reduction and size: stay under the recompile limit
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     generator = torch.Generator().manual_seed(n)
     pred = torch.randn(n, 5, 37, generator=generator, dtype=F64, requires_grad=True)
     target = (torch.rand(n, 37, generator=generator) > 0.5).double()
@@ -733,10 +724,7 @@ def test_mask_ce_takes_pointrends_point_logits(runtime: str, n: int) -> None:
 def test_sigmoid_ce_on_labels_takes_a_weight_per_row_as_n_by_1(runtime: str) -> None:
     """MMDetection's ``label_weights.view(-1, 1)`` reads an (N, 1) weight as the (N,) one; it was refused."""
     cfg = dict(type="CrossEntropyLoss", use_sigmoid=True)
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        torch._dynamo.reset()  # a graph per reduction: stay under the recompile limit
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     generator = torch.Generator().manual_seed(3)
     pred = torch.randn(9, 5, generator=generator, dtype=F64, requires_grad=True)
     label = torch.randint(0, 6, (9,), generator=generator)
@@ -757,10 +745,7 @@ def test_focal_takes_a_flattened_weight_in_every_runtime(runtime: str) -> None:
     """A (N * C,) weight failed to compile ("the weight's and pred's rows differ"): the (N,) layout was asserted
     before the flattened one was considered."""
     cfg = dict(type="FocalLoss")
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        torch._dynamo.reset()
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     generator = torch.Generator().manual_seed(4)
     pred = torch.randn(7, 5, generator=generator, dtype=F64, requires_grad=True)
     label = torch.randint(0, 6, (7,), generator=generator)
@@ -785,10 +770,7 @@ def test_mask_ce_rois_labelled_outside_the_classes_contribute_zero(runtime: str)
     """They were clamped into [0, C): -1 took class 0's map and C (or 2^40) the last one, silently; now they count 0,
     as softmax CE's samples do, and NaN in their maps reaches neither the value nor the gradient."""
     cfg = dict(type="CrossEntropyLoss", use_mask=True, class_weight=[1.0, 2.0, 0.5])
-    loss = build_loss(cfg) if runtime == "compile" else build_in(runtime, cfg)
-    if runtime == "compile":
-        torch._dynamo.reset()  # a graph per reduction: stay under the recompile limit
-        loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    loss = build_in(runtime, cfg)
     generator = torch.Generator().manual_seed(5)
     pred = torch.randn(6, 3, 4, 4, generator=generator, dtype=F64)
     target = (torch.rand(6, 4, 4, generator=generator) > 0.5).double()
