@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
-from visdet_export.reduction import weight_reduce_loss
+from visdet_export.reduction import FLOAT32_EPS, weight_reduce_loss
 
 F64 = torch.float64
 
@@ -46,3 +48,83 @@ def test_avg_factor_is_one_number() -> None:
     with pytest.raises(ValueError, match=r"avg_factor must be a number or a one-element tensor, got shape \[6\]"):
         loss(pred, labels, None, torch.ones(6))
     torch.testing.assert_close(loss(pred, labels, None, torch.tensor([4.0])), loss(pred, labels, None, 4.0))
+
+
+# (label, avg_factor factory, accepted): every kind of avg_factor a head may pass. numpy values are taken as
+# tensors (torch.compile sees numpy scalars and 0-d arrays alike, as arrays); bools of every kind are refused
+AVG_FACTOR_KINDS = [
+    ("none", lambda: None, True),
+    ("int", lambda: 3, True),
+    ("float", lambda: 3.5, True),
+    ("bool_true", lambda: True, False),
+    ("bool_false", lambda: False, False),
+    ("tensor_f32", lambda: torch.tensor(3.5), True),
+    ("tensor_f64", lambda: torch.tensor(3.5, dtype=F64), True),
+    ("tensor_f16", lambda: torch.tensor(3.5, dtype=torch.float16), True),
+    ("tensor_i64", lambda: torch.tensor(3), True),
+    ("tensor_1", lambda: torch.tensor([3.5]), True),
+    ("tensor_bool", lambda: torch.tensor(True), False),
+    ("tensor_3", lambda: torch.ones(3), False),
+    ("np_float64", lambda: np.float64(3.5), True),
+    ("np_float32", lambda: np.float32(3.5), True),
+    ("np_int64", lambda: np.int64(3), True),
+    ("np_0d_float", lambda: np.array(3.5), True),
+    ("np_0d_int", lambda: np.array(3), True),
+    ("np_1", lambda: np.array([3.5]), True),
+    ("np_bool", lambda: np.bool_(True), False),
+    ("np_3", lambda: np.ones(3), False),
+]
+
+
+def _outcome(loss: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor, avg_factor: object) -> object:
+    """The loss, or the refusal: a ValueError naming avg_factor (under fullgraph, Dynamo's error wrapping it)."""
+    try:
+        return loss(pred, target, None, avg_factor)
+    except (ValueError, TorchDynamoException) as error:
+        chain, cause = [], error
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        assert any("avg_factor" in link for link in chain), chain
+        return "refused"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("make", "accepted"), [pytest.param(m, a, id=k) for k, m, a in AVG_FACTOR_KINDS])
+def test_avg_factor_kinds_agree_eager_and_compiled(make, accepted: bool, dtype: torch.dtype) -> None:
+    """Compiled, True was taken as 1 (False as 0: sum / eps), numpy 0-d arrays were accepted where eager refused
+    them, and numpy float64 values (scalars included) turned a float32 loss into float64."""
+    from visdet_export import build_loss
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(5, 4, generator=generator, dtype=dtype) for _ in range(2))
+    eager = _outcome(build_loss({"type": "L1Loss"}), pred, target, make())
+    torch._dynamo.reset()
+    compiled_loss = torch.compile(build_loss({"type": "L1Loss"}), backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled = _outcome(compiled_loss, pred, target, make())
+    if not accepted:
+        assert (eager, compiled) == ("refused", "refused")
+        return
+    assert isinstance(eager, torch.Tensor) and isinstance(compiled, torch.Tensor), (eager, compiled)
+    assert eager.dtype == compiled.dtype == dtype and eager.shape == compiled.shape == ()
+    factor = make()
+    count = torch.tensor(20.0, dtype=F64) if factor is None else torch.as_tensor(factor).to(dtype).double().reshape(())
+    expected = (pred - target).abs().double().sum() / (count + (0.0 if factor is None else FLOAT32_EPS))
+    torch.testing.assert_close(eager, compiled, rtol=0, atol=0)
+    torch.testing.assert_close(eager, expected.to(dtype))
+
+
+def test_avg_factor_values_never_recompile() -> None:
+    """A training loop's avg_factor changing every step compiles once per kind (Python int, Python float, 0-d
+    tensor, numpy scalar: Dynamo guards on the type, and on a tensor's dtype and rank), never per value."""
+    from visdet_export import build_loss
+
+    torch._dynamo.reset()
+    loss = build_loss({"type": "L1Loss"})
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    pred, target = torch.randn(5, 4), torch.randn(5, 4)
+    kinds = [int, float, torch.tensor, np.float64]
+    for step in range(2, 8):
+        for kind in kinds:
+            torch.testing.assert_close(compiled(pred, target, None, kind(step)), loss(pred, target, None, kind(step)))
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(loss).forward.__code__)) == len(kinds)

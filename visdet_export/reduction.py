@@ -15,6 +15,7 @@ count of the inputs it is given rather than by the one it was traced with.
 import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,30 +41,44 @@ def resolve_reduction(reduction: str, reduction_override: Optional[str]) -> str:
 
 
 def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor) -> Optional[Tensor]:
-    """A Python number or tensor ``avg_factor`` as a 0-d tensor in the dtype ``like`` is computed in."""
+    """A Python number or tensor ``avg_factor`` as a 0-d tensor in the dtype ``like`` is computed in.
+
+    numpy values (scalars and one-element arrays) are taken as tensors, and bools of every kind are refused, in
+    eager and compiled code alike: the checks look at types, dtypes and sizes only, so they add nothing to a graph.
+    """
     if avg_factor is None:
         return None
+    if not torch.jit.is_scripting():
+        avg_factor = _check_python(avg_factor)
     dtype = compute_dtype(like)
     if isinstance(avg_factor, Tensor):
         if avg_factor.dtype == dtype and avg_factor.device == like.device and avg_factor.dim() == 0:
             return avg_factor  # the usual case: two dispatches less per call, which small batches notice
         if avg_factor.numel() != 1:
             raise ValueError(f"avg_factor must be a number or a one-element tensor, got shape {list(avg_factor.shape)}")
+        if avg_factor.dtype == torch.bool or avg_factor.is_complex():
+            raise ValueError(f"avg_factor must be a real number, got a tensor of {avg_factor.dtype}")
         return avg_factor.to(dtype=dtype, device=like.device).reshape(())
     if torch.compiler.is_compiling():
         # a symbolic float (MMDetection heads pass `.item()` counts): scalar_tensor would specialise on its value
         # and recompile at every new one, which fullgraph=True turns into a failure after 8 steps
         return like.new_ones((), dtype=dtype) * avg_factor
-    if not torch.jit.is_scripting():
-        _check_number(avg_factor)
     return torch.scalar_tensor(float(avg_factor), dtype=dtype, device=like.device)
 
 
 @torch.jit.unused
-def _check_number(avg_factor: object) -> None:
-    """A Python or numpy number: ``float()`` also takes ``True`` and ``"3"``, which TorchScript refuses."""
+def _check_python(avg_factor: object) -> Union[float, int, Tensor]:
+    """Outside TorchScript (whose signature refuses the rest): a numpy value as a tensor, since torch.compile sees
+    numpy scalars and 0-d arrays alike, as arrays (a float64 scalar made a float32 loss float64 there); a tensor
+    or a Python number as it is; anything else refused, ``True`` included (``float()`` takes it, and ``"3"``). This
+    runs under torch.compile too, where it is decided by types alone (a compiled True was taken as 1)."""
+    if isinstance(avg_factor, Tensor):
+        return avg_factor
+    if isinstance(avg_factor, (np.ndarray, np.number, np.bool_)):
+        return torch.as_tensor(avg_factor)
     if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise ValueError(f"avg_factor must be a number or a one-element tensor, got {avg_factor!r}")
+    return avg_factor if isinstance(avg_factor, (float, int)) else float(avg_factor)  # a Fraction, say
 
 
 def element_count(loss: Tensor) -> Tensor:
