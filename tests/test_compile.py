@@ -362,7 +362,9 @@ def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
         step = torch.compile(lambda p, t, a: loss(p, t, avg_factor=a), fullgraph=True, dynamic=dynamic, backend=counter)
         for count in range(1, 13):
             torch.testing.assert_close(step(pred, target, count + 0.5), loss(pred, target, avg_factor=count + 0.5))
-        assert counter.frame_count == 2, dynamic  # one recompile makes the float symbolic (12 before the 8th failed)
+        # dynamic=None: one recompile makes the float symbolic (12 before the 8th failed); dynamic=True: symbolic at
+        # once (two frames while torch restarted its analysis to specialise plain float hyper-parameters)
+        assert counter.frame_count == (1 if dynamic else 2), dynamic
 
 
 def test_dfl_bins_that_do_not_match_reg_max_are_named_under_compile() -> None:
@@ -375,3 +377,65 @@ def test_dfl_bins_that_do_not_match_reg_max_are_named_under_compile() -> None:
     assert torch.isfinite(loss(torch.randn(6, 8), target))
     with pytest.raises(Exception, match=r"pred's bins and reg_max \+ 1 differ"):
         loss(torch.randn(6, 17), target)
+
+
+def _float_hyperparameters(loss: torch.nn.Module) -> dict[str, float]:
+    return {key: value for key, value in vars(loss).items() if isinstance(value, float)}
+
+
+def _graph_input_names(loss: torch.nn.Module, spec, inputs) -> list[str]:
+    names: list[str] = []
+
+    def backend(gm, example_inputs):
+        names.extend(node.name for node in gm.graph.nodes if node.op == "placeholder")
+        return gm.forward
+
+    torch._dynamo.reset()
+    spec.call(torch.compile(loss, backend=backend, fullgraph=True, dynamic=True), inputs)
+    return names
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_float_hyperparameters_are_constants_of_the_graph(name) -> None:
+    """Under ``dynamic=True`` Dynamo makes a plain float attribute a graph input, and torch 2.13's inductor caches
+    then serve one value's kernel to another (``test_inductor_caches_serve_no_stale_hyperparameter``): every float
+    hyper-parameter is a :class:`~visdet_export.validation.StaticFloat`, compiled as a constant."""
+    from visdet_export import build_loss
+    from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
+    from visdet_export.validation import StaticFloat
+
+    loss = build_loss(representative_configs()[name])
+    spec = spec_for(loss, CONFIG_VARIANTS.get(name))
+    floats = _float_hyperparameters(loss)
+    assert "loss_weight" in floats
+    assert all(isinstance(value, StaticFloat) for value in floats.values()), floats
+    inputs = spec.sample(loss, 5, seed=3)
+    made_inputs = [f"l_self_{key}" for key in floats if f"l_self_{key}" in _graph_input_names(loss, spec, inputs)]
+    assert not made_inputs
+    # the check sees a plain float: one set after the build becomes a graph input
+    loss.loss_weight = 0.75
+    assert "l_self_loss_weight" in _graph_input_names(loss, spec, inputs)
+
+
+def test_inductor_caches_serve_no_stale_hyperparameter(tmp_path, monkeypatch) -> None:
+    """Two IoU losses with different ``eps``, compiled (inductor, ``dynamic=True``, ``pred`` requiring grad) one
+    after the other with a fresh cache: a symbolic eps made torch 2.13 serve the first module's kernel to the
+    second (eps=1e-2 returned the eps=1e-6 numbers). Across processes it is the same on-disk cache."""
+    from visdet_export import build_loss
+    from visdet_export.specs import sample_boxes
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    generator = torch.Generator().manual_seed(5)
+    target = sample_boxes(64, generator, torch.float32)
+    # half the boxes far off their targets: IoU 0, clamped at eps
+    offset = torch.where(torch.arange(64) % 2 == 0, 300.0, 0.3).unsqueeze(1)
+    pred = target + offset * torch.rand(64, 4, generator=generator)
+    results = []
+    for eps in (1e-6, 1e-2):
+        torch._dynamo.reset()
+        loss = build_loss(dict(type="IoULoss", eps=eps))
+        got = torch.compile(loss, fullgraph=True, dynamic=True)(pred.clone().requires_grad_(True), target)
+        want = loss(pred, target)
+        torch.testing.assert_close(got, want)
+        results.append(want)
+    assert not torch.allclose(results[0], results[1])  # the change shows in the numbers

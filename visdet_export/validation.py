@@ -25,6 +25,25 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+class StaticFloat(float):
+    """A float hyper-parameter that ``torch.compile`` bakes into the graph as a constant, guarded on its value.
+
+    Dynamo makes a plain ``float`` attribute of a module a symbolic graph input (under ``dynamic=True``, or once a
+    second value is seen), and torch 2.13's inductor caches (the on-disk one too, across processes) then serve the
+    kernel compiled for one value to a module configured with another wherever torch specialises the float late
+    (a ``clamp`` bound, a ``where`` branch): IoU losses computed with another ``eps``. A float subclass is no
+    literal to Dynamo: read through :func:`static` in ``forward``, it is a constant. Eager, TorchScript and the
+    exporters see a float.
+    """
+
+    __slots__ = ()
+
+
+def static(value: float) -> float:
+    """The plain float of a :class:`StaticFloat` hyper-parameter, a constant of a ``torch.compile`` graph."""
+    return float(value)
+
+
 def check_float(
     name: str,
     value: object,
@@ -33,12 +52,12 @@ def check_float(
     maximum: Optional[float] = None,
     min_inclusive: bool = True,
     allowed: Sequence[float] = (),
-) -> float:
-    """A finite real number within bounds (numpy's included: configs read through numpy), as a float; ``allowed``
-    lists sentinel values accepted outside them."""
+) -> StaticFloat:
+    """A finite real number within bounds (numpy's included: configs read through numpy), as a
+    :class:`StaticFloat`; ``allowed`` lists sentinel values accepted outside them."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    number = float(value)
+    number = StaticFloat(value)
     if not math.isfinite(number):
         raise ConfigError(f"{name} must be finite, got {value!r}")
     if number in allowed:
@@ -91,7 +110,7 @@ def check_class_weight(value: object) -> Optional[list[float]]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         raise ConfigError(f"class_weight must be None or a non-empty list of numbers, got {value!r}")
     return [
-        check_float(f"class_weight[{i}]", item, minimum=0.0, maximum=FLOAT32_MAX) for i, item in enumerate(value)
+        float(check_float(f"class_weight[{i}]", item, minimum=0.0, maximum=FLOAT32_MAX)) for i, item in enumerate(value)
     ]
 
 
@@ -108,11 +127,13 @@ def warn_caller(message: str, category: type[Warning]) -> None:
 __all__ = [
     "FLOAT32_MAX",
     "ConfigError",
+    "StaticFloat",
     "check_bool",
     "check_choice",
     "check_class_weight",
     "check_float",
     "check_int",
     "check_names",
+    "static",
     "warn_caller",
 ]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_float
+from ..validation import ConfigError, check_float, static
 from .base import WeightedLoss
 
 
@@ -122,7 +122,14 @@ class BalancedL1Loss(WeightedLoss):
         or one value per row. Returns the loss times ``loss_weight``: 0-d, or ``pred``'s shape under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = balanced_l1_loss(
-            pred, target, weight, self.alpha, self.gamma, self.beta, reduction, as_avg_factor(avg_factor, pred)
+            pred,
+            target,
+            weight,
+            static(self.alpha),
+            static(self.gamma),
+            static(self.beta),
+            reduction,
+            as_avg_factor(avg_factor, pred),
         )
         return self.weighted(loss)
 

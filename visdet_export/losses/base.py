@@ -4,7 +4,7 @@
 from torch import Tensor, nn
 
 from ..reduction import REDUCTIONS
-from ..validation import check_choice, check_float
+from ..validation import check_choice, check_float, static
 
 
 class WeightedLoss(nn.Module):
@@ -21,9 +21,10 @@ class WeightedLoss(nn.Module):
     def weighted(self, loss: Tensor) -> Tensor:
         """``loss_weight * loss``; at the default weight 1 the loss itself (bit for bit the same values), one
         operation and one autograd node fewer per call."""
-        if self.loss_weight == 1.0:
+        loss_weight = static(self.loss_weight)
+        if loss_weight == 1.0:
             return loss
-        return self.loss_weight * loss
+        return loss_weight * loss
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"

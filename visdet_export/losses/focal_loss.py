@@ -43,7 +43,7 @@ from ..numerics import (
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_bool, check_float
+from ..validation import ConfigError, check_bool, check_float, static
 from .base import WeightedLoss
 
 
@@ -302,7 +302,14 @@ class FocalLoss(WeightedLoss):
         ``loss_weight``: 0-d, or (N, C) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = sigmoid_focal_loss(
-            pred, target, weight, self.gamma, self.alpha, reduction, as_avg_factor(avg_factor, pred), self.activated
+            pred,
+            target,
+            weight,
+            static(self.gamma),
+            static(self.alpha),
+            reduction,
+            as_avg_factor(avg_factor, pred),
+            self.activated,
         )
         return self.weighted(loss)
 

@@ -44,7 +44,7 @@ from ..numerics import (
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_bool, check_float, check_int
+from ..validation import ConfigError, check_bool, check_float, check_int, static
 from .base import WeightedLoss
 
 
@@ -258,13 +258,13 @@ class QualityFocalLoss(WeightedLoss):
                     + "; labels (N,) and scores (N,) go together as one tuple: loss(pred, (labels, scores))"
                 )
             loss = quality_focal_loss(
-                pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred), self.activated
+                pred, target, weight, static(self.beta), reduction, as_avg_factor(avg_factor, pred), self.activated
             )
         else:
             if len(target) != 2:
                 raise ValueError("QualityFocalLoss takes dense targets or one tuple (labels, scores)")
             loss = quality_focal_loss_on_labels(
-                pred, target[0], target[1], weight, self.beta, reduction, as_avg_factor(avg_factor, pred),
+                pred, target[0], target[1], weight, static(self.beta), reduction, as_avg_factor(avg_factor, pred),
                 self.activated,
             )
         return self.weighted(loss)

@@ -29,7 +29,7 @@ from ..numerics import (
     weight_keep_mask,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_bool, check_choice, check_float, warn_caller
+from ..validation import check_bool, check_choice, check_float, static, warn_caller
 from .base import WeightedLoss
 
 IOU_MODES = ("linear", "square", "log")
@@ -327,7 +327,7 @@ class IoULoss(WeightedLoss):
         """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
-        loss = iou_loss(pred, target, weight, self.mode, self.eps, reduction, as_avg_factor(avg_factor, pred))
+        loss = iou_loss(pred, target, weight, self.mode, static(self.eps), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
 
     def extra_repr(self) -> str:
@@ -358,7 +358,7 @@ class GIoULoss(WeightedLoss):
         """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
-        loss = giou_loss(pred, target, weight, self.eps, reduction, as_avg_factor(avg_factor, pred))
+        loss = giou_loss(pred, target, weight, static(self.eps), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
 
     def extra_repr(self) -> str:

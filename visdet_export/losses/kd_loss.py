@@ -25,7 +25,7 @@ from ..numerics import (
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_float, check_int
+from ..validation import check_float, check_int, static
 from .base import WeightedLoss
 
 
@@ -133,7 +133,7 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = knowledge_distillation_kl_div_loss(
-            pred, soft_label, weight, self.T, reduction, as_avg_factor(avg_factor, pred)
+            pred, soft_label, weight, static(self.T), reduction, as_avg_factor(avg_factor, pred)
         )
         return self.weighted(loss)
 
@@ -245,7 +245,7 @@ class LocalizationDistillationLoss(WeightedLoss):
         (one side per row: (N * 4,)) under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = localization_distillation_loss(
-            pred, soft_label, weight, self.T, self.reg_max, reduction, as_avg_factor(avg_factor, pred)
+            pred, soft_label, weight, static(self.T), self.reg_max, reduction, as_avg_factor(avg_factor, pred)
         )
         return self.weighted(loss)
 

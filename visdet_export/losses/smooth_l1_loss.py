@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_float
+from ..validation import check_float, static
 from .base import WeightedLoss
 
 
@@ -131,7 +131,7 @@ class SmoothL1Loss(WeightedLoss):
         """``pred`` and ``target`` of one shape (box deltas (N, 4), or any); ``weight`` of that shape (1 on some axes)
         or one value per row. Returns the loss times ``loss_weight``: 0-d, or ``pred``'s shape under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
-        loss = smooth_l1_loss(pred, target, weight, self.beta, reduction, as_avg_factor(avg_factor, pred))
+        loss = smooth_l1_loss(pred, target, weight, static(self.beta), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
 
     def extra_repr(self) -> str:
