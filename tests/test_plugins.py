@@ -20,7 +20,15 @@ from torch import Tensor
 
 from visdet_export import build_loss, cli
 from visdet_export.check import UNBACKED_HINT, RunnerCache, check_cell
-from visdet_export.export import ArtifactError, export_onnx, export_torchscript, read_manifest, verify
+from visdet_export.export import (
+    ArtifactError,
+    MissingPluginError,
+    export_onnx,
+    export_torchscript,
+    manifest_path,
+    read_manifest,
+    verify,
+)
 from visdet_export.export.artifacts import first_line
 from visdet_export.export.torchscript import script_loss
 from visdet_export.export.verify import check_parity
@@ -367,3 +375,45 @@ def test_the_cli_loads_plugins(
         assert "plugin 'visdet_clashing_plugin' failed to import: KeyError" in err and "Traceback" not in err
     finally:
         _unload_plugin("visdet_cli_plugin", "Cli", directory)
+
+
+def test_verifying_without_the_plugin_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin's artifact verified without its plugin is a usage mistake (exit 2) naming the module to pass, not a
+    broken artifact, nor an MMDetection loss this package lacks (`--skip-unknown` is an export option)."""
+    directory = tmp_path / "plugin"
+    directory.mkdir()
+    (directory / "visdet_absent_plugin.py").write_text(PLUGIN_SOURCE.format(prefix="Absent"))
+    monkeypatch.chdir(directory)
+    out = tmp_path / "out"
+    try:
+        assert cli.main(["--plugin", "visdet_absent_plugin", "export", "--loss", "AbsentVarifocalLoss", "--out",
+                         str(out), "--format", "onnx,torchscript", "-q"]) == 0
+    finally:
+        _unload_plugin("visdet_absent_plugin", "Absent", directory)
+    artifacts = sorted(path for path in out.iterdir() if path.suffix != ".json")
+    assert [path.name for path in artifacts] == ["AbsentVarifocalLoss.onnx", "AbsentVarifocalLoss.ts.pt"]
+    hint = ("AbsentVarifocalLoss is registered by the plugin module 'visdet_absent_plugin': pass --plugin "
+            "visdet_absent_plugin (or VISDET_EXPORT_PLUGINS=visdet_absent_plugin)")
+    for path in artifacts:
+        assert read_manifest(path)["plugins"] == ["visdet_absent_plugin"]
+        with pytest.raises(MissingPluginError) as raised:
+            verify(path)
+        assert str(raised.value) == f"{path.name}: {hint}"
+    capsys.readouterr()
+    assert cli.main(["verify", str(out), "-q"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert hint in err and "skip-unknown" not in err and "does not implement" not in err
+    # a manifest written before the field: still a failed artifact, with a hint that fits a loss of one's own
+    manifest = manifest_path(artifacts[0])
+    record = json.loads(manifest.read_text())
+    del record["plugins"]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(ArtifactError, match=r"AbsentVarifocalLoss is not a registered loss.*--plugin MODULE") as old:
+        verify(artifacts[0])
+    assert not isinstance(old.value, MissingPluginError) and "skip-unknown" not in str(old.value)
+    try:  # with the plugin, both verify
+        assert cli.main(["--plugin", "visdet_absent_plugin", "verify", str(out), "-q"]) == 0
+    finally:
+        _unload_plugin("visdet_absent_plugin", "Absent", directory)

@@ -797,7 +797,7 @@ def _runs_code(path: Path) -> bool:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .export.artifacts import ArtifactError
+    from .export.artifacts import ArtifactError, MissingPluginError
 
     artifacts = collect_artifacts(args.paths)
     code = [p for p in artifacts if _runs_code(p)]
@@ -821,6 +821,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 kwargs = {} if args.seed is None else {"seed": args.seed}
                 report = verify(artifact, **kwargs)
                 status, detail = "ok", format_parity(report)
+            except MissingPluginError:  # a usage mistake (exit 2), not a broken artifact
+                raise
             except ArtifactError as error:
                 failures += 1
                 status, detail = "FAILED", _one_line(error)

@@ -14,7 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import ArtifactError, atomic_output, manifest_path, read_manifest, write_manifest
+from .artifacts import (
+    ArtifactError,
+    MissingPluginError,
+    atomic_output,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from .joint import JointLoss, dynamic_shapes, eager_joint, example_inputs, joint_module, select_inputs
 from .onnx import export_onnx
 from .verify import TOLERANCES, check_parity, verify
@@ -47,6 +54,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArtifactError",
+    "MissingPluginError",
     "JointLoss",
     "TOLERANCES",
     "atomic_output",

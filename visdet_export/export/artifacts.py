@@ -29,7 +29,7 @@ from typing import Any, Optional, ParamSpec, TypeVar, Union
 import torch
 from torch import nn
 
-from ..registry import build_loss, check_rebuilds, loss_config
+from ..registry import MODELS, PLUGINS_VARIABLE, build_loss, check_rebuilds, loss_config, registered_name
 from ..specs import SAMPLES, LossSpec, SampleOptions, spec_for
 from ..validation import ConfigError, check_names
 
@@ -41,6 +41,11 @@ R = TypeVar("R")
 
 class ArtifactError(RuntimeError):
     """An artifact could not be written, read or verified (the message says which and why)."""
+
+
+class MissingPluginError(ArtifactError):
+    """An artifact's loss is registered by a plugin module this process has not imported: a usage mistake (the
+    CLI exits 2, as for its other usage errors), not a broken artifact."""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -203,6 +208,63 @@ def output_shapes(
     return shapes
 
 
+def plugin_modules(loss: nn.Module) -> list[str]:
+    """The modules outside this package defining the registered classes of ``loss`` and of the losses it holds (a
+    loss of one's own, registered by a plugin): a manifest records them (``plugins``) so that verification can say
+    which plugin to load. A class defined in ``__main__`` is left out: no plugin option imports it again."""
+    modules = {type(module).__module__ for module in loss.modules() if registered_name(type(module)) is not None}
+    return sorted(name for name in modules if name != "__main__" and name.split(".")[0] != "visdet_export")
+
+
+def _config_types(config: object) -> list[str]:
+    """The ``type`` names of ``config`` and of the loss configs nested in it."""
+    if isinstance(config, Mapping):
+        found = [config["type"]] if isinstance(config.get("type"), str) else []
+        return found + [name for value in config.values() for name in _config_types(value)]
+    if isinstance(config, (list, tuple)):
+        return [name for value in config for name in _config_types(value)]
+    return []
+
+
+def _unregistered(name: str) -> bool:
+    try:
+        MODELS.get(name)
+    except ValueError:  # ConfigError
+        return True
+    return False
+
+
+def build_recorded_loss(config: Mapping[str, Any], plugins: object = None) -> nn.Module:
+    """The loss a manifest's ``config`` builds; ``plugins``: the manifest's ``plugins`` field (the modules that
+    registered its loss classes at export, :func:`plugin_modules`; absent in manifests before it).
+
+    Raises:
+        MissingPluginError: a type the config names is not registered here and the manifest names the plugin
+            modules that registered it.
+        ArtifactError: the config does not build otherwise.
+    """
+    try:
+        return build_loss(config)
+    except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+        missing = list(dict.fromkeys(name for name in _config_types(config) if _unregistered(name)))
+        if not missing:
+            raise ArtifactError(f"the manifest's config does not build a loss: {exc}") from exc
+        types = ", ".join(missing)
+        modules = [str(name) for name in plugins] if isinstance(plugins, list) and plugins else []
+        if modules:
+            some = "s" if len(modules) > 1 else ""
+            raise MissingPluginError(
+                f"{types} {'are' if len(missing) > 1 else 'is'} registered by the plugin module{some} "
+                f"{', '.join(repr(name) for name in modules)}: pass {' '.join('--plugin ' + n for n in modules)} "
+                f"(or {PLUGINS_VARIABLE}={','.join(modules)})"
+            ) from exc
+        raise ArtifactError(
+            f"the manifest's config does not build a loss: {types} is not a registered loss here (registered: "
+            f"{', '.join(sorted(MODELS.module_dict))}); a loss of your own: name the module that registers it with "
+            f"--plugin MODULE (or {PLUGINS_VARIABLE}=MODULE)"
+        ) from exc
+
+
 def manifest_path(artifact: str | os.PathLike[str]) -> Path:
     """Where the manifest of ``artifact`` lies: beside it, ``<artifact>.json``."""
     return Path(f"{artifact}{MANIFEST_SUFFIX}")
@@ -329,10 +391,13 @@ class ExportPlan:
         return cls(loss, config, spec, names, outputs, joint, target)
 
     def manifest_fields(self, fmt: str, parity: Optional[Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
-        """The manifest of the artifact in format ``fmt``, with the parity it reached (None: not verified)."""
+        """The manifest of the artifact in format ``fmt``, with the parity it reached (None: not verified), and the
+        plugin modules registering its loss (``plugins``, where there are any)."""
+        plugins = plugin_modules(self.loss)
         return {
             "format": fmt,
             "config": self.config,
+            **({"plugins": plugins} if plugins else {}),
             "loss_type": self.spec.loss_type,
             "variant": self.spec.variant,
             "inputs": describe_inputs(self.spec, self.names, torch.float32, fixed_graph=fmt != "torchscript"),

@@ -53,8 +53,10 @@ from .artifacts import (
     ArtifactError,
     ExportPlan,
     LossOrConfig,
+    MissingPluginError,
     as_loss,
     atomic_output,
+    build_recorded_loss,
     check_output_path,
     describe_inputs,
     evaluation_mode,
@@ -62,6 +64,7 @@ from .artifacts import (
     manifest_path,
     one_export_at_a_time,
     output_shapes,
+    plugin_modules,
     shape_mismatch,
     usable_optional_inputs,
     write_manifest,
@@ -398,6 +401,7 @@ def _bundle_manifest_entries(entries: Sequence[BundleEntry]) -> list[dict[str, A
         {
             "name": entry.name,
             "config": loss_config(entry.loss),
+            **({"plugins": plugins} if (plugins := plugin_modules(entry.loss)) else {}),
             "loss_type": entry.spec.loss_type,
             "variant": entry.spec.variant,
             "joint": entry.joint,
@@ -641,6 +645,13 @@ def verify_bundle(
     manifest = read_manifest(path)
     if not manifest.get("bundle"):
         raise ArtifactError(f"{Path(path).name} is not a bundle; use visdet_export.verify")
+    for item in manifest["entries"]:  # a plugin's loss not loaded: say which plugin
+        try:
+            build_recorded_loss(dict(item["config"]), item.get("plugins"))
+        except MissingPluginError as exc:
+            raise MissingPluginError(f"{Path(path).name}, entry {item['name']}: {exc}") from exc
+        except ArtifactError:
+            pass  # bundle_entries says why, as before
     losses = {item["name"]: (dict(item["config"]), item.get("variant")) for item in manifest["entries"]}
     joint = [item["name"] for item in manifest["entries"] if item.get("joint")]
     entries = bundle_entries(losses, joint=joint)

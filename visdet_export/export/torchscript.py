@@ -37,6 +37,7 @@ from .artifacts import (
     ExportPlan,
     LossOrConfig,
     atomic_output,
+    build_recorded_loss,
     evaluation_mode,
     one_export_at_a_time,
     write_manifest,
@@ -135,7 +136,11 @@ def load_runner(path: str | os.PathLike[str], manifest: Optional[Mapping[str, An
     config = dict(manifest["config"]) if manifest is not None and "config" in manifest else embedded_config(path)
     if config is None:
         raise ArtifactError(f"{path.name} has no loss config (neither a manifest nor {CONFIG_FILE} inside)")
-    spec = spec_for(build_loss(config), None if manifest is None else manifest.get("variant"))
+    if manifest is not None and "config" in manifest:
+        loss = build_recorded_loss(config, manifest.get("plugins"))
+    else:
+        loss = build_loss(config)
+    spec = spec_for(loss, None if manifest is None else manifest.get("variant"))
     names = [str(entry["name"]) for entry in manifest["inputs"]] if manifest and manifest.get("inputs") else spec.names
     return _runner(load_scripted(path), spec, names, path.name)
 

@@ -27,9 +27,8 @@ from typing import Any, Optional, TypedDict
 import torch
 from torch import Tensor, nn
 
-from ..registry import build_loss
 from ..specs import LossSpec, SampleOptions, spec_for
-from .artifacts import ArtifactError, read_manifest
+from .artifacts import ArtifactError, MissingPluginError, build_recorded_loss, read_manifest
 from .joint import eager_joint
 
 Runner = Callable[[Mapping[str, Tensor]], list[Tensor]]
@@ -253,6 +252,7 @@ def verify(
 
     Raises:
         ValueError: no sizes, or a negative one.
+        MissingPluginError: the manifest's loss is registered by a plugin module (its ``plugins``) not imported.
         ArtifactError: missing or mismatching manifest (checksum), unknown format, a config that does not build,
             or outputs that differ from eager (or, for ONNX, a config embedded in the model that differs from
             the manifest's).
@@ -275,7 +275,10 @@ def verify(
     if not isinstance(config, Mapping):
         raise ArtifactError(f"the manifest of {path.name} has no loss config")
     try:
-        loss = build_loss(config)
+        loss = build_recorded_loss(config, manifest.get("plugins"))
+    except MissingPluginError as exc:
+        raise MissingPluginError(f"{path.name}: {exc}") from exc
+    try:
         spec = spec_for(loss, manifest.get("variant"))
     except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
         raise ArtifactError(f"the manifest's config does not build a loss: {exc}") from exc
