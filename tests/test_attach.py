@@ -25,7 +25,8 @@ from visdet_export.export.attach import (
     load_samples,
     save_samples,
 )
-from visdet_export.export.onnx import export_onnx
+from visdet_export.export.onnx import embedded_config, export_onnx
+from visdet_export.export.verify import verify
 from visdet_export.specs import spec_for
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "export_scripts" / "distill_gfl_example.py"
@@ -495,3 +496,32 @@ def test_broken_or_misnamed_loss_graphs_are_refused_before_any_export(tmp_path, 
             attach_losses(model, [("first", dict(type="GIoULoss"), {"pred": "box", "target": "gt"}),
                                   ("l", path, {"pred": "cls", "soft_label": "t"})], tmp_path / "o.onnx")
     assert exported == []
+
+
+def test_attaching_to_an_exported_loss_graph_keeps_its_metadata_under_its_output(tmp_path):
+    """The base's own visdet_export.* keys (a FocalLoss config, 4 inputs, the output "loss") described the merged
+    model, which has 7 inputs and 3 outputs, and embedded_config took it for a plain FocalLoss."""
+    focal = export_onnx(dict(type="FocalLoss"), tmp_path / "focal.onnx")
+    own = {p.key: p.value for p in onnx.load(str(focal)).metadata_props}
+    merged = attach_losses(
+        focal,
+        [
+            ("loss_qfl", dict(type="QualityFocalLoss"), {"pred": "pred", "labels": "qfl_l", "scores": "qfl_s"}),
+            ("loss_kd", dict(type="KnowledgeDistillationKLDivLoss", T=2.0), {"pred": "pred", "soft_label": "teacher"}),
+        ],
+        tmp_path / "merged.onnx",
+    )
+    model = onnx.load(str(merged))
+    assert len(model.graph.input) == 7 and [o.name for o in model.graph.output] == ["loss", "loss_qfl", "loss_kd"]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert [key for key in props if key.startswith("visdet_export.")] == ["visdet_export.attached_losses"]
+    assert {key: props["loss/" + key] for key in own} == own  # the base's, under its output, as attached ones are
+    assert json.loads(props["loss_kd/visdet_export.config"])["type"] == "KnowledgeDistillationKLDivLoss"
+    assert embedded_config(merged) is None and list(attached_losses(merged)) == ["loss_qfl", "loss_kd"]
+    assert verify(merged)["passed"]
+    # a model merged before: its top-level config is still no single loss's
+    props["visdet_export.config"] = own["visdet_export.config"]
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    onnx.save(model, str(tmp_path / "older.onnx"))
+    assert embedded_config(tmp_path / "older.onnx") is None

@@ -59,7 +59,7 @@ from .artifacts import (
     shape_mismatch,
     write_manifest,
 )
-from .onnx import MIN_OPSET, check_external_data, export_onnx
+from .onnx import ATTACHED_METADATA_KEY, METADATA_PREFIX, MIN_OPSET, check_external_data, export_onnx
 
 PathLike = Union[str, "os.PathLike[str]"]
 LossLike = Union[nn.Module, Mapping[str, object], PathLike]
@@ -67,7 +67,6 @@ Attachment = tuple[str, LossLike, Mapping[str, str]]
 
 # protobuf's hard limit: a larger merged model is written with its initializers in ``<out>.data``.
 PROTOBUF_LIMIT = 2**31 - 1
-ATTACHED_METADATA_KEY = "visdet_export.attached_losses"
 SEPARATOR = "/"
 
 
@@ -484,6 +483,7 @@ def attach_losses(
     if target_opset < MIN_OPSET:
         raise AttachError(f"opset={target_opset} is too old; loss graphs need opset >= {MIN_OPSET}")
     model = _to_opset(model, target_opset, f"model {model_onnx_path}")
+    _own_metadata_under_its_output(model)
 
     model_outputs = {value.name: value for value in model.graph.output}
     keep_outputs = list(model_outputs)
@@ -517,6 +517,30 @@ def attach_losses(
             overwrite,
         )
     return out
+
+
+def _own_metadata_under_its_output(model: onnx.ModelProto) -> None:
+    """A model that is itself an exported loss graph: its own ``visdet_export.*`` keys (one loss's config, inputs
+    and outputs) would describe the merged model, which has more inputs and outputs. They go under the name of its
+    loss output (``loss/visdet_export.config``), as the attached losses' keys go under theirs."""
+    props = {p.key: p.value for p in model.metadata_props}
+    own = {
+        key: value for key, value in props.items() if key.startswith(METADATA_PREFIX) and key != ATTACHED_METADATA_KEY
+    }
+    if not own:
+        return
+    outputs = [value.name for value in model.graph.output]
+    try:
+        recorded = json.loads(own.get(METADATA_PREFIX + "outputs", "[]"))
+    except json.JSONDecodeError:
+        recorded = []
+    output = recorded[0] if isinstance(recorded, list) and recorded and recorded[0] in outputs else outputs[0]
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(
+        model,
+        {**{key: value for key, value in props.items() if key not in own},
+         **{output + SEPARATOR + key: value for key, value in own.items()}},
+    )
 
 
 def _merge_one(

@@ -59,6 +59,9 @@ MIN_OPSET = 18
 EXPORT_PARITY_SIZES = (0, 1, EXAMPLE_N, 1024)
 #: ``metadata_props`` keys written into every model.
 METADATA_PREFIX = "visdet_export."
+#: The key of the losses :func:`~visdet_export.export.attach.attach_losses` merged into a model: such a model holds
+#: several losses, its own keys under each loss's output name (``loss_kd/visdet_export.config``).
+ATTACHED_METADATA_KEY = METADATA_PREFIX + "attached_losses"
 
 # Exporter messages that are noise for our graphs. They are silenced only while our export runs.
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")
@@ -145,11 +148,15 @@ def check_external_data(path: Path) -> list[str]:
 
 
 def embedded_config(path: str | os.PathLike[str]) -> Optional[dict[str, Any]]:
-    """The loss config recorded in the model's ``metadata_props`` (None if there is none)."""
+    """The loss config recorded in the model's ``metadata_props`` (None if there is none, and for a model with
+    losses attached (:func:`~visdet_export.export.attach.attach_losses`), which computes several:
+    :func:`~visdet_export.export.attach.attached_losses` lists them)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     props = {prop.key: prop.value for prop in model.metadata_props}
+    if ATTACHED_METADATA_KEY in props:
+        return None
     raw = props.get(METADATA_PREFIX + "config")
     return None if raw is None else json.loads(raw)
 
