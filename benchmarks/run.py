@@ -19,7 +19,7 @@ on CPU, ``max_memory_allocated`` on CUDA), inputs included, so it does not depen
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/run.py                  # seed configs, full sizes, both allocators
-    .venv/bin/python benchmarks/run.py --quick          # small sizes, a few seconds per loss
+    .venv/bin/python benchmarks/run.py --quick          # small sizes, ~1 min per loss (compiling)
     .venv/bin/python benchmarks/run.py --losses focal,giou --sizes 100000 --allocator pinned
     .venv/bin/python benchmarks/run.py --all            # every representative configuration
     .venv/bin/python benchmarks/run.py --device cuda --dtypes float32,bfloat16   # GPU (untested here)
