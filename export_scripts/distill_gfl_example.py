@@ -232,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory = args.out or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
         merged = build_merged(model, directory, overwrite=True)
-        print(f"merged model: {merged}")
+        kept = "" if args.out else " (temporary: deleted at exit; --out DIR keeps it)"
+        print(f"merged model: {merged}{kept}")
         outside = 0
         for n, row in zip(args.positives, compare(model, merged, samples)):
             print(f"N = {n} positives")
