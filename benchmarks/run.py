@@ -1,7 +1,8 @@
 """Benchmark runner: every loss side by side with its MMDetection-style eager baseline.
 
-For each representative configuration (``visdet_export.specs.representative_configs()``; the seed configurations
-by default, with sigmoid CE on class labels) and each size, it times forward, backward and forward + backward of
+For each representative configuration (``visdet_export.specs.representative_configs()``; by default the
+configurations of visdet's losses page, with sigmoid CE on class labels) and each size, it times forward, backward
+and forward + backward of
 
 * ``baseline``    the MMDetection-style eager formulation (``benchmarks/baselines.py``),
 * ``eager``       our loss in eager PyTorch,
@@ -18,7 +19,7 @@ on CPU, ``max_memory_allocated`` on CUDA), inputs included, so it does not depen
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/run.py                  # seed configs, full sizes, both allocators
+    .venv/bin/python benchmarks/run.py                  # visdet's configs, full sizes, both allocators (7-11 min)
     .venv/bin/python benchmarks/run.py --quick          # small sizes, ~1 min per loss (compiling)
     .venv/bin/python benchmarks/run.py --losses focal,giou --sizes 100000 --allocator pinned
     .venv/bin/python benchmarks/run.py --all            # every representative configuration
@@ -658,7 +659,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="visdet-export bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run")
-    parser.add_argument("--all", action="store_true", help="every representative configuration, not only the seed's")
+    parser.add_argument("--all", action="store_true",
+                        help="every representative configuration (default: those of visdet's losses page and "
+                        "sigmoid CE on class labels)")
     parser.add_argument("--losses", default="", help="comma-separated config names or loss types")
     parser.add_argument("--sizes", default="", help="comma-separated N overriding every loss's sizes")
     parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="subset of " + ",".join(ALL_PROVIDERS))
