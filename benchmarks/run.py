@@ -657,7 +657,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="visdet-export bench", description=__doc__.split("\n\n")[0])
+    # run as a script (`python benchmarks/run.py`) or through `visdet-export bench` (visdet_export.bench imports it)
+    prog = "python benchmarks/run.py" if __name__ == "__main__" else "visdet-export bench"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run")
     parser.add_argument("--all", action="store_true",
                         help="every representative configuration (default: those of visdet's losses page and "
