@@ -33,6 +33,12 @@ from visdet_export.distributed import reduce_avg_factor
 from visdet_export.registry import build_loss
 
 NUM_CLASSES = 4  # label NUM_CLASSES is background
+
+
+def say(line: str) -> None:
+    """One line in one write, flushed: the ranks share stdout, and a separate write of the newline (unbuffered
+    output) lets another rank's line in between."""
+    print(line + "\n", end="", flush=True)
 FEATURES = 16
 
 
@@ -70,7 +76,8 @@ class DetectionLoss(nn.Module):
 
 
 def synthetic_batch(step: int, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Features, anchors, labels and target boxes for ``64 + 16 * step`` anchors; rank 1 has no objects on even steps."""
+    """Features, anchors, labels and target boxes for ``64 + 16 * step`` anchors; rank 1 has no objects on even
+    steps."""
     gen = torch.Generator().manual_seed(100 * step + rank)
     num = 64 + 16 * step
     xy = torch.rand(num, 2, generator=gen) * 50
@@ -97,22 +104,21 @@ def train(rank: int, world_size: int, init_method: str, steps: int, backend: str
         optimizer.zero_grad()
         (losses["loss_cls"] + losses["loss_bbox"]).backward()  # DDP averages the gradients over ranks
         optimizer.step()
-        print(  # logging reads the values after the step; the step itself never syncs with the host
+        say(  # logging reads the values after the step; the step itself never syncs with the host
             f"step {step} rank {rank}: anchors {len(labels):3d} num_pos {int((labels < NUM_CLASSES).sum()):2d} "
             f"avg_factor {losses['avg_factor'].item():5.1f} loss_cls {losses['loss_cls'].item():.4f} "
-            f"loss_bbox {losses['loss_bbox'].item():.4f}",
-            flush=True,
+            f"loss_bbox {losses['loss_bbox'].item():.4f}"
         )
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-    print(f"rank {rank}: compiled graphs {graphs}, graph breaks {breaks}", flush=True)
+    say(f"rank {rank}: compiled graphs {graphs}, graph breaks {breaks}")
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (ignored under torchrun)")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per rank (default 4)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend: inductor | aot_eager | eager")
     args = parser.parse_args()
     if "RANK" in os.environ:  # launched by torchrun: one process per rank, rendezvous from the environment
