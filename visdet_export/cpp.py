@@ -476,10 +476,11 @@ class CheckReport:
                     out.append(f"{c.name} {which}: max |diff| {d.max_abs:.3g} (rel {d.max_rel:.3g}) {d.note}".rstrip())
         return out
 
-    def summary(self) -> str:
+    def summary(self, label_width: int = 28) -> str:
+        """One line; ``label_width`` pads the label, so that a column of reports lines up."""
         status = "ok" if self.ok else "FAILED"
         return (
-            f"{self.label:28s} {self.runtime:11s} {status:6s} {len(self.cases):3d} cases  "
+            f"{self.label:{label_width}s} {self.runtime:11s} {status:6s} {len(self.cases):3d} cases  "
             f"forward rel {self.max_diff('forward'):.2e}  backward rel {self.max_diff('backward'):.2e}  "
             f"{self.seconds:.1f}s"
         )
@@ -853,6 +854,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROGRAM}: {built.path} ({how})")
     print(json.dumps(program_info(built.path)))
 
+    # column widths from the content: names and labels such as LocalizationDistillationLoss[distributions] vary
+    labels = []
+    for _, cfg, variant in selected:
+        try:
+            labels.append(_resolve(cfg, variant)[2])
+        except Exception:  # noqa: BLE001 - the check itself reports it below
+            labels.append("")
+    name_width = max(len(name) for name, _, _ in selected)
+    label_width = max(map(len, labels))
     failed = False
     for name, cfg, variant in selected:
         reports = [check_torchscript(cfg, built.path, variant=variant)]
@@ -862,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError:
                 print("  .pt2: visdet_export.export.pt2 is not available in this version; skipped")
         for report in reports:
-            print(f"{name:22s} {report.summary()}")
+            print(f"{name:{name_width}s} {report.summary(label_width)}")
             for line in report.failures():
                 print(f"    {line}")
             failed |= not report.ok
