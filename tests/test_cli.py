@@ -737,6 +737,11 @@ def test_cpp_sources_are_found_in_the_package_and_can_be_overridden(monkeypatch,
     assert cpp.source_dir() == tmp_path
     if cpp.shutil.which("cmake") and cpp._compiler():
         assert "the C++ sources are missing" in cpp.toolchain_problem()
+        # a checkout without symlinks holds cpp_project as a text file: the message says so
+        link_as_text = tmp_path / "cpp_project"
+        link_as_text.write_text("../export_scripts/cpp")
+        assert "core.symlinks" in cpp.toolchain_problem(link_as_text)
+        assert "core.symlinks" not in cpp.toolchain_problem()
 
 
 # ------------------------------------------------------------------------------------------- attach and evaluate

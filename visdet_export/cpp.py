@@ -134,7 +134,17 @@ def toolchain_problem(sources: Path | None = None) -> str | None:
     sources = sources or source_dir()
     missing = [name for name in SOURCE_FILES if not (sources / name).is_file()]
     if missing:
-        return f"the C++ sources are missing from {sources} ({', '.join(missing)}); set VISDET_EXPORT_CPP_SOURCE"
+        why = ""
+        if sources.name == "cpp_project" and not sources.is_dir():  # a checkout without symlinks: a text file
+            why = (
+                ": this copy of visdet-export was built from a git checkout without symbolic links (git config "
+                "core.symlinks false), which leaves them out of the wheel; install it from a checkout with symlinks "
+                "(git clone -c core.symlinks=true), or"
+            )
+        return (
+            f"the C++ sources are missing from {sources} ({', '.join(missing)}){why or ';'} set "
+            "VISDET_EXPORT_CPP_SOURCE to a folder holding them (export_scripts/cpp of a checkout)"
+        )
     return None
 
 
@@ -848,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         built = build_runner(args.build_dir, jobs=args.jobs, force=args.rebuild)
     except (ToolchainUnavailable, CppBuildError) as error:
-        print(f"cannot build the C++ program: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: cannot build the C++ program: {error}", file=sys.stderr)
         return 2
     how = f"built in {built.seconds:.1f}s" if built.rebuilt else "cached"
     print(f"{PROGRAM}: {built.path} ({how})")
