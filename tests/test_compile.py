@@ -414,6 +414,32 @@ def test_float_hyperparameters_are_constants_of_the_graph(name) -> None:
     assert not made_inputs
 
 
+def test_a_static_float_read_without_static_is_a_guarded_constant() -> None:
+    """Subclasses and plugins that read ``self.eps`` directly: arithmetic, clamps and comparisons with tensors trace
+    (a comparison failed before ``StaticFloat`` defined its own), and a second value compiles a second graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from visdet_export.validation import StaticFloat
+
+    class Direct(torch.nn.Module):
+        def __init__(self, eps: float) -> None:
+            super().__init__()
+            self.eps = StaticFloat(eps)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kept = (x > self.eps) & (self.eps <= x) & (x != self.eps)
+            return torch.where(kept, x.clamp(min=self.eps), self.eps * x).sum() + (1.0 if self.eps > 1e-3 else 0.0)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    x = torch.rand(64) * 0.02
+    for eps in (1e-6, 1e-2, 1e-6):
+        module = Direct(eps)
+        compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(x), module(x))
+    assert counter.frame_count == 2
+
+
 def test_a_plain_float_hyperparameter_is_a_graph_input() -> None:
     """What the test above looks for: a float set after the build (a plain one) becomes the input ``l_self_<name>``."""
     from visdet_export import build_loss

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -37,6 +37,28 @@ class StaticFloat(float):
     """
 
     __slots__ = ()
+
+    # Dynamo fails to compare a tensor with an object it does not know unless the object's own comparison (the
+    # reflected one, which Python tries second) traces: read as a float, a plain comparison then decides.
+    def __lt__(self, other: object) -> Any:
+        return float(self) < other  # type: ignore[operator]
+
+    def __le__(self, other: object) -> Any:
+        return float(self) <= other  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> Any:
+        return float(self) > other  # type: ignore[operator]
+
+    def __ge__(self, other: object) -> Any:
+        return float(self) >= other  # type: ignore[operator]
+
+    def __eq__(self, other: object) -> Any:
+        return float(self) == other
+
+    def __ne__(self, other: object) -> Any:
+        return float(self) != other
+
+    __hash__ = float.__hash__
 
 
 def static(value: float) -> float:

@@ -349,24 +349,28 @@ def compensated_log1p(model: Any) -> int:
         node = producer.get(name)
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
+    def one_plus_exp(name: str) -> Optional[tuple[str, str]]:
+        """``(e, one)`` where ``name`` is ``Add(e, one)`` (either order) with ``e = Exp(.)`` and ``one`` 1."""
+        total = made(name, "Add")
+        for position in (0, 1) if total is not None else ():
+            one = total.input[1 - position]
+            if made(total.input[position], "Exp") is not None and _scalar_value(initializers, one) == 1.0:
+                return total.input[position], one
+        return None
+
     nodes = []
     rewritten = 0
     for node in graph.node:
-        total = made(node.input[0], "Add") if node.op_type == "Log" and node.domain in ("", "ai.onnx") else None
-        exp = None
-        if total is not None:
-            for position in (0, 1):
-                if _scalar_value(initializers, total.input[1 - position]) == 1.0:
-                    exp, one = made(total.input[position], "Exp"), total.input[1 - position]
-        if exp is None:
+        found = one_plus_exp(node.input[0]) if node.op_type == "Log" and node.domain in ("", "ai.onnx") else None
+        if found is None:
             nodes.append(node)
             continue
-        out = node.output[0]
+        (e, one), total, out = found, node.input[0], node.output[0]
         rounded, added, lost = (f"{out}__visdet_{part}" for part in ("rounded", "added", "lost"))
         nodes += [
-            helper.make_node("Log", [total.output[0]], [rounded], name=rounded),
-            helper.make_node("Sub", [total.output[0], one], [added], name=added),
-            helper.make_node("Sub", [exp.output[0], added], [lost], name=lost),
+            helper.make_node("Log", [total], [rounded], name=rounded),
+            helper.make_node("Sub", [total, one], [added], name=added),
+            helper.make_node("Sub", [e, added], [lost], name=lost),
             helper.make_node("Add", [rounded, lost], [out], name=node.name),
         ]
         rewritten += 1
