@@ -13,8 +13,8 @@ shared ``max(mean num_pos, 1)``. Why that normaliser reproduces single-process t
 DDP's gradient averaging: see :mod:`visdet_export.distributed`.
 
 Compile-friendly choices worth copying: positives are selected by weight (dense ``(A, 4)`` boxes with a 0/1
-weight), not by indexing, so shapes do not depend on data; the losses' float hyper-parameters are specialised
-(``specialize_float``), which spares torch 2.13 a second trace of the frame under ``dynamic=True``.
+weight), not by indexing, so shapes do not depend on data; Python floats are specialised (``specialize_float``),
+which spares torch 2.13 a second trace of the frame under ``dynamic=True``.
 """
 
 from __future__ import annotations
