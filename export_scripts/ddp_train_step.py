@@ -13,8 +13,9 @@ shared ``max(mean num_pos, 1)``. Why that normaliser reproduces single-process t
 DDP's gradient averaging: see :mod:`visdet_export.distributed`.
 
 Compile-friendly choices worth copying: positives are selected by weight (dense ``(A, 4)`` boxes with a 0/1
-weight), not by indexing, so shapes do not depend on data; Python floats are specialised (``specialize_float``),
-which spares torch 2.13 a second trace of the frame under ``dynamic=True``.
+weight), not by indexing, so shapes do not depend on data; no ``specialize_float`` is needed: the losses' float
+hyper-parameters are constants of the graph (``validation.StaticFloat``), so torch 2.13 traces the step once under
+``dynamic=True``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ def train(rank: int, world_size: int, init_method: str, steps: int, backend: str
     torch.manual_seed(0)
     model = DistributedDataParallel(TinyHead())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    torch._dynamo.config.specialize_float = True
     loss_fn = torch.compile(DetectionLoss(), backend=backend, fullgraph=True, dynamic=True)
     for step in range(steps):
         feats, anchors, labels, targets = synthetic_batch(step, rank)

@@ -23,9 +23,9 @@ its positives.
 Backend in the workers: ``aot_eager``: Dynamo + AOTAutograd (functionalisation of the collective, the joint
 forward/backward graph), i.e. everything Inductor would receive, without Inductor's C++ compile, which takes tens of
 seconds per rank on 2 shared cores. ``export_scripts/ddp_train_step.py`` runs the same step with Inductor.
-Python floats are specialised (``specialize_float=True``): without it, under ``dynamic=True``, torch 2.13 compiles
-this step twice (measured: 2 frames; the losses' own hyper-parameters are constants since ``StaticFloat``, so a
-float elsewhere in the step, e.g. a function default, is traced symbolically first).
+No ``specialize_float``: the losses' float hyper-parameters and ``reduce_avg_factor``'s default clamp are
+constants of the graph (``validation.StaticFloat``); as plain floats, torch 2.13 traced them symbolically under
+``dynamic=True``, then specialised them and restarted the analysis, compiling the step twice.
 """
 
 from __future__ import annotations
@@ -126,10 +126,9 @@ def _worker(rank: int, out_dir: str) -> None:
             cls_score, boxes = model(batch["feats"], batch["anchors"])
             cls_score.retain_grad()
             boxes.retain_grad()
-            with torch._dynamo.config.patch(specialize_float=True):
-                loss_cls, loss_bbox, avg_factor = loss_step(
-                    cls_score, batch["labels"], boxes, batch["targets"], batch["pos_weight"]
-                )
+            loss_cls, loss_bbox, avg_factor = loss_step(
+                cls_score, batch["labels"], boxes, batch["targets"], batch["pos_weight"]
+            )
             optimizer.zero_grad()
             (loss_cls + loss_bbox).backward()
             steps.append(dict(

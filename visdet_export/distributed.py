@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .validation import StaticFloat
+
 if dist.is_available():
     # not loaded by ``import torch.distributed``: only DDP or Dynamo did, so a process using neither failed
     from torch.distributed import _functional_collectives as functional_collectives
@@ -111,8 +113,13 @@ def reduce_mean(tensor: Tensor | float, group: dist.ProcessGroup | None = None) 
     return functional_collectives.wait_tensor(total)
 
 
+#: ``reduce_avg_factor``'s default lower clamp, a constant of compiled graphs (a plain float default is a symbolic
+#: input under ``dynamic=True``, and torch 2.13 compiled the step twice to specialise it).
+LEAST_AVG_FACTOR = StaticFloat(1.0)
+
+
 def reduce_avg_factor(
-    num_pos: Tensor | float, min_value: float = 1.0, group: dist.ProcessGroup | None = None
+    num_pos: Tensor | float, min_value: float = LEAST_AVG_FACTOR, group: dist.ProcessGroup | None = None
 ) -> Tensor:
     """The ``avg_factor`` of a dense head: the number of positives averaged over ranks, at least ``min_value``.
 
