@@ -13,6 +13,7 @@ N = 1 (``test_backed_sizes_specialise_on_0_and_1`` documents that).
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -399,7 +400,9 @@ def _graph_input_names(loss: torch.nn.Module, spec, inputs) -> list[str]:
 def test_float_hyperparameters_are_constants_of_the_graph(name) -> None:
     """Under ``dynamic=True`` Dynamo makes a plain float attribute a graph input, and torch 2.13's inductor caches
     then serve one value's kernel to another (``test_inductor_caches_serve_no_stale_hyperparameter``): every float
-    hyper-parameter is a :class:`~visdet_export.validation.StaticFloat`, compiled as a constant."""
+    hyper-parameter is a :class:`~visdet_export.validation.StaticFloat`, compiled as a constant. Defaults too: the
+    ``eps`` added to ``avg_factor`` was a tensor input read back with ``.item()``. Inputs left: the call's tensors,
+    buffers and sizes."""
     from visdet_export import build_loss
     from visdet_export.specs import CONFIG_VARIANTS, representative_configs, spec_for
     from visdet_export.validation import StaticFloat
@@ -410,8 +413,10 @@ def test_float_hyperparameters_are_constants_of_the_graph(name) -> None:
     assert "loss_weight" in floats
     assert all(isinstance(value, StaticFloat) for value in floats.values()), floats
     inputs = spec.sample(loss, 5, seed=3)
-    made_inputs = [f"l_self_{key}" for key in floats if f"l_self_{key}" in _graph_input_names(loss, spec, inputs)]
-    assert not made_inputs
+    assert "avg_factor" in inputs
+    names = _graph_input_names(loss, spec, inputs)
+    assert not [f"l_self_{key}" for key in floats if f"l_self_{key}" in names]
+    assert not [name for name in names if not re.fullmatch(r"s\d+|l_self_buffers_\w+|l_(?!self_)\w+", name)], names
 
 
 def test_a_static_float_read_without_static_is_a_guarded_constant() -> None:

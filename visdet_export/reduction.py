@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 from .numerics import compute_dtype, known_to_be_one
+from .validation import StaticFloat, static
 
 REDUCTIONS = ("none", "mean", "sum")
-# torch.finfo(torch.float32).eps, written out because TorchScript has no torch.finfo (nor float globals, hence
-# the literal default of weight_reduce_loss's ``eps``).
-FLOAT32_EPS = 1.1920928955078125e-07
+# torch.finfo(torch.float32).eps, written out because TorchScript has no torch.finfo. A StaticFloat: as
+# weight_reduce_loss's default (TorchScript takes defaults by value) a plain float would be a tensor input of every
+# compiled graph with an avg_factor, read back with ``.item()``.
+FLOAT32_EPS = StaticFloat(1.1920928955078125e-07)
 
 AvgFactor = Optional[Union[float, int, Tensor]]
 
@@ -111,7 +113,7 @@ def weight_reduce_loss(
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
     avg_factor: Optional[Tensor] = None,
-    eps: float = 1.1920928955078125e-07,
+    eps: float = FLOAT32_EPS,
 ) -> Tensor:
     """Apply ``weight`` (broadcast to ``loss``) and reduce as visdet does.
 
@@ -134,14 +136,14 @@ def weight_reduce_loss(
         # (N,) rather than (N, 1): onnxruntime broadcasts into an inner axis of size 1 element by element
         total = (loss.sum(-1) * weight.squeeze(-1)).sum()
         if avg_factor is not None:
-            return total / (avg_factor + eps)
+            return total / (avg_factor + static(eps))
         return total / element_count(loss) if reduction == "mean" else total
     if weight is not None:
         loss = loss * weight
     if avg_factor is None:
         return reduce_loss(loss, reduction)
     if reduction == "mean":
-        return loss.sum() / (avg_factor + eps)
+        return loss.sum() / (avg_factor + static(eps))
     if reduction == "none":
         return loss
     raise ValueError('avg_factor can not be used with reduction="sum"; use "mean" or "none"')
