@@ -417,3 +417,99 @@ def test_verifying_without_the_plugin_names_it(
         assert cli.main(["--plugin", "visdet_absent_plugin", "verify", str(out), "-q"]) == 0
     finally:
         _unload_plugin("visdet_absent_plugin", "Absent", directory)
+
+
+def _box_model(path: Path) -> Path:
+    """A model with one output, ``box`` (P, 4): what a box loss is attached to."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["b"], ["box"])], "boxes",
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["P", 4])],
+        [helper.make_tensor_value_info("box", TensorProto.FLOAT, ["P", 4])],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+def test_verifying_attached_losses_without_the_plugin_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model with a plugin's loss attached records the plugin with the loss (in the model and its manifest), and
+    verify without it is the usage mistake a plugin's artifact is (exit 2, naming the module), not a bare unknown
+    type; a model attached before the record says to name the module with --plugin."""
+    import onnx
+
+    from visdet_export.export.artifacts import sha256
+    from visdet_export.export.attach import attach_losses, attached_losses
+    from visdet_export.export.onnx import ATTACHED_METADATA_KEY
+
+    directory = tmp_path / "plugin"
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    out = tmp_path / "merged.onnx"
+    _load_plugin(directory, "visdet_attached_plugin", "Attached")
+    try:
+        attach_losses(_box_model(tmp_path / "m.onnx"),
+                      [("loss_bbox", dict(type="AttachedScaledGIoULoss"), {"pred": "box", "target": "gt"})], out)
+    finally:
+        _unload_plugin("visdet_attached_plugin", "Attached", directory)
+    assert attached_losses(out)["loss_bbox"]["plugins"] == ["visdet_attached_plugin"]
+    assert read_manifest(out)["losses"]["loss_bbox"]["plugins"] == ["visdet_attached_plugin"]
+    hint = ("AttachedScaledGIoULoss is registered by the plugin module 'visdet_attached_plugin': pass --plugin "
+            "visdet_attached_plugin (or VISDET_EXPORT_PLUGINS=visdet_attached_plugin)")
+    with pytest.raises(MissingPluginError) as raised:
+        verify(out)
+    assert str(raised.value) == f"merged.onnx, attached loss loss_bbox: {hint}"
+    capsys.readouterr()
+    assert cli.main(["verify", str(out), "-q"]) == cli.EXIT_USAGE
+    assert hint in capsys.readouterr().err
+    try:  # with the plugin, it verifies
+        assert cli.main(["--plugin", "visdet_attached_plugin", "verify", str(out), "-q"]) == 0
+    finally:
+        _unload_plugin("visdet_attached_plugin", "Attached", directory)
+    # a model attached before the record: still readable, a failed artifact with a hint for a loss of one's own
+    model = onnx.load(str(out))
+    described = attached_losses(out)
+    del described["loss_bbox"]["plugins"]
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, ATTACHED_METADATA_KEY: json.dumps(described)}
+    )
+    onnx.save(model, str(out))
+    record = json.loads(manifest_path(out).read_text())
+    record.update(losses=described, sha256=sha256(out))
+    manifest_path(out).write_text(json.dumps(record))
+    with pytest.raises(ArtifactError, match=r"AttachedScaledGIoULoss is not a registered loss.*--plugin MODULE") as old:
+        verify(out)
+    assert not isinstance(old.value, MissingPluginError)
+
+
+def test_cpp_bundle_check_without_the_plugin_names_it(tmp_path: Path) -> None:
+    """check_pt2_bundle rebuilds each entry from the bundle's manifest, as verify does: an entry registered by a
+    plugin that is not loaded names the plugin (the manifest's entries record it, see pt2's manifest), before any C++
+    runs. The package is a stand-in: the losses are rebuilt before it is read."""
+    from visdet_export import cpp
+    from visdet_export.export.artifacts import write_manifest
+
+    package = tmp_path / "bundle.pt2"
+    package.write_bytes(b"not read")
+    write_manifest(package, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
+        {"name": "loss_cls", "config": {"type": "FocalLoss"}, "inputs": [], "outputs": []},
+        {"name": "loss_vfl", "config": {"type": "GoneVarifocalLoss"}, "plugins": ["visdet_gone_plugin"],
+         "inputs": [], "outputs": []},
+    ]})
+    with pytest.raises(MissingPluginError) as raised:
+        cpp.check_pt2_bundle(package, tmp_path / "no_program")
+    assert str(raised.value) == (
+        "bundle.pt2, entry loss_vfl: GoneVarifocalLoss is registered by the plugin module 'visdet_gone_plugin': "
+        "pass --plugin visdet_gone_plugin (or VISDET_EXPORT_PLUGINS=visdet_gone_plugin)"
+    )
+
+
+def test_cpp_config_of_an_unloaded_plugin_says_to_pass_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """``visdet-export cpp --config`` of a loss of one's own without its plugin: a usage mistake (exit 2) naming
+    --plugin, before anything is built."""
+    assert cli.main(["cpp", "--config", json.dumps({"type": "GoneVarifocalLoss"})]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--config '{\"type\": \"GoneVarifocalLoss\"}' does not build a loss: GoneVarifocalLoss is not a " in err
+    assert "name the module that registers it with --plugin MODULE (or VISDET_EXPORT_PLUGINS=MODULE)" in err

@@ -724,7 +724,7 @@ def check_pt2_bundle(
     prediction elements, then all entries at N = 0), positionally in the manifest's input order; a last call feeds
     every entry N = 7 at the smaller free sizes its manifest names (20 classes, 4 DFL bins, 7 x 7 masks).
     """
-    from .export.artifacts import read_manifest
+    from .export.artifacts import MissingPluginError, build_recorded_loss, read_manifest
     from .export.verify import SMALLER_SIZES_N, declared_free_sizes
 
     package = Path(path)
@@ -734,7 +734,10 @@ def check_pt2_bundle(
     entries = []
     free_sizes: dict[str, dict[str, int]] = {}
     for item in manifest["entries"]:
-        module = build_loss(dict(item["config"]))
+        try:  # a plugin's loss not loaded: say which plugin, as verify does
+            module = build_recorded_loss(dict(item["config"]), item.get("plugins"))
+        except MissingPluginError as exc:
+            raise MissingPluginError(f"{package.name}, entry {item['name']}: {exc}") from exc
         spec = spec_for(module, item.get("variant"))
         names = [str(i["name"]) for i in item["inputs"]]
         entries.append((str(item["name"]), module, spec, names, bool(item.get("joint")), list(item["outputs"])))
@@ -820,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 a usage mistake or the program could not be built.
     """
-    from .registry import build_loss, load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
+    from .export.artifacts import ArtifactError, build_recorded_loss
+    from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
     from .validation import ConfigError
 
     try:
@@ -849,11 +853,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             selected.append((item, json.loads(item), None))
-            build_loss(selected[-1][1])
+            # a loss of one's own not loaded: the message names --plugin, as verify's does
+            build_recorded_loss(selected[-1][1], source=f"--config {item!r}")
         except json.JSONDecodeError:
             parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
-        except ConfigError as error:
-            parser.error(f"--config {item!r}: {error}")
+        except ArtifactError as error:
+            parser.error(str(error))
 
     try:
         built = build_runner(args.build_dir, jobs=args.jobs, force=args.rebuild)

@@ -234,9 +234,12 @@ def _unregistered(name: str) -> bool:
     return False
 
 
-def build_recorded_loss(config: Mapping[str, Any], plugins: object = None) -> nn.Module:
+def build_recorded_loss(
+    config: Mapping[str, Any], plugins: object = None, source: str = "the manifest's config"
+) -> nn.Module:
     """The loss a manifest's ``config`` builds; ``plugins``: the manifest's ``plugins`` field (the modules that
-    registered its loss classes at export, :func:`plugin_modules`; absent in manifests before it).
+    registered its loss classes at export, :func:`plugin_modules`; absent in manifests before it). ``source`` names
+    the config in the messages (``--config '...'`` where a user typed it).
 
     Raises:
         MissingPluginError: a type the config names is not registered here and the manifest names the plugin
@@ -248,7 +251,7 @@ def build_recorded_loss(config: Mapping[str, Any], plugins: object = None) -> nn
     except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
         missing = list(dict.fromkeys(name for name in _config_types(config) if _unregistered(name)))
         if not missing:
-            raise ArtifactError(f"the manifest's config does not build a loss: {exc}") from exc
+            raise ArtifactError(f"{source} does not build a loss: {exc}") from exc
         types = ", ".join(missing)
         modules = [str(name) for name in plugins] if isinstance(plugins, list) and plugins else []
         if modules:
@@ -259,7 +262,7 @@ def build_recorded_loss(config: Mapping[str, Any], plugins: object = None) -> nn
                 f"(or {PLUGINS_VARIABLE}={','.join(modules)})"
             ) from exc
         raise ArtifactError(
-            f"the manifest's config does not build a loss: {types} is not a registered loss here (registered: "
+            f"{source} does not build a loss: {types} is not a registered loss here (registered: "
             f"{', '.join(sorted(MODELS.module_dict))}); a loss of your own: name the module that registers it with "
             f"--plugin MODULE (or {PLUGINS_VARIABLE}=MODULE)"
         ) from exc

@@ -48,14 +48,17 @@ import torch
 from onnx import external_data_helper
 from torch import nn
 
-from ..registry import MODELS, build_loss, loss_config
+from ..registry import MODELS, loss_config
 from ..specs import INT64, spec_for
 from .artifacts import (
     ArtifactError,
+    MissingPluginError,
     as_loss,
     atomic_output,
+    build_recorded_loss,
     first_line,
     one_export_at_a_time,
+    plugin_modules,
     shape_mismatch,
     write_manifest,
 )
@@ -249,14 +252,18 @@ def _export_loss_graph(loss: nn.Module, optional_inputs: tuple[str, ...], opset:
 def _loss_graph(
     name: str, loss: LossLike, mapping: Mapping[str, str], opset: int, directory: Path
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata."""
+    """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata: its config and,
+    for a loss registered by a plugin, the plugin modules (``plugins``, as an artifact's manifest records them, so
+    that verifying it without them names them)."""
     if isinstance(loss, (str, os.PathLike)):
         return _to_opset(load_model(loss), opset, f"loss graph {name!r}"), {"graph": str(loss)}
     module = as_loss(loss)
     spec = spec_for(module)
     optional = tuple(t.name for t in spec.inputs if t.optional and t.name in mapping)
     path = _export_loss_graph(module, optional, opset, directory)
-    return _to_opset(load_model(path), opset, f"loss graph {name!r}"), {"config": loss_config(module)}
+    plugins = plugin_modules(module)
+    description = {"config": loss_config(module), **({"plugins": plugins} if plugins else {})}
+    return _to_opset(load_model(path), opset, f"loss graph {name!r}"), description
 
 
 # --- attach -------------------------------------------------------------------------------------------------------
@@ -670,7 +677,7 @@ def attached_losses_of(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def attached_losses(path: PathLike) -> dict[str, Any]:
-    """The losses an :func:`attach_losses` model carries (name -> config/graph and input mapping)."""
+    """The losses an :func:`attach_losses` model carries (name -> config/graph, plugins and input mapping)."""
     return attached_losses_of(onnx.load(str(path), load_external_data=False))
 
 
@@ -678,7 +685,13 @@ def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, An
     """What ``verify`` checks of a model with attached losses, which runs only on the model's own inputs: its
     checksum (read with the manifest), the merged graph (``onnx.checker``), and that each loss the manifest lists
     is embedded with the same config and is a 0-d output. Each loss graph was checked against eager PyTorch in
-    onnxruntime when it was attached; ``evaluate`` runs the model on samples."""
+    onnxruntime when it was attached; ``evaluate`` runs the model on samples.
+
+    Raises:
+        MissingPluginError: an attached loss is registered by a plugin module (its ``plugins``) not imported.
+        ArtifactError: (:class:`AttachError`) an invalid graph, losses differing from the manifest's or not 0-d,
+            or a config that does not build.
+    """
     path = Path(path)
     check_external_data(path)
     try:
@@ -693,8 +706,11 @@ def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, An
     if not_scalar:
         raise AttachError(f"{path.name} has no 0-d output for the attached loss(es) {', '.join(not_scalar)}")
     for name, description in embedded.items():
-        if "config" in description:
-            build_loss(dict(description["config"]))
+        if "config" in description:  # a plugin's loss not loaded: say which plugin (older models record none)
+            try:
+                build_recorded_loss(dict(description["config"]), description.get("plugins"))
+            except MissingPluginError as exc:
+                raise MissingPluginError(f"{path.name}, attached loss {name}: {exc}") from exc
     return {
         "path": str(path),
         "format": "onnx",
