@@ -174,6 +174,7 @@ def export_model(model: nn.Module, path: Path) -> Path:
             input_names=list(MODEL_INPUTS),
             output_names=list(MODEL_OUTPUTS),
             opset_version=18,
+            verbose=False,  # the exporter prints "[torch.onnx] ..." progress lines otherwise (verbose=None)
         )
         program.save(str(path))
     return path

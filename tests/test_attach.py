@@ -81,6 +81,15 @@ def _identity_model(path: Path, opset: int, ir_version: int, width: int = 80, ou
 # --- the example: merged graph against PyTorch --------------------------------------------------------------------
 
 
+def test_exporting_prints_nothing(model, tmp_path, capfd):
+    """The example's model export and the package's loss exports (what attach_losses runs) print no exporter
+    progress ("[torch.onnx] Obtain model graph ...": torch.onnx.export prints it unless verbose=False)."""
+    example.export_model(model, tmp_path / "model.onnx")
+    export_onnx(dict(type="GIoULoss"), tmp_path / "giou.onnx")
+    out, err = capfd.readouterr()
+    assert "[torch.onnx]" not in out + err, out + err
+
+
 def test_merged_losses_match_pytorch(model, merged, samples):
     rows = example.compare(model, merged, samples)
     for n, row in zip(POSITIVES, rows):
