@@ -41,6 +41,24 @@ def test_export_api_is_reachable_from_the_package_and_imported_on_first_use() ->
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_relative_links_name_files_the_sdist_ships() -> None:
+    """README is the package index's long description, where relative links do not resolve (and no public
+    repository URL is known to make them absolute): each must name a file of the source tree that MANIFEST.in puts
+    in the sdist, and the README must say that they are such files."""
+    links = [target for target in re.findall(r"\]\(([^)#]+)\)", README) if "://" not in target]
+    assert links, "no relative links: drop this test"
+    manifest = (ROOT / "MANIFEST.in").read_text().splitlines()
+    grafted = [line.split()[1] for line in manifest if line.startswith("graft ")]
+    included = [line.split()[1] for line in manifest if line.startswith("include ")]
+    pruned = [line.split()[1] for line in manifest if line.startswith("prune ")]
+    for target in links:
+        assert (ROOT / target).is_file(), target
+        parts = Path(target).parts
+        shipped = target in included or any(Path(*parts[: len(Path(g).parts)]) == Path(g) for g in grafted)
+        assert shipped and not any(target.startswith(f"{p}/") for p in pruned), f"{target} is not in the sdist"
+    assert "files of the source tree: a clone and the source distribution" in " ".join(README.split())
+
+
 def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
