@@ -128,3 +128,18 @@ def test_avg_factor_values_never_recompile() -> None:
         for kind in kinds:
             torch.testing.assert_close(compiled(pred, target, None, kind(step)), loss(pred, target, None, kind(step)))
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(loss).forward.__code__)) == len(kinds)
+
+
+@pytest.mark.parametrize(("avg_factor", "kind"), [(torch.tensor(True), "bool"), (torch.tensor(3.0 + 0j), "complex")])
+def test_scripted_avg_factor_refusal_names_the_dtype(avg_factor: torch.Tensor, kind: str) -> None:
+    """A C++ caller passing a bool tensor as avg_factor read "got a tensor of 11": scripted code prints a dtype as
+    its enum number. Eager and scripted now both name it."""
+    from visdet_export import build_loss
+    from visdet_export.export.torchscript import script_loss
+
+    loss = build_loss({"type": "FocalLoss"})
+    pred, labels = torch.randn(6, 80), torch.randint(0, 81, (6,))
+    with pytest.raises(ValueError, match=f"avg_factor must be a real number, got a tensor of (torch.)?{kind}"):
+        loss(pred, labels, None, avg_factor)
+    with pytest.raises(torch.jit.Error, match=f"avg_factor must be a real number, got a tensor of {kind}$"):
+        script_loss(loss)(pred, labels, None, avg_factor)

@@ -59,7 +59,11 @@ def as_avg_factor(avg_factor: Optional[Union[float, int, Tensor]], like: Tensor)
         if avg_factor.numel() != 1:
             raise ValueError(f"avg_factor must be a number or a one-element tensor, got shape {list(avg_factor.shape)}")
         if avg_factor.dtype == torch.bool or avg_factor.is_complex():
-            raise ValueError(f"avg_factor must be a real number, got a tensor of {avg_factor.dtype}")
+            # scripted dtypes print as numbers ("a tensor of 11"): name the kind there
+            got = str(avg_factor.dtype)
+            if torch.jit.is_scripting():
+                got = "bool" if avg_factor.dtype == torch.bool else "complex"
+            raise ValueError("avg_factor must be a real number, got a tensor of " + got)
         return avg_factor.to(dtype=dtype, device=like.device).reshape(())
     if torch.compiler.is_compiling():
         # a symbolic float (MMDetection heads pass `.item()` counts): scalar_tensor would specialise on its value
