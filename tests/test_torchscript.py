@@ -229,3 +229,62 @@ def test_exporting_leaves_the_modules_training_flag(tmp_path):
     assert loss.training
     path = export_torchscript(loss, tmp_path / "l1.ts.pt", verify=False)
     assert loss.training and not load_scripted(path).training
+
+
+def test_shared_module_across_threads_with_the_legacy_executor(tmp_path):
+    """export_scripts/cpp/README.md ("Threads"): threads sharing one scripted FocalLoss and mixing calls with and
+    without grad and avg_factor got gradients with elements zeroed under the default profiling executor (a race
+    while it specialises the graph: 6 of 8 runs of this pattern from Python threads, 2-3 of 6 in C++); the README's
+    remedy, the legacy executor (``torch::jit::getProfilingMode() = false``), gives eager's values here."""
+    import threading
+
+    from visdet_export import build_loss
+
+    path = export_torchscript({"type": "FocalLoss"}, tmp_path / "focal.pt", verify=False)
+    eager = build_loss({"type": "FocalLoss"})
+    generator = torch.Generator().manual_seed(0)
+    jobs = []
+    for k in range(64):
+        n, c = (0 if k % 5 == 0 else 1 if k % 7 == 1 else (k * 37) % 300), (80 if k % 2 else 20)
+        pred = torch.randn(n, c, generator=generator) * 5
+        labels = torch.randint(0, c + 1, (n,), generator=generator, dtype=torch.int64 if k % 2 else torch.int32)
+        weight = None if k % 4 == 0 else torch.rand(n, generator=generator)
+        avg_factor = [None, torch.tensor(3.0), 7.0][k % 3]
+        jobs.append((pred, labels, weight, avg_factor, k % 3 != 0))
+
+    def run(module, job):
+        pred, labels, weight, avg_factor, grad = job
+        pred = pred.clone().requires_grad_(grad)
+        value = module(pred, labels, weight, avg_factor)
+        if not grad:
+            return value.detach(), None
+        value.sum().backward()
+        return value.detach(), pred.grad
+
+    want = [run(eager, job) for job in jobs]
+    previous = torch._C._jit_set_profiling_mode(False)
+    try:
+        for _ in range(2):
+            module, failures = load_scripted(path), []
+            barrier = threading.Barrier(8)
+
+            def worker(t: int, module=module, failures=failures, barrier=barrier) -> None:
+                barrier.wait()
+                for r in range(30):
+                    k = (t * 13 + r * 7) % len(jobs)
+                    (value, grad), (want_value, want_grad) = run(module, jobs[k]), want[k]
+                    try:
+                        torch.testing.assert_close(value, want_value, rtol=1e-5, atol=1e-7)
+                        if want_grad is not None:
+                            torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+                    except AssertionError as error:
+                        failures.append((k, str(error).splitlines()[0]))
+
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not failures, failures[:3]
+    finally:
+        torch._C._jit_set_profiling_mode(previous)
