@@ -177,6 +177,25 @@ def test_scoped_and_plugin_names_build_our_losses() -> None:
         build_loss(dict(type="FocalLoss", gama=2.0))
 
 
+def test_a_class_as_type_builds_as_mmengine_builds_it() -> None:
+    """MMEngine's registries take ``type`` as a class too (its pure-Python configs write ``type=FocalLoss``): a
+    registered class builds itself, OpenMMLab's own class of a loss reads as its name, and any other class is
+    refused with the registered names, never instantiated."""
+    from visdet_export.losses import FocalLoss
+    from visdet_export.losses.base import WeightedLoss
+
+    loss = build_loss(dict(type=FocalLoss, gamma=1.5))
+    assert type(loss) is FocalLoss and loss_config(loss)["gamma"] == 1.5
+    mmdet_class = type("FocalLoss", (torch.nn.Module,), {"__module__": "mmdet.models.losses.focal_loss"})
+    assert type(build_loss(dict(type=mmdet_class, alpha=0.5))) is FocalLoss
+    mmdet_other = type("VarifocalLoss", (torch.nn.Module,), {"__module__": "mmdet.models.losses.varifocal_loss"})
+    with pytest.raises(ConfigError, match="VarifocalLoss is an MMDetection loss"):
+        build_loss(dict(type=mmdet_other))
+    for cls in (torch.nn.L1Loss, WeightedLoss):
+        with pytest.raises(ConfigError, match=r"not registered.*FocalLoss"):
+            build_loss(dict(type=cls))
+
+
 @pytest.mark.parametrize("cfg", [
     dict(type="os.system"), dict(type="torch.L1Loss"), dict(type="mm.det.L1Loss"), dict(type="torch.nn.L1Loss"),
     dict(type="__import__('os')"), dict(type=""),

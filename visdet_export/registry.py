@@ -113,8 +113,26 @@ class Registry:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown {self.name} type {name!r}.{hint} Registered: {', '.join(sorted(self._modules))}")
 
+    def _class_of(self, loss_type: object) -> type[nn.Module]:
+        """A config's ``type``: a registered name, or, as MMEngine's registries take it (its pure-Python configs
+        write ``type=FocalLoss``), a class: one registered here, or OpenMMLab's / visdet's own class of a loss, read
+        as its name (as ``"mmdet.FocalLoss"`` is). Any other class is refused, never instantiated."""
+        if not inspect.isclass(loss_type):
+            return self.get(loss_type)  # type: ignore[arg-type]
+        registered = next((cls for cls in self._modules.values() if cls is loss_type), None)
+        if registered is not None:
+            return registered
+        package = str(getattr(loss_type, "__module__", "")).partition(".")[0]
+        if package.startswith(("mm", "visdet")) and package != "visdet_export":
+            return self.get(loss_type.__name__)
+        raise ConfigError(
+            f"type={loss_type.__module__}.{loss_type.__qualname__} is a class that is not registered in "
+            f"{self.name}; register it (visdet_export.registry.MODELS.register_module) or write a registered name: "
+            f"{', '.join(sorted(self._modules))}"
+        )
+
     def build(self, cfg: Mapping[str, object]) -> nn.Module:
-        """Build ``cfg["type"]`` with the remaining keys as constructor arguments.
+        """Build ``cfg["type"]`` (a registered name or class) with the remaining keys as constructor arguments.
 
         Raises:
             ConfigError: missing or unknown ``type``, unknown keys (the valid ones are listed), or invalid values.
@@ -124,7 +142,7 @@ class Registry:
         if "type" not in cfg:
             raise ConfigError(f"loss config {dict(cfg)!r} has no 'type'")
         kwargs = dict(cfg)
-        cls = self.get(kwargs.pop("type"))  # type: ignore[arg-type]
+        cls = self._class_of(kwargs.pop("type"))
         accepted = config_parameters(cls)
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
