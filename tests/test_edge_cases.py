@@ -1023,6 +1023,46 @@ def test_balanced_l1_gradient_with_a_small_beta_is_float32_accurate() -> None:
     assert float((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
+CONFIDENT_BCE_CASES = {
+    "ce_sigmoid_binary": dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="none"),
+    "ce_mask": dict(type="CrossEntropyLoss", use_mask=True, reduction="none"),
+    "focal_onehot": dict(type="FocalLoss", reduction="none"),
+    "qfl_dense": dict(type="QualityFocalLoss", reduction="none"),
+}
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+@pytest.mark.parametrize("key", list(CONFIDENT_BCE_CASES))
+def test_bce_on_float_targets_keeps_its_relative_precision_when_confident(key: str, runtime: str) -> None:
+    """Confident negatives (x in [-20, -8], t = 0) and positives (x in [8, 20], t = 1) on float targets, element
+    by element: the BCE there is 3e-4 .. 2e-9. TorchScript wrote it as ATen's fused (1 - t) x - log_sigmoid(x),
+    which cancels for the negatives (0.8% off at -10, 15% at -14, 0 for 4e-8 at -17), and so did every loss built
+    on it (focal and QFL on float targets: values and gradients 10-70% off at -14 .. -17); eager sigmoid CE on
+    float targets wrote softplus(x) - x t and sigmoid(x) - t, which cancel for the positives (7% off at 12, 0 at
+    17). QFL's positives are left out: its |t - sigmoid(x)| rounds at t = 1 by definition (a soft score)."""
+    cfg = CONFIDENT_BCE_CASES[key]
+    loss = build_in(runtime, cfg)
+    generator = torch.Generator().manual_seed(4)
+    magnitude = 8.0 + 12.0 * torch.rand(40, 3, generator=generator, dtype=F64)
+    target = (torch.rand(40, 3, generator=generator) < 0.5).to(F64)
+    if key == "qfl_dense":
+        target = torch.zeros_like(target)
+    pred = torch.where(target > 0, magnitude, -magnitude)
+    extra: tuple = ()
+    if key == "ce_sigmoid_binary":
+        pred, target = pred.flatten(), target.flatten()
+    elif key == "ce_mask":  # one class: the RoIs' maps are the rows
+        pred, target, extra = pred.unsqueeze(1), target, (torch.zeros(40, dtype=torch.long),)
+    leaf = pred.clone().requires_grad_()
+    exact = build_loss(cfg)(leaf, target, *extra)  # float64 math
+    (exact_grad,) = torch.autograd.grad(exact.sum(), leaf)
+    leaf32 = pred.float().requires_grad_()
+    got = loss(leaf32, target.float(), *extra)
+    (grad,) = torch.autograd.grad(got.sum(), leaf32)
+    torch.testing.assert_close(got.double(), exact.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script"])
 def test_sigmoid_cross_entropy_with_class_weights_on_confident_negatives(runtime: str) -> None:
     """pos_weight's (1 - t) x + (1 + (p - 1) t) softplus(-x) cancels at x << 0 (7e-3 relative at x in [-20, -10]):

@@ -290,23 +290,23 @@ _SOFTPLUS_LINEAR_FROM = 40.0
 def _binary_cross_entropy_eager(
     pred: Tensor, targets: Tensor, weights: Optional[Tensor], keep: Optional[Tensor], pos_weight: Optional[Tensor]
 ) -> Tensor:
-    """BCE on logits times a frozen weight with the gradient in closed form, ``sigmoid(x) - t`` (with
-    ``pos_weight`` p: ``(1 - t) sigmoid(x) - p t sigmoid(-x)``; slope ``(1 - t - p t) / 2`` at 0), as
-    ``softplus(x) - x t``: two vectorised passes where the built-in takes five. The built-ins' ONNX lowering
+    """BCE on logits times a frozen weight with the gradient in closed form, ``(1 - t) sigmoid(x) - p t sigmoid(-x)``
+    (``p`` = ``pos_weight``, 1 without; slope ``(1 - t - p t) / 2`` at 0), as ``(1 - t) softplus(x) + p t
+    softplus(-x)``: a few vectorised passes where the built-in takes five. The built-ins' ONNX lowering
     (Log(Sigmoid)) overflows, hence eager only. Elements of weight 0 are zeroed in the outputs rather than in the
     inputs: two in-place passes where masking logits and targets took three full-size temporaries."""
     with_grad = needs_grad(pred)
     with torch.no_grad():
         grad: Optional[Tensor] = None
-        if pos_weight is None:
-            value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).addcmul_(pred, targets, value=-1.0)
-            if with_grad:
-                grad = torch.sigmoid(pred).sub_(targets)
-        else:  # (1 - t) softplus(x) + p t softplus(-x): no difference of near-equal terms (see bce_with_logits)
-            negative, positive = torch.sub(1.0, targets), targets * pos_weight
-            value = F.softplus(pred).mul_(negative).add_(F.softplus(-pred).mul_(positive))
-            if with_grad:
-                grad = torch.sigmoid(pred).mul_(negative).sub_(torch.neg(pred).sigmoid_().mul_(positive))
+        # (1 - t) softplus(x) + p t softplus(-x), p = 1 without pos_weight: no difference of near-equal terms (see
+        # bce_with_logits). softplus(x) - x t and sigmoid(x) - t cancelled for a confident positive (t = 1: value
+        # 7% off at x = 12, 0 for 4e-8 at 17; the gradient likewise)
+        negative = torch.sub(1.0, targets)
+        positive = targets if pos_weight is None else targets * pos_weight
+        value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).mul_(negative)
+        value.add_(F.softplus(-pred, threshold=_SOFTPLUS_LINEAR_FROM).mul_(positive))
+        if with_grad:
+            grad = torch.sigmoid(pred).mul_(negative).sub_(torch.neg(pred).sigmoid_().mul_(positive))
         value, grad = select_kept_outputs_(value, grad, keep)
     return attach_gradient(
         value, grad, pred, weights,
