@@ -304,11 +304,10 @@ def _binary_cross_entropy_eager(
         if pos_weight is None:
             # lerp returns either end exactly at t = 0 and 1: eight vectorised passes where the two sides weighed
             # separately took thirteen (2x the time at 100k x 80, over the MMDetection-style baseline)
-            value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).lerp_(
-                F.softplus(negated, threshold=_SOFTPLUS_LINEAR_FROM), targets
-            )
-            if with_grad:
-                grad = torch.sigmoid(pred).lerp_(negated.sigmoid_().neg_(), targets)
+            other_side = F.softplus(negated, threshold=_SOFTPLUS_LINEAR_FROM)
+            value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).lerp_(other_side, targets)
+            if with_grad:  # in other_side's block: every fresh (N, C) block costs page faults (see _sigmoid_terms)
+                grad = torch.sigmoid(pred, out=other_side).lerp_(negated.sigmoid_().neg_(), targets)
         else:
             negative, positive = torch.sub(1.0, targets), targets * pos_weight
             value = F.softplus(pred, threshold=_SOFTPLUS_LINEAR_FROM).mul_(negative)
