@@ -6,7 +6,9 @@ float64) to hold the compile-friendly production code against. Where our documen
 visdet (see the production docstrings), the reference follows the contract:
 
 * inverted boxes: widths and heights are clamped at 0 (an empty box), so nonsense boxes get the worst loss;
-* softmax CE: labels outside [0, C) that are not ``ignore_index`` contribute 0 (visdet fails on them);
+* softmax CE: labels outside [0, C) that are not ``ignore_index`` contribute 0 (visdet fails on them); with
+  class-probability targets an ``ignore_index`` >= 0 is refused and ``avg_non_ignore`` divides by the samples
+  (MMDetection would count the N x C target elements);
 * mask CE: ``class_weight`` weights each RoI by its class, the result is a 0-d tensor and every reduction works;
   a RoI labelled outside [0, C) contributes 0;
 * focal / sigmoid CE: labels outside [0, C) are background (an all-zero one-hot row);
@@ -188,6 +190,16 @@ def softmax_ce_elementwise(pred: Tensor, label: Tensor, class_weight: Optional[T
         if class_weight is not None:  # multiplied here, not passed to ATen, so that a trained weight gets its gradient
             loss[valid] = loss[valid] * class_weight[kept]
     return loss
+
+
+def softmax_ce_probabilities_elementwise(pred: Tensor, target: Tensor, class_weight: Optional[Tensor]) -> Tensor:
+    """``-sum_c w_c t_c log softmax(x)_c`` per sample (``F.cross_entropy``'s probability targets), with
+    ``log softmax(x)_c = x_c - log sum_k exp(x_k)`` written out: (N, *)."""
+    log_prob = pred - torch.logsumexp(pred, dim=1, keepdim=True)
+    terms = target.double() * log_prob
+    if class_weight is not None:
+        terms = terms * class_weight.view(1, -1, *[1] * (pred.dim() - 2))
+    return -terms.sum(dim=1)
 
 
 def sigmoid_ce_parts(
@@ -406,6 +418,12 @@ def reference_loss(
             if avg_factor is None and opt["avg_non_ignore"] and reduction == "mean":
                 avg_factor = float(valid.sum())
             out = reduce_reference(loss, element_weight, reduction, avg_factor)
+        elif target.dim() == pred.dim():
+            # class probabilities: nothing to ignore; avg_non_ignore divides by all samples, as "mean" does
+            if index >= 0:
+                raise ValueError("ignore_index >= 0 with class-probability targets")
+            loss = softmax_ce_probabilities_elementwise(pred, target, class_weight)
+            out = reduce_reference(loss, _float64(weight), reduction, avg_factor)
         else:
             loss = softmax_ce_elementwise(pred, target, class_weight, index)
             if avg_factor is None and opt["avg_non_ignore"] and reduction == "mean":

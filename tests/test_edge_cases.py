@@ -44,6 +44,8 @@ CONFIGS: dict[str, tuple[dict, Optional[str]]] = {
     "ce_softmax": (dict(type="CrossEntropyLoss"), None),
     "ce_softmax_cw_avg_non_ignore": (
         dict(type="CrossEntropyLoss", class_weight=[1.0, 2.0] * 40, avg_non_ignore=True), None),
+    "ce_softmax_probabilities": (
+        dict(type="CrossEntropyLoss", class_weight=[0.5, 1.5] * 40, avg_non_ignore=True), "probabilities"),
     "ce_sigmoid_binary": (dict(type="CrossEntropyLoss", use_sigmoid=True), "binary"),
     "ce_sigmoid_labels": (dict(type="CrossEntropyLoss", use_sigmoid=True, avg_non_ignore=True), "labels"),
     "ce_sigmoid_pos_weight": (dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[0.5, 2.0] * 40), "labels"),
@@ -59,8 +61,8 @@ CONFIGS: dict[str, tuple[dict, Optional[str]]] = {
 }
 WEIGHTED = [k for k in CONFIGS if k != "ce_mask"]  # mask mode's third argument is the RoI labels
 LOGIT_CONFIGS = ["focal_labels", "focal_onehot", "qfl_pair", "qfl_dense", "dfl", "ce_softmax",
-                 "ce_softmax_cw_avg_non_ignore", "ce_sigmoid_binary", "ce_sigmoid_labels", "ce_sigmoid_pos_weight",
-                 "ce_mask"]
+                 "ce_softmax_cw_avg_non_ignore", "ce_softmax_probabilities", "ce_sigmoid_binary", "ce_sigmoid_labels",
+                 "ce_sigmoid_pos_weight", "ce_mask"]
 BOX_CONFIGS = ["iou_log", "iou_linear", "iou_square", "giou"]
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -590,6 +592,7 @@ def test_focal_integer_targets_of_preds_shape_are_one_hot_or_nan(runtime: str) -
 
 _NO_CLASSES = {
     "ce_softmax": (dict(type="CrossEntropyLoss"), (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))),
+    "ce_softmax_probabilities": (dict(type="CrossEntropyLoss"), (torch.zeros(3, 0), torch.zeros(3, 0))),
     "ce_sigmoid_labels": (
         dict(type="CrossEntropyLoss", use_sigmoid=True), (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
     ),
@@ -1093,3 +1096,91 @@ def test_one_logit_per_sample_takes_one_class_weight(runtime: str) -> None:
     torch.testing.assert_close(module(pred, target), expected)
     with pytest.raises((ValueError, torch.jit.Error), match="class_weight has 2 entries but pred has 1 classes"):
         build_loss(dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[1.0, 2.0]))(pred, target)
+
+
+# --- softmax CE with class-probability targets ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_weight", [None, [0.5, 2.0, 1.0, 0.0, 3.0]], ids=["plain", "class_weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4, 6)], ids=["NC", "NCHW"])
+def test_softmax_probabilities_match_atens_cross_entropy(shape, reduction: str, class_weight) -> None:
+    """Targets of pred's shape are F.cross_entropy's class probabilities, used as given (rows need not sum to 1);
+    per sample ``-sum_c w_c t_c log softmax(x)_c``, then MMDetection's weighted reduction."""
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(shape, generator=g, dtype=F64) * 3
+    target = torch.rand(shape, generator=g, dtype=F64)
+    loss = build_loss(dict(type="CrossEntropyLoss", reduction=reduction, class_weight=class_weight))
+    cw = None if class_weight is None else torch.tensor(class_weight, dtype=F64)
+    expected = F.cross_entropy(pred, target, weight=cw, reduction="none")
+    expected = {"none": expected, "sum": expected.sum(), "mean": expected.mean()}[reduction]
+    torch.testing.assert_close(loss(pred, target), expected, **TOL)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_softmax_probabilities_refuse_integer_targets(runtime: str) -> None:
+    """Integer targets of pred's shape are neither class indices nor probabilities (F.cross_entropy refuses them)."""
+    loss = build_in(runtime, dict(type="CrossEntropyLoss"))
+    error = {"eager": ValueError, "script": torch.jit.Error, "compile": Exception}[runtime]
+    with pytest.raises(error, match="class probabilities and must be floating point"):
+        loss(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(error, match="class probabilities and must be floating point"):
+        loss(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_softmax_probabilities_refuse_an_ignore_index(runtime: str) -> None:
+    """An ignore_index >= 0 (configured or per call) has no labels to ignore in probability targets: refused, as
+    F.cross_entropy refuses it; a negative one (the default -100, or -1) ignores nothing."""
+    pred, target = torch.randn(6, 4, dtype=F64), torch.rand(6, 4, dtype=F64)
+    error = ValueError if runtime == "eager" else torch.jit.Error
+    with pytest.raises(error, match="ignore_index 255 applies to class indices"):
+        build_in(runtime, dict(type="CrossEntropyLoss", ignore_index=255))(pred, target)
+    default = build_in(runtime, dict(type="CrossEntropyLoss"))
+    with pytest.raises(error, match="ignore_index 0 applies to class indices"):
+        default(pred, target, None, None, None, 0)
+    minus_one = build_in(runtime, dict(type="CrossEntropyLoss", ignore_index=-1))
+    torch.testing.assert_close(minus_one(pred, target), default(pred, target), rtol=0, atol=0)
+    torch.testing.assert_close(default(pred, target, None, None, None, -1), default(pred, target), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_softmax_probabilities_avg_non_ignore_is_the_mean_over_samples(runtime: str) -> None:
+    """Nothing is ignored, so avg_non_ignore divides by the N samples, as "mean" does (MMDetection's count,
+    ``label.numel() - (label == ignore_index).sum()``, would be the N x C target elements); an explicit avg_factor
+    still wins."""
+    g = torch.Generator().manual_seed(9)
+    pred, target = torch.randn(10, 6, generator=g, dtype=F64), torch.rand(10, 6, generator=g, dtype=F64)
+    weight = torch.rand(10, generator=g, dtype=F64)
+    weight[:3] = 0.0
+    plain = build_in(runtime, dict(type="CrossEntropyLoss"))
+    avg = build_in(runtime, dict(type="CrossEntropyLoss", avg_non_ignore=True))
+    per_sample = (-(target * torch.log_softmax(pred, 1)).sum(1)) * weight
+    torch.testing.assert_close(avg(pred, target, weight), per_sample.sum() / 10, **TOL)
+    torch.testing.assert_close(avg(pred, target, weight), plain(pred, target, weight), rtol=0, atol=0)
+    factor = torch.tensor(4.0, dtype=F64)
+    torch.testing.assert_close(avg(pred, target, weight, factor), per_sample.sum() / (4.0 + FLOAT32_EPS), **TOL)
+
+
+def test_softmax_probabilities_compiled_mask_nan_rows_and_take_no_samples() -> None:
+    """Compiled (fullgraph, dynamic): weight-0 samples with NaN/inf logits and targets change neither value nor
+    gradient, and N = 0 gives 0 with a gradient."""
+    cfg = dict(type="CrossEntropyLoss", class_weight=[0.5, 1.5] * 40)
+    compiled, eager = build_in("compile", cfg), build_loss(cfg)
+    inputs = draw("ce_softmax_probabilities", 9, seed=2)
+    weight = inputs["weight"].clone()
+    weight[:3] = 0.0
+    clean = {**inputs, "weight": weight}
+    rows = torch.arange(3)
+    poisoned = {**clean, "pred": _poison(inputs["pred"], rows, float("nan")),
+                "target": _poison(inputs["target"], rows, float("inf"))}
+    out, grad, _ = run(compiled, poisoned)
+    out_eager, grad_eager, _ = run(eager, clean)
+    assert_finite(out)
+    assert_finite(grad)
+    assert (grad[:3] == 0).all()
+    torch.testing.assert_close(out, out_eager, **TOL)
+    torch.testing.assert_close(grad, grad_eager, **TOL)
+    empty = draw("ce_softmax_probabilities", 0)
+    out, grad, _ = run(compiled, empty)
+    assert out.shape == () and float(out.detach()) == 0.0 and grad.shape == (0, 80)

@@ -148,6 +148,22 @@ def _ce_spatial(seed: int) -> Inputs:
     return dict(pred=pred, target=labels, weight=_weights((3, 4, 6), seed + 1), avg_factor=torch.tensor(50.0, dtype=F64))
 
 
+def _unnormalised_probabilities(inputs: Inputs, seed: int) -> Inputs:
+    """Class-probability targets used as given: rows summing to anything in [0, C), one row all 0."""
+    target = torch.rand(inputs["pred"].shape, generator=_generator(seed + 11), dtype=F64)
+    target[0] = 0.0
+    return {**inputs, "target": target}
+
+
+def _ce_spatial_probabilities(seed: int) -> Inputs:
+    """(N, C, H, W) logits with class probabilities of their shape and (N, H, W) weights."""
+    g = _generator(seed)
+    pred = torch.randn(3, 5, 4, 6, generator=g, dtype=F64) * 2
+    target = torch.softmax(torch.randn(3, 5, 4, 6, generator=g, dtype=F64) * 3, dim=1)
+    avg_factor = torch.tensor(50.0, dtype=F64)
+    return dict(pred=pred, target=target, weight=_weights((3, 4, 6), seed + 1), avg_factor=avg_factor)
+
+
 def _mask_inputs(num_classes: int) -> Callable[[int], Inputs]:
     """Small mask-mode inputs: logits (3, C, 6, 7), binary targets (3, 6, 7), RoI labels (3,)."""
 
@@ -234,6 +250,10 @@ def _cases() -> list[Case]:
         spec_case("ce_softmax_class_weight", dict(type="CrossEntropyLoss", class_weight=[0.5, 2.0, 1.0, 0.0] * 20),
                   edit=_odd_ce_labels(-100, NUM_CLASSES)),
         Case("ce_softmax_spatial", dict(type="CrossEntropyLoss", avg_non_ignore=True), _ce_spatial),
+        spec_case("ce_softmax_probabilities_unnormalised", dict(type="CrossEntropyLoss", loss_weight=2.0),
+                  "probabilities", edit=_unnormalised_probabilities),
+        Case("ce_softmax_probabilities_spatial",
+             dict(type="CrossEntropyLoss", class_weight=[0.5, 2.0, 1.0, 0.0, 3.0]), _ce_spatial_probabilities),
         spec_case("ce_sigmoid_labels_class_weight",
                   dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[0.5, 2.0, 1.5, 1.0] * 20),
                   "labels", edit=_odd_ce_labels(-100, NUM_CLASSES)),
@@ -394,6 +414,7 @@ def test_ce_per_call_ignore_index(use_sigmoid: bool, ignore_index: int) -> None:
 GRADCHECK_CASES = [
     "focal", "focal_onehot", "focal_weight_NC", "focal_gamma0.5_alpha-1", "focal_activated", "qfl", "qfl_dense",
     "qfl_activated", "dfl", "dfl_reg_max7", "ce_softmax", "ce_class_weight", "ce_softmax_spatial",
+    "ce_softmax_probabilities", "ce_softmax_probabilities_unnormalised", "ce_softmax_probabilities_spatial",
     "ce_sigmoid_centerness", "ce_sigmoid_labels_class_weight", "ce_sigmoid_soft_NC", "ce_mask_class_weight", "l1",
     "smooth_l1", "smooth_l1_beta0.5", "mse", "balanced_l1", "balanced_l1_custom", "iou_log", "iou_linear",
     "iou_square", "giou",

@@ -495,7 +495,8 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
         # (YOLOv3's one-hot, possibly smoothed, targets and YOLOX's IoU-aware ones, flattened to (N, C))
         choices = ("binary", "labels", "dense")
     else:
-        choices = ("labels",)
+        # probabilities: class-probability targets of the logits' shape (F.cross_entropy's soft targets)
+        choices = ("labels", "probabilities")
     variant = _check_variant("CrossEntropyLoss", variant, choices)
 
     def sample(n: int, generator: torch.Generator, options: SampleOptions) -> dict[str, Tensor]:
@@ -506,6 +507,12 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             c = class_count(options)
             pred = sample_logits((n, c), generator, options)
             target = torch.rand(n, c, generator=generator, dtype=torch.float64).to(options.dtype)
+        elif variant == "probabilities":
+            c = class_count(options)
+            pred = sample_logits((n, c), generator, options)
+            # rows summing to 1, some spread over the classes, some close to one-hot
+            scores = torch.randn(n, c, generator=generator, dtype=torch.float64) * 3
+            target = torch.softmax(scores, dim=1).to(options.dtype)
         else:
             c = class_count(options)
             pred = sample_logits((n, c), generator, options)
@@ -530,6 +537,11 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("pred", ("N", classes), doc="logits"),
             TensorSpec("target", ("N", classes), doc="soft targets in [0, 1] per class"),
         )
+    elif variant == "probabilities":
+        head = (
+            TensorSpec("pred", ("N", classes), doc="logits"),
+            TensorSpec("target", ("N", classes), doc="class probabilities per sample (used as given)"),
+        )
     else:
         # sigmoid: C itself is the background (an all-zero row); softmax: every label in [0, C) is a class
         labels = f"labels in [0, {classes}], {classes} = background" if use_sigmoid else f"labels in [0, {classes})"
@@ -538,7 +550,7 @@ def _ce_spec(loss: nn.Module, variant: Optional[str]) -> LossSpec:
             TensorSpec("target", ("N",), INT64, doc=f"{labels}; {ignore_index} = ignored"),
         )
     inputs = (*head, _optional("weight", ("N",), "per-sample"), AVG_FACTOR)
-    least = {"C": 1} if variant == "labels" and free else {}
+    least = {"C": 1} if variant in ("labels", "probabilities") and free else {}
     return LossSpec(
         "CrossEntropyLoss", variant, inputs, sample, standard_caller, free, variants=choices, least_sizes=least
     )
@@ -685,6 +697,10 @@ OPTION_CONFIGS: dict[str, dict[str, object]] = {
     "ce_sigmoid_labels": dict(type="CrossEntropyLoss", use_sigmoid=True, avg_non_ignore=True),
     "ce_class_weight": dict(type="CrossEntropyLoss", class_weight=[1.0] * 40 + [2.0] * 40, avg_non_ignore=True),
     "ce_mask": dict(type="CrossEntropyLoss", use_mask=True),
+    # softmax CE on class-probability targets (label smoothing, mixup), class weights and loss weight included
+    "ce_softmax_probabilities": dict(
+        type="CrossEntropyLoss", class_weight=[0.5] * 40 + [1.5] * 40, avg_non_ignore=True, loss_weight=0.5
+    ),
     "iou_linear": dict(type="IoULoss", mode="linear"),
     "iou_square": dict(type="IoULoss", mode="square"),
     "kd_kl_div": dict(type="KnowledgeDistillationKLDivLoss", loss_weight=1.0, T=10),
@@ -693,7 +709,7 @@ OPTION_CONFIGS: dict[str, dict[str, object]] = {
 }
 
 # The input variant each named configuration is exercised with (default variant otherwise).
-CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels"}
+CONFIG_VARIANTS: dict[str, str] = {"ce_sigmoid_labels": "labels", "ce_softmax_probabilities": "probabilities"}
 
 
 def head_variant(path: str, config: Mapping[str, object]) -> Optional[str]:

@@ -69,20 +69,26 @@ def softmax_cross_entropy(
     reduction: str = "mean",
     avg_factor: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Softmax cross-entropy :math:`-w_{y} \log \mathrm{softmax}(x)_y` per sample.
+    r"""Softmax cross-entropy :math:`-w_{y} \log \mathrm{softmax}(x)_y` per sample, or with class-probability
+    targets ``t`` of ``pred``'s shape :math:`-\sum_c w_c t_c \log \mathrm{softmax}(x)_c` (``F.cross_entropy``'s
+    probability targets, taken as given: they need not sum to 1).
 
     Samples labelled ``ignore_index``, and labels outside [0, C) (visdet fails on those), contribute 0. The mean
-    divides by all samples, or with ``avg_non_ignore`` by the samples not labelled ``ignore_index``.
+    divides by all samples, or with ``avg_non_ignore`` by the samples not labelled ``ignore_index``. Probability
+    targets have no labels to ignore: an ``ignore_index`` >= 0 is refused (as ``F.cross_entropy`` refuses it), and
+    ``avg_non_ignore`` divides by all samples (MMDetection would count the N x C target elements).
 
     Args:
         pred (Tensor[N, C, *]): logits.
-        label (Tensor[N, *] int): class indices.
+        label (Tensor[N, *] int): class indices; or (Tensor[N, C, *] float): class probabilities.
         weight (Tensor[N, *], optional): sample weights; weight 0 masks the sample (NaN/inf included).
         class_weight (Tensor[C], optional): per-class weights.
 
     Returns:
         Tensor[N, *] for "none", else Tensor[].
     """
+    if label.dim() == pred.dim() and pred.dim() >= 2:
+        return _probability_cross_entropy(pred, label, weight, class_weight, ignore_index, reduction, avg_factor)
     if (
         pred.dim() < 2 or label.dim() != pred.dim() - 1
         or not same_size(label.size(0), pred.size(0), "the labels' and pred's rows")
@@ -116,6 +122,49 @@ def softmax_cross_entropy(
         return weight_reduce_loss(loss, None, reduction, avg_factor)
     loss = _softmax_cross_entropy(zero_where_unweighted(pred, valid.unsqueeze(1)), safe_label, valid, label_weight)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _probability_cross_entropy(
+    pred: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    avg_factor: Optional[Tensor],
+) -> Tensor:
+    """:func:`softmax_cross_entropy` with class-probability targets of ``pred``'s shape (N, C, *) (autograd
+    formulation in every runtime: ``-(t * w * log_softmax(x)).sum(1)``)."""
+    if not target.is_floating_point():
+        raise ValueError(
+            "targets of pred's shape are class probabilities and must be floating point, got "
+            + str(target.dtype) + "; class indices have pred's shape without the class axis, (N, ...)"
+        )
+    if not same_shape(pred, target, "the shapes of pred and the probability targets"):
+        raise ValueError(
+            "class-probability targets must have pred's shape, got " + str(pred.shape) + " and " + str(target.shape)
+        )
+    if ignore_index >= 0:
+        raise ValueError(
+            "ignore_index " + str(ignore_index) + " applies to class indices: class-probability targets have none "
+            "to ignore (F.cross_entropy refuses it too); leave ignore_index negative (default -100)"
+        )
+    check_class_axis(pred, 1, "softmax cross-entropy")
+    _check_class_count(class_weight, pred.size(1))
+    dtype = compute_dtype(pred)
+    pred, target = pred.to(dtype), target.to(dtype)
+    keep: Optional[Tensor] = None
+    if weight is not None:
+        check_weight_like(weight, pred.select(1, 0), "pred without its class axis")
+        weight = weight.to(dtype)
+        keep = weight_keep_mask(weight)
+    # weight-0 samples: logits and targets zeroed before the loss, so NaN/inf there reach neither value nor gradient
+    # (their loss is then exactly 0: zero targets)
+    pred, target = masked_inputs(pred, target, None if keep is None else keep.unsqueeze(1), True)
+    terms = target * torch.log_softmax(pred, dim=1)
+    if class_weight is not None:
+        terms = terms * class_weight.to(pred.device, dtype).reshape([1, -1] + [1] * (pred.dim() - 2))
+    return weight_reduce_loss(-terms.sum(1), weight, reduction, avg_factor)
 
 
 def _softmax_cross_entropy(
@@ -463,10 +512,10 @@ class CrossEntropyLoss(WeightedLoss):
         reduction_override: Optional[str] = None,
         ignore_index: Optional[int] = None,
     ) -> Tensor:
-        """Softmax: ``pred`` (N, C) logits, ``label`` (N,) classes. Sigmoid: (N, C) logits with (N,) labels in [0, C]
-        (C = background), or targets of ``pred``'s shape. Mask: (R, C, H, W) logits, (R, H, W) targets, and the RoIs'
-        class labels as the third argument. ``ignore_index`` overrides the configured one for this call. Returns the
-        loss times ``loss_weight``: 0-d, or per element under "none"."""
+        """Softmax: ``pred`` (N, C) logits, ``label`` (N,) classes or (N, C) float class probabilities. Sigmoid:
+        (N, C) logits with (N,) labels in [0, C] (C = background), or targets of ``pred``'s shape. Mask: (R, C, H, W)
+        logits, (R, H, W) targets, and the RoIs' class labels as the third argument. ``ignore_index`` overrides the
+        configured one for this call. Returns the loss times ``loss_weight``: 0-d, or per element under "none"."""
         reduction = resolve_reduction(self.reduction, reduction_override)
         factor = as_avg_factor(avg_factor, pred)
         class_weight = self.class_weight_for(pred)
