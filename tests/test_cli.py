@@ -1096,3 +1096,17 @@ def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
     assert seen["opset"] == 19 and seen["overwrite"] is False
     assert "loss_c       " in stdout and "pred<-cls_score, soft_label<-teacher" in stdout
     assert "attaching 3 loss(es)" in err
+
+
+def test_export_softmax_cross_entropy_on_class_probabilities(capsys, tmp_path):
+    """``--variant probabilities``: softmax CE exported for float targets of the logits' shape, verified in
+    onnxruntime; ``list --inputs`` names the variant."""
+    argv = ["export", "--loss", "CrossEntropyLoss", "--variant", "probabilities", "--format", "onnx"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path), "-q")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "CrossEntropyLoss.onnx.json").read_text())
+    target = next(entry for entry in manifest["inputs"] if entry["name"] == "target")
+    assert target["shape"] == ["N", "C"] and target["dtype"] == "float32"
+    code, out, _ = run(capsys, "list", "--inputs")
+    assert code == 0
+    assert "input variants (export --variant): labels (default), probabilities" in out

@@ -42,11 +42,11 @@ EXTREME_KEYS = [
     key
     for key in (
         "focal", "qfl", "qfl_gfl", "ce_sigmoid_centerness", "ce_sigmoid_labels", "ce_mask", "ce_softmax",
-        "ce_class_weight", "dfl", "focal_activated", "qfl_activated", "kd_kl_div", "ld",
+        "ce_class_weight", "ce_softmax_probabilities", "dfl", "focal_activated", "qfl_activated", "kd_kl_div", "ld",
     )
     if key in CONFIGS
 ]
-JOINT_KEYS = ["focal", "qfl", "dfl", "giou", "ce_softmax", "l1", "ce_class_weight"]
+JOINT_KEYS = ["focal", "qfl", "dfl", "giou", "ce_softmax", "l1", "ce_class_weight", "ce_softmax_probabilities"]
 NONE_KEYS = ["focal", "dfl", "giou"]
 NO_OPTIONAL_KEYS = ["focal", "ce_softmax", "giou", "ce_mask"]
 

@@ -573,8 +573,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(
         "\nN: the number of samples; C: classes, B: DFL bins (reg_max + 1), H x W: mask size, D: values per sample "
         "(free: exported graphs take any, random inputs draw 80, 17, 28 x 28, 4); integers: fixed by the "
-        "configuration; float: the data's floating dtype (float32 by default). CrossEntropyLoss with use_sigmoid=True "
-        "takes the variants binary (default), labels and dense; with use_mask=True, mask (default) and points"
+        "configuration; float: the data's floating dtype (float32 by default). CrossEntropyLoss (softmax) takes the "
+        "variants labels (default) and probabilities (float targets of pred's shape); with use_sigmoid=True, binary "
+        "(default), labels and dense; with use_mask=True, mask (default) and points"
     )
     return EXIT_OK
 

@@ -139,7 +139,7 @@ def library_versions() -> dict[str, str]:
 WITHOUT_ONE = {
     "weight": "all ones for no weight",
     "avg_factor": "for a plain mean, the number of elements reduction='none' returns (CrossEntropyLoss with "
-    "avg_non_ignore: the labels other than ignore_index)",
+    "avg_non_ignore on class labels: the labels other than ignore_index)",
 }
 
 
