@@ -150,7 +150,9 @@ def pt2_bundle_check(cpp_program: cpp.BuiltRunner, runner_cache) -> cpp.BundleCh
     """The session's joint bundle of every representative configuration (``runner_cache.pt2_bundle``: the one
     test_pt2 and test_matrix use, so no extra AOTInductor compile) run in C++, every entry at its own N per call."""
     bundle = runner_cache.pt2_bundle(CONFIG_NAMES[0])
-    return cpp.check_pt2_bundle(bundle.path, cpp_program.path)
+    checked = cpp.check_pt2_package(bundle.path, cpp_program.path)  # a bundle: check_pt2_bundle
+    assert isinstance(checked, cpp.BundleCheck)
+    return checked
 
 
 @needs_pt2
@@ -210,3 +212,37 @@ def test_pt2_package_in_cpp_refuses_one_symbol_fed_two_sizes(cpp_program: cpp.Bu
     run = cpp.run_program(cpp_program.path, "pt2", package.path,
                           cpp.write_cases(tmp_path / "short.pt", [cpp.Case("short", short)]))
     assert "expected size 6==7" in str(run["cases"][0]["error"]), run
+
+
+@needs_pt2
+def test_cpp_command_checks_exported_packages(cpp_program: cpp.BuiltRunner, runner_cache, pt2_bundle_check,
+                                              monkeypatch, capsys) -> None:
+    """``visdet-export cpp --package PATH``: a package a user exported, run in C++ against eager with the loss its
+    manifest records; only the packages when no --config is given. A single package runs for real (the dfl one
+    test_pt2 builds); a bundle's report is the session's (its C++ run above), printed per entry."""
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    single = runner_cache.runner("dfl", "pt2", key=key, **options).path
+    assert cpp.main(["--package", str(single)]) == 0
+    out = capsys.readouterr().out
+    assert f"{single.name} DistributionFocalLoss" in out and " ok " in out
+    assert "torchscript" not in out  # no representative configuration ran
+    bundle = runner_cache.pt2_bundle(CONFIG_NAMES[0]).path
+    monkeypatch.setattr(cpp, "check_pt2_package", lambda path, program: pt2_bundle_check)
+    assert cpp.main(["--package", str(bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"bundle {bundle.name}: {len(CONFIG_NAMES)} entries" in "\n".join(lines)
+    assert sum(line.startswith(f"  {name} ") for line in lines for name in CONFIG_NAMES) == len(CONFIG_NAMES)
+
+
+def test_cpp_command_refuses_what_is_not_a_package_before_building(tmp_path, monkeypatch, capsys) -> None:
+    """A file without a manifest, or an ONNX artifact, is a usage mistake (exit 2) reported before the build."""
+    from visdet_export.export import export_onnx
+
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: pytest.fail("built before the packages were checked"))
+    (tmp_path / "loose.pt2").write_bytes(b"no manifest")
+    onnx_path = export_onnx(dict(type="L1Loss"), tmp_path / "l1.onnx", verify=False)
+    for path, message in ((tmp_path / "loose.pt2", "loose.pt2"), (onnx_path, "l1.onnx is not a .pt2 package")):
+        with pytest.raises(SystemExit) as exit_:
+            cpp.main(["--package", str(path)])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,7 +30,7 @@ from visdet_export.export import (
     read_manifest,
     verify,
 )
-from visdet_export.export.artifacts import first_line
+from visdet_export.export.artifacts import build_recorded_loss, first_line
 from visdet_export.export.torchscript import script_loss
 from visdet_export.export.verify import check_parity
 from visdet_export.losses import FocalLoss, L1Loss
@@ -410,7 +411,7 @@ def test_verifying_without_the_plugin_names_it(
     record = json.loads(manifest.read_text())
     del record["plugins"]
     manifest.write_text(json.dumps(record))
-    with pytest.raises(ArtifactError, match=r"AbsentVarifocalLoss is not a registered loss.*--plugin MODULE") as old:
+    with pytest.raises(ArtifactError, match=r"AbsentVarifocalLoss is not registered here.*--plugin MODULE") as old:
         verify(artifacts[0])
     assert not isinstance(old.value, MissingPluginError) and "skip-unknown" not in str(old.value)
     try:  # with the plugin, both verify
@@ -479,7 +480,7 @@ def test_verifying_attached_losses_without_the_plugin_names_it(
     record = json.loads(manifest_path(out).read_text())
     record.update(losses=described, sha256=sha256(out))
     manifest_path(out).write_text(json.dumps(record))
-    with pytest.raises(ArtifactError, match=r"AttachedScaledGIoULoss is not a registered loss.*--plugin MODULE") as old:
+    with pytest.raises(ArtifactError, match=r"AttachedScaledGIoULoss is not registered here.*--plugin MODULE") as old:
         verify(out)
     assert not isinstance(old.value, MissingPluginError)
 
@@ -511,5 +512,40 @@ def test_cpp_config_of_an_unloaded_plugin_says_to_pass_it(capsys: pytest.Capture
     --plugin, before anything is built."""
     assert cli.main(["cpp", "--config", json.dumps({"type": "GoneVarifocalLoss"})]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
-    assert "--config '{\"type\": \"GoneVarifocalLoss\"}' does not build a loss: GoneVarifocalLoss is not a " in err
+    assert "--config '{\"type\": \"GoneVarifocalLoss\"}' does not build a loss: " in err
+    assert "GoneVarifocalLoss is not registered here" in err
     assert "name the module that registers it with --plugin MODULE (or VISDET_EXPORT_PLUGINS=MODULE)" in err
+    # a typo of a registered loss: the closest name, as build_loss suggests it
+    assert cli.main(["cpp", "--config", json.dumps({"type": "FocalLos"})]) == cli.EXIT_USAGE
+    assert "FocalLos is not registered here. Did you mean FocalLoss?" in capsys.readouterr().err
+    # two unknown types (a config of nested losses): both named, in the plural
+    with pytest.raises(ArtifactError, match=r"^x.pt2, entry e: the manifest's config does not build a loss: "
+                       r"GoneA, GoneB are not registered here\. Registered: "):
+        build_recorded_loss(dict(type="GoneA", inner=dict(type="GoneB")), location="x.pt2, entry e")
+
+
+
+def test_cpp_module_takes_plugin_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m visdet_export.cpp --plugin MODULE`` imports the module before reading --config, as the CLI's
+    global --plugin does: a loss of one's own runs in C++ against eager. A module that fails to import is a usage
+    mistake (exit 2) naming it."""
+    from visdet_export import cpp
+
+    problem = cpp.toolchain_problem()
+    if problem and os.environ.get("VISDET_EXPORT_REQUIRE_CPP") != "1":
+        pytest.skip(f"C++ consumer not built: {problem}")
+    with pytest.raises(SystemExit) as exit_:
+        cpp.main(["--plugin", "visdet_no_such_plugin"])
+    assert exit_.value.code == 2 and "visdet_no_such_plugin" in capsys.readouterr().err
+    directory = tmp_path / "plugin"
+    directory.mkdir()
+    (directory / "visdet_cpp_plugin.py").write_text(PLUGIN_SOURCE.format(prefix="Cpp"))
+    monkeypatch.chdir(directory)
+    try:
+        code = cpp.main(["--plugin", "visdet_cpp_plugin", "--config", json.dumps({"type": "CppScaledGIoULoss"})])
+    finally:
+        _unload_plugin("visdet_cpp_plugin", "Cpp", directory)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "CppScaledGIoULoss" in out and " ok " in out

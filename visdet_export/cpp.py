@@ -724,7 +724,7 @@ def check_pt2_bundle(
     prediction elements, then all entries at N = 0), positionally in the manifest's input order; a last call feeds
     every entry N = 7 at the smaller free sizes its manifest names (20 classes, 4 DFL bins, 7 x 7 masks).
     """
-    from .export.artifacts import MissingPluginError, build_recorded_loss, read_manifest
+    from .export.artifacts import build_recorded_loss, read_manifest
     from .export.verify import SMALLER_SIZES_N, declared_free_sizes
 
     package = Path(path)
@@ -734,10 +734,8 @@ def check_pt2_bundle(
     entries = []
     free_sizes: dict[str, dict[str, int]] = {}
     for item in manifest["entries"]:
-        try:  # a plugin's loss not loaded: say which plugin, as verify does
-            module = build_recorded_loss(dict(item["config"]), item.get("plugins"))
-        except MissingPluginError as exc:
-            raise MissingPluginError(f"{package.name}, entry {item['name']}: {exc}") from exc
+        where = f"{package.name}, entry {item['name']}"  # a plugin's loss not loaded: say which, as verify does
+        module = build_recorded_loss(dict(item["config"]), item.get("plugins"), location=where)
         spec = spec_for(module, item.get("variant"))
         names = [str(i["name"]) for i in item["inputs"]]
         entries.append((str(item["name"]), module, spec, names, bool(item.get("joint")), list(item["outputs"])))
@@ -818,20 +816,48 @@ def program_info(program: str | os.PathLike[str]) -> dict[str, Any]:
 # --- command line ----------------------------------------------------------------------------------------------
 
 
+def _recorded_package(path: Path) -> tuple[dict[str, Any], nn.Module | None]:
+    """A ``.pt2`` package's manifest and, for a single package, its loss rebuilt from the manifest (a bundle's
+    entries are rebuilt, to say which one fails, and left to :func:`check_pt2_bundle`)."""
+    from .export.artifacts import ArtifactError, build_recorded_loss, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest.get("format") != "pt2":
+        raise ArtifactError(f"{path.name} is not a .pt2 package (its manifest says format {manifest.get('format')!r})")
+    if not manifest.get("bundle"):
+        return manifest, build_recorded_loss(dict(manifest["config"]), manifest.get("plugins"), location=path.name)
+    for item in manifest["entries"]:
+        where = f"{path.name}, entry {item['name']}"
+        build_recorded_loss(dict(item["config"]), item.get("plugins"), location=where)
+    return manifest, None
+
+
+def check_pt2_package(path: str | os.PathLike[str], program: str | os.PathLike[str]) -> CheckReport | BundleCheck:
+    """Run an exported ``.pt2`` package in C++ and compare it with eager PyTorch, the losses rebuilt from its
+    manifest: a bundle entry by entry (:func:`check_pt2_bundle`), a single package with :func:`check_pt2`.
+
+    Raises:
+        ArtifactError: no manifest, a checksum that differs, not a ``.pt2`` package or a config that does not build
+            (:class:`~visdet_export.export.artifacts.MissingPluginError`: its plugin is not imported).
+    """
+    package = Path(path)
+    manifest, loss = _recorded_package(package)
+    if loss is None:
+        return check_pt2_bundle(package, program)
+    joint = bool(manifest.get("joint"))
+    return check_pt2(loss, program, variant=manifest.get("variant"), joint=joint, artifact=package)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch.
+    """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch; or check
+    exported .pt2 packages (--package) in C++ against eager.
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 a usage mistake or the program could not be built.
     """
     from .export.artifacts import ArtifactError, build_recorded_loss
-    from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS: losses of one's own for --config
+    from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS and --plugin: losses of one's own
     from .validation import ConfigError
 
-    try:
-        load_plugins()
-    except ConfigError as error:
-        print(f"visdet-export cpp: error: {error}", file=sys.stderr)
-        return 2
     parser = argparse.ArgumentParser(prog="visdet-export cpp", description=main.__doc__)
     parser.add_argument("--build-dir", help=f"where to build (default {default_build_dir()})")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
@@ -840,14 +866,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config",
         action="append",
         help="a representative configuration name or a JSON loss dict (repeatable); "
-        "default: all representative configurations",
+        "default: all representative configurations unless --package is given",
     )
     parser.add_argument("--pt2", action="store_true", help="also check joint .pt2 packages (slow: AOTInductor)")
+    parser.add_argument(
+        "--package", action="append", default=[], metavar="PATH",
+        help="an exported .pt2 package or bundle (with its manifest) to run in C++ against eager (repeatable)",
+    )
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="import MODULE first, a module registering losses of your own (repeatable; also $VISDET_EXPORT_PLUGINS)",
+    )
     args = parser.parse_args(argv)
-    # the configs first: a mistake there is reported before a build of a minute
+    try:
+        load_plugins(args.plugin)
+    except ConfigError as error:
+        parser.error(str(error))
+    # the configs and packages first: a mistake there is reported before a build of a minute
     known = representative_configs()
     selected: list[tuple[str, Any, str | None]] = []
-    for item in args.config or list(known):
+    for item in args.config or ([] if args.package else list(known)):
         if item in known:
             selected.append((item, known[item], CONFIG_VARIANTS.get(item)))
             continue
@@ -857,6 +895,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_recorded_loss(selected[-1][1], source=f"--config {item!r}")
         except json.JSONDecodeError:
             parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
+        except ArtifactError as error:
+            parser.error(str(error))
+    for package in args.package:
+        try:
+            _recorded_package(Path(package))
         except ArtifactError as error:
             parser.error(str(error))
 
@@ -876,21 +919,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels.append(_resolve(cfg, variant)[2])
         except Exception:  # noqa: BLE001 - the check itself reports it below
             labels.append("")
-    name_width = max(len(name) for name, _, _ in selected)
-    label_width = max(map(len, labels))
+    name_width = max((len(name) for name, _, _ in selected), default=0)
+    label_width = max(labels, key=len, default="")
     failed = False
     for name, cfg, variant in selected:
         reports = [check_torchscript(cfg, built.path, variant=variant)]
         if args.pt2:
-            try:
-                reports.append(check_pt2(cfg, built.path, variant=variant))
-            except ImportError:
-                print("  .pt2: visdet_export.export.pt2 is not available in this version; skipped")
+            reports.append(check_pt2(cfg, built.path, variant=variant))
         for report in reports:
-            print(f"{name:{name_width}s} {report.summary(label_width)}")
+            print(f"{name:{name_width}s} {report.summary(len(label_width))}")
             for line in report.failures():
                 print(f"    {line}")
             failed |= not report.ok
+    for package in args.package:
+        checked = check_pt2_package(package, built.path)
+        print(checked.summary() if isinstance(checked, BundleCheck) else f"{Path(package).name} {checked.summary()}")
+        if isinstance(checked, BundleCheck):
+            for entry, report in checked.entries.items():
+                print(f"  {entry} {report.summary()}")
+        for line in checked.failures():
+            print(f"    {line}")
+        failed |= not checked.ok
     return 1 if failed else 0
 
 

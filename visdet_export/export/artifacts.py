@@ -13,6 +13,7 @@ and the parity reached when it was verified.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import json
@@ -235,36 +236,44 @@ def _unregistered(name: str) -> bool:
 
 
 def build_recorded_loss(
-    config: Mapping[str, Any], plugins: object = None, source: str = "the manifest's config"
+    config: Mapping[str, Any],
+    plugins: object = None,
+    source: str = "the manifest's config",
+    location: str = "",
 ) -> nn.Module:
     """The loss a manifest's ``config`` builds; ``plugins``: the manifest's ``plugins`` field (the modules that
     registered its loss classes at export, :func:`plugin_modules`; absent in manifests before it). ``source`` names
-    the config in the messages (``--config '...'`` where a user typed it).
+    the config in the messages (``--config '...'`` where a user typed it); ``location``, where given, begins them
+    (the artifact, and the entry or attached loss within it).
 
     Raises:
         MissingPluginError: a type the config names is not registered here and the manifest names the plugin
             modules that registered it.
-        ArtifactError: the config does not build otherwise.
+        ArtifactError: the config does not build a loss otherwise.
     """
+    where = f"{location}: " if location else ""
     try:
         return build_loss(config)
     except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
         missing = list(dict.fromkeys(name for name in _config_types(config) if _unregistered(name)))
         if not missing:
-            raise ArtifactError(f"{source} does not build a loss: {exc}") from exc
-        types = ", ".join(missing)
+            raise ArtifactError(f"{where}{source} does not build a loss: {exc}") from exc
+        types = f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'}"
         modules = [str(name) for name in plugins] if isinstance(plugins, list) and plugins else []
         if modules:
             some = "s" if len(modules) > 1 else ""
             raise MissingPluginError(
-                f"{types} {'are' if len(missing) > 1 else 'is'} registered by the plugin module{some} "
+                f"{where}{types} registered by the plugin module{some} "
                 f"{', '.join(repr(name) for name in modules)}: pass {' '.join('--plugin ' + n for n in modules)} "
                 f"(or {PLUGINS_VARIABLE}={','.join(modules)})"
             ) from exc
+        registered = sorted(MODELS.module_dict)
+        close = [match for name in missing for match in difflib.get_close_matches(name, registered, n=1, cutoff=0.6)]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ArtifactError(
-            f"{source} does not build a loss: {types} is not a registered loss here (registered: "
-            f"{', '.join(sorted(MODELS.module_dict))}); a loss of your own: name the module that registers it with "
-            f"--plugin MODULE (or {PLUGINS_VARIABLE}=MODULE)"
+            f"{where}{source} does not build a loss: {types} not registered here.{hint} Registered: "
+            f"{', '.join(registered)}. A loss of your own: name the module that registers it with --plugin MODULE "
+            f"(or {PLUGINS_VARIABLE}=MODULE)"
         ) from exc
 
 

@@ -52,7 +52,6 @@ from ..registry import MODELS, loss_config
 from ..specs import INT64, spec_for
 from .artifacts import (
     ArtifactError,
-    MissingPluginError,
     as_loss,
     atomic_output,
     build_recorded_loss,
@@ -707,10 +706,8 @@ def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, An
         raise AttachError(f"{path.name} has no 0-d output for the attached loss(es) {', '.join(not_scalar)}")
     for name, description in embedded.items():
         if "config" in description:  # a plugin's loss not loaded: say which plugin (older models record none)
-            try:
-                build_recorded_loss(dict(description["config"]), description.get("plugins"))
-            except MissingPluginError as exc:
-                raise MissingPluginError(f"{path.name}, attached loss {name}: {exc}") from exc
+            where = f"{path.name}, attached loss {name}"
+            build_recorded_loss(dict(description["config"]), description.get("plugins"), location=where)
     return {
         "path": str(path),
         "format": "onnx",

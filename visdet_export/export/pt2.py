@@ -53,7 +53,6 @@ from .artifacts import (
     ArtifactError,
     ExportPlan,
     LossOrConfig,
-    MissingPluginError,
     as_loss,
     atomic_output,
     build_recorded_loss,
@@ -646,12 +645,8 @@ def verify_bundle(
     if not manifest.get("bundle"):
         raise ArtifactError(f"{Path(path).name} is not a bundle; use visdet_export.verify")
     for item in manifest["entries"]:  # a plugin's loss not loaded: say which plugin
-        try:
-            build_recorded_loss(dict(item["config"]), item.get("plugins"))
-        except MissingPluginError as exc:
-            raise MissingPluginError(f"{Path(path).name}, entry {item['name']}: {exc}") from exc
-        except ArtifactError:
-            pass  # bundle_entries says why, as before
+        where = f"{Path(path).name}, entry {item['name']}"
+        build_recorded_loss(dict(item["config"]), item.get("plugins"), location=where)
     losses = {item["name"]: (dict(item["config"]), item.get("variant")) for item in manifest["entries"]}
     joint = [item["name"] for item in manifest["entries"] if item.get("joint")]
     entries = bundle_entries(losses, joint=joint)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..specs import LossSpec, SampleOptions, spec_for
-from .artifacts import ArtifactError, MissingPluginError, build_recorded_loss, read_manifest
+from .artifacts import ArtifactError, build_recorded_loss, read_manifest
 from .joint import eager_joint
 
 Runner = Callable[[Mapping[str, Tensor]], list[Tensor]]
@@ -274,10 +274,7 @@ def verify(
     config = manifest.get("config")
     if not isinstance(config, Mapping):
         raise ArtifactError(f"the manifest of {path.name} has no loss config")
-    try:
-        loss = build_recorded_loss(config, manifest.get("plugins"))
-    except MissingPluginError as exc:
-        raise MissingPluginError(f"{path.name}: {exc}") from exc
+    loss = build_recorded_loss(config, manifest.get("plugins"), location=path.name)
     try:
         spec = spec_for(loss, manifest.get("variant"))
     except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
