@@ -623,25 +623,45 @@ def test_no_classes_is_a_value_error_naming_the_axis(key: str, runtime: str) -> 
         loss(*args)
 
 
+_INTEGER_PRED_KEYS = [*LOGIT_CONFIGS, "focal_activated", "qfl_activated"]
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_integer_predictions_are_refused(runtime: str) -> None:
+    """A classification loss's pred (logits, probabilities, distributions) of an integer or bool dtype is labels
+    passed by mistake: refused with a message saying so, as the regression and box losses refuse theirs and ATen's
+    losses refuse them (these losses upcast them to float before, and returned a number)."""
+    keys = _INTEGER_PRED_KEYS if runtime != "compile" else ["focal_labels", "ce_softmax", "dfl"]  # compiles: slow
+    cases = [(CONFIGS[key][0], list(draw(key, 4).values())) for key in keys]  # pred, target, weight, avg_factor
+    cases += [(dict(type="KnowledgeDistillationKLDivLoss"), [torch.rand(4, 3), torch.rand(4, 3)]),
+              (dict(type="LocalizationDistillationLoss", reg_max=4), [torch.rand(4, 20), torch.rand(4, 20)])]
+    error = {"eager": ValueError, "script": torch.jit.Error, "compile": Exception}[runtime]
+    for cfg, (pred, *rest) in cases:
+        loss = build_in(runtime, cfg) if runtime == "script" else build_loss(cfg)
+        if runtime == "compile":
+            loss = torch.compile(loss, fullgraph=True, dynamic=True, backend="eager")
+        for dtype in (torch.int64, torch.bool):
+            with pytest.raises(error, match="pred must be floating point"):
+                loss(pred.round().to(dtype), *rest)
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 @pytest.mark.parametrize(
     "activated, dtype",
-    [(True, torch.int64), (True, torch.float16), (True, torch.bfloat16),
-     (False, torch.float16), (False, torch.bfloat16)],
+    [(True, torch.float16), (True, torch.bfloat16), (False, torch.float16), (False, torch.bfloat16)],
 )
 def test_qfl_scores_keep_their_precision_whatever_preds_dtype(runtime: str, activated: bool, dtype) -> None:
-    """The dense targets of QFL on (labels, scores) were built in pred's dtype: integer probabilities (0 / 1)
-    turned every score into 0 when scripted (a loss of 0; eager failed in its scatter), half precision rounded them
-    (6e-5 off)."""
+    """The dense targets of QFL on (labels, scores) were built in pred's dtype: half precision rounded them (6e-5
+    off), and integer probabilities (0 / 1) turned every score into 0 when scripted (such a pred is now refused,
+    see test_integer_predictions_are_refused)."""
     cfg = dict(type="QualityFocalLoss", activated=activated, reduction="none")
     loss = build_in(runtime, cfg)
     g = torch.Generator().manual_seed(3)
-    pred = torch.randint(0, 2, (6, 4), generator=g) if dtype == torch.int64 else torch.rand(6, 4, generator=g)
-    pred = pred.to(dtype)
+    pred = torch.rand(6, 4, generator=g).to(dtype)
     labels = torch.tensor([0, 1, 2, 3, 4, 1])
     scores = torch.tensor([0.1234567, 0.7654321, 0.3333333, 0.9876543, 0.0, 0.5000001])
     float_pred = pred.float().requires_grad_(runtime == "compile")
-    trained = pred.requires_grad_(True) if pred.is_floating_point() and runtime == "compile" else pred
+    trained = pred.requires_grad_(runtime == "compile")
     out = loss(trained, (labels, scores))
     torch.testing.assert_close(out, loss(float_pred, (labels, scores)), rtol=1e-6, atol=0)
     assert out.dtype == torch.float32 and bool((out > 0).all())
@@ -675,6 +695,24 @@ def test_confident_focal_values_keep_their_relative_precision(runtime: str) -> N
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_giou_gradient_of_distant_boxes_keeps_its_relative_precision(runtime: str) -> None:
+    """Boxes 1e2 .. 1e5 apart: the GIoU gradient (1e-4 .. 1e-10) comes from the enclosing-area term. Written
+    iou - (E - U) / E, autograd's d/dE is 1/E - (E - U) / E**2, which cancels: scripted and compiled gradients were
+    1e-5 relative off at 1e2 and 0.7% at 1e5 (eager's closed form was exact). Written iou - 1 + U / E, element by
+    element within 1e-6 of float64 math."""
+    cfg = dict(type="GIoULoss", reduction="sum")
+    loss = build_in(runtime, cfg)
+    for offset in (1e2, 1e3, 1e4, 1e5):
+        pred, target = boxes(200, 0, 10.0, torch.float32), boxes(200, 1, 10.0, torch.float32) + offset
+        reference = pred.double().requires_grad_()
+        (exact,) = torch.autograd.grad(build_loss(cfg)(reference, target.double()), reference)  # float64 math
+        leaf = pred.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss(leaf, target), leaf)
+        assert bool((exact.abs() > 0).all())
+        torch.testing.assert_close(grad.double(), exact, rtol=1e-6, atol=0, msg=lambda m: f"{offset:g} apart: {m}")
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 def test_negative_weights_weigh_like_any_other(runtime: str) -> None:
     """Only weight 0 masks: a negative weight (a penalty some samplers give) multiplies, in every runtime (the
     compiled mask is ``weight != 0``, eager's a cast to bool)."""
@@ -694,24 +732,6 @@ def test_iou_union_clamp_is_bbox_overlaps_default_not_the_losss_eps(mode: str) -
     boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.2, 0.2, 0.4, 0.3]])  # areas 0.01 and 0.02 < eps
     for pred in (boxes, boxes.clone().requires_grad_()):
         torch.testing.assert_close(loss(pred, boxes), torch.zeros(2), rtol=0, atol=1e-6)
-@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
-def test_giou_gradient_of_distant_boxes_keeps_its_relative_precision(runtime: str) -> None:
-    """Boxes 1e2 .. 1e5 apart: the GIoU gradient (1e-4 .. 1e-10) comes from the enclosing-area term. Written
-    iou - (E - U) / E, autograd's d/dE is 1/E - (E - U) / E**2, which cancels: scripted and compiled gradients were
-    1e-5 relative off at 1e2 and 0.7% at 1e5 (eager's closed form was exact). Written iou - 1 + U / E, element by
-    element within 1e-6 of float64 math."""
-    cfg = dict(type="GIoULoss", reduction="sum")
-    loss = build_in(runtime, cfg)
-    for offset in (1e2, 1e3, 1e4, 1e5):
-        pred, target = boxes(200, 0, 10.0, torch.float32), boxes(200, 1, 10.0, torch.float32) + offset
-        reference = pred.double().requires_grad_()
-        (exact,) = torch.autograd.grad(build_loss(cfg)(reference, target.double()), reference)  # float64 math
-        leaf = pred.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(loss(leaf, target), leaf)
-        assert bool((exact.abs() > 0).all())
-        torch.testing.assert_close(grad.double(), exact, rtol=1e-6, atol=0, msg=lambda m: f"{offset:g} apart: {m}")
-
-
     giou = build_loss(dict(type="GIoULoss", eps=0.05, reduction="none"))(boxes, boxes).double()
     torch.testing.assert_close(giou, 1 - torch.tensor([0.01, 0.02], dtype=F64) / 0.05, rtol=1e-6, atol=1e-7)
 

@@ -22,6 +22,15 @@ def compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float32
 
 
+def logits_compute_dtype(pred: Tensor) -> torch.dtype:
+    """:func:`compute_dtype` of a classification loss's ``pred`` (logits, probabilities or distributions), which
+    must be floating point: integer or bool predictions are labels passed by mistake (ATen's losses refuse them)."""
+    if not pred.is_floating_point():
+        raise ValueError("pred must be floating point (logits, probabilities or distributions), got an integer or bool "
+                         "tensor; labels go in target")
+    return compute_dtype(pred)
+
+
 def float32_parts(values: list[float]) -> tuple[Tensor, Tensor]:
     """``values`` as float32 buffers that move to any device (Apple's MPS holds no float64) and still restore them
     in float64: the rounded values (C,) and the two float32 rounding residuals (2, C) after them.
@@ -255,6 +264,7 @@ def row_weighted_inputs(
     Returns:
         ``(pred, target, weight, keep)`` in the compute dtype, ``keep`` (N, 1) bool or None.
     """
+    logits_compute_dtype(pred)
     pred, target, weight = upcast_inputs(pred, target, weight)
     if weight is None:
         return pred, target, None, None

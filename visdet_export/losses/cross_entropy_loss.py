@@ -19,7 +19,6 @@ from ..numerics import (
     check_class_axis,
     check_weight_like,
     compiled_training,
-    compute_dtype,
     eager_closed_form,
     eager_fast_path,
     element_weight,
@@ -31,6 +30,7 @@ from ..numerics import (
     label_column_terms,
     log1p_exp_neg_abs,
     logits_at_labels,
+    logits_compute_dtype,
     masked_inputs,
     needs_grad,
     replace_at_labels,
@@ -99,7 +99,7 @@ def softmax_cross_entropy(
     label = _labels_to_int(label)
     check_class_axis(pred, 1, "softmax cross-entropy")
     _check_class_count(class_weight, pred.size(1))
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)
     # labels outside [0, C) are the ones clamping changes (two integer passes where three comparisons took five)
     safe_label = label.clamp(0, pred.size(1) - 1)
@@ -151,7 +151,7 @@ def _probability_cross_entropy(
         )
     check_class_axis(pred, 1, "softmax cross-entropy")
     _check_class_count(class_weight, pred.size(1))
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     pred, target = pred.to(dtype), target.to(dtype)
     keep: Optional[Tensor] = None
     if weight is not None:
@@ -236,7 +236,7 @@ def binary_cross_entropy(
         Tensor of ``pred``'s shape for "none", else Tensor[].
     """
     input_dtype = pred.dtype
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)
     index_labels = pred.dim() != label.dim()
     if index_labels:
@@ -439,7 +439,7 @@ def mask_cross_entropy(
     label = _labels_to_int(label)
     check_class_axis(pred, 1, "mask cross-entropy")
     _check_class_count(class_weight, pred.size(1))
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     safe_label = label.clamp(0, pred.size(1) - 1)
     one_per_roi = [-1] + [1] * (pred.dim() - 1)
     map_shape = list(pred.shape)

@@ -18,7 +18,6 @@ from ..numerics import (
     check_class_axis,
     check_index_dtype,
     compiled_training,
-    compute_dtype,
     eager_closed_form,
     eager_fast_path,
     equal_where_decidable,
@@ -28,6 +27,7 @@ from ..numerics import (
     known_to_be_one,
     label_column_terms,
     logits_at_labels,
+    logits_compute_dtype,
     masked_inputs,
     needs_grad,
     negative_focal_terms,
@@ -146,7 +146,7 @@ def sigmoid_focal_loss(
         Tensor[N, C] for "none", else Tensor[].
     """
     input_dtype = pred.dtype
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)
     weights: Optional[Tensor] = None
     keep: Optional[Tensor] = None

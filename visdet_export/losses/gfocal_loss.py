@@ -27,6 +27,7 @@ from ..numerics import (
     keep_saved_gradient,
     label_column_terms,
     logits_at_labels,
+    logits_compute_dtype,
     needs_grad,
     negative_focal_terms,
     pow_nonnegative,
@@ -307,7 +308,7 @@ def distribution_focal_loss(
             "expected pred (N, reg_max + 1) and target (N,), got " + str(pred.shape) + " and " + str(target.shape)
         )
     check_class_axis(pred, 2, "DistributionFocalLoss", "bins")
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)
     target = target.to(dtype)
     keep_rows: Optional[Tensor] = None

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..numerics import (
     check_class_axis,
-    compute_dtype,
+    logits_compute_dtype,
     row_weighted_inputs,
     same_shape,
     same_size,
@@ -183,7 +183,7 @@ def localization_distillation_loss(
             "expected pred and soft_label of shape (N, 4 * (reg_max + 1)) = (N, " + str(4 * bins) + "), or one side "
             "per row (N * 4, " + str(bins) + "), got " + str(pred.shape) + " and " + str(soft_label.shape)
         )
-    dtype = compute_dtype(pred)
+    dtype = logits_compute_dtype(pred)
     # (N, sides, bins): the last axis is the distribution of one side
     n = pred.size(0)  # not -1: a reshape cannot infer -1 from 0 elements
     pred = pred.to(dtype).reshape(n, sides, bins)
