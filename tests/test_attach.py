@@ -483,6 +483,48 @@ def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, map
     assert exported == []
 
 
+@pytest.mark.parametrize(
+    "loss, mapping, match",
+    [
+        # an RPN's / YOLOX's sigmoid CE on (N, C) logits: the default layout takes one logit per sample
+        (dict(type="CrossEntropyLoss", use_sigmoid=True), {"pred": "cls", "target": "labels"},
+         r"it takes \['N'\]\. A config attaches in CrossEntropyLoss's default input layout \('binary'\); the "
+         r"'labels' or 'dense' layout takes this mapping: export it first \(export_onnx\(config, 'loss\.onnx', "
+         r"variant='labels'\), or visdet-export export --variant labels\)"),
+        # dense QFL targets: the default (labels, scores) pair has no input named target
+        (dict(type="QualityFocalLoss"), {"pred": "cls", "target": "soft"},
+         r"has no input\(s\) target; .*the 'dense' layout takes this mapping"),
+        # softmax CE on class probabilities a model outputs
+        (dict(type="CrossEntropyLoss"), {"pred": "cls", "target": "cls"},
+         r"is float32 but the loss expects int64\. .*the 'probabilities' layout takes this mapping"),
+    ],
+    ids=["sigmoid-ce-labels", "qfl-dense", "ce-probabilities"],
+)
+def test_a_config_refused_in_its_default_layout_names_the_layout_that_fits(tmp_path, monkeypatch, loss, mapping, match):
+    """attach builds a config in its default input layout only; where another layout of the loss takes the mapping,
+    the refusal says which and how to attach it (export with variant=..., attach the graph file), before any
+    export. Before, it said only "'cls' has shape ('A', 5); it takes ['N']"."""
+    from visdet_export.export import attach
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    exported = []
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: exported.append(args))
+    with pytest.raises(AttachError, match=match):
+        attach_losses(model, [("l", loss, mapping)], tmp_path / "o.onnx")
+    assert exported == []
+
+
+def test_no_layout_hint_where_no_other_layout_fits(tmp_path, monkeypatch):
+    from visdet_export.export import attach
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: pytest.fail("exported"))
+    with pytest.raises(AttachError) as error:  # mask CE on (A, 5) logits: neither the mask nor the points layout
+        attach_losses(model, [("l", dict(type="CrossEntropyLoss", use_mask=True), {"pred": "cls", "target": "t"})],
+                      tmp_path / "o.onnx")
+    assert "layout" not in str(error.value)
+
+
 def test_an_opset_newer_than_onnx_knows_is_named(tmp_path):
     with pytest.raises(AttachError, match=f"at most {onnx.defs.onnx_opset_version()}"):
         attach_losses(_two_head_model(tmp_path / "m.onnx"),

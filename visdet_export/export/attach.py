@@ -353,17 +353,61 @@ def check_plan(
             loss_inputs = _loss_graph_inputs(name, loss, mapping)
         else:
             loss = as_loss(loss)
-            loss_inputs = _loss_module_inputs(name, loss, mapping)
+            try:
+                loss_inputs = _loss_module_inputs(name, loss, mapping)
+            except AttachError as error:
+                raise AttachError(f"{error}{_variant_hint(loss, mapping, model_values)}") from None
         symbols: dict[str, tuple[int, str]] = {}
         for key, source in mapping.items():
             what = f"loss {name!r} input {key!r}"
             target_type, target_shape = loss_inputs[key]
             if source in model_values:
-                _check_readable(what, model_values[source], target_type, target_shape, symbols)
+                try:
+                    _check_readable(what, model_values[source], target_type, target_shape, symbols)
+                except AttachError as error:
+                    hint = "" if isinstance(loss, (str, os.PathLike)) else _variant_hint(loss, mapping, model_values)
+                    raise AttachError(f"{error}{hint}") from None
             else:
                 _check_same_new_input(what, source, (target_type, target_shape), new_input_users)
         planned.append((name, loss, mapping))
     return planned
+
+
+def _variant_hint(loss: nn.Module, mapping: Mapping[str, str], model_values: Mapping[str, onnx.ValueInfoProto]) -> str:
+    """Where a loss given as a config is refused in its default input layout, the other layouts of the loss
+    (``spec_for(loss, variant)``) that take this mapping: a config attaches in the default layout only (a sigmoid
+    CrossEntropyLoss on (N, C) logits with labels, an RPN's or YOLOX's, is the ``labels`` or ``dense`` layout), so
+    the message says how to attach such a layout: export it and attach the graph file. "" where none fits."""
+    try:
+        variants = spec_for(loss).variants
+    except (KeyError, ValueError):
+        return ""
+    fitting = []
+    for variant in variants[1:]:
+        try:
+            spec = spec_for(loss, variant)
+        except (KeyError, ValueError):
+            continue
+        inputs = {t.name: t for t in spec.inputs}
+        if not set(mapping) <= set(inputs):
+            continue
+        symbols: dict[str, tuple[int, str]] = {}
+        try:
+            for key, source in mapping.items():
+                if source in model_values:
+                    target_type = onnx.TensorProto.INT64 if inputs[key].kind == INT64 else onnx.TensorProto.FLOAT
+                    _check_readable("", model_values[source], target_type, list(inputs[key].shape), symbols)
+        except AttachError:
+            continue
+        fitting.append(variant)
+    if not fitting:
+        return ""
+    shown = " or ".join(repr(variant) for variant in fitting)
+    return (
+        f". A config attaches in {type(loss).__name__}'s default input layout ({variants[0]!r}); the {shown} layout "
+        f"takes this mapping: export it first (export_onnx(config, 'loss.onnx', variant={fitting[0]!r}), or "
+        f"visdet-export export --variant {fitting[0]}) and attach that graph file as the loss"
+    )
 
 
 def _check_same_new_input(
