@@ -196,6 +196,10 @@ def test_evaluate_stacked_npz_and_errors(kd_graph, workdir):
         evaluate(kd_graph, [{**one, "weight": one["weight"][:, None]}], progress=False)
     with pytest.raises(AttachError, match="no samples to evaluate"):
         evaluate(kd_graph, [], progress=False)
+    np.savez(workdir / "empty.npz")  # an .npz of no arrays holds no samples (it read as stacked arrays of no length)
+    assert load_samples(workdir / "empty.npz") == []
+    with pytest.raises(AttachError, match="no samples to evaluate"):
+        evaluate(kd_graph, workdir / "empty.npz", progress=False)
     with pytest.raises(AttachError, match="is not a file"):
         evaluate(workdir / "missing.onnx", [one], progress=False)
     with pytest.raises(AttachError, match="cannot run CUDAExecutionProvider here"):  # CI has no GPU

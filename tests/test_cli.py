@@ -1033,7 +1033,9 @@ def test_evaluate_mistakes_exit_2(attached, capsys, tmp_path):
     good = save_samples(tmp_path / "good.npz", tiny_samples((3,)))
     (tmp_path / "text.npz").write_text("not a zip")
     np.savez(tmp_path / "objects.npz", feats=np.array([object()], dtype=object))
+    np.savez(tmp_path / "empty.npz")
     cases = [
+        ([str(merged), str(tmp_path / "empty.npz")], "empty.npz holds no samples"),
         ([str(merged), str(samples)], "sample 0: missing input(s) num_pos"),
         ([str(merged), str(tmp_path / "nope.npz")], "does not exist"),
         ([str(tmp_path / "nope.onnx"), str(samples)], "does not exist"),

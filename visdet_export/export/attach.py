@@ -840,7 +840,9 @@ def load_samples(path: PathLike) -> list[dict[str, np.ndarray]]:
     writes), or plain input names holding arrays stacked along a leading sample axis."""
     with np.load(str(path), allow_pickle=False) as data:
         keys = list(data.keys())
-        if keys and all(SEPARATOR in key for key in keys):
+        if not keys:  # no samples (evaluate says so), not a stacked file without a sample axis
+            return []
+        if all(SEPARATOR in key for key in keys):
             grouped: dict[int, dict[str, np.ndarray]] = {}
             for key in keys:
                 index, _, name = key.partition(SEPARATOR)
