@@ -492,9 +492,9 @@ def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, map
     [
         # an RPN's / YOLOX's sigmoid CE on (N, C) logits: the default layout takes one logit per sample
         (dict(type="CrossEntropyLoss", use_sigmoid=True), {"pred": "cls", "target": "labels"},
-         r"it takes \['N'\]\. A config attaches in CrossEntropyLoss's default input layout \('binary'\); the "
-         r"'labels' or 'dense' layout takes this mapping: export it first \(export_onnx\(config, 'loss\.onnx', "
-         r"variant='labels'\), or visdet-export export --variant labels\)"),
+         r"it takes \['N'\]\. That is CrossEntropyLoss's 'binary' input layout; the 'labels' or 'dense' layout "
+         r"takes this mapping: attach it with \(name, config, mapping, 'labels'\) in Python, \"variant\": "
+         r"\"labels\" in an attach spec"),
         # dense QFL targets: the default (labels, scores) pair has no input named target
         (dict(type="QualityFocalLoss"), {"pred": "cls", "target": "soft"},
          r"has no input\(s\) target; .*the 'dense' layout takes this mapping"),
@@ -505,9 +505,9 @@ def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, map
     ids=["sigmoid-ce-labels", "qfl-dense", "ce-probabilities"],
 )
 def test_a_config_refused_in_its_default_layout_names_the_layout_that_fits(tmp_path, monkeypatch, loss, mapping, match):
-    """attach builds a config in its default input layout only; where another layout of the loss takes the mapping,
-    the refusal says which and how to attach it (export with variant=..., attach the graph file), before any
-    export. Before, it said only "'cls' has shape ('A', 5); it takes ['N']"."""
+    """A config attaches in its loss's default input layout unless the entry names another (its variant); where
+    another layout takes the mapping, the refusal says which and how to name it, before any export. Before, it said
+    only "'cls' has shape ('A', 5); it takes ['N']"."""
     from visdet_export.export import attach
 
     model = _two_head_model(tmp_path / "m.onnx")
@@ -516,6 +516,35 @@ def test_a_config_refused_in_its_default_layout_names_the_layout_that_fits(tmp_p
     with pytest.raises(AttachError, match=match):
         attach_losses(model, [("l", loss, mapping)], tmp_path / "o.onnx")
     assert exported == []
+
+
+def test_a_config_attaches_in_the_layout_its_entry_names(tmp_path, monkeypatch, capsys):
+    """(name, config, mapping, variant): an RPN's sigmoid CE on (A, C) logits with labels attaches in the 'labels'
+    layout, in Python and from an attach spec's "variant", matches eager in onnxruntime and is recorded with the
+    loss. An unknown layout names the loss's; a variant beside a loss graph is refused (the graph has its own)."""
+    from visdet_export import cli
+    from visdet_export.export import attach
+
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=True)
+    model = _two_head_model(tmp_path / "m.onnx")
+    out = attach_losses(model, [("l", cfg, {"pred": "cls", "target": "labels"}, "labels")], tmp_path / "o.onnx")
+    assert attached_losses(out)["l"]["variant"] == "labels"
+    x, labels = torch.randn(7, 5) * 3, torch.tensor([0, 4, 5, 2, 5, 1, 3])  # 5: background
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (value,) = session.run(["l"], {"x": x.numpy(), "b": np.zeros((0, 4), np.float32), "labels": labels.numpy()})
+    np.testing.assert_allclose(value, float(build_loss(cfg)(x.double(), labels)), rtol=RTOL, atol=ATOL)
+    capsys.readouterr()
+    spec = tmp_path / "attach.json"
+    spec.write_text(json.dumps([{"name": "l", "loss": cfg, "inputs": {"pred": "cls", "target": "labels"},
+                                 "variant": "dense"}]))
+    assert cli.main(["attach", str(model), str(tmp_path / "dense.onnx"), "--spec", str(spec), "-q"]) == 0
+    assert _dims_of(tmp_path / "dense.onnx")["labels"] == ["A", 5]  # the dense layout's float targets
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: pytest.fail("exported"))
+    with pytest.raises(AttachError, match=r"loss 'l': CrossEntropyLoss has no input variant 'dens'; choose one of "):
+        attach_losses(model, [("l", cfg, {"pred": "cls", "target": "labels"}, "dens")], tmp_path / "x.onnx")
+    graph = export_onnx(dict(type="KnowledgeDistillationKLDivLoss"), tmp_path / "kd.onnx", optional_inputs=())
+    with pytest.raises(AttachError, match="a loss graph has the input layout it was exported in"):
+        attach_losses(model, [("l", graph, {"pred": "cls"}, "labels")], tmp_path / "x.onnx")
 
 
 def test_no_layout_hint_where_no_other_layout_fits(tmp_path, monkeypatch):

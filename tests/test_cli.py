@@ -935,6 +935,9 @@ def test_attach_refuses_an_existing_output_and_keeps_it(attached, capsys):
         ([{"name": "l", "loss": 'dict(type="L1Loss", x=__import__("os"))'}], "is not allowed in a config"),
         ([{"name": "l", "loss": "missing.onnx"}], "the loss graph"),
         ([{"name": "l", "loss": "L1Loss", "inputs": {"pred": 3}}], "input 'pred' must map to a name"),
+        ([{"name": "l", "loss": "FocalLoss", "variant": 2}], "'variant' must be an input layout's name, got 2"),
+        ([{"name": "l", "loss": "FocalLoss", "inputs": {"pred": "cls_score"}, "variant": "dens"}],
+         "loss 'l': FocalLoss has no input variant 'dens'; choose one of labels, onehot"),
         (
             [{"name": "l", "loss": "FocalLoss", "inputs": {"pred": {"output": "scores"}}}],
             "loss 'l' input 'pred': 'scores' is not an output of model.onnx; its outputs are cls_score, bbox_pred",
@@ -1080,7 +1083,7 @@ def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
     _loss_graph_of_two_inputs(tmp_path / "specs" / "kd.onnx")  # read before the (faked) attach: a real graph
     spec = {
         "losses": [
-            {"name": "loss_a", "loss": "FocalLoss", "inputs": {"pred": "cls_score"}},
+            {"name": "loss_a", "loss": "FocalLoss", "inputs": {"pred": "cls_score"}, "variant": "onehot"},
             {"name": "loss_b", "loss": 'dict(type="L1Loss", loss_weight=2.0)', "inputs": {"pred": "bbox_pred"}},
             {"name": "loss_c", "loss": "kd.onnx", "inputs": {"pred": "cls_score", "soft_label": "teacher"}},
         ]
@@ -1091,9 +1094,9 @@ def test_attach_spec_forms_reach_the_library(capsys, tmp_path, monkeypatch):
     )
     assert code == 0, err
     assert seen["losses"] == [
-        ("loss_a", {"type": "FocalLoss"}, {"pred": "cls_score"}),
-        ("loss_b", {"type": "L1Loss", "loss_weight": 2.0}, {"pred": "bbox_pred"}),
-        ("loss_c", tmp_path / "specs" / "kd.onnx", {"pred": "cls_score", "soft_label": "teacher"}),
+        ("loss_a", {"type": "FocalLoss"}, {"pred": "cls_score"}, "onehot"),
+        ("loss_b", {"type": "L1Loss", "loss_weight": 2.0}, {"pred": "bbox_pred"}, None),
+        ("loss_c", tmp_path / "specs" / "kd.onnx", {"pred": "cls_score", "soft_label": "teacher"}, None),
     ]
     assert seen["opset"] == 19 and seen["overwrite"] is False
     assert "loss_c       " in stdout and "pred<-cls_score, soft_label<-teacher" in stdout

@@ -876,12 +876,13 @@ def cmd_cpp(argv: Sequence[str]) -> int:
 
 # --- attach ------------------------------------------------------------------------------------------------------
 
-ATTACH_KEYS = ("name", "loss", "inputs")
+ATTACH_KEYS = ("name", "loss", "inputs", "variant")
 
 
 @dataclass(frozen=True)
 class AttachEntry:
-    """One loss of an attach spec: its output name, its config (or a loss graph path) and its input mapping.
+    """One loss of an attach spec: its output name, its config (or a loss graph path), its input mapping and the
+    input layout of a config (``variant``, None: the loss's default).
 
     ``mapping`` is what :func:`visdet_export.export.attach.attach_losses` takes (loss input -> name);
     ``outputs`` and ``inputs`` hold the names the spec marked ``{"output": ...}`` / ``{"input": ...}``.
@@ -892,6 +893,11 @@ class AttachEntry:
     mapping: dict[str, str]
     outputs: frozenset[str] = frozenset()
     inputs: frozenset[str] = frozenset()
+    variant: str | None = None
+
+    def attachment(self) -> tuple[str, Any, dict[str, str], str | None]:
+        """What :func:`~visdet_export.export.attach.attach_losses` takes for this entry."""
+        return (self.name, self.loss, self.mapping, self.variant)
 
 
 def read_attach_spec(path: str | os.PathLike[str]) -> list[AttachEntry]:
@@ -903,7 +909,9 @@ def read_attach_spec(path: str | os.PathLike[str]) -> list[AttachEntry]:
       (``"FocalLoss"``, ``'dict(type="FocalLoss")'``), or the path of an exported loss graph (``*.onnx``,
       relative to the spec file);
     * ``inputs``: loss input -> ``"NAME"`` (a model output when the model has one, else a new graph input),
-      ``{"output": "NAME"}`` (must be a model output) or ``{"input": "NAME"}`` (a new graph input).
+      ``{"output": "NAME"}`` (must be a model output) or ``{"input": "NAME"}`` (a new graph input);
+    * ``variant`` (optional): the input layout of a config's loss, as ``export --variant`` takes it (``"labels"``
+      for a sigmoid CE on (N, C) logits with labels).
 
     Raises:
         ConfigError: the file cannot be read or an entry is malformed (the message names the entry).
@@ -972,7 +980,10 @@ def read_attach_spec(path: str | os.PathLike[str]) -> list[AttachEntry]:
                     f"got {inputs[key]!r}"
                 )
             mapping[key] = value
-        entries.append(AttachEntry(name, loss, mapping, frozenset(outputs), frozenset(new_inputs)))
+        variant = item.get("variant")
+        if variant is not None and not (isinstance(variant, str) and variant):
+            raise ConfigError(f"{where}: 'variant' must be an input layout's name, got {variant!r}")
+        entries.append(AttachEntry(name, loss, mapping, frozenset(outputs), frozenset(new_inputs), variant))
     return entries
 
 
@@ -1018,7 +1029,7 @@ def check_attach_plan(model: Path, entries: Sequence[AttachEntry]) -> None:
                     f"its outputs are {', '.join(model_outputs)}"
                 )
     try:
-        check_plan(graph, [(e.name, e.loss, e.mapping) for e in entries], declared_new_inputs(entries), model.name)
+        check_plan(graph, [entry.attachment() for entry in entries], declared_new_inputs(entries), model.name)
     except AttachError as error:
         raise UsageError(str(error)) from None
 
@@ -1048,7 +1059,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     try:
         attach_losses(
             model,
-            [(e.name, e.loss, e.mapping) for e in entries],
+            [entry.attachment() for entry in entries],
             out,
             overwrite=args.overwrite,
             opset=args.opset,

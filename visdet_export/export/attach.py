@@ -65,7 +65,11 @@ from .onnx import ATTACHED_METADATA_KEY, METADATA_PREFIX, MIN_OPSET, check_exter
 
 PathLike = Union[str, "os.PathLike[str]"]
 LossLike = Union[nn.Module, Mapping[str, object], PathLike]
-Attachment = tuple[str, LossLike, Mapping[str, str]]
+#: ``(name, loss, mapping)``, or ``(name, loss, mapping, variant)`` to attach a config in another input layout of its
+#: loss (``spec_for(loss, variant)``: a sigmoid CE on (N, C) logits with labels is ``"labels"``).
+Attachment = Union[tuple[str, LossLike, Mapping[str, str]], tuple[str, LossLike, Mapping[str, str], Optional[str]]]
+#: An attachment checked by :func:`check_plan`: configs built into modules (graph paths stay paths).
+PlannedLoss = tuple[str, Union[nn.Module, str, "os.PathLike[str]"], Mapping[str, str], Optional[str]]
 
 # protobuf's hard limit: a larger merged model is written with its initializers in ``<out>.data``.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -242,26 +246,32 @@ def _name_new_input_axes(
 # --- loss graphs --------------------------------------------------------------------------------------------------
 
 
-def _export_loss_graph(loss: nn.Module, optional_inputs: tuple[str, ...], opset: int, directory: Path) -> Path:
+def _export_loss_graph(
+    loss: nn.Module, variant: Optional[str], optional_inputs: tuple[str, ...], opset: int, directory: Path
+) -> Path:
     """Export ``loss`` with the package's ONNX exporter (verified in onnxruntime) into ``directory``."""
     path = directory / f"{type(loss).__name__}.{len(list(directory.iterdir()))}.onnx"
-    return Path(export_onnx(loss, path, optional_inputs=optional_inputs, opset=opset, verify=True))
+    return Path(export_onnx(loss, path, variant=variant, optional_inputs=optional_inputs, opset=opset, verify=True))
 
 
 def _loss_graph(
-    name: str, loss: LossLike, mapping: Mapping[str, str], opset: int, directory: Path
+    name: str, loss: LossLike, mapping: Mapping[str, str], variant: Optional[str], opset: int, directory: Path
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata: its config and,
-    for a loss registered by a plugin, the plugin modules (``plugins``, as an artifact's manifest records them, so
-    that verifying it without them names them)."""
+    """The loss's ONNX graph at ``opset`` and a description of it for the merged model's metadata: its config, its
+    input layout where not the default (``variant``) and, for a loss registered by a plugin, the plugin modules
+    (``plugins``, as an artifact's manifest records them, so that verifying it without them names them)."""
     if isinstance(loss, (str, os.PathLike)):
         return _to_opset(load_model(loss), opset, f"loss graph {name!r}"), {"graph": str(loss)}
     module = as_loss(loss)
-    spec = spec_for(module)
+    spec = spec_for(module, variant)
     optional = tuple(t.name for t in spec.inputs if t.optional and t.name in mapping)
-    path = _export_loss_graph(module, optional, opset, directory)
+    path = _export_loss_graph(module, variant, optional, opset, directory)
     plugins = plugin_modules(module)
-    description = {"config": loss_config(module), **({"plugins": plugins} if plugins else {})}
+    description = {
+        "config": loss_config(module),
+        **({"variant": variant} if variant is not None else {}),
+        **({"plugins": plugins} if plugins else {}),
+    }
     return _to_opset(load_model(path), opset, f"loss graph {name!r}"), description
 
 
@@ -310,7 +320,7 @@ def check_sources(
 
 def check_plan(
     model: onnx.ModelProto, losses: Sequence[Attachment], new_inputs: Collection[str], model_label: str
-) -> list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]]:
+) -> list[PlannedLoss]:
     """Every mistake of an attach request that needs no export, found before the first one: malformed entries,
     duplicate names, names that look like misspelled model outputs (:func:`check_sources`) or are the model's
     internal values, configs that do not build, loss graphs that do not load, inputs a loss does not have, a loss
@@ -320,7 +330,8 @@ def check_plan(
     sizes.
 
     Returns:
-        The entries with each config built into its loss module (graph paths stay paths).
+        The entries as ``(name, loss, mapping, variant)``, each config built into its loss module (graph paths stay
+        paths).
     """
     graph = model.graph
     model_outputs = {value.name: value for value in graph.output}
@@ -329,12 +340,15 @@ def check_plan(
     internal = {name for node in graph.node for name in node.output} | {value.name for value in graph.initializer}
     internal -= set(model_outputs) | model_inputs
     taken = set(model_outputs) | model_inputs | internal
-    planned: list[tuple[str, Union[nn.Module, str, os.PathLike[str]], Mapping[str, str]]] = []
+    planned: list[PlannedLoss] = []
     new_input_users: dict[str, tuple[str, int, Optional[list[object]]]] = {}
     for entry in losses:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
-            raise AttachError(f"each loss is a (name, loss_or_config, input_mapping) triple, got {entry!r}")
-        name, loss, mapping = entry
+        if not (isinstance(entry, (tuple, list)) and len(entry) in (3, 4)):
+            raise AttachError(
+                f"each loss is a (name, loss_or_config, input_mapping[, variant]) tuple, got {entry!r}"
+            )
+        name, loss, mapping = entry[:3]
+        variant = entry[3] if len(entry) == 4 else None
         taken.add(_check_name(name, taken))
         if not isinstance(mapping, Mapping) or not all(isinstance(v, str) for v in mapping.values()):
             raise AttachError(f"loss {name!r}: the input mapping must map input names to names, got {mapping!r}")
@@ -350,13 +364,18 @@ def check_plan(
                 f"loss {name!r}: {loss!r} is a loss type, read here as a graph path; pass dict(type={loss!r})"
             )
         if isinstance(loss, (str, os.PathLike)):
+            if variant is not None:
+                raise AttachError(
+                    f"loss {name!r}: a loss graph has the input layout it was exported in; variant={variant!r} "
+                    "applies to a config"
+                )
             loss_inputs = _loss_graph_inputs(name, loss, mapping)
         else:
             loss = as_loss(loss)
             try:
-                loss_inputs = _loss_module_inputs(name, loss, mapping)
+                loss_inputs = _loss_module_inputs(name, loss, mapping, variant)
             except AttachError as error:
-                raise AttachError(f"{error}{_variant_hint(loss, mapping, model_values)}") from None
+                raise AttachError(f"{error}{_variant_hint(loss, variant, mapping, model_values)}") from None
         symbols: dict[str, tuple[int, str]] = {}
         for key, source in mapping.items():
             what = f"loss {name!r} input {key!r}"
@@ -365,25 +384,32 @@ def check_plan(
                 try:
                     _check_readable(what, model_values[source], target_type, target_shape, symbols)
                 except AttachError as error:
-                    hint = "" if isinstance(loss, (str, os.PathLike)) else _variant_hint(loss, mapping, model_values)
+                    hint = _variant_hint(loss, variant, mapping, model_values) if isinstance(loss, nn.Module) else ""
                     raise AttachError(f"{error}{hint}") from None
             else:
                 _check_same_new_input(what, source, (target_type, target_shape), new_input_users)
-        planned.append((name, loss, mapping))
+        planned.append((name, loss, mapping, variant))
     return planned
 
 
-def _variant_hint(loss: nn.Module, mapping: Mapping[str, str], model_values: Mapping[str, onnx.ValueInfoProto]) -> str:
-    """Where a loss given as a config is refused in its default input layout, the other layouts of the loss
-    (``spec_for(loss, variant)``) that take this mapping: a config attaches in the default layout only (a sigmoid
-    CrossEntropyLoss on (N, C) logits with labels, an RPN's or YOLOX's, is the ``labels`` or ``dense`` layout), so
-    the message says how to attach such a layout: export it and attach the graph file. "" where none fits."""
+def _variant_hint(
+    loss: nn.Module, chosen: Optional[str], mapping: Mapping[str, str], model_values: Mapping[str, onnx.ValueInfoProto]
+) -> str:
+    """Where a loss given as a config is refused in the input layout ``chosen`` (None: its default), the other
+    layouts of the loss (``spec_for(loss, variant)``) that take this mapping (a sigmoid CrossEntropyLoss on (N, C)
+    logits with labels, an RPN's or YOLOX's, is the ``labels`` or ``dense`` layout), and how to choose one. "" where
+    none fits."""
     try:
         variants = spec_for(loss).variants
     except (KeyError, ValueError):
         return ""
+    current = variants[0] if chosen is None else chosen
+    if current not in variants:
+        return ""
     fitting = []
-    for variant in variants[1:]:
+    for variant in variants:
+        if variant == current:
+            continue
         try:
             spec = spec_for(loss, variant)
         except (KeyError, ValueError):
@@ -404,9 +430,8 @@ def _variant_hint(loss: nn.Module, mapping: Mapping[str, str], model_values: Map
         return ""
     shown = " or ".join(repr(variant) for variant in fitting)
     return (
-        f". A config attaches in {type(loss).__name__}'s default input layout ({variants[0]!r}); the {shown} layout "
-        f"takes this mapping: export it first (export_onnx(config, 'loss.onnx', variant={fitting[0]!r}), or "
-        f"visdet-export export --variant {fitting[0]}) and attach that graph file as the loss"
+        f". That is {type(loss).__name__}'s {current!r} input layout; the {shown} layout takes this mapping: attach "
+        f"it with (name, config, mapping, {fitting[0]!r}) in Python, \"variant\": \"{fitting[0]}\" in an attach spec"
     )
 
 
@@ -461,11 +486,14 @@ def _loss_graph_inputs(
 
 
 def _loss_module_inputs(
-    name: str, module: nn.Module, mapping: Mapping[str, str]
+    name: str, module: nn.Module, mapping: Mapping[str, str], variant: Optional[str]
 ) -> dict[str, tuple[int, Optional[list[object]]]]:
-    """The ONNX element type and shape (its spec's) of each input of ``module`` that ``mapping`` names, once the
-    configuration is known to give a 0-d loss that takes those inputs."""
-    spec = spec_for(module)
+    """The ONNX element type and shape (its ``variant`` spec's) of each input of ``module`` that ``mapping`` names,
+    once the configuration is known to give a 0-d loss that takes those inputs."""
+    try:
+        spec = spec_for(module, variant)
+    except (KeyError, ValueError) as error:  # an unknown variant names the loss's layouts
+        raise AttachError(f"loss {name!r}: {error}") from None
     inputs = {t.name: t for t in spec.inputs}
     unknown = sorted(set(mapping) - set(inputs))
     if unknown:
@@ -542,8 +570,8 @@ def attach_losses(
     described: dict[str, Any] = attached_losses_of(model)
     merged = model
     with tempfile.TemporaryDirectory(prefix="visdet-attach-") as scratch:
-        for name, loss, mapping in planned:
-            graph, description = _loss_graph(name, loss, mapping, target_opset, Path(scratch))
+        for name, loss, mapping, variant in planned:
+            graph, description = _loss_graph(name, loss, mapping, variant, target_opset, Path(scratch))
             merged = _merge_one(merged, graph, name, mapping, model_outputs, keep_outputs)
             keep_outputs.append(name)
             described[name] = {**description, "inputs": dict(mapping)}
