@@ -410,19 +410,12 @@ def _variant_hint(
     for variant in variants:
         if variant == current:
             continue
-        try:
-            spec = spec_for(loss, variant)
-        except (KeyError, ValueError):
-            continue
-        inputs = {t.name: t for t in spec.inputs}
-        if not set(mapping) <= set(inputs):
-            continue
         symbols: dict[str, tuple[int, str]] = {}
-        try:
+        try:  # the checks check_plan makes, in this layout
+            inputs = _loss_module_inputs("", loss, mapping, variant)
             for key, source in mapping.items():
                 if source in model_values:
-                    target_type = onnx.TensorProto.INT64 if inputs[key].kind == INT64 else onnx.TensorProto.FLOAT
-                    _check_readable("", model_values[source], target_type, list(inputs[key].shape), symbols)
+                    _check_readable("", model_values[source], *inputs[key], symbols)
         except AttachError:
             continue
         fitting.append(variant)
