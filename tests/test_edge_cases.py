@@ -712,6 +712,28 @@ def test_giou_gradient_of_distant_boxes_keeps_its_relative_precision(runtime: st
         torch.testing.assert_close(grad.double(), exact, rtol=1e-6, atol=0, msg=lambda m: f"{offset:g} apart: {m}")
 
 
+@pytest.mark.parametrize(
+    ("runtime", "trained_target"),
+    [("eager", False), ("eager", True), ("compile", False), ("compile", True), ("script", False)],
+    ids=["eager", "eager-trained_target", "compile", "compile-trained_target", "script"],
+)
+def test_soft_target_bce_of_confident_logits_keeps_its_relative_precision(runtime: str, trained_target: bool) -> None:
+    """Sigmoid CE on soft targets just below 1 (or above 0) and confident logits: the loss is (1 - t) x, small
+    against x. Written relu(x) - x t, it cancelled to eps / (2 (1 - t)) relative (2e-4 at t = 0.9999) in the
+    autograd formulation that compile, ONNX and trained targets run; written x ([x >= 0] - t), each element is
+    within 1e-6 of float64 math, as eager's closed form and TorchScript's lerp already were."""
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="none")
+    loss = build_in(runtime, cfg)
+    logits = torch.tensor([1000.0, 500.0, 100.0, 20.0, 3.0, -3.0, -20.0, -100.0, -1000.0])
+    for soft in (0.9999, 0.999, 0.99):
+        target = torch.where(logits > 0, torch.tensor(soft), torch.tensor(1.0 - soft))
+        pred = logits.clone().requires_grad_()
+        value = loss(pred, target.clone().requires_grad_(trained_target))
+        x, t = logits.double(), target.double()
+        exact = (1 - t) * F.softplus(x) + t * F.softplus(-x)
+        torch.testing.assert_close(value.double(), exact, rtol=1e-6, atol=0, msg=lambda m: f"t = {soft}: {m}")
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 def test_negative_weights_weigh_like_any_other(runtime: str) -> None:
     """Only weight 0 masks: a negative weight (a penalty some samplers give) multiplies, in every runtime (the
