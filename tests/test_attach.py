@@ -407,6 +407,34 @@ def test_half_and_double_model_outputs_are_cast_to_the_loss_graphs_float32(tmp_p
     np.testing.assert_allclose(summary.mean["lf"], value, rtol=1e-6)
 
 
+def test_float16_gemm_head_feeds_its_loss_the_float32_value_in_onnxruntime_cpu(tmp_path):
+    """What the README says of merged float16 models: onnxruntime's CPU provider computes the float16 Gemm in float32
+    and the loss sees that value unrounded, so the loss equals eager on the float32 Gemm, not on the returned float16
+    scores. Should onnxruntime round there one day, this fails and the README is to be corrected."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(64, 20, generator=generator).half(), torch.randn(20, generator=generator).half()
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["cls"])], "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["A", 64])],
+        [helper.make_tensor_value_info("cls", TensorProto.FLOAT16, ["A", 20])],
+        [onnx.numpy_helper.from_array(weight.numpy(), "w"), onnx.numpy_helper.from_array(bias.numpy(), "c")],
+    )
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(model))
+    out = attach_losses(model, [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "o.onnx")
+    x, labels = torch.randn(500, 64, generator=generator).half(), torch.randint(0, 21, (500,), generator=generator)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        scores, value = session.run(["cls", "lf"], {"x": x.numpy(), "y": labels.numpy()})
+        loss = build_loss(dict(type="FocalLoss"))
+        in_float32 = loss(torch.addmm(bias.float(), x.float(), weight.float()), labels)
+        on_returned = loss(torch.from_numpy(scores).float(), labels)
+        assert float(value) == pytest.approx(float(in_float32), rel=1e-6), level
+        assert float(value) != pytest.approx(float(on_returned), rel=1e-7), level
+
+
 def test_attaching_again_keeps_the_first_losses_on_record(tmp_path):
     """The second attach replaced the record: verify checked only the new loss."""
     model = _two_head_model(tmp_path / "m.onnx")
