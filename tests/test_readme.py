@@ -41,6 +41,23 @@ def test_export_api_is_reachable_from_the_package_and_imported_on_first_use() ->
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_package_help_and_version_answer_without_importing_torch() -> None:
+    """``import visdet_export`` and ``visdet-export --help`` / ``--version`` / ``COMMAND --help`` took a second to
+    import torch; the registry, the losses and the export API load on first use, and old attribute paths resolve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io, visdet_export; from visdet_export.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['export', '--help'], ['attach', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): main(argv)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert visdet_export.losses.FocalLoss is visdet_export.MODELS.get('FocalLoss')\n"
+        "assert type(visdet_export.build_loss('GIoULoss')).__name__ == 'GIoULoss'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_relative_links_name_files_the_sdist_ships() -> None:
     """README is the package index's long description, where relative links do not resolve (and no public
     repository URL is known to make them absolute): each must name a file of the source tree that MANIFEST.in puts

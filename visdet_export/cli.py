@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .registry import PLUGINS_VARIABLE
-from .validation import ConfigError
+from .validation import PLUGINS_VARIABLE, ConfigError
 
 PROG = "visdet-export"
 
@@ -1310,8 +1309,6 @@ def _load_plugins(argv: list[str], load: bool = True) -> list[str]:
     specs) on import, so that every command builds, exports, verifies and checks them. Returns ``argv`` without
     those options (and imports nothing without ``load``: help needs no plugin, and a broken one would hide it).
     Plugins are code: name only modules you trust."""
-    from .registry import load_plugins
-
     names: list[str] = []
     rest: list[str] = []
     items = iter(argv)
@@ -1323,6 +1320,8 @@ def _load_plugins(argv: list[str], load: bool = True) -> list[str]:
         else:
             rest.append(item)
     if load:
+        from .registry import load_plugins
+
         load_plugins(names)
     return rest
 

@@ -23,8 +23,9 @@ from typing import Callable, Optional, TypeVar, overload
 import torch
 from torch import nn
 
+from .losses import LOSS_CLASSES
 from .numerics import from_float32_parts
-from .validation import ConfigError
+from .validation import PLUGINS_VARIABLE, ConfigError
 
 # The prefix of the names the MMDetection / visdet plugin registers our losses under ("ExportFocalLoss").
 PLUGIN_PREFIX = "Export"
@@ -293,8 +294,8 @@ def _shown(value: object) -> str:
 
 
 MODELS = Registry("loss")
-#: Modules to import before a command runs (comma-separated): losses of one's own register themselves on import.
-PLUGINS_VARIABLE = "VISDET_EXPORT_PLUGINS"
+for _loss_class in LOSS_CLASSES:
+    MODELS.register_module(_loss_class)
 
 
 def load_plugins(names: Sequence[str] = ()) -> None:

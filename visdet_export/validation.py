@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A loss configuration that cannot be built (unknown type or key, or an invalid value)."""
 
 
+#: Modules to import before a command runs (comma-separated): losses of one's own register themselves on import.
+#: Here rather than in the registry, which imports torch, so that the command line reads it without torch.
+PLUGINS_VARIABLE = "VISDET_EXPORT_PLUGINS"
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
