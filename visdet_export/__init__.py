@@ -7,7 +7,7 @@ from .validation import ConfigError
 
 __version__ = "0.1.0"
 
-# Nothing here imports torch: ``visdet-export --help`` and ``--version`` answer without it (0.05 s against ~1 s).
+# Nothing here imports torch: ``visdet-export --help`` and ``--version`` answer without it (a second or more).
 # The registry (with the built-in losses) loads on first use, the export API (onnx, onnxscript) likewise.
 _LAZY_API = {
     "MODELS": ".registry",
