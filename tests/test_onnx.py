@@ -412,6 +412,25 @@ def test_soft_target_bce_of_confident_logits_in_onnxruntime(tmp_path: Path) -> N
     torch.testing.assert_close(value.double(), (1 - t) * F.softplus(x) + t * F.softplus(-x), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["dense", "pair"])
+def test_joint_graph_qfl_of_confident_predictions(tmp_path: Path, variant: str) -> None:
+    """QFL of confident correct predictions (logits 8-20 at score 1): t - sigmoid(x) written t (1 - s) - (1 - t) s
+    keeps the loss (~e^-3x) and its gradient within 1e-5 relative of float64 math (t - s: 0 or 100% off)."""
+    loss = build_loss(dict(type="QualityFocalLoss", reduction="none"))
+    logits = torch.tensor([8.0, 10.0, 12.0, 14.0, 16.0, 20.0])
+    pred = torch.stack([logits, -logits], dim=1)
+    labels, scores = torch.zeros(6, dtype=torch.long), torch.ones(6)
+    target = torch.stack([scores, torch.zeros(6)], dim=1)
+    feed = {"labels": labels, "scores": scores} if variant == "pair" else {"target": target}
+    path = export_onnx(loss, tmp_path / "qfl.onnx", variant=variant, optional_inputs=(), joint=True)
+    value, grad = onnx_export.load_runner(path, read_manifest(path))({"pred": pred, **feed})
+    reference = pred.double().requires_grad_()
+    exact = loss(reference, (labels, scores.double()) if variant == "pair" else target.double())
+    (exact_grad,) = torch.autograd.grad(exact.sum(), reference)
+    torch.testing.assert_close(value.double(), exact.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=0)
+
+
 # --- files: overwrite, failures, noise -------------------------------------------------------------------------
 
 

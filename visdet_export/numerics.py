@@ -1093,8 +1093,9 @@ def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Te
     """
     with torch.no_grad():
         bce, prob, neg_prob = _sigmoid_terms(logits, target)
-        slope = neg_prob.mul_(prob)  # s (1 - s)
-        diff = prob.sub_(target)  # u = s - t, also d bce / dx
+        slope = prob * neg_prob  # s (1 - s)
+        # u = s - t (also d bce / dx) as s (1 - t) - t (1 - s), in place: see focal_terms (s - 1 cancels)
+        diff = prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
         if beta == 0.0:
             return bce, diff
         if beta == 2.0:  # (2 ce s (1 - s) + u^2) u and ce u^2, in place: no u^2 temporary
@@ -1265,8 +1266,8 @@ def bce_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def quality_focal_closed_form(logits: Tensor, target: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """:func:`quality_focal_terms` out of place (traceable): the element-wise QFL and its derivative."""
-    bce, prob, _, slope = _sigmoid_closed_form(logits, target)
-    diff = prob - target
+    bce, prob, neg_prob, slope = _sigmoid_closed_form(logits, target)
+    diff = _sigmoid_minus_target(prob, neg_prob, target)
     if beta == 0.0:
         return bce, diff
     if beta == 2.0:
