@@ -1222,7 +1222,9 @@ def _sigmoid_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor
     decay = torch.exp(torch.where(nonnegative, -logits, logits))  # exp(-|x|), the x >= 0 side at 0
     inverse = 1.0 / (1.0 + decay)
     small = decay * inverse
-    bce = logits.clamp(min=0) - logits * target + log1p_unit(decay)
+    # relu(x) - x t as x ([x >= 0] - t), as bce_with_logits: the former cancels for a confident positive with a
+    # soft target near 1 (compiled focal / QFL training: 3.6e4 eps off at x in [10, 100], t = 1 - 1e-5)
+    bce = logits * (nonnegative.to(logits.dtype) - target) + log1p_unit(decay)
     prob = torch.where(nonnegative, inverse, small)
     neg_prob = torch.where(nonnegative, small, inverse)
     return bce, prob, neg_prob, small * inverse
