@@ -200,6 +200,9 @@ def test_evaluate_stacked_npz_and_errors(kd_graph, workdir):
     assert load_samples(workdir / "empty.npz") == []
     with pytest.raises(AttachError, match="no samples to evaluate"):
         evaluate(kd_graph, workdir / "empty.npz", progress=False)
+    np.savez(workdir / "scalars.npz", pred=np.float32(1.0), soft_label=np.float32(2.0))  # no sample axis at all
+    with pytest.raises(AttachError, match=r"stacked inputs need one common leading sample axis, got \[-1\]"):
+        load_samples(workdir / "scalars.npz")
     with pytest.raises(AttachError, match="is not a file"):
         evaluate(workdir / "missing.onnx", [one], progress=False)
     with pytest.raises(AttachError, match="cannot run CUDAExecutionProvider here"):  # CI has no GPU
@@ -573,6 +576,25 @@ def test_a_config_attaches_in_the_layout_its_entry_names(tmp_path, monkeypatch, 
     graph = export_onnx(dict(type="KnowledgeDistillationKLDivLoss"), tmp_path / "kd.onnx", optional_inputs=())
     with pytest.raises(AttachError, match="a loss graph has the input layout it was exported in"):
         attach_losses(model, [("l", graph, {"pred": "cls"}, "labels")], tmp_path / "x.onnx")
+
+
+def test_a_refusal_in_a_chosen_layout_names_that_layout_and_an_unknown_one_gets_no_hint(tmp_path, monkeypatch):
+    """The hint names the layout the entry chose, not the loss's default: float targets of the logits' shape given
+    to a sigmoid CE in the 'labels' layout (int64 labels) are refused as the 'labels' layout's, and the 'dense'
+    layout named. An unknown layout is refused with the loss's layouts alone: no layout 'takes this mapping' hint
+    describing a layout the loss does not have."""
+    from visdet_export.export import attach
+
+    cfg = dict(type="CrossEntropyLoss", use_sigmoid=True)
+    model = _two_head_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: pytest.fail("exported"))
+    with pytest.raises(AttachError, match=r"is float32 but the loss expects int64\. That is CrossEntropyLoss's "
+                       r"'labels' input layout; the 'dense' layout takes this mapping"):
+        attach_losses(model, [("l", cfg, {"pred": "cls", "target": "cls"}, "labels")], tmp_path / "o.onnx")
+    with pytest.raises(AttachError) as error:
+        attach_losses(model, [("l", cfg, {"pred": "cls", "target": "labels"}, "dens")], tmp_path / "o.onnx")
+    assert str(error.value).startswith("loss 'l': CrossEntropyLoss has no input variant 'dens'; choose one of ")
+    assert "layout" not in str(error.value)
 
 
 def test_no_layout_hint_where_no_other_layout_fits(tmp_path, monkeypatch):
