@@ -246,3 +246,43 @@ def test_cpp_command_refuses_what_is_not_a_package_before_building(tmp_path, mon
             cpp.main(["--package", str(path)])
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_cpp_command_with_packages_alone_checks_them_and_exits_with_their_status(tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    """``cpp --package PATH`` without --config runs no representative configuration, hands the package to
+    check_pt2_package with the built program, prints its report under the package's name with the failures, and
+    exits 1 when it fails, 0 when it passes. The build and the C++ run are stand-ins: no toolchain needed."""
+    from visdet_export.export.artifacts import write_manifest
+
+    package = tmp_path / "l1.pt2"
+    package.write_bytes(b"not read")
+    write_manifest(package, {"format": "pt2", "config": {"type": "L1Loss"}, "inputs": [], "outputs": []})
+    program = tmp_path / "visdet_loss_runner"
+
+    class Report:
+        def __init__(self, ok: bool) -> None:
+            self.ok = ok
+
+        def summary(self) -> str:
+            return "stand-in " + ("ok" if self.ok else "FAILED")
+
+        def failures(self) -> list[str]:
+            return [] if self.ok else ["case 0: loss differs"]
+
+    checked = []
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: cpp.BuiltRunner(program, tmp_path, False, 0.0))
+    monkeypatch.setattr(cpp, "program_info", lambda path: {})
+    monkeypatch.setattr(cpp, "check_torchscript", lambda *a, **k: pytest.fail("a representative configuration ran"))
+    monkeypatch.setattr(cpp, "check_pt2", lambda *a, **k: pytest.fail("a representative configuration ran"))
+    for ok, code in ((True, 0), (False, 1)):
+        def check(path, prog, ok=ok):
+            checked.append((path, prog))
+            return Report(ok)
+
+        monkeypatch.setattr(cpp, "check_pt2_package", check)
+        assert cpp.main(["--package", str(package)]) == code
+        out = capsys.readouterr().out
+        assert f"l1.pt2 stand-in {'ok' if ok else 'FAILED'}" in out
+        assert ("    case 0: loss differs" in out) is not ok
+    assert checked == [(str(package), program)] * 2

@@ -525,6 +525,59 @@ def test_cpp_config_of_an_unloaded_plugin_says_to_pass_it(capsys: pytest.Capture
 
 
 
+def test_a_config_that_names_registered_types_is_refused_for_what_it_is_not_as_unregistered() -> None:
+    """A recorded config of a registered loss that does not build (a misspelt argument) says why, after the
+    location that begins the message, and does not claim the type is unregistered; without a location the message
+    begins with the config. A type named twice (nested losses) is named once, in the singular."""
+    with pytest.raises(ArtifactError) as raised:
+        build_recorded_loss(dict(type="FocalLoss", gama=2.0), location="x.pt2")
+    message = str(raised.value)
+    assert message.startswith("x.pt2: the manifest's config does not build a loss: FocalLoss got unknown argument")
+    assert "gama" in message and "not registered" not in message and "--plugin" not in message
+    with pytest.raises(ArtifactError) as raised:
+        build_recorded_loss(dict(type="FocalLoss", gama=2.0))
+    assert str(raised.value).startswith("the manifest's config does not build a loss: FocalLoss got unknown argument")
+    with pytest.raises(ArtifactError, match=r"^the manifest's config does not build a loss: GoneA is not registered "
+                       r"here\. Registered: "):
+        build_recorded_loss(dict(type="GoneA", inner=dict(type="GoneA")))
+
+
+def test_cpp_command_names_the_bundle_entry_without_its_plugin_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m visdet_export.cpp --package BUNDLE``: each entry's loss is rebuilt before the C++ program is
+    built, and an entry whose plugin is not loaded is a usage mistake (exit 2) naming the bundle, the entry and the
+    plugin to pass. No toolchain needed: the build is never reached."""
+    from visdet_export import cpp
+    from visdet_export.export.artifacts import write_manifest
+
+    package = tmp_path / "bundle.pt2"
+    package.write_bytes(b"not read")
+    write_manifest(package, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
+        {"name": "loss_cls", "config": {"type": "FocalLoss"}, "inputs": [], "outputs": []},
+        {"name": "loss_vfl", "config": {"type": "GoneVarifocalLoss"}, "plugins": ["visdet_gone_plugin"],
+         "inputs": [], "outputs": []},
+    ]})
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: pytest.fail("built before the packages were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        cpp.main(["--package", str(package)])
+    assert exit_.value.code == 2
+    assert ("bundle.pt2, entry loss_vfl: GoneVarifocalLoss is registered by the plugin module 'visdet_gone_plugin': "
+            "pass --plugin visdet_gone_plugin") in capsys.readouterr().err
+
+
+def test_cpp_module_refuses_a_plugin_that_does_not_import_before_building(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m visdet_export.cpp --plugin MODULE`` of a module that does not import: a usage mistake (exit 2)
+    naming it, before the program is built (so without a C++ toolchain too)."""
+    from visdet_export import cpp
+
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: pytest.fail("built before the plugins were loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        cpp.main(["--plugin", "visdet_no_such_plugin"])
+    assert exit_.value.code == 2 and "visdet_no_such_plugin" in capsys.readouterr().err
+
 def test_cpp_module_takes_plugin_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m visdet_export.cpp --plugin MODULE`` imports the module before reading --config, as the CLI's
