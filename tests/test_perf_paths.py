@@ -636,3 +636,16 @@ def test_every_float_input_gets_the_autograd_gradient(name, variant, monkeypatch
         for which, fast_grad, grad in zip(("pred", trained), fast_grads, grads):
             if grad is not None:
                 torch.testing.assert_close(fast_grad, grad, rtol=1e-10, atol=1e-12, msg=f"{trained}: d/d {which}")
+
+
+@pytest.mark.parametrize("weight_shape", ["rows", "elements"])
+def test_focal_autograd_formulation_takes_the_eager_slope_at_zero_logits(weight_shape, monkeypatch):
+    """Logits at exactly 0 (a head's zero-initialised output): the autograd formulation (compile, export, ONNX)
+    differentiates |x| of log1p(exp(-|x|)) on its x >= 0 side, as bce_with_logits' step and the eager closed form
+    do, so the two give the same gradient there (a BCE slope of 1/2 - t, not 3/2 - t)."""
+    pred, target, weight = _inputs("focal", weight_shape, seed=2)
+    pred = pred.detach().clone()
+    pred[:6] = 0.0
+    pred[6:9, :2] = 0.0
+    _fast_path_matches_autograd(OWNERS["focal"], FocalLoss(gamma=2.0, alpha=0.25), pred, target, weight, monkeypatch,
+                                "mean", False, avg_factor=7.0)
