@@ -143,3 +143,16 @@ def test_scripted_avg_factor_refusal_names_the_dtype(avg_factor: torch.Tensor, k
         loss(pred, labels, None, avg_factor)
     with pytest.raises(torch.jit.Error, match=f"avg_factor must be a real number, got a tensor of {kind}$"):
         script_loss(loss)(pred, labels, None, avg_factor)
+
+
+@pytest.mark.parametrize("weight_shape", [(4, 1), (4, 3)])
+def test_avg_factor_of_zero_is_offset_by_eps_with_a_weight_per_row_or_element(weight_shape) -> None:
+    """An image batch without positives gives avg_factor 0: the mean divides by avg_factor + eps (visdet's float32
+    machine epsilon), per-row weights (the row-sum path) as per-element ones, so weight-0 rows give 0, not NaN, and
+    a non-zero total is divided by eps exactly."""
+    loss = torch.rand(4, 3, dtype=F64) + 0.5
+    zero = torch.tensor(0.0, dtype=F64)
+    assert float(weight_reduce_loss(loss, torch.zeros(weight_shape, dtype=F64), "mean", zero)) == 0.0
+    weight = torch.ones(weight_shape, dtype=F64)
+    torch.testing.assert_close(weight_reduce_loss(loss, weight, "mean", zero), loss.sum() / FLOAT32_EPS,
+                               rtol=1e-15, atol=0)
