@@ -976,6 +976,21 @@ def test_degenerate_boxes(key: str, name: str) -> None:
     assert float(out.detach()) > 0.5  # never a perfect score for a nonsense box
 
 
+@pytest.mark.parametrize("key", BOX_CONFIGS)
+def test_degenerate_and_tiny_boxes_score_in_torchscript_as_eagerly(key: str) -> None:
+    """TorchScript runs the autograd formulation (numerics.aligned_box_iou), eager its closed form: an inverted side
+    is an empty side there too (one inverted side of the prediction made its area negative, the union smaller and
+    the GIoU higher), and the union is clamped at eps, not offset by it (boxes of ~1e-4, whose union eps decides)."""
+    cases = [*DEGENERATE.values(), (_box(0, 0, -1, 2), _box(0, 0, 1, 1)), (_box(2, 0, 3, -4), _box(0, 0, 4, 4))]
+    cases.append((boxes(6, seed=1, scale=1.0) * 1e-4, boxes(6, seed=2, scale=1.0) * 1e-4))
+    cfg = {**CONFIGS[key][0], "reduction": "none"}
+    eager, scripted = build_loss(cfg), build_in("script", cfg)
+    for pred, target in cases:
+        p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        want, got = eager(p1, target), scripted(p2, target)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(grad_of(got, p2), grad_of(want, p1), **TOL)
+
 def test_the_giou_loss_functions_eps_defaults_to_mmdetections() -> None:
     """MMDetection's giou_loss function defaults to eps 1e-7 (its GIoULoss passes 1e-6): boxes of ~1e-4 tell them
     apart."""
