@@ -1059,6 +1059,26 @@ def test_masked_elements_ignore_nan_inf(key: str, value: float, runtime: str) ->
     assert (grad[:3] == 0).all()
 
 
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+@pytest.mark.parametrize("key", BOX_CONFIGS)
+def test_trained_box_targets_of_weight_0_ignore_nan(key: str, runtime: str) -> None:
+    """A box target that takes a gradient sends eager to the autograd formulation (aligned_box_iou with its eager
+    selects of whole boxes): NaN in the target boxes of weight 0 reaches neither the loss nor either gradient."""
+    pred, target = boxes(8, seed=3), boxes(8, seed=3) + 0.5  # overlapping pairs
+    weight = torch.ones(8, dtype=F64)
+    weight[:3] = 0.0
+    poisoned = _poison(target, torch.arange(3), float("nan"))
+    loss = build_in(runtime, CONFIGS[key][0])
+    results = []
+    for t in (target, poisoned):
+        p, t = pred.clone().requires_grad_(), t.clone().requires_grad_()
+        out = loss(p, t, weight)
+        results.append((out, *torch.autograd.grad(out, (p, t))))
+    for got, clean in zip(*reversed(results)):
+        assert_finite(got)
+        torch.testing.assert_close(got, clean, rtol=1e-12, atol=1e-15)
+    assert (results[1][2][:3] == 0).all()
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("key", WEIGHTED)
 def test_all_weights_zero(key: str, reduction: str) -> None:
