@@ -518,6 +518,17 @@ def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, map
     assert exported == []
 
 
+def test_a_new_input_shared_by_a_static_and_a_symbolic_size_is_planned(tmp_path):
+    """GIoU reads the new input 'gt' as (N, 4), L1 as (N, D): D is a symbol, not a clash with 4, so both losses share
+    it (only two static sizes that differ, or ranks, are refused)."""
+    from visdet_export.export.attach import check_plan
+
+    model = onnx.load(str(_two_head_model(tmp_path / "m.onnx")))
+    losses = [("giou", dict(type="GIoULoss"), {"pred": "box", "target": "gt"}),
+              ("l1", dict(type="L1Loss"), {"pred": "box", "target": "gt"})]
+    planned = check_plan(model, losses, frozenset(), "m.onnx")
+    assert [(name, mapping) for name, _, mapping, _ in planned] == [(name, mapping) for name, _, mapping in losses]
+
 @pytest.mark.parametrize(
     "loss, mapping, match",
     [
