@@ -542,6 +542,17 @@ def test_a_config_that_names_registered_types_is_refused_for_what_it_is_not_as_u
         build_recorded_loss(dict(type="GoneA", inner=dict(type="GoneA")))
 
 
+def test_a_loss_registered_by_several_plugin_modules_names_each_to_pass() -> None:
+    """A manifest recording two plugin modules (a loss of one's own holding another's): both named, in the plural,
+    each with its own --plugin, and the variable's comma-separated value."""
+    with pytest.raises(MissingPluginError) as raised:
+        build_recorded_loss(dict(type="GoneOuter", inner=dict(type="GoneInner")), ["outer_plugin", "inner_plugin"],
+                            location="x.pt2")
+    assert str(raised.value) == (
+        "x.pt2: GoneOuter, GoneInner are registered by the plugin modules 'outer_plugin', 'inner_plugin': pass "
+        "--plugin outer_plugin --plugin inner_plugin (or VISDET_EXPORT_PLUGINS=outer_plugin,inner_plugin)"
+    )
+
 def test_cpp_command_names_the_bundle_entry_without_its_plugin_before_building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
