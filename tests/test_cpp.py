@@ -286,3 +286,28 @@ def test_cpp_command_with_packages_alone_checks_them_and_exits_with_their_status
         assert f"l1.pt2 stand-in {'ok' if ok else 'FAILED'}" in out
         assert ("    case 0: loss differs" in out) is not ok
     assert checked == [(str(package), program)] * 2
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_check_pt2_package_runs_the_recorded_loss_in_its_layout_and_mode(tmp_path, monkeypatch, joint) -> None:
+    """A single package is checked with the loss, input layout and joint (loss + gradient) mode its manifest
+    records, against that package; a bundle goes to check_pt2_bundle. Stand-ins for the C++ checks."""
+    from visdet_export.export.artifacts import write_manifest
+
+    package = tmp_path / "focal.pt2"
+    package.write_bytes(b"not read")
+    write_manifest(package, {"format": "pt2", "config": {"type": "FocalLoss", "gamma": 1.5}, "variant": "onehot",
+                             "joint": joint, "inputs": [], "outputs": []})
+    calls = []
+    monkeypatch.setattr(cpp, "check_pt2", lambda loss, program, **kw: calls.append((loss, program, kw)) or "single")
+    monkeypatch.setattr(cpp, "check_pt2_bundle", lambda path, program: pytest.fail("checked as a bundle"))
+    assert cpp.check_pt2_package(package, "prog") == "single"
+    ((loss, program, options),) = calls
+    assert type(loss).__name__ == "FocalLoss" and loss.gamma == 1.5 and program == "prog"
+    assert options == {"variant": "onehot", "joint": joint, "artifact": package}
+    bundle = tmp_path / "bundle.pt2"
+    bundle.write_bytes(b"not read")
+    write_manifest(bundle, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
+        {"name": "loss_cls", "config": {"type": "FocalLoss"}, "inputs": [], "outputs": []}]})
+    monkeypatch.setattr(cpp, "check_pt2_bundle", lambda path, program: ("bundle", path, program))
+    assert cpp.check_pt2_package(bundle, "prog") == ("bundle", bundle, "prog")
