@@ -1052,6 +1052,15 @@ def test_evaluate_mistakes_exit_2(attached, capsys, tmp_path):
         assert code == 2 and message in err and len(err.splitlines()) == 1 and out == "", (argv, err)
 
 
+def test_evaluate_refuses_a_truncated_npz_in_one_line(capsys, tmp_path):
+    """A samples file that begins as a zip archive but is not one (an interrupted copy) is a usage mistake (exit 2)
+    in one line, like a file that is no archive at all, not a traceback."""
+    graph = _loss_graph_of_two_inputs(tmp_path / "loss.onnx")
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    code, out, err = run(capsys, "evaluate", str(graph), str(tmp_path / "cut.npz"), "-q")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert "cut.npz is not a readable .npz of samples" in err
+
 def _loss_graph_of_two_inputs(path: Path) -> Path:
     """A stand-in loss graph: pred and soft_label (N, C) in, their summed difference out (0-d)."""
     import onnx
