@@ -645,6 +645,11 @@ def test_integer_predictions_are_refused(runtime: str) -> None:
                 loss(pred.round().to(dtype), *rest)
 
 
+def test_integer_predictions_refusal_says_labels_go_in_target() -> None:
+    """The refusal of an integer pred says what was likely meant: labels are the target."""
+    with pytest.raises(ValueError, match=r"got an integer or bool tensor; labels go in target$"):
+        build_loss(dict(type="FocalLoss"))(torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]))
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 @pytest.mark.parametrize(
     "activated, dtype",
