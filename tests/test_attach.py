@@ -518,6 +518,17 @@ def test_mistakes_are_refused_before_any_export(tmp_path, monkeypatch, loss, map
     assert exported == []
 
 
+def test_a_mapping_to_something_other_than_names_is_refused(tmp_path, monkeypatch):
+    """Each loss input maps to the name of a model output or a new graph input: a number or a list is refused with
+    the entry's name before any export."""
+    from visdet_export.export import attach
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(attach, "_export_loss_graph", lambda *args: pytest.fail("exported"))
+    for mapping in ({"pred": "box", "target": 3}, {"pred": ["box"]}):
+        with pytest.raises(AttachError, match=r"^loss 'l': the input mapping must map input names to names, got "):
+            attach_losses(model, [("l", dict(type="GIoULoss"), mapping)], tmp_path / "o.onnx")
+
 def test_a_new_input_shared_by_a_static_and_a_symbolic_size_is_planned(tmp_path):
     """GIoU reads the new input 'gt' as (N, 4), L1 as (N, D): D is a symbol, not a clash with 4, so both losses share
     it (only two static sizes that differ, or ranks, are refused)."""
