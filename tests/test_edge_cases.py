@@ -672,6 +672,19 @@ def test_qfl_scores_keep_their_precision_whatever_preds_dtype(runtime: str, acti
     assert out.dtype == torch.float32 and bool((out > 0).all())
 
 
+def test_confident_focal_values_keep_their_relative_precision_compiled_without_gradient() -> None:
+    """A compiled focal loss evaluated without gradient (validation) runs the autograd formulation, not compiled
+    training's closed form: its log1p(exp(-|x|)) keeps the relative precision of confident predictions (as
+    log(1 + e) it is 0 in float32 from x ~ 17, and the value with it)."""
+    cfg = dict(type="FocalLoss", reduction="none")
+    loss = build_in("compile", cfg)
+    pred = torch.tensor([[8.0, 10.0, 12.0, 14.0, 16.0, 20.0]])
+    target = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 1.0]])
+    with torch.no_grad():
+        out = loss(pred, target)
+    exact = build_loss(cfg)(pred.double(), target.double())
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=0)
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 def test_confident_focal_values_keep_their_relative_precision(runtime: str) -> None:
     """1 - p of confident correct predictions (logits 8-20, target 1) is 3e-4 to 2e-9: written 1 - sigmoid(x), it
