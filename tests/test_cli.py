@@ -1061,6 +1061,24 @@ def test_evaluate_refuses_a_truncated_npz_in_one_line(capsys, tmp_path):
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert "cut.npz is not a readable .npz of samples" in err
 
+def test_evaluate_json_writes_non_finite_values_as_null(capsys, tmp_path):
+    """JSON has no NaN: a sample whose loss is NaN is null in per_sample, the mean over it null, and nonfinite
+    counts it; the output is strict JSON (exit 0)."""
+    import numpy as np
+
+    from visdet_export.export.attach import save_samples
+
+    graph = _loss_graph_of_two_inputs(tmp_path / "loss.onnx")
+    pred, soft = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    poisoned = pred.copy()
+    poisoned[0, 0] = np.nan
+    save_samples(tmp_path / "s.npz", [{"pred": pred, "soft_label": soft}, {"pred": poisoned, "soft_label": soft}])
+    code, out, _ = run(capsys, "evaluate", str(graph), str(tmp_path / "s.npz"), "--json", "-q")
+    assert code == 0
+    summary = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert summary["count"] == 2 and summary["per_sample"] == {"loss": [6.0, None]}
+    assert summary["mean"] == {"loss": None} and summary["nonfinite"] == {"loss": 1}
+
 def _loss_graph_of_two_inputs(path: Path) -> Path:
     """A stand-in loss graph: pred and soft_label (N, C) in, their summed difference out (0-d)."""
     import onnx
