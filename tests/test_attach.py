@@ -529,6 +529,28 @@ def test_a_mapping_to_something_other_than_names_is_refused(tmp_path, monkeypatc
         with pytest.raises(AttachError, match=r"^loss 'l': the input mapping must map input names to names, got "):
             attach_losses(model, [("l", dict(type="GIoULoss"), mapping)], tmp_path / "o.onnx")
 
+def test_verify_attached_refuses_an_attached_loss_output_that_is_not_0d(tmp_path):
+    """verify of a merged model: an attached loss whose output is no longer 0-d (the model edited after attaching)
+    is named, even with the manifest's losses and config intact."""
+    from visdet_export.export.artifacts import read_manifest
+    from visdet_export.export.attach import verify_attached
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    out = attach_losses(model, [("l", _kd_like_graph(tmp_path / "kd.onnx"), {"pred": "cls", "soft_label": "soft"})],
+                        tmp_path / "o.onnx")
+    manifest = read_manifest(out)
+    assert verify_attached(out, manifest)["attached"] == ["l"]
+    edited = onnx.load(str(out))
+    (node,) = [node for node in edited.graph.node if "l" in node.output]
+    node.attribute.remove(next(a for a in node.attribute if a.name == "keepdims"))
+    node.attribute.append(helper.make_attribute("keepdims", 1))  # the loss is now (1, 1)
+    (value,) = [value for value in edited.graph.output if value.name == "l"]
+    for _ in range(2):
+        value.type.tensor_type.shape.dim.add().dim_value = 1
+    onnx.save(edited, str(out))
+    with pytest.raises(AttachError, match=r"o\.onnx has no 0-d output for the attached loss\(es\) l$"):
+        verify_attached(out, manifest)
+
 def test_a_new_input_shared_by_a_static_and_a_symbolic_size_is_planned(tmp_path):
     """GIoU reads the new input 'gt' as (N, 4), L1 as (N, D): D is a symbol, not a clash with 4, so both losses share
     it (only two static sizes that differ, or ranks, are refused)."""
