@@ -529,6 +529,7 @@ def test_a_mapping_to_something_other_than_names_is_refused(tmp_path, monkeypatc
         with pytest.raises(AttachError, match=r"^loss 'l': the input mapping must map input names to names, got "):
             attach_losses(model, [("l", dict(type="GIoULoss"), mapping)], tmp_path / "o.onnx")
 
+
 def test_verify_attached_refuses_an_attached_loss_output_that_is_not_0d(tmp_path):
     """verify of a merged model: an attached loss whose output is no longer 0-d (the model edited after attaching)
     is named, even with the manifest's losses and config intact."""
@@ -551,6 +552,25 @@ def test_verify_attached_refuses_an_attached_loss_output_that_is_not_0d(tmp_path
     with pytest.raises(AttachError, match=r"o\.onnx has no 0-d output for the attached loss\(es\) l$"):
         verify_attached(out, manifest)
 
+
+def test_verify_attached_refuses_a_model_whose_shapes_disagree(tmp_path):
+    """A merged model edited so that a declared shape contradicts its graph: the checker's shape inference raised
+    its own InferenceError, not the AttachError (exit 2 in the CLI) that verify_attached promises."""
+    from visdet_export.export.artifacts import read_manifest
+    from visdet_export.export.attach import verify_attached
+
+    model = _two_head_model(tmp_path / "m.onnx")
+    out = attach_losses(model, [("l", _kd_like_graph(tmp_path / "kd.onnx"), {"pred": "cls", "soft_label": "soft"})],
+                        tmp_path / "o.onnx")
+    manifest = read_manifest(out)
+    edited = onnx.load(str(out))
+    (value,) = [value for value in edited.graph.output if value.name == "cls"]
+    value.type.tensor_type.shape.dim[1].dim_value = 7  # the graph computes (A, 5)
+    onnx.save(edited, str(out))
+    with pytest.raises(AttachError, match=r"o\.onnx is not a valid ONNX model: .*differ"):
+        verify_attached(out, manifest)
+
+
 def test_a_new_input_shared_by_a_static_and_a_symbolic_size_is_planned(tmp_path):
     """GIoU reads the new input 'gt' as (N, 4), L1 as (N, D): D is a symbol, not a clash with 4, so both losses share
     it (only two static sizes that differ, or ranks, are refused)."""
@@ -561,6 +581,7 @@ def test_a_new_input_shared_by_a_static_and_a_symbolic_size_is_planned(tmp_path)
               ("l1", dict(type="L1Loss"), {"pred": "box", "target": "gt"})]
     planned = check_plan(model, losses, frozenset(), "m.onnx")
     assert [(name, mapping) for name, _, mapping, _ in planned] == [(name, mapping) for name, _, mapping in losses]
+
 
 @pytest.mark.parametrize(
     "loss, mapping, match",

@@ -1061,6 +1061,7 @@ def test_evaluate_refuses_a_truncated_npz_in_one_line(capsys, tmp_path):
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert "cut.npz is not a readable .npz of samples" in err
 
+
 def test_evaluate_json_writes_non_finite_values_as_null(capsys, tmp_path):
     """JSON has no NaN: a sample whose loss is NaN is null in per_sample, the mean over it null, and nonfinite
     counts it; the output is strict JSON (exit 0)."""
@@ -1078,6 +1079,7 @@ def test_evaluate_json_writes_non_finite_values_as_null(capsys, tmp_path):
     summary = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert summary["count"] == 2 and summary["per_sample"] == {"loss": [6.0, None]}
     assert summary["mean"] == {"loss": None} and summary["nonfinite"] == {"loss": 1}
+
 
 def _loss_graph_of_two_inputs(path: Path) -> Path:
     """A stand-in loss graph: pred and soft_label (N, C) in, their summed difference out (0-d)."""

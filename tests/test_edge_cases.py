@@ -650,6 +650,7 @@ def test_integer_predictions_refusal_says_labels_go_in_target() -> None:
     with pytest.raises(ValueError, match=r"got an integer or bool tensor; labels go in target$"):
         build_loss(dict(type="FocalLoss"))(torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]))
 
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 @pytest.mark.parametrize(
     "activated, dtype",
@@ -684,6 +685,7 @@ def test_confident_focal_values_keep_their_relative_precision_compiled_without_g
         out = loss(pred, target)
     exact = build_loss(cfg)(pred.double(), target.double())
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=0)
+
 
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 def test_confident_focal_values_keep_their_relative_precision(runtime: str) -> None:
@@ -1009,6 +1011,7 @@ def test_degenerate_and_tiny_boxes_score_in_torchscript_as_eagerly(key: str) -> 
         torch.testing.assert_close(got, want, **TOL)
         torch.testing.assert_close(grad_of(got, p2), grad_of(want, p1), **TOL)
 
+
 def test_the_giou_loss_functions_eps_defaults_to_mmdetections() -> None:
     """MMDetection's giou_loss function defaults to eps 1e-7 (its GIoULoss passes 1e-6): boxes of ~1e-4 tell them
     apart."""
@@ -1096,6 +1099,7 @@ def test_trained_box_targets_of_weight_0_ignore_nan(key: str, runtime: str) -> N
         assert_finite(got)
         torch.testing.assert_close(got, clean, rtol=1e-12, atol=1e-15)
     assert (results[1][2][:3] == 0).all()
+
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("key", WEIGHTED)

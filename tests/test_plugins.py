@@ -524,7 +524,6 @@ def test_cpp_config_of_an_unloaded_plugin_says_to_pass_it(capsys: pytest.Capture
         build_recorded_loss(dict(type="GoneA", inner=dict(type="GoneB")), location="x.pt2, entry e")
 
 
-
 def test_a_config_that_names_registered_types_is_refused_for_what_it_is_not_as_unregistered() -> None:
     """A recorded config of a registered loss that does not build (a misspelt argument) says why, after the
     location that begins the message, and does not claim the type is unregistered; without a location the message
@@ -552,6 +551,7 @@ def test_a_loss_registered_by_several_plugin_modules_names_each_to_pass() -> Non
         "x.pt2: GoneOuter, GoneInner are registered by the plugin modules 'outer_plugin', 'inner_plugin': pass "
         "--plugin outer_plugin --plugin inner_plugin (or VISDET_EXPORT_PLUGINS=outer_plugin,inner_plugin)"
     )
+
 
 def test_cpp_command_names_the_bundle_entry_without_its_plugin_before_building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -588,6 +588,7 @@ def test_cpp_module_refuses_a_plugin_that_does_not_import_before_building(
     with pytest.raises(SystemExit) as exit_:
         cpp.main(["--plugin", "visdet_no_such_plugin"])
     assert exit_.value.code == 2 and "visdet_no_such_plugin" in capsys.readouterr().err
+
 
 def test_cpp_module_takes_plugin_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -760,7 +760,8 @@ def verify_attached(path: PathLike, manifest: Mapping[str, Any]) -> dict[str, An
     check_external_data(path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as error:
+    # full_check's shape inference raises its own error (no ValidationError) for shapes that disagree
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise AttachError(f"{path.name} is not a valid ONNX model: {first_line(error)}") from None
     embedded = attached_losses(path)
     if embedded != manifest.get("losses"):
