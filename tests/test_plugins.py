@@ -485,11 +485,9 @@ def test_verifying_attached_losses_without_the_plugin_names_it(
     assert not isinstance(old.value, MissingPluginError)
 
 
-def test_cpp_bundle_check_without_the_plugin_names_it(tmp_path: Path) -> None:
-    """check_pt2_bundle rebuilds each entry from the bundle's manifest, as verify does: an entry registered by a
-    plugin that is not loaded names the plugin (the manifest's entries record it, see pt2's manifest), before any C++
-    runs. The package is a stand-in: the losses are rebuilt before it is read."""
-    from visdet_export import cpp
+def _bundle_needing_a_missing_plugin(tmp_path: Path) -> Path:
+    """A stand-in bundle (its manifest alone is read: the losses are rebuilt before the package) whose second entry
+    is registered by a plugin that is not loaded."""
     from visdet_export.export.artifacts import write_manifest
 
     package = tmp_path / "bundle.pt2"
@@ -499,6 +497,16 @@ def test_cpp_bundle_check_without_the_plugin_names_it(tmp_path: Path) -> None:
         {"name": "loss_vfl", "config": {"type": "GoneVarifocalLoss"}, "plugins": ["visdet_gone_plugin"],
          "inputs": [], "outputs": []},
     ]})
+    return package
+
+
+def test_cpp_bundle_check_without_the_plugin_names_it(tmp_path: Path) -> None:
+    """check_pt2_bundle rebuilds each entry from the bundle's manifest, as verify does: an entry registered by a
+    plugin that is not loaded names the plugin (the manifest's entries record it, see pt2's manifest), before any C++
+    runs. The package is a stand-in: the losses are rebuilt before it is read."""
+    from visdet_export import cpp
+
+    package = _bundle_needing_a_missing_plugin(tmp_path)
     with pytest.raises(MissingPluginError) as raised:
         cpp.check_pt2_bundle(package, tmp_path / "no_program")
     assert str(raised.value) == (
@@ -560,15 +568,8 @@ def test_cpp_command_names_the_bundle_entry_without_its_plugin_before_building(
     built, and an entry whose plugin is not loaded is a usage mistake (exit 2) naming the bundle, the entry and the
     plugin to pass. No toolchain needed: the build is never reached."""
     from visdet_export import cpp
-    from visdet_export.export.artifacts import write_manifest
 
-    package = tmp_path / "bundle.pt2"
-    package.write_bytes(b"not read")
-    write_manifest(package, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
-        {"name": "loss_cls", "config": {"type": "FocalLoss"}, "inputs": [], "outputs": []},
-        {"name": "loss_vfl", "config": {"type": "GoneVarifocalLoss"}, "plugins": ["visdet_gone_plugin"],
-         "inputs": [], "outputs": []},
-    ]})
+    package = _bundle_needing_a_missing_plugin(tmp_path)
     monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: pytest.fail("built before the packages were checked"))
     with pytest.raises(SystemExit) as exit_:
         cpp.main(["--package", str(package)])
