@@ -649,3 +649,37 @@ def test_focal_autograd_formulation_takes_the_eager_slope_at_zero_logits(weight_
     pred[6:9, :2] = 0.0
     _fast_path_matches_autograd(OWNERS["focal"], FocalLoss(gamma=2.0, alpha=0.25), pred, target, weight, monkeypatch,
                                 "mean", False, avg_factor=7.0)
+
+
+def _peak_tensor_bytes(step) -> int:
+    """High-water mark of the CPU tensor bytes ``step`` allocates (the profiler's memory events, as the runner)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = prof.profiler.kineto_results.events() if prof.profiler is not None else []
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(("beta", "buffers"), [(0.0, 3), (1.5, 7.25), (2.0, 4)])
+def test_eager_dense_qfl_peak_memory(beta: float, buffers: float) -> None:
+    """Eager dense QFL fwd+bwd in (N, C) float32 buffers: the precise difference s (1 - t) - t (1 - s) needs
+    sigmoid(-x) after the slope s (1 - s) is taken, which cost beta = 0 (no slope at all) and beta != 2 (sigmoid(-x)
+    kept alive through the |u|^beta temporaries) one more buffer each (3 -> 4, 7.25 -> 8.25)."""
+    n, c = 20000, 80
+    torch.manual_seed(0)
+    x = torch.empty(n, c).normal_().requires_grad_()
+    t = torch.empty(n, c).uniform_()
+    t.mul_(t < 0.02)
+    loss = build_loss(dict(type="QualityFocalLoss", beta=beta))
+
+    def step() -> None:
+        loss(x, t).backward()
+        x.grad = None
+
+    step()
+    assert _peak_tensor_bytes(step) <= (buffers + 0.1) * n * c * 4

@@ -1093,11 +1093,12 @@ def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Te
     """
     with torch.no_grad():
         bce, prob, neg_prob = _sigmoid_terms(logits, target)
-        slope = prob * neg_prob  # s (1 - s)
+        if beta == 0.0:  # the BCE alone: no slope, three (N, C) buffers as before the precise difference
+            return bce, prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
+        slope = prob * neg_prob  # s (1 - s): a fourth buffer, neg_prob is still needed below
         # u = s - t (also d bce / dx) as s (1 - t) - t (1 - s), in place: see focal_terms (s - 1 cancels)
         diff = prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
-        if beta == 0.0:
-            return bce, diff
+        del neg_prob  # freed before the |u|^beta temporaries of beta != 2
         if beta == 2.0:  # (2 ce s (1 - s) + u^2) u and ce u^2, in place: no u^2 temporary
             grad = slope.mul_(bce).mul_(2.0).addcmul_(diff, diff).mul_(diff)
             return bce.mul_(diff).mul_(diff), grad
