@@ -5,6 +5,7 @@ The merged student + teacher + five-loss graph is built once per module (the los
 
 import importlib.util
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -410,6 +411,7 @@ def test_half_and_double_model_outputs_are_cast_to_the_loss_graphs_float32(tmp_p
     np.testing.assert_allclose(summary.mean["lf"], value, rtol=1e-6)
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the README states it for x86-64")
 def test_float16_gemm_head_feeds_its_loss_the_float32_value_in_onnxruntime_cpu(tmp_path):
     """What the README says of merged float16 models: onnxruntime's CPU provider computes the float16 Gemm in float32
     and the loss sees that value unrounded, so the loss equals eager on the float32 Gemm, not on the returned float16

@@ -756,9 +756,12 @@ def test_soft_target_focal_losses_of_confident_logits_keep_relative_precision(ru
     loss = build_in(runtime, cfg)
     pred = torch.tensor([[20.0, 100.0, 1000.0]] * 3)
     target = torch.tensor([[0.9999], [0.999], [0.99]]).expand(3, 3).contiguous()
-    out = loss(pred.clone().requires_grad_(), target)
-    exact = build_loss(cfg)(pred.double().requires_grad_(), target.double())  # float64 math
+    leaf, reference = pred.clone().requires_grad_(), pred.double().requires_grad_()
+    out = loss(leaf, target)
+    exact = build_loss(cfg)(reference, target.double())  # float64 math
     torch.testing.assert_close(out.double(), exact.detach(), rtol=1e-5, atol=0)
+    (grad,), (exact_grad,) = torch.autograd.grad(out.sum(), leaf), torch.autograd.grad(exact.sum(), reference)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])

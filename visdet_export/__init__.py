@@ -42,7 +42,7 @@ else:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_API})
+    return sorted({*globals(), *_LAZY_API, *_EAGER_BEFORE})
 
 
 __all__ = ["ConfigError", "__version__", *_LAZY_API]

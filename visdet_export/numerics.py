@@ -1094,10 +1094,9 @@ def quality_focal_terms(logits: Tensor, target: Tensor, beta: float) -> tuple[Te
     with torch.no_grad():
         bce, prob, neg_prob = _sigmoid_terms(logits, target)
         if beta == 0.0:  # the BCE alone: no slope, three (N, C) buffers as before the precise difference
-            return bce, prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
+            return bce, _sigmoid_minus_target_(prob, neg_prob, target)
         slope = prob * neg_prob  # s (1 - s): a fourth buffer, neg_prob is still needed below
-        # u = s - t (also d bce / dx) as s (1 - t) - t (1 - s), in place: see focal_terms (s - 1 cancels)
-        diff = prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
+        diff = _sigmoid_minus_target_(prob, neg_prob, target)  # u = s - t, also d bce / dx
         del neg_prob  # freed before the |u|^beta temporaries of beta != 2
         if beta == 2.0:  # (2 ce s (1 - s) + u^2) u and ce u^2, in place: no u^2 temporary
             grad = slope.mul_(bce).mul_(2.0).addcmul_(diff, diff).mul_(diff)
@@ -1229,6 +1228,11 @@ def _sigmoid_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor
     prob = torch.where(nonnegative, inverse, small)
     neg_prob = torch.where(nonnegative, small, inverse)
     return bce, prob, neg_prob, small * inverse
+
+
+def _sigmoid_minus_target_(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Tensor:
+    """:func:`_sigmoid_minus_target` in ``prob``'s buffer (eager closed forms)."""
+    return prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
 
 
 def _sigmoid_minus_target(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Tensor:
