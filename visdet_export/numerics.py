@@ -1231,11 +1231,11 @@ def _sigmoid_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor
 
 
 def _sigmoid_minus_target_(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Tensor:
-    """:func:`_sigmoid_minus_target` in ``prob``'s buffer (eager closed forms)."""
+    """:func:`sigmoid_minus_target` in ``prob``'s buffer (eager closed forms)."""
     return prob.addcmul_(prob, target, value=-1.0).addcmul_(target, neg_prob, value=-1.0)
 
 
-def _sigmoid_minus_target(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Tensor:
+def sigmoid_minus_target(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Tensor:
     """``sigmoid(x) - t`` as ``s (1 - t) - t (1 - s)``: a confident positive's ``s - 1`` cancels in float32 (0.33
     relative at x = 20 in a compiled focal gradient), ``-(1 - s)`` does not (see :func:`focal_terms`)."""
     return prob * (1.0 - target) - target * neg_prob
@@ -1244,7 +1244,7 @@ def _sigmoid_minus_target(prob: Tensor, neg_prob: Tensor, target: Tensor) -> Ten
 def focal_closed_form(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> tuple[Tensor, Tensor]:
     """:func:`focal_terms` out of place (traceable): the element-wise focal loss and its derivative."""
     bce, prob, neg_prob, slope = _sigmoid_closed_form(logits, target)
-    grad = _sigmoid_minus_target(prob, neg_prob, target)
+    grad = sigmoid_minus_target(prob, neg_prob, target)
     value = bce
     if gamma != 0.0:
         one_minus_pt = neg_prob * target + prob * (1.0 - target)
@@ -1268,13 +1268,13 @@ def focal_closed_form(logits: Tensor, target: Tensor, gamma: float, alpha: float
 def bce_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """BCE on logits (:func:`bce_with_logits`) and its derivative ``sigmoid(x) - t`` (traceable)."""
     bce, prob, neg_prob, _ = _sigmoid_closed_form(logits, target)
-    return bce, _sigmoid_minus_target(prob, neg_prob, target)
+    return bce, sigmoid_minus_target(prob, neg_prob, target)
 
 
 def quality_focal_closed_form(logits: Tensor, target: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """:func:`quality_focal_terms` out of place (traceable): the element-wise QFL and its derivative."""
     bce, prob, neg_prob, slope = _sigmoid_closed_form(logits, target)
-    diff = _sigmoid_minus_target(prob, neg_prob, target)
+    diff = sigmoid_minus_target(prob, neg_prob, target)
     if beta == 0.0:
         return bce, diff
     if beta == 2.0:
