@@ -543,12 +543,13 @@ def sigmoid_pair_graph() -> onnx.ModelProto:
         node("Mul", ["decay", "inverse"], ["small"]),
         node("Where", ["nonnegative", "inverse", "small"], ["sigmoid"]),
         node("Where", ["nonnegative", "small", "inverse"], ["sigmoid_neg"]),
+        node("Cast", ["nonnegative"], ["step"], to=TensorProto.FLOAT),  # the BCE's step, after the selects
     ]
     inits = [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in (("zero", 0.0), ("one", 1.0))]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])]
     outputs = [
         helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
-        for name in ("magnitude", "sigmoid", "sigmoid_neg")
+        for name in ("magnitude", "sigmoid", "sigmoid_neg", "step")
     ]
     graph = helper.make_graph(nodes, "sigmoid_pair", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -563,8 +564,9 @@ def test_branch_free_selects_give_the_selected_values() -> None:
     assert onnx_export.branch_free_selects(rewritten) == 3
     onnx.checker.check_model(rewritten, full_check=True)
     assert sign_selects(rewritten) == [] and "Where" not in {node.op_type for node in rewritten.graph.node}
-    # the abandoned Neg(x) and decay * inverse have no consumers left
-    assert sorted(node.op_type for node in rewritten.graph.node).count("Mul") == 2
+    # the abandoned Neg(x) and decay * inverse have no consumers left; the factors reuse the decay and the step
+    op_types = [node.op_type for node in rewritten.graph.node]
+    assert (op_types.count("Mul"), op_types.count("Exp"), op_types.count("Cast")) == (2, 1, 1)
 
     def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -579,7 +581,7 @@ def test_branch_free_selects_give_the_selected_values() -> None:
             np.testing.assert_array_max_ulp(got, expected, maxulp=1)  # NaN where the select gave NaN
     # the tails of sigmoid(+-x) keep their relative precision (no 1 - sigmoid cancellation)
     tails = np.array([[-20.0, -88.0, 30.0]], np.float32)
-    _, sigmoid, sigmoid_neg = run(rewritten, tails)
+    _, sigmoid, sigmoid_neg, _ = run(rewritten, tails)
     np.testing.assert_allclose(sigmoid[0, :2], 1.0 / (1.0 + np.exp(-tails[0, :2].astype(np.float64))), rtol=1e-6)
     np.testing.assert_allclose(sigmoid_neg[0, 2], 1.0 / (1.0 + np.exp(30.0)), rtol=1e-6)
 

@@ -237,13 +237,15 @@ def branch_free_selects(model: Any) -> int:
     (``GreaterOrEqual(x, 0)``), ``e = Exp(Neg(|x|))`` and ``r = Reciprocal(Add(e, 1))``:
 
     - ``Where(x >= 0, x, Neg(x))`` -> ``Abs(x)``;
-    - ``Where(x >= 0, r, Mul(e, r))`` -> ``Mul(Exp(Min(x, 0)), r)``: ``Min(x, 0)`` is ``x = -|x|`` where
-      x < 0 and its ``Exp`` is 1 where x >= 0;
-    - ``Where(x >= 0, Mul(e, r), r)`` -> ``Mul(Exp(Neg(Max(x, 0))), r)``, the mirror image.
+    - ``Where(x >= 0, r, Mul(e, r))`` -> ``Mul(Max(e, s), r)`` with the step ``s = Cast(x >= 0)``:
+      ``e <= 1``, so the factor is 1 where x >= 0 and ``e`` where x < 0;
+    - ``Where(x >= 0, Mul(e, r), r)`` -> ``Mul(Max(e, Sub(1, s)), r)``, the mirror image.
 
-    Each gives the value the select gave (NaN stays NaN; only the sign of a zero ``|x|`` may differ, which
-    ``Exp(Neg(.))`` and ``Max(., 0)`` do not see). Nodes left without consumers are dropped. Returns the number
-    of selects rewritten.
+    Each gives the value the select gave (NaN stays NaN through ``r``; only the sign of a zero ``|x|`` may differ,
+    which ``Exp(Neg(.))`` does not see). The factors reuse ``e``, and the step is the graph's own cast of the
+    condition where it has one (the BCE's ``x ([x >= 0] - t)``), so a graph that needs both sigmoid(x) and
+    sigmoid(-x) (focal, QFL's precise ``t - sigmoid(x)``) runs one ``Exp`` pass rather than three, and a pass
+    fewer in all. Nodes left without consumers are dropped. Returns the number of selects rewritten.
     """
     from onnx import helper
 
@@ -273,8 +275,8 @@ def branch_free_selects(model: Any) -> int:
         x = test[0]
         return x if node.input[1] == x and negated is not None and negated.input[0] == x else None
 
-    def sigmoid_of(r: str, er: str) -> Optional[str]:
-        """``x`` where ``r = 1 / (1 + e)`` and ``er = e * r`` with ``e = exp(-|x|)``."""
+    def sigmoid_of(r: str, er: str) -> Optional[tuple[str, str, str]]:
+        """``(x, e, one)`` where ``r = 1 / (1 + e)`` and ``er = e * r`` with ``e = exp(-|x|)``."""
         reciprocal, product = made(r, "Reciprocal"), made(er, "Mul")
         if reciprocal is None or product is None or r not in product.input:
             return None
@@ -287,32 +289,57 @@ def branch_free_selects(model: Any) -> int:
         negated = made(exp.input[0], "Neg") if exp is not None else None
         if _scalar_value(initializers, one) != 1.0 or negated is None:
             return None
-        return magnitude_of(negated.input[0])
+        x = magnitude_of(negated.input[0])
+        return None if x is None else (x, e, one)
 
     nodes = []
+    casts = {
+        (node.input[0], attribute.i): node
+        for node in graph.node
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx")
+        for attribute in node.attribute
+        if attribute.name == "to"
+    }
+    placed: set[str] = set()
     rewritten = 0
+
+    def step_of(condition: str, one: str) -> str:
+        """``condition`` cast to the type of ``one`` (x's): the graph's own cast (the BCE's step) where it has one,
+        moved up to its first use."""
+        key = (condition, initializers[one].data_type)
+        cast = casts.get(key)
+        if cast is None:
+            step = f"{condition}__visdet_step"
+            cast = casts[key] = helper.make_node("Cast", [condition], [step], to=key[1], name=step)
+        if cast.output[0] not in placed:
+            nodes.append(cast)
+            placed.add(cast.output[0])
+        return cast.output[0]
+
     for node in graph.node:
+        if node.output[0] in placed:
+            continue
         test = sign_test(node.input[0]) if node.op_type == "Where" and node.domain in ("", "ai.onnx") else None
         if test is None:
             nodes.append(node)
             continue
-        x, zero = test
+        x, condition = test[0], node.input[0]
         out, on_true, on_false = node.output[0], node.input[1], node.input[2]
+        factor = f"{out}__visdet_factor"
         if magnitude_of(out) == x:
             nodes.append(helper.make_node("Abs", [x], [out], name=node.name))
-        elif sigmoid_of(on_true, on_false) == x:
-            clipped, factor = f"{out}__visdet_nonpositive", f"{out}__visdet_factor"
+        elif (pair := sigmoid_of(on_true, on_false)) is not None and pair[0] == x:
+            _, e, one = pair
             nodes += [
-                helper.make_node("Min", [x, zero], [clipped], name=clipped),
-                helper.make_node("Exp", [clipped], [factor], name=factor),
+                helper.make_node("Max", [e, step_of(condition, one)], [factor], name=factor),
                 helper.make_node("Mul", [factor, on_true], [out], name=node.name),
             ]
-        elif sigmoid_of(on_false, on_true) == x:
-            clipped, negated, factor = (f"{out}__visdet_{part}" for part in ("nonnegative", "negated", "factor"))
+        elif (pair := sigmoid_of(on_false, on_true)) is not None and pair[0] == x:
+            _, e, one = pair
+            complement = f"{out}__visdet_complement"
             nodes += [
-                helper.make_node("Max", [x, zero], [clipped], name=clipped),
-                helper.make_node("Neg", [clipped], [negated], name=negated),
-                helper.make_node("Exp", [negated], [factor], name=factor),
+                helper.make_node("Sub", [one, step_of(condition, one)], [complement], name=complement),
+                helper.make_node("Max", [e, complement], [factor], name=factor),
                 helper.make_node("Mul", [factor, on_false], [out], name=node.name),
             ]
         else:
