@@ -804,6 +804,100 @@ def test_soft_target_bce_of_confident_logits_keeps_its_relative_precision(runtim
         torch.testing.assert_close(value.double(), exact, rtol=1e-6, atol=0, msg=lambda m: f"t = {soft}: {m}")
 
 
+def _nearly_identical_boxes(n: int, jitter: float) -> tuple[Tensor, Tensor]:
+    """Targets at coordinates ~10 with sides 0.5 .. 1.5, and predictions ``jitter`` off them, both float32."""
+    generator = torch.Generator().manual_seed(0)
+    centre = 10.0 + torch.rand(n, 2, generator=generator, dtype=F64)
+    half = 0.25 + 0.5 * torch.rand(n, 2, generator=generator, dtype=F64)
+    target = torch.cat([centre - half, centre + half], dim=1).float()
+    pred = (target.double() + jitter * torch.randn(n, 4, generator=generator, dtype=F64)).float()
+    return pred, target
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_giou_of_nearly_identical_boxes_is_float32_accurate_but_where_coordinates_tie(runtime: str) -> None:
+    """Boxes 1e-5 apart at coordinates ~10 (README, Mixed precision): the loss (~3.5e-5) is off by an absolute
+    ~1.4e-7, as far as float64 math on float32-rounded areas, and a 1-ulp nudge of one coordinate moves the exact
+    loss by up to 21%: conditioning, not a cancellation of the formulation. The gradient is within 1e-6 of each
+    box's largest component, element by element too, except at coordinates equal in pred and target (ulp(10) is
+    ~1e-6): there the max / min halve the slope and four O(1 / side) terms cancel to O(jitter), which float32 leaves
+    at ~eps / side (10^3 .. 10^5 relative); a one-ulp nudge of such a coordinate moves that component to ~1 / side."""
+    cfg = dict(type="GIoULoss", reduction="none")
+    loss = build_in(runtime, cfg)
+    pred, target = _nearly_identical_boxes(500, 1e-5)
+    reference = pred.double().requires_grad_()
+    exact = build_loss(cfg)(reference, target.double())  # float64 math
+    (exact_grad,) = torch.autograd.grad(exact.sum(), reference)
+    leaf = pred.clone().requires_grad_()
+    value = loss(leaf, target)
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    torch.testing.assert_close(value.double(), exact.detach(), rtol=0, atol=2.0**-22)
+    error = (grad.double() - exact_grad).abs()
+    assert float((error / exact_grad.abs().amax(1, keepdim=True)).max()) < 1e-6
+    ties = pred == target
+    assert bool(ties.any())  # the case the element-wise check leaves out
+    assert float((error / exact_grad.abs())[~ties].max()) < 1e-6
+    assert float(exact_grad.abs()[ties].max()) < 1e-3 * float(exact_grad.abs().max())
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_dfl_gradient_at_its_optimum_is_off_by_the_rounding_of_the_probabilities(runtime: str) -> None:
+    """DFL with both bins around the target confident (the rest 30 below) and at its optimum, p = w (README, Mixed
+    precision): the bins' gradient p - w is ~1e-10 .. 1e-8, a difference of two O(1) numbers, and float32 leaves
+    it an absolute error of ~7e-8 (1.2 ulps of 0.5), relative errors of 1e2 .. 1e4. Not a cancellation of the
+    formulation: float64 math on the float32-rounded probability is off by up to half an ulp, 3e-8 (relative
+    errors up to 2e2 here), ours 2.4x that; for targets below 0.5 the weight 1 - y itself rounds by as much."""
+    cfg = dict(type="DistributionFocalLoss", reduction="none")
+    loss = build_in(runtime, cfg)
+    generator = torch.Generator().manual_seed(0)
+    n, bins = 256, 17
+    target = torch.cat([0.02 + 0.46 * torch.rand(n // 2, generator=generator, dtype=F64),
+                        1.0 + 15.0 * torch.rand(n // 2, generator=generator, dtype=F64)]).float().double()
+    left = target.floor().clamp(0, bins - 2).long()
+    logits = -30.0 - torch.rand(n, bins, generator=generator, dtype=F64)
+    rows = torch.arange(n)
+    logits[rows, left], logits[rows, left + 1] = torch.log(left + 1 - target), torch.log(target - left)
+    pred = logits.float()
+    reference = pred.double().requires_grad_()
+    (exact_grad,) = torch.autograd.grad(build_loss(cfg)(reference, target).sum(), reference)  # float64 math
+    leaf = pred.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(leaf, target.float()).sum(), leaf)
+    assert float(exact_grad.abs().max()) < 1e-6  # at the optimum
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=2.0**-22)
+    rounded = torch.softmax(reference.detach(), dim=1).float().double()  # the float32 probabilities, exactly
+    weights = torch.zeros_like(rounded)
+    weights[rows, left], weights[rows, left + 1] = left + 1 - target, target - left
+    floor = float(((rounded - weights) - exact_grad).abs().max())  # of any formulation that rounds p to float32
+    assert float((grad.double() - exact_grad).abs().max()) < 4.0 * floor
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
+def test_mask_ce_of_confident_logits_on_soft_targets_keeps_its_relative_precision(runtime: str) -> None:
+    """Mask cross-entropy of confident maps (|x| 8 .. 80, a quarter of them wrong; e^-|x| stays a normal float32)
+    on hard targets and on soft ones 1e-3 and 1e-4 away from 0 and 1 (PointRend's point targets are interpolated):
+    values and gradients element by element within 1e-6 relative of float64 math."""
+    cfg = dict(type="CrossEntropyLoss", use_mask=True, reduction="none")
+    loss = build_in(runtime, cfg)
+    generator = torch.Generator().manual_seed(0)
+    rois, classes, points = 8, 3, 30
+    label = torch.randint(0, classes, (rois,), generator=generator)
+    magnitude = 8.0 * torch.exp(math.log(10.0) * torch.rand(rois, classes, points, generator=generator, dtype=F64))
+    mask = torch.rand(rois, points, generator=generator) < 0.5
+    sign = torch.where(mask.unsqueeze(1), 1.0, -1.0).double()
+    sign = torch.where(torch.rand(rois, classes, points, generator=generator) < 0.25, -sign, sign)
+    pred = (sign * magnitude).float()
+    for away in (0.0, 1e-3, 1e-4):
+        target = torch.where(mask, 1.0 - away, away).float()
+        reference = pred.double().requires_grad_()
+        exact = build_loss(cfg)(reference, target.double(), label)  # float64 math
+        (exact_grad,) = torch.autograd.grad(exact.sum(), reference)
+        leaf = pred.clone().requires_grad_()
+        value = loss(leaf, target, label)
+        (grad,) = torch.autograd.grad(value.sum(), leaf)
+        torch.testing.assert_close(value.double(), exact.detach(), rtol=1e-6, atol=0, msg=lambda m: f"{away}: {m}")
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-6, atol=0, msg=lambda m: f"{away}: {m}")
+
+
 @pytest.mark.parametrize("runtime", ["eager", "script", "compile"])
 def test_negative_weights_weigh_like_any_other(runtime: str) -> None:
     """Only weight 0 masks: a negative weight (a penalty some samplers give) multiplies, in every runtime (the
