@@ -474,6 +474,65 @@ def test_confident_logits_keep_their_relative_precision(exports: Any, key: str) 
     torch.testing.assert_close(got_grad[kept], want_grad[kept], rtol=1e-4, atol=0.0)
 
 
+def _audited_inputs(key: str) -> dict[str, Tensor]:
+    """float32 inputs of the regimes of README's float32 audit (Mixed precision): nearly identical boxes (GIoU),
+    DFL at its optimum with both bins confident, confident mask logits on soft targets, LD with a confident teacher
+    and a student confident elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    if key == "giou":
+        centre, half = 10.0 + torch.rand(500, 2, generator=g, dtype=f64), 0.25 + 0.5 * torch.rand(500, 2, generator=g)
+        target = torch.cat([centre - half, centre + half], dim=1).float()
+        return {"pred": (target.double() + 1e-5 * torch.randn(500, 4, generator=g, dtype=f64)).float(),
+                "target": target}
+    if key == "dfl":
+        target = (1.0 + 15.0 * torch.rand(256, generator=g, dtype=f64)).float().double()
+        left, rows = target.floor().long(), torch.arange(256)
+        logits = -30.0 - torch.rand(256, 17, generator=g, dtype=f64)
+        logits[rows, left], logits[rows, left + 1] = torch.log(left + 1 - target), torch.log(target - left)
+        return {"pred": logits.float(), "target": target.float()}
+    if key == "ce_mask":
+        mask = torch.rand(8, 5, 6, generator=g) < 0.5
+        sign = torch.where(mask.unsqueeze(1), 1.0, -1.0).double()
+        magnitude = 8.0 * torch.exp(2.3 * torch.rand(8, 3, 5, 6, generator=g, dtype=f64))
+        return {"pred": (sign * magnitude).float(), "target": torch.where(mask, 1.0 - 1e-4, 1e-4).float(),
+                "label": torch.randint(0, 3, (8,), generator=g)}
+    teacher, student = (torch.randn(64, 4, 17, generator=g, dtype=f64) * 0.5 for _ in range(2))
+    teacher[..., 5] += 30.0
+    student[..., 9] += 30.0
+    return {"pred": student.reshape(64, -1).float(), "soft_label": teacher.reshape(64, -1).float()}
+
+
+@pytest.mark.parametrize("key", ["giou", "dfl", "ce_mask", "ld"])
+def test_audited_regimes_match_float64_math_in_onnxruntime(exports: Any, key: str) -> None:
+    """The joint graphs in the regimes of README's float32 audit, as eager's tests in test_edge_cases.py and
+    test_distillation.py check them: GIoU of boxes 1e-5 apart (value within ~1 ulp of 1 absolute, gradient within
+    1e-6 of each box's largest component), DFL at its optimum (gradient within 2 ulps of 1 absolute: the rounding
+    of p), mask CE of confident logits on soft targets and LD away from its teacher (element by element)."""
+    art = exports(key, reduction="none", joint=True)
+    inputs = _audited_inputs(key)
+    feed = {name: inputs.get(name, torch.ones(inputs["pred"].size(0))) for name in art.names}
+    value, grad = (out.double() for out in art.run(feed))
+    leaf = inputs["pred"].double().requires_grad_(True)
+    exact_inputs = {name: t.double() if t.is_floating_point() else t for name, t in feed.items()}
+    exact = art.spec.call(copy.deepcopy(art.loss).double(), {**exact_inputs, "pred": leaf})  # float64 math
+    (exact_grad,) = torch.autograd.grad(exact.sum(), leaf)
+    exact, scale = exact.detach(), float(art.loss.loss_weight)
+    rows = exact_grad.reshape(exact_grad.size(0), -1).abs().amax(1)
+    normwise = (grad - exact_grad).reshape(grad.size(0), -1).abs().amax(1) / rows
+    if key == "giou":
+        torch.testing.assert_close(value, exact, rtol=0, atol=2.0**-22 * scale)
+        assert float(normwise.max()) < 1e-6
+    elif key == "dfl":
+        torch.testing.assert_close(grad, exact_grad, rtol=0, atol=2.0**-22 * scale)
+    else:
+        torch.testing.assert_close(value, exact, rtol=1e-5 if key == "ld" else 1e-6, atol=0)
+        if key == "ce_mask":
+            torch.testing.assert_close(grad, exact_grad, rtol=1e-6, atol=0)
+        else:
+            assert float(normwise.max()) < 2e-6
+
+
 def _tied_graph() -> onnx.ModelProto:
     """out = a * b and total = sum(a) * s, with a, b of N values and s 0-d: the shapes checked_input_shapes ties."""
     floats = [
