@@ -64,6 +64,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from baselines import BASELINES  # noqa: E402
+from run_options import ALL_PROVIDERS  # noqa: E402  # the options, without torch (visdet-export bench --help)
+from run_options import parse_args as parse_options  # noqa: E402
 
 from visdet_export import build_loss  # noqa: E402
 from visdet_export.export.torchscript import script_loss  # noqa: E402
@@ -79,7 +81,6 @@ from visdet_export.specs import (  # noqa: E402
 
 TRAIN_PROVIDERS = ("baseline", "eager", "compiled", "torchscript", "floor")
 INFER_PROVIDERS = ("eager", "onnx")
-ALL_PROVIDERS = ("baseline", "eager", "compiled", "torchscript", "floor", "onnx")
 BOX_LOSSES = {"L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "IoULoss", "GIoULoss"}
 ALLOCATORS = {"default": {}, "pinned": {"MALLOC_MMAP_MAX_": "0"}}
 ALLOCATOR_LABELS = {
@@ -652,66 +653,10 @@ def select_configs(args: argparse.Namespace) -> dict[str, dict]:
     return unique
 
 
-#: The floating dtypes a run can measure (``--dtypes``).
-DTYPES = ("float32", "bfloat16", "float16")
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     # run as a script (`python benchmarks/run.py`) or through `visdet-export bench` (visdet_export.bench imports it)
     prog = "python benchmarks/run.py" if __name__ == "__main__" else "visdet-export bench"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run")
-    parser.add_argument("--all", action="store_true",
-                        help="every representative configuration (default: those of visdet's losses page and "
-                        "sigmoid CE on class labels)")
-    parser.add_argument("--losses", default="", help="comma-separated config names or loss types")
-    parser.add_argument("--sizes", default="", help="comma-separated N overriding every loss's sizes")
-    parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="subset of " + ",".join(ALL_PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 7, quick 3)")
-    parser.add_argument("--min-repeats", type=int, default=3, help="timed repeats per cell at least (default 3)")
-    parser.add_argument(
-        "--cell-budget-s", type=float, default=30.0, help="stop repeating a cell after this many seconds (default 30)"
-    )
-    parser.add_argument("--min-cell-s", type=float, default=None,
-                        help="repeat short cells past --repeats (up to 10x) until they ran this long (default 1, quick 0)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per cell first (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
-    parser.add_argument("--allocator", choices=("default", "pinned", "both"), default=None,
-                        help="glibc allocator setting; 'both' re-executes twice (default: both on CPU, else default)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--positive-fraction", type=float, default=None,
-                        help="share of samples with a class label for focal / QFL / sigmoid CE, the rest background "
-                        "(e.g. 0.01, as a detector's anchors; default: labels uniform over the 80 classes and "
-                        "background)")
-    parser.add_argument("--out", default=None,
-                        help="output folder for results.json / results.md (default: benchmarks/results, and "
-                        "benchmarks/results/quick for --quick, so that a smoke run keeps the recorded results)")
-    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    # mistakes in the options are usage errors (exit 2) before anything runs, not a failed or empty run
-    unknown = [p for p in args.providers if p not in ALL_PROVIDERS]
-    if unknown or not args.providers:
-        parser.error(f"--providers {','.join(unknown) or '(none)'}: choose from {','.join(ALL_PROVIDERS)}")
-    if not all(s.strip().isdigit() for s in args.sizes.split(",") if s.strip()):
-        parser.error(f"--sizes {args.sizes!r}: comma-separated sample counts (integers >= 0)")
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if not dtypes or set(dtypes) - set(DTYPES):
-        parser.error(f"--dtypes {args.dtypes!r}: choose from {','.join(DTYPES)}")
-    if args.threads < 1 or args.repeats is not None and args.repeats < 1:
-        parser.error("--threads and --repeats take a positive integer")
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
-    args.min_repeats = min(args.min_repeats, args.repeats)
-    if args.min_cell_s is None:
-        args.min_cell_s = 0.0 if args.quick else 1.0
-    if args.allocator is None:  # glibc's state matters to CPU timings only
-        args.allocator = "default" if args.quick or args.device != "cpu" else "both"
-    if args.out is None:
-        args.out = str(HERE / "results" / "quick" if args.quick else HERE / "results")
-    return args
+    return parse_options(argv, prog)
 
 
 def _run_record(env: dict[str, Any], dtype_name: str, rows: list[dict], args: argparse.Namespace) -> dict[str, Any]:

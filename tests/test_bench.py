@@ -96,6 +96,15 @@ def test_short_cells_repeat_until_min_cell_time():
     assert run.parse_args(["--quick"]).min_cell_s == 0.0
 
 
+def test_torch_free_options_describe_the_runner():
+    """``benchmarks/run_options.py`` (the options ``visdet-export bench --help`` reads without torch) describes
+    run.py with the first paragraph of run.py's docstring, and run.py parses with it."""
+    run = _runner()
+    options = sys.modules["run_options"]  # imported by run.py
+    assert run.__doc__.split("\n\n")[0] == options.DESCRIPTION
+    assert run.ALL_PROVIDERS is options.ALL_PROVIDERS and run.parse_options is options.parse_args
+
+
 def test_allocator_runs_default_to_both_on_cpu_only():
     run = _runner()
     assert run.parse_args([]).allocator == "both"

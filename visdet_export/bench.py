@@ -7,6 +7,7 @@ package; ``main(argv)`` runs it with the runner's own options (``--quick``, ``--
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 NEEDS_CHECKOUT = (
@@ -41,11 +42,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: visdet-export bench [runner options]\n\n" + NEEDS_CHECKOUT if asked_for_help else NEEDS_CHECKOUT,
               file=sys.stdout if asked_for_help else sys.stderr)
         return 0 if asked_for_help else 2
-    spec = importlib.util.spec_from_file_location("visdet_export_bench_runner", path)
+    options = path.with_name("run_options.py")
+    if options.is_file():  # its --help and usage errors answer here, before run.py imports torch
+        _load(options, "visdet_export_bench_options").parse_args(arguments, prog="visdet-export bench")
+    return int(_load(path, "visdet_export_bench_runner").main(arguments))
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return int(module.main(arguments))
+    return module
 
 
 if __name__ == "__main__":
