@@ -463,8 +463,29 @@ def test_check_delegates_its_arguments(monkeypatch, capsys):
     import visdet_export
 
     monkeypatch.setattr(visdet_export, "check", module, raising=False)
-    assert cli.main(["check", "--format", "onnx", "--help"]) == 3
-    assert seen == [["--format", "onnx", "--help"]]
+    assert cli.main(["check", "--configs", "focal", "--pt2", "subset", "-q"]) == 3
+    assert seen == [["--configs", "focal", "--pt2", "subset", "-q"]]
+    # --help and usage errors are answered by its torch-free parser, before the module runs
+    assert cli.main(["check", "--format", "onnx", "--help"]) == 0
+    assert cli.main(["check", "--format", "onnx"]) == 2
+    assert len(seen) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: visdet-export check") and "unrecognized arguments: --format onnx" in err
+
+
+def test_torch_free_parsers_agree_with_the_modules_they_serve(monkeypatch, tmp_path):
+    """visdet_export.parsers repeats what check and cpp would compute with torch: the runtimes' names and the
+    default C++ build folder (its torch found without importing torch)."""
+    import torch
+
+    from visdet_export import cpp, parsers
+    from visdet_export.runtimes import RUNTIMES
+
+    assert parsers.RUNTIME_NAMES == tuple(RUNTIMES)
+    assert parsers.torch_cmake_prefix() == Path(torch.utils.cmake_prefix_path)
+    monkeypatch.delenv("VISDET_EXPORT_CPP_BUILD_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert parsers.default_build_dir() == cpp.default_build_dir()
 
 
 # ---------------------------------------------------------------------------------------------- export_scripts

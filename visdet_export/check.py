@@ -36,7 +36,6 @@ autocast does not reach their runtimes.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -48,23 +47,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .parsers import AUTOCAST_NAMES, DEFAULT_RUNTIMES, DEFAULT_SIZES, ONNX_MODES, PT2_CONFIGS, PT2_MODES
+from .parsers import check_parser as build_parser
 from .registry import MODELS, build_loss
 from .runtimes import RUNTIMES, LossRunner, build_runner
 from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
 from .validation import check_names
 
-DEFAULT_SIZES = (0, 1, 7, 1000)
-DEFAULT_RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
-#: Configurations ``--pt2 subset`` covers with separate packages (``dfl`` as a joint loss + gradient package).
-PT2_CONFIGS = ("focal", "giou", "dfl")
 PT2_JOINT = ("dfl",)
-#: How the pt2 column builds its packages: one joint bundle for every configuration, one package per
-#: configuration, or separate packages for :data:`PT2_CONFIGS` only.
-PT2_MODES = ("bundle", "separate", "subset")
-#: What the onnx column exports: the loss alone, or the joint loss + gradient graph of distillation.
-ONNX_MODES = ("loss", "joint")
-#: The ``--autocast`` dtypes: mixed-precision training's lower precisions.
-AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOCAST_DTYPES = {name: getattr(torch, name) for name in AUTOCAST_NAMES}
 TOLERANCES: dict[str, dict[str, float]] = {
     "eager": {"rtol": 0.0, "atol": 0.0},
     "compile": {"rtol": 1e-5, "atol": 1e-5},
@@ -421,51 +412,6 @@ def summary(cells: Sequence[Cell]) -> str:
     failed = sum(c.status == "fail" for c in cells)
     skipped = sum(c.status == "skip" for c in cells)
     return f"{passed} passed, {failed} failed, {skipped} skipped of {len(cells)} cells"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="visdet-export check",
-        description="Run every representative loss configuration in every runtime and compare it with eager PyTorch.",
-    )
-    parser.add_argument("--configs", help="comma-separated configuration names or loss types (default: all)")
-    parser.add_argument(
-        "--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES)}"
-    )
-    parser.add_argument(
-        "--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-        help="comma-separated sample counts N (default %(default)s)",
-    )
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument(
-        "--pt2",
-        choices=(*PT2_MODES, "all"),
-        default="bundle",
-        help="pt2 column: every configuration in one joint package (bundle, default; 'all' is the same), one "
-        f"package per configuration (separate, slow), or separate packages for {', '.join(PT2_CONFIGS)} (subset)",
-    )
-    parser.add_argument(
-        "--onnx",
-        choices=ONNX_MODES,
-        default="loss",
-        help="onnx column: export the loss alone (loss, default) or with its gradient output, as distillation "
-        "graphs are (joint: values and gradients are checked)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default %(default)s)")
-    parser.add_argument(
-        "--device",
-        help="run eager, compile and script on this device (e.g. cuda) against eager on the CPU; the exported "
-        "artifacts' columns are skipped",
-    )
-    parser.add_argument(
-        "--autocast",
-        choices=tuple(AUTOCAST_DTYPES),
-        help="run eager, compile and script inside torch.autocast of this dtype, as mixed-precision training does, "
-        "against eager outside it; the exported artifacts' columns are skipped",
-    )
-    parser.add_argument("--list", action="store_true", help="list the configurations and exit")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    return parser
 
 
 def _split(text: Optional[str]) -> Optional[list[str]]:

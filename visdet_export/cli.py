@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .validation import PLUGINS_VARIABLE, ConfigError
+from .validation import PLUGINS_VARIABLE, ConfigError, plugin_names
 
 PROG = "visdet-export"
 
@@ -847,14 +847,22 @@ def cmd_check(argv: Sequence[str]) -> int:
 
 
 def _passthrough(module_name: str, what: str, argv: Sequence[str]) -> int:
-    """Run ``visdet_export.<module_name>.main(argv)`` with its own options; its status is ours."""
+    """Run ``visdet_export.<module_name>.main(argv)`` with its own options; its status is ours. Where the module
+    imports torch, its parser (:data:`visdet_export.parsers.PARSERS`) reads ``argv`` first: ``--help`` and usage
+    errors answer without torch."""
     import importlib
 
+    from .parsers import PARSERS
+
     try:
+        if module_name in PARSERS:
+            PARSERS[module_name]().parse_args(list(argv))
         module = importlib.import_module(f".{module_name}", __package__)
     except ImportError as error:
         print(f"{PROG}: error: {what} is not available in this installation ({error})", file=sys.stderr)
         return EXIT_FAILED
+    except SystemExit as exit_:  # argparse's --help and usage errors
+        return int(exit_.code or 0)
     try:
         status = module.main(list(argv))
     except SystemExit as exit_:  # argparse's --help and usage errors, or a tool's own SystemExit("message")
@@ -1319,7 +1327,7 @@ def _load_plugins(argv: list[str], load: bool = True) -> list[str]:
             names.append(item.split("=", 1)[1])
         else:
             rest.append(item)
-    if load:
+    if load and plugin_names(names):  # none: the registry (torch) loads when a command needs it
         from .registry import load_plugins
 
         load_plugins(names)
@@ -1341,13 +1349,11 @@ def _one_line_warnings() -> Callable[..., None]:
 
 
 def _guard(run: Callable[[], int], debug: bool) -> int:
-    from .export.artifacts import ArtifactError
-
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings()
             return run()
-    except (UsageError, ConfigError, ArtifactError) as error:
+    except _usage_errors() as error:  # called only once something was raised
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except UnavailableError as error:
@@ -1366,6 +1372,14 @@ def _guard(run: Callable[[], int], debug: bool) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The errors :func:`_guard` reports as the user's mistake: UsageError, ConfigError and, once its module is
+    loaded, ArtifactError (only then can one have been raised; importing the module imports torch, which
+    ``check --help`` and the like do without)."""
+    artifacts = sys.modules.get(f"{__package__}.export.artifacts")
+    return (UsageError, ConfigError) if artifacts is None else (UsageError, ConfigError, artifacts.ArtifactError)
 
 
 if __name__ == "__main__":  # pragma: no cover

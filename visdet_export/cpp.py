@@ -27,7 +27,6 @@ raises :class:`ToolchainUnavailable` (tests skip on it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -45,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import parsers
+from .parsers import SOURCE_FILES, source_dir
 from .registry import build_loss
 from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
 
@@ -52,7 +53,6 @@ CASES_FORMAT = "visdet-cases/1"
 PROGRAM = "visdet_loss_runner"
 RTOL = 1e-6
 STAMP = "visdet-build.json"
-SOURCE_FILES = ("CMakeLists.txt", "main.cpp")
 
 LossLike = nn.Module | Mapping[str, object] | str
 
@@ -72,35 +72,12 @@ class CppRunError(RuntimeError):
 # --- toolchain and build ---------------------------------------------------------------------------------------
 
 
-def source_dir() -> Path:
-    """The CMake project: ``$VISDET_EXPORT_CPP_SOURCE``, else the sources shipped in the package.
-
-    ``visdet_export/cpp_project`` is a symlink to ``export_scripts/cpp`` in a source checkout, and a copy of it
-    (package data) in an installed wheel; ``export_scripts/cpp`` beside the package is the fallback for a
-    checkout without symlinks.
-    """
-    env = os.environ.get("VISDET_EXPORT_CPP_SOURCE")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "cpp_project", here.parent / "export_scripts" / "cpp"):
-        if all((candidate / name).is_file() for name in SOURCE_FILES):
-            return candidate.resolve()
-    return here / "cpp_project"
-
-
 def default_build_dir(sources: str | os.PathLike[str] | None = None) -> Path:
     """``$VISDET_EXPORT_CPP_BUILD_DIR``, else ``$XDG_CACHE_HOME/visdet-export/cpp/<environment>`` (``~/.cache/...``):
     one build per torch installation and source folder (``sources``, default :func:`source_dir`), so virtual
     environments and checkouts sharing the cache neither rebuild over each other's program nor replace it while
     the other runs it."""
-    env = os.environ.get("VISDET_EXPORT_CPP_BUILD_DIR")
-    if env:
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    source_path = Path(sources) if sources is not None else source_dir()
-    where = f"{torch_cmake_prefix()}\0{source_path.resolve()}"
-    return cache / "visdet-export" / "cpp" / hashlib.sha256(where.encode()).hexdigest()[:12]
+    return parsers.default_build_dir(sources if sources is not None else source_dir(), torch_cmake_prefix())
 
 
 def _compiler() -> str | None:
@@ -850,7 +827,7 @@ def check_pt2_package(path: str | os.PathLike[str], program: str | os.PathLike[s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Smoke-test the C++ toolchain: build the program, run losses in C++ and compare with eager PyTorch; or check
-    exported .pt2 packages (--package) in C++ against eager.
+    exported .pt2 packages (--package) in C++ against eager (the options: :func:`visdet_export.parsers.cpp_parser`).
 
     Exit status: 0 all parity checks passed, 1 a check failed, 2 a usage mistake or the program could not be built.
     """
@@ -858,25 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .registry import load_plugins  # $VISDET_EXPORT_PLUGINS and --plugin: losses of one's own
     from .validation import ConfigError
 
-    parser = argparse.ArgumentParser(prog="visdet-export cpp", description=main.__doc__)
-    parser.add_argument("--build-dir", help=f"where to build (default {default_build_dir()})")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
-    parser.add_argument("--rebuild", action="store_true", help="build even if the cached build is current")
-    parser.add_argument(
-        "--config",
-        action="append",
-        help="a representative configuration name or a JSON loss dict (repeatable); "
-        "default: all representative configurations unless --package is given",
-    )
-    parser.add_argument("--pt2", action="store_true", help="also check joint .pt2 packages (slow: AOTInductor)")
-    parser.add_argument(
-        "--package", action="append", default=[], metavar="PATH",
-        help="an exported .pt2 package or bundle (with its manifest) to run in C++ against eager (repeatable)",
-    )
-    parser.add_argument(
-        "--plugin", action="append", default=[], metavar="MODULE",
-        help="import MODULE first, a module registering losses of your own (repeatable; also $VISDET_EXPORT_PLUGINS)",
-    )
+    parser = parsers.cpp_parser()
     args = parser.parse_args(argv)
     try:
         load_plugins(args.plugin)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .losses import LOSS_CLASSES
 from .numerics import from_float32_parts
-from .validation import PLUGINS_VARIABLE, ConfigError
+from .validation import PLUGINS_VARIABLE, ConfigError, plugin_names
 
 # The prefix of the names the MMDetection / visdet plugin registers our losses under ("ExportFocalLoss").
 PLUGIN_PREFIX = "Export"
@@ -302,8 +302,7 @@ def load_plugins(names: Sequence[str] = ()) -> None:
     """Import the modules ``names`` and those of ``$VISDET_EXPORT_PLUGINS``, found on ``sys.path`` and, as
     ``python -m`` finds them, in the working directory. Any failure is a :class:`ConfigError` naming the module.
     Plugins are code: name only modules you trust."""
-    listed = [name.strip() for name in os.environ.get(PLUGINS_VARIABLE, "").split(",") if name.strip()]
-    wanted = [*listed, *names]
+    wanted = plugin_names(names)
     if wanted and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     for name in wanted:

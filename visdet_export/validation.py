@@ -24,6 +24,12 @@ class ConfigError(ValueError):
 PLUGINS_VARIABLE = "VISDET_EXPORT_PLUGINS"
 
 
+def plugin_names(names: Sequence[str] = ()) -> list[str]:
+    """The plugin modules to import: those of ``$VISDET_EXPORT_PLUGINS``, then ``names``."""
+    listed = [name.strip() for name in os.environ.get(PLUGINS_VARIABLE, "").split(",") if name.strip()]
+    return [*listed, *names]
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
