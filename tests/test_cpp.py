@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,7 +286,46 @@ def test_cpp_command_with_packages_alone_checks_them_and_exits_with_their_status
         out = capsys.readouterr().out
         assert f"l1.pt2 stand-in {'ok' if ok else 'FAILED'}" in out
         assert ("    case 0: loss differs" in out) is not ok
-    assert checked == [(str(package), program)] * 2
+    assert [(recorded.path, prog) for recorded, prog in checked] == [(package, program)] * 2  # as read before
+    assert all(type(recorded.losses[0]).__name__ == "L1Loss" for recorded, _ in checked)
+
+
+def test_cpp_command_reads_each_package_once(tmp_path, monkeypatch, capsys) -> None:
+    """``cpp --package``: each package's manifest is read (a checksum over the whole package) and its losses
+    rebuilt once, before the build, and checked as read; the check read them again (a bundle's, twice more). The
+    build and the C++ program are stand-ins: no toolchain needed."""
+    from visdet_export.export import artifacts
+
+    single = tmp_path / "l1.pt2"
+    single.write_bytes(b"not read")
+    artifacts.write_manifest(single, {"format": "pt2", "config": {"type": "L1Loss"}, "inputs": [], "outputs": []})
+    bundle = tmp_path / "bundle.pt2"
+    bundle.write_bytes(b"not read either")
+    artifacts.write_manifest(bundle, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
+        {"name": name, "config": {"type": loss}, "inputs": [], "outputs": []}
+        for name, loss in (("loss_cls", "FocalLoss"), ("loss_bbox", "GIoULoss"))]})
+    reads: list[str] = []
+    builds: list[str] = []
+    read_manifest, build_recorded_loss = artifacts.read_manifest, artifacts.build_recorded_loss
+    monkeypatch.setattr(artifacts, "read_manifest", lambda path: reads.append(Path(path).name) or read_manifest(path))
+    monkeypatch.setattr(artifacts, "build_recorded_loss",
+                        lambda config, *a, **k: builds.append(config["type"]) or build_recorded_loss(config, *a, **k))
+    program = tmp_path / "visdet_loss_runner"
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: cpp.BuiltRunner(program, tmp_path, False, 0.0))
+    monkeypatch.setattr(cpp, "program_info", lambda path: {})
+    single_checks = []
+    report = cpp.CheckReport("stand-in", "pt2", [], 0.0)
+    monkeypatch.setattr(cpp, "check_pt2", lambda loss, prog, **kw: single_checks.append((loss, kw)) or report)
+    runs = []
+    monkeypatch.setattr(cpp, "run_program", lambda *args, **kw: runs.append(args) or {"cases": []})
+    cpp.main(["--package", str(single), "--package", str(bundle)])
+    capsys.readouterr()
+    assert reads == ["l1.pt2", "bundle.pt2"]
+    assert builds == ["L1Loss", "FocalLoss", "GIoULoss"]
+    ((loss, options),) = single_checks
+    assert type(loss).__name__ == "L1Loss" and options["artifact"] == single
+    ((_, mode, package, _),) = runs
+    assert mode == "pt2" and Path(package) == bundle
 
 
 @pytest.mark.parametrize("joint", [True, False])
@@ -310,4 +350,6 @@ def test_check_pt2_package_runs_the_recorded_loss_in_its_layout_and_mode(tmp_pat
     write_manifest(bundle, {"format": "pt2", "bundle": True, "inputs": [], "outputs": [], "entries": [
         {"name": "loss_cls", "config": {"type": "FocalLoss"}, "inputs": [], "outputs": []}]})
     monkeypatch.setattr(cpp, "check_pt2_bundle", lambda path, program: ("bundle", path, program))
-    assert cpp.check_pt2_package(bundle, "prog") == ("bundle", bundle, "prog")
+    kind, recorded, program = cpp.check_pt2_package(bundle, "prog")
+    assert (kind, recorded.path, program) == ("bundle", bundle, "prog")  # the manifest read once, its losses built
+    assert [type(loss).__name__ for loss in recorded.losses] == ["FocalLoss"]

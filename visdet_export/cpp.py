@@ -682,8 +682,55 @@ def bundle_calls(names: Sequence[str], sizes: Mapping[str, Sequence[int]]) -> li
     return [*calls, {name: 0 for name in names}]
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordedPackage:
+    """A ``.pt2`` package as its manifest records it (:func:`recorded_package`): the manifest, its checksum
+    checked, and the losses rebuilt from it, one for a single package, one per entry (in the manifest's order)
+    for a bundle."""
+
+    path: Path
+    manifest: dict[str, Any]
+    losses: tuple[nn.Module, ...]
+
+    @property
+    def bundle(self) -> bool:
+        return bool(self.manifest.get("bundle"))
+
+
+def _recorded_losses(path: Path, manifest: Mapping[str, Any]) -> tuple[nn.Module, ...]:
+    """The losses ``manifest`` records: a single package's, or a bundle's entries each (an entry whose loss does
+    not build, e.g. its plugin not loaded, is named, as verify names it)."""
+    from .export.artifacts import build_recorded_loss
+
+    if not manifest.get("bundle"):
+        return (build_recorded_loss(dict(manifest["config"]), manifest.get("plugins"), location=path.name),)
+    return tuple(
+        build_recorded_loss(dict(item["config"]), item.get("plugins"), location=f"{path.name}, entry {item['name']}")
+        for item in manifest["entries"]
+    )
+
+
+def recorded_package(path: str | os.PathLike[str]) -> RecordedPackage:
+    """A ``.pt2`` package or bundle read once: its manifest and the losses rebuilt from it, for
+    :func:`check_pt2_package` (``cpp --package`` reads each package once, before the build, and checks that).
+
+    Raises:
+        ArtifactError: no manifest, a checksum that differs, not a ``.pt2`` package or a config that does not build
+            (:class:`~visdet_export.export.artifacts.MissingPluginError`: its plugin is not imported).
+    """
+    from .export.artifacts import ArtifactError, read_manifest
+
+    package = Path(path)
+    manifest = read_manifest(package)
+    if manifest.get("format") != "pt2":
+        raise ArtifactError(
+            f"{package.name} is not a .pt2 package (its manifest says format {manifest.get('format')!r})"
+        )
+    return RecordedPackage(package, manifest, _recorded_losses(package, manifest))
+
+
 def check_pt2_bundle(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | RecordedPackage,
     program: str | os.PathLike[str],
     *,
     sizes: Sequence[int | str] = BUNDLE_SIZES,
@@ -696,23 +743,28 @@ def check_pt2_bundle(
     """Run a ``.pt2`` bundle (:func:`visdet_export.export.pt2.export_pt2_bundle`) in C++ and compare every entry's
     outputs (loss, and d loss / d pred for joint entries) with eager PyTorch.
 
-    The losses are rebuilt from the manifest's configurations. Each call feeds every entry at its own N
+    The losses are rebuilt from the manifest's configurations (``path`` may be the bundle as :func:`recorded_package`
+    read it: its manifest and losses are not read again). Each call feeds every entry at its own N
     (:func:`bundle_calls`: a rotation of ``sizes``, where ``"large"`` is :func:`large_size` within ``budget``
     prediction elements, then all entries at N = 0), positionally in the manifest's input order; a last call feeds
     every entry N = 7 at the smaller free sizes its manifest names (20 classes, 4 DFL bins, 7 x 7 masks).
     """
-    from .export.artifacts import build_recorded_loss, read_manifest
+    from .export.artifacts import read_manifest
     from .export.verify import SMALLER_SIZES_N, declared_free_sizes
 
-    package = Path(path)
-    manifest = read_manifest(package)
+    losses: tuple[nn.Module, ...] | None = None
+    if isinstance(path, RecordedPackage):  # read by recorded_package: not again
+        package, manifest, losses = path.path, path.manifest, path.losses
+    else:
+        package = Path(path)
+        manifest = read_manifest(package)
     if not manifest.get("bundle"):
         raise ValueError(f"{package.name} is not a bundle (export_pt2_bundle); use check_pt2")
+    if losses is None:
+        losses = _recorded_losses(package, manifest)
     entries = []
     free_sizes: dict[str, dict[str, int]] = {}
-    for item in manifest["entries"]:
-        where = f"{package.name}, entry {item['name']}"  # a plugin's loss not loaded: say which, as verify does
-        module = build_recorded_loss(dict(item["config"]), item.get("plugins"), location=where)
+    for item, module in zip(manifest["entries"], losses):
         spec = spec_for(module, item.get("variant"))
         names = [str(i["name"]) for i in item["inputs"]]
         entries.append((str(item["name"]), module, spec, names, bool(item.get("joint")), list(item["outputs"])))
@@ -793,36 +845,23 @@ def program_info(program: str | os.PathLike[str]) -> dict[str, Any]:
 # --- command line ----------------------------------------------------------------------------------------------
 
 
-def _recorded_package(path: Path) -> tuple[dict[str, Any], nn.Module | None]:
-    """A ``.pt2`` package's manifest and, for a single package, its loss rebuilt from the manifest (a bundle's
-    entries are rebuilt, to say which one fails, and left to :func:`check_pt2_bundle`)."""
-    from .export.artifacts import ArtifactError, build_recorded_loss, read_manifest
-
-    manifest = read_manifest(path)
-    if manifest.get("format") != "pt2":
-        raise ArtifactError(f"{path.name} is not a .pt2 package (its manifest says format {manifest.get('format')!r})")
-    if not manifest.get("bundle"):
-        return manifest, build_recorded_loss(dict(manifest["config"]), manifest.get("plugins"), location=path.name)
-    for item in manifest["entries"]:
-        where = f"{path.name}, entry {item['name']}"
-        build_recorded_loss(dict(item["config"]), item.get("plugins"), location=where)
-    return manifest, None
-
-
-def check_pt2_package(path: str | os.PathLike[str], program: str | os.PathLike[str]) -> CheckReport | BundleCheck:
+def check_pt2_package(
+    path: str | os.PathLike[str] | RecordedPackage, program: str | os.PathLike[str]
+) -> CheckReport | BundleCheck:
     """Run an exported ``.pt2`` package in C++ and compare it with eager PyTorch, the losses rebuilt from its
-    manifest: a bundle entry by entry (:func:`check_pt2_bundle`), a single package with :func:`check_pt2`.
+    manifest (``path`` may be the package as :func:`recorded_package` read it): a bundle entry by entry
+    (:func:`check_pt2_bundle`), a single package with :func:`check_pt2`.
 
     Raises:
         ArtifactError: no manifest, a checksum that differs, not a ``.pt2`` package or a config that does not build
             (:class:`~visdet_export.export.artifacts.MissingPluginError`: its plugin is not imported).
     """
-    package = Path(path)
-    manifest, loss = _recorded_package(package)
-    if loss is None:
-        return check_pt2_bundle(package, program)
+    recorded = path if isinstance(path, RecordedPackage) else recorded_package(path)
+    if recorded.bundle:
+        return check_pt2_bundle(recorded, program)
+    manifest = recorded.manifest
     joint = bool(manifest.get("joint"))
-    return check_pt2(loss, program, variant=manifest.get("variant"), joint=joint, artifact=package)
+    return check_pt2(recorded.losses[0], program, variant=manifest.get("variant"), joint=joint, artifact=recorded.path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -856,9 +895,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
         except ArtifactError as error:
             parser.error(str(error))
+    packages: list[RecordedPackage] = []  # read once here; checked as read after the build
     for package in args.package:
         try:
-            _recorded_package(Path(package))
+            packages.append(recorded_package(package))
         except ArtifactError as error:
             parser.error(str(error))
 
@@ -890,8 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in report.failures():
                 print(f"    {line}")
             failed |= not report.ok
-    for package in args.package:
-        checked = check_pt2_package(package, built.path)
+    for package, recorded in zip(args.package, packages):
+        checked = check_pt2_package(recorded, built.path)
         print(checked.summary() if isinstance(checked, BundleCheck) else f"{Path(package).name} {checked.summary()}")
         if isinstance(checked, BundleCheck):
             for entry, report in checked.entries.items():
