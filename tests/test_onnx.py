@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -520,11 +520,31 @@ def sign_selects(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     ]
 
 
+def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and the subgraphs of its nodes (the ``If`` branches of ``unmasked_while_finite``)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                yield from graphs_of(subgraph)
+
+
 @pytest.mark.parametrize("key", SIGN_SELECT_KEYS)
 def test_sigmoid_sign_selects_are_branch_free(exports: Exports, key: str) -> None:
     model = exports.get(key).model
     assert sign_selects(model) == []
     assert "Abs" in {node.op_type for node in model.graph.node}
+
+
+@pytest.mark.parametrize("key", SIGN_SELECT_KEYS)
+def test_joint_graphs_keep_only_lone_sign_selects(exports: Exports, key: str) -> None:
+    """The backward's select pairs are products; what is left selects a value no other select passes on (the
+    gradient of clamp(x, 0), say)."""
+    model = exports.get(key, joint=True).model
+    left = [node for graph in graphs_of(model.graph) for node in sign_selects(onnx.helper.make_model(graph))]
+    selected = [(node.input[0], frozenset(node.input[1:])) for node in left]
+    assert len(selected) == len(set(selected))
+    assert len(left) <= 3
 
 
 def sigmoid_pair_graph() -> onnx.ModelProto:
@@ -609,6 +629,53 @@ def test_branch_free_selects_leave_other_selects_alone() -> None:
     before = model.SerializeToString()
     assert onnx_export.branch_free_selects(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_backward_select_pairs_become_a_product_and_a_difference() -> None:
+    """Where(x >= 0, v, 0) with its mirror Where(x >= 0, 0, v) -> v s and v - v s; a lone half is kept."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def graph() -> onnx.ModelProto:
+        node = helper.make_node
+        nodes = [
+            node("GreaterOrEqual", ["x", "zero"], ["nonnegative"]),
+            node("Where", ["nonnegative", "zero", "v"], ["negative_half"]),  # the mirror first: order is free
+            node("Where", ["nonnegative", "v", "zero"], ["nonnegative_half"]),
+            node("Where", ["nonnegative", "w", "zero"], ["lone"]),
+        ]
+        values = ["x", "v", "w"]
+        outputs = ["negative_half", "nonnegative_half", "lone"]
+        return helper.make_model(
+            helper.make_graph(
+                nodes, "pairs",
+                [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in values],
+                [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in outputs],
+                [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+            ),
+            opset_imports=[helper.make_opsetid("", 18)],
+        )
+
+    original, rewritten = graph(), graph()
+    assert onnx_export.branch_free_selects(rewritten) == 2
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [node.op_type for node in rewritten.graph.node] == ["GreaterOrEqual", "Cast", "Mul", "Sub", "Where"]
+
+    def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, feed)
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([[0.0, -0.0, np.nan, np.inf, -np.inf], rng.normal(0, 3, 995)]).astype(np.float32)
+    finite = {"x": x, "v": rng.normal(0, 1e30, 1000).astype(np.float32), "w": rng.normal(size=1000).astype(np.float32)}
+    for got, expected in zip(run(rewritten, finite), run(original, finite)):
+        np.testing.assert_array_equal(got, expected)
+    # a non-finite v: the select passes it on through one half, the product through both
+    poisoned = dict(finite, v=np.where(np.arange(1000) % 3 == 0, np.float32(np.nan), np.float32(np.inf)))
+    got, expected = run(rewritten, poisoned), run(original, poisoned)
+    assert not np.isfinite(got[0] + got[1]).any() and not np.isfinite(expected[0] + expected[1]).any()
+    np.testing.assert_array_equal(got[2], expected[2])
 
 
 @pytest.mark.parametrize(

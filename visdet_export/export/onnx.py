@@ -245,7 +245,15 @@ def branch_free_selects(model: Any) -> int:
     which ``Exp(Neg(.))`` does not see). The factors reuse ``e``, and the step is the graph's own cast of the
     condition where it has one (the BCE's ``x ([x >= 0] - t)``), so a graph that needs both sigmoid(x) and
     sigmoid(-x) (focal, QFL's precise ``t - sigmoid(x)``) runs one ``Exp`` pass rather than three, and a pass
-    fewer in all. Nodes left without consumers are dropped. Returns the number of selects rewritten.
+    fewer in all.
+
+    Joint graphs hold the backward of those selects: autograd sends the upstream gradient ``v`` to one branch and 0
+    to the other, a pair ``Where(x >= 0, v, 0)``, ``Where(x >= 0, 0, v)`` (five or six over (N, C) in focal's).
+    The pair becomes ``k = Mul(v, s)`` and ``Sub(v, k)``: the selected values where ``v`` is finite (a zero's sign
+    may differ); where it is not, the select already passes it on through one half and the other half's NaN
+    joins it. A lone ``Where(x >= 0, v, 0)``, which could drop a NaN, is kept.
+
+    Nodes left without consumers are dropped. Returns the number of selects rewritten.
     """
     from onnx import helper
 
@@ -316,17 +324,42 @@ def branch_free_selects(model: Any) -> int:
             placed.add(cast.output[0])
         return cast.output[0]
 
+    def zero_side(node: Any) -> Optional[tuple[str, int]]:
+        """``(v, side)`` for ``Where(x >= 0, v, 0)`` (side 1) or ``Where(x >= 0, 0, v)`` (side 2)."""
+        for side, other in ((1, 2), (2, 1)):
+            if _scalar_value(initializers, node.input[other]) == 0.0:
+                return node.input[side], side
+        return None
+
+    # The backward of a sign select sends the upstream gradient v to one branch and 0 to the other.
+    halves: dict[tuple[str, str], dict[int, Any]] = {}
+    for node in graph.node:
+        if node.op_type == "Where" and node.domain in ("", "ai.onnx") and sign_test(node.input[0]) is not None:
+            if (found := zero_side(node)) is not None:
+                halves.setdefault((node.input[0], found[0]), {}).setdefault(found[1], node)
+    split = {id(node): pair for pair in halves.values() if len(pair) == 2 for node in pair.values()}
+
     for node in graph.node:
         if node.output[0] in placed:
             continue
         test = sign_test(node.input[0]) if node.op_type == "Where" and node.domain in ("", "ai.onnx") else None
         if test is None:
             nodes.append(node)
+            placed.update(node.output)  # a cast step_of may reuse later stays where it is
             continue
         x, condition = test[0], node.input[0]
         out, on_true, on_false = node.output[0], node.input[1], node.input[2]
         factor = f"{out}__visdet_factor"
-        if magnitude_of(out) == x:
+        if (pair := split.get(id(node))) is not None:
+            kept, dropped = pair[1], pair[2]
+            gradient, zero = kept.input[1], kept.input[2]
+            nodes += [
+                helper.make_node("Mul", [gradient, step_of(condition, zero)], [kept.output[0]], name=kept.name),
+                helper.make_node("Sub", [gradient, kept.output[0]], [dropped.output[0]], name=dropped.name),
+            ]
+            placed.update((kept.output[0], dropped.output[0]))
+            rewritten += 1  # and the other half, skipped as placed
+        elif magnitude_of(out) == x:
             nodes.append(helper.make_node("Abs", [x], [out], name=node.name))
         elif (pair := sigmoid_of(on_true, on_false)) is not None and pair[0] == x:
             _, e, one = pair
