@@ -337,7 +337,7 @@ def branch_free_selects(model: Any) -> int:
         if node.op_type == "Where" and node.domain in ("", "ai.onnx") and sign_test(node.input[0]) is not None:
             if (found := zero_side(node)) is not None:
                 halves.setdefault((node.input[0], found[0]), {}).setdefault(found[1], node)
-    split = {id(node): pair for pair in halves.values() if len(pair) == 2 for node in pair.values()}
+    split = {id(node): both for both in halves.values() if len(both) == 2 for node in both.values()}
 
     for node in graph.node:
         if node.output[0] in placed:
@@ -350,8 +350,8 @@ def branch_free_selects(model: Any) -> int:
         x, condition = test[0], node.input[0]
         out, on_true, on_false = node.output[0], node.input[1], node.input[2]
         factor = f"{out}__visdet_factor"
-        if (pair := split.get(id(node))) is not None:
-            kept, dropped = pair[1], pair[2]
+        if (both := split.get(id(node))) is not None:
+            kept, dropped = both[1], both[2]
             gradient, zero = kept.input[1], kept.input[2]
             nodes += [
                 helper.make_node("Mul", [gradient, step_of(condition, zero)], [kept.output[0]], name=kept.name),
@@ -361,14 +361,14 @@ def branch_free_selects(model: Any) -> int:
             rewritten += 1  # and the other half, skipped as placed
         elif magnitude_of(out) == x:
             nodes.append(helper.make_node("Abs", [x], [out], name=node.name))
-        elif (pair := sigmoid_of(on_true, on_false)) is not None and pair[0] == x:
-            _, e, one = pair
+        elif (sigmoid := sigmoid_of(on_true, on_false)) is not None and sigmoid[0] == x:
+            _, e, one = sigmoid
             nodes += [
                 helper.make_node("Max", [e, step_of(condition, one)], [factor], name=factor),
                 helper.make_node("Mul", [factor, on_true], [out], name=node.name),
             ]
-        elif (pair := sigmoid_of(on_false, on_true)) is not None and pair[0] == x:
-            _, e, one = pair
+        elif (sigmoid := sigmoid_of(on_false, on_true)) is not None and sigmoid[0] == x:
+            _, e, one = sigmoid
             complement = f"{out}__visdet_complement"
             nodes += [
                 helper.make_node("Sub", [one, step_of(condition, one)], [complement], name=complement),
