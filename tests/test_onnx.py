@@ -51,6 +51,7 @@ EXTREME_KEYS = [
 JOINT_KEYS = ["focal", "qfl", "dfl", "giou", "ce_softmax", "l1", "ce_class_weight", "ce_softmax_probabilities"]
 NONE_KEYS = ["focal", "dfl", "giou"]
 NO_OPTIONAL_KEYS = ["focal", "ce_softmax", "giou", "ce_mask"]
+BOX_KEYS = [key for key in ("iou_log", "iou_linear", "iou_square", "giou") if key in CONFIGS]
 
 
 @dataclass
@@ -225,6 +226,11 @@ def test_graph_avoids_the_exporter_traps(exports: Exports, key: str) -> None:
     for node in nodes:
         if node.op_type == "Log" and node.input[0] in producer:
             assert producer[node.input[0]].op_type != "Sigmoid"
+    # ONNX fills a missing bound of Clip with the float's extremes: clamp(min=0) of +inf was 3.4e38
+    # (export.onnx.one_sided_clips)
+    for node in nodes:
+        if node.op_type == "Clip":
+            assert len(node.input) == 3 and node.input[1] and node.input[2], node.name
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
@@ -354,6 +360,55 @@ def test_extreme_logits_stay_finite_and_match(exports: Exports, key: str, mode: 
     assert torch.isfinite(expected).all()
     assert torch.isfinite(out).all(), f"onnxruntime gave {out} for {mode} logits"
     assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["loss", "joint"])
+@pytest.mark.parametrize("key", BOX_KEYS)
+def test_infinite_box_coordinates_are_not_clamped_to_finite(exports: Exports, key: str, joint: bool) -> None:
+    """A box with an infinite coordinate (a diverged regression head) and a nonzero weight: the exported loss is
+    finite exactly where eager's is (RELIABILITY 26). onnxruntime's one-sided ``Clip`` turned the infinite width
+    into 3.4e38, and the GIoU of such a box came out finite where every torch runtime gives NaN."""
+    art = exports.get(key, joint=joint)
+    inputs = art.draw(6, seed=8)
+    if "weight" in inputs:
+        inputs["weight"] = inputs["weight"].clamp(min=0.5)
+    for column, value in ((0, float("-inf")), (2, float("inf")), (1, -3e38), (3, 3e38)):
+        pred = inputs["pred"].clone()
+        pred[2, column] = value
+        poisoned = {**inputs, "pred": pred}
+        value_got = art.run(poisoned)[0]
+        value_expected = eager_joint(art.loss, art.spec, poisoned)[0] if joint else art.eager(poisoned)
+        assert torch.equal(value_got.isfinite(), value_expected.isfinite()), (column, value, value_got)
+        finite = value_expected.isfinite()
+        assert_matches(value_got[finite], value_expected[finite])
+        if key == "giou":
+            assert not value_expected.isfinite().all()  # the case the test is about: inf / inf in the GIoU
+
+
+def test_one_sided_clips_keep_infinities() -> None:
+    """Clip(x, lo) -> Max(x, lo) and Clip(x, '', hi) -> Min(x, hi): torch's clamp, infinities and NaN included;
+    a two-sided Clip (whose bounds torch's clamp also applies to infinities) is kept."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    bounds = [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in (("lo", 0.0), ("hi", 1.0))]
+    clips = {"at_least": ["x", "lo"], "at_most": ["x", "", "hi"], "between": ["x", "lo", "hi"]}
+    graph = helper.make_graph(
+        [helper.make_node("Clip", inputs, [name], name=name) for name, inputs in clips.items()],
+        "clips",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in clips],
+        bounds,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert onnx_export.one_sided_clips(model) == 2
+    onnx.checker.check_model(model, full_check=True)
+    assert [node.op_type for node in model.graph.node] == ["Max", "Min", "Clip"]
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.5, 0.25, 2.0])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(out) for out in session.run(None, {"x": x.numpy()})]
+    for out, expected in zip(got, (x.clamp(min=0.0), x.clamp(max=1.0), x.clamp(0.0, 1.0))):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
 
 
 # --- joint loss + gradient graphs ------------------------------------------------------------------------------

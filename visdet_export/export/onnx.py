@@ -18,10 +18,10 @@ on the exported graphs.
 Post-export passes then make the written graphs faster in onnxruntime (CPU) without changing their values, or
 more precise: :func:`branch_free_selects`, :func:`late_weight_masks`,
 :func:`unmasked_while_finite`, :func:`compensated_log1p` and :func:`accurate_total_sums` (precision); each documents
-what it rewrites and why. :func:`nonnegative_reduce_axes` lets
-onnxruntime releases before 1.32 run the graphs at N = 0, :func:`checked_input_shapes` makes onnxruntime refuse
-inputs whose sizes disagree (it only warns about declared shapes), and :func:`drop_unused_initializers` removes what
-the exporter and the passes leave unread.
+what it rewrites and why. :func:`one_sided_clips` keeps infinities where ONNX's ``Clip`` would clamp them;
+:func:`nonnegative_reduce_axes` lets onnxruntime releases before 1.32 run the graphs at N = 0,
+:func:`checked_input_shapes` makes onnxruntime refuse inputs whose sizes disagree (it only warns about declared
+shapes), and :func:`drop_unused_initializers` removes what the exporter and the passes leave unread.
 """
 
 from __future__ import annotations
@@ -383,6 +383,30 @@ def branch_free_selects(model: Any) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
         _drop_unused_nodes(graph)
+    return rewritten
+
+
+def one_sided_clips(model: Any) -> int:
+    """Write a ``Clip`` with one bound as ``Max(x, min)`` or ``Min(x, max)``, which keep infinities.
+
+    ONNX fills a missing bound of ``Clip`` with the float type's extremes, so onnxruntime's ``clamp(min=0)`` of +inf
+    is 3.4e38: a box with an infinite coordinate (a diverged regression head) got a finite GIoU loss in
+    onnxruntime, NaN in every torch runtime. ``Max`` / ``Min`` give torch's ``clamp`` (NaN stays NaN) at the same
+    cost (one memory pass, measured at 1M and 8M floats). Returns the number of ``Clip`` rewritten.
+    """
+    from onnx import helper
+
+    rewritten = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
+            continue
+        bounds = [*node.input[1:], "", ""][:2]
+        if bool(bounds[0]) == bool(bounds[1]):
+            continue
+        op_type, bound = ("Max", bounds[0]) if bounds[0] else ("Min", bounds[1])
+        clamp = helper.make_node(op_type, [node.input[0], bound], list(node.output), name=node.name)
+        model.graph.node[index].CopyFrom(clamp)
+        rewritten += 1
     return rewritten
 
 
@@ -1183,6 +1207,7 @@ def export_onnx(
         written = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
         if written != int(opset):  # torch's exporter falls back to its default for an opset it does not know
             raise ArtifactError(f"opset {opset} is not supported by torch's ONNX exporter (it wrote opset {written})")
+        one_sided_clips(model)
         branch_free_selects(model)
         compensated_log1p(model)
         late_weight_masks(model)
