@@ -117,9 +117,15 @@ def test_check_refuses_devices_it_cannot_run_on(device, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("sizes", "message"), [("abc", "--sizes takes sample counts"), ("3,-1", "sizes must be >= 0")])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [("abc", "argument --sizes: takes sample counts separated by commas, got 'abc'"),
+     ("3,-1", "argument --sizes: sample counts must be >= 0, got '3,-1'")],
+)
 def test_check_refuses_sizes_that_are_not_counts(sizes, message, capsys):
-    assert check_main(["--sizes", sizes, "--configs", "l1", "-q"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        check_main(["--sizes", sizes, "--configs", "l1", "-q"])
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
 
 

@@ -54,7 +54,8 @@ def test_package_help_and_version_answer_without_importing_torch() -> None:
     code = (
         "import sys, contextlib, io, visdet_export; from visdet_export.cli import main\n"
         "for argv in (['--version'], ['--help'], ['export', '--help'], ['attach', '--help'], ['check', '--help'],\n"
-        "             ['bench', '--help'], ['cpp', '--help'], ['check', '--pt2', 'nope'], ['cpp', '--jobs', 'x']):\n"
+        "             ['bench', '--help'], ['cpp', '--help'], ['check', '--pt2', 'nope'],\n"
+        "             ['check', '--sizes', '3,x'], ['cpp', '--jobs', 'x']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
         "        with contextlib.suppress(SystemExit): main(argv)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

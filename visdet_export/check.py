@@ -437,12 +437,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:24s} {cfg}")
         return 0
     try:
-        try:
-            sizes = [int(n) for n in _split(args.sizes) or []]
-        except ValueError:
-            raise ValueError(f"--sizes takes sample counts separated by commas, got {args.sizes!r}") from None
-        if any(n < 0 for n in sizes):
-            raise ValueError("sizes must be >= 0")
         configs = select_configs(_split(args.configs))
         runtimes = _split(args.runtimes) or list(DEFAULT_RUNTIMES)
         unknown = [r for r in runtimes if r not in RUNTIMES]
@@ -465,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cells = run_matrix(
         configs,
         runtimes,
-        sizes,
+        args.sizes,
         cache=cache,
         backend=args.backend,
         pt2="bundle" if args.pt2 == "all" else args.pt2,

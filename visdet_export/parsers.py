@@ -31,6 +31,18 @@ ONNX_MODES = ("loss", "joint")
 AUTOCAST_NAMES = ("float16", "bfloat16")
 
 
+def sample_counts(text: str) -> list[int]:
+    """``check --sizes``: sample counts N >= 0 separated by commas (argparse ``type``, so a usage error is
+    reported before torch is imported)."""
+    try:
+        sizes = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes sample counts separated by commas, got {text!r}") from None
+    if any(n < 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sample counts must be >= 0, got {text!r}")
+    return sizes
+
+
 def check_parser() -> argparse.ArgumentParser:
     """The options of ``visdet-export check`` (:func:`visdet_export.check.main`)."""
     parser = argparse.ArgumentParser(
@@ -42,7 +54,7 @@ def check_parser() -> argparse.ArgumentParser:
         "--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIME_NAMES)}"
     )
     parser.add_argument(
-        "--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+        "--sizes", type=sample_counts, default=",".join(map(str, DEFAULT_SIZES)),
         help="comma-separated sample counts N (default %(default)s)",
     )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
