@@ -1381,10 +1381,24 @@ def test_softmax_probabilities_refuse_integer_targets(runtime: str) -> None:
     """Integer targets of pred's shape are neither class indices nor probabilities (F.cross_entropy refuses them)."""
     loss = build_in(runtime, dict(type="CrossEntropyLoss"))
     error = {"eager": ValueError, "script": torch.jit.Error, "compile": Exception}[runtime]
-    with pytest.raises(error, match="class probabilities and must be floating point"):
+    with pytest.raises(error, match="class probabilities of pred's shape, which must be floating point"):
         loss(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.long))
-    with pytest.raises(error, match="class probabilities and must be floating point"):
+    with pytest.raises(error, match="class probabilities of pred's shape, which must be floating point"):
         loss(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_labels_with_a_trailing_axis_are_told_to_drop_it(runtime: str) -> None:
+    """Labels (N, 1) (a common leftover of a cat / unsqueeze) have pred's rank: softmax CE reads them as probability
+    targets and focal as one-hot ones; both messages say that labels are (N,)."""
+    error = ValueError if runtime == "eager" else torch.jit.Error
+    labels = torch.zeros(4, 1, dtype=torch.long)
+    ce = build_in(runtime, dict(type="CrossEntropyLoss"))
+    with pytest.raises(error, match=r"got an integer or bool tensor.*squeeze a \(N, 1\) label"):
+        ce(torch.randn(4, 3), labels)
+    focal = build_in(runtime, dict(type="FocalLoss"))
+    with pytest.raises(error, match=r"class labels are \(N,\).*squeeze a \(N, 1\) label"):
+        focal(torch.randn(4, 3), labels)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script"])

@@ -137,8 +137,9 @@ def _probability_cross_entropy(
     formulation in every runtime: ``-(t * w * log_softmax(x)).sum(1)``)."""
     if not target.is_floating_point():
         raise ValueError(
-            "targets of pred's shape are class probabilities and must be floating point, got "
-            + str(target.dtype) + "; class indices have pred's shape without the class axis, (N, ...)"
+            "targets of pred's rank are read as class probabilities of pred's shape, which must be floating point, "
+            "got an integer or bool tensor; class indices have pred's shape without the class axis, (N, ...): "
+            "squeeze a (N, 1) label tensor"
         )
     if not same_shape(pred, target, "the shapes of pred and the probability targets"):
         raise ValueError(

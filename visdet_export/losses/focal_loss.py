@@ -76,6 +76,7 @@ def class_targets(pred: Tensor, target: Tensor) -> Tensor:
         if not same_shape(target, pred):
             raise ValueError(
                 "one-hot target must have pred's shape, got " + str(target.shape) + " and " + str(pred.shape)
+                + "; class labels are (N,), without the class axis (squeeze a (N, 1) label tensor)"
             )
         if target.is_floating_point():
             return target.to(pred.dtype)
