@@ -249,6 +249,19 @@ def test_cpp_command_refuses_what_is_not_a_package_before_building(tmp_path, mon
         assert message in capsys.readouterr().err
 
 
+def test_cpp_command_tells_how_to_pass_a_loss_type(monkeypatch, capsys) -> None:
+    """``check --configs FocalLoss`` takes a loss type by name, ``cpp --config`` a configuration name or JSON: a
+    loss type named bare is a usage mistake (exit 2, before the build) whose message gives the JSON to pass."""
+    monkeypatch.setattr(cpp, "build_runner", lambda *a, **k: pytest.fail("built before the configs were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        cpp.main(["--config", "FocalLoss"])
+    assert exit_.value.code == 2
+    assert """for the loss type FocalLoss pass JSON: --config '{"type": "FocalLoss"}'""" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cpp.main(["--config", "focall"])
+    assert "for the loss type" not in capsys.readouterr().err
+
+
 def test_cpp_command_with_packages_alone_checks_them_and_exits_with_their_status(tmp_path, monkeypatch,
                                                                                   capsys) -> None:
     """``cpp --package PATH`` without --config runs no representative configuration, hands the package to

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import parsers
 from .parsers import SOURCE_FILES, source_dir
-from .registry import build_loss
+from .registry import MODELS, build_loss
 from .specs import CONFIG_VARIANTS, LossSpec, SampleOptions, representative_configs, spec_for
 
 CASES_FORMAT = "visdet-cases/1"
@@ -892,7 +892,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a loss of one's own not loaded: the message names --plugin, as verify's does
             build_recorded_loss(selected[-1][1], source=f"--config {item!r}")
         except json.JSONDecodeError:
-            parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON")
+            # `check --configs` takes a loss type by name; here it goes as a JSON loss dict
+            hint = ""
+            if item in MODELS:
+                hint = f"; for the loss type {item} pass JSON: --config '{{\"type\": \"{item}\"}}'"
+            parser.error(f"--config {item!r} is neither a configuration name ({', '.join(known)}) nor JSON{hint}")
         except ArtifactError as error:
             parser.error(str(error))
     packages: list[RecordedPackage] = []  # read once here; checked as read after the build
