@@ -78,6 +78,16 @@ def test_out_of_range_values(cfg: dict, word: str) -> None:
         build_loss(cfg)
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(type="IoULoss", mode="square", eps=1e-16, reduction="sum", loss_weight=5.0),  # MMDetection's YOLOX head
+    dict(type="GIoULoss", eps=0.0),
+], ids=["yolox_iou", "giou_eps_0"])
+def test_box_eps_below_the_smallest_says_what_to_write(cfg: dict) -> None:
+    """Stock configs carry eps below SMALLEST_EPS (YOLOX: 1e-16): the message says why and what to write."""
+    with pytest.raises(ConfigError, match=r"must be >= 1e-12: .*overflows float32.*write eps=1e-12"):
+        build_loss(cfg)
+
+
 def test_the_ends_of_every_closed_range_build() -> None:
     """The bounds are inclusive where the range is closed: alpha 1 and 0, gamma and beta 0, a class weight of
     float32's largest value, BalancedL1's gamma / alpha of 80 (refused just past it)."""
