@@ -234,6 +234,33 @@ def test_a_class_sharing_a_built_in_name_does_not_take_its_spec(plugin: ModuleTy
         spec_for(build_loss(dict(type="PluginOddL1Loss")))
 
 
+def test_a_subclass_whose_forward_drops_standard_arguments_is_told_which(plugin: ModuleType, tmp_path: Path) -> None:
+    """A subclass takes its base's spec, which calls forward with visdet's five arguments: a forward without
+    ``avg_factor`` / ``reduction_override`` is refused by spec_for with the signature and what to do (the export
+    said "forward() takes from 3 to 4 positional arguments but 6 were given")."""
+
+    class PluginShortForwardL1Loss(L1Loss):
+        def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+            return super().forward(pred, target, weight)
+
+    MODELS.register_module(PluginShortForwardL1Loss)
+
+    class PassThroughL1Loss(L1Loss):
+        def forward(self, pred: Tensor, target: Tensor, *args: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+            return super().forward(pred, target, *args)
+
+    message = (
+        r"PluginShortForwardL1Loss.forward\(pred: .*\) -> \S+ cannot take the arguments the L1Loss input spec "
+        r"passes, \(pred, target, weight, avg_factor, reduction_override\): add the missing parameters"
+    )
+    with pytest.raises(TypeError, match=message):
+        spec_for(PluginShortForwardL1Loss())
+    with pytest.raises(TypeError, match=message):
+        export_onnx(PluginShortForwardL1Loss(), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+    assert spec_for(PassThroughL1Loss()).loss_type == "L1Loss"
+
+
 def test_a_spec_may_name_the_class_registered_under_an_alias(plugin: ModuleType) -> None:
     class PluginAliasedL1(L1Loss):
         pass

@@ -17,6 +17,7 @@ Tests, export, verification and benchmarks all use it, so a loss registered late
 True
 """
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -283,6 +284,10 @@ def _optional(name: str, shape: tuple[Dim, ...], doc: str) -> TensorSpec:
 AVG_FACTOR = _optional("avg_factor", (), "denominator of the mean (0-d)")
 
 
+#: The positional arguments of :func:`standard_caller`, visdet's ``forward`` signature.
+STANDARD_ARGUMENTS = ("pred", "target", "weight", "avg_factor", "reduction_override")
+
+
 def standard_caller(loss: nn.Module, inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
     """``LossSpec.call`` of a loss whose ``forward`` is visdet's ``(pred, target, weight, avg_factor,
     reduction_override)``."""
@@ -325,10 +330,31 @@ def spec_for(loss: nn.Module, variant: Optional[str] = None) -> LossSpec:
         own_name = MODELS.module_dict.get(klass.__name__) in (None, klass)
         for loss_type in (registered_name(klass), klass.__name__ if own_name else None):
             if loss_type is not None and loss_type in SPEC_BUILDERS:
-                return SPEC_BUILDERS[loss_type](loss, variant)
+                spec = SPEC_BUILDERS[loss_type](loss, variant)
+                if spec.caller is standard_caller:
+                    _check_standard_forward(loss, spec.loss_type)
+                return spec
     raise KeyError(
         f"no input spec is registered for {type(loss).__name__}; add one with visdet_export.specs.register_spec"
     )
+
+
+def _check_standard_forward(loss: nn.Module, loss_type: str) -> None:
+    """TypeError unless ``loss.forward`` takes the five positional arguments :func:`standard_caller` passes: a loss of
+    one's own that takes a built-in's spec (a subclass) failed later, inside an exporter, with "forward() takes from
+    3 to 4 positional arguments but 6 were given"."""
+    try:
+        signature = inspect.signature(loss.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call itself will tell
+        return
+    try:
+        signature.bind(*STANDARD_ARGUMENTS)
+    except TypeError:
+        raise TypeError(
+            f"{type(loss).__name__}.forward{signature} cannot take the arguments the {loss_type} input spec passes, "
+            f"({', '.join(STANDARD_ARGUMENTS)}): add the missing parameters to forward, or register a spec of its "
+            "own with visdet_export.specs.register_spec"
+        ) from None
 
 
 def _check_variant(loss_type: str, variant: Optional[str], choices: tuple[str, ...]) -> str:
