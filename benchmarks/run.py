@@ -33,6 +33,7 @@ OS and re-faulted), and writes both tables, labelled. Output: ``<out>/results.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -46,10 +47,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's start/stop lines (memory pass)
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +200,22 @@ def onnx_session(module: torch.nn.Module, spec, names: list[str], threads: int, 
 # --- memory ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null: the profiler's C++ start / stop lines (``USDT: ...
+    SyncActivityProfilerHandler.cpp:52] profiler_start``, two per memory pass) ignore ``KINETO_LOG_LEVEL`` (torch
+    2.13). A Python exception still propagates, and is printed once the descriptor is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
     """High-water mark of tensor bytes allocated by ``step`` above what was live before it."""
     if device.type == "cuda":
@@ -211,7 +227,7 @@ def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> Optiona
         return int(torch.cuda.max_memory_allocated() - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = prof.profiler.kineto_results.events() if prof.profiler is not None else []
     deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
