@@ -691,7 +691,7 @@ def run_here(
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no GPU is available")
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()] or None
+    sizes = args.sizes or None
     runs = []
     with tempfile.TemporaryDirectory(prefix="visdet-bench-") as tmp:
         for dtype_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from visdet_export.parsers import sample_counts
+
 HERE = Path(__file__).resolve().parent
 #: The first paragraph of run.py's docstring (its --help says it).
 DESCRIPTION = "Benchmark runner: every loss side by side with its MMDetection-style eager baseline."
@@ -23,7 +25,9 @@ def parse_args(argv: Optional[list[str]], prog: str) -> argparse.Namespace:
                         help="every representative configuration (default: those of visdet's losses page and "
                         "sigmoid CE on class labels)")
     parser.add_argument("--losses", default="", help="comma-separated config names or loss types")
-    parser.add_argument("--sizes", default="", help="comma-separated N overriding every loss's sizes")
+    parser.add_argument(
+        "--sizes", type=sample_counts, default="", help="comma-separated N overriding every loss's sizes"
+    )
     parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="subset of " + ",".join(ALL_PROVIDERS))
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 7, quick 3)")
     parser.add_argument("--min-repeats", type=int, default=3, help="timed repeats per cell at least (default 3)")
@@ -55,8 +59,6 @@ def parse_args(argv: Optional[list[str]], prog: str) -> argparse.Namespace:
     unknown = [p for p in args.providers if p not in ALL_PROVIDERS]
     if unknown or not args.providers:
         parser.error(f"--providers {','.join(unknown) or '(none)'}: choose from {','.join(ALL_PROVIDERS)}")
-    if not all(s.strip().isdigit() for s in args.sizes.split(",") if s.strip()):
-        parser.error(f"--sizes {args.sizes!r}: comma-separated sample counts (integers >= 0)")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or set(dtypes) - set(DTYPES):
         parser.error(f"--dtypes {args.dtypes!r}: choose from {','.join(DTYPES)}")

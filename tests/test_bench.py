@@ -98,6 +98,17 @@ def test_the_memory_pass_prints_nothing_and_measures(capfd):
     assert peak >= 4 << 20
 
 
+@pytest.mark.parametrize(("sizes", "message"), [("3,x", "takes sample counts"), ("64,-1", "sample counts must be >= 0")])
+def test_sizes_that_are_not_counts_are_usage_errors(sizes, message, capsys):
+    """``--sizes`` parses as ``check --sizes`` does (visdet_export.parsers.sample_counts)."""
+    run = _runner()
+    with pytest.raises(SystemExit) as exit_:
+        run.parse_args(["--sizes", sizes])
+    assert exit_.value.code == 2
+    assert f"argument --sizes: {message}" in capsys.readouterr().err
+    assert run.parse_args(["--sizes", "0,64,"]).sizes == [0, 64]
+
+
 def test_short_cells_repeat_until_min_cell_time():
     run = _runner()
     args = run.parse_args(["--repeats", "5", "--min-repeats", "3", "--cell-budget-s", "8", "--min-cell-s", "1"])

@@ -32,8 +32,8 @@ AUTOCAST_NAMES = ("float16", "bfloat16")
 
 
 def sample_counts(text: str) -> list[int]:
-    """``check --sizes``: sample counts N >= 0 separated by commas (argparse ``type``, so a usage error is
-    reported before torch is imported)."""
+    """``--sizes`` of ``check`` and ``bench``: sample counts N >= 0 separated by commas (argparse ``type``, so a
+    usage error is reported before torch is imported)."""
     try:
         sizes = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
