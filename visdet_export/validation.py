@@ -85,9 +85,11 @@ def check_float(
     maximum: Optional[float] = None,
     min_inclusive: bool = True,
     allowed: Sequence[float] = (),
+    why: str = "",
 ) -> StaticFloat:
     """A finite real number within bounds (numpy's included: configs read through numpy), as a
-    :class:`StaticFloat`; ``allowed`` lists sentinel values accepted outside them."""
+    :class:`StaticFloat`; ``allowed`` lists sentinel values accepted outside them, ``why`` ends the message of a
+    value out of range (the reason for the bounds, what to write instead)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     number = StaticFloat(value)
@@ -102,7 +104,8 @@ def check_float(
         high = "" if maximum is None else f"<= {maximum}"
         bounds = " and ".join(part for part in (low, high) if part)
         extra = f" (or exactly {', '.join(map(str, allowed))})" if allowed else ""
-        raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}{extra}")
+        reason = f": {why}" if why else ""
+        raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}{extra}{reason}")
     return number
 
 

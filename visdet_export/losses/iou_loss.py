@@ -7,7 +7,6 @@ early return on all-zero weights.
 """
 
 
-import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,7 +29,7 @@ from ..numerics import (
     weight_keep_mask,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, StaticFloat, check_bool, check_choice, check_float, static, warn_caller
+from ..validation import check_bool, check_choice, check_float, static, warn_caller
 from .base import WeightedLoss
 
 IOU_MODES = ("linear", "square", "log")
@@ -40,21 +39,11 @@ IOU_MODES = ("linear", "square", "log")
 #: ``eps``, which overflows float32 below ~1e-19 (NaN gradients for point boxes at eps = 1e-20 eager, 1e-23
 #: scripted); MMDetection's defaults are 1e-6 and 1e-7.
 SMALLEST_EPS = 1e-12
-
-
-def check_box_eps(eps: object) -> StaticFloat:
-    """``eps`` of the IoU losses: at least :data:`SMALLEST_EPS`, with what to write instead when it is smaller
-    (MMDetection's YOLOX head configures ``IoULoss(mode="square", eps=1e-16)``)."""
-    try:
-        return check_float("eps", eps, minimum=SMALLEST_EPS)
-    except ConfigError as error:
-        if isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 <= float(eps) < SMALLEST_EPS:
-            raise ConfigError(
-                f"{error}: the union and enclosing areas are clamped at eps, and GIoU's gradient divides by the "
-                f"enclosing area squared, which overflows float32 below ~1e-19; write eps={SMALLEST_EPS:g} where a "
-                "config has a smaller one (MMDetection's YOLOX head uses eps=1e-16)"
-            ) from None
-        raise
+_SMALLEST_EPS_WHY = (
+    "the union and enclosing areas are clamped at eps, and GIoU's gradient divides by the enclosing area squared, "
+    f"which overflows float32 below ~1e-19; write eps={SMALLEST_EPS:g} where a config has a smaller one "
+    "(MMDetection's YOLOX head uses eps=1e-16)"
+)
 
 
 def box_inputs(
@@ -330,7 +319,7 @@ class IoULoss(WeightedLoss):
         if check_bool("linear", linear):
             warn_caller('IoULoss(linear=True) is deprecated; use mode="linear"', DeprecationWarning)
             self.mode = "linear"
-        self.eps = check_box_eps(eps)
+        self.eps = check_float("eps", eps, minimum=SMALLEST_EPS, why=_SMALLEST_EPS_WHY)
 
     def forward(
         self,
@@ -361,7 +350,7 @@ class GIoULoss(WeightedLoss):
 
     def __init__(self, eps: float = 1e-6, reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
-        self.eps = check_box_eps(eps)
+        self.eps = check_float("eps", eps, minimum=SMALLEST_EPS, why=_SMALLEST_EPS_WHY)
 
     def forward(
         self,
