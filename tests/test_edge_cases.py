@@ -26,7 +26,7 @@ from torch import Tensor
 from visdet_export import build_loss
 from visdet_export.export.torchscript import quiet_jit, script_loss
 from visdet_export.numerics import bce_with_probabilities
-from visdet_export.registry import loss_config
+from visdet_export.registry import loss_config, state_difference
 from visdet_export.specs import representative_configs
 
 F64 = torch.float64
@@ -388,6 +388,20 @@ def test_class_weights_survive_meta_device_initialisation(built_on_meta: bool) -
     pred, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.equal(model["loss"](pred, labels), build_loss(cfg)(pred, labels))
     assert loss_config(model["loss"])["class_weight"] == weights
+
+
+def test_class_weights_below_the_exact_range_record_what_the_loss_uses() -> None:
+    """Class weights below ~1e-21 are not restored exactly from their float32 parts (1.2e-206 becomes 0): the loss
+    records the restored values, so that its config rebuilds the same loss and the export's rebuild check passes
+    (hypothesis found the mask CE export refused: "_class_weight_values is [0.0, 1.18e-206, ...], rebuilt [0.0, 0.0,
+    ...]")."""
+    weights = [0.0, 1.1762149870241404e-206, 1e-40, 0.1, 3.3]
+    loss = build_loss(dict(type="CrossEntropyLoss", use_mask=True, class_weight=weights))
+    recorded = loss_config(loss)["class_weight"]
+    assert recorded[:2] == [0.0, 0.0] and recorded[3:] == [0.1, 3.3] and recorded[2] == pytest.approx(1e-40, rel=1e-4)
+    rebuilt = build_loss(loss_config(loss))
+    assert state_difference(loss, rebuilt) is None
+    assert loss_config(rebuilt) == loss_config(loss)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "script"])

@@ -498,6 +498,11 @@ class CrossEntropyLoss(WeightedLoss):
             raise ConfigError(f"use_mask=True takes no ignore_index (got {ignore_index}): every mask pixel counts")
         self.avg_non_ignore = check_bool("avg_non_ignore", avg_non_ignore)
         weights = check_class_weight(class_weight)
+        if weights is not None:
+            # the values the float32 buffers restore: the configured ones from ~1e-21 up, 0 for 1e-206 (so that the
+            # recorded config rebuilds the same loss); on the CPU, as a model built on the meta device has no values
+            with torch.device("cpu"):
+                weights = from_float32_parts(*float32_parts(weights)).tolist()
         self._class_weight_values = weights  # what meta-device buffers are rebuilt from (see _apply)
         # float32 buffers, which float64 losses and loss_config turn back into the configured values
         rounded, residual = (None, None) if weights is None else float32_parts(weights)
