@@ -282,6 +282,36 @@ def test_onnxruntime_refuses_inputs_whose_shapes_disagree(exports: Exports, key:
             session.run(None, {**feeds, "avg_factor": np.repeat(feeds["avg_factor"].reshape(1), 2)})
 
 
+@pytest.mark.parametrize(
+    ("key", "joint"), [(key, False) for key in CONFIGS] + [(key, True) for key in JOINT_KEYS],
+    ids=[*CONFIGS, *(f"{key}-joint" for key in JOINT_KEYS)],
+)
+def test_checked_inputs_keep_their_declared_shapes(exports: Exports, key: str, joint: bool) -> None:
+    """The loss reads each input through the checks' reshape, whose computed shape hides the input's from shape
+    inference; the graph declares it again, so that onnxruntime's rewrites that need static sizes still apply."""
+    model = exports.get(key, joint=joint).model
+    declared = {value.name: value.type for value in model.graph.value_info}
+    readers = {name for node in model.graph.node for name in node.input}
+    checked = [value for value in model.graph.input if f"{value.name}__visdet_checked" in readers]
+    assert checked, "every loss graph takes two inputs of N rows, so it checks them"
+    for value in checked:
+        assert declared[f"{value.name}__visdet_checked"] == value.type
+
+
+@pytest.mark.parametrize("key", BOX_KEYS)
+def test_onnxruntime_splits_the_box_columns_in_one_pass(exports: Exports, key: str, tmp_path: Path) -> None:
+    """Each box input's four column Slices become one Split when onnxruntime knows the input is (N, 4): through the
+    checks' reshape without a declared shape they stayed eight strided copies (IoU forward at 1M boxes, 1 thread:
+    50 against 28 ms)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exports.get(key).path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert (ops.count("Split"), ops.count("Slice")) == (2, 0)
+
+
 @pytest.mark.parametrize("n", SMALL_SIZES)
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_onnxruntime_matches_eager(exports: Exports, key: str, n: int) -> None:

@@ -1017,9 +1017,24 @@ def checked_input_shapes(model: Any, least_sizes: Optional[Mapping[str, int]] = 
         checking.append(helper.make_node("Shape", [info.name], [shape + "_unchecked"]))
         checking.append(helper.make_node("Add", [shape + "_unchecked", total], [shape]))
         checking.append(helper.make_node("Reshape", [info.name, shape], [checked], allowzero=1))
+        graph.value_info.append(_same_type_as(info, checked))
     del graph.node[:]
     graph.node.extend([*checking, *loss_nodes])
     return checks + len(ties) + len(bounds)
+
+
+def _same_type_as(info: Any, name: str) -> Any:
+    """A ``value_info`` entry declaring ``name`` of ``info``'s element type and shape.
+
+    The checked reshape's output has its input's shape, but shape inference cannot tell from a computed shape:
+    without the declaration onnxruntime sees a rank-2 tensor of unknown sizes and skips the rewrites that need
+    them (the IoU graphs' four column ``Slice`` of each box input stay four strided copies instead of one
+    ``Split``: IoU forward at 1M boxes, 1 thread, 50 against 28 ms)."""
+    declared = type(info)()
+    declared.CopyFrom(info)
+    declared.name = name
+    declared.doc_string = ""
+    return declared
 
 
 def _reshape_to_scalar(graph: Any, name: str) -> None:
