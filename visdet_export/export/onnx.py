@@ -940,7 +940,8 @@ def checked_input_shapes(model: Any, least_sizes: Optional[Mapping[str, int]] = 
     error), and every input axis whose symbol (``N``, ``C``, ...) an earlier input's axis has is checked equal to
     it: the difference of the two sizes, doubled, indexes a one-element tensor, which fails unless it is 0. The
     checks' zeros are added to each input's shape, which reshapes the input to itself before the loss reads it: no
-    element is copied or changed, and each check costs a few operations on one integer whatever N. The first axis
+    element is copied or changed, and each check costs a few operations on one integer whatever N. The reshaped
+    value is declared with the input's shape (:func:`_same_type_as`), which shape inference cannot tell. The first axis
     of each symbol in ``least_sizes`` is also checked against its least size (the spec's
     :attr:`~visdet_export.specs.LossSpec.least_sizes`, what eager refuses: no classes where labels index them,
     fewer than two DFL bins), where a gather out of range named no input. Returns the number of checks written."""
