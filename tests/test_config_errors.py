@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_NAMES
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import SEED_LOSS_NAMES, boxes, reference_loss, single_thread  # noqa: F401  (autouse fixture)
@@ -18,7 +19,7 @@ from reference import SEED_LOSS_NAMES, boxes, reference_loss, single_thread  # n
 from visdet_export import ConfigError, build_loss
 from visdet_export.export.torchscript import script_loss
 from visdet_export.registry import MODELS, config_parameters, loss_config
-from visdet_export.specs import representative_configs
+from visdet_export.specs import representative_configs, spec_for
 
 F64 = torch.float64
 
@@ -379,6 +380,31 @@ def test_float_labels_rejected(cfg: dict) -> None:
             loss(torch.randn(3, 4), (labels, torch.rand(3)))
         else:
             loss(torch.randn(3, 4), labels)
+
+
+@pytest.mark.parametrize("convert", [np.asarray, torch.Tensor.tolist], ids=["numpy", "list"])
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_inputs_that_are_no_tensors_are_type_errors_naming_the_argument(name: str, convert: object) -> None:
+    """A numpy array or a list in place of any tensor input, not an AttributeError from deep inside the loss."""
+    cfg = representative_configs()[name]
+    loss = build_loss(cfg)
+    spec = spec_for(loss)
+    inputs = spec.sample(loss, 3, seed=1, include=spec.names)
+    # the forward argument each spec input is passed as, where the two names differ
+    renamed = {"target": "label", "label": "weight"} if cfg["type"] == "CrossEntropyLoss" else {}
+    kind = "numpy.ndarray" if convert is np.asarray else "list"
+    for input_name in inputs:
+        if input_name == "avg_factor":  # numbers and numpy values are avg_factors (test_reduction)
+            continue
+        changed = {**inputs, input_name: convert(inputs[input_name])}
+        argument = renamed.get(input_name, input_name)
+        with pytest.raises(TypeError, match=f"^{cfg['type']}: {argument} must be a torch.Tensor, got {kind} "):
+            spec.call(loss, changed)
+
+
+def test_a_missing_pred_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="^L1Loss: pred must be a torch.Tensor, got NoneType$"):
+        build_loss(dict(type="L1Loss"))(None, torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.bool])

@@ -1,6 +1,9 @@
-"""The configuration every loss module shares: ``reduction`` and ``loss_weight``."""
+"""What every loss module shares: ``reduction`` and ``loss_weight``, and the refusal of inputs that are no tensors."""
 
 
+from collections.abc import Mapping
+
+import torch
 from torch import Tensor, nn
 
 from ..reduction import REDUCTIONS
@@ -28,3 +31,20 @@ class WeightedLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"
+
+
+@torch.jit.unused
+def refuse_non_tensors(loss: nn.Module, pred: object, targets: Mapping[str, object], weight: object) -> None:
+    """A ``TypeError`` naming the argument when ``pred``, a target (by name) or a given ``weight`` is not a
+    tensor: a numpy array or a list of labels would otherwise fail deep inside the loss with an ``AttributeError``.
+    Called outside TorchScript only, whose signatures refuse them already; under ``torch.compile`` the checks are
+    decided by types and add nothing to the graph."""
+    for name, value in [("pred", pred), *targets.items(), ("weight", weight)]:
+        if isinstance(value, Tensor) or (value is None and name == "weight"):
+            continue
+        kind = type(value)
+        got = kind.__qualname__ if kind.__module__ == "builtins" else kind.__module__ + "." + kind.__qualname__
+        raise TypeError(
+            f"{type(loss).__name__}: {name} must be a torch.Tensor, got {got}"
+            + ("" if value is None else " (torch.as_tensor converts one)")
+        )

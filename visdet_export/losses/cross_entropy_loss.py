@@ -43,7 +43,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_class_weight, check_int
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 
 def _check_class_count(class_weight: Optional[Tensor], num_classes: int) -> None:
@@ -522,6 +522,8 @@ class CrossEntropyLoss(WeightedLoss):
         (N, C) logits with (N,) labels in [0, C] (C = background), or targets of ``pred``'s shape. Mask: (R, C, H, W)
         logits, (R, H, W) targets, and the RoIs' class labels as the third argument. ``ignore_index`` overrides the
         configured one for this call. Returns the loss times ``loss_weight``: 0-d, or per element under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"label": label}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         factor = as_avg_factor(avg_factor, pred)
         class_weight = self.class_weight_for(pred)

@@ -44,7 +44,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float, static
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 
 def check_class_labels(pred: Tensor, target: Tensor) -> None:
@@ -301,6 +301,8 @@ class FocalLoss(WeightedLoss):
         """``pred`` (N, C) logits (probabilities with ``activated=True``); ``target`` (N,) labels in [0, C] (C =
         background) or (N, C) one-hot; ``weight`` (N,), (N, 1), (N, C) or (N * C,). Returns the loss times
         ``loss_weight``: 0-d, or (N, C) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = sigmoid_focal_loss(
             pred,

@@ -47,7 +47,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float, check_int, static
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 
 def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
@@ -255,6 +255,10 @@ class QualityFocalLoss(WeightedLoss):
         """``pred`` (N, C) logits (probabilities with ``activated=True``); ``target`` a tuple (labels (N,) in [0, C],
         C = background; IoU scores (N,)) or dense (N, C) soft targets; ``weight`` (N,). Returns the loss times
         ``loss_weight``: 0-d, or (N,) under "none"."""
+        if not torch.jit.is_scripting():
+            pair = isinstance(target, (tuple, list))
+            targets = dict(zip(("labels", "scores"), target)) if pair else {"target": target}
+            refuse_non_tensors(self, pred, targets, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         if isinstance(target, Tensor):
             if not same_shape(target, pred):
@@ -414,6 +418,8 @@ class DistributionFocalLoss(WeightedLoss):
     ) -> Tensor:
         """``pred`` (N, reg_max + 1) bin logits; ``target`` (N,) distances in [0, reg_max]; ``weight`` (N,). Returns
         the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reg_max = self.reg_max
         if reg_max is not None and not same_size(pred.size(-1), reg_max + 1, "pred's bins and reg_max + 1"):
             raise ValueError(

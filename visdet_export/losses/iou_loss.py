@@ -30,7 +30,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float, static, warn_caller
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 IOU_MODES = ("linear", "square", "log")
 
@@ -331,6 +331,8 @@ class IoULoss(WeightedLoss):
     ) -> Tensor:
         """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = iou_loss(pred, target, weight, self.mode, static(self.eps), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
@@ -362,6 +364,8 @@ class GIoULoss(WeightedLoss):
     ) -> Tensor:
         """``pred`` and ``target`` (N, 4) boxes (x1, y1, x2, y2); ``weight`` (N,) or (N, 4) (averaged per box).
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = giou_loss(pred, target, weight, static(self.eps), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)

@@ -26,7 +26,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, check_int, static
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 
 def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target: bool = True) -> Tensor:
@@ -131,6 +131,8 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
     ) -> Tensor:
         """``pred`` (N, C) student logits, ``soft_label`` (N, C) teacher logits (no gradient); ``weight`` (N,).
         Returns the loss times ``loss_weight``: 0-d, or (N,) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"soft_label": soft_label}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = knowledge_distillation_kl_div_loss(
             pred, soft_label, weight, static(self.T), reduction, as_avg_factor(avg_factor, pred)
@@ -243,6 +245,8 @@ class LocalizationDistillationLoss(WeightedLoss):
         """``pred`` and ``soft_label`` (N, 4 * (reg_max + 1)) student and teacher bin logits, or one side per row
         (N * 4, reg_max + 1); ``weight`` (N,) or (N, 4). Returns the loss times ``loss_weight``: 0-d, or (N, 4)
         (one side per row: (N * 4,)) under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"soft_label": soft_label}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = localization_distillation_loss(
             pred, soft_label, weight, static(self.T), self.reg_max, reduction, as_avg_factor(avg_factor, pred)

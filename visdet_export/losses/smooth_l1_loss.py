@@ -14,7 +14,7 @@ from torch import Tensor
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, static
-from .base import WeightedLoss
+from .base import WeightedLoss, refuse_non_tensors
 
 
 def l1_loss(
@@ -103,6 +103,8 @@ class L1Loss(WeightedLoss):
     ) -> Tensor:
         """``pred`` and ``target`` of one shape (box deltas (N, 4), or any); ``weight`` of that shape (1 on some axes)
         or one value per row. Returns the loss times ``loss_weight``: 0-d, or ``pred``'s shape under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         return self.weighted(l1_loss(pred, target, weight, reduction, as_avg_factor(avg_factor, pred)))
 
@@ -130,6 +132,8 @@ class SmoothL1Loss(WeightedLoss):
     ) -> Tensor:
         """``pred`` and ``target`` of one shape (box deltas (N, 4), or any); ``weight`` of that shape (1 on some axes)
         or one value per row. Returns the loss times ``loss_weight``: 0-d, or ``pred``'s shape under "none"."""
+        if not torch.jit.is_scripting():
+            refuse_non_tensors(self, pred, {"target": target}, weight)
         reduction = resolve_reduction(self.reduction, reduction_override)
         loss = smooth_l1_loss(pred, target, weight, static(self.beta), reduction, as_avg_factor(avg_factor, pred))
         return self.weighted(loss)
