@@ -479,6 +479,7 @@ def test_invalid_reduction_override(name: str, override: str) -> None:
             loss(torch.randn(2, 5), (torch.tensor([0, 1]), torch.rand(2)), reduction_override=override)
         else:
             loss(torch.randn(2, 4), torch.randn(2, 4), reduction_override=override)
+    assert f"reduction_override='{override}' is not valid" in str(info.value)
     assert "'none'" in str(info.value) and "'sum'" in str(info.value)
 
 

@@ -37,7 +37,7 @@ def resolve_reduction(reduction: str, reduction_override: Optional[str]) -> str:
         return reduction
     if reduction_override not in ("none", "mean", "sum"):
         raise ValueError(
-            "reduction_override=" + str(reduction_override) + " is not valid; choose one of 'none', 'mean', 'sum'"
+            "reduction_override=" + quoted(reduction_override) + " is not valid; choose one of 'none', 'mean', 'sum'"
         )
     return reduction_override
 
@@ -99,7 +99,15 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
         return loss.sum()
     if reduction == "none":
         return loss
-    raise ValueError("reduction=" + reduction + " is not valid; choose one of 'none', 'mean', 'sum'")
+    raise ValueError("reduction=" + quoted(reduction) + " is not valid; choose one of 'none', 'mean', 'sum'")
+
+
+def quoted(value: str) -> str:
+    """``value`` as messages show it: a string in quotes, as ``repr`` gives it (which TorchScript lacks); anything
+    else a caller outside TorchScript passed, as ``str`` gives it."""
+    if isinstance(value, str):
+        return "'" + value + "'"
+    return str(value)
 
 
 def _per_row(loss: Tensor, weight: Tensor) -> bool:

@@ -28,7 +28,7 @@ from ..numerics import (
     upcast_inputs,
     weight_keep_mask,
 )
-from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
+from ..reduction import AvgFactor, as_avg_factor, quoted, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float, static, warn_caller
 from .base import WeightedLoss, refuse_non_tensors
 
@@ -94,7 +94,7 @@ def iou_loss(
         Tensor[N] for "none", else Tensor[].
     """
     if mode != "linear" and mode != "square" and mode != "log":
-        raise ValueError("mode=" + mode + " is not valid; choose one of 'linear', 'square', 'log'")
+        raise ValueError("mode=" + quoted(mode) + " is not valid; choose one of 'linear', 'square', 'log'")
     return _box_loss(pred, target, weight, mode, eps, reduction, avg_factor)
 
 
