@@ -7,6 +7,8 @@ Nothing here is autouse: tests that do not ask for these fixtures pay nothing fo
   asks first (test_compile, test_torchscript, test_pt2 and test_matrix all draw from it). Its ``.pt2`` column
   is one joint AOTInductor bundle of every representative configuration, built on first use
   (``RunnerCache.pt2_bundle``; about 2 minutes on 2 cores).
+* Parallel runs (``-n auto --dist loadfile``, pyproject's default): each test file runs whole on one worker, so
+  its fixtures are built once; :data:`SAME_WORKER` keeps files that share the ``.pt2`` bundle together.
 * ``compile_backend(name)``: the real inductor backend for the configurations that exercise its code generation
   (focal, qfl, giou, dfl, softmax CE; about 20-30 s each on this 2-core CPU, forward and backward); aot_eager
   (the same dynamo graph and AOT-autograd joint graph, no code generation; 1-5 s) for the others.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -59,3 +61,40 @@ def seeded() -> int:
     random.seed(0)
     torch.manual_seed(0)
     return 0
+
+
+#: Test files that run on the worker of another because they use the same expensive session artifact, which each
+#: worker would otherwise build: the joint ``.pt2`` bundle of every configuration (~100 s) feeds test_matrix's pt2
+#: column and test_cpp.
+SAME_WORKER = {"tests/test_cpp.py": "tests/test_matrix.py"}
+
+#: Workers of ``-n auto`` at most: each holds its own compiled losses and exported artifacts (1-2 GB).
+MAX_AUTO_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> Optional[int]:
+    """``-n auto``: one worker per CPU this process may run on, at most :data:`MAX_AUTO_WORKERS`; xdist's own
+    count (physical cores, or ``$PYTEST_XDIST_AUTO_NUM_WORKERS``) where that variable is set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(usable, MAX_AUTO_WORKERS))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the files of :data:`SAME_WORKER` in one work unit; other modes as xdist has them."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    missing = [name for name in {*SAME_WORKER, *SAME_WORKER.values()} if not (config.rootpath / name).is_file()]
+    if missing:  # a renamed file would silently build the artifact on two workers again
+        raise pytest.UsageError(f"conftest.SAME_WORKER names files that do not exist: {sorted(missing)}")
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileSharingArtifacts(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(scope, scope)
+
+    return LoadFileSharingArtifacts(config, log)
