@@ -402,6 +402,17 @@ def test_inputs_that_are_no_tensors_are_type_errors_naming_the_argument(name: st
             spec.call(loss, changed)
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_inputs_that_are_no_tensors_are_refused_by_name_under_compile(fullgraph: bool) -> None:
+    """Without fullgraph Dynamo runs the check eagerly and the TypeError comes out as it is; with fullgraph Dynamo
+    reports it as the exception that ended the graph, our message included, or raises it as it is where an earlier
+    call already left the forward to eager (before the check both failed with an AttributeError from fake tensors)."""
+    compiled = torch.compile(build_loss(dict(type="L1Loss")), fullgraph=fullgraph, backend="eager")
+    expected = "L1Loss: target must be a torch.Tensor, got numpy.ndarray"
+    with pytest.raises((torch._dynamo.exc.Unsupported, TypeError) if fullgraph else TypeError, match=expected):
+        compiled(torch.zeros(2, 4), np.zeros((2, 4), np.float32))
+
+
 def test_a_missing_pred_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="^L1Loss: pred must be a torch.Tensor, got NoneType$"):
         build_loss(dict(type="L1Loss"))(None, torch.zeros(2, 4))
