@@ -413,6 +413,43 @@ def test_inputs_that_are_no_tensors_are_refused_by_name_under_compile(fullgraph:
         compiled(torch.zeros(2, 4), np.zeros((2, 4), np.float32))
 
 
+def _mmdetection_order_calls() -> list:
+    """Functional losses called in MMDetection's positional order, ``(inputs, weight, reduction, avg_factor)``."""
+    from visdet_export import losses as L
+
+    box, logits, labels = boxes(3, dtype=torch.float32), torch.randn(3, 4), torch.tensor([0, 1, 4])
+    bins = torch.randn(3, 68)  # LD: 4 sides x (reg_max + 1) bins
+    return [
+        pytest.param(L.sigmoid_focal_loss, (logits, labels), "gamma", id="focal"),
+        pytest.param(L.quality_focal_loss, (logits, torch.rand(3, 4)), "beta", id="qfl"),
+        pytest.param(L.quality_focal_loss_on_labels, (logits, labels, torch.rand(3)), "beta", id="qfl_labels"),
+        pytest.param(L.smooth_l1_loss, (box, box), "beta", id="smooth_l1"),
+        pytest.param(L.balanced_l1_loss, (box, box), "alpha", id="balanced_l1"),
+        pytest.param(L.giou_loss, (box, box), "eps", id="giou"),
+        pytest.param(L.knowledge_distillation_kl_div_loss, (logits, logits), "T", id="kd"),
+        pytest.param(L.localization_distillation_loss, (bins, bins), "T", id="ld"),
+        pytest.param(L.softmax_cross_entropy, (logits, labels.clamp(max=3)), "class_weight", id="ce"),
+        pytest.param(L.binary_cross_entropy, (logits, labels), "class_weight", id="bce"),
+    ]
+
+
+@pytest.mark.parametrize(("function", "inputs", "first"), _mmdetection_order_calls())
+def test_functional_losses_called_in_mmdetection_order_say_so(function, inputs: tuple, first: str) -> None:
+    """MMDetection's functions take reduction and avg_factor fourth and fifth, ours after the hyper-parameters: a
+    ported positional call names the hyper-parameter the reduction landed on instead of a bare TypeError."""
+    with pytest.raises(TypeError, match=f"^{function.__name__} got {first}='mean': .* pass them by keyword$"):
+        function(*inputs, None, "mean", torch.tensor(2.0))
+    function(*inputs, None, reduction="mean", avg_factor=torch.tensor(2.0))  # the keyword form of the same call
+
+
+def test_mask_cross_entropy_called_in_mmdetection_order_says_so() -> None:
+    from visdet_export.losses import mask_cross_entropy
+
+    pred, target, labels = torch.randn(2, 3, 4, 4), torch.rand(2, 4, 4), torch.tensor([0, 2])
+    with pytest.raises(TypeError, match="^mask_cross_entropy got class_weight='sum'"):
+        mask_cross_entropy(pred, target, labels, "sum")
+
+
 def test_a_missing_pred_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="^L1Loss: pred must be a torch.Tensor, got NoneType$"):
         build_loss(dict(type="L1Loss"))(None, torch.zeros(2, 4))

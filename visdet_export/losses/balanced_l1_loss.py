@@ -14,7 +14,7 @@ from torch import Tensor
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_float, static
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def balanced_l1_loss(
@@ -35,6 +35,8 @@ def balanced_l1_loss(
 
     Args: as :func:`~visdet_export.losses.smooth_l1_loss.l1_loss`.
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("balanced_l1_loss", {"alpha": alpha, "gamma": gamma, "beta": beta})
     pred, target, weight = regression_inputs(pred, target, weight)
     if closed_form_path(pred, target):
         loss = _balanced_l1_closed_form(pred, target, weight, alpha, gamma, beta)

@@ -48,3 +48,17 @@ def refuse_non_tensors(loss: nn.Module, pred: object, targets: Mapping[str, obje
             f"{type(loss).__name__}: {name} must be a torch.Tensor, got {got}"
             + ("" if value is None else " (torch.as_tensor converts one)")
         )
+
+
+@torch.jit.unused
+def refuse_misplaced_reduction(function: str, hyperparameters: Mapping[str, object]) -> None:
+    """A ``TypeError`` for a string among a functional loss's hyper-parameters: MMDetection's functions take
+    ``(pred, target, weight, reduction, avg_factor, **hyper-parameters)`` and ours the hyper-parameters first, so
+    a positional call ported as it is puts ``"mean"`` on the first of them, which failed deep inside the loss with a
+    bare ``TypeError``. Called outside TorchScript only, whose signatures refuse a string there already."""
+    for name, value in hyperparameters.items():
+        if isinstance(value, str):
+            raise TypeError(
+                f"{function} got {name}={value!r}: its reduction and avg_factor come after the hyper-parameters "
+                "(MMDetection's functions take them fourth and fifth); pass them by keyword"
+            )

@@ -43,7 +43,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_class_weight, check_int
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def _check_class_count(class_weight: Optional[Tensor], num_classes: int) -> None:
@@ -87,6 +87,11 @@ def softmax_cross_entropy(
     Returns:
         Tensor[N, *] for "none", else Tensor[].
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction(
+            "softmax_cross_entropy",
+            {"class_weight": class_weight, "ignore_index": ignore_index, "avg_non_ignore": avg_non_ignore},
+        )
     if label.dim() == pred.dim() and pred.dim() >= 2:
         return _probability_cross_entropy(pred, label, weight, class_weight, ignore_index, reduction, avg_factor)
     if (
@@ -236,6 +241,11 @@ def binary_cross_entropy(
     Returns:
         Tensor of ``pred``'s shape for "none", else Tensor[].
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction(
+            "binary_cross_entropy",
+            {"class_weight": class_weight, "ignore_index": ignore_index, "avg_non_ignore": avg_non_ignore},
+        )
     input_dtype = pred.dtype
     dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)
@@ -427,6 +437,8 @@ def mask_cross_entropy(
     Returns:
         Tensor[R, *S] for "none", else Tensor[] (visdet returns shape (1,), mean only).
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("mask_cross_entropy", {"class_weight": class_weight})
     matching = pred.dim() >= 3 and target.dim() == pred.dim() - 1 and label.dim() == 1
     if matching:
         matching = same_size(target.size(0), pred.size(0)) and same_size(label.size(0), pred.size(0))

@@ -44,7 +44,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float, static
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def check_class_labels(pred: Tensor, target: Tensor) -> None:
@@ -146,6 +146,8 @@ def sigmoid_focal_loss(
     Returns:
         Tensor[N, C] for "none", else Tensor[].
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("sigmoid_focal_loss", {"gamma": gamma, "alpha": alpha})
     input_dtype = pred.dtype
     dtype = logits_compute_dtype(pred)
     pred = pred.to(dtype)

@@ -47,7 +47,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import ConfigError, check_bool, check_float, check_int, static
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def _check_quality_labels(pred: Tensor, labels: Tensor, scores: Tensor) -> None:
@@ -106,6 +106,8 @@ def quality_focal_loss(
     Returns:
         Tensor[N] for "none" (summed over classes), else Tensor[].
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("quality_focal_loss", {"beta": beta})
     # closed-form gradient, in place (see numerics); a trained weight keeps autograd, whose gradient at masked rows
     # is the loss of the masked inputs, where the fast path zeroes the outputs
     fast = not activated and eager_closed_form(pred, target, weight)
@@ -151,6 +153,8 @@ def quality_focal_loss_on_labels(
     label's element the positives', computed on N values and written there by a scatter. TorchScript, export and
     compile without gradient take the same layout in the autograd formulation (:func:`_quality_focal_on_labels`);
     compiled training (the derivative saved by the forward) and probabilities (``activated``) take dense targets."""
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("quality_focal_loss_on_labels", {"beta": beta})
     if activated or compiled_training(pred, scores):
         dense = quality_targets(pred, labels, scores)
         return quality_focal_loss(pred, dense, weight, beta, reduction, avg_factor, activated)

@@ -30,7 +30,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, quoted, resolve_reduction, weight_reduce_loss
 from ..validation import check_bool, check_choice, check_float, static, warn_caller
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 IOU_MODES = ("linear", "square", "log")
 
@@ -108,6 +108,8 @@ def giou_loss(
 ) -> Tensor:
     r"""GIoU loss :math:`1 - \mathrm{GIoU}`, in [0, 2]; arguments as :func:`iou_loss`. ``eps`` defaults to 1e-7,
     as MMDetection's ``giou_loss`` function (its module and :class:`GIoULoss` pass 1e-6)."""
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("giou_loss", {"eps": eps})
     return _box_loss(pred, target, weight, "giou", eps, reduction, avg_factor)
 
 

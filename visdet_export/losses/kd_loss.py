@@ -26,7 +26,7 @@ from ..numerics import (
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, check_int, static
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target: bool = True) -> Tensor:
@@ -93,6 +93,8 @@ def knowledge_distillation_kl_div_loss(
         >>> loss = knowledge_distillation_kl_div_loss(pred, torch.randn(6, 5), T=2.0)
         >>> loss.backward()
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("knowledge_distillation_kl_div_loss", {"T": T})
     if pred.dim() != 2 or not same_shape(soft_label, pred):
         raise ValueError(
             "expected pred (N, C) and soft_label of the same shape, got "
@@ -174,6 +176,8 @@ def localization_distillation_loss(
     Returns:
         Tensor[N, 4] (four sides per row) or Tensor[N * 4] for "none", else Tensor[].
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("localization_distillation_loss", {"T": T, "reg_max": reg_max})
     bins = reg_max + 1
     # MMDetection's LDHead reshapes both to one side per row, (N * 4, reg_max + 1), before calling its loss
     sides = 1 if pred.dim() == 2 and pred.size(1) == bins else 4

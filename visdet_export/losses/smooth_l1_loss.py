@@ -14,7 +14,7 @@ from torch import Tensor
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import check_float, static
-from .base import WeightedLoss, refuse_non_tensors
+from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
 def l1_loss(
@@ -61,6 +61,8 @@ def smooth_l1_loss(
 
     Args: as :func:`l1_loss`; ``beta`` > 0.
     """
+    if not torch.jit.is_scripting():
+        refuse_misplaced_reduction("smooth_l1_loss", {"beta": beta})
     pred, target, weight = regression_inputs(pred, target, weight)
     if closed_form_path(pred, target):
         return weight_reduce_loss(_smooth_l1_closed_form(pred, target, weight, beta), None, reduction, avg_factor)
