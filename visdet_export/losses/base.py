@@ -1,4 +1,4 @@
-"""What every loss module shares: ``reduction`` and ``loss_weight``, and the refusal of inputs that are no tensors."""
+"""What every loss shares: the modules' ``reduction`` and ``loss_weight``, and the refusals of misplaced arguments."""
 
 
 from collections.abc import Mapping
