@@ -276,6 +276,30 @@ def test_row_select_moves_past_the_row_sum() -> None:
             np.testing.assert_array_equal(a, b)  # the same products; weight-0 ones are 0 (the sign may differ)
 
 
+def test_an_operand_weighted_twice_gets_one_select() -> None:
+    """Two products of the same row sum with the weight (sigmoid CE with class weights exports such a pair): one
+    select feeds both, where a select per product repeated its output name (the graph failed onnx.checker)."""
+    node = helper.make_node
+    body = [
+        node("Exp", ["xm"], ["e"]),
+        node("ReduceSum", ["e", "one_axis"], ["rows"], keepdims=0),
+        node("Mul", ["rows", "w"], ["weighted"]),
+        node("Mul", ["w", "rows"], ["weighted_again"]),
+        node("Add", ["weighted", "weighted_again"], ["both"]),
+        node("ReduceSum", ["both"], ["total"], keepdims=0),
+    ]
+    original = masked_graph(body, {"total": []}, ["N"])
+    rewritten = masked_graph(body, {"total": []}, ["N"])
+    assert onnx_export.late_weight_masks(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    selects = [n for n in rewritten.graph.node if n.op_type == "Where"]
+    assert len(selects) == 1 and selects[0].input[2] == "rows"
+    for n in (0, 7, 1000):
+        x, w = row_inputs(n, seed=n)
+        (got,), (expected,) = run_graph(rewritten, x, w), run_graph(original, x, w)
+        assert np.isfinite(got) and got == expected
+
+
 def test_selects_kept_when_the_values_reach_more_than_the_weight() -> None:
     node = helper.make_node
     cases = {

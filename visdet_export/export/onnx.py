@@ -736,6 +736,7 @@ def late_weight_masks(model: Any) -> int:
     inserts = {id(node): index for node, index in trace.weighted}
     zeros: dict[int, str] = {}
     tests: dict[str, str] = {}
+    selected: dict[tuple[str, str], str] = {}  # one select per operand and weight, however many products use it
     nodes = []
     for node in graph.node:
         if id(node) in dropped:
@@ -755,9 +756,11 @@ def late_weight_masks(model: Any) -> int:
             if factor not in tests:
                 tests[factor] = f"{factor}__visdet_is_zero"
                 nodes.append(helper.make_node("Equal", [factor, zeros[dtype]], [tests[factor]], name=tests[factor]))
-            masked = f"{value}__visdet_weighted"
-            nodes.append(helper.make_node("Where", [tests[factor], zeros[dtype], value], [masked], name=masked))
-            node.input[index] = masked
+            if (value, factor) not in selected:
+                masked = f"{value}__visdet_weighted" + (f"_{len(selected)}" if selected else "")
+                nodes.append(helper.make_node("Where", [tests[factor], zeros[dtype], value], [masked], name=masked))
+                selected[value, factor] = masked
+            node.input[index] = selected[value, factor]
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
