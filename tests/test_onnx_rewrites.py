@@ -381,6 +381,48 @@ def test_unmasked_while_finite_needs_a_nan_to_reach_the_outputs() -> None:
         assert model.SerializeToString() == before, name
 
 
+def guard_graph(tail: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """The exported BCE's linear term: ``x ([x >= 0] - t)``, 0 where the difference is 0 (an exactly right infinite
+    logit: inf * 0), for logits x and targets w (N, 4), then ``tail`` from "guarded" to "out"."""
+    node = helper.make_node
+    nodes = [
+        node("GreaterOrEqual", ["x", "zero"], ["nonnegative"]),
+        node("Cast", ["nonnegative"], ["step"], to=TensorProto.FLOAT),
+        node("Sub", ["step", "w"], ["difference"]),
+        node("Mul", ["x", "difference"], ["product"]),
+        node("Equal", ["difference", "zero"], ["agree"]),
+        node("Where", ["agree", "zero", "product"], ["guarded"]),
+        *tail,
+    ]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("x", "w")]
+    graph = helper.make_graph(
+        nodes, "guard", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_unmasked_while_finite_skips_the_exactly_right_logit_guard() -> None:
+    """The guard is needed only where a logit is infinite: the unmasked pass runs the bare product, and inputs with
+    an exactly right infinite logit (NaN there) take the guarded graph. Behind a max it stays."""
+    node = helper.make_node
+    total = [node("ReduceSum", ["guarded"], ["out"], keepdims=0)]
+    original, rewritten = guard_graph(total), guard_graph(total)
+    assert onnx_export.unmasked_while_finite(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [n.op_type for n in rewritten.graph.node].count("Where") == 0
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (50, 4)).astype(np.float32)
+    w = rng.choice(np.array([0.0, 1.0, 0.25], np.float32), (50, 4))
+    right = np.where(w == 0, -np.inf, np.inf).astype(np.float32)
+    for logits in (x, np.where(w != 0.25, right, x)):  # finite; exactly right infinities
+        (got,), (expected,) = run_graph(rewritten, logits, w), run_graph(original, logits, w)
+        assert np.isfinite(expected) and got == expected
+    behind_a_max = [node("Max", ["guarded", "zero"], ["m"]), node("ReduceSum", ["m"], ["out"], keepdims=0)]
+    model = guard_graph(behind_a_max)
+    assert onnx_export.unmasked_while_finite(model) == 0
+
+
 def test_unmasked_while_finite_leaves_passthrough_outputs_alone() -> None:
     """A graph input that is also an output has no producer to rename: the graph is left as it is."""
     node = helper.make_node

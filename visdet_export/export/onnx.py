@@ -800,8 +800,10 @@ def unmasked_while_finite(model: Any) -> int:
     :func:`_trace_weight_masks` (with ``watch``) proves that such a NaN reaches the outputs (sums, arithmetic,
     casts only). So when every output is finite (checked on its sum), the unmasked outputs equal the masked
     ones; when one is not, an ``If`` runs the masked graph (the original nodes, renamed) instead. Inputs with
-    NaN / inf at weight-0 elements therefore cost the unmasked pass plus the masked graph. Graphs with
-    subgraphs or non-float outputs are left alone. Returns the number of selects the unmasked pass skips.
+    NaN / inf at weight-0 elements therefore cost the unmasked pass plus the masked graph. The unmasked pass also
+    skips the BCE's selects of an exactly right infinite logit (:func:`_zero_factor_guards`), which only matter
+    where a logit is infinite. Graphs with subgraphs or non-float outputs are left alone. Returns the number of
+    selects the unmasked pass skips.
     """
     import copy
 
@@ -815,18 +817,21 @@ def unmasked_while_finite(model: Any) -> int:
     trace = _trace_weight_masks(model, watch=True)
     results = list(graph.output)
     produced = {output for node in graph.node for output in node.output if output}
-    if not trace.removed or any(
+    guards = _zero_factor_guards(graph, trace)
+    if not (trace.removed or guards) or any(
         trace.types.get(out.name) not in (TensorProto.FLOAT, TensorProto.DOUBLE) or out.name not in produced
         for out in results
     ):
         return 0
-    dropped = {id(node) for node in trace.removed}
+    skipped = trace.removed + [node for node in graph.node if node.output[0] in guards]
+    dropped = {id(node) for node in skipped}
+    values = {**trace.values, **guards}
     used = {out.name for out in results}
     unmasked_nodes = []
     for node in reversed(graph.node):
         if id(node) not in dropped and any(output in used for output in node.output):
             unmasked_nodes.append(node)
-            used.update(trace.values.get(name, name) for name in node.input)
+            used.update(values.get(name, name) for name in node.input)
     if _estimated_cost(unmasked_nodes, trace.size) > _UNMASKED_MAX_COST * _estimated_cost(graph.node, trace.size):
         return 0
     # The masked branch reads outer values only as node outputs: its own copies of the constants it reads, and
@@ -866,7 +871,7 @@ def unmasked_while_finite(model: Any) -> int:
     for node in graph.node:
         if id(node) in dropped:
             continue
-        node.input[:] = [unmasked.get(name, name) for name in (trace.values.get(name, name) for name in node.input)]
+        node.input[:] = [unmasked.get(name, name) for name in (values.get(name, name) for name in node.input)]
         node.output[:] = [unmasked.get(name, name) for name in node.output]
         nodes.append(node)
     checks = []
@@ -895,7 +900,46 @@ def unmasked_while_finite(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_nodes(graph)
-    return len(trace.removed)
+    return len(skipped)
+
+
+def _zero_factor_guards(graph: Any, trace: _MaskTrace) -> dict[str, str]:
+    """``{select: product}`` for the selects ``Where(b == 0, 0, Mul(a, b))`` that :func:`unmasked_while_finite` can
+    skip: the exported BCE's 0 at an exactly right infinite logit (``numerics.linear_bce_term``, ``weighted_side``).
+    Such a select differs from its product only where ``a`` is inf or NaN (``inf * 0`` is NaN), so it can go when
+    every use of its values, however far, is a NaN-propagating operator (a NaN there then shows in the outputs,
+    which the unmasked pass checks) or a select's value input (which drops a NaN where it would drop a 0). The
+    weight-0 selects the trace removes are bypassed. Returns none of them if one value reaches anything else."""
+    producer = {output: node for node in graph.node for output in node.output}
+    guards: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+            continue
+        test, product = producer.get(node.input[0]), producer.get(node.input[2])
+        if _scalar_value(trace.initializers, node.input[1]) != 0.0 or test is None or product is None:
+            continue
+        if test.op_type != "Equal" or product.op_type != "Mul" or test.domain not in ("", "ai.onnx"):
+            continue
+        for factor, zero in (test.input, reversed(test.input)):
+            if _scalar_value(trace.initializers, zero) == 0.0 and factor in product.input:
+                guards[node.output[0]] = node.input[2]
+    removed = {id(node) for node in trace.removed}
+    floats = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    tainted = set(guards)
+    for node in graph.node:
+        if id(node) in removed or node.output[0] in guards:
+            continue
+        reads = [position for position, name in enumerate(node.input) if trace.values.get(name, name) in tainted]
+        if not reads:
+            continue
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        cast_to_float = op == "Cast" and _attribute(node, "to", 0) in floats
+        if not (op in _NAN_PROPAGATING or cast_to_float or (op == "Where" and 0 not in reads)):
+            return {}
+        tainted.update(node.output)
+    if tainted & _subgraph_inputs(graph):
+        return {}
+    return guards
 
 
 def nonnegative_reduce_axes(model: Any) -> int:
