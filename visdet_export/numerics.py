@@ -6,6 +6,7 @@ fractional powers, degenerate boxes, and masked-out elements whose inputs are Na
 """
 
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -79,31 +80,53 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
     """Binary cross-entropy on logits in the stable ``softplus`` form.
 
     ``relu(x) - x*t + log1p(exp(-|x|))``, with ``pos_weight`` as in ``F.binary_cross_entropy_with_logits``. The
-    exporter lowers the built-in to ``Log(Sigmoid(x))``, which onnxruntime turns into inf/NaN for |x| >= 18.
+    exporter lowers the built-in to ``Log(Sigmoid(x))``, which onnxruntime turns into inf/NaN for |x| >= 18. A logit
+    of -inf at t = 0 or +inf at t = 1 (a class masked out with -inf) gives the limit 0, value and slope, where a
+    product of its infinite side with the zero target weight would be NaN.
 
     Args:
         logits (Tensor[*]), target (Tensor[*]) in [0, 1], log1p_decay (Tensor[*]): ``log1p(exp(-|x|))``.
         pos_weight (Tensor broadcastable to ``logits``, optional): weight of the positive term.
     """
-    if pos_weight is not None:
+    if pos_weight is not None or torch.jit.is_scripting():
         # (1 - t) softplus(x) + p t softplus(-x): ATen's (1 - t) x + (1 + (p - 1) t) softplus(-x) cancels for a
         # confident negative (x << 0: x + softplus(-x) is the tiny softplus(x); 7e-3 relative at x in [-20, -10]).
-        # clamp's slope 1 at 0 and relu's 0 give the slope at 0, (1 - t - p t) / 2.
-        return (1.0 - target) * (logits.clamp(min=0) + log1p_decay) + pos_weight * target * (
-            torch.relu(-logits) + log1p_decay
-        )
-    if torch.jit.is_scripting():
-        # (1 - t) softplus(x) + t softplus(-x) as -lerp(log_sigmoid(-x), log_sigmoid(x), t): two fused
-        # log_sigmoids (see softplus), and ATen's lerp returns either end exactly at t = 0 and t = 1; the same slope
-        # at 0, 1/2 - t. Not ATen's fused BCE, (1 - t) x - log_sigmoid(x): it cancels for a confident negative
-        # (x << 0, t = 0: 0.8% off at -10, 15% at -14, 0 for 4e-8 at -17), and its slope sigmoid(x) - t rounds for
-        # a confident positive; this slope is (1 - t) sigmoid(x) - t sigmoid(-x), as eager's closed form
-        return -torch.lerp(F.logsigmoid(-logits), F.logsigmoid(logits), target)
+        # TorchScript takes the softplus sides as two fused log_sigmoids (see softplus), not ATen's fused BCE,
+        # (1 - t) x - log_sigmoid(x): it cancels for a confident negative (x << 0, t = 0: 0.8% off at -10, 15% at
+        # -14, 0 for 4e-8 at -17), and its slope sigmoid(x) - t rounds for a confident positive; nor their lerp,
+        # NaN at an infinite logit. Both forms have the slope (1 - t - p t) / 2 at 0: clamp's slope 1 at 0 and
+        # relu's 0, or log_sigmoid's 1/2.
+        if torch.jit.is_scripting():
+            negative_side, positive_side = -F.logsigmoid(-logits), -F.logsigmoid(logits)
+        else:
+            negative_side, positive_side = logits.clamp(min=0) + log1p_decay, torch.relu(-logits) + log1p_decay
+        positive = target if pos_weight is None else pos_weight * target
+        return weighted_side(negative_side, 1.0 - target) + weighted_side(positive_side, positive)
     # relu(x) - x t as x ([x >= 0] - t): relu(x) - x t cancelled for a confident positive with a soft target just
     # below 1 (relative error eps / (2 (1 - t)), 2e-4 at t = 0.9999), [x >= 0] - t is exact there (Sterbenz) and
     # the product rounds once; one op more. The step's x >= 0 side pairs with sigmoid_pair's |x|: slope 1/2 - t at 0.
-    step = (logits >= 0).to(logits.dtype)
-    return logits * (step - target) + log1p_decay
+    return linear_bce_term(logits, (logits >= 0).to(logits.dtype) - target) + log1p_decay
+
+
+def weighted_side(side: Tensor, side_weight: Tensor) -> Tensor:
+    """``side * side_weight``, 0 where the weight is 0: at an infinite logit one side of a BCE is inf, and its weight
+    0 where the target makes that logit an exactly right prediction (autograd formulation). A trained target keeps
+    its derivative ``side`` at weight 0: the select is then narrowed to infinite sides."""
+    unweighted = side_weight == 0
+    if needs_grad(side_weight):
+        unweighted = unweighted & side.isinf()
+    return torch.where(unweighted, 0.0, side * side_weight)
+
+
+def linear_bce_term(logits: Tensor, step_minus_target: Tensor) -> Tensor:
+    """``x ([x >= 0] - t)``, the BCE on logits less its ``log1p(exp(-|x|))``, given ``[x >= 0] - t``; 0 where
+    ``[x >= 0] = t``, which a logit of -inf at t = 0 or +inf at t = 1 (an exactly right prediction) would make
+    inf * 0. NaN targets and logits still give NaN. A trained target keeps its derivative ``-x`` there: the select
+    is then narrowed to infinite logits (autograd formulation and compiled closed forms)."""
+    exactly_right = step_minus_target == 0
+    if needs_grad(step_minus_target):
+        exactly_right = exactly_right & logits.isinf()
+    return torch.where(exactly_right, 0.0, logits * step_minus_target)
 
 
 def bce_with_probabilities(probs: Tensor, target: Tensor) -> Tensor:
@@ -837,11 +860,25 @@ def scatter_class_values(pred: Tensor, labels: Tensor, values: Tensor) -> Tensor
     return zeros.scatter_(1, index, torch.where(labelled, values, 0.0).unsqueeze(1))
 
 
-def logits_at_labels(pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(labelled, index, logit)``: :func:`label_positions` and each row's logit at its label (N,), at column 0
-    for rows without a class (autograd formulation of the label-column losses)."""
+def logits_at_labels(pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(labelled, index, at_label, at_column_0)`` (autograd formulation of the label-column losses):
+    :func:`label_positions`, each labelled row's logit at its label (N,), and each other row's logit at column 0
+    (N,), the element whose value :func:`replace_at_labels` writes back for it. Each is 0 in the rows where it is
+    not used: a logit of +-inf there would make a discarded term inf, and its slope inf * 0 = NaN in the gradient."""
     labelled, index = label_positions(labels, pred.size(1))
-    return labelled, index, pred.gather(1, index).squeeze(1)
+    logit = pred.gather(1, index).squeeze(1)
+    return labelled, index, torch.where(labelled, logit, 0.0), torch.where(labelled, 0.0, logit)
+
+
+def logits_off_labels(pred: Tensor, index: Tensor, at_column_0: Tensor) -> Tensor:
+    """``pred`` with each labelled row's logit at its label set to 0 (other rows unchanged), for a product of
+    terms over every element that :func:`replace_at_labels` then overwrites at the label: a logit of +inf there (a
+    right prediction) would make that discarded product inf and its slope 0 * inf = NaN (one scatter over (N, C)).
+
+    Args:
+        index (Tensor[N, 1] int), at_column_0 (Tensor[N]): from :func:`logits_at_labels`.
+    """
+    return pred.scatter(1, index, at_column_0.unsqueeze(1))
 
 
 def replace_at_labels(values: Tensor, labelled: Tensor, index: Tensor, at_label: Tensor, unlabelled: Tensor) -> Tensor:
@@ -991,18 +1028,24 @@ def attach_gradient(
     return _ClosedFormGradient.apply(x, value, grad, weight, weight_deferred, grad_scale, differentiable)
 
 
-def _bce_and_sigmoid(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def bce_and_sigmoid(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``(bce, sigmoid(x))``, two fresh tensors, ``bce`` as :func:`bce_with_logits` (target None: all 0)."""
     decay = exp_scaled_(logits.abs(), -1.0)
-    bce = logits.clamp(min=0)
-    if target is not None:
-        bce = bce.addcmul_(logits, target, value=-1.0)
+    if target is None:
+        bce = logits.clamp(min=0)
+    else:
+        # x ([x >= 0] - t) (see bce_with_logits; relu(x) - x t is inf - inf at x = +inf), its inf * 0 at an exactly
+        # right infinite logit set to 0 by nan_to_num_, one vectorised pass (a select: two scalar ones, 1 ms per 1M
+        # floats against 0.06); the NaN of a NaN logit comes back with log1p(exp(-|x|)), a NaN target's with the
+        # zero multiple of the target
+        bce = torch.ge(logits, 0, out=torch.empty_like(logits)).sub_(target).mul_(logits)
+        bce = bce.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).add_(target, alpha=0.0)
     bce = bce.add_(decay.log1p_())
     return bce, torch.sigmoid(logits, out=decay)
 
 
 def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors (:func:`_bce_and_sigmoid`).
+    """``(bce, sigmoid(x), sigmoid(-x))``, three fresh tensors (:func:`bce_and_sigmoid`).
 
     ATen's sigmoid, ``1 / (1 + exp(-x))``, keeps its relative precision on both sides (it only flushes values
     below the float range to 0), so ``sigmoid(-x)`` needs neither ``1 - sigmoid(x)`` (which cancels for confident
@@ -1010,7 +1053,7 @@ def _sigmoid_terms(logits: Tensor, target: Optional[Tensor]) -> tuple[Tensor, Te
     formulation took seven: at 100k x 80 every fresh 32 MB block costs ~10 ms of page faults (glibc serves
     blocks of that size with a new mmap each time).
     """
-    bce, prob = _bce_and_sigmoid(logits, target)
+    bce, prob = bce_and_sigmoid(logits, target)
     return bce, prob, torch.neg(logits).sigmoid_()
 
 
@@ -1024,7 +1067,7 @@ def negative_focal_terms(
     """
     grad: Optional[Tensor] = None
     with torch.no_grad():
-        bce, prob = _bce_and_sigmoid(logits, None)
+        bce, prob = bce_and_sigmoid(logits, None)
         if with_grad:
             grad = torch.neg(logits).sigmoid_().mul_(bce).mul_(gamma).add_(prob) if gamma != 0.0 else prob.clone()
         modulating: Optional[Tensor] = None  # a s^g, None for 1
@@ -1224,7 +1267,7 @@ def _sigmoid_closed_form(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor
     small = decay * inverse
     # relu(x) - x t as x ([x >= 0] - t), as bce_with_logits: the former cancels for a confident positive with a
     # soft target near 1 (compiled focal / QFL training: 3.6e4 eps off at x in [10, 100], t = 1 - 1e-5)
-    bce = logits * (nonnegative.to(logits.dtype) - target) + log1p_unit(decay)
+    bce = linear_bce_term(logits, nonnegative.to(logits.dtype) - target) + log1p_unit(decay)
     prob = torch.where(nonnegative, inverse, small)
     neg_prob = torch.where(nonnegative, small, inverse)
     return bce, prob, neg_prob, small * inverse

@@ -1,0 +1,167 @@
+"""Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy) and softmax cross-entropy, in every
+differentiable runtime and in onnxruntime (loss and gradient graph).
+
+A logit of -inf where the target is 0 (a class masked out, as multi-dataset heads mask the classes a dataset does
+not label) or of +inf where it is 1 is a prediction that is exactly right: the loss there is its limit, 0, and so is
+its gradient, as for a logit of -60 / +60. A logit of +-inf on the wrong side of its target (or at any soft target
+in (0, 1)) makes the loss +inf (RELIABILITY 26: infinite inputs are not silently masked).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import grad_of, one_hot_background, reference_loss, single_thread  # noqa: F401  (autouse fixture)
+from torch import Tensor
+
+from visdet_export import build_loss
+from visdet_export.check import TOLERANCES
+from visdet_export.runtimes import LossRunner, build_runner
+from visdet_export.specs import spec_for
+
+# (config, spec variant); "sum" keeps every element's contribution in the value
+CASES: dict[str, tuple[dict, str]] = {
+    "focal_labels": (dict(type="FocalLoss", reduction="sum"), "labels"),
+    "focal_onehot_gamma_1_5": (dict(type="FocalLoss", gamma=1.5, reduction="sum"), "onehot"),
+    "qfl_pair": (dict(type="QualityFocalLoss", reduction="sum"), "pair"),
+    "qfl_dense_beta_1_5": (dict(type="QualityFocalLoss", beta=1.5, reduction="sum"), "dense"),
+    "ce_sigmoid_labels": (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "labels"),
+    "ce_sigmoid_pos_weight": (
+        dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[0.5, 2.0] * 40, reduction="sum"), "labels"),
+    "ce_sigmoid_dense": (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "dense"),
+    "ce_sigmoid_binary": (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "binary"),
+    "ce_softmax": (dict(type="CrossEntropyLoss", reduction="sum"), "labels"),
+}
+# softmax: -inf on the classes other than the label (+inf has no limit there: inf - inf in the normaliser)
+SOFTMAX = ["ce_softmax"]
+# compiled training takes the closed forms of numerics (aot_eager traces them as inductor does); inductor's own
+# kernels for two of them
+RUNTIMES = ["eager", "compile", "script", "onnx"]
+INDUCTOR = ["focal_labels", "qfl_pair"]
+CELLS = [(case, runtime) for case in CASES for runtime in RUNTIMES] + [(case, "inductor") for case in INDUCTOR]
+SIGMOID_CELLS = [(case, runtime) for case, runtime in CELLS if case not in SOFTMAX]
+N = 24
+FINITE_STAND_IN = 60.0  # the loss and its gradient there are below 1e-24: the limit, within any tolerance
+
+_RUNNERS: dict[tuple[str, str], LossRunner] = {}
+
+
+def runner(case: str, runtime: str) -> LossRunner:
+    if (case, runtime) not in _RUNNERS:
+        cfg, variant = CASES[case]
+        loss = build_loss(cfg)
+        spec = spec_for(loss, variant)
+        names = [name for name in spec.names if name != "avg_factor"]  # no avg_factor with "sum"
+        if runtime == "onnx":
+            built = build_runner("onnx", loss, spec, names, joint=True)
+        elif runtime in ("compile", "inductor"):
+            backend = "aot_eager" if runtime == "compile" else "inductor"
+            built = build_runner("compile", loss, spec, names, backend=backend)
+        else:
+            built = build_runner(runtime, loss, spec, names)
+        _RUNNERS[case, runtime] = built
+    return _RUNNERS[case, runtime]
+
+
+def draw(case: str, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Inputs of ``case`` with hardened targets where they are soft (a target, or QFL score, of exactly 0 or 1 for
+    half of them), and the dense (N, C) or (N,) targets they stand for."""
+    cfg, variant = CASES[case]
+    loss = build_loss(cfg)
+    spec = spec_for(loss, variant)
+    inputs = {k: v for k, v in spec.sample(loss, N, seed=seed).items() if k != "avg_factor"}
+    inputs["weight"] = inputs["weight"].clamp(min=0.25)  # weight 0 would mask the row, infinities included
+    generator = torch.Generator().manual_seed(seed + 1)
+    pred = inputs["pred"]
+    if "labels" in inputs:  # QFL pair: half the scores are 1
+        inputs["scores"] = torch.where(torch.rand(N, generator=generator) < 0.5, 1.0, inputs["scores"])
+        dense = one_hot_background(inputs["labels"], pred.size(1)) * inputs["scores"].double().unsqueeze(1)
+    elif inputs["target"].dim() != pred.dim():  # class labels (N,); ignored ones leave the row out anyway
+        dense = one_hot_background(inputs["target"], pred.size(1))
+    else:
+        target = inputs["target"]
+        if variant in ("dense", "binary"):  # soft targets: half of them hardened to 0 or 1
+            hard = torch.rand(target.shape, generator=generator) < 0.5
+            target = torch.where(hard, target.round(), target)
+            inputs["target"] = target
+        dense = target.double()
+    return inputs, dense
+
+
+def with_infinities(
+    pred: Tensor, dense: Tensor, seed: int, wrong_side: bool, negatives_only: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``pred`` with about a third of the elements whose target is exactly 0 or 1 (0 with ``negatives_only``) set
+    to -inf / +inf, on the side of their target (a right prediction) or, with ``wrong_side``, on the other side;
+    and where they are."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    hard = (dense == 0) if negatives_only else (dense == 0) | (dense == 1)
+    chosen = hard & (torch.rand(dense.shape, generator=generator) < 0.35)
+    positive = (dense == 1) != wrong_side
+    infinity = torch.where(positive, float("inf"), float("-inf")).to(pred.dtype)
+    return torch.where(chosen, infinity, pred), chosen
+
+
+def run(case: str, runtime: str, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(value, d value / d pred) in ``runtime``."""
+    built = runner(case, runtime)
+    if runtime == "onnx":
+        value, grad = built.run_all(inputs)[:2]
+        return torch.as_tensor(value), torch.as_tensor(grad)
+    pred = inputs["pred"].clone().requires_grad_()
+    value = built({**inputs, "pred": pred})
+    return value.detach(), grad_of(value, pred, torch.ones_like(value))
+
+
+def reference(case: str, inputs: dict[str, Tensor], pred: Tensor) -> tuple[Tensor, Tensor]:
+    cfg, _ = CASES[case]
+    pred = pred.double().requires_grad_()
+    target = (inputs["labels"], inputs["scores"]) if "labels" in inputs else inputs["target"]
+    value = reference_loss(cfg, pred, target, inputs["weight"])
+    return value.detach(), grad_of(value, pred, torch.ones_like(value))
+
+
+def tolerances(runtime: str) -> dict[str, float]:
+    """Against the float64 reference: the compiled tolerance for the float32 runtimes, onnxruntime's own."""
+    return TOLERANCES["onnx" if runtime == "onnx" else "compile"]
+
+
+@pytest.mark.parametrize(("case", "runtime"), CELLS, ids=[f"{c}-{r}" for c, r in CELLS])
+def test_an_exactly_right_infinite_logit_adds_nothing(case: str, runtime: str) -> None:
+    """-inf at target 0 and +inf at target 1 (softmax: -inf off the label): the loss of a logit of -60 / +60
+    there (0 within 1e-24), value and gradient, with an exactly 0 gradient at the infinite logits."""
+    for seed in (0, 1):
+        inputs, dense = draw(case, seed)
+        softmax = case in SOFTMAX
+        pred, infinite = with_infinities(inputs["pred"], dense, seed, wrong_side=False, negatives_only=softmax)
+        assert infinite.sum() >= 3 and (softmax or (infinite & (dense == 1)).any())  # both sides are covered
+        value, grad = run(case, runtime, {**inputs, "pred": pred})
+        stand_in = torch.where(infinite, pred.clamp(-FINITE_STAND_IN, FINITE_STAND_IN), pred)
+        expected_value, expected_grad = reference(case, inputs, stand_in)
+        torch.testing.assert_close(value.double(), expected_value, **tolerances(runtime))
+        torch.testing.assert_close(grad.double(), expected_grad, **tolerances(runtime))
+        assert (grad[infinite] == 0).all(), grad[infinite]
+
+
+@pytest.mark.parametrize(("case", "runtime"), SIGMOID_CELLS, ids=[f"{c}-{r}" for c, r in SIGMOID_CELLS])
+def test_a_wrong_infinite_logit_makes_the_loss_infinite(case: str, runtime: str) -> None:
+    """+inf at target 0 or -inf at target 1 (and an infinite logit at a soft target): the value is +inf in every
+    runtime. The gradient there is sigmoid CE's limit, sigmoid(x) - t (the reference's at +-60), and NaN for
+    focal and QFL (their slope multiplies the infinite BCE by a vanishing sigmoid product), in every runtime;
+    every other element's gradient is the reference's."""
+    inputs, dense = draw(case, 0)
+    pred, infinite = with_infinities(inputs["pred"], dense, 0, wrong_side=True)
+    soft = (dense > 0) & (dense < 1)
+    if soft.any():  # a soft target is on no side: either infinity is wrong
+        first_soft = soft.flatten().nonzero()[0]
+        pred.view(-1)[first_soft] = float("-inf")
+        infinite.view(-1)[first_soft] = True
+    value, grad = run(case, runtime, {**inputs, "pred": pred})
+    assert value == float("inf"), value
+    stand_in = torch.where(infinite, pred.clamp(-FINITE_STAND_IN, FINITE_STAND_IN), pred)
+    _, expected_grad = reference(case, inputs, stand_in)
+    if CASES[case][0]["type"] == "CrossEntropyLoss":
+        torch.testing.assert_close(grad.double(), expected_grad, **tolerances(runtime))
+    else:
+        assert grad[infinite].isnan().all(), grad[infinite]
+        torch.testing.assert_close(grad[~infinite].double(), expected_grad[~infinite], **tolerances(runtime))
