@@ -1,5 +1,5 @@
 """Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy) and softmax cross-entropy, in every
-differentiable runtime and in onnxruntime (loss and gradient graph).
+differentiable runtime, in onnxruntime and in a ``.pt2`` package (loss and gradient graphs).
 
 A logit of -inf where the target is 0 (a class masked out, as multi-dataset heads mask the classes a dataset does
 not label) or of +inf where it is 1 is a prediction that is exactly right: the loss there is its limit, 0, and so is
@@ -38,7 +38,10 @@ SOFTMAX = ["ce_softmax"]
 # kernels for two of them
 RUNTIMES = ["eager", "compile", "script", "onnx"]
 INDUCTOR = ["focal_labels", "qfl_pair"]
+# an AOTInductor package (loss and gradient) of one: it takes the autograd formulation, as onnxruntime's graphs do
+PT2 = ["focal_labels"]
 CELLS = [(case, runtime) for case in CASES for runtime in RUNTIMES] + [(case, "inductor") for case in INDUCTOR]
+CELLS += [(case, "pt2") for case in PT2]
 SIGMOID_CELLS = [(case, runtime) for case, runtime in CELLS if case not in SOFTMAX]
 N = 24
 FINITE_STAND_IN = 60.0  # the loss and its gradient there are below 1e-24: the limit, within any tolerance
@@ -52,8 +55,8 @@ def runner(case: str, runtime: str) -> LossRunner:
         loss = build_loss(cfg)
         spec = spec_for(loss, variant)
         names = [name for name in spec.names if name != "avg_factor"]  # no avg_factor with "sum"
-        if runtime == "onnx":
-            built = build_runner("onnx", loss, spec, names, joint=True)
+        if runtime in ("onnx", "pt2"):
+            built = build_runner(runtime, loss, spec, names, joint=True)
         elif runtime in ("compile", "inductor"):
             backend = "aot_eager" if runtime == "compile" else "inductor"
             built = build_runner("compile", loss, spec, names, backend=backend)
@@ -105,7 +108,7 @@ def with_infinities(
 def run(case: str, runtime: str, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(value, d value / d pred) in ``runtime``."""
     built = runner(case, runtime)
-    if runtime == "onnx":
+    if runtime in ("onnx", "pt2"):
         value, grad = built.run_all(inputs)[:2]
         return torch.as_tensor(value), torch.as_tensor(grad)
     pred = inputs["pred"].clone().requires_grad_()
