@@ -243,8 +243,9 @@ def _focal_elementwise_binary(pred: Tensor, targets: Tensor, gamma: float, alpha
 def _focal_on_labels(pred: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
     """:func:`_focal_elementwise_binary` for one-hot targets given as labels (N,), without (N, C) targets: every
     element takes the negatives' loss, and the label's element the positives', computed on the gathered logits
-    (N values) and scattered in. Exported graphs make 5 fewer passes over (N, C) (no comparison with the classes,
-    cast, sign or alpha_t; one scatter takes the label's logit out of the negatives, see ``logits_off_labels``)."""
+    (N values) and scattered in. Exported graphs make 6 fewer passes over (N, C) (no comparison with the classes,
+    cast, sign or alpha_t); with a gradient, a scatter takes the label's logit out of the negatives
+    (``logits_off_labels``)."""
     labelled, index, at_label, at_column_0 = logits_at_labels(pred, labels)
     # the negatives' loss at column 0 again from its logit (N values): cheaper than gathering it
     off_labels = logits_off_labels(pred, index, at_column_0)

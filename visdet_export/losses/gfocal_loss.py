@@ -172,9 +172,9 @@ def quality_focal_loss_on_labels(
 def _quality_focal_on_labels(pred: Tensor, labels: Tensor, scores: Tensor, beta: float) -> Tensor:
     """Per-sample QFL (N,) on labels and scores without (N, C) targets (autograd formulation): every element takes
     the negatives' loss (target 0: ``softplus(x) sigmoid(x)^beta``), and the label's element the positives',
-    computed on the gathered logit (N values) and scattered in. Exported graphs make 3 fewer passes over (N, C)
-    (no comparison with the classes, select of the scores, product with the targets or difference from them; one
-    scatter takes the label's logit out of the negatives, see ``logits_off_labels``)."""
+    computed on the gathered logit (N values) and scattered in. Exported graphs make 4 fewer passes over (N, C)
+    (no comparison with the classes, select of the scores, product with the targets or difference from them); with
+    a gradient, a scatter takes the label's logit out of the negatives (``logits_off_labels``)."""
     labelled, index, at_label, at_column_0 = logits_at_labels(pred, labels)
     negatives = unbalanced_focal_of_signed(logits_off_labels(pred, index, at_column_0), beta)
     negative = unbalanced_focal_of_signed(at_column_0, beta)
