@@ -1,5 +1,5 @@
-"""Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy) and softmax cross-entropy, in every
-differentiable runtime, in onnxruntime and in a ``.pt2`` package (loss and gradient graphs).
+"""Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy, mask mode included) and softmax
+cross-entropy, in every differentiable runtime, in onnxruntime and in a ``.pt2`` package (loss and gradient graphs).
 
 A logit of -inf where the target is 0 (a class masked out, as multi-dataset heads mask the classes a dataset does
 not label) or of +inf where it is 1 is a prediction that is exactly right: the loss there is its limit, 0, and so is
@@ -30,6 +30,7 @@ CASES: dict[str, tuple[dict, str]] = {
         dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[0.5, 2.0] * 40, reduction="sum"), "labels"),
     "ce_sigmoid_dense": (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "dense"),
     "ce_sigmoid_binary": (dict(type="CrossEntropyLoss", use_sigmoid=True, reduction="sum"), "binary"),
+    "ce_mask": (dict(type="CrossEntropyLoss", use_mask=True, reduction="sum"), "mask"),
     "ce_softmax": (dict(type="CrossEntropyLoss", reduction="sum"), "labels"),
 }
 # softmax: -inf on the classes other than the label (+inf has no limit there: inf - inf in the normaliser)
@@ -73,12 +74,18 @@ def draw(case: str, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     loss = build_loss(cfg)
     spec = spec_for(loss, variant)
     inputs = {k: v for k, v in spec.sample(loss, N, seed=seed).items() if k != "avg_factor"}
-    inputs["weight"] = inputs["weight"].clamp(min=0.25)  # weight 0 would mask the row, infinities included
+    if "weight" in inputs:
+        inputs["weight"] = inputs["weight"].clamp(min=0.25)  # weight 0 would mask the row, infinities included
     generator = torch.Generator().manual_seed(seed + 1)
     pred = inputs["pred"]
     if "labels" in inputs:  # QFL pair: half the scores are 1
         inputs["scores"] = torch.where(torch.rand(N, generator=generator) < 0.5, 1.0, inputs["scores"])
         dense = one_hot_background(inputs["labels"], pred.size(1)) * inputs["scores"].double().unsqueeze(1)
+    elif variant == "mask":  # the RoI's channel of its class holds its mask targets; -1 marks the others unused
+        dense = torch.full(pred.shape, -1.0, dtype=torch.float64)
+        for row, label in enumerate(inputs["label"].tolist()):
+            if 0 <= label < pred.size(1):
+                dense[row, label] = inputs["target"][row].double()
     elif inputs["target"].dim() != pred.dim():  # class labels (N,); ignored ones leave the row out anyway
         dense = one_hot_background(inputs["target"], pred.size(1))
     else:
@@ -120,7 +127,7 @@ def reference(case: str, inputs: dict[str, Tensor], pred: Tensor) -> tuple[Tenso
     cfg, _ = CASES[case]
     pred = pred.double().requires_grad_()
     target = (inputs["labels"], inputs["scores"]) if "labels" in inputs else inputs["target"]
-    value = reference_loss(cfg, pred, target, inputs["weight"])
+    value = reference_loss(cfg, pred, target, inputs.get("weight", inputs.get("label")))  # mask mode: RoI labels
     return value.detach(), grad_of(value, pred, torch.ones_like(value))
 
 
