@@ -321,7 +321,7 @@ def binary_cross_entropy(
 
 def _binary_cross_entropy_on_labels(pred: Tensor, label: Tensor) -> Tensor:
     """:func:`~visdet_export.numerics.bce_with_logits` of one-hot targets given as labels (N,), without (N, C)
-    targets (autograd formulation): ``softplus(x)`` everywhere, and at the label ``relu(x) - x + log1p(exp(-|x|))``
+    targets (autograd formulation): ``softplus(x)`` everywhere, and at the label ``relu(-x) + log1p(exp(-|x|))``
     from the gathered logit (N values), scattered in; value for value and slope for slope the one-hot formulation.
     Exported graphs make 4 fewer passes over (N, C) (no comparison with the classes, cast, product or difference)."""
     labelled, index, at_label, at_column_0 = logits_at_labels(pred, label)
