@@ -35,6 +35,11 @@ CASES: dict[str, tuple[dict, str]] = {
 }
 # softmax: -inf on the classes other than the label (+inf has no limit there: inf - inf in the normaliser)
 SOFTMAX = ["ce_softmax"]
+# distillation: teacher and student logits (soft_label, pred), softmax over the classes / each side's bins
+DISTILLATION: dict[str, tuple[dict, None]] = {
+    "kd": (dict(type="KnowledgeDistillationKLDivLoss", reduction="sum"), None),
+    "ld": (dict(type="LocalizationDistillationLoss", reduction="sum"), None),
+}
 # compiled training takes the closed forms of numerics (aot_eager traces them as inductor does); inductor's own
 # kernels for two of them
 RUNTIMES = ["eager", "compile", "script", "onnx"]
@@ -52,7 +57,7 @@ _RUNNERS: dict[tuple[str, str], LossRunner] = {}
 
 def runner(case: str, runtime: str) -> LossRunner:
     if (case, runtime) not in _RUNNERS:
-        cfg, variant = CASES[case]
+        cfg, variant = {**CASES, **DISTILLATION}[case]
         loss = build_loss(cfg)
         spec = spec_for(loss, variant)
         names = [name for name in spec.names if name != "avg_factor"]  # no avg_factor with "sum"
@@ -124,9 +129,12 @@ def run(case: str, runtime: str, inputs: dict[str, Tensor]) -> tuple[Tensor, Ten
 
 
 def reference(case: str, inputs: dict[str, Tensor], pred: Tensor) -> tuple[Tensor, Tensor]:
-    cfg, _ = CASES[case]
+    cfg, _ = {**CASES, **DISTILLATION}[case]
     pred = pred.double().requires_grad_()
-    target = (inputs["labels"], inputs["scores"]) if "labels" in inputs else inputs["target"]
+    if case in DISTILLATION:
+        target = inputs["soft_label"]
+    else:
+        target = (inputs["labels"], inputs["scores"]) if "labels" in inputs else inputs["target"]
     value = reference_loss(cfg, pred, target, inputs.get("weight", inputs.get("label")))  # mask mode: RoI labels
     return value.detach(), grad_of(value, pred, torch.ones_like(value))
 
@@ -175,3 +183,53 @@ def test_a_wrong_infinite_logit_makes_the_loss_infinite(case: str, runtime: str)
     else:
         assert grad[infinite].isnan().all(), grad[infinite]
         torch.testing.assert_close(grad[~infinite].double(), expected_grad[~infinite], **tolerances(runtime))
+
+
+DISTILLATION_CELLS = [(case, runtime) for case in DISTILLATION for runtime in RUNTIMES]
+# a teacher probability of exp(-1e4 / T) = 0 in float64, a student's of exp(-1e3 / T) ~ 1e-44 (its log finite, as
+# the reference needs): the masked class's limits
+TEACHER_STAND_IN, STUDENT_STAND_IN = -1e4, -1e3
+
+
+def masked_classes(case: str, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Teacher / student inputs of ``case`` and a random third of the classes (bins) to mask, never a whole row."""
+    cfg, _ = DISTILLATION[case]
+    loss = build_loss(cfg)
+    spec = spec_for(loss)
+    inputs = {k: v for k, v in spec.sample(loss, N, seed=seed).items() if k != "avg_factor"}
+    inputs["weight"] = inputs["weight"].clamp(min=0.25)
+    generator = torch.Generator().manual_seed(seed + 3)
+    masked = torch.rand(inputs["pred"].shape, generator=generator) < 0.3
+    masked[..., 0] = False  # LD's first bin of each box side, and a class of each KD row, stay
+    if case == "ld":
+        masked = masked.view(masked.size(0), 4, -1)
+        masked[..., 0] = False
+        masked = masked.view(inputs["pred"].shape)
+    return inputs, masked
+
+
+@pytest.mark.parametrize(("case", "runtime"), DISTILLATION_CELLS, ids=[f"{c}-{r}" for c, r in DISTILLATION_CELLS])
+@pytest.mark.parametrize("student_masked", [True, False], ids=["both", "teacher"])
+def test_a_masked_teacher_class_adds_nothing(case: str, runtime: str, student_masked: bool) -> None:
+    """A class (bin) the teacher masks with -inf has probability 0 and contributes 0, as in MMDetection's
+    ``F.kl_div`` (NaN before: ``0 * (-inf - log q)``), whether the student masks it too or not; the gradient is the
+    reference's, 0 where both mask it."""
+    inputs, masked = masked_classes(case, 0)
+    infinity = torch.tensor(float("-inf"))
+    teacher = torch.where(masked, infinity, inputs["soft_label"])
+    pred = torch.where(masked, infinity, inputs["pred"]) if student_masked else inputs["pred"]
+    value, grad = run(case, runtime, {**inputs, "pred": pred, "soft_label": teacher})
+    stand_in = {**inputs, "soft_label": torch.where(masked, TEACHER_STAND_IN, inputs["soft_label"])}
+    expected_value, expected_grad = reference(case, stand_in, torch.where(pred.isinf(), STUDENT_STAND_IN, pred))
+    torch.testing.assert_close(value.double(), expected_value, **tolerances(runtime))
+    torch.testing.assert_close(grad.double(), expected_grad, **tolerances(runtime))
+    if student_masked:
+        assert (grad[masked] == 0).all(), grad[masked]
+
+
+@pytest.mark.parametrize(("case", "runtime"), DISTILLATION_CELLS, ids=[f"{c}-{r}" for c, r in DISTILLATION_CELLS])
+def test_a_student_masking_a_teacher_class_makes_the_loss_infinite(case: str, runtime: str) -> None:
+    """-inf in the student where the teacher's probability is not 0: KL = +inf."""
+    inputs, masked = masked_classes(case, 1)
+    value, _ = run(case, runtime, {**inputs, "pred": torch.where(masked, float("-inf"), inputs["pred"])})
+    assert value == float("inf"), value

@@ -39,8 +39,9 @@ MOVED = [
 # ... and some it leaves alone (mask and weight applied at the same size).
 UNMOVED = ["l1", "mse", "smooth_l1", "balanced_l1"]
 # Configurations whose remaining selects are a large share of the graph: they run unmasked unless a result is not
-# finite; in the others (selects on N of a much larger graph) the saving is not worth the second run.
-UNMASKED = ["l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_centerness"]
+# finite; in the others (selects on N of a much larger graph) the saving is not worth the second run. KD and LD's
+# (N, C) select is the guard of a teacher's masked class (0 * (-inf - log q)).
+UNMASKED = ["l1", "mse", "smooth_l1", "balanced_l1", "ce_sigmoid_centerness", "kd_kl_div", "ld"]
 OTHER_LAYOUTS = ["qfl", "giou", "dfl", "ce_softmax", "ce_sigmoid_centerness", "kd_kl_div"]
 
 

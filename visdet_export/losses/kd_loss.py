@@ -38,9 +38,11 @@ def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target:
 
     Both logs come from ``log_softmax`` and ``p = exp(log p)``, so a teacher probability that underflows to 0
     contributes exactly ``0 * finite = 0`` (MMDetection's ``F.kl_div`` convention ``0 log 0 = 0``) and no log of 0
-    is ever taken, in the value or in either gradient. In float32 the value is off by up to about
-    ``4 * 2**-24 * T**2 / C * (max |log p| + max |log q|)`` per row (README, Mixed precision): a student close to its
-    teacher keeps few digits, as with ``F.kl_div``.
+    is ever taken, in the value or in either gradient. A teacher logit of -inf (a class masked out) makes
+    ``log p`` -inf: its class contributes 0 too, as in ``F.kl_div``, and so does a student masked there as well
+    (``-inf - -inf`` would be NaN); a student logit of -inf where the teacher's probability is not 0 gives +inf.
+    In float32 the value is off by up to about ``4 * 2**-24 * T**2 / C * (max |log p| + max |log q|)`` per row
+    (README, Mixed precision): a student close to its teacher keeps few digits, as with ``F.kl_div``.
 
     Args:
         pred (Tensor[*, C]): student logits (compute dtype).
@@ -55,7 +57,8 @@ def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target:
     if detach_target:
         log_target = log_target.detach()
     log_pred = torch.log_softmax(pred / T, dim=-1)
-    kl = torch.exp(log_target) * (log_target - log_pred)
+    target = torch.exp(log_target)
+    kl = torch.where(target == 0, 0.0, target * (log_target - log_pred))
     # mean over the classes as MMDetection's ``.mean(1)``; the class count is static, so this is no frozen ``numel``
     return kl.mean(dim=-1) * (T * T)
 
