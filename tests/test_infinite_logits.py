@@ -40,6 +40,9 @@ DISTILLATION: dict[str, tuple[dict, None]] = {
     "kd": (dict(type="KnowledgeDistillationKLDivLoss", reduction="sum"), None),
     "ld": (dict(type="LocalizationDistillationLoss", reduction="sum"), None),
 }
+# DFL: a softmax over each box side's bins, its target between two of them
+BINS: dict[str, tuple[dict, None]] = {"dfl": (dict(type="DistributionFocalLoss", reduction="sum"), None)}
+EVERY_CASE = {**CASES, **DISTILLATION, **BINS}
 # compiled training takes the closed forms of numerics (aot_eager traces them as inductor does); inductor's own
 # kernels for two of them
 RUNTIMES = ["eager", "compile", "script", "onnx"]
@@ -57,7 +60,7 @@ _RUNNERS: dict[tuple[str, str], LossRunner] = {}
 
 def runner(case: str, runtime: str) -> LossRunner:
     if (case, runtime) not in _RUNNERS:
-        cfg, variant = {**CASES, **DISTILLATION}[case]
+        cfg, variant = EVERY_CASE[case]
         loss = build_loss(cfg)
         spec = spec_for(loss, variant)
         names = [name for name in spec.names if name != "avg_factor"]  # no avg_factor with "sum"
@@ -129,7 +132,7 @@ def run(case: str, runtime: str, inputs: dict[str, Tensor]) -> tuple[Tensor, Ten
 
 
 def reference(case: str, inputs: dict[str, Tensor], pred: Tensor) -> tuple[Tensor, Tensor]:
-    cfg, _ = {**CASES, **DISTILLATION}[case]
+    cfg, _ = EVERY_CASE[case]
     pred = pred.double().requires_grad_()
     if case in DISTILLATION:
         target = inputs["soft_label"]
@@ -233,3 +236,21 @@ def test_a_student_masking_a_teacher_class_makes_the_loss_infinite(case: str, ru
     inputs, masked = masked_classes(case, 1)
     value, _ = run(case, runtime, {**inputs, "pred": torch.where(masked, float("-inf"), inputs["pred"])})
     assert value == float("inf"), value
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_dfl_bins_masked_away_from_the_target_add_nothing(runtime: str) -> None:
+    """DFL's softmax over the bins with -inf on every bin but the two around each target: the loss of -60 there."""
+    cfg, _ = BINS["dfl"]
+    loss = build_loss(cfg)
+    inputs = {k: v for k, v in spec_for(loss).sample(loss, N, seed=0).items() if k != "avg_factor"}
+    bins = torch.arange(inputs["pred"].size(1))
+    left = inputs["target"].floor().long().unsqueeze(1)
+    masked = (bins < left) | (bins > left + 1)
+    assert masked.any()
+    pred = torch.where(masked, float("-inf"), inputs["pred"])
+    value, grad = run("dfl", runtime, {**inputs, "pred": pred})
+    expected_value, expected_grad = reference("dfl", inputs, torch.where(masked, -FINITE_STAND_IN, pred))
+    torch.testing.assert_close(value.double(), expected_value, **tolerances(runtime))
+    torch.testing.assert_close(grad.double(), expected_grad, **tolerances(runtime))
+    assert (grad[masked] == 0).all(), grad[masked]
