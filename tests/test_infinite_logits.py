@@ -1,10 +1,12 @@
-"""Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy, mask mode included) and softmax
-cross-entropy, in every differentiable runtime, in onnxruntime and in a ``.pt2`` package (loss and gradient graphs).
+"""Infinite logits in the sigmoid family (focal, QFL, sigmoid cross-entropy, mask mode included), softmax
+cross-entropy, DFL's bins and KD / LD's teacher and student, in every differentiable runtime, in onnxruntime and in a
+``.pt2`` package (loss and gradient graphs).
 
 A logit of -inf where the target is 0 (a class masked out, as multi-dataset heads mask the classes a dataset does
 not label) or of +inf where it is 1 is a prediction that is exactly right: the loss there is its limit, 0, and so is
 its gradient, as for a logit of -60 / +60. A logit of +-inf on the wrong side of its target (or at any soft target
-in (0, 1)) makes the loss +inf (RELIABILITY 26: infinite inputs are not silently masked).
+in (0, 1)) makes the loss +inf (RELIABILITY 26: infinite inputs are not silently masked). Softmax losses: -inf on
+a class (bin) with target 0 adds nothing; a class the teacher masks adds nothing to KD / LD, whatever the student.
 """
 
 from __future__ import annotations
