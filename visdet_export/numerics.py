@@ -1328,7 +1328,7 @@ def quality_focal_closed_form(logits: Tensor, target: Tensor, beta: float) -> tu
     if beta == 0.0:
         return bce, diff
     if beta == 2.0:
-        return bce * (diff * diff), (2.0 * bce * slope + diff * diff) * diff
+        return bce * (diff * diff), (2.0 * (bce * slope) + diff * diff) * diff
     magnitude = diff.abs()
     positive = magnitude > 0
     if beta == 1.0:
