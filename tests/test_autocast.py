@@ -1,5 +1,6 @@
 """Mixed precision: every loss called inside ``torch.autocast``, as MMDetection's ``AmpOptimWrapper`` and
-``torch.amp`` training loops call it, computes exactly as outside it, in eager, compiled and scripted runtimes.
+``torch.amp`` training loops call it, computes exactly as outside it, in eager, compiled and scripted runtimes
+(scripted float32 gradients within two ulps: see WARM_UP_CALLS).
 
 The losses compute in float32 (float64 for float64 inputs) whatever autocast says: no operator of theirs is one
 autocast lowers, and none is one it refuses. Each runtime is compared with itself outside autocast, so the test is
@@ -12,19 +13,25 @@ refuse it on the CPU too.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
-
 import warnings
+from typing import Callable, Mapping, Optional
 
 import pytest
 import torch
 from conftest import CONFIG_NAMES, guard_variant_runner
 from torch import Tensor
 
-
 RUNTIMES = ("eager", "compile", "script")
 CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
 N = 37
+#: Calls in each mode before the compared ones: the plans a training loop runs. TorchScript's profiling executor
+#: runs a graph op by op for its first calls, then an optimized plan, one per autocast state, whose differentiable
+#: graphs group the ops differently where autocast's pass inserted its (here no-op) casts: scripted QFL's float32
+#: gradient then differs in the last bit in 1 of 2960 elements (the first calls agree bit for bit, which a module
+#: test_matrix had already called made this test depend on the order of the files).
+WARM_UP_CALLS = 3
+#: Two float32 ulps, relative.
+SCRIPT_PLANS_RTOL = 2.0 * 2.0**-23
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,9 +74,13 @@ def test_autocast_changes_nothing(runner_cache, name, runtime, dtype):
     runner = runner_cache.runner(name, runtime, key=key, **options)
     drawn = spec.sample(loss, N, seed=3, include=list(runner.names))
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in drawn.items()}
+    for autocast in (False, True) * WARM_UP_CALLS:
+        _value_and_grad(runner, inputs, spec.pred, autocast)
     expected, expected_grad = _value_and_grad(runner, inputs, spec.pred, autocast=False)
     value, grad = _value_and_grad(runner, inputs, spec.pred, autocast=True)
     assert value.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(value, expected, rtol=0.0, atol=0.0)
     assert grad is not None and expected_grad is not None and grad.dtype == dtype
-    torch.testing.assert_close(grad, expected_grad, rtol=0.0, atol=0.0)
+    # a bfloat16 op inside would be ~1e-3 off; TorchScript's two plans round a float32 gradient apart by one ulp
+    rtol = SCRIPT_PLANS_RTOL if runtime == "script" and grad.dtype == torch.float32 else 0.0
+    torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=0.0)
