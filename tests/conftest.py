@@ -65,8 +65,8 @@ def seeded() -> int:
 
 #: Test files that run on the worker of another because they use the same expensive session artifact, which each
 #: worker would otherwise build: the joint ``.pt2`` bundle of every configuration (~100 s) feeds test_matrix's pt2
-#: column and test_cpp.
-SAME_WORKER = {"tests/test_cpp.py": "tests/test_matrix.py"}
+#: column, test_pt2 and test_cpp (with test_pt2 on another worker, two of them built it: 85 s more CPU time).
+SAME_WORKER = {"tests/test_cpp.py": "tests/test_matrix.py", "tests/test_pt2.py": "tests/test_matrix.py"}
 
 #: Workers of ``-n auto`` at most: each holds its own compiled losses and exported artifacts (1-2 GB).
 MAX_AUTO_WORKERS = 8
