@@ -49,6 +49,18 @@ def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
     return (f"{key}:guard-variants" if runtime == "compile" else key), options
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """One intra-op thread in every test process. The suite's tensors are small, and ``-n auto`` already runs a
+    worker per CPU. It also keeps the session's compiled runners to one graph: Dynamo guards a graph on torch's
+    thread count, so a module that changed it (``reference.single_thread``) recompiled the runners another module
+    had compiled on the same worker (test_properties' one-graph assertion failed after test_matrix)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def runner_cache() -> RunnerCache:
     torch._dynamo.reset()
