@@ -51,10 +51,11 @@ def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread():
-    """One intra-op thread in every test process. The suite's tensors are small, and ``-n auto`` already runs a
-    worker per CPU. It also keeps the session's compiled runners to one graph: Dynamo guards a graph on torch's
-    thread count, so a module that changed it (``reference.single_thread``) recompiled the runners another module
-    had compiled on the same worker (test_properties' one-graph assertion failed after test_matrix)."""
+    """One intra-op thread in every test process: tiny tensors on a shared machine, where intra-op threads only wait
+    on each other, and ``-n auto`` already runs a worker per CPU. One count for the whole session also keeps the
+    shared compiled runners to one graph: Dynamo guards a graph on torch's thread count, and a module that set its
+    own (a module-scoped fixture, before) recompiled the runners another module had compiled on the same worker
+    (test_properties' one-graph assertion failed after test_matrix)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -26,7 +26,6 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -458,18 +457,6 @@ def reference_loss(
 
 
 # --- shared helpers for the test files -------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only wait on each other (100x slower here).
-
-    Import it into a test module (``from reference import single_thread``) to make it apply there.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def clone_inputs(inputs: Mapping[str, Any], dtype: Optional[torch.dtype] = None) -> dict[str, Any]:

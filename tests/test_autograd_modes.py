@@ -18,7 +18,6 @@ from reference import (
     boxes,
     overlapping_boxes,
     reference_loss,
-    single_thread,  # noqa: F401  (autouse fixture)
     spec_inputs,
 )
 from torch import Tensor, nn

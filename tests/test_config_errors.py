@@ -14,7 +14,7 @@ import torch
 from conftest import CONFIG_NAMES
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import SEED_LOSS_NAMES, boxes, reference_loss, single_thread  # noqa: F401  (autouse fixture)
+from reference import SEED_LOSS_NAMES, boxes, reference_loss
 
 from visdet_export import ConfigError, build_loss
 from visdet_export.export.torchscript import script_loss

@@ -18,7 +18,6 @@ from reference import (
     dfl_elementwise,
     grad_of,
     reference_loss,
-    single_thread,  # noqa: F401  (autouse fixture)
     spec_inputs,
 )
 from torch import Tensor

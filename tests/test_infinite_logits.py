@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import grad_of, one_hot_background, reference_loss, single_thread  # noqa: F401  (autouse fixture)
+from reference import grad_of, one_hot_background, reference_loss
 from torch import Tensor
 
 from visdet_export import build_loss

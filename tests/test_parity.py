@@ -16,17 +16,16 @@ from typing import Optional
 
 import pytest
 import torch
-from torch import Tensor
-
 from reference import (
     SEED_LOSS_NAMES,
     boxes,
     grad_of,
     overlapping_boxes,
     reference_loss,
-    single_thread,  # noqa: F401  (autouse fixture)
     strided,
 )
+from torch import Tensor
+
 from visdet_export import build_loss
 from visdet_export.losses import (
     balanced_l1_loss,

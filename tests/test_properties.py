@@ -28,16 +28,15 @@ import torch
 from conftest import CONFIG_NAMES, compile_backend
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from torch import Tensor
-
 from reference import (
     clone_inputs,
     grad_of,
     reference_loss,
-    single_thread,  # noqa: F401  (autouse fixture)
     spec_inputs,
     strided,
 )
+from torch import Tensor
+
 from visdet_export import build_loss
 from visdet_export.check import RunnerCache, check_cell, runner_options
 from visdet_export.specs import spec_for
