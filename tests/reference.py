@@ -310,17 +310,17 @@ def box_weight(weight: Tensor) -> Tensor:
     return weight.mean(-1) if weight.dim() == 2 else weight
 
 
-def _softmax_reference(logits: Tensor) -> Tensor:
+def _log_softmax_reference(logits: Tensor) -> Tensor:
+    """``x - max - log sum exp(x - max)`` over dim 1: finite where softmax underflows (log of it would be -inf)."""
     shifted = logits - logits.max(dim=1, keepdim=True).values
-    exp = shifted.exp()
-    return exp / exp.sum(dim=1, keepdim=True)
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
 
 
 def kd_elementwise(pred: Tensor, soft_label: Tensor, T: float) -> Tensor:
     """(N,): (T^2 / C) sum_c p_c (log p_c - log q_c), p = softmax(t / T), q = softmax(s / T), ``0 log 0 = 0``."""
     pred, soft_label = pred.double(), soft_label.double()
-    p = _softmax_reference(soft_label / T)
-    log_q = torch.log(_softmax_reference(pred / T)) if pred.numel() else pred
+    p = _log_softmax_reference(soft_label / T).exp()
+    log_q = _log_softmax_reference(pred / T) if pred.numel() else pred
     kl = torch.special.xlogy(p, p) - p * log_q
     return kl.sum(dim=1) / pred.shape[1] * T * T
 

@@ -315,12 +315,18 @@ def _moved_by_input_rounding(
 
 
 def _float32_amplification(cfg: dict) -> float:
-    """How much a loss's formula magnifies float32 rounding beyond its result's scale. The distillation losses'
-    KL divergence subtracts two log-softmaxes of magnitude ~log C and scales the difference by T^2 (MMDetection's
-    ``kl_div`` expression alike): T = 10 turns 1e-7 rounding into ~1e-5."""
+    """How much a loss's formula magnifies float32 rounding beyond its result's scale.
+
+    ``loss_weight`` and the class weights multiply per-element terms after they are rounded at their own scale,
+    ~1 however small the term: softmax CE's loss of a confident correct row is ``log(S)`` with S = 1 + e rounded
+    to float32, so it keeps an absolute error of ~6e-8 times the label's class weight (``F.cross_entropy``,
+    which MMDetection calls, gives the same value bit for bit). The distillation losses' KL divergence subtracts
+    two log-softmaxes of magnitude ~log C and scales the difference by T^2 (MMDetection's ``kl_div`` expression
+    alike): T = 10 turns 1e-7 rounding into ~1e-5."""
+    amplification = max(float(cfg.get("loss_weight", 1.0)) * max(cfg.get("class_weight") or [1.0]), 1.0)
     if cfg["type"] in ("KnowledgeDistillationKLDivLoss", "LocalizationDistillationLoss"):
-        return 5.0 * max(float(cfg["T"]) ** 2, 1.0)
-    return 1.0
+        amplification *= 5.0 * max(float(cfg["T"]) ** 2, 1.0)
+    return amplification
 
 
 def _magnitude(values: Tensor) -> float:
