@@ -402,7 +402,6 @@ def run_config(name: str, cfg: dict, sizes: Optional[list[int]], args: argparse.
         if device.type == "cuda":
             row["achieved_GBps"] = achieved_bandwidth(row)
         rows.append(row)
-        del inputs, pred
         gc.collect()
     return rows
 
@@ -527,7 +526,8 @@ def markdown(result: dict) -> str:
     lines = []
     for run in result["runs"]:
         env = run["environment"]
-        lines.append(f"### {ALLOCATOR_LABELS.get(run['allocator'], run['allocator'])} ({run['dtype']}, {env['device']})")
+        allocator = ALLOCATOR_LABELS.get(run["allocator"], run["allocator"])
+        lines.append(f"### {allocator} ({run['dtype']}, {env['device']})")
         lines.append("")
         lines.append(
             f"{env['date']} · {env['cpu']} · {env['threads']} thread(s) · load average "
@@ -594,7 +594,8 @@ def markdown(result: dict) -> str:
             lines.append("|---|---|" + "---|" * len(TRAIN_PROVIDERS))
             for row in run["rows"]:
                 bw = row.get("achieved_GBps", {})
-                lines.append(f"| {row['config']} | {row['N']:,} | " + " | ".join(_fmt(bw.get(p), 0) for p in TRAIN_PROVIDERS) + " |")
+                cells = " | ".join(_fmt(bw.get(p), 0) for p in TRAIN_PROVIDERS)
+                lines.append(f"| {row['config']} | {row['N']:,} | {cells} |")
         lines.append("")
     return "\n".join(lines)
 

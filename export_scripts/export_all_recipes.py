@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
         groups = {name: recipe_losses(name) for name in names}
         return export_groups(
-            groups, args.out_dir, parse_formats(args.format), verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
+            groups,
+            args.out_dir,
+            parse_formats(args.format),
+            verify=args.verify,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
         )
     except (ConfigError, UsageError, ArtifactError) as error:
         print(f"export_all_recipes: error: {error}", file=sys.stderr)

@@ -98,7 +98,9 @@ def test_the_memory_pass_prints_nothing_and_measures(capfd):
     assert peak >= 4 << 20
 
 
-@pytest.mark.parametrize(("sizes", "message"), [("3,x", "takes sample counts"), ("64,-1", "sample counts must be >= 0")])
+@pytest.mark.parametrize(
+    ("sizes", "message"), [("3,x", "takes sample counts"), ("64,-1", "sample counts must be >= 0")]
+)
 def test_sizes_that_are_not_counts_are_usage_errors(sizes, message, capsys):
     """``--sizes`` parses as ``check --sizes`` does (visdet_export.parsers.sample_counts)."""
     run = _runner()

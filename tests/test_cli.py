@@ -201,7 +201,9 @@ def test_warnings_are_one_line_of_ours_each_once(fake, capsys, tmp_path):
     config = tmp_path / "iou.py"
     entry = "dict(loss_bbox=dict(type='IoULoss', linear=True))"
     config.write_text(f"a = {entry}\nb = {entry}\n")
-    code, _, err = run(capsys, "export", "--config", str(config), "--format", "onnx", "-q", "--out", str(tmp_path / "o"))
+    code, _, err = run(
+        capsys, "export", "--config", str(config), "--format", "onnx", "-q", "--out", str(tmp_path / "o")
+    )
     assert code == 0, err
     message = 'visdet-export: warning: IoULoss(linear=True) is deprecated; use mode="linear"'
     assert err.count(message) == 1 and "sys.exit" not in err
@@ -844,7 +846,9 @@ def test_attach_passes_declared_new_inputs_to_attach_losses(capsys, tmp_path):
     model = tiny_model(tmp_path / "model.onnx")
     spec = [{"name": "l", "loss": "KnowledgeDistillationKLDivLoss",
              "inputs": {"pred": "cls_score", "soft_label": {"input": "cls_scores"}}}]
-    code, _, err = run(capsys, "attach", str(model), str(tmp_path / "out.onnx"), "--spec", str(write_spec(tmp_path, spec)))
+    code, _, err = run(
+        capsys, "attach", str(model), str(tmp_path / "out.onnx"), "--spec", str(write_spec(tmp_path, spec))
+    )
     assert code == 0, err
     assert [value.name for value in onnx.load(str(tmp_path / "out.onnx")).graph.input] == ["feats", "cls_scores"]
 

@@ -11,7 +11,6 @@ from test_perf_paths import REGRESSION_CASES, _box_inputs, _regression_inputs
 from visdet_export.losses import IoULoss
 from visdet_export.losses.iou_loss import _iou_loss_saved_gradient
 
-
 # inductor in the dtype of training, the traced graph (aot_eager) tightly in float64
 _DTYPE_TOLERANCE = {
     "inductor": (torch.float32, dict(rtol=2e-5, atol=1e-6)),

@@ -1,7 +1,8 @@
 """Distillation losses: KnowledgeDistillationKLDivLoss and LocalizationDistillationLoss.
 
-The float64 references (``kd_reference`` / ``ld_reference`` in tests/reference.py) are written from the formulas (softmax by hand, ``xlogy`` for ``0 log 0 = 0``), and
-MMDetection's own expression (``F.kl_div(...).mean(1) * T * T``, ``LDHead``'s reshape) is checked separately.
+The float64 references (``kd_reference`` / ``ld_reference`` in tests/reference.py) are written from the formulas
+(log-softmax by hand as ``x - max - log sum exp(x - max)``, ``xlogy`` for ``0 log 0 = 0``), and MMDetection's own
+expression (``F.kl_div(...).mean(1) * T * T``, ``LDHead``'s reshape) is checked separately.
 """
 
 import math
@@ -9,8 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import kd_reference, ld_reference
+
 from visdet_export import ConfigError, build_loss
 from visdet_export.losses import knowledge_distillation_kl_div_loss, localization_distillation_loss
 from visdet_export.specs import SampleOptions, representative_configs, spec_for

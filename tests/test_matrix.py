@@ -161,7 +161,9 @@ def test_cells_at_other_free_sizes(runner_cache):
         return graph(inputs, reduction_override)
 
     cache = RunnerCache()
-    cache.runners[("focal", "onnx")] = LossRunner("onnx", recording, graph.names, differentiable=False, fixed_graph=True)
+    cache.runners[("focal", "onnx")] = LossRunner(
+        "onnx", recording, graph.names, differentiable=False, fixed_graph=True
+    )
     for classes in (3, 120):
         cell = check_cell("focal", "onnx", cache, (0, 7), free_sizes={"C": classes})
         assert cell.status == "pass", cell.reason

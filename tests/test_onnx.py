@@ -99,15 +99,21 @@ class Exports:
             loss = build_loss(cfg)
             variant = CONFIG_VARIANTS.get(key)
             spec = spec_for(loss, variant)
-            stem = "-".join([key, reduction or "default", "+".join(optional) or "required", "joint" if joint else "loss"])
+            parts = [key, reduction or "default", "+".join(optional) or "required", "joint" if joint else "loss"]
+            stem = "-".join(parts)
             # Joint graphs are exported from the module, the rest from the config mapping: both entry points.
             path = export_onnx(
-                loss if joint else cfg, self.root / f"{stem}.onnx", variant=variant, optional_inputs=optional, joint=joint
+                loss if joint else cfg,
+                self.root / f"{stem}.onnx",
+                variant=variant,
+                optional_inputs=optional,
+                joint=joint,
             )
             manifest = read_manifest(path)
             names = [entry["name"] for entry in manifest["inputs"]]
             model = onnx.load(str(path))
-            self.cache[cache_key] = Exported(path, manifest, loss, spec, names, model, onnx_export.load_runner(path, manifest))
+            runner = onnx_export.load_runner(path, manifest)
+            self.cache[cache_key] = Exported(path, manifest, loss, spec, names, model, runner)
         return self.cache[cache_key]
 
 
@@ -156,7 +162,9 @@ def saturate(inputs: dict[str, Tensor], logit: float) -> dict[str, Tensor]:
         ("mse", "D", 2),  # YOLOv3's wh
     ],
 )
-def test_one_export_serves_every_size_the_config_leaves_free(exports: Exports, key: str, symbol: str, size: int) -> None:
+def test_one_export_serves_every_size_the_config_leaves_free(
+    exports: Exports, key: str, symbol: str, size: int
+) -> None:
     art = exports.get(key)
     for n in (0, 7, 300):
         inputs = art.draw(n, seed=n, options=SampleOptions(sizes={symbol: size}))
@@ -169,7 +177,9 @@ def test_one_export_serves_every_size_the_config_leaves_free(exports: Exports, k
 def test_dense_sigmoid_cross_entropy_exports_with_its_gradient(tmp_path: Path) -> None:
     """YOLOv3 / YOLOX class targets: (N, C) logits and soft targets; the export verifies value and d loss / d pred
     at its default sizes and at C = 20 (``parity.free_sizes``)."""
-    path = export_onnx(dict(type="CrossEntropyLoss", use_sigmoid=True), tmp_path / "dense.onnx", variant="dense", joint=True)
+    path = export_onnx(
+        dict(type="CrossEntropyLoss", use_sigmoid=True), tmp_path / "dense.onnx", variant="dense", joint=True
+    )
     manifest = read_manifest(path)
     assert manifest["variant"] == "dense" and [item["shape"] for item in manifest["inputs"][:2]] == [["N", "C"]] * 2
     assert manifest["parity"]["free_sizes"] == {"C": 20}

@@ -144,7 +144,8 @@ def _ce_spatial(seed: int) -> Inputs:
     pred = torch.randn(3, 5, 4, 6, generator=g, dtype=F64) * 2
     labels = torch.randint(0, 5, (3, 4, 6), generator=g)
     labels[0, 0] = -100
-    return dict(pred=pred, target=labels, weight=_weights((3, 4, 6), seed + 1), avg_factor=torch.tensor(50.0, dtype=F64))
+    weight = _weights((3, 4, 6), seed + 1)
+    return dict(pred=pred, target=labels, weight=weight, avg_factor=torch.tensor(50.0, dtype=F64))
 
 
 def _unnormalised_probabilities(inputs: Inputs, seed: int) -> Inputs:

@@ -38,7 +38,8 @@ def _inputs(kind: str, weight_shape: str, seed: int = 0):
         target = torch.randint(0, c + 1, (n,), generator=g)
     else:
         labels = torch.randint(0, c + 1, (n,), generator=g)
-        target = torch.where(labels.unsqueeze(1) == torch.arange(c), torch.rand(n, 1, generator=g, dtype=torch.float64), 0.0)
+        scores = torch.rand(n, 1, generator=g, dtype=torch.float64)
+        target = torch.where(labels.unsqueeze(1) == torch.arange(c), scores, 0.0)
     shape = (n,) if weight_shape == "rows" else (n, c)
     weight = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
     weight = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.3, 0.0, weight)
@@ -89,7 +90,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("loss_type, module, weight_shape", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "loss_type, module, weight_shape", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_fast_path_matches_autograd_including_weight_gradient(loss_type, module, weight_shape, reduction, monkeypatch):
     """A frozen weight takes the closed form; a trained one the autograd formulation, and gets a gradient."""
     pred, target, weight = _inputs(loss_type, weight_shape)
@@ -236,7 +239,9 @@ def _box_inputs(weight_shape: str, seed: int):
     return pred, target, weight, dead
 
 
-BOX_CASES = [IoULoss(mode="log"), IoULoss(mode="linear", eps=0.05), IoULoss(mode="square"), GIoULoss(), GIoULoss(eps=0.5)]
+BOX_CASES = [
+    IoULoss(mode="log"), IoULoss(mode="linear", eps=0.05), IoULoss(mode="square"), GIoULoss(), GIoULoss(eps=0.5)
+]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -411,7 +416,9 @@ def test_distribution_focal_fast_path_matches_autograd(reduction, trained, monke
     owner = importlib.import_module("visdet_export.losses.gfocal_loss")
     closed_form_calls = []
     closed_form = owner._distribution_focal_loss_eager
-    monkeypatch.setattr(owner, "_distribution_focal_loss_eager", lambda *a: closed_form_calls.append(1) or closed_form(*a))
+    monkeypatch.setattr(
+        owner, "_distribution_focal_loss_eager", lambda *a: closed_form_calls.append(1) or closed_form(*a)
+    )
     _, gp, *rest = _fast_path_matches_autograd(
         "gfocal_loss", module, pred, target, weight, monkeypatch, reduction, trained
     )
@@ -425,7 +432,10 @@ def test_distribution_focal_fast_path_matches_autograd(reduction, trained, monke
 
 @pytest.mark.parametrize(
     "module, weight_shape",
-    [(FocalLoss(), "rows"), (L1Loss(), "rows"), (MSELoss(), "rows"), (MSELoss(), "elements"), (SmoothL1Loss(0.3), "rows")],
+    [
+        (FocalLoss(), "rows"), (L1Loss(), "rows"), (MSELoss(), "rows"), (MSELoss(), "elements"),
+        (SmoothL1Loss(0.3), "rows"),
+    ],
     ids=["FocalLoss", "L1Loss", "MSELoss-rows", "MSELoss-elements", "SmoothL1Loss"],
 )
 def test_closed_form_backward_twice_with_retain_graph(module, weight_shape):

@@ -89,7 +89,9 @@ class Runtime:
     fixed_graph: bool
 
 
-def default_names(loss: nn.Module, spec: LossSpec, optional_inputs: Sequence[str] = DEFAULT_OPTIONAL_INPUTS) -> list[str]:
+def default_names(
+    loss: nn.Module, spec: LossSpec, optional_inputs: Sequence[str] = DEFAULT_OPTIONAL_INPUTS
+) -> list[str]:
     """Required inputs plus the optional ones requested, in spec order, as exports take them (no ``avg_factor``
     for reduction "sum", which refuses it, or "none", which ignores it)."""
     from .export.artifacts import usable_optional_inputs
@@ -104,7 +106,11 @@ def default_names(loss: nn.Module, spec: LossSpec, optional_inputs: Sequence[str
 def eager_runner(loss: nn.Module, spec: LossSpec, names: Sequence[str]) -> LossRunner:
     """The loss itself as a runner: the reference every other runtime is compared with."""
     return LossRunner(
-        "eager", lambda inputs, override: spec.call(loss, inputs, override), names, differentiable=True, fixed_graph=False
+        "eager",
+        lambda inputs, override: spec.call(loss, inputs, override),
+        names,
+        differentiable=True,
+        fixed_graph=False,
     )
 
 
@@ -282,7 +288,12 @@ def pt2_runner(
     manifest = read_manifest(written)
     run = load_runner(written, manifest)
     runner = LossRunner(
-        "pt2", lambda inputs, override: run(inputs)[0], run.input_names, differentiable=False, fixed_graph=True, keep_alive=scratch
+        "pt2",
+        lambda inputs, override: run(inputs)[0],
+        run.input_names,
+        differentiable=False,
+        fixed_graph=True,
+        keep_alive=scratch,
     )
     runner.path = written  # type: ignore[attr-defined]
     runner.run_all = run  # type: ignore[attr-defined]  # every output (loss, grad_pred for joint packages)
@@ -310,7 +321,9 @@ def get_runtime(name: str) -> Runtime:
         raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}") from None
 
 
-def build_runner(runtime: str, loss: nn.Module, spec: LossSpec, names: Optional[Sequence[str]] = None, **options: Any) -> LossRunner:
+def build_runner(
+    runtime: str, loss: nn.Module, spec: LossSpec, names: Optional[Sequence[str]] = None, **options: Any
+) -> LossRunner:
     """The :class:`LossRunner` of ``loss`` in ``runtime`` (``names`` default: :func:`default_names`)."""
     names = default_names(loss, spec) if names is None else list(names)
     return get_runtime(runtime).build(loss, spec, names, **options)

@@ -208,7 +208,9 @@ def accurate_total_sums(model: Any) -> int:
             nodes.append(helper.make_node("ReduceSum", [current, axes_name], [staged], keepdims=0, name=staged))
             current = staged
         nodes.append(helper.make_node("Cast", [current], [f"{base}_f64"], to=TensorProto.DOUBLE, name=f"{base}_f64"))
-        nodes.append(helper.make_node("ReduceSum", [f"{base}_f64"], [f"{base}_total"], keepdims=0, name=f"{base}_total"))
+        nodes.append(
+            helper.make_node("ReduceSum", [f"{base}_f64"], [f"{base}_total"], keepdims=0, name=f"{base}_total")
+        )
         nodes.append(helper.make_node("Cast", [f"{base}_total"], [node.output[0]], to=TensorProto.FLOAT, name=base))
     if rewritten:
         del model.graph.node[:]
@@ -1220,7 +1222,8 @@ def export_onnx(
     plan = ExportPlan.prepare(
         loss_or_cfg, path, variant=variant, optional_inputs=optional_inputs, joint=joint, overwrite=overwrite
     )
-    loss, config, spec, names, outputs, target = plan.loss, plan.config, plan.spec, plan.names, plan.outputs, plan.target
+    loss, config, spec, names = plan.loss, plan.config, plan.spec, plan.names
+    outputs, target = plan.outputs, plan.target
 
     example = example_inputs(loss, spec, names)
     with quiet_exporter():

@@ -77,7 +77,9 @@ def script_loss(loss: nn.Module) -> torch.jit.ScriptModule:
             raise ArtifactError(f"torch.jit.script failed for {type(loss).__name__}{hint}: {text}") from exc
 
 
-def save_scripted(module: torch.jit.ScriptModule, target: Union[str, os.PathLike[str], io.BytesIO], config: Mapping[str, Any]) -> None:
+def save_scripted(
+    module: torch.jit.ScriptModule, target: Union[str, os.PathLike[str], io.BytesIO], config: Mapping[str, Any]
+) -> None:
     """Save ``module`` with ``config`` as the extra file :data:`CONFIG_FILE`."""
     extra = {CONFIG_FILE: json.dumps(dict(config), sort_keys=True)}
     with quiet_jit():
@@ -182,7 +184,9 @@ def export_torchscript(
     Note:
         The file is code: whoever loads it (``torch.jit.load``) runs it.
     """
-    plan = ExportPlan.prepare(loss_or_cfg, path, variant=variant, optional_inputs=None, joint=False, overwrite=overwrite)
+    plan = ExportPlan.prepare(
+        loss_or_cfg, path, variant=variant, optional_inputs=None, joint=False, overwrite=overwrite
+    )
     loss, config, spec, names, target = plan.loss, plan.config, plan.spec, plan.names, plan.target
 
     with evaluation_mode(loss):
