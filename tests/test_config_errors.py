@@ -65,7 +65,23 @@ BAD_VALUES = [
     pytest.param(dict(type="DistributionFocalLoss", reg_max=0), "reg_max", id="dfl_reg_max_0"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, -1.0]), "class_weight", id="ce_cw_negative"),
     pytest.param(dict(type="CrossEntropyLoss", class_weight=[]), "class_weight", id="ce_cw_empty"),
-    pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, 1e39]), "<= 3.40", id="ce_cw_above_float32"),
+    pytest.param(dict(type="CrossEntropyLoss", class_weight=[1.0, 1e39]), "within [+]-3.40", id="ce_cw_above_float32"),
+    # beyond float32, where the losses compute: eager raised at the call, the other runtimes gave inf / NaN
+    pytest.param(dict(type="FocalLoss", gamma=1e39), "gamma=1e[+]39 is out of float32's range", id="focal_gamma_1e39"),
+    pytest.param(dict(type="QualityFocalLoss", beta=1e39), "float32's range", id="qfl_beta_1e39"),
+    pytest.param(dict(type="L1Loss", loss_weight=-1e39), "loss_weight.*float32's range", id="loss_weight_minus_1e39"),
+    pytest.param(dict(type="GIoULoss", eps=1e39), "eps.*float32's range", id="giou_eps_1e39"),
+    pytest.param(dict(type="SmoothL1Loss", beta=1e39), "beta.*float32's range", id="smooth_l1_beta_1e39"),
+    pytest.param(dict(type="SmoothL1Loss", beta=1e-39), ">= 1.17.*1 / beta must be finite", id="smooth_l1_beta_1e-39"),
+    pytest.param(dict(type="BalancedL1Loss", beta=1e-39), ">= 1.17", id="balanced_l1_beta_1e-39"),
+    pytest.param(dict(type="KnowledgeDistillationKLDivLoss", T=1e20), "<= 1.84.*T [*] T", id="kd_T_1e20"),
+    pytest.param(dict(type="LocalizationDistillationLoss", T=1e-40), ">= 1.17", id="ld_T_1e-40"),
+    pytest.param(
+        dict(type="BalancedL1Loss", alpha=0.05, gamma=4.0, beta=1e-4), r"keep beta within \[0.0001628",
+        id="balanced_l1_beta_below_b_range",
+    ),
+    pytest.param(dict(type="BalancedL1Loss", beta=1e37), "keep beta within", id="balanced_l1_beta_above_b_range"),
+    pytest.param(dict(type="BalancedL1Loss", alpha=1.0, gamma=1e-17), "too small", id="balanced_l1_b_rounds_to_0"),
     pytest.param(dict(type="CrossEntropyLoss", use_sigmoid=True, use_mask=True), "use_sigmoid", id="ce_two_modes"),
     pytest.param(dict(type="FocalLoss", use_sigmoid=False), "use_sigmoid", id="focal_softmax"),
     pytest.param(dict(type="QualityFocalLoss", use_sigmoid=False), "use_sigmoid", id="qfl_softmax"),
@@ -100,6 +116,65 @@ def test_the_ends_of_every_closed_range_build() -> None:
     assert build_loss(dict(type="BalancedL1Loss", alpha=0.5, gamma=40.0)).gamma == 40.0
     with pytest.raises(ConfigError, match="keep it <= 80"):
         build_loss(dict(type="BalancedL1Loss", alpha=0.5, gamma=40.5))
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(type="FocalLoss", gamma=FLOAT32_MAX),
+    dict(type="L1Loss", loss_weight=-FLOAT32_MAX),
+    dict(type="SmoothL1Loss", beta=FLOAT32_TINY),
+    dict(type="KnowledgeDistillationKLDivLoss", T=FLOAT32_MAX ** 0.5),
+    dict(type="LocalizationDistillationLoss", T=FLOAT32_TINY),
+], ids=["focal_gamma_max", "loss_weight_min", "smooth_l1_beta_tiny", "kd_T_sqrt_max", "ld_T_tiny"])
+def test_float32_range_ends_build(cfg: dict) -> None:
+    """Hyper-parameters are refused only past float32's range (and divisors below its smallest normal)."""
+    loss = build_loss(cfg)
+    assert all(getattr(loss, key) == value for key, value in cfg.items() if key != "type")
+
+
+# (alpha, gamma, matches the reference): b = e^(gamma / alpha) - 1 at the largest gamma / alpha (80), MMDetection's
+# default, and a tiny b, whose products of distances near its low end are float32 denormals (finite, not precise)
+BALANCED_L1_SCALES = [(0.05, 4.0, True), (0.5, 1.5, True), (1.0, 1e-15, False)]
+
+
+def _balanced_l1_beta_range(alpha: float, gamma: float) -> tuple[float, float]:
+    """The range of beta the refusal of beta = float32's smallest normal or largest names (capped at the largest)."""
+    for beta in (FLOAT32_TINY, FLOAT32_MAX):
+        try:
+            build_loss(dict(type="BalancedL1Loss", alpha=alpha, gamma=gamma, beta=beta))
+        except ConfigError as refusal:
+            low, high = str(refusal).split("keep beta within [")[1].rstrip("]").split(", ")
+            return float(low), min(float(high), FLOAT32_MAX)
+    raise AssertionError("neither end of float32 was refused")
+
+
+@pytest.mark.parametrize(("alpha", "gamma", "precise"), BALANCED_L1_SCALES, ids=["b_1e34", "default", "b_1e-15"])
+@pytest.mark.parametrize("end", ["low", "high"])
+def test_balanced_l1_at_the_ends_of_its_beta_range_stays_finite(
+    alpha: float, gamma: float, precise: bool, end: str
+) -> None:
+    """BalancedL1 scales the distances below beta by b = e^(gamma / alpha) - 1: at either end of the beta range its
+    message names (just inside it), distances up to and past beta give a finite value and gradient in eager and
+    TorchScript (its chain rule orders the products differently) and the reference's value; just outside the
+    range the build is refused. Where b is tiny, only finiteness: the products are float32 denormals."""
+    low, high = _balanced_l1_beta_range(alpha, gamma)
+    beta = low * 1.001 if end == "low" else high * 0.999
+    cfg = dict(type="BalancedL1Loss", alpha=alpha, gamma=gamma, beta=beta, reduction="none")
+    distances = torch.tensor([[0.0, beta * 1e-3, beta * 0.5, beta * 0.999, beta, beta * 1.001]]).clamp(max=FLOAT32_MAX)
+    for loss in (build_loss(cfg), script_loss(build_loss(cfg))):
+        for _ in range(3):  # TorchScript's profiled and optimized plans
+            pred = distances.clone().requires_grad_()
+            out = loss(pred, torch.zeros_like(pred))
+            (grad,) = torch.autograd.grad(out.sum(), pred)
+            assert torch.isfinite(out).all() and torch.isfinite(grad).all(), (out, grad)
+    if precise:
+        want = reference_loss(cfg, distances.double(), torch.zeros_like(distances, dtype=F64))
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+    with pytest.raises(ConfigError, match="keep beta within|float32's range"):
+        build_loss({**cfg, "beta": low * 0.99 if end == "low" else high * 1.01})
 
 
 def test_focal_alpha_minus1_is_the_only_sentinel() -> None:

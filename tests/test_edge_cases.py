@@ -1250,7 +1250,7 @@ def test_nan_with_weight_propagates(key: str) -> None:
 # --- 27: smooth L1 / balanced L1 -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("beta", [1e-5, 1e-12, 1e-30])
+@pytest.mark.parametrize("beta", [1e-5, 1e-12, 1e-30, 1.1754943508222875e-38])  # float32's smallest normal
 def test_smooth_l1_tiny_beta(beta: float) -> None:
     cfg = dict(type="SmoothL1Loss", beta=beta, reduction="none")
     pred = torch.tensor([[0.0, 1e-20, 1e-3, -2.0]], dtype=F64, requires_grad=True)

@@ -77,6 +77,13 @@ def static(value: float) -> float:
     return float(value)
 
 
+#: The largest float32. Every hyper-parameter is a float32 constant of float32 losses and of the exported graphs:
+#: beyond it eager raises at the call and the compiled, scripted and exported losses give inf / NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+#: The smallest normal float32: the reciprocal of a positive number below it is beyond :data:`FLOAT32_MAX`.
+FLOAT32_TINY = 1.1754943508222875e-38
+
+
 def check_float(
     name: str,
     value: object,
@@ -95,6 +102,11 @@ def check_float(
     number = StaticFloat(value)
     if not math.isfinite(number):
         raise ConfigError(f"{name} must be finite, got {value!r}")
+    if abs(number) > FLOAT32_MAX:
+        raise ConfigError(
+            f"{name}={value!r} is out of float32's range; it must be within +-{FLOAT32_MAX!r}: the losses compute "
+            "in float32, where it would be inf"
+        )
     if number in allowed:
         return number
     low_ok = minimum is None or (number >= minimum if min_inclusive else number > minimum)
@@ -107,6 +119,13 @@ def check_float(
         reason = f": {why}" if why else ""
         raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}{extra}{reason}")
     return number
+
+
+def check_divisor(name: str, value: object, *, maximum: Optional[float] = None, why: str = "") -> StaticFloat:
+    """A positive number a loss divides by: at least :data:`FLOAT32_TINY`, so its reciprocal is finite in
+    float32 (SmoothL1's beta of 1e-39 raised at the call in eager and gave NaN in the other runtimes)."""
+    why = why or f"the loss divides by {name}, and 1 / {name} must be finite in float32"
+    return check_float(name, value, minimum=FLOAT32_TINY, maximum=maximum, why=why)
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -129,10 +148,6 @@ def check_names(what: str, value: Iterable[str]) -> list[str]:
     if isinstance(value, str):
         raise ConfigError(f"{what} takes a list of names, got the string {value!r}; write [{value!r}]")
     return [str(name) for name in value]
-
-
-#: The largest float32: class weights are float32 buffers (float32 losses would meet inf beyond it).
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_class_weight(value: object) -> Optional[list[float]]:
@@ -162,11 +177,13 @@ def warn_caller(message: str, category: type[Warning]) -> None:
 
 __all__ = [
     "FLOAT32_MAX",
+    "FLOAT32_TINY",
     "ConfigError",
     "StaticFloat",
     "check_bool",
     "check_choice",
     "check_class_weight",
+    "check_divisor",
     "check_float",
     "check_int",
     "check_names",

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_float, static
+from ..validation import FLOAT32_MAX, FLOAT32_TINY, ConfigError, check_divisor, check_float, static
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
@@ -84,6 +84,30 @@ def _balanced_l1_closed_form(
     )
 
 
+def _check_scale(alpha: float, gamma: float, beta: float) -> None:
+    """``b = e^(gamma / alpha) - 1`` scales the distances d up to ``beta``: refuse the settings where b rounds to 0
+    (the loss divides by it) or where a product of the formulations leaves float32 for some d <= beta: ``(b d + 1)
+    log(1 + b d / beta)`` (up to ``(b beta + 1) log(1 + b)``), ``b / beta`` and, in TorchScript's chain rule of
+    ``b d / beta``, ``alpha / (b beta)``."""
+    ratio = gamma / alpha
+    if ratio > 80.0:
+        raise ConfigError(f"gamma / alpha = {ratio} overflows exp() in float32; keep it <= 80")
+    b = math.exp(ratio) - 1.0
+    if b < FLOAT32_TINY:
+        raise ConfigError(
+            f"gamma / alpha = {ratio} is too small: b = exp(gamma / alpha) - 1 = {b} (the loss divides by b) is not a "
+            "normal float32; keep gamma / alpha >= 1e-15"
+        )
+    low = max(b / FLOAT32_MAX, alpha / (b * FLOAT32_MAX), FLOAT32_TINY)
+    high = FLOAT32_MAX / (b * max(math.log1p(b), 1.0))
+    if not low <= beta <= high:
+        raise ConfigError(
+            f"beta={beta} is out of range for gamma / alpha = {ratio}: b = exp(gamma / alpha) - 1 = {b:.4g} scales "
+            f"the distances below beta, and the products of the loss must be finite in float32; keep beta within "
+            f"[{low:.4g}, {high:.4g}]"
+        )
+
+
 class BalancedL1Loss(WeightedLoss):
     """Balanced L1 loss module; see :func:`balanced_l1_loss`.
 
@@ -108,9 +132,8 @@ class BalancedL1Loss(WeightedLoss):
         super().__init__(reduction, loss_weight)
         self.alpha = check_float("alpha", alpha, minimum=0.0, min_inclusive=False)
         self.gamma = check_float("gamma", gamma, minimum=0.0, min_inclusive=False)
-        self.beta = check_float("beta", beta, minimum=0.0, min_inclusive=False)
-        if self.gamma / self.alpha > 80.0:
-            raise ConfigError(f"gamma / alpha = {self.gamma / self.alpha} overflows exp() in float32; keep it <= 80")
+        self.beta = check_divisor("beta", beta)
+        _check_scale(self.alpha, self.gamma, self.beta)
 
     def forward(
         self,

@@ -10,6 +10,7 @@ composed like any other loss.
 """
 
 
+import math
 from typing import Optional
 
 import torch
@@ -25,8 +26,16 @@ from ..numerics import (
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_float, check_int, static
+from ..validation import FLOAT32_MAX, check_divisor, check_int, static
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
+
+
+def _checked_temperature(T: object) -> float:
+    """``T`` > 0 within float32 both ways: the logits are divided by it and the loss is scaled by T^2."""
+    return check_divisor(
+        "T", T, maximum=math.sqrt(FLOAT32_MAX),
+        why="the logits are divided by T and the loss is scaled by T * T, both in float32",
+    )
 
 
 def soft_label_kl_div(pred: Tensor, soft_label: Tensor, T: float, detach_target: bool = True) -> Tensor:
@@ -124,7 +133,7 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
 
     def __init__(self, reduction: str = "mean", loss_weight: float = 1.0, T: float = 10.0) -> None:
         super().__init__(reduction, loss_weight)
-        self.T = check_float("T", T, minimum=0.0, min_inclusive=False)
+        self.T = _checked_temperature(T)
 
     def forward(
         self,
@@ -238,7 +247,7 @@ class LocalizationDistillationLoss(WeightedLoss):
 
     def __init__(self, reduction: str = "mean", loss_weight: float = 1.0, T: float = 10.0, reg_max: int = 16) -> None:
         super().__init__(reduction, loss_weight)
-        self.T = check_float("T", T, minimum=0.0, min_inclusive=False)
+        self.T = _checked_temperature(T)
         self.reg_max = check_int("reg_max", reg_max, minimum=1)
 
     def forward(

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_float, static
+from ..validation import check_divisor, static
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
@@ -122,7 +122,7 @@ class SmoothL1Loss(WeightedLoss):
 
     def __init__(self, beta: float = 1.0, reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
-        self.beta = check_float("beta", beta, minimum=0.0, min_inclusive=False)
+        self.beta = check_divisor("beta", beta)
 
     def forward(
         self,
