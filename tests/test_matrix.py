@@ -45,6 +45,22 @@ def test_onnx_joint_cell(runner_cache, name):
     assert cell.status == "pass", cell.reason
 
 
+@pytest.mark.parametrize(("name", "runtime"), CELLS, ids=[f"{n}-{r}" for n, r in CELLS])
+def test_a_nan_prediction_with_weight_makes_the_loss_nan(runner_cache, name, runtime):
+    """RELIABILITY 26 in every runtime: a NaN in one sample's prediction that carries weight is not masked, the
+    loss is NaN (the matrix's runners; which entries of the gradient are NaN differs by runtime, README)."""
+    key, options = runner_options(name, runtime, backend=compile_backend(name))
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    loss, spec = runner_cache.loss(name)
+    inputs = spec.sample(loss, 8, seed=3)
+    inputs[spec.pred] = inputs[spec.pred].clone().index_fill_(0, torch.tensor([1]), float("nan"))
+    if "weight" in inputs:  # mask mode's third input is the RoI labels
+        inputs["weight"] = torch.ones_like(inputs["weight"])
+    with torch.no_grad():
+        out = runner(inputs)
+    assert out.isnan().any(), out
+
+
 def test_pt2_modes():
     (cell,) = run_matrix(["l1"], ["pt2"], pt2="subset")
     assert cell.status == "skip" and "subset" in cell.reason
