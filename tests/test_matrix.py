@@ -61,6 +61,34 @@ def test_a_nan_prediction_with_weight_makes_the_loss_nan(runner_cache, name, run
     assert out.isnan().any(), out
 
 
+#: RELIABILITY 14 (avg_factor 0, tiny, huge) and all-zero weights, checked in eager by test_edge_cases
+EDGE_INPUTS = {"avg_factor_0": 0.0, "avg_factor_1e-6": 1e-6, "avg_factor_1e30": 1e30, "weights_0": None}
+EDGE_CELLS = [(name, runtime, edge) for name, runtime in CELLS if runtime != "eager" for edge in EDGE_INPUTS]
+
+
+@pytest.mark.parametrize(("name", "runtime", "edge"), EDGE_CELLS, ids=["-".join(cell) for cell in EDGE_CELLS])
+def test_edge_inputs_match_eager(runner_cache, name, runtime, edge):
+    """avg_factor of 0 (the mean is the sum / float32's eps), 1e-6 and 1e30, and every weight 0, in each runtime:
+    finite and eager's value, compared at the value's own scale (1e-30 at avg_factor 1e30)."""
+    key, options = runner_options(name, runtime, backend=compile_backend(name))
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    loss, spec = runner_cache.loss(name)
+    inputs = spec.sample(loss, 8, seed=11)
+    if edge == "weights_0":
+        if "weight" not in runner.names or getattr(loss, "use_mask", False):  # mask mode: the RoI labels
+            pytest.skip("no per-sample weight input")
+        inputs["weight"] = torch.zeros_like(inputs["weight"])
+    else:
+        if "avg_factor" not in runner.names or loss.reduction == "sum":  # visdet refuses "sum" with avg_factor
+            pytest.skip("no avg_factor to take")
+        inputs["avg_factor"] = torch.tensor(EDGE_INPUTS[edge], dtype=inputs["avg_factor"].dtype)
+    with torch.no_grad():
+        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
+    assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
+    scale = want.abs().max().clamp(min=torch.finfo(want.dtype).tiny)
+    torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
+
+
 def test_pt2_modes():
     (cell,) = run_matrix(["l1"], ["pt2"], pt2="subset")
     assert cell.status == "skip" and "subset" in cell.reason
