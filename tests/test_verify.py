@@ -153,6 +153,57 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path, lo
         onnx_export.load_runner(path, None)
 
 
+def _external_tensor(name: str, location: str) -> TensorProto:
+    tensor = numpy_helper.from_array(np.ones(4, dtype=np.float32), name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _constant_in_a_function_subgraph(location: str) -> onnx.ModelProto:
+    """A model function whose If branch holds a Constant stored at ``location``."""
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=_external_tensor("c", location))],
+        "branch", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [4])],
+    )
+    function = helper.make_function(
+        "local", "f", ["flag"], ["y"],
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch)],
+        [helper.make_opsetid("", 18)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("f", ["flag"], ["y"], domain="local")], "g",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, functions=[function], opset_imports=opsets)
+
+
+def _sparse_constant(location: str) -> onnx.ModelProto:
+    """A Constant whose sparse value's values are stored at ``location``."""
+    indices = numpy_helper.from_array(np.arange(4, dtype=np.int64), "i")
+    sparse = helper.make_sparse_tensor(_external_tensor("v", location), indices, [8])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], sparse_value=sparse)], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("build", [_constant_in_a_function_subgraph, _sparse_constant], ids=["function", "sparse"])
+def test_external_data_outside_the_directory_is_found_in_functions_and_sparse_tensors(tmp_path: Path, build) -> None:
+    """The check reads every tensor of the model, not only those onnxruntime's own loader refuses first."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(build("../outside.bin").SerializeToString())
+    with pytest.raises(ArtifactError, match="outside its directory"):
+        onnx_export.check_external_data(path)
+    path.write_bytes(build("inside.bin").SerializeToString())
+    assert set(onnx_export.check_external_data(path)) == {"inside.bin"}  # the If has it in both branches
+
+
 def test_external_data_inside_the_model_directory_is_allowed(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(np.full(4, 2.0, dtype=np.float32).tobytes())
     path = _model_with_external_data(tmp_path, "weights.bin")

@@ -93,32 +93,41 @@ def quiet_exporter() -> Iterator[None]:
 
 
 def _tensors(proto: Any) -> Iterator[Any]:
-    """Every TensorProto of a ModelProto: initializers and tensor attributes, subgraphs included."""
+    """Every TensorProto of a ModelProto: initializers (sparse ones too) and tensor attributes, in the graph, its
+    subgraphs and the model's functions."""
     import onnx
 
-    def graph_tensors(graph: Any) -> Iterator[Any]:
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
+    def sparse_parts(sparse: Any) -> Iterator[Any]:
+        yield sparse.values
+        yield sparse.indices
+
+    def node_tensors(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR:
                     yield attribute.t
                 elif attribute.type == onnx.AttributeProto.TENSORS:
                     yield from attribute.tensors
+                elif attribute.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield from sparse_parts(attribute.sparse_tensor)
+                elif attribute.type == onnx.AttributeProto.SPARSE_TENSORS:
+                    for sparse in attribute.sparse_tensors:
+                        yield from sparse_parts(sparse)
                 elif attribute.type == onnx.AttributeProto.GRAPH:
                     yield from graph_tensors(attribute.g)
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     for sub in attribute.graphs:
                         yield from graph_tensors(sub)
 
+    def graph_tensors(graph: Any) -> Iterator[Any]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from sparse_parts(sparse)
+        yield from node_tensors(graph.node)
+
     yield from graph_tensors(proto.graph)
     for function in proto.functions:
-        for node in function.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
+        yield from node_tensors(function.node)
 
 
 def external_data_locations(path: Path) -> list[str]:
