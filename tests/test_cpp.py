@@ -224,7 +224,8 @@ def test_cpp_command_checks_exported_packages(cpp_program: cpp.BuiltRunner, runn
     key, options = runner_options("dfl", "pt2", pt2="separate")
     single = runner_cache.runner("dfl", "pt2", key=key, **options).path
     assert cpp.main(["--package", str(single)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "note: .pt2 packages are programs" in err and "(1 here)" in err  # as verify says of code it loads
     assert f"{single.name} DistributionFocalLoss" in out and " ok " in out
     assert "torchscript" not in out  # no representative configuration ran
     bundle = runner_cache.pt2_bundle(CONFIG_NAMES[0]).path

@@ -905,6 +905,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             packages.append(recorded_package(package))
         except ArtifactError as error:
             parser.error(str(error))
+    if packages:
+        print(
+            f"{parser.prog}: note: .pt2 packages are programs: the C++ check runs the native code they contain "
+            f"({len(packages)} here). Check only files you trust.",
+            file=sys.stderr,
+        )
 
     try:
         built = build_runner(args.build_dir, jobs=args.jobs, force=args.rebuild)
