@@ -563,6 +563,32 @@ def test_int_boxes_rejected(name: str, which: str) -> None:
         build_loss(dict(type=name))(pred, target)
 
 
+
+def _integer_valued(seed: int) -> dict[str, tuple[dict, torch.Tensor, object, object]]:
+    """(config, pred, integer target, the same target as float32) of the losses that take real-valued targets."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    scores = torch.randint(0, 2, (6,), generator=g)
+    distances = torch.randint(0, 16, (6,), generator=g)
+    teacher = torch.randint(-3, 4, (6, 5), generator=g)
+    return {
+        "dfl": (dict(type="DistributionFocalLoss"), torch.randn(6, 17, generator=g), distances, distances.float()),
+        "qfl": (dict(type="QualityFocalLoss"), torch.randn(6, 5, generator=g), (labels, scores),
+                (labels, scores.float())),
+        "kd": (dict(type="KnowledgeDistillationKLDivLoss", T=2.0), torch.randn(6, 5, generator=g), teacher,
+               teacher.float()),
+    }
+
+
+@pytest.mark.parametrize("key", ["dfl", "qfl", "kd"])
+def test_integer_real_valued_targets_are_cast(key: str) -> None:
+    """README: integer DFL distances, QFL scores and KD teacher logits are cast to pred's dtype, eager and scripted
+    alike (MMDetection's KD fails on them: softmax of an integer tensor)."""
+    cfg, pred, integer, real = _integer_valued(7)[key]
+    want = build_loss(cfg)(pred, real)
+    for loss in (build_loss(cfg), script_loss(build_loss(cfg))):
+        torch.testing.assert_close(loss(pred, integer), want, rtol=1e-6, atol=0.0)
+
 # --- 8: reduction contract at the call -------------------------------------------------------------------------
 
 
