@@ -89,6 +89,35 @@ def test_edge_inputs_match_eager(runner_cache, name, runtime, edge):
     torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
 
 
+def _class_label_inputs(name: str) -> list[str]:
+    """The inputs of configuration ``name`` that hold class labels (integer, one per sample)."""
+    loss, spec = RunnerCache().loss(name)
+    return [key for key, value in spec.sample(loss, 1, seed=0).items() if key in ("target", "labels", "label")
+            and not value.is_floating_point()]
+
+
+LABELLED_CELLS = [(name, runtime) for name, runtime in CELLS if runtime != "eager" and _class_label_inputs(name)]
+
+
+@pytest.mark.parametrize(("name", "runtime"), LABELLED_CELLS, ids=[f"{n}-{r}" for n, r in LABELLED_CELLS])
+def test_no_sample_labelled_matches_eager(runner_cache, name, runtime):
+    """RELIABILITY 11-13 in every runtime: every label the ignore_index (cross-entropy) or the background class C
+    (focal, QFL: no positives anywhere), finite and eager's value (test_edge_cases checks eager's own)."""
+    key, options = runner_options(name, runtime, backend=compile_backend(name))
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    loss, spec = runner_cache.loss(name)
+    inputs = spec.sample(loss, 8, seed=13)
+    ignore_index = getattr(loss, "ignore_index", None)
+    unlabelled = inputs[spec.pred].size(1) if ignore_index is None else ignore_index
+    for label in _class_label_inputs(name):
+        inputs[label] = torch.full_like(inputs[label], unlabelled)
+    with torch.no_grad():
+        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
+    assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
+    scale = want.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
+
+
 def test_pt2_modes():
     (cell,) = run_matrix(["l1"], ["pt2"], pt2="subset")
     assert cell.status == "skip" and "subset" in cell.reason
