@@ -19,7 +19,7 @@ from visdet_export.check import TOLERANCES, RunnerCache, check_cell, run_matrix,
 from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
 from visdet_export.runtimes import LossRunner
-from visdet_export.specs import representative_configs
+from visdet_export.specs import LossSpec, representative_configs
 
 RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
 CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
@@ -45,13 +45,29 @@ def test_onnx_joint_cell(runner_cache, name):
     assert cell.status == "pass", cell.reason
 
 
+def _matrix_runner(runner_cache, name: str, runtime: str) -> tuple[LossRunner, torch.nn.Module, LossSpec]:
+    """The matrix cell's runner of configuration ``name`` in ``runtime`` (built once a session), its loss and spec."""
+    key, options = runner_options(name, runtime, backend=compile_backend(name))
+    loss, spec = runner_cache.loss(name)
+    return runner_cache.runner(name, runtime, key=key, **options), loss, spec
+
+
+def _assert_matches_eager(runner_cache, name: str, runtime: str, inputs: dict, least_scale: float) -> None:
+    """The cell's value on ``inputs`` is finite and eager's, compared at the value's scale (at least
+    ``least_scale``), so values of 1e-30 are compared as closely as values of 1."""
+    runner = _matrix_runner(runner_cache, name, runtime)[0]
+    with torch.no_grad():
+        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
+    assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
+    scale = want.abs().max().clamp(min=least_scale)
+    torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
+
+
 @pytest.mark.parametrize(("name", "runtime"), CELLS, ids=[f"{n}-{r}" for n, r in CELLS])
 def test_a_nan_prediction_with_weight_makes_the_loss_nan(runner_cache, name, runtime):
     """RELIABILITY 26 in every runtime: a NaN in one sample's prediction that carries weight is not masked, the
     loss is NaN (the matrix's runners; which entries of the gradient are NaN differs by runtime, README)."""
-    key, options = runner_options(name, runtime, backend=compile_backend(name))
-    runner = runner_cache.runner(name, runtime, key=key, **options)
-    loss, spec = runner_cache.loss(name)
+    runner, loss, spec = _matrix_runner(runner_cache, name, runtime)
     inputs = spec.sample(loss, 8, seed=3)
     inputs[spec.pred] = inputs[spec.pred].clone().index_fill_(0, torch.tensor([1]), float("nan"))
     if "weight" in inputs:  # mask mode's third input is the RoI labels
@@ -70,9 +86,7 @@ EDGE_CELLS = [(name, runtime, edge) for name, runtime in CELLS if runtime != "ea
 def test_edge_inputs_match_eager(runner_cache, name, runtime, edge):
     """avg_factor of 0 (the mean is the sum / float32's eps), 1e-6 and 1e30, and every weight 0, in each runtime:
     finite and eager's value, compared at the value's own scale (1e-30 at avg_factor 1e30)."""
-    key, options = runner_options(name, runtime, backend=compile_backend(name))
-    runner = runner_cache.runner(name, runtime, key=key, **options)
-    loss, spec = runner_cache.loss(name)
+    runner, loss, spec = _matrix_runner(runner_cache, name, runtime)
     inputs = spec.sample(loss, 8, seed=11)
     if edge == "weights_0":
         if "weight" not in runner.names or getattr(loss, "use_mask", False):  # mask mode: the RoI labels
@@ -82,11 +96,7 @@ def test_edge_inputs_match_eager(runner_cache, name, runtime, edge):
         if "avg_factor" not in runner.names or loss.reduction == "sum":  # visdet refuses "sum" with avg_factor
             pytest.skip("no avg_factor to take")
         inputs["avg_factor"] = torch.tensor(EDGE_INPUTS[edge], dtype=inputs["avg_factor"].dtype)
-    with torch.no_grad():
-        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
-    assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
-    scale = want.abs().max().clamp(min=torch.finfo(want.dtype).tiny)
-    torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
+    _assert_matches_eager(runner_cache, name, runtime, inputs, least_scale=torch.finfo(torch.float32).tiny)
 
 
 def _class_label_inputs(name: str) -> list[str]:
@@ -103,19 +113,13 @@ LABELLED_CELLS = [(name, runtime) for name, runtime in CELLS if runtime != "eage
 def test_no_sample_labelled_matches_eager(runner_cache, name, runtime):
     """RELIABILITY 11-13 in every runtime: every label the ignore_index (cross-entropy) or the background class C
     (focal, QFL: no positives anywhere), finite and eager's value (test_edge_cases checks eager's own)."""
-    key, options = runner_options(name, runtime, backend=compile_backend(name))
-    runner = runner_cache.runner(name, runtime, key=key, **options)
-    loss, spec = runner_cache.loss(name)
+    _, loss, spec = _matrix_runner(runner_cache, name, runtime)
     inputs = spec.sample(loss, 8, seed=13)
     ignore_index = getattr(loss, "ignore_index", None)
     unlabelled = inputs[spec.pred].size(1) if ignore_index is None else ignore_index
     for label in _class_label_inputs(name):
         inputs[label] = torch.full_like(inputs[label], unlabelled)
-    with torch.no_grad():
-        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
-    assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
-    scale = want.abs().max().clamp(min=1.0)
-    torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
+    _assert_matches_eager(runner_cache, name, runtime, inputs, least_scale=1.0)
 
 
 def test_pt2_modes():
