@@ -80,7 +80,8 @@ def static(value: float) -> float:
 #: The largest float32. Every hyper-parameter is a float32 constant of float32 losses and of the exported graphs:
 #: beyond it eager raises at the call and the compiled, scripted and exported losses give inf / NaN.
 FLOAT32_MAX = 3.4028234663852886e38
-#: The smallest normal float32: the reciprocal of a positive number below it is beyond :data:`FLOAT32_MAX`.
+#: The smallest normal float32 (its reciprocal 8.5e37 is finite). Below it float32 numbers are denormal, losing
+#: precision, and below 2.9e-39 their reciprocals overflow: the least divisor a loss takes.
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
