@@ -42,9 +42,10 @@ def compile_backend(name: str) -> str:
 
 
 def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
-    """Cache key and options of a runner for tests that call it under other guards (autocast, inputs that require
-    grad): compiled with aot_eager into graphs of its own, so the matrix's compiled runners keep the one graph
-    test_properties asserts."""
+    """Cache key and options of a runner for tests that call it under other guards (autocast, half precision, other
+    memory layouts, inputs that require grad, calls without grad or without the optional inputs): compiled with
+    aot_eager into graphs of its own, so the matrix's compiled runners keep the one graph test_properties and
+    test_matrix assert."""
     key, options = runner_options(name, runtime, backend="aot_eager")
     return (f"{key}:guard-variants" if runtime == "compile" else key), options
 
@@ -60,6 +61,21 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Graphs Dynamo keeps per compiled function in this session (its default is 8). The guard-variant runners are
+#: called under many guards, by several files (autocast on and off, float16 / bfloat16 / float32, other memory
+#: layouts, inputs that require grad, calls without grad or without the optional inputs); with fullgraph=True the
+#: ninth graph is a hard failure, which would depend on which files share a worker.
+RECOMPILE_LIMIT = 32
+
+
+@pytest.fixture(scope="session", autouse=True)
+def room_for_guard_variants():
+    before = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    yield
+    torch._dynamo.config.recompile_limit = before
 
 
 @pytest.fixture(scope="session")
