@@ -14,15 +14,26 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CONFIG_NAMES, compile_backend, guard_variant_runner
+from reference import strided
 
-from visdet_export.check import TOLERANCES, RunnerCache, check_cell, run_matrix, runner_options
+from visdet_export.check import TOLERANCES, RunnerCache, check_cell, compare_with_eager, run_matrix, runner_options
 from visdet_export.check import main as check_main
 from visdet_export.registry import MODELS
 from visdet_export.runtimes import LossRunner
-from visdet_export.specs import LossSpec, representative_configs
+from visdet_export.specs import LossSpec, SampleOptions, representative_configs
 
 RUNTIMES = ("eager", "compile", "script", "onnx", "pt2")
 CELLS = [(name, runtime) for name in CONFIG_NAMES for runtime in RUNTIMES]
+
+
+@pytest.fixture(autouse=True)
+def compiled_runners_keep_one_graph(runner_cache):
+    """Whatever a test here feeds the matrix's compiled runners, each keeps its one graph: test_properties and
+    test_compile assert it when they run after this file on its worker (inputs of other strides recompile)."""
+    yield
+    for name in CONFIG_NAMES:
+        runner = runner_cache.runners.get((name, runner_options(name, "compile", backend=compile_backend(name))[0]))
+        assert runner is None or runner.graph_count() == 1, f"{name}: {runner.graph_count()} graphs"
 
 
 def test_every_registered_loss_has_a_row():
@@ -52,12 +63,20 @@ def _matrix_runner(runner_cache, name: str, runtime: str) -> tuple[LossRunner, t
     return runner_cache.runner(name, runtime, key=key, **options), loss, spec
 
 
+def _value_as_the_matrix_runs_it(runner: LossRunner, inputs: dict, pred: str) -> torch.Tensor:
+    """The runner's value on ``inputs`` called as the matrix calls it, ``pred`` requiring grad where the runtime is
+    differentiable: a compiled graph is guarded on grad mode and on which inputs require grad."""
+    leaf = inputs[pred].detach().clone().requires_grad_(runner.differentiable)
+    return runner({**inputs, pred: leaf}).detach()
+
+
 def _assert_matches_eager(runner_cache, name: str, runtime: str, inputs: dict, least_scale: float) -> None:
     """The cell's value on ``inputs`` is finite and eager's, compared at the value's scale (at least
     ``least_scale``), so values of 1e-30 are compared as closely as values of 1."""
-    runner = _matrix_runner(runner_cache, name, runtime)[0]
+    runner, _, spec = _matrix_runner(runner_cache, name, runtime)
+    out = _value_as_the_matrix_runs_it(runner, inputs, spec.pred)
     with torch.no_grad():
-        out, want = runner(inputs), runner_cache.runner(name, "eager")(inputs)
+        want = runner_cache.runner(name, "eager")(inputs)
     assert torch.isfinite(out).all() and torch.isfinite(want).all(), (out, want)
     scale = want.abs().max().clamp(min=least_scale)
     torch.testing.assert_close(out / scale, want / scale, **TOLERANCES[runtime])
@@ -72,8 +91,7 @@ def test_a_nan_prediction_with_weight_makes_the_loss_nan(runner_cache, name, run
     inputs[spec.pred] = inputs[spec.pred].clone().index_fill_(0, torch.tensor([1]), float("nan"))
     if "weight" in inputs:  # mask mode's third input is the RoI labels
         inputs["weight"] = torch.ones_like(inputs["weight"])
-    with torch.no_grad():
-        out = runner(inputs)
+    out = _value_as_the_matrix_runs_it(runner, inputs, spec.pred)
     assert out.isnan().any(), out
 
 
@@ -120,6 +138,146 @@ def test_no_sample_labelled_matches_eager(runner_cache, name, runtime):
     for label in _class_label_inputs(name):
         inputs[label] = torch.full_like(inputs[label], unlabelled)
     _assert_matches_eager(runner_cache, name, runtime, inputs, least_scale=1.0)
+
+
+#: Logits of the domain-edge inputs, uniform in [-r, r] (RELIABILITY 16: onnxruntime's Log(Sigmoid) overflows at ~18)
+EDGE_LOGIT_RANGE = 200.0
+#: DFL targets on a bin, between two, and at both ends (RELIABILITY 21: just below reg_max, and exactly reg_max)
+DFL_TARGETS = (0.0, 7.3, -1e-6, 0.0, 1.0, 8.0, 0.5, -0.5)  # negative entries count back from reg_max
+#: (pred, target) boxes: known GIoU values (identical 0, quarter inside 0.75, side by side 1.0, diagonal 1.5), then
+#: degenerate boxes (a line, a point, two identical points), disjoint, inverted and large ones (RELIABILITY 22-25)
+BOX_PAIRS = (
+    ((0, 0, 10, 10), (0, 0, 10, 10)),
+    ((0, 0, 5, 5), (0, 0, 10, 10)),
+    ((0, 0, 10, 10), (10, 0, 20, 10)),
+    ((0, 0, 10, 10), (10, 10, 20, 20)),
+    ((0, 0, 0, 10), (0, 0, 10, 10)),
+    ((5, 5, 5, 5), (0, 0, 10, 10)),
+    ((3, 3, 3, 3), (3, 3, 3, 3)),
+    ((0, 0, 1, 1), (1000, 1000, 1010, 1010)),
+    ((10, 10, 0, 0), (0, 0, 10, 10)),
+    ((10, 0, 0, 10), (0, 0, 10, 10)),
+    ((0, 0, 1e4, 1e4), (1, 1, 9000, 9999)),
+)
+#: Regression errors pred - target in units of the loss's beta: 0 (L1's kink), +-beta (SmoothL1's and BalancedL1's
+#: breakpoints), either side of them, and large (RELIABILITY 27)
+REGRESSION_ERRORS = (0.0, 1.0, -1.0, 0.5, -1.5, 1e4, -1e4, 1.0 + 2**-20)
+
+
+def _cycled(rows, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` repeated to ``n`` entries along the first axis."""
+    table = torch.tensor(rows, dtype=torch.float64)
+    return table.repeat(-(-n // len(rows)), *([1] * (table.dim() - 1)))[:n].to(dtype)
+
+
+def _inputs_at_the_domain_edges(loss: torch.nn.Module, spec: LossSpec, n: int) -> dict:
+    """Inputs at the edges of each loss's domain: logits in [-200, 200]; probabilities (activated losses) and QFL
+    quality scores of exactly 0 and 1; DFL targets at the bins and both ends; the boxes of :data:`BOX_PAIRS`;
+    regression errors of :data:`REGRESSION_ERRORS` on integer targets, half of them 0 (so that 1e-30 stays one).
+    Every weight is positive."""
+    options = SampleOptions(logit_range=EDGE_LOGIT_RANGE, zero_weight_fraction=0.0)  # no edge masked out
+    inputs = spec.sample(loss, n, seed=17, options=options)
+    pred = inputs[spec.pred]
+    every_other = torch.arange(n) % 2 == 0
+    if getattr(loss, "activated", False):
+        inputs[spec.pred] = torch.where(every_other[:, None], pred.round(), pred)
+    if "scores" in inputs:
+        inputs["scores"] = every_other.to(pred.dtype)
+    if spec.loss_type == "DistributionFocalLoss":
+        reg_max = pred.size(1) - 1
+        inputs["target"] = _cycled([t if t >= 0 else reg_max + t for t in DFL_TARGETS], n, pred.dtype)
+        inputs["target"][1] = reg_max  # exactly reg_max, once
+    if spec.variant == "boxes":
+        pairs = _cycled(BOX_PAIRS, n, pred.dtype)
+        inputs[spec.pred], inputs["target"] = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+    if spec.variant == "deltas":
+        beta = float(getattr(loss, "beta", 1.0))
+        target = torch.where(every_other[:, None], 0.0, inputs["target"].round())
+        errors = _cycled([e * beta for e in REGRESSION_ERRORS] + [1e-30], pred.numel(), pred.dtype)
+        inputs[spec.pred], inputs["target"] = target + errors.view_as(pred), target
+    return inputs
+
+
+@pytest.mark.parametrize(("name", "runtime"), CELLS, ids=[f"{n}-{r}" for n, r in CELLS])
+def test_inputs_at_the_domain_edges_match_eager(runner_cache, name, runtime):
+    """RELIABILITY 16 and 20-27 in every runtime (test_edge_cases holds eager's values to the formulas): the loss
+    at the edges of its domain is finite and eager's, and so is its gradient where the runtime gives one."""
+    runner, loss, spec = _matrix_runner(runner_cache, name, runtime)
+    inputs = _inputs_at_the_domain_edges(loss, spec, 20)
+    assert all(value.is_contiguous() for value in inputs.values())  # another layout would recompile the runner
+    eager = runner_cache.runner(name, "eager")
+    for label, ok, max_abs, max_rel, why in compare_with_eager(runner, eager, inputs, spec.pred, TOLERANCES[runtime]):
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+    with torch.no_grad():
+        assert torch.isfinite(eager(inputs)).all()
+
+
+FLOAT32_CLOSE = {"rtol": 1.3e-6, "atol": 1e-5}
+
+
+def _in_other_layouts(inputs: dict, pred: str) -> dict:
+    """The same values in other memory layouts: ``pred`` transposed in memory (channels last for masks: a layout
+    autograd's leaf keeps), every other input of one or more dimensions a strided view, expanded from one row where
+    it is a weight (RELIABILITY 28)."""
+    placed = {}
+    for key, value in inputs.items():
+        if key == pred and value.dim() == 2:
+            placed[key] = value.t().contiguous().t()
+        elif key == pred and value.dim() == 4:
+            placed[key] = value.contiguous(memory_format=torch.channels_last)
+        elif key == "weight":
+            placed[key] = value[:1].expand_as(value)
+        else:
+            placed[key] = strided(value)
+    return placed
+
+
+@pytest.mark.parametrize(("name", "runtime"), CELLS, ids=[f"{n}-{r}" for n, r in CELLS])
+def test_non_contiguous_and_expanded_inputs_match_contiguous_eager(runner_cache, name, runtime):
+    """RELIABILITY 28 in every runtime: inputs in other memory layouts give eager's values on contiguous copies,
+    and its gradient. Compiled: a runner of its own, as Dynamo guards on strides (the matrix's keep one graph)."""
+    key, options = guard_variant_runner(name, runtime)
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    loss, spec = runner_cache.loss(name)
+    placed = _in_other_layouts(spec.sample(loss, 9, seed=19), spec.pred)
+    assert spec.pred not in placed or placed[spec.pred].dim() == 1 or not placed[spec.pred].is_contiguous()
+    eager = runner_cache.runner(name, "eager")
+
+    def contiguous_eager(inputs):
+        return eager({key: value.contiguous() for key, value in inputs.items()})
+
+    # float32's default assert_close tolerance at least: ATen sums strided and contiguous data in other orders
+    tolerance = {bound: max(value, FLOAT32_CLOSE[bound]) for bound, value in TOLERANCES[runtime].items()}
+    for label, ok, max_abs, max_rel, why in compare_with_eager(runner, contiguous_eager, placed, spec.pred, tolerance):
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+
+
+HALF_CELLS = [(name, runtime, dtype) for name in CONFIG_NAMES for runtime in ("compile", "script")
+              for dtype in ("float16", "bfloat16")]
+
+
+@pytest.mark.parametrize(("name", "runtime", "dtype"), HALF_CELLS, ids=["-".join(cell) for cell in HALF_CELLS])
+def test_half_precision_inputs_match_eager(runner_cache, name, runtime, dtype):
+    """RELIABILITY 17 in the runtimes that take half-precision inputs (the exported graphs take float32): logits
+    in [-20, 20] and boxes of 100-5000 px, whose areas pass float16's largest value, give eager's float32 value
+    and its gradient in the input dtype, within one rounding of it. Compiled: a runner of its own, as Dynamo
+    compiles a graph per dtype (the matrix's keep one)."""
+    dtype = getattr(torch, dtype)
+    key, options = guard_variant_runner(name, runtime)
+    runner = runner_cache.runner(name, runtime, key=key, **options)
+    loss, spec = runner_cache.loss(name)
+    inputs = spec.sample(loss, 9, seed=23, options=SampleOptions(dtype=dtype, logit_range=20.0))
+    if spec.variant == "boxes":
+        inputs[spec.pred], inputs["target"] = inputs[spec.pred] * 100, inputs["target"] * 100
+    eager = runner_cache.runner(name, "eager")
+    with torch.no_grad():
+        value = eager(inputs)
+    assert value.dtype == torch.float32 and torch.isfinite(value).all(), value
+    one_rounding = {"rtol": torch.finfo(dtype).eps, "atol": 1e-6}
+    for label, ok, max_abs, max_rel, why in compare_with_eager(
+        runner, eager, inputs, spec.pred, TOLERANCES[runtime], grad_tolerance=one_rounding
+    ):
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
 
 
 def test_pt2_modes():

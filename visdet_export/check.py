@@ -201,6 +201,39 @@ def _value_and_grad(
     return value.detach(), torch.zeros_like(leaf) if gradient is None else gradient
 
 
+def compare_with_eager(
+    runner: LossRunner,
+    eager: Callable[[Mapping[str, Tensor]], Tensor],
+    inputs: Mapping[str, Tensor],
+    pred: str,
+    tolerance: Mapping[str, float],
+    *,
+    device: Optional[torch.device] = None,
+    autocast: Optional[torch.dtype] = None,
+    grad_tolerance: Optional[Mapping[str, float]] = None,
+) -> list[tuple[str, bool, float, float, str]]:
+    """``runner`` against ``eager`` (a runner, or any function of the inputs) on ``inputs``: the loss, and its
+    gradient with respect to ``pred`` where the runner has one (autograd, or a joint artifact's second output);
+    ``(label, ok, max abs error, max relative error, why not ok)`` for each, the gradient at ``grad_tolerance``
+    where one is given. With ``device`` the runner runs there, with ``autocast`` inside ``torch.autocast``."""
+    grad = runner.differentiable or bool(getattr(runner, "joint", False))
+    want, want_grad = _value_and_grad(eager, inputs, pred, grad)
+    if runner.differentiable or not grad:
+        placed = inputs if device is None else {key: value.to(device) for key, value in inputs.items()}
+        device_type = "cpu" if device is None else torch.device(device).type
+        with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+            got, got_grad = _value_and_grad(runner, placed, pred, grad)
+    else:  # a joint artifact: its second output is d loss.sum() / d pred
+        got, got_grad = runner.run_all(inputs)[:2]  # type: ignore[attr-defined]
+    pairs = [("loss", got, want)] + ([("grad", got_grad, want_grad)] if grad else [])
+    compared = []
+    for label, actual, expected in pairs:
+        assert actual is not None and expected is not None
+        bounds = grad_tolerance if label == "grad" and grad_tolerance is not None else tolerance
+        compared.append((label, *_max_errors(actual, expected, **bounds)))
+    return compared
+
+
 def check_cell(
     name: str,
     runtime: str,
@@ -232,7 +265,6 @@ def check_cell(
     if autocast is not None and RUNTIMES[runtime].fixed_graph:
         cell.status, cell.reason = "skip", f"autocast does not reach the {runtime} artifact's runtime"
         return cell
-    device_type = "cpu" if device is None else torch.device(device).type
     try:
         runner = cache.runner(name, runtime, key=runner_key, device=device, **dict(runner_options or {}))
         eager = cache.runner(name, "eager")
@@ -243,18 +275,9 @@ def check_cell(
                 loss, n, seed=seed + index, options=SampleOptions(sizes=free_sizes or {}), include=list(runner.names)
             )
             inputs = {key: drawn[key] for key in runner.names if key in drawn}
-            grad = runner.differentiable or bool(getattr(runner, "joint", False))
-            want, want_grad = _value_and_grad(eager, inputs, spec.pred, grad)
-            if runner.differentiable or not grad:
-                placed = inputs if device is None else {key: value.to(device) for key, value in inputs.items()}
-                with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-                    got, got_grad = _value_and_grad(runner, placed, spec.pred, grad)
-            else:  # a joint artifact: its second output is d loss.sum() / d pred
-                got, got_grad = runner.run_all(inputs)[:2]  # type: ignore[attr-defined]
-            pairs = [("loss", got, want)] + ([("grad", got_grad, want_grad)] if grad else [])
-            for label, actual, expected in pairs:
-                assert actual is not None and expected is not None
-                ok, max_abs, max_rel, why = _max_errors(actual, expected, **tol)
+            for label, ok, max_abs, max_rel, why in compare_with_eager(
+                runner, eager, inputs, spec.pred, tol, device=device, autocast=autocast
+            ):
                 cell.max_abs_err = max(cell.max_abs_err, max_abs)
                 cell.max_rel_err = max(cell.max_rel_err, max_rel)
                 if not ok and cell.status == "pass":
