@@ -1,4 +1,5 @@
-"""Runtime numerics in eager mode: RELIABILITY.md items 10-29.
+"""Runtime numerics in eager mode: RELIABILITY.md items 10-29; for configurations that are no row of the runtime
+matrix (focal gamma 0 / alpha -1, tiny breakpoints) in the other runtimes too.
 
 F = finite value and gradient, P = equals the float64 reference (``tests/reference.py``).
 """
@@ -23,10 +24,12 @@ from reference import (
 from torch import Tensor
 
 from visdet_export import build_loss
+from visdet_export.check import TOLERANCES, compare_with_eager
 from visdet_export.export.torchscript import quiet_jit, script_loss
 from visdet_export.numerics import bce_with_probabilities
 from visdet_export.registry import loss_config, state_difference
-from visdet_export.specs import representative_configs
+from visdet_export.runtimes import LossRunner, build_runner
+from visdet_export.specs import representative_configs, spec_for
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -498,6 +501,34 @@ def test_focal_gamma0_alpha_minus1_is_bce() -> None:
         bce = F.binary_cross_entropy_with_logits(p2, onehot, reduction=reduction)
         torch.testing.assert_close(out, bce, **TOL)
         torch.testing.assert_close(grad_of(out, p1), grad_of(bce, p2), **TOL)
+
+
+OTHER_RUNTIMES = ["compile", "script", "onnx"]
+
+
+def _runner_of(runtime: str, cfg: dict, names: list[str]) -> LossRunner:
+    """A runner of ``cfg`` in ``runtime`` taking the inputs ``names`` (compiled with aot_eager)."""
+    loss = build_loss(cfg)
+    options = {"backend": "aot_eager"} if runtime == "compile" else {}
+    return build_runner(runtime, loss, spec_for(loss), names, **options)
+
+
+@pytest.mark.parametrize("runtime", OTHER_RUNTIMES)
+def test_focal_gamma0_alpha_minus1_is_bce_in_every_runtime(runtime: str) -> None:
+    """RELIABILITY 19 compiled, scripted and in onnxruntime: against ATen's BCE with logits on one-hot targets, at
+    logits in [-30, 30] and 0, background included (values; gradients where the runtime has them)."""
+    cfg = dict(type="FocalLoss", gamma=0.0, alpha=-1.0, reduction="sum")
+    runner = _runner_of(runtime, cfg, ["pred", "target"])
+    g = torch.Generator().manual_seed(5)
+    pred = torch.rand(40, 9, generator=g) * 60 - 30
+    pred[0] = 0.0
+    labels = torch.randint(0, 10, (40,), generator=g)
+    onehot = F.one_hot(labels, 10)[:, :9].float()
+    bce = lambda inputs: F.binary_cross_entropy_with_logits(inputs["pred"], onehot, reduction="sum")  # noqa: E731
+    results = compare_with_eager(runner, bce, {"pred": pred, "target": labels}, "pred", TOLERANCES[runtime])
+    assert [label for label, *_ in results] == (["loss", "grad"] if runner.differentiable else ["loss"])
+    for label, ok, max_abs, max_rel, why in results:
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
 
 
 def test_focal_over_bce_ratio() -> None:
@@ -1264,6 +1295,25 @@ def test_smooth_l1_tiny_beta(beta: float) -> None:
     out = build_loss(cfg)(pred, target)
     torch.testing.assert_close(out, reference_loss(cfg, pred, target), **TOL)
     torch.testing.assert_close(out[0, 2:], (pred[0, 2:].abs() - 0.5 * beta).detach(), **TOL)  # L1 - beta/2
+
+
+@pytest.mark.parametrize("runtime", OTHER_RUNTIMES)
+@pytest.mark.parametrize("cfg", [dict(type="SmoothL1Loss", beta=1e-30), dict(type="BalancedL1Loss", beta=1e-3),
+                                 dict(type="BalancedL1Loss", alpha=0.3, gamma=1.0, beta=0.8)],
+                         ids=["smooth_l1_beta_1e-30", "balanced_l1_beta_1e-3", "balanced_l1_custom"])
+def test_tiny_and_custom_breakpoints_match_eager_in_every_runtime(cfg: dict, runtime: str) -> None:
+    """RELIABILITY 27 compiled, scripted and in onnxruntime: errors of 0, at and either side of the breakpoint, and
+    far beyond it, finite and eager's (values; gradients where the runtime has them)."""
+    beta = cfg["beta"]
+    runner = _runner_of(runtime, {**cfg, "reduction": "none"}, ["pred", "target"])
+    errors = torch.tensor([0.0, beta * (1 - 2**-20), beta, -beta, beta * (1 + 2**-20), 1e-3, -2.0, 10.0])
+    inputs = {"pred": errors.view(2, 4), "target": torch.zeros(2, 4)}
+    eager = build_loss({**cfg, "reduction": "none"})
+    for label, ok, max_abs, max_rel, why in compare_with_eager(
+        runner, lambda x: eager(x["pred"], x["target"]), inputs, "pred", TOLERANCES[runtime]
+    ):
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+    assert_finite(runner(inputs))
 
 
 @pytest.mark.parametrize("params", [dict(), dict(alpha=0.3, gamma=1.0, beta=0.8), dict(beta=1e-3)],
