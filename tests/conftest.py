@@ -50,6 +50,12 @@ def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
     return (f"{key}:guard-variants" if runtime == "compile" else key), options
 
 
+def assert_all_close(compared: list[tuple[str, bool, float, float, str]]) -> None:
+    """Every comparison of :func:`visdet_export.check.compare_with_eager` passed (the first failure named)."""
+    for label, ok, max_abs, max_rel, why in compared:
+        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread():
     """One intra-op thread in every test process: tiny tensors on a shared machine, where intra-op threads only wait

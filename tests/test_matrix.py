@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES, compile_backend, guard_variant_runner
+from conftest import CONFIG_NAMES, assert_all_close, compile_backend, guard_variant_runner
 from reference import strided
 
 from visdet_export.check import TOLERANCES, RunnerCache, check_cell, compare_with_eager, run_matrix, runner_options
@@ -206,8 +206,7 @@ def test_inputs_at_the_domain_edges_match_eager(runner_cache, name, runtime):
     inputs = _inputs_at_the_domain_edges(loss, spec, 20)
     assert all(value.is_contiguous() for value in inputs.values())  # another layout would recompile the runner
     eager = runner_cache.runner(name, "eager")
-    for label, ok, max_abs, max_rel, why in compare_with_eager(runner, eager, inputs, spec.pred, TOLERANCES[runtime]):
-        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+    assert_all_close(compare_with_eager(runner, eager, inputs, spec.pred, TOLERANCES[runtime]))
     with torch.no_grad():
         assert torch.isfinite(eager(inputs)).all()
 
@@ -248,8 +247,7 @@ def test_non_contiguous_and_expanded_inputs_match_contiguous_eager(runner_cache,
 
     # float32's default assert_close tolerance at least: ATen sums strided and contiguous data in other orders
     tolerance = {bound: max(value, FLOAT32_CLOSE[bound]) for bound, value in TOLERANCES[runtime].items()}
-    for label, ok, max_abs, max_rel, why in compare_with_eager(runner, contiguous_eager, placed, spec.pred, tolerance):
-        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+    assert_all_close(compare_with_eager(runner, contiguous_eager, placed, spec.pred, tolerance))
 
 
 HALF_CELLS = [(name, runtime, dtype) for name in CONFIG_NAMES for runtime in ("compile", "script")
@@ -274,10 +272,9 @@ def test_half_precision_inputs_match_eager(runner_cache, name, runtime, dtype):
         value = eager(inputs)
     assert value.dtype == torch.float32 and torch.isfinite(value).all(), value
     one_rounding = {"rtol": torch.finfo(dtype).eps, "atol": 1e-6}
-    for label, ok, max_abs, max_rel, why in compare_with_eager(
-        runner, eager, inputs, spec.pred, TOLERANCES[runtime], grad_tolerance=one_rounding
-    ):
-        assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+    assert_all_close(
+        compare_with_eager(runner, eager, inputs, spec.pred, TOLERANCES[runtime], grad_tolerance=one_rounding)
+    )
 
 
 def test_pt2_modes():
