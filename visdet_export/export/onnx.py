@@ -103,8 +103,9 @@ def torchlib_registry_built_once() -> Iterator[None]:
     """While the block runs, torch.onnx's exporter takes a copy of a registry of torchlib's decompositions built once
     a process instead of building its own: ``torch.onnx.export(dynamo=True)`` builds it on every call, parsing the
     source of every onnxscript function it registers (~0.6 s of a ~1.5 s loss export, torch 2.13 / onnxscript 0.7).
-    The registry depends only on the opset and the installed packages. Each copy holds lists of its own, so what an
-    exporter registers into one (``custom_translation_table``) reaches no other. Where torch's exporter builds no such
+    The registry depends only on the opset and the installed packages (and on what was registered into onnxscript's
+    torchlib before the first export). Each copy holds lists of its own, so what an exporter registers into one
+    (``custom_translation_table``) reaches no other. Where torch's exporter builds no such
     registry (another torch), the block runs as it is. It patches a class attribute: hold EXPORT_LOCK."""
     try:
         from torch.onnx._internal.exporter import _registration
