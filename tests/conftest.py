@@ -104,10 +104,15 @@ def seeded() -> int:
     return 0
 
 
-#: Test files that run on the worker of another because they use the same expensive session artifact, which each
-#: worker would otherwise build: the joint ``.pt2`` bundle of every configuration (~100 s) feeds test_matrix's pt2
-#: column, test_pt2 and test_cpp (with test_pt2 on another worker, two of them built it: 85 s more CPU time).
-SAME_WORKER = {"tests/test_cpp.py": "tests/test_matrix.py", "tests/test_pt2.py": "tests/test_matrix.py"}
+#: Test files that run on the worker of another because they use the same expensive session artifacts, which each
+#: worker would otherwise build: the joint ``.pt2`` bundle of every configuration (~85 s) feeds test_matrix's pt2
+#: column, test_pt2, test_cpp and test_properties' drawn pt2 cells (with test_pt2 on another worker, two of them
+#: built it: 85 s more CPU time; with test_properties, 58 s more, and its compiled and exported matrix runners).
+SAME_WORKER = {
+    "tests/test_cpp.py": "tests/test_matrix.py",
+    "tests/test_pt2.py": "tests/test_matrix.py",
+    "tests/test_properties.py": "tests/test_matrix.py",
+}
 
 #: Workers of ``-n auto`` at most: each holds its own compiled losses and exported artifacts (1-2 GB).
 MAX_AUTO_WORKERS = 8
