@@ -16,9 +16,11 @@ Nothing here is autouse: tests that do not ask for these fixtures pay nothing fo
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
-from typing import Any, Optional
+import types
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -54,6 +56,37 @@ def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
     test_matrix assert."""
     key, options = runner_options(name, runtime, backend="aot_eager")
     return (f"{key}:guard-variants" if runtime == "compile" else key), options
+
+
+#: Numbers the private copies of :func:`compile_privately`.
+_PRIVATE_COPIES = itertools.count()
+
+
+def _private_copy(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` with a code object of its own, under a name of its own: Dynamo keeps its graphs on the code object, and
+    its automatic-dynamic state (which inputs changed between calls) under the code's file, first line and name."""
+    code = fn.__code__
+    name = f"{code.co_name}_private{next(_PRIVATE_COPIES)}"
+    copy = types.FunctionType(code.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+def compile_privately(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, **options)`` with Dynamo state of its own, instead of a ``torch._dynamo.reset()`` before
+    it: a reset drops every graph of the process, the session's cached runners included, which later tests on the
+    worker then compile again. Dynamo keeps graphs on the code object of the frame it compiles:
+    ``torch.compile(module)`` on the class's ``forward``, shared by every instance in every test, a closure on the
+    code of its definition. Here a Python function is compiled as a private copy (the frame Dynamo sees is
+    unchanged); anything else (a module) through a private function whose frame calls it, as a training step
+    does."""
+    if isinstance(fn, types.FunctionType):
+        return torch.compile(_private_copy(fn), **options)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return torch.compile(_private_copy(call), **options)
 
 
 def assert_all_close(compared: list[tuple[str, bool, float, float, str]]) -> None:
@@ -92,7 +125,6 @@ def room_for_guard_variants():
 
 @pytest.fixture(scope="session")
 def runner_cache() -> RunnerCache:
-    torch._dynamo.reset()
     return RunnerCache()
 
 

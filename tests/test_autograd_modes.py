@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
+from conftest import compile_privately
 from reference import (
     boxes,
     overlapping_boxes,
@@ -149,7 +150,7 @@ def test_compiled_autograd_traces_the_eager_closed_forms_backward(name: str) -> 
     loss_of, reference_of, pred = _case(name, "mean")
     pred = pred.clone().requires_grad_(True)
     value = loss_of(pred)
-    torch._dynamo.reset()
+    torch._dynamo.compiled_autograd.reset()  # its graphs of other tests, not the session's compiled runners
     with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
         value.backward()
     want = pred.detach().clone().requires_grad_(True)
@@ -178,8 +179,7 @@ def test_checkpointed_loss_gives_the_reference(name: str, compiled: bool) -> Non
     loss_of, reference_of, pred = _case(name, "mean")
     run = _checkpointed(loss_of)
     if compiled:
-        torch._dynamo.reset()
-        run = torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=True)
+        run = compile_privately(run, backend="aot_eager", fullgraph=True, dynamic=True)
     got, want = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
     value = run(got)
     value.backward()
@@ -210,9 +210,8 @@ def test_checkpointed_head_and_loss_backward_in_one_compiled_graph() -> None:
     want = step()
     want_grad = head.weight.grad.clone()
     head.weight.grad = None
-    torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        got = torch.compile(step, backend="aot_eager", fullgraph=True)()
+        got = compile_privately(step, backend="aot_eager", fullgraph=True)()
     _close(got, want)
     _close(head.weight.grad, want_grad)
 
@@ -225,6 +224,5 @@ def test_checkpointed_head_and_loss_backward_in_one_compiled_graph() -> None:
 )
 def test_checkpointed_loss_with_its_backward_in_one_compiled_graph() -> None:
     step, _ = _head_step("focal", checkpoint_loss=True)
-    torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        torch.compile(step, backend="aot_eager", fullgraph=True)()
+        compile_privately(step, backend="aot_eager", fullgraph=True)()

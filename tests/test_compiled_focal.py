@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import compile_privately
 
 from visdet_export.losses import CrossEntropyLoss, FocalLoss, QualityFocalLoss
 from visdet_export.losses.focal_loss import _focal_elementwise, _focal_elementwise_binary
@@ -162,10 +163,9 @@ def _graphs_backend(graphs):
 @pytest.mark.parametrize("kind", ["focal", "focal_g15", "qfl", "qfl_b15", "bce", "bce_soft"])
 def test_compiled_matches_eager_and_takes_the_closed_form(kind, reduction):
     loss = _losses()[kind]
-    torch._dynamo.reset()
     graphs = []
-    traced = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs))
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    traced = compile_privately(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs))
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True)
     for n in (20, 33):
         inputs = _inputs(kind, n)
         want = _run(loss, *inputs, reduction)
@@ -184,8 +184,7 @@ def test_compiled_matches_eager_and_takes_the_closed_form(kind, reduction):
 @pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_trained_weight_gets_its_gradient(kind):
     loss = _losses()[kind]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True)
     inputs = _inputs(kind, 25)
     want = _run(loss, *inputs, "mean", trained_weight=True)
     got = _run(compiled, *inputs, "mean", trained_weight=True)
@@ -197,8 +196,7 @@ def test_compiled_trained_weight_gets_its_gradient(kind):
 @pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_float64_matches_eager_tightly(kind):
     loss = _losses()[kind]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True)
     inputs = _inputs(kind, 30, dtype=torch.float64)
     want = _run(loss, *inputs, "mean")
     got = _run(compiled, *inputs, "mean")
@@ -209,10 +207,9 @@ def test_compiled_float64_matches_eager_tightly(kind):
 @pytest.mark.parametrize("kind", ["focal", "qfl", "bce"])
 def test_compiled_empty_input(kind):
     loss = _losses()[kind]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = [compile_privately(loss, fullgraph=True, dynamic=True, backend=b) for b in ("inductor", "aot_eager")]
     for n in (5, 0):
-        for backend_fn in (compiled, torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")):
+        for backend_fn in compiled:
             value, grad = _run(backend_fn, *_inputs(kind, n), "mean")
             assert grad.shape == (n, 9)
             if n == 0:
@@ -233,8 +230,7 @@ def test_compiled_half_precision_matches_eager(kind, dtype):
     """Half-precision inputs compute in float32 under compile too; the gradient comes back in the input dtype,
     within one rounding of eager's (bfloat16's saved derivative is rounded once more), NaN-free at weight 0."""
     loss = _losses()[kind]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True, backend="aot_eager")
     inputs = _inputs(kind, 40, dtype=dtype)
     want = _run(loss, *inputs, "mean")
     got = _run(compiled, *inputs, "mean")
@@ -251,8 +247,7 @@ def test_compiled_float16_gradients_survive_loss_scaling(backend):
     survive until unscaled: the compiled path keeps its saved derivative in float32, as eager does. Saved in
     float16 these gradients flush to 0 (or its least subnormal) before the scale."""
     loss = FocalLoss(gamma=2.0, alpha=0.25, reduction="sum")
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True, backend=backend)
     pred = torch.linspace(-7.5, -5.5, 64, dtype=torch.float64).view(8, 8).to(torch.float16)
     labels = torch.full((8,), 8)  # background: every element a negative with a gradient of ~1e-9 .. 1e-7
     grads = []
@@ -267,8 +262,7 @@ def test_compiled_float16_gradients_survive_loss_scaling(backend):
 
 def test_compiled_soft_one_hot_focal_targets_and_target_gradient(monkeypatch):
     loss = FocalLoss(gamma=2.0, alpha=0.25)
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(3)
     pred = torch.randn(17, 6, generator=g, dtype=torch.float64) * 3
     target = torch.rand(17, 6, generator=g, dtype=torch.float64)
@@ -294,8 +288,7 @@ def test_compiled_double_backward_raises(kind, backend):
     """The saved derivative is not differentiable: a second derivative must raise, never come out without the
     derivative of the saved term (with donated buffers off, so the error is not the donation check's)."""
     loss = _losses()[kind]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True, backend=backend)
     pred, target, weight, avg_factor = _inputs(kind, 12)
     pred = pred.nan_to_num().requires_grad_(True)
     scale = torch.tensor(1.5, requires_grad=True)  # an upstream gradient that itself takes a gradient

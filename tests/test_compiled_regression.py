@@ -6,6 +6,7 @@ its gradient; IoU without a weight keeps the autograd graph."""
 
 import pytest
 import torch
+from conftest import compile_privately
 from test_perf_paths import REGRESSION_CASES, _box_inputs, _regression_inputs
 
 from visdet_export.losses import IoULoss
@@ -41,9 +42,8 @@ def _check_compiled_closed_form(module, backend, inputs, masked):
     """Compiled ``module`` against eager for mean / none reductions and a trained weight: same values and gradients,
     gradient exactly 0 where ``masked`` (NaN / inf inputs there), finite, contiguous, non-zero elsewhere; the
     Function of the closed form in every graph."""
-    torch._dynamo.reset()
     graphs = []
-    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
+    compiled = compile_privately(module, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, backend))
     dtype, tolerance = _DTYPE_TOLERANCE[backend]
     inputs = tuple(x.to(dtype) for x in inputs)
     for reduction, trained in (("mean", False), ("none", False), ("mean", True)):
@@ -93,8 +93,7 @@ def test_compiled_iou_half_precision_matches_eager(dtype):
     loss = IoULoss(mode="log")
     pred, target, weight, dead = _box_inputs("rows", seed=24)
     pred, target, weight = pred.to(dtype), target.to(dtype), weight.to(dtype)
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True, backend="aot_eager")
     want = _value_and_grad(loss, pred, target, weight, "mean")
     got = _value_and_grad(compiled, pred, target, weight, "mean")
     assert got[1].dtype == want[1].dtype == dtype
@@ -108,9 +107,8 @@ def test_compiled_iou_without_weight_keeps_the_autograd_graph():
     loss = IoULoss(mode="log")
     pred, target, _, dead = _box_inputs("rows", seed=22)
     pred, target = pred[~dead[:, 0]], target[~dead[:, 0]]
-    torch._dynamo.reset()
     graphs = []
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, "aot_eager"))
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True, backend=_graphs_backend(graphs, "aot_eager"))
     want = _value_and_grad(loss, pred, target, None, "mean")
     for got, expected in zip(_value_and_grad(compiled, pred, target, None, "mean"), want):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -119,8 +117,7 @@ def test_compiled_iou_without_weight_keeps_the_autograd_graph():
 
 def test_compiled_iou_empty_input():
     loss = IoULoss(mode="log")
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = compile_privately(loss, fullgraph=True, dynamic=True)
     for n in (5, 0):
         pred, target = torch.rand(n, 4) * 3, torch.rand(n, 4) * 3
         pred[:, 2:] += pred[:, :2]

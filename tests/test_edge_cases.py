@@ -13,7 +13,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_all_close
+from conftest import assert_all_close, compile_privately
 from reference import (
     FLOAT32_EPS,
     boxes,
@@ -74,14 +74,13 @@ _SCRIPTED: dict[str, torch.nn.Module] = {}
 
 
 def build_in(runtime: str, cfg: dict) -> torch.nn.Module:
-    """The loss of ``cfg`` eager, compiled (fullgraph, dynamic, aot_eager, after a Dynamo reset: a test's graphs per
-    reduction stay under the recompile limit) or scripted (TorchScript runs its own formulation: fused ATen
+    """The loss of ``cfg`` eager, compiled (fullgraph, dynamic, aot_eager, with graphs of its own: a test's graphs
+    per reduction stay under the recompile limit) or scripted (TorchScript runs its own formulation: fused ATen
     activations, see ``numerics.softplus``); scripted modules are shared across tests."""
     if runtime == "eager":
         return build_loss(cfg)
     if runtime == "compile":
-        torch._dynamo.reset()
-        return torch.compile(build_loss(cfg), fullgraph=True, dynamic=True, backend="aot_eager")
+        return compile_privately(build_loss(cfg), fullgraph=True, dynamic=True, backend="aot_eager")
     key = repr(sorted(cfg.items()))
     if key not in _SCRIPTED:
         _SCRIPTED[key] = script_loss(build_loss(cfg))

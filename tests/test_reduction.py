@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compile_privately
 from torch._dynamo.exc import TorchDynamoException
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from visdet_export.reduction import FLOAT32_EPS, weight_reduce_loss
 
@@ -99,8 +101,7 @@ def test_avg_factor_kinds_agree_eager_and_compiled(make, accepted: bool, dtype: 
     generator = torch.Generator().manual_seed(0)
     pred, target = (torch.randn(5, 4, generator=generator, dtype=dtype) for _ in range(2))
     eager = _outcome(build_loss({"type": "L1Loss"}), pred, target, make())
-    torch._dynamo.reset()
-    compiled_loss = torch.compile(build_loss({"type": "L1Loss"}), backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled_loss = compile_privately(build_loss({"type": "L1Loss"}), backend="aot_eager", fullgraph=True, dynamic=True)
     compiled = _outcome(compiled_loss, pred, target, make())
     if not accepted:
         assert (eager, compiled) == ("refused", "refused")
@@ -119,15 +120,15 @@ def test_avg_factor_values_never_recompile() -> None:
     tensor, numpy scalar: Dynamo guards on the type, and on a tensor's dtype and rank), never per value."""
     from visdet_export import build_loss
 
-    torch._dynamo.reset()
     loss = build_loss({"type": "L1Loss"})
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = compile_privately(loss, backend=counter, fullgraph=True, dynamic=True)
     pred, target = torch.randn(5, 4), torch.randn(5, 4)
     kinds = [int, float, torch.tensor, np.float64]
     for step in range(2, 8):
         for kind in kinds:
             torch.testing.assert_close(compiled(pred, target, None, kind(step)), loss(pred, target, None, kind(step)))
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(loss).forward.__code__)) == len(kinds)
+    assert counter.frame_count == len(kinds)
 
 
 @pytest.mark.parametrize(("avg_factor", "kind"), [(torch.tensor(True), "bool"), (torch.tensor(3.0 + 0j), "complex")])
