@@ -375,6 +375,18 @@ def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
         assert counter.frame_count == (1 if dynamic else 2), dynamic
 
 
+def test_dfl_bins_that_do_not_match_reg_max_are_named_under_compile() -> None:
+    """The eager message formatted the symbolic bin count, which dynamo cannot trace ("builtin operator str")."""
+    from visdet_export import build_loss
+
+    loss = torch.compile(build_loss({"type": "DistributionFocalLoss", "reg_max": 7}), fullgraph=True, dynamic=True,
+                         backend="aot_eager")
+    target = torch.rand(6) * 7
+    assert torch.isfinite(loss(torch.randn(6, 8), target))
+    with pytest.raises(Exception, match=r"pred's bins and reg_max \+ 1 differ"):
+        loss(torch.randn(6, 17), target)
+
+
 def _float_hyperparameters(loss: torch.nn.Module) -> dict[str, float]:
     return {key: value for key, value in vars(loss).items() if isinstance(value, float)}
 
