@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 from hypothesis import settings
+from torch._dynamo.symbolic_convert import TensorifyState
 
 from visdet_export.check import RunnerCache, runner_options
 from visdet_export.specs import representative_configs
@@ -89,6 +90,13 @@ def compile_privately(fn: Callable[..., Any], **options: Any) -> Callable[..., A
     return torch.compile(_private_copy(call), **options)
 
 
+def graphs_kept(compiled: Callable[..., Any]) -> int:
+    """The graphs Dynamo keeps for a :func:`compile_privately` result: one per guard set that failed the others (a
+    backend's call count also counts the analyses torch restarts, which depend on earlier compiles)."""
+    code = compiled._torchdynamo_orig_callable.__code__  # type: ignore[attr-defined]
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
 def assert_all_close(compared: list[tuple[str, bool, float, float, str]]) -> None:
     """Every comparison of :func:`visdet_export.check.compare_with_eager` passed (the first failure named)."""
     for label, ok, max_abs, max_rel, why in compared:
@@ -121,6 +129,16 @@ def room_for_guard_variants():
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     yield
     torch._dynamo.config.recompile_limit = before
+
+
+@pytest.fixture(autouse=True)
+def no_float_specialisations_of_earlier_tests():
+    """Each test compiles Python floats as in a fresh process. torch 2.13 keeps the names of the float symbols its
+    scalar analysis chose to specialise process-wide (``TensorifyState``; ``torch._dynamo.reset()`` clears them, and
+    the tests no longer reset), then specialises a later compile's float of the same name: a graph per value, so
+    frame counts would depend on which tests ran before on the worker (12 graphs for 12 values of a float
+    avg_factor, after test_compile's other tests)."""
+    TensorifyState.clear()
 
 
 @pytest.fixture(scope="session")

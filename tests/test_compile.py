@@ -17,9 +17,9 @@ import re
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_privately, guard_variant_runner
+from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_privately, graphs_kept, guard_variant_runner
 from torch._dynamo.symbolic_convert import TensorifyState
-from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+from torch._dynamo.testing import CompileCounter
 
 from visdet_export.runtimes import build_runner, default_names
 
@@ -360,19 +360,16 @@ def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
     inputs = spec_for(loss).sample(loss, 6, seed=0)
     pred, target = inputs["pred"], inputs["target"]
     for dynamic in (True, None):
-        # As in a fresh process. torch 2.13 keeps the names of the float symbols its scalar analysis chose to
-        # specialise process-wide (TensorifyState; only torch._dynamo.reset() clears them), and specialises a later
-        # compile's float of the same name: after test_compile's other tests, 12 graphs for 12 values here.
-        TensorifyState.clear()
-        counter = CompileCounterWithBackend("aot_eager")  # the float is specialised below dynamo (tensorify)
+        TensorifyState.clear()  # the first loop's compile as the second's earlier test: see conftest
+        # aot_eager: the float is specialised below dynamo (tensorify)
         step = compile_privately(
-            lambda p, t, a: loss(p, t, avg_factor=a), fullgraph=True, dynamic=dynamic, backend=counter
+            lambda p, t, a: loss(p, t, avg_factor=a), fullgraph=True, dynamic=dynamic, backend="aot_eager"
         )
         for count in range(1, 13):
             torch.testing.assert_close(step(pred, target, count + 0.5), loss(pred, target, avg_factor=count + 0.5))
         # dynamic=None: one recompile makes the float symbolic (12 before the 8th failed); dynamic=True: symbolic at
-        # once (two frames while torch restarted its analysis to specialise plain float hyper-parameters)
-        assert counter.frame_count == (1 if dynamic else 2), dynamic
+        # once
+        assert graphs_kept(step) == (1 if dynamic else 2), dynamic
 
 
 def test_dfl_bins_that_do_not_match_reg_max_are_named_under_compile() -> None:
@@ -395,7 +392,6 @@ def _graph_input_names(loss: torch.nn.Module, spec, inputs) -> list[str]:
     """The placeholders of the loss's Dynamo graph; ``compile_privately``'s frame holds the loss as ``fn``, so its
     attributes that are graph inputs are named ``l_fn_<name>``."""
     names: list[str] = []
-    TensorifyState.clear()  # earlier compiles' specialisations could specialise a plain float too (see above)
 
     def backend(gm, example_inputs):
         names.extend(node.name for node in gm.graph.nodes if node.op == "placeholder")
@@ -442,13 +438,12 @@ def test_a_static_float_read_without_static_is_a_guarded_constant() -> None:
             kept = (x > self.eps) & (self.eps <= x) & (x != self.eps)
             return torch.where(kept, x.clamp(min=self.eps), self.eps * x).sum() + (1.0 if self.eps > 1e-3 else 0.0)
 
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = compile_privately(lambda module, x: module(x), backend=counter, fullgraph=True, dynamic=True)
+    compiled = compile_privately(lambda module, x: module(x), backend="aot_eager", fullgraph=True, dynamic=True)
     x = torch.rand(64) * 0.02
     for eps in (1e-6, 1e-2, 1e-6):
         module = Direct(eps)
         torch.testing.assert_close(compiled(module, x), module(x))
-    assert counter.frame_count == 2
+    assert graphs_kept(compiled) == 2
 
 
 def test_a_plain_float_hyperparameter_is_a_graph_input() -> None:
