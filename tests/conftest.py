@@ -1,17 +1,20 @@
 """Session-wide caches shared by the runtime tests: built losses, compiled callables and exported artifacts.
 
-Nothing here is autouse: tests that do not ask for these fixtures pay nothing for them.
+Fixtures are autouse only for process settings (one intra-op thread, Dynamo's recompile limit, no float
+specialisations leaked from earlier tests); tests that do not ask for the caches pay nothing for them.
 
 * ``runner_cache``: one :class:`visdet_export.check.RunnerCache` for the session, keyed by
   ``(config name, runtime key)``; a loss is compiled, scripted or exported at most once per key, whichever test
   asks first (test_compile, test_torchscript, test_pt2 and test_matrix all draw from it). Its ``.pt2`` column
   is one joint AOTInductor bundle of every representative configuration, built on first use
-  (``RunnerCache.pt2_bundle``; about 2 minutes on 2 cores).
+  (``RunnerCache.pt2_bundle``; 60-90 s on 2 cores).
 * Parallel runs (``-n auto --dist loadfile``, pyproject's default): each test file runs whole on one worker, so
-  its fixtures are built once; :data:`SAME_WORKER` keeps files that share the ``.pt2`` bundle together.
+  its fixtures are built once; :data:`SAME_WORKER` keeps the files that share the ``.pt2`` bundle together.
+* No test resets Dynamo (a reset drops the session's compiled runners): ``compile_privately`` compiles with graphs
+  of its own, and ``graphs_kept`` counts them.
 * ``compile_backend(name)``: the real inductor backend for the configurations that exercise its code generation
-  (focal, qfl, giou, dfl, softmax CE; about 20-30 s each on this 2-core CPU, forward and backward); aot_eager
-  (the same dynamo graph and AOT-autograd joint graph, no code generation; 1-5 s) for the others.
+  (focal, qfl, giou, dfl, softmax CE; 3-6 s each on this 2-core CPU with cold caches, forward and backward); aot_eager
+  (the same dynamo graph and AOT-autograd joint graph, no code generation; 0.4-2 s) for the others.
 """
 
 from __future__ import annotations
