@@ -11,7 +11,7 @@ specialisations leaked from earlier tests); tests that do not ask for the caches
 * Parallel runs (``-n auto --dist loadfile``, pyproject's default): each test file runs whole on one worker, so
   its fixtures are built once; :data:`SAME_WORKER` keeps the files that share the ``.pt2`` bundle together.
 * No test resets Dynamo (a reset drops the session's compiled runners): ``compile_privately`` compiles with graphs
-  of its own, and ``graphs_kept`` counts them.
+  of its own, and ``graphs_kept_by`` counts them.
 * ``compile_backend(name)``: the real inductor backend for the configurations that exercise its code generation
   (focal, qfl, giou, dfl, softmax CE; 3-6 s each on this 2-core CPU with cold caches, forward and backward); aot_eager
   (the same dynamo graph and AOT-autograd joint graph, no code generation; 0.4-2 s) for the others.
@@ -19,7 +19,6 @@ specialisations leaked from earlier tests); tests that do not ask for the caches
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import types
@@ -31,6 +30,7 @@ from hypothesis import settings
 from torch._dynamo.symbolic_convert import TensorifyState
 
 from visdet_export.check import RunnerCache, runner_options
+from visdet_export.runtimes import fresh_function, graphs_kept
 from visdet_export.specs import representative_configs
 
 # Inductor checks every vector ISA the CPU reports by compiling and loading a test program for it, once a process:
@@ -62,42 +62,27 @@ def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
     return (f"{key}:guard-variants" if runtime == "compile" else key), options
 
 
-#: Numbers the private copies of :func:`compile_privately`.
-_PRIVATE_COPIES = itertools.count()
-
-
-def _private_copy(fn: types.FunctionType) -> types.FunctionType:
-    """``fn`` with a code object of its own, under a name of its own: Dynamo keeps its graphs on the code object, and
-    its automatic-dynamic state (which inputs changed between calls) under the code's file, first line and name."""
-    code = fn.__code__
-    name = f"{code.co_name}_private{next(_PRIVATE_COPIES)}"
-    copy = types.FunctionType(code.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return copy
-
-
 def compile_privately(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     """``torch.compile(fn, **options)`` with Dynamo state of its own, instead of a ``torch._dynamo.reset()`` before
     it: a reset drops every graph of the process, the session's cached runners included, which later tests on the
     worker then compile again. Dynamo keeps graphs on the code object of the frame it compiles:
     ``torch.compile(module)`` on the class's ``forward``, shared by every instance in every test, a closure on the
-    code of its definition. Here a Python function is compiled as a private copy (the frame Dynamo sees is
-    unchanged); anything else (a module) through a private function whose frame calls it, as a training step
-    does."""
+    code of its definition. Here a Python function is compiled as a :func:`~visdet_export.runtimes.fresh_function`
+    copy (the frame Dynamo sees is unchanged); anything else (a module) through a fresh function whose frame calls
+    it, as a training step does."""
     if isinstance(fn, types.FunctionType):
-        return torch.compile(_private_copy(fn), **options)
+        return torch.compile(fresh_function(fn), **options)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    return torch.compile(_private_copy(call), **options)
+    return torch.compile(fresh_function(call), **options)
 
 
-def graphs_kept(compiled: Callable[..., Any]) -> int:
-    """The graphs Dynamo keeps for a :func:`compile_privately` result: one per guard set that failed the others (a
-    backend's call count also counts the analyses torch restarts, which depend on earlier compiles)."""
-    code = compiled._torchdynamo_orig_callable.__code__  # type: ignore[attr-defined]
-    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+def graphs_kept_by(compiled: Callable[..., Any]) -> int:
+    """The graphs Dynamo keeps for a :func:`compile_privately` result (a backend's call count also counts the
+    analyses torch restarts, which depend on earlier compiles)."""
+    return graphs_kept(compiled._torchdynamo_orig_callable)  # type: ignore[attr-defined]
 
 
 def assert_all_close(compared: list[tuple[str, bool, float, float, str]]) -> None:

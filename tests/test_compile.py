@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_privately, graphs_kept, guard_variant_runner
+from conftest import CONFIG_NAMES, INDUCTOR_CONFIGS, compile_privately, graphs_kept_by, guard_variant_runner
 from torch._dynamo.symbolic_convert import TensorifyState
 from torch._dynamo.testing import CompileCounter
 
@@ -369,7 +369,7 @@ def test_a_python_float_avg_factor_is_traced_not_specialised(cfg) -> None:
             torch.testing.assert_close(step(pred, target, count + 0.5), loss(pred, target, avg_factor=count + 0.5))
         # dynamic=None: one recompile makes the float symbolic (12 before the 8th failed); dynamic=True: symbolic at
         # once
-        assert graphs_kept(step) == (1 if dynamic else 2), dynamic
+        assert graphs_kept_by(step) == (1 if dynamic else 2), dynamic
 
 
 def test_dfl_bins_that_do_not_match_reg_max_are_named_under_compile() -> None:
@@ -443,7 +443,7 @@ def test_a_static_float_read_without_static_is_a_guarded_constant() -> None:
     for eps in (1e-6, 1e-2, 1e-6):
         module = Direct(eps)
         torch.testing.assert_close(compiled(module, x), module(x))
-    assert graphs_kept(compiled) == 2
+    assert graphs_kept_by(compiled) == 2
 
 
 def test_a_plain_float_hyperparameter_is_a_graph_input() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import compile_privately, graphs_kept
+from conftest import compile_privately, graphs_kept_by
 from torch._dynamo.exc import TorchDynamoException
 
 from visdet_export.reduction import FLOAT32_EPS, weight_reduce_loss
@@ -126,7 +126,7 @@ def test_avg_factor_values_never_recompile() -> None:
     for step in range(2, 8):
         for kind in kinds:
             torch.testing.assert_close(compiled(pred, target, None, kind(step)), loss(pred, target, None, kind(step)))
-    assert graphs_kept(compiled) == len(kinds)
+    assert graphs_kept_by(compiled) == len(kinds)
 
 
 @pytest.mark.parametrize(("avg_factor", "kind"), [(torch.tensor(True), "bool"), (torch.tensor(3.0 + 0j), "complex")])

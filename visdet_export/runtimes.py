@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import itertools
 import tempfile
 import types
 from collections.abc import Mapping, Sequence
@@ -138,10 +139,24 @@ def shape_ids_supported() -> bool:
     return "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 
 
-def _fresh_function(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of ``fn`` with its own code object: dynamo caches compiled graphs per code object, so every
-    compiled runner gets its own cache (and its own recompile limit) instead of sharing one across losses."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+#: Numbers the copies of :func:`fresh_function`.
+_FRESH_COPIES = itertools.count()
+
+
+def fresh_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with a code object and a name of its own: Dynamo keeps compiled graphs per code object (and
+    counts its recompile limit there), and its automatic-dynamic state (which inputs changed between calls) by the
+    code's file, first line and name, so every compiled copy has its own instead of sharing them across losses."""
+    code = fn.__code__
+    name = f"{code.co_name}_{next(_FRESH_COPIES)}"
+    copy = types.FunctionType(code.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+def graphs_kept(function: Callable[..., Any]) -> int:
+    """The graphs Dynamo keeps for ``function``'s code: one per guard set that failed the others."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
 
 
 def compile_runner(
@@ -165,7 +180,7 @@ def compile_runner(
     def call_loss(inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
         return spec.call(loss, inputs, reduction_override)
 
-    function = _fresh_function(call_loss)
+    function = fresh_function(call_loss)
     compiled = torch.compile(function, backend=backend, fullgraph=True, dynamic=True)
 
     def run(inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
@@ -173,10 +188,9 @@ def compile_runner(
             mark_sample_dims(spec, inputs)
         return compiled(inputs, reduction_override)
 
-    def graph_count() -> int:
-        return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
-
-    return LossRunner("compile", run, names, differentiable=True, fixed_graph=False, graph_count=graph_count)
+    return LossRunner(
+        "compile", run, names, differentiable=True, fixed_graph=False, graph_count=lambda: graphs_kept(function)
+    )
 
 
 # --- TorchScript -----------------------------------------------------------------------------------------------
