@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -349,6 +351,55 @@ def test_interrupted_export_keeps_finished_artifacts_and_leaves_no_partial_file(
     code, _, err = run(capsys, "export", "--recipe", "gfl", "--format", "onnx", "--out", str(tmp_path))
     assert code == 130 and "interrupted" in err
     assert files(tmp_path) == ["loss_cls.onnx", "loss_cls.onnx.json"]  # no temporary, no half-written file
+
+
+def swallowing_a_signal(number: int, after_swallowing: str, then, on: str):
+    """``then(*args)``, except that for the artifact named ``on`` (the last argument) it first raises the signal
+    ``number`` and swallows the interrupt as torch's ONNX exporter does when the interrupt lands in its import of
+    torch._dynamo: the AttributeError of the half-imported module replaces it, or (``finishes``) the import completed
+    and the call goes on."""
+    assert threading.current_thread() is threading.main_thread(), "the signal would end this test process"
+
+    def call(*args, **kwargs):
+        if on in Path(args[-1]).name:
+            try:
+                signal.raise_signal(number)
+            except KeyboardInterrupt:
+                if after_swallowing == "fails":
+                    raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None
+        return then(*args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+@pytest.mark.parametrize("after_swallowing", ["fails", "finishes"])
+def test_a_stop_signal_stops_the_export_even_where_the_exporter_swallowed_it(
+    monkeypatch, capsys, tmp_path, number, after_swallowing
+):
+    """The CLI stops at that artifact and exits 130; before, it reported a failed artifact and exited 1, or went on
+    and exited 0."""
+    exporter = FakeExport()
+    export = swallowing_a_signal(number, after_swallowing, exporter.export_onnx, on="loss_bbox")
+    monkeypatch.setattr(cli, "_exporters", lambda: types.SimpleNamespace(export_onnx=export))
+    code, out, err = run(capsys, "export", "--recipe", "gfl", "--format", "onnx", "--out", str(tmp_path))
+    assert code == 130 and "interrupted" in err and "FAILED" not in out + err
+    finished = ["loss_cls"] + (["loss_bbox"] if after_swallowing == "finishes" else [])
+    assert files(tmp_path) == sorted(f"{name}.onnx{suffix}" for name in finished for suffix in ("", ".json"))
+    assert [name for _, name, _ in exporter.calls] == [f"{name}.onnx" for name in finished]  # loss_dfl never ran
+    assert signal.getsignal(number) is not cli._interrupt  # main() gave the handler back
+
+
+@pytest.mark.parametrize("after_swallowing", ["fails", "finishes"])
+def test_a_stop_signal_stops_verify_even_where_the_check_swallowed_it(
+    fake, monkeypatch, capsys, tmp_path, after_swallowing
+):
+    assert run(capsys, "export", "--recipe", "gfl", "--format", "onnx", "--out", str(tmp_path))[0] == 0
+    monkeypatch.setattr(fake, "verify", swallowing_a_signal(signal.SIGTERM, after_swallowing, fake.verify, on="cls"))
+    code, out, err = run(capsys, "verify", str(tmp_path))
+    assert code == 130 and "interrupted" in err and "FAILED" not in out + err
+    verified = ["loss_bbox.onnx"] + (["loss_cls.onnx"] if after_swallowing == "finishes" else [])
+    assert [path.name for path in fake.verified] == verified  # loss_dfl never ran
 
 
 def test_unavailable_format_fails_before_writing(monkeypatch, capsys, tmp_path):

@@ -26,6 +26,7 @@ The functions :func:`plan_exports` and :func:`export_losses` are the batch API t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import time
 import traceback
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -303,9 +304,10 @@ def export_losses(
         for index, job in enumerate(jobs, 1):
             bar.describe(f"{job.path} [{job.fmt.name}]")
             try:
-                result = _run_job(
-                    job, verify=verify, overwrite=overwrite, opset=opset, optional_inputs=optional_inputs
-                )
+                with _stop_on_signal():
+                    result = _run_job(
+                        job, verify=verify, overwrite=overwrite, opset=opset, optional_inputs=optional_inputs
+                    )
             except KeyboardInterrupt:
                 _remove_unfinished(job.target)
                 raise
@@ -819,7 +821,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             try:
                 kwargs = {} if args.seed is None else {"seed": args.seed}
-                report = verify(artifact, **kwargs)
+                with _stop_on_signal():
+                    report = verify(artifact, **kwargs)
                 status, detail = "ok", format_parity(report)
             except MissingPluginError:  # a usage mistake (exit 2), not a broken artifact
                 raise
@@ -1278,17 +1281,39 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (timeout, CI cancellation, docker stop) cleans up as Ctrl-C does: no temporary files are left
+    _signalled.clear()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS} if on_main_thread else {}
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Set by a stop signal and kept: the KeyboardInterrupt it raises can land in third-party code that swallows it.
+# torch's ONNX exporter is one: interrupted inside the import of torch._dynamo, its `except
+# torch._dynamo.exc.UserError` clause fails on the half-imported module, and the AttributeError that replaces the
+# interrupt is caught by its `except Exception`; the export then failed or went on, and the CLI exited 1 or 0.
+_signalled = threading.Event()
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    _signalled.set()
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[None]:
+    """Raise, on leaving the block, the KeyboardInterrupt of a stop signal that code inside it caught and did not
+    re-raise: it replaces the block's result or the error the swallowed interrupt left behind."""
+    try:
+        yield
+    finally:
+        if _signalled.is_set():
+            raise KeyboardInterrupt
 
 
 def _main(argv: list[str]) -> int:
@@ -1350,7 +1375,7 @@ def _one_line_warnings() -> Callable[..., None]:
 
 def _guard(run: Callable[[], int], debug: bool) -> int:
     try:
-        with warnings.catch_warnings():
+        with _stop_on_signal(), warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings()
             return run()
     except _usage_errors() as error:  # called only once something was raised
