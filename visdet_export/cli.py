@@ -1281,9 +1281,10 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (timeout, CI cancellation, docker stop) cleans up as Ctrl-C does: no temporary files are left
-    _signalled.clear()
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS} if on_main_thread else {}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only there can a signal handler be set
+        _signalled.clear()
+        previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS}
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:
