@@ -5,7 +5,8 @@
 
 Every recipe's losses are built and every target checked before the first file is written, so an existing
 artifact (without --overwrite) stops the run with nothing changed. Each artifact is verified against eager PyTorch
-unless --no-verify, and gets a <file>.json manifest. Exit status: 0 all good, 1 an artifact failed, 2 bad input.
+unless --no-verify, and gets a <file>.json manifest. Exit status: 0 all good, 1 an artifact failed, 2 bad input,
+130 interrupted (Ctrl-C or SIGTERM: finished artifacts keep their manifests, nothing partial is left).
 """
 
 from __future__ import annotations
@@ -31,24 +32,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so --help answers without loading torch.
-    from visdet_export.cli import ConfigError, UsageError, export_groups, parse_formats
+    from visdet_export.cli import (
+        EXIT_INTERRUPTED,
+        INTERRUPTED,
+        ConfigError,
+        UsageError,
+        export_groups,
+        parse_formats,
+        stop_signals,
+    )
     from visdet_export.export.artifacts import ArtifactError
     from visdet_export.recipes import recipe_losses, recipe_names
 
     try:
-        names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
-        groups = {name: recipe_losses(name) for name in names}
-        return export_groups(
-            groups,
-            args.out_dir,
-            parse_formats(args.format),
-            verify=args.verify,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-        )
+        with stop_signals():
+            names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
+            groups = {name: recipe_losses(name) for name in names}
+            return export_groups(
+                groups,
+                args.out_dir,
+                parse_formats(args.format),
+                verify=args.verify,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+            )
     except (ConfigError, UsageError, ArtifactError) as error:
         print(f"export_all_recipes: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"export_all_recipes: {INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Configs (.py in MMDetection syntax, .json, .toml) are parsed, never executed: a config containing code is refused.
 ``_base_`` files are followed inside each config's own directory. Every config is read, every loss built and every
-target checked before the first file is written. Exit status: 0 all good, 1 an artifact failed, 2 bad input.
+target checked before the first file is written. Exit status: 0 all good, 1 an artifact failed, 2 bad input,
+130 interrupted (Ctrl-C or SIGTERM: finished artifacts keep their manifests, nothing partial is left).
 """
 
 from __future__ import annotations
@@ -31,30 +32,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from visdet_export.cli import ConfigError, UsageError, export_groups, parse_formats
+    from visdet_export.cli import (
+        EXIT_INTERRUPTED,
+        INTERRUPTED,
+        ConfigError,
+        UsageError,
+        export_groups,
+        parse_formats,
+        stop_signals,
+    )
     from visdet_export.config import losses_from_file
     from visdet_export.export.artifacts import ArtifactError
 
     try:
-        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-        groups: dict[str, dict] = {}
-        for config in args.configs:
-            name = config.stem.replace(".", "_")
-            if name in groups:
-                raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
-            losses = losses_from_file(config)
-            if only:
-                missing = [p for p in only if p not in losses]
-                if missing:
-                    raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
-                losses = {p: losses[p] for p in only}
-            groups[name] = losses
-        return export_groups(
-            groups, args.out, parse_formats(args.format), verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
-        )
+        with stop_signals():
+            only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+            groups: dict[str, dict] = {}
+            for config in args.configs:
+                name = config.stem.replace(".", "_")
+                if name in groups:
+                    raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
+                losses = losses_from_file(config)
+                if only:
+                    missing = [p for p in only if p not in losses]
+                    if missing:
+                        raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
+                    losses = {p: losses[p] for p in only}
+                groups[name] = losses
+            formats = parse_formats(args.format)
+            return export_groups(
+                groups, args.out, formats, verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
+            )
     except (ConfigError, UsageError, ArtifactError) as error:
         print(f"export_configs: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"export_configs: {INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

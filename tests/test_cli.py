@@ -362,6 +362,7 @@ def swallowing_a_signal(number: int, after_swallowing: str, then, on: str):
 
     def call(*args, **kwargs):
         if on in Path(args[-1]).name:
+            assert signal.getsignal(number) is cli._interrupt, "without the handler, SIGTERM would end this process"
             try:
                 signal.raise_signal(number)
             except KeyboardInterrupt:
@@ -574,6 +575,23 @@ def test_export_all_recipes_writes_a_tree_and_refuses_existing(fake, monkeypatch
     assert run_script(monkeypatch, "export_all_recipes.py", str(tmp_path), "--recipes", "gfl,rpn") == 2
     assert len(fake.calls) == calls and "exists" in capsys.readouterr().err
     assert run_script(monkeypatch, "export_all_recipes.py", str(tmp_path), "--recipes", "nope") == 2
+
+
+@pytest.mark.parametrize("script", ["export_all_recipes.py", "export_configs.py"])
+def test_scripts_stop_on_a_signal_even_where_the_exporter_swallowed_it(monkeypatch, capsys, tmp_path, script):
+    """Before, SIGTERM ended them at once (temporary files left), and Ctrl-C that torch swallowed failed artifacts."""
+    exporter = FakeExport()
+    export = swallowing_a_signal(signal.SIGTERM, "fails", exporter.export_onnx, on="loss_bbox")
+    monkeypatch.setattr(cli, "_exporters", lambda: types.SimpleNamespace(export_onnx=export))
+    if script == "export_all_recipes.py":
+        argv = [str(tmp_path), "--recipes", "gfl"]
+    else:
+        argv = [str(REPO / "losses" / "gfl.py"), "--out", str(tmp_path)]
+    assert run_script(monkeypatch, script, *argv, "--format", "onnx") == 130
+    assert "interrupted" in capsys.readouterr().err
+    (group,) = tmp_path.iterdir()
+    assert files(group) == ["loss_cls.onnx", "loss_cls.onnx.json"]
+    assert signal.getsignal(signal.SIGTERM) is not cli._interrupt
 
 
 def test_export_configs_batches_detector_configs(fake, monkeypatch, capsys, tmp_path):

@@ -19,8 +19,9 @@ recipe, bad or unsafe config, an output that exists, a symlinked output); 130 wh
 reported in one line without a traceback; ``--debug`` shows the traceback of unexpected failures. ``check``,
 ``bench`` and ``cpp`` take their own options (``visdet-export bench --help``) and return their own status.
 
-The functions :func:`plan_exports` and :func:`export_losses` are the batch API the command and the scripts in
-``export_scripts/`` share.
+The functions :func:`plan_exports`, :func:`export_losses` and :func:`export_groups` are the batch API the command
+and the scripts in ``export_scripts/`` share; run it inside :func:`stop_signals`, as they do, so that SIGTERM
+cleans up as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -1280,17 +1281,30 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERM (timeout, CI cancellation, docker stop) cleans up as Ctrl-C does: no temporary files are left
+    with stop_signals():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM (timeout, CI cancellation, docker stop) stop the block as Ctrl-C does, with a
+    KeyboardInterrupt that the exports re-raise where torch swallowed it: the interrupted artifact and its temporary
+    files are removed, finished ones keep their manifests. For programs on the batch API
+    (:func:`export_losses`, :func:`export_groups`), which :func:`main` runs in it; print :data:`INTERRUPTED` and
+    exit :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A no-op off the main thread, where Python delivers no
+    signal."""
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # only there can a signal handler be set
+    if threading.current_thread() is threading.main_thread():
         _signalled.clear()
         previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS}
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
+
+INTERRUPTED = "interrupted; finished artifacts are complete, no partial files were left"
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -1386,7 +1400,7 @@ def _guard(run: Callable[[], int], debug: bool) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished artifacts are complete, no partial files were left", file=sys.stderr)
+        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `visdet-export list | head`
         return EXIT_OK
