@@ -32,36 +32,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so --help answers without loading torch.
-    from visdet_export.cli import (
-        EXIT_INTERRUPTED,
-        INTERRUPTED,
-        ConfigError,
-        UsageError,
-        export_groups,
-        parse_formats,
-        stop_signals,
-    )
-    from visdet_export.export.artifacts import ArtifactError
+    from visdet_export.cli import run_export_script
     from visdet_export.recipes import recipe_losses, recipe_names
 
-    try:
-        with stop_signals():
-            names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
-            groups = {name: recipe_losses(name) for name in names}
-            return export_groups(
-                groups,
-                args.out_dir,
-                parse_formats(args.format),
-                verify=args.verify,
-                overwrite=args.overwrite,
-                quiet=args.quiet,
-            )
-    except (ConfigError, UsageError, ArtifactError) as error:
-        print(f"export_all_recipes: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"export_all_recipes: {INTERRUPTED}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    def groups() -> dict[str, dict]:
+        names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else recipe_names()
+        return {name: recipe_losses(name) for name in names}
+
+    return run_export_script(
+        "export_all_recipes",
+        groups,
+        args.out_dir,
+        args.format,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
 
 
 if __name__ == "__main__":

@@ -32,43 +32,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from visdet_export.cli import (
-        EXIT_INTERRUPTED,
-        INTERRUPTED,
-        ConfigError,
-        UsageError,
-        export_groups,
-        parse_formats,
-        stop_signals,
-    )
+    from visdet_export.cli import UsageError, run_export_script
     from visdet_export.config import losses_from_file
-    from visdet_export.export.artifacts import ArtifactError
 
-    try:
-        with stop_signals():
-            only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-            groups: dict[str, dict] = {}
-            for config in args.configs:
-                name = config.stem.replace(".", "_")
-                if name in groups:
-                    raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
-                losses = losses_from_file(config)
-                if only:
-                    missing = [p for p in only if p not in losses]
-                    if missing:
-                        raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
-                    losses = {p: losses[p] for p in only}
-                groups[name] = losses
-            formats = parse_formats(args.format)
-            return export_groups(
-                groups, args.out, formats, verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
-            )
-    except (ConfigError, UsageError, ArtifactError) as error:
-        print(f"export_configs: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"export_configs: {INTERRUPTED}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    def groups() -> dict[str, dict]:
+        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+        groups: dict[str, dict] = {}
+        for config in args.configs:
+            name = config.stem.replace(".", "_")
+            if name in groups:
+                raise UsageError(f"two configs share the name {name!r}; export them in separate runs")
+            losses = losses_from_file(config)
+            if only:
+                missing = [p for p in only if p not in losses]
+                if missing:
+                    raise UsageError(f"{config}: no loss named {', '.join(missing)}; it has {', '.join(losses)}")
+                losses = {p: losses[p] for p in only}
+            groups[name] = losses
+        return groups
+
+    return run_export_script(
+        "export_configs", groups, args.out, args.format, verify=args.verify, overwrite=args.overwrite, quiet=args.quiet
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ reported in one line without a traceback; ``--debug`` shows the traceback of une
 ``bench`` and ``cpp`` take their own options (``visdet-export bench --help``) and return their own status.
 
 The functions :func:`plan_exports`, :func:`export_losses` and :func:`export_groups` are the batch API the command
-and the scripts in ``export_scripts/`` share; run it inside :func:`stop_signals`, as they do, so that SIGTERM
-cleans up as Ctrl-C does.
+and the scripts in ``export_scripts/`` share (the scripts through :func:`run_export_script`); run it inside
+:func:`stop_signals`, as they do, so that SIGTERM cleans up as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -394,6 +394,34 @@ def export_groups(
         total += len(results)
     print(f"\n{total - failed} of {total} artifact(s) written to {out_dir}" + (f", {failed} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def run_export_script(
+    prog: str,
+    groups: Callable[[], Mapping[str, Mapping[str, Mapping[str, Any]]]],
+    out_dir: Path,
+    formats: str,
+    *,
+    verify: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> int:
+    """The ``main`` of a batch script (``export_scripts/``): :func:`export_groups` of what ``groups()`` reads, inside
+    :func:`stop_signals`. A mistake in the inputs (ConfigError, UsageError, ArtifactError) is one line and exit 2,
+    an interruption exit 130; otherwise :func:`export_groups`' status."""
+    from .export.artifacts import ArtifactError
+
+    try:
+        with stop_signals():
+            return export_groups(
+                groups(), out_dir, parse_formats(formats), verify=verify, overwrite=overwrite, quiet=quiet
+            )
+    except (ConfigError, UsageError, ArtifactError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _isatty(stream: TextIO) -> bool:
