@@ -391,6 +391,18 @@ def test_a_stop_signal_stops_the_export_even_where_the_exporter_swallowed_it(
     assert signal.getsignal(number) is not cli._interrupt  # main() gave the handler back
 
 
+def test_python_m_exits_130_when_the_interrupt_left_an_exec(tmp_path):
+    """CPython ends `python -m` by SIGINT (returncode -2) once a plain KeyboardInterrupt has left an `exec` of a
+    string, even when it was caught; torch's imports run such code. A plugin that receives SIGTERM inside one is
+    the deterministic case of the first export's import being interrupted."""
+    (tmp_path / "stops_inside_exec.py").write_text('import signal\n\nexec("signal.raise_signal(signal.SIGTERM)")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    argv = [sys.executable, "-m", "visdet_export", "--plugin", "stops_inside_exec", "list"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == f"{cli.PROG}: {cli.INTERRUPTED}"
+
+
 @pytest.mark.parametrize("after_swallowing", ["fails", "finishes"])
 def test_a_stop_signal_stops_verify_even_where_the_check_swallowed_it(
     fake, monkeypatch, capsys, tmp_path, after_swallowing

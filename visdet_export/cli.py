@@ -1309,15 +1309,19 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with stop_signals():
-        return _main(list(sys.argv[1:] if argv is None else argv))
+    try:
+        with stop_signals():
+            return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM (timeout, CI cancellation, docker stop) stop the block as Ctrl-C does, with a
-    KeyboardInterrupt that the exports re-raise where torch swallowed it: the interrupted artifact and its temporary
-    files are removed, finished ones keep their manifests. For programs on the batch API
+    KeyboardInterrupt (:class:`StopSignal`) that the exports re-raise where torch swallowed it: the interrupted
+    artifact and its temporary files are removed, finished ones keep their manifests. For programs on the batch API
     (:func:`export_losses`, :func:`export_groups`), which :func:`main` runs in it; print :data:`INTERRUPTED` and
     exit :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A no-op off the main thread, where Python delivers no
     signal."""
@@ -1343,9 +1347,19 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _signalled = threading.Event()
 
 
+class StopSignal(KeyboardInterrupt):
+    """The KeyboardInterrupt of SIGINT or SIGTERM under :func:`stop_signals`.
+
+    A subclass, because CPython (3.11 here) marks a plain KeyboardInterrupt that leaves an ``exec`` of a string as
+    unhandled, even when a caller then catches it, and ``python -m visdet_export`` then ends by SIGINT whatever its
+    exit status (subprocess reads -2, not 130). torch's imports run such code (dataclasses build their methods with
+    ``exec``), so a signal during the first export's import of torch._dynamo did it. CPython checks the exact type.
+    """
+
+
 def _interrupt(signum: int, frame: object) -> None:
     _signalled.set()
-    raise KeyboardInterrupt
+    raise StopSignal
 
 
 @contextlib.contextmanager
@@ -1356,7 +1370,7 @@ def _stop_on_signal() -> Iterator[None]:
         yield
     finally:
         if _signalled.is_set():
-            raise KeyboardInterrupt
+            raise StopSignal
 
 
 def _main(argv: list[str]) -> int:
@@ -1427,9 +1441,6 @@ def _guard(run: Callable[[], int], debug: bool) -> int:
     except UnavailableError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `visdet-export list | head`
         return EXIT_OK
     except Exception as error:  # noqa: BLE001 - an unexpected failure: one line unless --debug
