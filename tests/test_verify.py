@@ -281,6 +281,50 @@ def test_an_interrupted_export_leaves_only_complete_artifacts(tmp_path: Path, mo
     assert "no partial files were left" in capsys.readouterr().err
 
 
+def failing_as_torch_does_on_an_interrupted_import(*args, **kwargs):
+    """torch.onnx.export when a Ctrl-C lands in its import of torch._dynamo: the half-imported module makes its
+    `except torch._dynamo.exc.UserError` clause fail, and the exporter reports that error (the interrupt is only
+    in its context)."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None
+    except Exception as error:  # torch's capture strategies catch it and raise their own error
+        raise RuntimeError("Failed to export the model with torch.export") from error
+
+
+@pytest.mark.parametrize(
+    "exporter, suffix, patched",
+    [
+        ("export_onnx", ".onnx", "torch.onnx.export"),
+        ("export_pt2", ".pt2", "torch.export.export"),
+        ("export_pt2", ".pt2", "torch._inductor.aoti_compile_and_package"),
+        ("export_torchscript", ".ts.pt", "torch.jit.script"),
+    ],
+)
+def test_an_interrupt_that_torch_turned_into_an_error_is_raised_as_the_interrupt(
+    tmp_path: Path, monkeypatch, exporter: str, suffix: str, patched: str
+) -> None:
+    """A Ctrl-C in a Python program (a notebook) is a KeyboardInterrupt, not a failed artifact."""
+    from visdet_export import export
+
+    monkeypatch.setattr(patched, failing_as_torch_does_on_an_interrupted_import)
+    with pytest.raises(KeyboardInterrupt) as info:
+        getattr(export, exporter)(dict(type="L1Loss"), tmp_path / f"l1{suffix}", verify=False)
+    assert type(info.value) is KeyboardInterrupt and info.value.__suppress_context__
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_runtime_check_stops_on_an_interrupt_that_torch_turned_into_an_error(monkeypatch) -> None:
+    """`visdet-export check` (and check_cell) otherwise listed the interrupted runtime as a failing row."""
+    from visdet_export import check
+
+    monkeypatch.setattr(check, "build_runner", failing_as_torch_does_on_an_interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        check.check_cell("l1", "onnx", check.RunnerCache())
+
+
 def test_exports_from_several_threads(tmp_path: Path) -> None:
     """torch.export is not thread-safe: the exporters take turns (they failed, and broke later exports, before)."""
     import threading

@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .export.artifacts import raise_hidden_interrupt
 from .parsers import AUTOCAST_NAMES, DEFAULT_RUNTIMES, DEFAULT_SIZES, ONNX_MODES, PT2_CONFIGS, PT2_MODES
 from .parsers import check_parser as build_parser
 from .registry import MODELS, build_loss
@@ -284,6 +285,7 @@ def check_cell(
                     cell.status = "fail"
                     cell.reason = f"{label} at N={n}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
     except Exception as exc:  # noqa: BLE001 - a failing runtime is a row of the table, not a crash
+        raise_hidden_interrupt(exc)
         cell.status = "fail"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         cell.reason = f"{type(exc).__name__}: {first}"[:300]

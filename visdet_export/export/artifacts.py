@@ -44,6 +44,23 @@ class ArtifactError(RuntimeError):
     """An artifact could not be written, read or verified (the message says which and why)."""
 
 
+def raise_hidden_interrupt(error: BaseException) -> None:
+    """Raise the KeyboardInterrupt in ``error``'s causes and contexts, if there is one, so that a Ctrl-C is not
+    reported as a failed artifact. torch's exporters catch ``Exception`` around the imports of their first call: an
+    interrupt that lands there leaves a half-imported module whose ``except`` clause then fails (torch.onnx.export:
+    "module 'torch._dynamo' has no attribute 'exc'"), and the interrupt survives only as that error's context."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        if isinstance(link, KeyboardInterrupt):
+            raise link from None
+        seen.add(id(link))
+        pending += [link.__cause__, link.__context__]
+
+
 class MissingPluginError(ArtifactError):
     """An artifact's loss is registered by a plugin module this process has not imported: a usage mistake (the
     CLI exits 2, as for its other usage errors), not a broken artifact."""

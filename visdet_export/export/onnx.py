@@ -49,6 +49,7 @@ from .artifacts import (
     evaluation_mode,
     first_line,
     one_export_at_a_time,
+    raise_hidden_interrupt,
     write_manifest,
 )
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
@@ -1293,6 +1294,7 @@ def export_onnx(
                     report=False,
                 )
         except Exception as exc:  # the exporter raises many types; say which loss and why
+            raise_hidden_interrupt(exc)
             raise ArtifactError(f"ONNX export of {spec.loss_type} ({spec.variant}) failed: {first_line(exc)}") from exc
     if program is None:  # pragma: no cover - only with f=..., which we never pass
         raise ArtifactError("torch.onnx.export returned no program")

@@ -64,6 +64,7 @@ from .artifacts import (
     one_export_at_a_time,
     output_shapes,
     plugin_modules,
+    raise_hidden_interrupt,
     shape_mismatch,
     usable_optional_inputs,
     write_manifest,
@@ -111,6 +112,7 @@ def _export(module: nn.Module, example: Sequence[Tensor], shapes: Any, what: str
                 program = torch.export.export(module, tuple(example), dynamic_shapes=shapes, strict=False)
             return program.run_decompositions({torch.ops.aten.sum.default: _sum_accumulated_in_float64})
         except Exception as exc:  # torch.export raises many types; say which loss and why
+            raise_hidden_interrupt(exc)
             raise ArtifactError(f"torch.export of {what} failed: {first_line(exc)}") from exc
 
 
@@ -150,6 +152,7 @@ def write_package(
             try:
                 built = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(scratch, "p.pt2"))
             except Exception as exc:
+                raise_hidden_interrupt(exc)
                 raise ArtifactError(f"AOTInductor compilation of {what} failed: {first_line(exc)}") from exc
         parity = None
         if check is not None:

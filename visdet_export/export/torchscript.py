@@ -40,6 +40,7 @@ from .artifacts import (
     build_recorded_loss,
     evaluation_mode,
     one_export_at_a_time,
+    raise_hidden_interrupt,
     write_manifest,
 )
 from .verify import DEFAULT_SIZES, TOLERANCES, check_parity
@@ -68,6 +69,7 @@ def script_loss(loss: nn.Module) -> torch.jit.ScriptModule:
         try:
             return torch.jit.script(loss)
         except Exception as exc:  # torch.jit raises several types; say which loss
+            raise_hidden_interrupt(exc)
             # torch's message opens with a newline (the CLI shows first lines) and names no cause for super()
             text = str(exc).strip()
             hint = (
