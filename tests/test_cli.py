@@ -353,6 +353,19 @@ def test_interrupted_export_keeps_finished_artifacts_and_leaves_no_partial_file(
     assert files(tmp_path) == ["loss_cls.onnx", "loss_cls.onnx.json"]  # no temporary, no half-written file
 
 
+@pytest.fixture
+def terminal_signal_handlers():
+    """SIGINT and SIGTERM as an interactive shell leaves them, whatever started this test run (a shell's background
+    job ignores SIGINT, and the CLI keeps it ignored)."""
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+    }
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
 def swallowing_a_signal(number: int, after_swallowing: str, then, on: str):
     """``then(*args)``, except that for the artifact named ``on`` (the last argument) it first raises the signal
     ``number`` and swallows the interrupt as torch's ONNX exporter does when the interrupt lands in its import of
@@ -373,6 +386,7 @@ def swallowing_a_signal(number: int, after_swallowing: str, then, on: str):
     return call
 
 
+@pytest.mark.usefixtures("terminal_signal_handlers")
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 @pytest.mark.parametrize("after_swallowing", ["fails", "finishes"])
 def test_a_stop_signal_stops_the_export_even_where_the_exporter_swallowed_it(
@@ -391,6 +405,27 @@ def test_a_stop_signal_stops_the_export_even_where_the_exporter_swallowed_it(
     assert signal.getsignal(number) is not cli._interrupt  # main() gave the handler back
 
 
+def test_an_ignored_sigint_stays_ignored(monkeypatch, capsys, tmp_path):
+    """A shell starts background jobs (`visdet-export ... &`) with SIGINT ignored; Python keeps it so, and so does
+    the CLI, which handles only the stop signals the process takes."""
+    exporter = FakeExport()
+    seen = []
+
+    def export(cfg, path, **kw):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return exporter.export_onnx(cfg, path, **kw)
+
+    monkeypatch.setattr(cli, "_exporters", lambda: types.SimpleNamespace(export_onnx=export))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code, _, err = run(capsys, "export", "--recipe", "gfl", "--format", "onnx", "--out", str(tmp_path))
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0, err
+    assert seen == [signal.SIG_IGN] * 3 and after is signal.SIG_IGN
+
+
 def test_python_m_exits_130_when_the_interrupt_left_an_exec(tmp_path):
     """CPython ends `python -m` by SIGINT (returncode -2) once a plain KeyboardInterrupt has left an `exec` of a
     string, even when it was caught; torch's imports run such code. A plugin that receives SIGTERM inside one is
@@ -403,6 +438,7 @@ def test_python_m_exits_130_when_the_interrupt_left_an_exec(tmp_path):
     assert result.stderr.strip() == f"{cli.PROG}: {cli.INTERRUPTED}"
 
 
+@pytest.mark.usefixtures("terminal_signal_handlers")
 @pytest.mark.parametrize("after_swallowing", ["fails", "finishes"])
 def test_a_stop_signal_stops_verify_even_where_the_check_swallowed_it(
     fake, monkeypatch, capsys, tmp_path, after_swallowing
@@ -589,6 +625,7 @@ def test_export_all_recipes_writes_a_tree_and_refuses_existing(fake, monkeypatch
     assert run_script(monkeypatch, "export_all_recipes.py", str(tmp_path), "--recipes", "nope") == 2
 
 
+@pytest.mark.usefixtures("terminal_signal_handlers")
 @pytest.mark.parametrize("script", ["export_all_recipes.py", "export_configs.py"])
 def test_scripts_stop_on_a_signal_even_where_the_exporter_swallowed_it(monkeypatch, capsys, tmp_path, script):
     """Before, SIGTERM ended them at once (temporary files left), and Ctrl-C that torch swallowed failed artifacts."""

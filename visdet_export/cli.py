@@ -1323,12 +1323,15 @@ def stop_signals() -> Iterator[None]:
     KeyboardInterrupt (:class:`StopSignal`) that the exports re-raise where torch swallowed it: the interrupted
     artifact and its temporary files are removed, finished ones keep their manifests. For programs on the batch API
     (:func:`export_losses`, :func:`export_groups`), which :func:`main` runs in it; print :data:`INTERRUPTED` and
-    exit :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A no-op off the main thread, where Python delivers no
-    signal."""
+    exit :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A signal the process ignores stays ignored (a shell
+    starts background jobs with SIGINT ignored, as Python's own handler respects); a no-op off the main thread,
+    where Python delivers no signal."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _signalled.clear()
-        previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS}
+        for number in _STOP_SIGNALS:
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.signal(number, _interrupt)
     try:
         yield
     finally:
