@@ -411,17 +411,16 @@ def run_export_script(
     an interruption exit 130; otherwise :func:`export_groups`' status."""
     from .export.artifacts import ArtifactError
 
-    try:
-        with stop_signals():
+    def export() -> int:
+        try:
             return export_groups(
                 groups(), out_dir, parse_formats(formats), verify=verify, overwrite=overwrite, quiet=quiet
             )
-    except (ConfigError, UsageError, ArtifactError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        except (ConfigError, UsageError, ArtifactError) as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return _until_stopped(export, prog)
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -1309,11 +1308,16 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {"check": cmd_check, "b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return _until_stopped(lambda: _main(list(sys.argv[1:] if argv is None else argv)), PROG)
+
+
+def _until_stopped(run: Callable[[], int], prog: str) -> int:
+    """``run()`` inside :func:`stop_signals`; an interruption is reported as ``prog``'s and exits 130."""
     try:
         with stop_signals():
-            return _main(list(sys.argv[1:] if argv is None else argv))
+            return run()
     except KeyboardInterrupt:
-        print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -1322,10 +1326,10 @@ def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM (timeout, CI cancellation, docker stop) stop the block as Ctrl-C does, with a
     KeyboardInterrupt (:class:`StopSignal`) that the exports re-raise where torch swallowed it: the interrupted
     artifact and its temporary files are removed, finished ones keep their manifests. For programs on the batch API
-    (:func:`export_losses`, :func:`export_groups`), which :func:`main` runs in it; print :data:`INTERRUPTED` and
-    exit :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A signal the process ignores stays ignored (a shell
-    starts background jobs with SIGINT ignored, as Python's own handler respects); a no-op off the main thread,
-    where Python delivers no signal."""
+    (:func:`export_losses`, :func:`export_groups`), which :func:`main` and :func:`run_export_script` run in it,
+    printing :data:`INTERRUPTED` and exiting :data:`EXIT_INTERRUPTED` on the KeyboardInterrupt. A signal the process
+    ignores stays ignored (a shell starts background jobs with SIGINT ignored, as Python's own handler respects); a
+    no-op off the main thread, where Python delivers no signal."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _signalled.clear()
