@@ -14,6 +14,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,3 +259,26 @@ def test_the_compiled_input_checks_accept_every_size_the_manifest_allows(runner_
         assert loss_value.isfinite() and grad.shape == inputs["pred"].shape, (n, sizes)
     with pytest.raises(RuntimeError, match="unmatched dtype"):  # the checks are on
         package(*(inputs[name].double() if name == "pred" else inputs[name] for name in names))
+
+
+def test_a_package_held_at_exit_leaves_no_extracted_copy(runner_cache, tmp_path):
+    """A training script that compiled its step and keeps a runner in a global: the loader's extracted copy of the
+    package (``$TMPDIR/aotinductor_*``) is gone when the process ends (the loader, held by the globals Dynamo keeps
+    alive, was never destroyed before)."""
+    key, options = runner_options("dfl", "pt2", pt2="separate")
+    path = runner_cache.runner("dfl", "pt2", key=key, **options).path
+    script = (
+        "import os, sys, torch\n"
+        "from visdet_export.export.pt2 import load_runner\n"
+        "RUNNER = load_runner(sys.argv[1])\n"
+        "step = torch.compile(lambda x: x + 1, backend='eager')\n"
+        "step(torch.ones(3))\n"
+        "print(sorted(os.listdir(os.environ['TMPDIR'])))\n"
+    )
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env={**os.environ, "TMPDIR": str(temp)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "aotinductor_" in done.stdout  # extracted where the test looks
+    assert not [entry.name for entry in temp.iterdir() if entry.name.startswith("aotinductor_")]

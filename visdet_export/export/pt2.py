@@ -39,6 +39,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,18 +175,25 @@ def _runner(
     """A runner over ``package``; with the manifest's ``described`` inputs (and ``dynamic_dims``), each call checks
     its inputs first (:func:`check_inputs`)."""
     names = list(names)
+    loaded = [package]
 
     def run(inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        if not loaded:
+            raise ArtifactError(f"{label} was released at interpreter exit")
         missing = [name for name in names if name not in inputs]
         if missing:
             raise ArtifactError(f"missing input(s) {missing} for {label} (inputs: {names})")
         if described is not None:
             check_inputs(described, [inputs[name] for name in names], label, dynamic_dims)
-        result = package(*[inputs[name].contiguous() for name in names])
+        result = loaded[0](*[inputs[name].contiguous() for name in names])
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
     run.input_names = names  # type: ignore[attr-defined]
     run.output_names = list(outputs)  # type: ignore[attr-defined]
+    # The loader deletes its extracted copy of the package (/tmp/aotinductor_*) when it is destroyed, which a runner
+    # still held at exit may never be: what a module's globals hold is not always destroyed then (never, once
+    # Dynamo compiled a function of that module, as a training script's step). So the runner lets go of it at exit.
+    weakref.finalize(run, loaded.clear)
     return run
 
 
