@@ -1,7 +1,8 @@
 """Session-wide caches shared by the runtime tests: built losses, compiled callables and exported artifacts.
 
 Fixtures are autouse only for process settings (one intra-op thread, Dynamo's recompile limit, no float
-specialisations leaked from earlier tests); tests that do not ask for the caches pay nothing for them.
+specialisations leaked from earlier tests) and one check at the end (no loaded ``.pt2`` package outlives the
+tests); tests that do not ask for the caches pay nothing for them.
 
 * ``runner_cache``: one :class:`visdet_export.check.RunnerCache` for the session, keyed by
   ``(config name, runtime key)``; a loss is compiled, scripted or exported at most once per key, whichever test
@@ -19,6 +20,7 @@ specialisations leaked from earlier tests); tests that do not ask for the caches
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import types
@@ -89,6 +91,26 @@ def assert_all_close(compared: list[tuple[str, bool, float, float, str]]) -> Non
     """Every comparison of :func:`visdet_export.check.compare_with_eager` passed (the first failure named)."""
     for label, ok, max_abs, max_rel, why in compared:
         assert ok, f"{label}: {why} (max abs {max_abs:.2e}, rel {max_rel:.2e})"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Any:
+    """After the process's last test, its fixtures torn down: every loaded ``.pt2`` package has been destroyed (a
+    failure here is that test's teardown error). A package's loader deletes its extracted copy
+    (``/tmp/aotinductor_*``) when it is destroyed, and one still held at interpreter exit may never be: what a
+    module's globals hold is not always destroyed then (never, once Dynamo compiled a function of that module). A
+    module-level cache of runners left a directory behind in most CI runs; hold them in fixtures, or clear the
+    cache in one."""
+    result = yield
+    if nextitem is None:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        item.funcargs.clear()  # the last test's fixture values, which pytest lets go of only after this hook
+        gc.collect()
+        alive = [obj for obj in gc.get_objects() if type(obj) is AOTICompiledModel]  # isinstance warns on lazy modules
+        holders = [type(holder).__name__ for holder in gc.get_referrers(*alive) if holder is not alive]
+        assert not alive, f"{len(alive)} loaded .pt2 package(s) outlive the tests, held by {holders}"
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)
