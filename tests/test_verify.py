@@ -316,6 +316,47 @@ def test_an_interrupt_that_torch_turned_into_an_error_is_raised_as_the_interrupt
     assert list(tmp_path.iterdir()) == []
 
 
+# A Ctrl-C that arrives while torch's compiler stack is being imported, sent by the import system itself as the
+# module named on the command line is about to load, so that it lands there every time.
+CTRL_C_IN_AN_IMPORT = """
+import os, signal, sys
+import torch
+from visdet_export import export_onnx
+
+class CtrlCDuring:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[1]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCDuring())
+try:
+    export_onnx(dict(type="L1Loss"), "first.onnx", verify=False)
+    print("first export finished")
+except KeyboardInterrupt:
+    print("first export interrupted")
+export_onnx(dict(type="L1Loss"), "again.onnx", verify=False)
+torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))
+print("exported and compiled again")
+"""
+
+
+@pytest.mark.parametrize("module", ["torch._dynamo.eval_frame", "onnx.helper"])  # Dynamo's import; the ONNX exporter's
+def test_a_ctrl_c_in_the_first_exports_imports_leaves_the_process_able_to_export(tmp_path: Path, module: str) -> None:
+    """A notebook's interrupt button in a process's first export: torch's half-imported compiler stack made every
+    later torch.compile, torch.export and ONNX export of the process fail ("module 'torch._dynamo' has no attribute
+    'exc'", "module 'onnx' has no attribute 'external_data_helper'")."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_AN_IMPORT, module], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["first export interrupted", "exported and compiled again"], done.stdout
+    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".onnx") == ["again.onnx"]
+
+
 def test_the_runtime_check_stops_on_an_interrupt_that_torch_turned_into_an_error(monkeypatch) -> None:
     """`visdet-export check` (and check_cell) otherwise listed the interrupted runtime as a failing row."""
     from visdet_export import check

@@ -16,10 +16,13 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import os
 import platform
 import re
+import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -327,15 +330,57 @@ def write_manifest(artifact: str | os.PathLike[str], fields: Mapping[str, Any], 
 EXPORT_LOCK = threading.RLock()
 
 
-def one_export_at_a_time(export: Callable[P, R]) -> Callable[P, R]:
-    """``export`` holding :data:`EXPORT_LOCK`: exporters called from several threads run one after another."""
+#: torch's compiler stack, which every exporter but TorchScript's imports on its first call: Dynamo and
+#: torch.export (1.1 s here, ~800 modules, sympy and torch's operator library registrations among them).
+COMPILER_MODULES = ("torch._dynamo", "torch.export")
 
-    @functools.wraps(export)
-    def locked(*args: P.args, **kwargs: P.kwargs) -> R:
-        with EXPORT_LOCK:
-            return export(*args, **kwargs)
 
-    return locked
+def one_export_at_a_time(*modules: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """An exporter that holds :data:`EXPORT_LOCK` (exporters called from several threads run one after another) and
+    first imports ``modules`` with a Ctrl-C held back (:func:`import_uninterrupted`)."""
+
+    def decorate(export: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(export)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            with EXPORT_LOCK:
+                import_uninterrupted(modules)
+                return export(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def import_uninterrupted(modules: Sequence[str]) -> None:
+    """Import ``modules`` with a Ctrl-C (SIGINT) held back until they are in, then raised as KeyboardInterrupt.
+
+    An interrupt inside an import leaves the module half done, and torch's compiler stack does not recover from
+    that: after a Ctrl-C in the first export of a process (a notebook's interrupt button), torch.compile,
+    torch.export and torch.onnx.export all failed until the process restarted ("module 'sympy' has no attribute
+    'core'", "Only a single TORCH_LIBRARY can be used to register the namespace c10d_functional", "module
+    'torch._dynamo' has no attribute 'exc'"). Held back only in the main thread under Python's own SIGINT handler;
+    a program's own handler (the CLI's among them) stays in charge.
+    """
+    missing = [name for name in modules if name not in sys.modules]
+    if not missing:
+        return
+    held_back = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if not held_back:
+        for name in missing:
+            importlib.import_module(name)
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        for name in missing:
+            importlib.import_module(name)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 LossOrConfig = Union[nn.Module, Mapping[str, Any], str]

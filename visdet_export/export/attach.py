@@ -61,7 +61,14 @@ from .artifacts import (
     shape_mismatch,
     write_manifest,
 )
-from .onnx import ATTACHED_METADATA_KEY, METADATA_PREFIX, MIN_OPSET, check_external_data, export_onnx
+from .onnx import (
+    ATTACHED_METADATA_KEY,
+    METADATA_PREFIX,
+    MIN_OPSET,
+    ONNX_EXPORTER_MODULES,
+    check_external_data,
+    export_onnx,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 LossLike = Union[nn.Module, Mapping[str, object], PathLike]
@@ -508,7 +515,7 @@ def _loss_module_inputs(
     }
 
 
-@one_export_at_a_time
+@one_export_at_a_time(*ONNX_EXPORTER_MODULES)
 def attach_losses(
     model_onnx_path: PathLike,
     losses: Sequence[Attachment],

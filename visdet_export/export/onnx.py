@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .artifacts import (
+    COMPILER_MODULES,
     ArtifactError,
     ExportPlan,
     LossOrConfig,
@@ -54,6 +55,10 @@ from .artifacts import (
 )
 from .joint import DEFAULT_OPTIONAL_INPUTS, EXAMPLE_N, dynamic_dims, dynamic_shapes, example_inputs, joint_module
 from .verify import TOLERANCES, check_parity
+
+#: Imported before the first export with a Ctrl-C held back (``artifacts.import_uninterrupted``): the compiler stack
+#: and torch's ONNX exporter with onnxscript (0.6 s more).
+ONNX_EXPORTER_MODULES = (*COMPILER_MODULES, "torch.onnx._internal.exporter._core")
 
 #: The lowest opset the loss graphs are exported at (torch's dynamo exporter targets 18 and later).
 MIN_OPSET = 18
@@ -1229,7 +1234,7 @@ def load_runner(
     return run
 
 
-@one_export_at_a_time
+@one_export_at_a_time(*ONNX_EXPORTER_MODULES)
 def export_onnx(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],

@@ -156,7 +156,7 @@ def forward_signature(scripted: torch.jit.ScriptModule) -> str:
     return re.sub(r"^forward\([^,)]* self(, )?", "forward(", str(schema))
 
 
-@one_export_at_a_time
+@one_export_at_a_time()
 def export_torchscript(
     loss_or_cfg: LossOrConfig,
     path: str | os.PathLike[str],
