@@ -357,6 +357,30 @@ def test_a_ctrl_c_in_the_first_exports_imports_leaves_the_process_able_to_export
     assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".onnx") == ["again.onnx"]
 
 
+def test_a_ctrl_c_held_back_in_an_import_is_raised_once_the_module_is_in(tmp_path: Path, monkeypatch) -> None:
+    """The held-back interrupt is not lost, the module it arrived in is whole, Python's handler is back, and a
+    module this torch does not have (the list names private ones a later torch may move) is no error."""
+    import signal
+    import sys
+
+    from visdet_export.export.artifacts import import_uninterrupted
+
+    (tmp_path / "interrupted_module.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nWHOLE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "interrupted_module", raising=False)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive session
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import_uninterrupted(["torch._no_such_module", "interrupted_module"])
+        assert sys.modules["interrupted_module"].WHOLE
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+        sys.modules.pop("interrupted_module", None)
+
+
 def test_the_runtime_check_stops_on_an_interrupt_that_torch_turned_into_an_error(monkeypatch) -> None:
     """`visdet-export check` (and check_cell) otherwise listed the interrupted runtime as a failing row."""
     from visdet_export import check

@@ -368,19 +368,24 @@ def import_uninterrupted(modules: Sequence[str]) -> None:
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     )
-    if not held_back:
-        for name in missing:
-            importlib.import_module(name)
-        return
     received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    if held_back:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         for name in missing:
-            importlib.import_module(name)
+            _import_if_present(name)
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held_back:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt
+
+
+def _import_if_present(name: str) -> None:
+    """Import ``name`` if it imports. Some of the modules are torch's private ones, which a later version may move,
+    and a missing dependency is the exporter's to report: it imports what it needs on its first call anyway."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module(name)
 
 
 LossOrConfig = Union[nn.Module, Mapping[str, Any], str]
