@@ -288,3 +288,36 @@ def test_shared_module_across_threads_with_the_legacy_executor(tmp_path):
             assert not failures, failures[:3]
     finally:
         torch._C._jit_set_profiling_mode(previous)
+
+
+def test_a_first_export_imports_no_onnx_and_records_the_installed_versions(tmp_path):
+    """The manifest's library versions come from the installed distributions' metadata: importing onnxscript to
+    read its version cost a process's first TorchScript export 1.5 s and ~950 modules (onnx and sympy among them,
+    whose imports a Ctrl-C can leave half done)."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    path = tmp_path / "l1.ts.pt"
+    script = (
+        "import sys\n"
+        "from visdet_export import export_torchscript\n"
+        "export_torchscript(dict(type='L1Loss'), sys.argv[1], verify=False)\n"
+        "print(sorted(name for name in ('onnx', 'onnxruntime', 'onnxscript', 'sympy') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    versions = json.loads(path.with_name(path.name + ".json").read_text())["versions"]
+    expected = {module.__name__: module.__version__ for module in (onnx, onnxruntime, onnxscript)}
+    assert {name: versions[name] for name in expected} == expected
+
+
+def test_a_distribution_named_unlike_its_module_gives_the_version():
+    """onnxruntime-gpu installs the module onnxruntime, as pytest installs _pytest."""
+    import importlib.metadata
+
+    from visdet_export.export.artifacts import installed_version
+
+    assert installed_version("_pytest") == importlib.metadata.version("pytest")
+    assert installed_version("no_such_module_anywhere") is None

@@ -17,6 +17,7 @@ import difflib
 import functools
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -146,14 +147,26 @@ def sha256(path: str | os.PathLike[str]) -> str:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            continue
+        version = installed_version(module)
+        if version is not None:
+            versions[module] = version
     from .. import __version__
 
     versions["visdet_export"] = __version__
     return versions
+
+
+def installed_version(module: str) -> Optional[str]:
+    """The version of the installed distribution that provides ``module``, read from its metadata rather than by
+    importing it: importing onnxscript to read its version cost a process's first TorchScript export 1.5 s (~950
+    modules, sympy's among them, which a Ctrl-C can leave half imported). The distribution's name can differ from
+    the module's (onnxruntime-gpu)."""
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        for distribution in importlib.metadata.packages_distributions().get(module, []):
+            return importlib.metadata.version(distribution)
+    return None
 
 
 # What a fixed graph (every input required) takes for an input the loss could do without.
