@@ -1,8 +1,8 @@
 """Session-wide caches shared by the runtime tests: built losses, compiled callables and exported artifacts.
 
 Fixtures are autouse only for process settings (one intra-op thread, Dynamo's recompile limit, no float
-specialisations leaked from earlier tests) and one check at the end (no loaded ``.pt2`` package outlives the
-tests); tests that do not ask for the caches pay nothing for them.
+specialisations leaked from earlier tests); tests that do not ask for the caches pay nothing for them. A teardown
+hook checks after each process's last test that no loaded ``.pt2`` package outlives the tests.
 
 * ``runner_cache``: one :class:`visdet_export.check.RunnerCache` for the session, keyed by
   ``(config name, runtime key)``; a loss is compiled, scripted or exported at most once per key, whichever test

@@ -62,10 +62,8 @@ _RUNNERS: dict[tuple[str, str], LossRunner] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def runners_dropped_after_the_module():
-    """Destroy the runners with the module's tests, not at interpreter exit: an AOTInductor package's loader
-    deletes its extracted copy (``/tmp/aotinductor_*``) when destroyed, and what a module's globals hold is not
-    always destroyed at exit (never, once Dynamo compiled a function of that module): a ``.pt2`` runner left in
-    this dict left one such directory behind in most CI runs."""
+    """Destroy the runners with the module's tests, not at interpreter exit (conftest's teardown check): the
+    ``.pt2`` runner left in this dict left its extracted package in /tmp in most CI runs."""
     yield
     _RUNNERS.clear()
 
