@@ -63,6 +63,7 @@ from .artifacts import (
 )
 from .onnx import (
     ATTACHED_METADATA_KEY,
+    DEFAULT_DOMAINS,
     METADATA_PREFIX,
     MIN_OPSET,
     ONNX_EXPORTER_MODULES,
@@ -109,7 +110,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
 
 def _default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
+        if entry.domain in DEFAULT_DOMAINS:
             return int(entry.version)
     raise AttachError("the model imports no default ('ai.onnx') opset")
 

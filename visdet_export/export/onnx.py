@@ -246,8 +246,7 @@ def accurate_total_sums(model: Any) -> int:
     rewritten = 0
     for node in model.graph.node:
         whole = (
-            node.op_type == "ReduceSum"
-            and node.domain in ("", "ai.onnx")
+            _op(node) == "ReduceSum"
             and (len(node.input) < 2 or node.input[1] == "")
             and _attribute(node, "keepdims", 1) == 0
             and _attribute(node, "noop_with_empty_axes", 0) == 0
@@ -285,6 +284,31 @@ def _scalar_value(initializers: Mapping[str, Any], name: str) -> Optional[float]
     return float(value.reshape(-1)[0]) if value.size == 1 and value.dtype.kind == "f" else None
 
 
+#: The domains of ONNX's own operators (a node of another domain is a custom operator, left alone).
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _op(node: Any) -> Optional[str]:
+    """The operator of ``node`` where it is one of ONNX's own, else None."""
+    return node.op_type if node.domain in DEFAULT_DOMAINS else None
+
+
+class _GraphIndex:
+    """A graph's initializers by name and the node that produces each value, as they were when indexed."""
+
+    def __init__(self, graph: Any) -> None:
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producer = {output: node for node in graph.node for output in node.output}
+
+    def made(self, name: str, op_type: str) -> Any:
+        """The node that produces ``name`` where it is ONNX's ``op_type``, else None."""
+        node = self.producer.get(name)
+        return node if node is not None and _op(node) == op_type else None
+
+    def scalar(self, name: str) -> Optional[float]:
+        return _scalar_value(self.initializers, name)
+
+
 def branch_free_selects(model: Any) -> int:
     """Replace the sign selects of the stable sigmoid (``numerics.sigmoid_pair``) by branch-free operators.
 
@@ -315,26 +339,22 @@ def branch_free_selects(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
-
-    def made(name: str, op_type: str) -> Any:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+    index = _GraphIndex(graph)
+    made = index.made
 
     def sign_test(condition: str) -> Optional[tuple[str, str]]:
         """``(x, zero)`` for a condition ``GreaterOrEqual(x, zero)``."""
         node = made(condition, "GreaterOrEqual")
-        if node is None or _scalar_value(initializers, node.input[1]) != 0.0:
+        if node is None or index.scalar(node.input[1]) != 0.0:
             return None
         return node.input[0], node.input[1]
 
     def magnitude_of(name: str) -> Optional[str]:
         """``x`` where ``name`` is ``|x|``, as ``Abs(x)`` or as ``Where(x >= 0, x, Neg(x))``."""
-        node = producer.get(name)
-        if node is not None and node.op_type == "Abs":
-            return node.input[0]
-        if node is None or node.op_type != "Where" or (test := sign_test(node.input[0])) is None:
+        if (absolute := made(name, "Abs")) is not None:
+            return absolute.input[0]
+        node = made(name, "Where")
+        if node is None or (test := sign_test(node.input[0])) is None:
             return None
         negated = made(node.input[2], "Neg")
         x = test[0]
@@ -352,7 +372,7 @@ def branch_free_selects(model: Any) -> int:
         one = total.input[1] if total.input[0] == e else total.input[0]
         exp = made(e, "Exp")
         negated = made(exp.input[0], "Neg") if exp is not None else None
-        if _scalar_value(initializers, one) != 1.0 or negated is None:
+        if index.scalar(one) != 1.0 or negated is None:
             return None
         x = magnitude_of(negated.input[0])
         return None if x is None else (x, e, one)
@@ -361,7 +381,7 @@ def branch_free_selects(model: Any) -> int:
     casts = {
         (node.input[0], attribute.i): node
         for node in graph.node
-        if node.op_type == "Cast" and node.domain in ("", "ai.onnx")
+        if _op(node) == "Cast"
         for attribute in node.attribute
         if attribute.name == "to"
     }
@@ -371,7 +391,7 @@ def branch_free_selects(model: Any) -> int:
     def step_of(condition: str, one: str) -> str:
         """``condition`` cast to the type of ``one`` (x's): the graph's own cast (the BCE's step) where it has one,
         moved up to its first use."""
-        key = (condition, initializers[one].data_type)
+        key = (condition, index.initializers[one].data_type)
         cast = casts.get(key)
         if cast is None:
             step = f"{condition}__visdet_step"
@@ -384,14 +404,14 @@ def branch_free_selects(model: Any) -> int:
     def zero_side(node: Any) -> Optional[tuple[str, int]]:
         """``(v, side)`` for ``Where(x >= 0, v, 0)`` (side 1) or ``Where(x >= 0, 0, v)`` (side 2)."""
         for side, other in ((1, 2), (2, 1)):
-            if _scalar_value(initializers, node.input[other]) == 0.0:
+            if index.scalar(node.input[other]) == 0.0:
                 return node.input[side], side
         return None
 
     # The backward of a sign select sends the upstream gradient v to one branch and 0 to the other.
     halves: dict[tuple[str, str], dict[int, Any]] = {}
     for node in graph.node:
-        if node.op_type == "Where" and node.domain in ("", "ai.onnx") and sign_test(node.input[0]) is not None:
+        if _op(node) == "Where" and sign_test(node.input[0]) is not None:
             if (found := zero_side(node)) is not None:
                 halves.setdefault((node.input[0], found[0]), {}).setdefault(found[1], node)
     split = {id(node): both for both in halves.values() if len(both) == 2 for node in both.values()}
@@ -399,7 +419,7 @@ def branch_free_selects(model: Any) -> int:
     for node in graph.node:
         if node.output[0] in placed:
             continue
-        test = sign_test(node.input[0]) if node.op_type == "Where" and node.domain in ("", "ai.onnx") else None
+        test = sign_test(node.input[0]) if _op(node) == "Where" else None
         if test is None:
             nodes.append(node)
             placed.update(node.output)  # a cast step_of may reuse later stays where it is
@@ -455,7 +475,7 @@ def one_sided_clips(model: Any) -> int:
 
     rewritten = 0
     for index, node in enumerate(model.graph.node):
-        if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
+        if _op(node) != "Clip":
             continue
         bounds = [*node.input[1:], "", ""][:2]
         if bool(bounds[0]) == bool(bounds[1]):
@@ -483,26 +503,21 @@ def compensated_log1p(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
-
-    def made(name: str, op_type: str) -> Any:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+    index = _GraphIndex(graph)
 
     def one_plus_exp(name: str) -> Optional[tuple[str, str]]:
         """``(e, one)`` where ``name`` is ``Add(e, one)`` (either order) with ``e = Exp(.)`` and ``one`` 1."""
-        total = made(name, "Add")
+        total = index.made(name, "Add")
         for position in (0, 1) if total is not None else ():
             one = total.input[1 - position]
-            if made(total.input[position], "Exp") is not None and _scalar_value(initializers, one) == 1.0:
+            if index.made(total.input[position], "Exp") is not None and index.scalar(one) == 1.0:
                 return total.input[position], one
         return None
 
     nodes = []
     rewritten = 0
     for node in graph.node:
-        found = one_plus_exp(node.input[0]) if node.op_type == "Log" and node.domain in ("", "ai.onnx") else None
+        found = one_plus_exp(node.input[0]) if _op(node) == "Log" else None
         if found is None:
             nodes.append(node)
             continue
@@ -590,10 +605,10 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
         types[info.name] = tensor_type.elem_type
         if tensor_type.HasField("shape"):
             shapes[info.name] = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
-    initializers = {init.name: init for init in graph.initializer}
+    graph_index = _GraphIndex(graph)
+    initializers, made = graph_index.initializers, graph_index.made
     for init in graph.initializer:
         shapes[init.name], types[init.name] = list(init.dims), init.data_type
-    producer = {output: node for node in graph.node for output in node.output}
     float_types = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
     def rank(name: str) -> Optional[int]:
@@ -603,10 +618,6 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
     def ints(name: str) -> Optional[list[int]]:
         init = initializers.get(name)
         return None if init is None else [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
-
-    def made(name: str, op_type: str) -> Any:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
     def leading(name: str) -> str:
         """``name`` without the Unsqueezes that appended trailing axes to it (or Squeezes that removed them)."""
@@ -636,7 +647,7 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
         if equal is None:
             return None
         for value, zero in (equal.input, reversed(equal.input)):
-            if _scalar_value(initializers, zero) == 0.0:
+            if graph_index.scalar(zero) == 0.0:
                 return leading(value)
         return None
 
@@ -656,12 +667,12 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
 
     def input_select(node: Any) -> Optional[tuple[tuple[str, str], int]]:
         """The mask of a float select of 0 on the masked positions, and the position of its value input."""
-        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+        if _op(node) != "Where" or len(node.input) != 3:
             return None
         condition, on_true, on_false = node.input
-        if _scalar_value(initializers, on_false) == 0.0:
+        if graph_index.scalar(on_false) == 0.0:
             mask, index = mask_of(condition), 1
-        elif _scalar_value(initializers, on_true) == 0.0 and (weight := zero_test(condition)) is not None:
+        elif graph_index.scalar(on_true) == 0.0 and (weight := zero_test(condition)) is not None:
             mask, index = ("weight", weight), 2
         else:
             return None
@@ -706,7 +717,7 @@ def _trace_weight_masks(model: Any, *, watch: bool) -> _MaskTrace:
                 values[node.output[0]] = node.input[select[1]]
                 continue
             sources = frozenset().union(*(entry[1] for entry in carried), *seen)
-            op = node.op_type if node.domain in ("", "ai.onnx") else None
+            op = _op(node)
             if seen:
                 propagates = op in _NAN_PROPAGATING or (op == "Cast" and _attribute(node, "to", 0) in float_types)
                 if carried or not propagates:
@@ -967,15 +978,13 @@ def _zero_factor_guards(graph: Any, trace: _MaskTrace) -> dict[str, str]:
     every use of its values, however far, is a NaN-propagating operator (a NaN there then shows in the outputs,
     which the unmasked pass checks) or a select's value input (which drops a NaN where it would drop a 0). The
     weight-0 selects the trace removes are bypassed. Returns none of them if one value reaches anything else."""
-    producer = {output: node for node in graph.node for output in node.output}
+    graph_index = _GraphIndex(graph)
     guards: dict[str, str] = {}
     for node in graph.node:
-        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+        if _op(node) != "Where" or len(node.input) != 3:
             continue
-        test, product = producer.get(node.input[0]), producer.get(node.input[2])
+        test, product = graph_index.made(node.input[0], "Equal"), graph_index.made(node.input[2], "Mul")
         if _scalar_value(trace.initializers, node.input[1]) != 0.0 or test is None or product is None:
-            continue
-        if test.op_type != "Equal" or product.op_type != "Mul" or test.domain not in ("", "ai.onnx"):
             continue
         for factor, zero in (test.input, reversed(test.input)):
             if _scalar_value(trace.initializers, zero) == 0.0 and factor in product.input:
@@ -989,7 +998,7 @@ def _zero_factor_guards(graph: Any, trace: _MaskTrace) -> dict[str, str]:
         reads = [position for position, name in enumerate(node.input) if trace.values.get(name, name) in tainted]
         if not reads:
             continue
-        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        op = _op(node)
         cast_to_float = op == "Cast" and _attribute(node, "to", 0) in floats
         if not (op in _NAN_PROPAGATING or cast_to_float or (op == "Where" and 0 not in reads)):
             return {}
@@ -1020,7 +1029,7 @@ def nonnegative_reduce_axes(model: Any) -> int:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     rewritten = 0
     for node in model.graph.node:
-        if not (node.op_type.startswith("Reduce") and node.domain in ("", "ai.onnx") and len(node.input) > 1):
+        if not ((_op(node) or "").startswith("Reduce") and len(node.input) > 1):
             continue
         axes, rank = constants.get(node.input[1]), ranks.get(node.input[0])
         if axes is None or rank is None or not (axes < 0).any():
@@ -1326,7 +1335,7 @@ def export_onnx(
         if external_data_locations(tmp):
             raise ArtifactError(f"the ONNX model of {spec.loss_type} refers to external data; not supported")
         model = onnx.load(str(tmp))
-        written = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+        written = next((entry.version for entry in model.opset_import if entry.domain in DEFAULT_DOMAINS), None)
         if written != int(opset):  # torch's exporter falls back to its default for an opset it does not know
             raise ArtifactError(f"opset {opset} is not supported by torch's ONNX exporter (it wrote opset {written})")
         one_sided_clips(model)
