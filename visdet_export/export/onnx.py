@@ -306,6 +306,7 @@ class _GraphIndex:
         return node if node is not None and _op(node) == op_type else None
 
     def scalar(self, name: str) -> Optional[float]:
+        """The value of ``name`` where it is a one-element float initializer, else None."""
         return _scalar_value(self.initializers, name)
 
 
@@ -339,13 +340,13 @@ def branch_free_selects(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    index = _GraphIndex(graph)
-    made = index.made
+    graph_index = _GraphIndex(graph)
+    made = graph_index.made
 
     def sign_test(condition: str) -> Optional[tuple[str, str]]:
         """``(x, zero)`` for a condition ``GreaterOrEqual(x, zero)``."""
         node = made(condition, "GreaterOrEqual")
-        if node is None or index.scalar(node.input[1]) != 0.0:
+        if node is None or graph_index.scalar(node.input[1]) != 0.0:
             return None
         return node.input[0], node.input[1]
 
@@ -372,7 +373,7 @@ def branch_free_selects(model: Any) -> int:
         one = total.input[1] if total.input[0] == e else total.input[0]
         exp = made(e, "Exp")
         negated = made(exp.input[0], "Neg") if exp is not None else None
-        if index.scalar(one) != 1.0 or negated is None:
+        if graph_index.scalar(one) != 1.0 or negated is None:
             return None
         x = magnitude_of(negated.input[0])
         return None if x is None else (x, e, one)
@@ -391,7 +392,7 @@ def branch_free_selects(model: Any) -> int:
     def step_of(condition: str, one: str) -> str:
         """``condition`` cast to the type of ``one`` (x's): the graph's own cast (the BCE's step) where it has one,
         moved up to its first use."""
-        key = (condition, index.initializers[one].data_type)
+        key = (condition, graph_index.initializers[one].data_type)
         cast = casts.get(key)
         if cast is None:
             step = f"{condition}__visdet_step"
@@ -404,7 +405,7 @@ def branch_free_selects(model: Any) -> int:
     def zero_side(node: Any) -> Optional[tuple[str, int]]:
         """``(v, side)`` for ``Where(x >= 0, v, 0)`` (side 1) or ``Where(x >= 0, 0, v)`` (side 2)."""
         for side, other in ((1, 2), (2, 1)):
-            if index.scalar(node.input[other]) == 0.0:
+            if graph_index.scalar(node.input[other]) == 0.0:
                 return node.input[side], side
         return None
 
@@ -503,14 +504,14 @@ def compensated_log1p(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    index = _GraphIndex(graph)
+    graph_index = _GraphIndex(graph)
 
     def one_plus_exp(name: str) -> Optional[tuple[str, str]]:
         """``(e, one)`` where ``name`` is ``Add(e, one)`` (either order) with ``e = Exp(.)`` and ``one`` 1."""
-        total = index.made(name, "Add")
+        total = graph_index.made(name, "Add")
         for position in (0, 1) if total is not None else ():
             one = total.input[1 - position]
-            if index.made(total.input[position], "Exp") is not None and index.scalar(one) == 1.0:
+            if graph_index.made(total.input[position], "Exp") is not None and graph_index.scalar(one) == 1.0:
                 return total.input[position], one
         return None
 
