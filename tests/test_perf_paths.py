@@ -508,9 +508,10 @@ def test_scatter_class_values_is_the_compare_and_select():
     assert ((labels < 0) | (labels >= 6)).any() and ((labels >= 0) & (labels < 6) & torch.isnan(values)).any()
 
 
-def test_eager_clamp_and_extrema_have_atens_derivatives():
-    """The eager clamp(min=) / maximum / minimum of the box IoU have ATen's derivatives, at the bound and at ties
-    (where ATen splits the gradient in halves) included, and are twice differentiable."""
+def test_eager_clamp_and_extrema_match_the_autograd_formulation():
+    """The eager clamp(min=) / maximum / minimum of the box IoU have the derivatives of the autograd formulation
+    (TorchScript, export), at the bound (slope 1, ATen's up to torch 2.13, in every release) and at ties (halves)
+    included, and are twice differentiable."""
     g = torch.Generator().manual_seed(11)
     a = torch.randn(64, generator=g, dtype=torch.float64)
     b = torch.randn(64, generator=g, dtype=torch.float64)
@@ -529,9 +530,31 @@ def test_eager_clamp_and_extrema_have_atens_derivatives():
             results.append((value.detach(), *torch.autograd.grad((value * weights).sum(), (x, y))))
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+        if name == "clamp":
+            assert (results[0][1][8:12] == b[8:12] * weights[8:12]).all()  # the slope 1 at the bound
         x, y = a[12:].clone().requires_grad_(True), b[12:].clone().requires_grad_(True)  # gradgradcheck: off the kinks
         assert torch.autograd.gradgradcheck(lambda p, q: fn(p, q, True) ** 2, (x, y)), name
     assert (results[0][1][:8] == 0.5 * weights[:8]).all()  # minimum's tie halves
+
+
+@pytest.mark.parametrize("runtime", ["eager", "script"])
+def test_positive_part_has_slope_one_at_zero_in_every_torch_release(runtime):
+    """``positive_part`` is ``max(x, 0)`` (NaN and infinities kept, with or without grad) with slope 1 at +-0 and 0
+    below: the side of ``|x|`` that the softplus beside it pairs with. ``clamp(min=0)`` has slope 0 at 0 from torch
+    2.14 on, which turned softplus's slope at a zero logit into -1/2 in the exported and compiled focal, QFL and
+    sigmoid CE."""
+    positive_part = NUMERICS_MODULE.positive_part
+    fn = torch.jit.script(positive_part) if runtime == "script" else positive_part
+    x = torch.tensor([0.0, -0.0, -1e-45, 1e-45, -2.0, 3.0, float("-inf"), float("inf"), float("nan")],
+                     requires_grad=True)
+    for _ in range(2):  # TorchScript: the profiling call, then the optimised graph
+        value = fn(x)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        expected = torch.tensor([0.0, 0.0, 0.0, 1e-45, 0.0, 3.0, 0.0, float("inf"), float("nan")])
+        torch.testing.assert_close(value.detach(), expected, rtol=0, atol=0, equal_nan=True)
+        assert grad.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+        with torch.no_grad():  # the clamp of graphs without a gradient
+            torch.testing.assert_close(fn(x), expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(("gamma", "alpha"), [(2.0, 0.25), (1.5, -1.0), (0.0, 0.5), (0.5, 1.0)])

@@ -76,6 +76,23 @@ def log1p_exp_neg_abs(logits: Tensor) -> Tensor:
     return torch.log1p(torch.exp(-torch.where(logits >= 0, logits, -logits)))
 
 
+def positive_part(x: Tensor) -> Tensor:
+    """``max(x, 0)`` with slope 1 at 0, the ``x >= 0`` side that :func:`sigmoid_pair` and
+    :func:`log1p_exp_neg_abs` take for ``|x|``: beside their ``log1p(exp(-|x|))`` it gives softplus its slope 1/2 at 0
+    (see :func:`bounded_below`)."""
+    return bounded_below(x, 0.0)
+
+
+def bounded_below(x: Tensor, bound: float) -> Tensor:
+    """``max(x, bound)`` (NaN stays NaN) with slope 1 at the bound in every torch release: ``clamp(min=)`` had it up
+    to torch 2.13, and torch 2.14 gives it 0 there (pytorch#191142). A select keeps it, where a gradient flows; a
+    ``clamp`` is one pass where onnxruntime's ``Where`` and ``Less`` are two (focal's forward at 100k x 80:
+    1.3x with selects) and serves graphs that no gradient flows through."""
+    if needs_grad(x):
+        return torch.where(x < bound, bound, x)
+    return x.clamp(min=bound)
+
+
 def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_weight: Optional[Tensor] = None) -> Tensor:
     """Binary cross-entropy on logits in the stable ``softplus`` form.
 
@@ -91,12 +108,12 @@ def bce_with_logits(logits: Tensor, target: Tensor, log1p_decay: Tensor, pos_wei
     if pos_weight is not None:
         # (1 - t) softplus(x) + p t softplus(-x): ATen's (1 - t) x + (1 + (p - 1) t) softplus(-x) cancels for a
         # confident negative (x << 0: x + softplus(-x) is the tiny softplus(x); 7e-3 relative at x in [-20, -10]).
-        # Both forms have the slope (1 - t - p t) / 2 at 0: clamp's slope 1 at 0 and relu's 0, or log_sigmoid's
+        # Both forms have the slope (1 - t - p t) / 2 at 0: positive_part's slope 1 at 0 and relu's 0, or log_sigmoid's
         # 1/2; TorchScript takes the sides as fused log_sigmoids (see softplus).
         if torch.jit.is_scripting():
             negative_side, positive_side = -F.logsigmoid(-logits), -F.logsigmoid(logits)
         else:
-            negative_side, positive_side = logits.clamp(min=0) + log1p_decay, torch.relu(-logits) + log1p_decay
+            negative_side, positive_side = positive_part(logits) + log1p_decay, torch.relu(-logits) + log1p_decay
         return weighted_side(negative_side, 1.0 - target) + weighted_side(positive_side, pos_weight * target)
     # relu(x) - x t as x ([x >= 0] - t): relu(x) - x t cancelled for a confident positive with a soft target just
     # below 1 (relative error eps / (2 (1 - t)), 2e-4 at t = 0.9999), [x >= 0] - t is exact there (Sterbenz) and
@@ -506,15 +523,16 @@ def _box_columns(pred: Tensor, target: Tensor, stacked: bool) -> list[Tensor]:
     return columns
 
 
-# ``clamp(min=)``, ``maximum`` and ``minimum`` with ATen's derivatives (clamp passes the gradient at the bound,
-# maximum / minimum split it in halves at ties). In eager, ATen computes those derivatives with ``where`` and
-# ``masked_fill``, scalar loops on CPU (IoU fwd+bwd at 1M boxes: 74 ms, 59 ms with the vectorised formulas below).
+# ``clamp(min=)``, ``maximum`` and ``minimum`` with the derivatives of ATen up to torch 2.13 (clamp passes the
+# gradient at the bound, maximum / minimum split it in halves at ties), in every release. In eager, ATen computes
+# those derivatives with ``where`` and ``masked_fill``, scalar loops on CPU (IoU fwd+bwd at 1M boxes: 74 ms, 59 ms
+# with the vectorised formulas below).
 
 
 def clamp_min(x: Tensor, bound: float, eager: bool) -> Tensor:
     if eager:
         return _clamp_min_eager(x, bound)
-    return x.clamp(min=bound)
+    return bounded_below(x, bound)
 
 
 def maximum(a: Tensor, b: Tensor, eager: bool) -> Tensor:
@@ -904,7 +922,7 @@ def unbalanced_focal_of_signed(signed: Tensor, gamma: float) -> Tensor:
     if torch.jit.is_scripting():  # fused activations (see softplus)
         return softplus(signed) * pow_nonnegative(torch.sigmoid(signed), gamma)
     one_minus_pt, _, log1p_decay = sigmoid_pair(signed)
-    return (signed.clamp(min=0) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
+    return (positive_part(signed) + log1p_decay) * pow_nonnegative(one_minus_pt, gamma)
 
 
 def softplus(x: Tensor) -> Tensor:
@@ -917,7 +935,7 @@ def softplus(x: Tensor) -> Tensor:
     forms keep their precision on either side of 0 and have slope 1/2 there."""
     if torch.jit.is_scripting():
         return -F.logsigmoid(-x)
-    return x.clamp(min=0) + log1p_exp_neg_abs(x)
+    return positive_part(x) + log1p_exp_neg_abs(x)
 
 
 def label_positions(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
+from ..numerics import closed_form_path, closed_form_regression, masked_difference, needs_grad, regression_inputs
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
 from ..validation import FLOAT32_MAX, FLOAT32_TINY, ConfigError, check_divisor, check_float, static
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
@@ -50,8 +50,9 @@ def _balanced_l1(diff: Tensor, alpha: float, gamma: float, beta: float) -> Tenso
     b = math.exp(gamma / alpha) - 1.0
     # The inner branch at m = min(d, beta) plus gamma (d - m): b = e^(gamma/alpha) - 1 makes the inner branch at beta
     # gamma beta + gamma / b - alpha beta, so this is the outer branch beyond beta with its slope gamma, and the
-    # inner one below, without a select (a scalar loop in eager CPU).
-    inlier = distance.clamp(max=beta)
+    # inner one below. Where a gradient flows, a select gives m the slope 1 at beta (the inner branch's there, as the
+    # closed form's) in every torch release (see numerics.bounded_below).
+    inlier = torch.where(distance > beta, beta, distance) if needs_grad(distance) else distance.clamp(max=beta)
     inner = alpha / b * (b * inlier + 1.0) * torch.log1p(b * inlier / beta) - alpha * inlier
     return inner + gamma * (distance - inlier)
 
