@@ -391,7 +391,8 @@ def same_size(a: int, b: int, what: str = "the sizes of two inputs of a loss") -
 @torch.jit.unused
 def _asserted_equal(a: int, b: int, what: str) -> bool:
     if torch.compiler.is_compiling():
-        torch._check(a == b, lambda: what + " differ")
+        # `what` as a default, not a closure: Dynamo before 2.13 traces only closure-free message functions
+        torch._check(a == b, lambda what=what: what + " differ")
         return True
     return a == b
 
