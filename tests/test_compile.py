@@ -176,31 +176,6 @@ def test_backed_sizes_specialise_on_0_and_1(runner_cache):
     assert counts == [(1, 1), (1, 1), (2, 1), (3, 1)]
 
 
-def test_a_torch_without_shape_ids_keeps_sizes_backed(runner_cache, monkeypatch):
-    """Where ``mark_unbacked`` takes no ``shape_id`` (older torch), the runner leaves N backed: correct values and
-    gradients, one graph more for N = 0 and for N = 1, instead of unrelated unbacked axes failing the shape checks."""
-    import torch._dynamo.decorators as decorators
-
-    from visdet_export.runtimes import shape_ids_supported
-
-    assert shape_ids_supported()  # torch 2.13
-    current = decorators.mark_unbacked
-
-    def without_shape_id(t, index, hint_override=None, strict=False, specialize_on=None):
-        return current(t, index, hint_override=hint_override, strict=strict, specialize_on=specialize_on)
-
-    monkeypatch.setattr(decorators, "mark_unbacked", without_shape_id)
-    assert not shape_ids_supported()
-    loss, spec = runner_cache.loss("giou")
-    compiled = build_runner("compile", loss, spec, backend="eager")
-    eager = runner_cache.runner("giou", "eager")
-    for n in (64, 65, 0, 1):
-        inputs = spec.sample(loss, n, seed=n, include=default_names(loss, spec))
-        got, want = _value_grad(compiled, inputs, spec.pred), _value_grad(eager, inputs, spec.pred)
-        torch.testing.assert_close(got, want)
-    assert compiled.graph_count() == 3
-
-
 def test_compiled_softmax_cross_entropy_on_maps():
     """Softmax CE over (N, C, H, W) logits (semantic maps): under compile the label's log-probability is a select
     summed over classes rather than a gather; values and gradients match eager, ignored and out-of-range labels and
@@ -424,6 +399,26 @@ def test_float_hyperparameters_are_constants_of_the_graph(name) -> None:
     assert not [name for name in names if not re.fullmatch(r"s\d+|l_fn_buffers_\w+|l_(?!fn_)\w+", name)], names
 
 
+def test_a_static_float_keeps_its_literal_through_copies_and_pickles() -> None:
+    """Losses are deep-copied (the device cells, DDP's replicas) and pickled (``torch.save`` of a module):
+    :func:`~visdet_export.numerics.static` reads the copy's value, not a stale or missing string."""
+    import copy
+    import pickle
+
+    from visdet_export.numerics import static
+    from visdet_export.validation import StaticFloat
+
+    for value in (0.1, 1e-38, -2.5e30, 1.0):
+        original = StaticFloat(value)
+        for copied in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+            assert type(copied) is StaticFloat and copied.literal == repr(value)
+            assert static(copied) == value and type(static(copied)) is float
+    assert static(0.25) == 0.25  # a plain float set on a built module
+
+
+@pytest.mark.skipif(
+    torch.__version__ < "2.12", reason="torch 2.11's Dynamo traces a StaticFloat only through static() (README)"
+)
 def test_a_static_float_read_without_static_is_a_guarded_constant() -> None:
     """Subclasses and plugins that read ``self.eps`` directly: arithmetic, clamps and comparisons with tensors trace
     (a comparison failed before ``StaticFloat`` defined its own), and a second value compiles a second graph."""

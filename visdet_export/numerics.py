@@ -15,6 +15,19 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
+from .validation import StaticFloat
+
+
+def static(value: float) -> float:
+    """A float hyper-parameter as ``forward`` should read it: a :class:`~visdet_export.validation.StaticFloat` as
+    its plain value, a constant of a ``torch.compile`` graph guarded on the value; a plain float as a float (a
+    symbolic input of a dynamic graph)."""
+    if torch.jit.is_scripting():
+        return value
+    if isinstance(value, StaticFloat):
+        return float(value.literal)
+    return float(value)
+
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
     """float16/bfloat16 are computed in float32 (box areas overflow float16); float64 stays float64."""
@@ -1207,9 +1220,11 @@ def compiling_graph() -> bool:
 
 @torch.jit.unused
 def _compiling_graph() -> bool:
+    # torch.export's own flag, which is_exporting() returns: torch 2.11's Dynamo folds is_exporting() to True inside
+    # torch.compile too (2.12 on reads the flag), and compiled training then took the export formulation
     return bool(
         torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not torch.compiler._is_exporting_flag
         and not torch.onnx.is_in_onnx_export()
         and not torch._C._are_functorch_transforms_active()
     )
@@ -1438,13 +1453,21 @@ class _SavedRegressionGradient(torch.autograd.Function):
     def forward(ctx: Any, diff: Tensor, terms: Callable[[Tensor, bool], tuple[Tensor, Optional[Tensor]]]) -> Tensor:
         value, grad = terms(diff.clone(), True)
         ctx.save_for_backward(grad)
-        return value
+        return returned_fresh(value)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         (grad,) = ctx.saved_tensors
         return grad * grad_output, None
+
+
+def returned_fresh(value: Tensor) -> Tensor:
+    """What an autograd.Function's forward traced by Dynamo returns when ``value`` was computed in place: a copy,
+    which inductor fuses into the kernel that computes it (no extra pass or buffer). torch 2.11's Dynamo also
+    outputs the tensor the forward mutated, an alias of ``value``, and the Function's backward then receives a
+    zero gradient (every closed-form regression loss and IoU "log" trained with gradient 0)."""
+    return value.clone()
 
 
 def _scaled_terms(

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .numerics import compute_dtype, known_to_be_one
-from .validation import StaticFloat, static
+from .numerics import compute_dtype, known_to_be_one, static
+from .validation import StaticFloat
 
 REDUCTIONS = ("none", "mean", "sum")
 # torch.finfo(torch.float32).eps, written out because TorchScript has no torch.finfo. A StaticFloat: as

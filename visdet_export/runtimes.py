@@ -19,7 +19,6 @@ Every adapter turns ``(loss, spec, names)`` into a :class:`LossRunner`, a callab
 
 from __future__ import annotations
 
-import inspect
 import io
 import itertools
 import tempfile
@@ -133,12 +132,6 @@ def mark_sample_dims(spec: LossSpec, inputs: Mapping[str, Any]) -> None:
                     torch._dynamo.decorators.mark_unbacked(value, axis, shape_id="N")
 
 
-def shape_ids_supported() -> bool:
-    """Whether this torch's ``mark_unbacked`` takes the ``shape_id`` that ties the sample axes together (torch 2.13
-    does; older releases may not)."""
-    return "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
-
-
 #: Numbers the copies of :func:`fresh_function`.
 _FRESH_COPIES = itertools.count()
 
@@ -172,10 +165,8 @@ def compile_runner(
     Args:
         backend: a dynamo backend name or callable (``"inductor"``, ``"aot_eager"``, a CompileCounter, ...).
         mark_unbacked: mark the sample axes unbacked before each call (see :func:`mark_sample_dims`); without it,
-            or on a torch without shape ids (:func:`shape_ids_supported`; unrelated unbacked axes would fail the
-            losses' shape checks), N = 0 and N = 1 each add a graph.
+            N = 0 and N = 1 each add a graph.
     """
-    mark_unbacked = mark_unbacked and shape_ids_supported()
 
     def call_loss(inputs: Mapping[str, Tensor], reduction_override: Optional[str]) -> Tensor:
         return spec.call(loss, inputs, reduction_override)

@@ -42,39 +42,43 @@ class StaticFloat(float):
     Dynamo makes a plain ``float`` attribute of a module a symbolic graph input (under ``dynamic=True``, or once a
     second value is seen), and torch 2.13's inductor caches (the on-disk one too, across processes) then serve the
     kernel compiled for one value to a module configured with another wherever torch specialises the float late
-    (a ``clamp`` bound, a ``where`` branch): IoU losses computed with another ``eps``. A float subclass is no
-    literal to Dynamo: read through :func:`static` in ``forward``, it is a constant. Eager, TorchScript and the
-    exporters see a float.
+    (a ``clamp`` bound, a ``where`` branch): IoU losses computed with another ``eps``. Read through
+    :func:`visdet_export.numerics.static` in ``forward``, it is a constant. Eager, TorchScript and the exporters see
+    a float.
     """
 
-    __slots__ = ()
+    #: The value as its shortest exact string, which ``float()`` reads back. Dynamo reads a string as a constant
+    #: guarded on its value wherever it is held (torch 2.11 cannot trace ``float()`` of a float subclass, and a
+    #: float, or a tuple of them, held by a global or a default argument would be a symbolic input again), and
+    #: folds ``float()`` of it.
+    literal: str
+
+    def __new__(cls, value: object) -> StaticFloat:
+        number = super().__new__(cls, value)  # type: ignore[arg-type]
+        number.literal = float.__repr__(number)
+        return number
 
     # Dynamo fails to compare a tensor with an object it does not know unless the object's own comparison (the
-    # reflected one, which Python tries second) traces: read as a float, a plain comparison then decides.
+    # reflected one, which Python tries second) traces: read as a constant, a plain comparison then decides.
     def __lt__(self, other: object) -> Any:
-        return float(self) < other  # type: ignore[operator]
+        return float(self.literal) < other  # type: ignore[operator]
 
     def __le__(self, other: object) -> Any:
-        return float(self) <= other  # type: ignore[operator]
+        return float(self.literal) <= other  # type: ignore[operator]
 
     def __gt__(self, other: object) -> Any:
-        return float(self) > other  # type: ignore[operator]
+        return float(self.literal) > other  # type: ignore[operator]
 
     def __ge__(self, other: object) -> Any:
-        return float(self) >= other  # type: ignore[operator]
+        return float(self.literal) >= other  # type: ignore[operator]
 
     def __eq__(self, other: object) -> Any:
-        return float(self) == other
+        return float(self.literal) == other
 
     def __ne__(self, other: object) -> Any:
-        return float(self) != other
+        return float(self.literal) != other
 
     __hash__ = float.__hash__
-
-
-def static(value: float) -> float:
-    """The plain float of a :class:`StaticFloat` hyper-parameter, a constant of a ``torch.compile`` graph."""
-    return float(value)
 
 
 #: The largest float32. Every hyper-parameter is a float32 constant of float32 losses and of the exported graphs:
@@ -188,6 +192,5 @@ __all__ = [
     "check_float",
     "check_int",
     "check_names",
-    "static",
     "warn_caller",
 ]

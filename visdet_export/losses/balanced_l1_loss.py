@@ -11,9 +11,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_path, closed_form_regression, masked_difference, needs_grad, regression_inputs
+from ..numerics import (
+    closed_form_path,
+    closed_form_regression,
+    masked_difference,
+    needs_grad,
+    regression_inputs,
+    static,
+)
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import FLOAT32_MAX, FLOAT32_TINY, ConfigError, check_divisor, check_float, static
+from ..validation import FLOAT32_MAX, FLOAT32_TINY, ConfigError, check_divisor, check_float
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 

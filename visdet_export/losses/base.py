@@ -6,8 +6,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..numerics import static
 from ..reduction import REDUCTIONS
-from ..validation import check_choice, check_float, static
+from ..validation import check_choice, check_float
 
 
 class WeightedLoss(nn.Module):

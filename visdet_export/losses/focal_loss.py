@@ -39,12 +39,13 @@ from ..numerics import (
     scatter_class_values,
     select_kept_outputs_,
     sigmoid_pair,
+    static,
     unbalanced_focal_of_signed,
     weight_keep_mask,
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_bool, check_float, static
+from ..validation import ConfigError, check_bool, check_float
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 

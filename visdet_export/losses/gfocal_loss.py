@@ -42,12 +42,13 @@ from ..numerics import (
     select_kept_outputs_,
     sigmoid_minus_target,
     sigmoid_pair,
+    static,
     unbalanced_focal_of_signed,
     weight_keep_mask,
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import ConfigError, check_bool, check_float, check_int, static
+from ..validation import ConfigError, check_bool, check_float, check_int
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 

@@ -21,15 +21,17 @@ from ..numerics import (
     eager_closed_form,
     max_side_weight,
     needs_grad,
+    returned_fresh,
     same_shape,
     same_size,
     saved_gradient_dtype,
     select_kept_,
+    static,
     upcast_inputs,
     weight_keep_mask,
 )
 from ..reduction import AvgFactor, as_avg_factor, quoted, resolve_reduction, weight_reduce_loss
-from ..validation import check_bool, check_choice, check_float, static, warn_caller
+from ..validation import check_bool, check_choice, check_float, warn_caller
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 IOU_MODES = ("linear", "square", "log")
@@ -287,7 +289,7 @@ class _SavedBoxGradient(torch.autograd.Function):
         value = _box_loss_terms(columns[:4], columns[4:], mode, eps, grad_columns)
         grad = torch.stack(grad_columns).to(saved_dtype)  # numerics.saved_gradient_dtype
         ctx.save_for_backward(grad)
-        return value
+        return returned_fresh(value)
 
     @staticmethod
     @once_differentiable

@@ -22,11 +22,12 @@ from ..numerics import (
     row_weighted_inputs,
     same_shape,
     same_size,
+    static,
     weight_keep_mask,
     zero_where_unweighted,
 )
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import FLOAT32_MAX, check_divisor, check_int, static
+from ..validation import FLOAT32_MAX, check_divisor, check_int
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs
+from ..numerics import closed_form_path, closed_form_regression, masked_difference, regression_inputs, static
 from ..reduction import AvgFactor, as_avg_factor, resolve_reduction, weight_reduce_loss
-from ..validation import check_divisor, static
+from ..validation import check_divisor
 from .base import WeightedLoss, refuse_misplaced_reduction, refuse_non_tensors
 
 
