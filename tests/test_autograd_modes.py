@@ -218,9 +218,9 @@ def test_checkpointed_head_and_loss_backward_in_one_compiled_graph() -> None:
 
 @pytest.mark.xfail(
     torch.__version__ >= "2.12", raises=torch._dynamo.exc.BackendCompilerFailed, strict=True,
-    reason="torch 2.12-2.13 (2.11 passes): Dynamo leaves the saved closed form's backward node (an autograd.Function) without the "
-    "autograd_backward tag, which splits the backward in two regions that need recomputation (as in pytorch#182416); "
-    "passing here means torch fixed it: update README's 'Compiled training steps'",
+    reason="torch 2.12-2.13 (2.11 passes): Dynamo leaves the saved closed form's backward node (an autograd.Function) "
+    "without the autograd_backward tag, which splits the backward in two regions that need recomputation (as in "
+    "pytorch#182416); passing here means torch fixed it: update README's 'Compiled training steps'",
 )
 def test_checkpointed_loss_with_its_backward_in_one_compiled_graph() -> None:
     step, _ = _head_step("focal", checkpoint_loss=True)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .numerics import static
 from .validation import StaticFloat
 
 if dist.is_available():
@@ -138,6 +139,7 @@ def reduce_avg_factor(
         Tensor[]: ``max(mean over ranks of num_pos, min_value)``, float32 for integer counts; without an
         initialised process group ``max(num_pos, min_value)``.
     """
-    if not min_value > 0.0:
-        raise ValueError("min_value must be > 0 (it keeps the normaliser away from zero), got " + str(min_value))
-    return reduce_mean(num_pos, group).clamp(min=min_value)
+    least = static(min_value)
+    if not least > 0.0:
+        raise ValueError("min_value must be > 0 (it keeps the normaliser away from zero), got " + str(least))
+    return reduce_mean(num_pos, group).clamp(min=least)
