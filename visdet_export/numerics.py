@@ -1464,7 +1464,8 @@ class _SavedRegressionGradient(torch.autograd.Function):
 
 def returned_fresh(value: Tensor) -> Tensor:
     """What an autograd.Function's forward traced by Dynamo returns when ``value`` was computed in place: a copy,
-    which inductor fuses into the kernel that computes it (no extra pass or buffer). torch 2.11's Dynamo also
+    which inductor fuses into the kernel that computes it (torch 2.13, 1 thread, fwd+bwd: L1 at 1M x 4 5.78 against
+    5.67 ms without it, IoU "log" at 1M boxes 9.15 against 8.91; one run, within its noise). torch 2.11's Dynamo also
     outputs the tensor the forward mutated, an alias of ``value``, and the Function's backward then receives a
     zero gradient (every closed-form regression loss and IoU "log" trained with gradient 0)."""
     return value.clone()
