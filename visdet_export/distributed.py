@@ -53,9 +53,11 @@ def is_distributed() -> bool:
 
     Read as the default group itself (what ``dist.is_initialized()`` compares with None): Dynamo folds
     ``is_initialized()`` to a constant without a guard, so a caller compiled before ``init_process_group`` kept
-    skipping the all-reduce; a group read this way is guarded, and creating or destroying one recompiles.
+    skipping the all-reduce; a group read this way is guarded, and creating or destroying one recompiles. Read
+    from ``_world.default_pg`` (what ``GroupMember.WORLD`` returns on torch 2.11-2.14) rather than through that
+    metaclass property, which torch 2.11's Dynamo misreads as set when no group exists.
     """
-    return dist.is_available() and distributed_c10d.GroupMember.WORLD is not None
+    return dist.is_available() and distributed_c10d._world.default_pg is not None
 
 
 def _as_float_tensor(value: Tensor | float) -> Tensor:
