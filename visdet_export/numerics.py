@@ -404,8 +404,12 @@ def same_size(a: int, b: int, what: str = "the sizes of two inputs of a loss") -
 @torch.jit.unused
 def _asserted_equal(a: int, b: int, what: str) -> bool:
     if torch.compiler.is_compiling():
-        # `what` as a default, not a closure: Dynamo before 2.13 traces only closure-free message functions
-        torch._check(a == b, lambda what=what: what + " differ")
+        # `what` as a default, not a closure: Dynamo before 2.13 traces only closure-free message functions (a def:
+        # mypy cannot type such a lambda against torch 2.14's annotated `message`)
+        def message(what: str = what) -> str:
+            return what + " differ"
+
+        torch._check(a == b, message)
         return True
     return a == b
 
