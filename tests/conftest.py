@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 import torch
+import torch._inductor.config
 from hypothesis import settings
 from torch._dynamo.symbolic_convert import TensorifyState
 
@@ -40,6 +41,12 @@ from visdet_export.specs import representative_configs
 # subprocesses of the distributed, README and CLI tests, which inherit the setting. The suite trusts the CPU's flags
 # (nothing of ours depends on the probe); TORCHINDUCTOR_VEC_ISA_OK=0 probes again.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+
+# Inductor compiles on one thread in every test process (its default is one per CPU, through a pool of worker
+# subprocesses started by the first compile): -n auto already runs a worker per CPU, whose compiles would only
+# contend; the subprocesses of the distributed, README and CLI tests inherit the setting.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+torch._inductor.config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
 
 # hypothesis: fresh examples every run, a reproduction blob on failure; HYPOTHESIS_PROFILE=thorough for 10x
 settings.register_profile("default", max_examples=60, deadline=None, print_blob=True)
