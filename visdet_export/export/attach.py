@@ -894,7 +894,7 @@ def save_samples(path: PathLike, samples: Iterable[Sample], *, overwrite: bool =
     }
     out = Path(path)
     with atomic_output(out, overwrite) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stubs fear a key "allow_pickle"; ours have "/"
+        np.savez(handle, **arrays)  # type: ignore[arg-type, unused-ignore]  # numpy 2's stubs fear a key "allow_pickle"
     return out
 
 
@@ -920,7 +920,10 @@ def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], inde
     feeds = {}
     symbols: dict[str, tuple[int, str]] = {}
     for name, value in graph_inputs.items():
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        elem_type = value.type.tensor_type.elem_type
+        bfloat16 = elem_type == onnx.TensorProto.BFLOAT16
+        # numpy has no bfloat16 (onnx maps it to ml_dtypes' from 1.19 and to float32 before): fed as bits, below
+        dtype = np.dtype(np.float32 if bfloat16 else onnx.helper.tensor_dtype_to_np_dtype(elem_type))
         array = _to_array(sample[name])
         if (array.dtype.kind == "f" and dtype.kind in "iub") or (array.dtype.kind == "b" and dtype.kind != "b"):
             raise AttachError(f"sample {index}: input {name!r} is {array.dtype} but the graph takes {dtype}")
@@ -931,12 +934,11 @@ def _feeds(sample: Sample, graph_inputs: Mapping[str, onnx.ValueInfoProto], inde
             raise AttachError(f"sample {index}: input {mismatch}")
         # not np.ascontiguousarray: it turns a 0-d avg_factor into shape (1,), which onnxruntime accepts silently
         feeds[name] = np.require(array.astype(dtype, copy=False), requirements="C")
-        if value.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:  # ml_dtypes' array: onnxruntime takes bits
+        if bfloat16:  # rounded as torch rounds to bfloat16 (to nearest even); onnxruntime takes the bits
             import onnxruntime as ort
 
-            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                feeds[name].view(np.uint16), onnx.TensorProto.BFLOAT16
-            )
+            bits = torch.from_numpy(feeds[name]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, elem_type)
     return feeds
 
 
