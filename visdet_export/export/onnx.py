@@ -1058,7 +1058,9 @@ def checked_input_shapes(model: Any, least_sizes: Optional[Mapping[str, int]] = 
     value is declared with the input's shape (:func:`_same_type_as`), which shape inference cannot tell. The first axis
     of each symbol in ``least_sizes`` is also checked against its least size (the spec's
     :attr:`~visdet_export.specs.LossSpec.least_sizes`, what eager refuses: no classes where labels index them,
-    fewer than two DFL bins), where a gather out of range named no input. Returns the number of checks written."""
+    fewer than two DFL bins), where a gather out of range named no input. onnxruntime 1.18's ``ShapeInputMerge``
+    takes inputs declared alike to have equal sizes and folds the ties away (fixed in 1.19; pyproject asks for 1.20).
+    Returns the number of checks written."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
