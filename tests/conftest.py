@@ -62,6 +62,17 @@ def compile_backend(name: str) -> str:
     return "inductor" if name in INDUCTOR_CONFIGS else "aot_eager"
 
 
+def onnx_model(graph: Any, **options: Any) -> Any:
+    """A hand-written ``onnx.GraphProto`` as a model at opset 18 and IR version 10, as the exporter writes them (both
+    overridable): onnx's default IR version follows its release (14 in onnx 1.23), past what older onnxruntime
+    releases load (1.23, the last with Python 3.10 wheels, loads 11)."""
+    from onnx import helper
+
+    options.setdefault("opset_imports", [helper.make_opsetid("", 18)])
+    options.setdefault("ir_version", 10)
+    return helper.make_model(graph, **options)
+
+
 def guard_variant_runner(name: str, runtime: str) -> tuple[Optional[str], dict]:
     """Cache key and options of a runner for tests that call it under other guards (autocast, half precision, other
     memory layouts, inputs that require grad, calls without grad or without the optional inputs): compiled with

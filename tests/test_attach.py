@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import onnx_model
 from onnx import TensorProto, helper
 
 from visdet_export import build_loss
@@ -255,7 +256,7 @@ def test_one_class_count_fed_two_sizes_is_refused(kd_graph, workdir):
         "two_heads", values[:2], values[2:],
     )
     path = workdir / "two_heads.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    onnx.save(onnx_model(graph), str(path))
     mapping = {"pred": "student", "soft_label": "teacher"}
     with pytest.raises(AttachError, match="'teacher' has C = 80 but 'student' has C = 68"):
         attach_losses(path, [("loss_kd", kd_graph, mapping)], workdir / "never_two.onnx")
@@ -371,7 +372,7 @@ def _two_head_model(path: Path, cls_type: int = TensorProto.FLOAT, internal: boo
                                                                                                 TensorProto.FLOAT,
                                                                                                 ["P", 4])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    onnx.save(onnx_model(graph), str(path))
     return path
 
 
@@ -382,7 +383,7 @@ def _kd_like_graph(path: Path, soft_label_dims: list = ["N", "C"], output: str =
     nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]),
              helper.make_node("ReduceSum", ["d"], [output], keepdims=0)]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, [])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(onnx_model(graph), str(path))
     return path
 
 
@@ -425,7 +426,7 @@ def test_float16_gemm_head_feeds_its_loss_the_float32_value_in_onnxruntime_cpu(t
         [onnx.numpy_helper.from_array(weight.numpy(), "w"), onnx.numpy_helper.from_array(bias.numpy(), "c")],
     )
     model = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(model))
+    onnx.save(onnx_model(graph), str(model))
     out = attach_losses(model, [("lf", dict(type="FocalLoss"), {"pred": "cls", "target": "y"})], tmp_path / "o.onnx")
     x, labels = torch.randn(500, 64, generator=generator).half(), torch.randint(0, 21, (500,), generator=generator)
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):

@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import onnx_model
 
 from visdet_export import cli
 from visdet_export.export.artifacts import ArtifactError, atomic_output, write_manifest
@@ -1233,7 +1234,7 @@ def _loss_graph_of_two_inputs(path: Path) -> Path:
     nodes = [helper.make_node("Sub", ["pred", "soft_label"], ["d"]), helper.make_node("ReduceSum", ["d"], ["loss"],
                                                                                       keepdims=0)]
     graph = helper.make_graph(nodes, "loss", inputs, [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(onnx_model(graph), str(path))
     return path
 
 

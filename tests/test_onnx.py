@@ -22,6 +22,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import onnx_model
 from onnx import numpy_helper
 from reference import boxes
 from torch import Tensor, nn
@@ -441,7 +442,7 @@ def test_one_sided_clips_keep_infinities() -> None:
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in clips],
         bounds,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = onnx_model(graph)
     assert onnx_export.one_sided_clips(model) == 2
     onnx.checker.check_model(model, full_check=True)
     assert [node.op_type for node in model.graph.node] == ["Max", "Min", "Clip"]
@@ -668,7 +669,7 @@ def sigmoid_pair_graph() -> onnx.ModelProto:
         for name in ("magnitude", "sigmoid", "sigmoid_neg", "step")
     ]
     graph = helper.make_graph(nodes, "sigmoid_pair", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_model(graph)
 
 
 def test_branch_free_selects_give_the_selected_values() -> None:
@@ -721,7 +722,7 @@ def test_branch_free_selects_leave_other_selects_alone() -> None:
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in ("kept", "shifted")],
         [helper.make_tensor(name, TensorProto.FLOAT, [], [value]) for name, value in (("zero", 0.0), ("one", 1.0))],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = onnx_model(graph)
     before = model.SerializeToString()
     assert onnx_export.branch_free_selects(model) == 0
     assert model.SerializeToString() == before
@@ -743,14 +744,13 @@ def test_backward_select_pairs_become_a_product_and_a_difference() -> None:
         ]
         values = ["x", "v", "w"]
         outputs = ["negative_half", "nonnegative_half", "lone"]
-        return helper.make_model(
+        return onnx_model(
             helper.make_graph(
                 nodes, "pairs",
                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in values],
                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in outputs],
                 [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
-            ),
-            opset_imports=[helper.make_opsetid("", 18)],
+            )
         )
 
     original, rewritten = graph(), graph()

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import onnx_model
 from onnx import TensorProto, helper
 from torch import Tensor, nn
 
@@ -235,7 +236,7 @@ def masked_graph(
     ]
     results = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()]
     graph = helper.make_graph(nodes, "masked", inputs, results, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_model(graph)
 
 
 def run_graph(model: onnx.ModelProto, x: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
@@ -400,7 +401,7 @@ def guard_graph(tail: list[onnx.NodeProto]) -> onnx.ModelProto:
         nodes, "guard", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])],
         [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_model(graph)
 
 
 def test_unmasked_while_finite_skips_the_exactly_right_logit_guard() -> None:
@@ -456,7 +457,7 @@ def softplus_graph(extra_consumer: bool = False) -> onnx.ModelProto:
         nodes, "softplus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in outputs], inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_model(graph)
 
 
 def _session(model: onnx.ModelProto) -> Any:

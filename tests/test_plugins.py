@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
+from conftest import onnx_model
 from torch import Tensor
 
 from visdet_export import build_loss, cli
@@ -456,7 +457,7 @@ def _box_model(path: Path) -> Path:
         [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["P", 4])],
         [helper.make_tensor_value_info("box", TensorProto.FLOAT, ["P", 4])],
     )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    save(onnx_model(graph), str(path))
     return path
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import onnx_model
 from onnx import TensorProto, helper, numpy_helper
 
 from visdet_export.export import ArtifactError, export_onnx, read_manifest, verify
@@ -138,7 +139,7 @@ def _model_with_external_data(directory: Path, location: str) -> Path:
         initializer=[constant],
     )
     path = directory / "model.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    path.write_bytes(onnx_model(graph).SerializeToString())
     return path
 
 
@@ -179,7 +180,7 @@ def _constant_in_a_function_subgraph(location: str) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
     )
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("local", 1)]
-    return helper.make_model(graph, functions=[function], opset_imports=opsets)
+    return onnx_model(graph, functions=[function], opset_imports=opsets)
 
 
 def _sparse_constant(location: str) -> onnx.ModelProto:
@@ -190,7 +191,7 @@ def _sparse_constant(location: str) -> onnx.ModelProto:
         [helper.make_node("Constant", [], ["y"], sparse_value=sparse)], "g", [],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_model(graph)
 
 
 @pytest.mark.parametrize("build", [_constant_in_a_function_subgraph, _sparse_constant], ids=["function", "sparse"])
